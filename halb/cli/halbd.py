@@ -1,0 +1,55 @@
+"""halbd: the node daemon.
+
+    halbd CONFIG            run the node (SIGTERM: graceful handover and stop)
+    halbd --check CONFIG    validate the config; exit 0 if good, 1 with one line per problem
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .. import __version__
+from ..config import ConfigError, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="halbd", description="halb node daemon")
+    ap.add_argument("config", help="path to the node's TOML config")
+    ap.add_argument("--check", action="store_true", help="validate the config and exit")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                    help="override node.log_level")
+    ap.add_argument("--version", action="version", version=f"halbd {__version__}")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"halbd: {args.config}: {p}", file=sys.stderr)
+        return 1
+    if args.check:
+        print(f"{args.config}: ok (node {cfg.node.name!r}, {len(cfg.listeners)} listeners, "
+              f"{len(cfg.pools)} pools, {len(cfg.vrrp)} vrrp instances)")
+        return 0
+    from .. import log
+    from ..node import Node
+
+    log.setup(cfg.node.name, args.log_level or cfg.node.log_level)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        pass
+    try:
+        asyncio.run(Node(cfg).run())
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        print(f"halbd: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

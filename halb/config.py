@@ -1,0 +1,908 @@
+"""The node's configuration: one TOML file, read with tomllib into one typed model.
+
+Everything outside this module sees only the frozen dataclasses below, never raw dicts.
+Validation collects every problem it finds; each names the key path and the reason, e.g.
+``pools[0].backends[2].address: port 99999 out of range``. Unknown keys are errors, so a
+typo never silently falls back to a default.
+
+Durations are written as numbers of seconds (``2``, ``0.1``) or strings with a unit
+(``"100ms"``, ``"2s"``, ``"5m"``, ``"1h"``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ALGORITHMS = ("roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev")
+HASH_ALGORITHMS = ("source", "maglev")
+MODES = ("tcp", "udp", "http")
+HEALTH_TYPES = ("none", "tcp", "http")
+STICKY_MODES = ("none", "cookie", "source")
+CHECKSUM_MODES = ("rfc9568", "keepalived")
+TRACK_TYPES = ("interface", "pool", "script")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+COOKIE_NAME_RE = HEADER_NAME_RE
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+class ConfigError(Exception):
+    """One or more problems in a config; ``str()`` gives one line per problem."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    log_level: str = "info"
+    state_dir: str = "/run/halb"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: Endpoint | None = None  # None: no metrics endpoint
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: str
+    key: str
+    ca: str = ""  # required where mutual TLS is used
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = ""  # default: <state_dir>/<node>.sock
+    address: Endpoint | None = None  # optional TCP listener, needs tls
+    tls: TLSFiles | None = None
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    type: str = "none"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    jitter: float = 0.1  # fraction of interval
+    method: str = "GET"
+    path: str = "/"
+    host: str = ""
+    expect_status: tuple[int, ...] = (200,)
+    expect_body: str = ""
+    port: int = 0  # 0: the backend's own port
+
+
+@dataclass(frozen=True)
+class PassiveConfig:
+    max_failures: int = 0  # 0: passive checks off
+    on_5xx: bool = False
+    cooldown: float = 10.0
+
+
+@dataclass(frozen=True)
+class StickyConfig:
+    mode: str = "none"
+    cookie: str = "HALBSRV"
+    ttl: float = 1800.0
+    max_entries: int = 100_000
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    address: Endpoint
+    weight: int = 1
+    max_conns: int = 0  # 0: unlimited
+    backup: bool = False
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    algorithm: str = "roundrobin"
+    hash_key: str = "client_ip"  # client_ip | header:NAME | cookie:NAME
+    maglev_table_size: int = 65537
+    slow_start: float = 0.0
+    retries: int = 2  # other backends tried after a connect failure (redispatch)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    passive: PassiveConfig = field(default_factory=PassiveConfig)
+    sticky: StickyConfig = field(default_factory=StickyConfig)
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    value: str = ""  # "": the header only has to be present
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    pool: str
+    host: str = ""  # exact, or "*.example.com"
+    path_prefix: str = ""
+    header: HeaderMatch | None = None
+
+
+@dataclass(frozen=True)
+class TLSCertificate:
+    cert: str
+    key: str
+    server_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    certificates: tuple[TLSCertificate, ...]
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    connect: float = 3.0  # to a backend
+    client_idle: float = 60.0  # keep-alive idle / L4 idle
+    header: float = 10.0  # whole request head must arrive within
+    body: float = 30.0  # max gap between body bytes
+    server: float = 30.0  # backend must start answering within
+    tunnel: float = 3600.0  # L4 idle both directions
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_conns: int = 10_000
+    max_header_bytes: int = 16_384
+    max_headers: int = 100
+    max_request_line: int = 8_192
+    max_flows: int = 65_536  # UDP
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    mode: str
+    bind: Endpoint
+    pool: str
+    routes: tuple[RouteConfig, ...] = ()
+    tls: ListenerTLS | None = None
+    forwarded_headers: bool = True  # X-Forwarded-For/-Proto and Forwarded (http)
+    proxy_protocol: bool = False  # PROXY v2 towards backends (tcp)
+    udp_flow_timeout: float = 30.0
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass(frozen=True)
+class GarpConfig:
+    count: int = 3
+    spacing: float = 0.01
+    refresh: float = 0.0  # 0: no periodic refresh
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    type: str
+    weight: int = 0  # 0: failure forces Fault; otherwise added to priority (negative lowers it)
+    interface: str = ""
+    pool: str = ""
+    min_up: int = 1
+    command: str = ""
+    interval: float = 1.0
+    timeout: float = 1.0
+    rise: int = 1
+    fall: int = 1
+
+
+@dataclass(frozen=True)
+class VrrpConfig:
+    name: str
+    interface: str
+    vrid: int
+    priority: int
+    vips: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+    advert_interval: float = 1.0
+    preempt: bool = True
+    preempt_delay: float = 0.0
+    unicast_peers: tuple[str, ...] = ()
+    source_address: str = ""
+    checksum: str = "rfc9568"
+    auth_key: str = ""
+    notify: str = ""
+    garp: GarpConfig = field(default_factory=GarpConfig)
+    track: tuple[TrackConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class SyncPeer:
+    name: str
+    address: Endpoint
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    listen: Endpoint
+    peers: tuple[SyncPeer, ...]
+    tls: TLSFiles | None = None
+    batch_size: int = 512
+    max_backlog: int = 100_000  # a peer further behind than this gets a snapshot
+    fast_takeover: bool = True  # closed sync stream + one silent advert interval -> take over
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    pools: tuple[PoolConfig, ...]
+    listeners: tuple[ListenerConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    vrrp: tuple[VrrpConfig, ...] = ()
+    sync: SyncConfig | None = None
+    source: str = ""  # file the config was read from
+
+    def pool(self, name: str) -> PoolConfig:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def control_socket(self) -> str:
+        return self.control.socket or f"{self.node.state_dir}/{self.node.name}.sock"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(us|ms|s|m|h)?\s*$")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"100ms"``; raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 2, 0.5, \"100ms\" or \"2s\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 2, 0.5, \"100ms\" or \"2s\", got {value!r}")
+
+
+def parse_endpoint(value: Any, *, allow_port_zero: bool = False) -> Endpoint:
+    """``host:port`` or ``[v6]:port``; raises ValueError naming the problem."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected \"host:port\", got {type(value).__name__}")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"expected \"[address]:port\", got {value!r}")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"missing port in {value!r} (expected \"host:port\")")
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    if not port_s.isdigit():
+        raise ValueError(f"port {port_s!r} is not a number")
+    port = int(port_s)
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ValueError(f"port {port} out of range")
+    if not re.match(r"^[A-Za-z0-9.:_-]+$", host):
+        raise ValueError(f"invalid host {host!r}")
+    return Endpoint(host, port)
+
+
+class _Reader:
+    """Walks one TOML table, records problems with key paths and flags unknown keys."""
+
+    def __init__(self, data: Any, path: str, problems: list[Problem]):
+        self.path = path
+        self.problems = problems
+        self.ok = isinstance(data, dict)
+        self.data: dict = data if self.ok else {}
+        if not self.ok:
+            self.error(f"expected a table, got {_tname(data)}")
+        self.seen: set[str] = set()
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, reason: str, key: str | None = None) -> None:
+        self.problems.append(Problem(self.sub(key) if key else self.path, reason))
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, kind: type | tuple, default: Any = None, *, required: bool = False):
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                self.error("is required", key)
+            return default
+        v = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(v, bool) and bool not in kinds:
+            self.error(f"expected {_kname(kinds)}, got boolean", key)
+            return default
+        if int in kinds and float in kinds and isinstance(v, int):
+            return v
+        if not isinstance(v, kinds):
+            self.error(f"expected {_kname(kinds)}, got {_tname(v)}", key)
+            return default
+        return v
+
+    def conv(self, key: str, fn: Callable[[Any], Any], default: Any = None, *, required=False):
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                self.error("is required", key)
+            return default
+        try:
+            return fn(self.data[key])
+        except ValueError as e:
+            self.error(str(e), key)
+            return default
+
+    def int_in(self, key: str, lo: int, hi: int, default: int, *, required=False) -> int:
+        v = self.get(key, int, default, required=required)
+        if v is not None and not (lo <= v <= hi) and key in self.data:
+            self.error(f"{v} out of range ({lo}..{hi})", key)
+            return default
+        return v
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str, *, required=False) -> str:
+        v = self.get(key, str, default, required=required)
+        if key in self.data and isinstance(self.data[key], str) and v not in choices:
+            self.error(f"unknown value {v!r} (expected one of: {', '.join(choices)})", key)
+            return default
+        return v
+
+    def duration(self, key: str, default: float, *, lo: float = 0.0, hi: float = 86400.0 * 365):
+        v = self.conv(key, parse_duration, default)
+        if key in self.data and v is not None and not (lo <= v <= hi):
+            self.error(f"{_fmt_s(v)} out of range ({_fmt_s(lo)}..{_fmt_s(hi)})", key)
+            return default
+        return v
+
+    def name(self, key: str = "name", *, required=True) -> str:
+        v = self.get(key, str, "", required=required)
+        if v and not NAME_RE.match(v):
+            self.error(f"invalid name {v!r} (letters, digits, '_', '.', '-'; at most 63)", key)
+        return v
+
+    def table(self, key: str) -> "_Reader | None":
+        self.seen.add(key)
+        if key not in self.data:
+            return None
+        return _Reader(self.data[key], self.sub(key), self.problems)
+
+    def tables(self, key: str) -> list["_Reader"]:
+        self.seen.add(key)
+        if key not in self.data:
+            return []
+        v = self.data[key]
+        if not isinstance(v, list):
+            self.error(f"expected an array of tables, got {_tname(v)}", key)
+            return []
+        return [_Reader(item, f"{self.sub(key)}[{i}]", self.problems) for i, item in enumerate(v)]
+
+    def strings(self, key: str) -> list[str]:
+        v = self.get(key, list, [])
+        out = []
+        for i, item in enumerate(v or []):
+            if not isinstance(item, str):
+                self.problems.append(Problem(f"{self.sub(key)}[{i}]", f"expected a string, got {_tname(item)}"))
+            else:
+                out.append(item)
+        return out
+
+    def done(self) -> None:
+        if not self.ok:
+            return
+        for k in self.data:
+            if k not in self.seen:
+                self.error("unknown key", k)
+
+
+def _tname(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _kname(kinds: tuple) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    if set(kinds) == {int, float}:
+        return "a number"
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _fmt_s(v: float) -> str:
+    return f"{v * 1000:g}ms" if v < 1 and v != 0 else f"{v:g}s"
+
+
+def _dupes(readers: list[_Reader], names: list[str], what: str) -> None:
+    seen: dict[str, int] = {}
+    for r, n in zip(readers, names):
+        if not n:
+            continue
+        if n in seen:
+            r.error(f"duplicate {what} name {n!r} (also at index {seen[n]})", "name")
+        else:
+            seen[n] = int(r.path.rsplit("[", 1)[1].rstrip("]"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _node(r: _Reader) -> NodeConfig:
+    name = r.name()
+    level = r.choice("log_level", LOG_LEVELS, "info")
+    state_dir = r.get("state_dir", str, "/run/halb")
+    r.done()
+    return NodeConfig(name=name, log_level=level, state_dir=state_dir)
+
+
+def _tls_files(r: _Reader, *, need_ca: bool) -> TLSFiles:
+    cert = r.get("cert", str, "", required=True)
+    key = r.get("key", str, "", required=True)
+    ca = r.get("ca", str, "", required=need_ca)
+    r.done()
+    return TLSFiles(cert=cert, key=key, ca=ca)
+
+
+def _health(r: _Reader) -> HealthConfig:
+    d = HealthConfig()
+    typ = r.choice("type", HEALTH_TYPES, "tcp")
+    interval = r.duration("interval", d.interval, lo=0.01, hi=3600)
+    timeout = r.duration("timeout", d.timeout, lo=0.001, hi=3600)
+    rise = r.int_in("rise", 1, 100, d.rise)
+    fall = r.int_in("fall", 1, 100, d.fall)
+    jitter = r.get("jitter", (int, float), d.jitter)
+    if r.has("jitter") and jitter is not None and not (0 <= jitter <= 0.5):
+        r.error(f"{jitter} out of range (0..0.5, a fraction of the interval)", "jitter")
+        jitter = d.jitter
+    method = r.get("method", str, d.method)
+    if r.has("method") and not re.match(r"^[A-Z]{1,16}$", method or ""):
+        r.error(f"invalid HTTP method {method!r}", "method")
+    path = r.get("path", str, d.path)
+    if r.has("path") and (not path.startswith("/") or any(c in path for c in " \r\n\0")):
+        r.error(f"invalid path {path!r} (must start with '/' and hold no spaces)", "path")
+    host = r.get("host", str, "")
+    statuses = r.get("expect_status", (int, list), [200])
+    if isinstance(statuses, int):
+        statuses = [statuses]
+    for i, s in enumerate(statuses or []):
+        if not isinstance(s, int) or isinstance(s, bool) or not 100 <= s <= 599:
+            r.problems.append(Problem(f"{r.sub('expect_status')}[{i}]", f"invalid HTTP status {s!r}"))
+    body = r.get("expect_body", str, "")
+    port = r.int_in("port", 0, 65535, 0)
+    r.done()
+    if typ != "http" and any(r.has(k) for k in ("method", "path", "expect_status", "expect_body", "host")):
+        r.error(f"HTTP settings need type = \"http\" (type is {typ!r})")
+    if timeout is not None and interval is not None and timeout > interval * 10:
+        r.error(f"timeout {_fmt_s(timeout)} is longer than 10 x interval", "timeout")
+    return HealthConfig(type=typ, interval=interval, timeout=timeout, rise=rise, fall=fall,
+                        jitter=float(jitter), method=method, path=path, host=host,
+                        expect_status=tuple(s for s in statuses if isinstance(s, int)),
+                        expect_body=body, port=port)
+
+
+def _passive(r: _Reader) -> PassiveConfig:
+    d = PassiveConfig()
+    mf = r.int_in("max_failures", 0, 1000, d.max_failures)
+    on5 = r.get("on_5xx", bool, d.on_5xx)
+    cd = r.duration("cooldown", d.cooldown, lo=0.1, hi=86400)
+    r.done()
+    return PassiveConfig(max_failures=mf, on_5xx=on5, cooldown=cd)
+
+
+def _sticky(r: _Reader) -> StickyConfig:
+    d = StickyConfig()
+    mode = r.choice("mode", STICKY_MODES, d.mode)
+    cookie = r.get("cookie", str, d.cookie)
+    if r.has("cookie") and not COOKIE_NAME_RE.match(cookie or ""):
+        r.error(f"invalid cookie name {cookie!r}", "cookie")
+    ttl = r.duration("ttl", d.ttl, lo=1, hi=86400 * 30)
+    mx = r.int_in("max_entries", 1, 10_000_000, d.max_entries)
+    r.done()
+    return StickyConfig(mode=mode, cookie=cookie, ttl=ttl, max_entries=mx)
+
+
+def _backend(r: _Reader, idx: int) -> BackendConfig:
+    addr = r.conv("address", parse_endpoint, None, required=True)
+    name = r.name(required=False) or (str(addr) if addr else f"backend{idx}")
+    weight = r.int_in("weight", 0, 256, 1)
+    max_conns = r.int_in("max_conns", 0, 1_000_000, 0)
+    backup = r.get("backup", bool, False)
+    r.done()
+    return BackendConfig(name=name, address=addr or Endpoint("invalid", 1), weight=weight,
+                         max_conns=max_conns, backup=backup)
+
+
+def _hash_key(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {_tname(v)}")
+    if v == "client_ip":
+        return v
+    kind, sep, name = v.partition(":")
+    if sep and kind in ("header", "cookie") and name and HEADER_NAME_RE.match(name):
+        return f"{kind}:{name.lower() if kind == 'header' else name}"
+    raise ValueError(f"unknown hash key {v!r} (expected client_ip, header:NAME or cookie:NAME)")
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    i = 3
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 2
+    return True
+
+
+def _pool(r: _Reader) -> PoolConfig:
+    name = r.name()
+    algo = r.choice("algorithm", ALGORITHMS, "roundrobin")
+    hk = r.conv("hash_key", _hash_key, "client_ip")
+    size = r.int_in("maglev_table_size", 7, 10_000_019, 65537)
+    if r.has("maglev_table_size") and isinstance(size, int) and not _is_prime(size):
+        r.error(f"{size} is not a prime number", "maglev_table_size")
+    if r.has("hash_key") and algo not in HASH_ALGORITHMS:
+        r.error(f"hash_key needs a hashing algorithm (source or maglev), not {algo!r}", "hash_key")
+    slow = r.duration("slow_start", 0.0, hi=3600)
+    retries = r.int_in("retries", 0, 10, 2)
+    h = r.table("health")
+    health = _health(h) if h else HealthConfig()
+    p = r.table("passive")
+    passive = _passive(p) if p else PassiveConfig()
+    s = r.table("sticky")
+    sticky = _sticky(s) if s else StickyConfig()
+    brs = r.tables("backends")
+    if r.has("backends") and isinstance(r.data.get("backends"), list) and not brs:
+        r.error("needs at least one backend", "backends")
+    elif not r.has("backends"):
+        r.error("is required", "backends")
+    backends = [_backend(b, i) for i, b in enumerate(brs)]
+    _dupes(brs, [b.name for b in backends], "backend")
+    seen_addr: dict[Endpoint, int] = {}
+    for i, (br, b) in enumerate(zip(brs, backends)):
+        if b.address.host == "invalid":
+            continue
+        if b.address in seen_addr:
+            br.error(f"duplicate backend address {b.address} (also at index {seen_addr[b.address]})",
+                     "address")
+        seen_addr.setdefault(b.address, i)
+    if backends and all(b.backup for b in backends):
+        r.error("every backend is a backup; at least one must be a primary", "backends")
+    r.done()
+    return PoolConfig(name=name, backends=tuple(backends), algorithm=algo, hash_key=hk,
+                      maglev_table_size=size, slow_start=slow, retries=retries, health=health,
+                      passive=passive, sticky=sticky)
+
+
+def _route(r: _Reader) -> RouteConfig:
+    pool = r.get("pool", str, "", required=True)
+    host = (r.get("host", str, "") or "").lower()
+    if host and not re.match(r"^(\*\.)?[a-z0-9.-]+(:[0-9]+)?$", host):
+        r.error(f"invalid host {host!r}", "host")
+    pp = r.get("path_prefix", str, "")
+    if pp and not pp.startswith("/"):
+        r.error(f"must start with '/', got {pp!r}", "path_prefix")
+    header = None
+    hr = r.table("header")
+    if hr:
+        hn = hr.get("name", str, "", required=True)
+        if hn and not HEADER_NAME_RE.match(hn):
+            hr.error(f"invalid header name {hn!r}", "name")
+        hv = hr.get("value", str, "")
+        hr.done()
+        header = HeaderMatch(name=hn.lower(), value=hv)
+    r.done()
+    if not (host or pp or header):
+        r.error("a route needs at least one of host, path_prefix, header")
+    return RouteConfig(pool=pool, host=host, path_prefix=pp, header=header)
+
+
+def _timeouts(r: _Reader) -> TimeoutsConfig:
+    d = TimeoutsConfig()
+    vals = {k: r.duration(k, getattr(d, k), lo=0.001, hi=86400)
+            for k in ("connect", "client_idle", "header", "body", "server", "tunnel")}
+    r.done()
+    return TimeoutsConfig(**vals)
+
+
+def _limits(r: _Reader) -> LimitsConfig:
+    vals = dict(
+        max_conns=r.int_in("max_conns", 1, 1_000_000, LimitsConfig.max_conns),
+        max_header_bytes=r.int_in("max_header_bytes", 1024, 1 << 20, LimitsConfig.max_header_bytes),
+        max_headers=r.int_in("max_headers", 1, 1000, LimitsConfig.max_headers),
+        max_request_line=r.int_in("max_request_line", 64, 1 << 20, LimitsConfig.max_request_line),
+        max_flows=r.int_in("max_flows", 1, 10_000_000, LimitsConfig.max_flows),
+    )
+    r.done()
+    return LimitsConfig(**vals)
+
+
+def _listener(r: _Reader) -> ListenerConfig:
+    name = r.name()
+    mode = r.choice("mode", MODES, "tcp", required=True)
+    bind = r.conv("bind", parse_endpoint, None, required=True)
+    pool = r.get("pool", str, "", required=True)
+    routes = [(_route(rr)) for rr in r.tables("routes")]
+    tls = None
+    tr = r.table("tls")
+    if tr:
+        certs = []
+        for cr in tr.tables("certificates"):
+            cert = cr.get("cert", str, "", required=True)
+            key = cr.get("key", str, "", required=True)
+            names = tuple(n.lower() for n in cr.strings("server_names"))
+            cr.done()
+            certs.append(TLSCertificate(cert=cert, key=key, server_names=names))
+        if not certs:
+            tr.error("needs at least one [[certificates]] entry", "certificates")
+        tr.done()
+        tls = ListenerTLS(certificates=tuple(certs))
+    fwd = r.get("forwarded_headers", bool, True)
+    pp = r.get("proxy_protocol", bool, False)
+    uft = r.duration("udp_flow_timeout", 30.0, lo=0.01, hi=86400)
+    t = r.table("timeouts")
+    timeouts = _timeouts(t) if t else TimeoutsConfig()
+    lr = r.table("limits")
+    limits = _limits(lr) if lr else LimitsConfig()
+    r.done()
+    if mode != "http":
+        if routes:
+            r.error(f"routes need mode = \"http\" (mode is {mode!r})", "routes")
+        if tls:
+            r.error(f"tls needs mode = \"http\" (mode is {mode!r})", "tls")
+    if mode != "tcp" and pp:
+        r.error(f"proxy_protocol needs mode = \"tcp\" (mode is {mode!r})", "proxy_protocol")
+    return ListenerConfig(name=name, mode=mode, bind=bind or Endpoint("invalid", 1), pool=pool,
+                          routes=tuple(routes), tls=tls, forwarded_headers=fwd, proxy_protocol=pp,
+                          udp_flow_timeout=uft, timeouts=timeouts, limits=limits)
+
+
+def _vip(v: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    if not isinstance(v, str):
+        raise ValueError(f"expected an address such as \"198.18.0.100/24\", got {_tname(v)}")
+    try:
+        iface = ipaddress.ip_interface(v if "/" in v else v + ("/32" if ":" not in v else "/128"))
+    except ValueError:
+        raise ValueError(f"invalid address {v!r}") from None
+    return iface
+
+
+def _track(r: _Reader) -> TrackConfig:
+    typ = r.choice("type", TRACK_TYPES, "interface", required=True)
+    weight = r.int_in("weight", -254, 254, 0)
+    iface = r.get("interface", str, "")
+    pool = r.get("pool", str, "")
+    min_up = r.int_in("min_up", 1, 10_000, 1)
+    command = r.get("command", str, "")
+    interval = r.duration("interval", 1.0, lo=0.01, hi=3600)
+    timeout = r.duration("timeout", 1.0, lo=0.01, hi=3600)
+    rise = r.int_in("rise", 1, 100, 1)
+    fall = r.int_in("fall", 1, 100, 1)
+    r.done()
+    need = {"interface": ("interface", iface), "pool": ("pool", pool), "script": ("command", command)}[typ]
+    if not need[1]:
+        r.error(f"is required for type = \"{typ}\"", need[0])
+    return TrackConfig(type=typ, weight=weight, interface=iface, pool=pool, min_up=min_up,
+                       command=command, interval=interval, timeout=timeout, rise=rise, fall=fall)
+
+
+def _vrrp(r: _Reader) -> VrrpConfig:
+    name = r.name()
+    iface = r.get("interface", str, "", required=True)
+    vrid = r.int_in("vrid", 1, 255, 1, required=True)
+    prio = r.int_in("priority", 1, 255, 100, required=True)
+    vips_raw = r.get("vips", list, [], required=True)
+    vips = []
+    for i, v in enumerate(vips_raw or []):
+        try:
+            vips.append(_vip(v))
+        except ValueError as e:
+            r.problems.append(Problem(f"{r.sub('vips')}[{i}]", str(e)))
+    if r.has("vips") and isinstance(vips_raw, list) and not vips_raw:
+        r.error("needs at least one address", "vips")
+    if len({type(v) for v in vips}) > 1:
+        r.error("IPv4 and IPv6 addresses cannot share one instance (use two instances)", "vips")
+    adv = r.duration("advert_interval", 1.0, lo=0.01, hi=40.95)
+    preempt = r.get("preempt", bool, True)
+    pdelay = r.duration("preempt_delay", 0.0, hi=3600)
+    peers = r.strings("unicast_peers")
+    for i, p in enumerate(peers):
+        try:
+            ipaddress.ip_address(p)
+        except ValueError:
+            r.problems.append(Problem(f"{r.sub('unicast_peers')}[{i}]", f"invalid address {p!r}"))
+    src = r.get("source_address", str, "")
+    if src:
+        try:
+            ipaddress.ip_address(src)
+        except ValueError:
+            r.error(f"invalid address {src!r}", "source_address")
+    checksum = r.choice("checksum", CHECKSUM_MODES, "rfc9568")
+    auth = r.get("auth_key", str, "")
+    if r.has("auth_key") and auth is not None and len(auth) < 8:
+        r.error("too short (at least 8 characters)", "auth_key")
+    notify = r.get("notify", str, "")
+    g = r.table("garp")
+    garp = GarpConfig()
+    if g:
+        garp = GarpConfig(count=g.int_in("count", 0, 100, 3),
+                          spacing=g.duration("spacing", 0.01, hi=10),
+                          refresh=g.duration("refresh", 0.0, hi=86400))
+        g.done()
+    track = tuple(_track(t) for t in r.tables("track"))
+    r.done()
+    if prio == 255 and preempt is False:
+        r.error("the address owner (priority 255) always preempts", "preempt")
+    return VrrpConfig(name=name, interface=iface, vrid=vrid, priority=prio, vips=tuple(vips),
+                      advert_interval=adv, preempt=preempt, preempt_delay=pdelay,
+                      unicast_peers=tuple(peers), source_address=src, checksum=checksum,
+                      auth_key=auth, notify=notify, garp=garp, track=track)
+
+
+def _sync(r: _Reader) -> SyncConfig:
+    listen = r.conv("listen", parse_endpoint, None, required=True)
+    peers = []
+    prs = r.tables("peers")
+    for pr in prs:
+        pn = pr.name()
+        pa = pr.conv("address", parse_endpoint, None, required=True)
+        pr.done()
+        peers.append(SyncPeer(name=pn, address=pa or Endpoint("invalid", 1)))
+    _dupes(prs, [p.name for p in peers], "peer")
+    t = r.table("tls")
+    tls = _tls_files(t, need_ca=True) if t else None
+    batch = r.int_in("batch_size", 1, 65536, 512)
+    backlog = r.int_in("max_backlog", 100, 100_000_000, 100_000)
+    fast = r.get("fast_takeover", bool, True)
+    r.done()
+    return SyncConfig(listen=listen or Endpoint("invalid", 1), peers=tuple(peers), tls=tls,
+                      batch_size=batch, max_backlog=backlog, fast_takeover=fast)
+
+
+def _control(r: _Reader) -> ControlConfig:
+    sock = r.get("socket", str, "")
+    addr = r.conv("address", parse_endpoint, None)
+    t = r.table("tls")
+    tls = _tls_files(t, need_ca=True) if t else None
+    r.done()
+    if addr and not tls:
+        r.error("a TCP control address needs [control.tls] (mutual TLS)", "address")
+    return ControlConfig(socket=sock, address=addr, tls=tls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse(data: dict, source: str = "") -> Config:
+    """Builds the model from already-parsed TOML; raises ConfigError listing every problem."""
+    problems: list[Problem] = []
+    top = _Reader(data, "", problems)
+    nr = top.table("node")
+    if nr is None:
+        problems.append(Problem("node", "is required"))
+        node = NodeConfig(name="")
+    else:
+        node = _node(nr)
+    prs = top.tables("pools")
+    pools = [_pool(p) for p in prs]
+    _dupes(prs, [p.name for p in pools], "pool")
+    lrs = top.tables("listeners")
+    listeners = [_listener(lr) for lr in lrs]
+    _dupes(lrs, [l.name for l in listeners], "listener")
+    pool_names = {p.name for p in pools}
+    binds: dict[tuple, int] = {}
+    for i, (lr, l) in enumerate(zip(lrs, listeners)):
+        if l.pool and l.pool not in pool_names:
+            lr.error(f"unknown pool {l.pool!r}", "pool")
+        for j, rt in enumerate(l.routes):
+            if rt.pool and rt.pool not in pool_names:
+                problems.append(Problem(f"{lr.sub('routes')}[{j}].pool", f"unknown pool {rt.pool!r}"))
+        proto = "udp" if l.mode == "udp" else "tcp"
+        k = (proto, l.bind)
+        if l.bind.host != "invalid" and k in binds:
+            lr.error(f"{l.bind} is already bound by listeners[{binds[k]}]", "bind")
+        binds.setdefault(k, i)
+    for i, (pr, p) in enumerate(zip(prs, pools)):
+        if p.sticky.mode == "cookie" and not any(
+                l.mode == "http" and (l.pool == p.name or any(rt.pool == p.name for rt in l.routes))
+                for l in listeners):
+            pr.error("cookie stickiness needs an http listener in front of the pool", "sticky.mode")
+    m = top.table("metrics")
+    metrics = MetricsConfig()
+    if m:
+        metrics = MetricsConfig(address=m.conv("address", parse_endpoint, None))
+        m.done()
+    c = top.table("control")
+    control = _control(c) if c else ControlConfig()
+    vrs = top.tables("vrrp")
+    vrrp = [_vrrp(v) for v in vrs]
+    _dupes(vrs, [v.name for v in vrrp], "vrrp instance")
+    seen_vrid: dict[tuple[str, int, int], int] = {}
+    for i, (vr, v) in enumerate(zip(vrs, vrrp)):
+        fam = 6 if v.vips and v.vips[0].version == 6 else 4
+        k = (v.interface, v.vrid, fam)
+        if k in seen_vrid:
+            vr.error(f"vrid {v.vrid} on {v.interface} is already used by vrrp[{seen_vrid[k]}]", "vrid")
+        seen_vrid.setdefault(k, i)
+        for j, t in enumerate(v.track):
+            if t.type == "pool" and t.pool and t.pool not in pool_names:
+                problems.append(Problem(f"{vr.sub('track')}[{j}].pool", f"unknown pool {t.pool!r}"))
+    s = top.table("sync")
+    sync = _sync(s) if s else None
+    if sync and node.name and any(p.name == node.name for p in sync.peers):
+        problems.append(Problem("sync.peers", f"lists this node ({node.name!r}) as its own peer"))
+    top.done()
+    if problems:
+        raise ConfigError(problems)
+    return Config(node=node, pools=tuple(pools), listeners=tuple(listeners), metrics=metrics,
+                  control=control, vrrp=tuple(vrrp), sync=sync, source=source)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([Problem("", f"{source}: invalid TOML: {e}")]) from None
+    return parse(data, source)
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([Problem("", f"cannot read {p}: {e.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([Problem("", f"{p}: not UTF-8 text")]) from None
+    return loads(text, str(p))

@@ -1,0 +1,231 @@
+"""Backends and pools at run time: the plain data the parts of a node meet in.
+
+A ``Backend`` carries its live counters (active connections, in-flight requests, response
+time EWMA) and its state (health, admin drain, passive ejection, slow start). A ``Pool`` owns
+its backends and an immutable ``PoolView``: the backends a balancer may pick from with their
+effective weights. The view is rebuilt and swapped in one assignment whenever health, admin
+state or slow-start weights change, so a balancer never sees a half-updated pool.
+
+Pure code: every method that depends on time takes ``now``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from .config import BackendConfig, PoolConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .balance import Balancer
+
+EWMA_ALPHA = 0.3
+
+
+class Backend:
+    __slots__ = ("pool", "index", "name", "host", "port", "cfg_weight", "weight", "max_conns",
+                 "backup", "healthy", "admin_drain", "ejected_until", "up_since", "active",
+                 "inflight", "total", "failures", "consecutive_failures", "ewma_rt")
+
+    def __init__(self, pool: str, index: int, cfg: BackendConfig, *, healthy: bool = True):
+        self.pool = pool
+        self.index = index
+        self.name = cfg.name
+        self.host = cfg.address.host
+        self.port = cfg.address.port
+        self.cfg_weight = cfg.weight
+        self.weight = cfg.weight  # admin weight (halbctl weight); 0 drains
+        self.max_conns = cfg.max_conns
+        self.backup = cfg.backup
+        self.healthy = healthy  # active health checks' verdict
+        self.admin_drain = False  # halbctl drain
+        self.ejected_until = 0.0  # passive checks: out until this monotonic time
+        self.up_since = 0.0  # when it last came up (slow start)
+        self.active = 0  # open connections / in-flight requests
+        self.inflight = 0
+        self.total = 0
+        self.failures = 0
+        self.consecutive_failures = 0
+        self.ewma_rt = 0.0  # seconds
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def is_up(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+    def is_full(self) -> bool:
+        return self.max_conns > 0 and self.active >= self.max_conns
+
+    def state(self, now: float) -> str:
+        if not self.healthy:
+            return "down"
+        if now < self.ejected_until:
+            return "ejected"
+        if self.admin_drain or self.weight == 0:
+            return "drain"
+        return "up"
+
+    def __repr__(self) -> str:
+        return f"Backend({self.pool}/{self.name} {self.host}:{self.port})"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """What a balancer picks from: eligible backends and their effective weights (> 0).
+
+    ``backup`` is True when every primary is out and the view holds the backups instead.
+    ``version`` grows with every rebuild so balancers can cache derived tables.
+    """
+
+    backends: tuple[Backend, ...]
+    weights: tuple[int, ...]
+    backup: bool
+    version: int
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+
+EMPTY_VIEW = PoolView((), (), False, 0)
+
+
+class Pool:
+    def __init__(self, cfg: PoolConfig, balancer: "Balancer | None" = None, *,
+                 initially_healthy: bool | None = None,
+                 on_change: Callable[["Pool", PoolView], None] | None = None):
+        self.cfg = cfg
+        self.name = cfg.name
+        # HAProxy starts checked servers as up and lets checks take them down ("init-state up")
+        healthy = True if initially_healthy is None else initially_healthy
+        self.backends = [Backend(cfg.name, i, b, healthy=healthy) for i, b in enumerate(cfg.backends)]
+        self.by_name = {b.name: b for b in self.backends}
+        if balancer is None:
+            from .balance import make_balancer
+            balancer = make_balancer(cfg)
+        self.balancer = balancer
+        self.on_change = on_change
+        self.view = EMPTY_VIEW
+        self._ramping = False
+        self.refresh(0.0)
+
+    # -- view ---------------------------------------------------------------------------------
+
+    def _effective_weight(self, b: Backend, now: float) -> int:
+        w = b.weight
+        ss = self.cfg.slow_start
+        if ss > 0 and b.up_since > 0 and now - b.up_since < ss:
+            self._ramping = True
+            w = max(1, int(w * (now - b.up_since) / ss))
+        return w
+
+    def refresh(self, now: float) -> PoolView:
+        """Rebuilds the view from the backends' state and swaps it in atomically."""
+        self._ramping = False
+        prim = [b for b in self.backends if not b.backup and b.is_up(now)]
+        pool = prim
+        backup = False
+        if not prim:
+            pool = [b for b in self.backends if b.backup and b.is_up(now)]
+            backup = bool(pool)
+        chosen, weights = [], []
+        for b in pool:
+            if b.admin_drain:
+                continue
+            w = self._effective_weight(b, now)
+            if w > 0:
+                chosen.append(b)
+                weights.append(w)
+        if not chosen and not backup and prim:
+            # every primary is drained: backups serve, as HAProxy does when no usable server is left
+            pool = [b for b in self.backends if b.backup and b.is_up(now) and not b.admin_drain and b.weight > 0]
+            if pool:
+                chosen, weights, backup = pool, [self._effective_weight(b, now) for b in pool], True
+        view = PoolView(tuple(chosen), tuple(weights), backup, self.view.version + 1)
+        self.balancer.rebuild(view)
+        self.view = view
+        if self.on_change:
+            self.on_change(self, view)
+        return view
+
+    def tick(self, now: float) -> None:
+        """Called periodically: ends passive ejections and ramps slow-start weights."""
+        expired = any(0 < b.ejected_until <= now for b in self.backends)
+        if expired:
+            for b in self.backends:
+                if 0 < b.ejected_until <= now:
+                    b.ejected_until = 0.0
+                    b.consecutive_failures = 0
+                    if b.healthy:
+                        b.up_since = now
+        if expired or self._ramping:
+            self.refresh(now)
+
+    # -- picking ------------------------------------------------------------------------------
+
+    def pick(self, key: bytes | None = None, *, exclude: frozenset | set = frozenset()) -> Backend | None:
+        """A backend for a new connection or request, or None when none can serve.
+
+        ``key`` feeds hashing algorithms; ``exclude`` holds backends already tried (redispatch).
+        """
+        view = self.view
+        if not view.backends:
+            return None
+        b = self.balancer.pick(view, key, exclude)
+        return b
+
+    # -- accounting (called by the data plane) ------------------------------------------------
+
+    @staticmethod
+    def acquire(b: Backend) -> None:
+        b.active += 1
+        b.inflight += 1
+        b.total += 1
+
+    @staticmethod
+    def release(b: Backend, rt: float | None = None) -> None:
+        b.active -= 1
+        b.inflight -= 1
+        if rt is not None:
+            b.ewma_rt = rt if b.ewma_rt == 0.0 else b.ewma_rt + EWMA_ALPHA * (rt - b.ewma_rt)
+
+    # -- state changes ------------------------------------------------------------------------
+
+    def set_health(self, b: Backend, healthy: bool, now: float) -> bool:
+        """Applies a health verdict; returns True if the backend changed state."""
+        if b.healthy == healthy:
+            return False
+        b.healthy = healthy
+        if healthy:
+            b.up_since = now
+            b.consecutive_failures = 0
+        self.refresh(now)
+        return True
+
+    def report_result(self, b: Backend, ok: bool, now: float) -> bool:
+        """Passive check: a connection failure (or 5xx where configured). True if ejected now."""
+        pc = self.cfg.passive
+        if ok:
+            b.consecutive_failures = 0
+            return False
+        b.failures += 1
+        b.consecutive_failures += 1
+        if pc.max_failures and b.consecutive_failures >= pc.max_failures and now >= b.ejected_until:
+            b.ejected_until = now + pc.cooldown
+            self.refresh(now)
+            return True
+        return False
+
+    def set_drain(self, b: Backend, drain: bool, now: float) -> None:
+        b.admin_drain = drain
+        self.refresh(now)
+
+    def set_weight(self, b: Backend, weight: int, now: float) -> None:
+        if not 0 <= weight <= 256:
+            raise ValueError(f"weight {weight} out of range (0..256)")
+        b.weight = weight
+        self.refresh(now)
+
+    def up_count(self, now: float) -> int:
+        return sum(1 for b in self.backends if b.is_up(now) and not b.backup)

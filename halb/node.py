@@ -1,0 +1,129 @@
+"""The composition root: builds one node from its config and wires the parts together.
+
+Nothing else reaches across parts. The parts meet only in the plain shared types created
+here: the pools (``halb.model.Pool``), the replicated tables (``halb.tables.Tables``), the
+metrics registry and the clocks. Each part is an object with ``async start()`` and
+``async stop()``; the node starts them in dependency order and stops them in reverse.
+
+    data plane:  listeners (halb.proxy)      -> pools, tables, metrics
+    health:      checkers (halb.health)      -> pools
+    election:    instances (halb.vrrp)       -> pools (tracking), VIPs
+    state sync:  halb.sync                   -> tables, election (fast takeover)
+    control:     halb.control                -> everything above, read and admin calls
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from . import log as hlog
+from .clock import Clock, MonotonicClock, WallClock
+from .config import Config
+from .model import Pool, PoolView
+from .tables import Tables
+
+TICK = 0.25  # pool ticks (slow start, passive ejection end) and table expiry
+
+
+class Node:
+    def __init__(self, cfg: Config, *, clock: Clock | None = None, wall: Clock | None = None):
+        from .metrics import Metrics
+
+        self.cfg = cfg
+        self.name = cfg.node.name
+        self.clock = clock or MonotonicClock()
+        self.wall = wall or WallClock()
+        self.log = hlog.get_logger("node")
+        self.metrics = Metrics(self.name)
+        self.pools: dict[str, Pool] = {}
+        for pc in cfg.pools:
+            self.pools[pc.name] = Pool(pc, on_change=self._pool_changed)
+        sticky_max = max((p.sticky.max_entries for p in cfg.pools), default=100_000)
+        flow_max = max((lc.limits.max_flows for lc in cfg.listeners), default=65_536) * 4
+        self.tables = Tables(self.name, self.wall, sticky_max=sticky_max, flow_max=flow_max,
+                             log_size=max(cfg.sync.max_backlog if cfg.sync else 0, 100_000))
+        self.parts: list[Any] = []  # started in order, stopped in reverse
+        self._build_parts()
+        self._tasks: list[asyncio.Task] = []
+
+    # -- wiring -------------------------------------------------------------------------------
+
+    def _build_parts(self) -> None:
+        from .health import HealthChecker
+        from .proxy import make_listener
+
+        self.health = [HealthChecker(pool, self.clock, self.metrics)
+                       for pool in self.pools.values() if pool.cfg.health.type != "none"]
+        self.listeners = [make_listener(lc, self) for lc in self.cfg.listeners]
+        self.parts.extend(self.health)
+        self.parts.extend(self.listeners)
+        self.election = None
+        if self.cfg.vrrp:
+            from .vrrp.instance import Election
+            self.election = Election(self.cfg.vrrp, self)
+            self.parts.append(self.election)
+        self.sync = None
+        if self.cfg.sync:
+            from .sync.service import SyncService
+            self.sync = SyncService(self.cfg.sync, self)
+            self.parts.insert(0, self.sync)
+        self.control = None  # halb.control.server.ControlServer (state sync and control issue)
+
+    def _pool_changed(self, pool: Pool, view: PoolView) -> None:
+        m = getattr(self, "metrics", None)
+        if m is not None:
+            m.pool_view(pool, view, self.clock.now())
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        if self.cfg.metrics.address:
+            self.metrics.serve(self.cfg.metrics.address)
+        for pool in self.pools.values():
+            pool.refresh(self.clock.now())
+        for part in self.parts:
+            await part.start()
+        self._tasks.append(asyncio.create_task(self._ticker(), name="node-ticker"))
+        self.log.info("node_started", pid=os.getpid(), config=self.cfg.source,
+                      listeners=[str(lc.bind) for lc in self.cfg.listeners])
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                now = self.clock.now()
+                for pool in self.pools.values():
+                    pool.tick(now)
+                self.tables.expire()
+                self.metrics.tables(self.tables)
+            except Exception:  # a bug here must not stop the node
+                self.log.exception("tick_failed")
+
+    def request_stop(self, graceful: bool = True) -> None:
+        self._graceful = graceful
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Starts the node and runs until SIGTERM or SIGINT; then stops gracefully."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        self.log.info("node_stopping", graceful=getattr(self, "_graceful", True))
+        await self.stop()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for part in reversed(self.parts):
+            try:
+                await part.stop()
+            except Exception:
+                self.log.exception("part_stop_failed", part=type(part).__name__)
+        self.metrics.close()
+        self.log.info("node_stopped")

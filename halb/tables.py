@@ -1,0 +1,300 @@
+"""Replicated tables: the sticky-session table and the flow/NAT table.
+
+A ``Table`` is a plain bounded map of key -> ``Entry`` with TTLs (wall-clock, because entries
+travel between nodes) and a change log of numbered ``Change`` records (create, refresh,
+delete, expire). The state-sync layer ships that log; a peer feeds what it receives into
+``apply()``, which resolves conflicting writes deterministically (newer ``updated`` wins, then
+the greater ``origin`` node name), so every node converges on the same table.
+
+Bounds: ``max_entries`` (the entry expiring soonest is evicted, logged as EXPIRE) and
+``log_size`` (a reader further behind than the log gets ``None`` from ``changes_since`` and
+must take a snapshot). Refreshes of a busy entry are logged at most once per quarter TTL.
+
+Pure code: no I/O; time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import Callable, Iterable, Iterator
+
+from .clock import Clock, WallClock
+
+
+class Op(IntEnum):
+    CREATE = 1
+    REFRESH = 2
+    DELETE = 3
+    EXPIRE = 4
+
+
+@dataclass(slots=True)
+class Entry:
+    key: str
+    backend: str  # backend name within ``pool``
+    pool: str
+    created: float
+    updated: float
+    expires: float
+    origin: str  # node that wrote this version
+    client: str = ""  # flow table: client "ip:port"
+    listener: str = ""
+    proto: str = ""  # flow table: "tcp" | "udp"
+
+    def wins_over(self, other: "Entry") -> bool:
+        return (self.updated, self.origin) > (other.updated, other.origin)
+
+
+@dataclass(slots=True, frozen=True)
+class Change:
+    seq: int
+    op: Op
+    entry: Entry  # a copy as of this change
+
+
+class Table:
+    def __init__(self, name: str, *, node: str, clock: Clock | None = None,
+                 max_entries: int = 100_000, log_size: int = 100_000,
+                 epoch: int | None = None):
+        if max_entries < 1 or log_size < 1:
+            raise ValueError("max_entries and log_size must be positive")
+        self.name = name
+        self.node = node
+        self.clock = clock or WallClock()
+        self.max_entries = max_entries
+        self.epoch = epoch if epoch is not None else random.getrandbits(63) or 1
+        self.seq = 0
+        self._entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._log: deque[Change] = deque(maxlen=log_size)
+        self._logged_expiry: dict[str, float] = {}
+        self.listeners: list[Callable[[Change], None]] = []
+        self.stats = {"created": 0, "refreshed": 0, "deleted": 0, "expired": 0, "evicted": 0,
+                      "applied": 0, "conflicts_lost": 0}
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: str) -> Entry | None:
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        if e.expires <= self.clock.now():
+            self._remove(e, Op.EXPIRE)
+            return None
+        return e
+
+    def entries(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    def page(self, offset: int, limit: int, prefix: str = "") -> tuple[list[Entry], int]:
+        """Entries sorted by key, for paged dumps; returns (page, total matching)."""
+        keys = sorted(k for k in self._entries if k.startswith(prefix))
+        return [self._entries[k] for k in keys[offset:offset + limit]], len(keys)
+
+    # -- local writes -------------------------------------------------------------------------
+
+    def put(self, key: str, backend: str, ttl: float, *, pool: str = "", client: str = "",
+            listener: str = "", proto: str = "") -> Entry:
+        now = self.clock.now()
+        old = self._entries.get(key)
+        if old is not None and old.expires > now and old.backend == backend and old.pool == pool:
+            self._refresh(old, now, ttl)
+            return old
+        if old is None and len(self._entries) >= self.max_entries:
+            self.expire()
+            if len(self._entries) >= self.max_entries:
+                self._evict_one()
+        created = old.created if old is not None and old.expires > now else now
+        e = Entry(key, backend, pool, created, now, now + ttl, self.node, client, listener, proto)
+        self._store(e)
+        self._log_change(Op.CREATE, e)
+        self.stats["created"] += 1
+        return e
+
+    def touch(self, key: str, ttl: float) -> Entry | None:
+        """Marks activity on an entry and pushes its expiry out; None if it is gone."""
+        e = self.get(key)
+        if e is not None:
+            self._refresh(e, self.clock.now(), ttl)
+        return e
+
+    def delete(self, key: str) -> bool:
+        e = self._entries.get(key)
+        if e is None:
+            return False
+        self._remove(e, Op.DELETE)
+        return True
+
+    def expire(self, limit: int = 1_000_000) -> int:
+        """Removes expired entries (at most ``limit``); returns how many."""
+        now = self.clock.now()
+        n = 0
+        h = self._heap
+        while h and h[0][0] <= now and n < limit:
+            exp, key = heapq.heappop(h)
+            e = self._entries.get(key)
+            if e is not None and e.expires == exp:
+                self._remove(e, Op.EXPIRE, from_heap=True)
+                n += 1
+        return n
+
+    def clear(self) -> None:
+        """Drops every entry without logging (a fresh snapshot will follow)."""
+        self._entries.clear()
+        self._heap.clear()
+        self._logged_expiry.clear()
+
+    # -- replication --------------------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        return self._log[0].seq if self._log else self.seq + 1
+
+    def changes_since(self, seq: int, limit: int = 1 << 30) -> list[Change] | None:
+        """Changes after ``seq``, oldest first; None if the log no longer reaches back that far."""
+        if seq >= self.seq:
+            return []
+        first = self.first_seq
+        if seq + 1 < first:
+            return None
+        start = seq + 1 - first
+        end = min(len(self._log), start + limit)
+        log = self._log
+        return [log[i] for i in range(start, end)]
+
+    def snapshot(self) -> tuple[int, list[Entry]]:
+        """(sequence number the snapshot is consistent with, copies of every live entry)."""
+        now = self.clock.now()
+        return self.seq, [replace(e) for e in self._entries.values() if e.expires > now]
+
+    def apply(self, op: Op, entry: Entry) -> bool:
+        """Applies a change received from a peer; True if it changed this table.
+
+        The change is logged here too (with its origin kept) so this node can pass what it
+        knows on in a snapshot or to a third node.
+        """
+        now = self.clock.now()
+        local = self._entries.get(entry.key)
+        if op in (Op.DELETE, Op.EXPIRE):
+            if local is None:
+                return False
+            if local.wins_over(entry):
+                self.stats["conflicts_lost"] += 1
+                return False
+            self._remove(local, op, origin=entry.origin, updated=entry.updated)
+            self.stats["applied"] += 1
+            return True
+        if entry.expires <= now:
+            return False
+        if local is not None and not entry.wins_over(local):
+            if local is not entry and local.updated != entry.updated:
+                self.stats["conflicts_lost"] += 1
+            return False
+        if local is None and len(self._entries) >= self.max_entries:
+            self.expire()
+            if len(self._entries) >= self.max_entries:
+                self._evict_one()
+        e = replace(entry)
+        self._store(e)
+        self._log_change(op if local is None or op == Op.REFRESH else Op.CREATE, e)
+        self.stats["applied"] += 1
+        return True
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _store(self, e: Entry) -> None:
+        self._entries[e.key] = e
+        heapq.heappush(self._heap, (e.expires, e.key))
+        self._logged_expiry[e.key] = e.expires
+        if len(self._heap) > 2 * len(self._entries) + 1024:
+            self._heap = [(x.expires, x.key) for x in self._entries.values()]
+            heapq.heapify(self._heap)
+
+    def _refresh(self, e: Entry, now: float, ttl: float) -> None:
+        new_exp = now + ttl
+        if new_exp <= e.expires:
+            return
+        e.expires = new_exp
+        heapq.heappush(self._heap, (new_exp, e.key))
+        last = self._logged_expiry.get(e.key, 0.0)
+        if new_exp - last >= ttl * 0.25:
+            e.updated = now
+            e.origin = self.node
+            self._logged_expiry[e.key] = new_exp
+            self._log_change(Op.REFRESH, e)
+            self.stats["refreshed"] += 1
+        if len(self._heap) > 2 * len(self._entries) + 1024:
+            self._heap = [(x.expires, x.key) for x in self._entries.values()]
+            heapq.heapify(self._heap)
+
+    def _remove(self, e: Entry, op: Op, *, from_heap: bool = False, origin: str | None = None,
+                updated: float | None = None) -> None:
+        del self._entries[e.key]
+        self._logged_expiry.pop(e.key, None)
+        gone = replace(e, origin=origin or self.node,
+                       updated=updated if updated is not None else max(self.clock.now(), e.updated))
+        self._log_change(op, gone)
+        self.stats["deleted" if op == Op.DELETE else "expired"] += 1
+
+    def _evict_one(self) -> None:
+        h = self._heap
+        while h:
+            exp, key = heapq.heappop(h)
+            e = self._entries.get(key)
+            if e is not None and e.expires == exp:
+                self._remove(e, Op.EXPIRE, from_heap=True)
+                self.stats["evicted"] += 1
+                return
+
+    def _log_change(self, op: Op, e: Entry) -> None:
+        self.seq += 1
+        ch = Change(self.seq, op, replace(e))
+        self._log.append(ch)
+        for fn in self.listeners:
+            fn(ch)
+
+
+class Tables:
+    """The node's two replicated tables."""
+
+    def __init__(self, node: str, clock: Clock | None = None, *, sticky_max: int = 100_000,
+                 flow_max: int = 262_144, log_size: int = 200_000):
+        self.sticky = Table("sticky", node=node, clock=clock, max_entries=sticky_max,
+                            log_size=log_size)
+        self.flow = Table("flow", node=node, clock=clock, max_entries=flow_max, log_size=log_size)
+
+    def __iter__(self) -> Iterator[Table]:
+        return iter((self.sticky, self.flow))
+
+    def by_name(self, name: str) -> Table:
+        if name == "sticky":
+            return self.sticky
+        if name == "flow":
+            return self.flow
+        raise KeyError(name)
+
+    def expire(self) -> int:
+        return self.sticky.expire() + self.flow.expire()
+
+
+def sticky_key(kind: str, pool: str, value: str) -> str:
+    """Key of a sticky entry: kind is "cookie" or "src"."""
+    return f"{kind}/{pool}/{value}"
+
+
+def flow_key(listener: str, proto: str, client: str) -> str:
+    return f"{listener}/{proto}/{client}"
+
+
+def entries_from(changes: Iterable[Change]) -> list[Entry]:
+    return [c.entry for c in changes]
