@@ -1,0 +1,218 @@
+"""The config model: the example config is valid, and every bad config names key path and reason."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from halb.config import ConfigError, Endpoint, load, loads, parse_duration, parse_endpoint
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+[node]
+name = "lb1"
+
+[[pools]]
+name = "web"
+  [[pools.backends]]
+  address = "127.0.0.1:9001"
+  [[pools.backends]]
+  address = "127.0.0.1:9002"
+
+[[listeners]]
+name = "www"
+mode = "http"
+bind = "127.0.0.1:8080"
+pool = "web"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        loads(text)
+    return [str(p) for p in ei.value.problems]
+
+
+def test_example_config_is_valid_and_complete():
+    cfg = load(ROOT / "examples" / "halb.toml")
+    assert cfg.node.name == "lb1"
+    web = cfg.pool("web")
+    assert web.algorithm == "wrr"
+    assert [b.name for b in web.backends] == ["web1", "web2", "web3"]
+    assert web.backends[2].max_conns == 1000
+    assert web.health.type == "http" and web.health.interval == 1.0 and web.health.timeout == 0.5
+    assert web.health.rise == 2 and web.health.fall == 3
+    assert web.sticky.mode == "cookie" and web.sticky.ttl == 1800
+    assert web.slow_start == 5.0
+    api = cfg.pool("api")
+    assert api.algorithm == "maglev" and api.hash_key == "header:x-user"
+    assert api.backends[1].backup is True
+    www = cfg.listeners[0]
+    assert www.bind == Endpoint("127.0.0.1", 8080)
+    assert [r.pool for r in www.routes] == ["api", "api", "api"]
+    assert www.routes[2].header.name == "x-canary"
+    assert cfg.metrics.address == Endpoint("127.0.0.1", 9100)
+
+
+def test_halbd_check_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "halb.cli.halbd", "--check",
+                         str(ROOT / "examples" / "halb.toml")], capture_output=True, text=True,
+                        cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace('address = "127.0.0.1:9002"', 'address = "127.0.0.1:99999"'))
+    r = subprocess.run([sys.executable, "-m", "halb.cli.halbd", "--check", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1
+    assert "pools[0].backends[1].address: port 99999 out of range" in r.stderr
+    missing = subprocess.run([sys.executable, "-m", "halb.cli.halbd", "--check",
+                              str(tmp_path / "nope.toml")], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+def test_minimal_config_defaults():
+    cfg = loads(BASE)
+    assert cfg.pools[0].algorithm == "roundrobin"
+    assert cfg.pools[0].backends[0].name == "127.0.0.1:9001"
+    assert cfg.listeners[0].limits.max_header_bytes == 16384
+    assert cfg.control_socket == "/run/halb/lb1.sock"
+    assert cfg.vrrp == () and cfg.sync is None
+
+
+# Each case: (id, edit of BASE or full text, exact expected problem lines)
+BAD = [
+    ("port-out-of-range",
+     BASE.replace('address = "127.0.0.1:9002"', 'address = "127.0.0.1:99999"'),
+     ["pools[0].backends[1].address: port 99999 out of range"]),
+    ("missing-port",
+     BASE.replace('address = "127.0.0.1:9001"', 'address = "127.0.0.1"'),
+     ["pools[0].backends[0].address: missing port in '127.0.0.1' (expected \"host:port\")"]),
+    ("unknown-top-key", BASE + '\n[nodes]\nname = "x"\n', ["nodes: unknown key"]),
+    ("unknown-nested-key",
+     BASE.replace('  [[pools.backends]]\n  address = "127.0.0.1:9001"',
+                  '  [[pools.backends]]\n  address = "127.0.0.1:9001"\n  wieght = 3'),
+     ["pools[0].backends[0].wieght: unknown key"]),
+    ("duplicate-pool", BASE + '\n[[pools]]\nname = "web"\n  [[pools.backends]]\n  address = "127.0.0.1:9005"\n',
+     ["pools[1].name: duplicate pool name 'web' (also at index 0)"]),
+    ("duplicate-backend-name",
+     BASE.replace('  [[pools.backends]]\n  address = "127.0.0.1:9001"',
+                  '  [[pools.backends]]\n  name = "a"\n  address = "127.0.0.1:9001"')
+         .replace('  [[pools.backends]]\n  address = "127.0.0.1:9002"',
+                  '  [[pools.backends]]\n  name = "a"\n  address = "127.0.0.1:9002"'),
+     ["pools[0].backends[1].name: duplicate backend name 'a' (also at index 0)"]),
+    ("duplicate-listener",
+     BASE + '\n[[listeners]]\nname = "www"\nmode = "tcp"\nbind = "127.0.0.1:8081"\npool = "web"\n',
+     ["listeners[1].name: duplicate listener name 'www' (also at index 0)"]),
+    ("unknown-algorithm", BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "fastest"\n', 1),
+     ["pools[0].algorithm: unknown value 'fastest' (expected one of: roundrobin, wrr, leastconn, "
+      "p2c, leasttime, source, maglev)"]),
+    ("unknown-pool-ref", BASE.replace('pool = "web"', 'pool = "wbe"'),
+     ["listeners[0].pool: unknown pool 'wbe'"]),
+    ("weight-range",
+     BASE.replace('  [[pools.backends]]\n  address = "127.0.0.1:9001"',
+                  '  [[pools.backends]]\n  address = "127.0.0.1:9001"\n  weight = 300'),
+     ["pools[0].backends[0].weight: 300 out of range (0..256)"]),
+    ("wrong-type",
+     BASE.replace('  [[pools.backends]]\n  address = "127.0.0.1:9001"',
+                  '  [[pools.backends]]\n  address = "127.0.0.1:9001"\n  backup = "yes"'),
+     ["pools[0].backends[0].backup: expected a boolean, got string"]),
+    ("bad-mode", BASE.replace('mode = "http"', 'mode = "sctp"'),
+     ["listeners[0].mode: unknown value 'sctp' (expected one of: tcp, udp, http)"]),
+    ("bad-duration",
+     BASE.replace('name = "web"\n', 'name = "web"\n  [pools.health]\n  type = "tcp"\n  interval = "fast"\n', 1),
+     ["pools[0].health.interval: expected a duration such as 2, 0.5, \"100ms\" or \"2s\", got 'fast'"]),
+    ("health-rise-range",
+     BASE.replace('name = "web"\n', 'name = "web"\n  [pools.health]\n  type = "tcp"\n  rise = 0\n', 1),
+     ["pools[0].health.rise: 0 out of range (1..100)"]),
+    ("maglev-not-prime",
+     BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "maglev"\nmaglev_table_size = 65536\n', 1),
+     ["pools[0].maglev_table_size: 65536 is not a prime number"]),
+    ("hash-key-needs-hash-algo",
+     BASE.replace('name = "web"\n', 'name = "web"\nhash_key = "header:x-user"\n', 1),
+     ["pools[0].hash_key: hash_key needs a hashing algorithm (source or maglev), not 'roundrobin'"]),
+    ("bad-hash-key",
+     BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "maglev"\nhash_key = "query:id"\n', 1),
+     ["pools[0].hash_key: unknown hash key 'query:id' (expected client_ip, header:NAME or cookie:NAME)"]),
+    ("all-backup",
+     BASE.replace('address = "127.0.0.1:9001"', 'address = "127.0.0.1:9001"\n  backup = true')
+         .replace('address = "127.0.0.1:9002"', 'address = "127.0.0.1:9002"\n  backup = true'),
+     ["pools[0].backends: every backend is a backup; at least one must be a primary"]),
+    ("duplicate-bind",
+     BASE + '\n[[listeners]]\nname = "www2"\nmode = "tcp"\nbind = "127.0.0.1:8080"\npool = "web"\n',
+     ["listeners[1].bind: 127.0.0.1:8080 is already bound by listeners[0]"]),
+    ("route-unknown-pool",
+     BASE + '  [[listeners.routes]]\n  pool = "api"\n  path_prefix = "/api"\n',
+     ["listeners[0].routes[0].pool: unknown pool 'api'"]),
+    ("route-empty", BASE + '  [[listeners.routes]]\n  pool = "web"\n',
+     ["listeners[0].routes[0]: a route needs at least one of host, path_prefix, header"]),
+    ("routes-on-tcp",
+     BASE.replace('mode = "http"', 'mode = "tcp"') + '  [[listeners.routes]]\n  pool = "web"\n  path_prefix = "/a"\n',
+     ["listeners[0].routes: routes need mode = \"http\" (mode is 'tcp')"]),
+    ("missing-node", BASE.replace('[node]\nname = "lb1"\n', ''), ["node: is required"]),
+    ("bad-node-name", BASE.replace('name = "lb1"', 'name = "lb 1"'),
+     ["node.name: invalid name 'lb 1' (letters, digits, '_', '.', '-'; at most 63)"]),
+    ("vrrp-vrid-range",
+     BASE + '\n[[vrrp]]\nname = "vi1"\ninterface = "eth0"\nvrid = 256\npriority = 100\nvips = ["198.18.0.100/24"]\n',
+     ["vrrp[0].vrid: 256 out of range (1..255)"]),
+    ("vrrp-bad-vip",
+     BASE + '\n[[vrrp]]\nname = "vi1"\ninterface = "eth0"\nvrid = 5\npriority = 100\nvips = ["198.18.0.300/24"]\n',
+     ["vrrp[0].vips[0]: invalid address '198.18.0.300/24'"]),
+    ("vrrp-advert-too-fast",
+     BASE + '\n[[vrrp]]\nname = "vi1"\ninterface = "eth0"\nvrid = 5\npriority = 100\n'
+            'vips = ["198.18.0.100/24"]\nadvert_interval = "5ms"\n',
+     ["vrrp[0].advert_interval: 5ms out of range (10ms..40.95s)"]),
+    ("vrrp-bad-checksum",
+     BASE + '\n[[vrrp]]\nname = "vi1"\ninterface = "eth0"\nvrid = 5\npriority = 100\n'
+            'vips = ["198.18.0.100/24"]\nchecksum = "crc"\n',
+     ["vrrp[0].checksum: unknown value 'crc' (expected one of: rfc9568, keepalived)"]),
+    ("vrrp-duplicate-vrid",
+     BASE + '\n[[vrrp]]\nname = "a"\ninterface = "eth0"\nvrid = 5\npriority = 100\nvips = ["198.18.0.100"]\n'
+            '\n[[vrrp]]\nname = "b"\ninterface = "eth0"\nvrid = 5\npriority = 90\nvips = ["198.18.0.101"]\n',
+     ["vrrp[1].vrid: vrid 5 on eth0 is already used by vrrp[0]"]),
+    ("sync-self-peer",
+     BASE + '\n[sync]\nlisten = "127.0.0.1:7400"\n  [[sync.peers]]\n  name = "lb1"\n  address = "127.0.0.1:7401"\n',
+     ["sync.peers: lists this node ('lb1') as its own peer"]),
+    ("control-tcp-needs-tls", BASE + '\n[control]\naddress = "127.0.0.1:7001"\n',
+     ["control.address: a TCP control address needs [control.tls] (mutual TLS)"]),
+    ("invalid-toml", BASE + "\n[[pools]\n", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in BAD], ids=[i for i, _, _ in BAD])
+def test_bad_config_names_path_and_reason(text, expected):
+    got = problems(text)
+    if expected is None:
+        assert len(got) == 1 and "invalid TOML" in got[0]
+    else:
+        assert got == expected
+
+
+def test_all_problems_reported_at_once():
+    text = BASE.replace('address = "127.0.0.1:9002"', 'address = "127.0.0.1:99999"').replace(
+        'mode = "http"', 'mode = "sctp"')
+    assert problems(text) == ["pools[0].backends[1].address: port 99999 out of range",
+                              "listeners[0].mode: unknown value 'sctp' (expected one of: tcp, udp, http)"]
+
+
+@pytest.mark.parametrize("text,seconds", [(2, 2.0), (0.5, 0.5), ("100ms", 0.1), ("2s", 2.0),
+                                          ("5m", 300.0), ("1h", 3600.0), ("250us", 0.00025)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", "2 days", "-1s", True, -3, "1.s"])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_endpoints():
+    assert parse_endpoint("[::1]:80") == Endpoint("::1", 80)
+    assert str(Endpoint("::1", 80)) == "[::1]:80"
+    for bad in ("::1:80x", "host:", ":80", "a b:80", "h:0"):
+        with pytest.raises(ValueError):
+            parse_endpoint(bad)
