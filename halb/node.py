@@ -70,7 +70,9 @@ class Node:
             from .sync.service import SyncService
             self.sync = SyncService(self.cfg.sync, self)
             self.parts.insert(0, self.sync)
-        self.control = None  # halb.control.server.ControlServer (state sync and control issue)
+        from .control.server import ControlServer
+        self.control = ControlServer(self.cfg.control, self)
+        self.parts.append(self.control)
 
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
         m = getattr(self, "metrics", None)

@@ -1,0 +1,573 @@
+"""halbctl: look at and steer one halb node through its control API.
+
+    halbctl [--socket PATH | --config CONFIG | --address HOST:PORT --ca F --cert F --key F] CMD
+
+    status [--json]                          node, election instances, peers, pools, tables
+    backends [POOL] [--json]                 backends with state, weight and connections
+    drain POOL BACKEND                       no new connections or requests for the backend
+    enable POOL BACKEND                      end a drain
+    weight POOL BACKEND N                    set the admin weight (0..256; 0 drains)
+    failover INSTANCE                        hand a master instance over to a backup
+    tables [sticky|flow] [--prefix P] [--limit N] [--json]
+    watch [--interval S] [--count N]         status, refreshed live
+    pki init --out DIR NODE [NODE...] [--ip NODE=IP ...]   CA and node certificates for a lab
+
+Which node: ``--socket PATH``; else the control socket named in ``--config CONFIG``; else the
+only ``*.sock`` under /run/halb. ``--address`` talks TCP with mutual TLS instead.
+
+Exit codes:
+    0  done
+    1  bad usage, or the node refused the request: unknown pool/backend/instance/table
+       (NOT_FOUND), bad value (INVALID_ARGUMENT), not possible now (FAILED_PRECONDITION)
+    2  node unreachable: no socket, connection refused, TLS failure or no answer in --timeout
+    3  the node failed the call (INTERNAL) or another unexpected error
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3
+DEFAULT_RUN_DIR = "/run/halb"
+DEFAULT_TIMEOUT = 3.0
+MAX_LIMIT = 1_000_000
+PAGE = 1000
+
+_REFUSED = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+            grpc.StatusCode.OUT_OF_RANGE}
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class Fail(Exception):
+    """Ends the command with a message on stderr and an exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # bad usage exits 1, not argparse's 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reaching the node
+
+
+def resolve_target(args: argparse.Namespace) -> str:
+    """The gRPC target: ``unix:PATH`` or ``host:port``; raises Fail when none can be found."""
+    if args.address:
+        if not (args.ca and args.cert and args.key):
+            raise Fail(EXIT_USAGE, "--address needs --ca, --cert and --key (mutual TLS)")
+        return args.address
+    if args.socket:
+        path = args.socket
+    elif args.config:
+        from ..config import ConfigError, load
+        try:
+            path = load(args.config).control_socket
+        except ConfigError as e:
+            raise Fail(EXIT_USAGE, f"{args.config}: " + "; ".join(str(p) for p in e.problems)) from None
+    else:
+        socks = sorted(Path(DEFAULT_RUN_DIR).glob("*.sock"))
+        if not socks:
+            raise Fail(EXIT_UNREACHABLE, f"no control socket under {DEFAULT_RUN_DIR} "
+                       "(is halbd running? choose a node with --socket or --config)")
+        if len(socks) > 1:
+            raise Fail(EXIT_USAGE, f"several nodes under {DEFAULT_RUN_DIR} "
+                       f"({', '.join(p.name for p in socks)}): choose one with --socket or --config")
+        path = str(socks[0])
+    p = Path(path)
+    if not p.exists():
+        raise Fail(EXIT_UNREACHABLE, f"node unreachable: control socket {path} does not exist "
+                   "(is halbd running?)")
+    return f"unix:{path}"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise Fail(EXIT_USAGE, f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def open_channel(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
+    target = resolve_target(args)
+    if target.startswith("unix:"):
+        return grpc.insecure_channel(target), target
+    creds = grpc.ssl_channel_credentials(root_certificates=_read(args.ca, "--ca"),
+                                         private_key=_read(args.key, "--key"),
+                                         certificate_chain=_read(args.cert, "--cert"))
+    opts = []
+    if args.server_name:
+        opts.append(("grpc.ssl_target_name_override", args.server_name))
+    return grpc.secure_channel(target, creds, options=opts), target
+
+
+class Client:
+    """Blocking calls to one node, each with a deadline; gRPC errors become Fail."""
+
+    def __init__(self, args: argparse.Namespace):
+        from ..v1 import control_pb2 as pb
+        from ..v1 import control_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.timeout = args.timeout
+        self.channel, self.target = open_channel(args)
+        self.stub = pb_grpc.ControlStub(self.channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details() or ""
+            if code in _UNREACHABLE:
+                why = "no answer within %gs" % self.timeout if code == grpc.StatusCode.DEADLINE_EXCEEDED \
+                    else details
+                raise Fail(EXIT_UNREACHABLE, f"node unreachable at {self.target}: {why}") from None
+            if code in _REFUSED:
+                raise Fail(EXIT_USAGE, details or code.name) from None
+            raise Fail(EXIT_ERROR, f"{method} failed on the node: {code.name}: {details}") from None
+
+    def status(self):
+        return self.call("Status", self.pb.StatusRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def to_dict(msg: Any) -> dict:
+    from google.protobuf import json_format
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True,
+                                     unquote_int64_if_possible=True)
+
+
+def _console(file=None):
+    from rich.console import Console
+    f = file or sys.stdout
+    tty = hasattr(f, "isatty") and f.isatty()
+    return Console(file=f, width=None if tty else 160, highlight=False, soft_wrap=False)
+
+
+_STATE_STYLE = {"up": "green", "master": "bold green", "backup": "cyan", "connected": "green",
+                "down": "red", "fault": "red", "ejected": "yellow", "drain": "yellow",
+                "init": "dim", "disconnected": "red"}
+
+
+def _styled(s: str) -> str:
+    st = _STATE_STYLE.get(s)
+    return f"[{st}]{s}[/]" if st and s else (s or "-")
+
+
+def _dur(s: float) -> str:
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h}h{m}m"
+    if h:
+        return f"{h}h{m}m{s}s"
+    if m:
+        return f"{m}m{s}s"
+    return f"{s}s"
+
+
+def backends_table(pools, title: str = "pools"):
+    from rich.table import Table
+    t = Table(title=title, title_justify="left", expand=False)
+    for col in ("pool", "backend", "address", "state", "healthy", "weight", "eff", "active",
+                "total", "failures", "rt ms", "role"):
+        t.add_column(col, justify="right" if col in ("weight", "eff", "active", "total",
+                                                     "failures", "rt ms") else "left")
+    for p in pools:
+        for b in p.backends:
+            t.add_row(p.name, b.name, b.address, _styled(b.state), "yes" if b.healthy else "no",
+                      str(b.weight), str(b.effective_weight), str(b.active), str(b.total),
+                      str(b.failures), f"{b.ewma_rt_seconds * 1000:.1f}",
+                      ("backup" + (" (serving)" if p.backup_active else "")) if b.backup else "primary")
+    return t
+
+
+def render_status(st) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    n = st.node
+    parts: list[Any] = [Text.from_markup(
+        f"[bold]node {n.name}[/]  version {n.version}  up {_dur(n.uptime_seconds)}  "
+        f"pid {n.pid}  config {n.config or '-'}")]
+    if st.election_enabled:
+        t = Table(title="election", title_justify="left")
+        for col in ("instance", "vrid", "interface", "state", "priority", "base", "vips",
+                    "master", "advert"):
+            t.add_column(col)
+        for i in st.instances:
+            t.add_row(i.name, str(i.vrid), i.interface, _styled(i.state), str(i.priority),
+                      str(i.base_priority), " ".join(i.vips), i.master or "-",
+                      f"{i.advert_interval:g}s")
+        parts.append(t)
+    else:
+        parts.append(Text("election: not configured"))
+    if st.sync_enabled:
+        t = Table(title="peers (state sync, as this node sees them)", title_justify="left")
+        for col in ("peer", "address", "link", "state", "lag entries", "lag s", "acked seq",
+                    "refused", "last error"):
+            t.add_column(col)
+        for p in st.peers:
+            t.add_row(p.name, p.address, _styled("connected" if p.connected else "disconnected"),
+                      p.state or "-", str(p.lag_entries), f"{p.lag_seconds:.3f}",
+                      str(p.acked_seq), str(p.refused), p.last_error or "-")
+        parts.append(t)
+    else:
+        parts.append(Text("peers: state sync not configured"))
+    parts.append(backends_table(st.pools))
+    t = Table(title="tables", title_justify="left")
+    for col in ("table", "entries", "max", "seq"):
+        t.add_column(col)
+    for tb in st.tables:
+        t.add_row(tb.name, str(tb.size), str(tb.max_entries), str(tb.seq))
+    parts.append(t)
+    return Group(*parts)
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_status(args, client: Client) -> int:
+    st = client.status()
+    if args.json:
+        _print_json(to_dict(st))
+    else:
+        _console().print(render_status(st))
+    return EXIT_OK
+
+
+def cmd_backends(args, client: Client) -> int:
+    st = client.status()
+    pools = list(st.pools)
+    if args.pool:
+        pools = [p for p in pools if p.name == args.pool]
+        if not pools:
+            names = ", ".join(p.name for p in st.pools) or "none"
+            raise Fail(EXIT_USAGE, f"no such pool {args.pool!r} (pools: {names})")
+    if args.json:
+        _print_json([to_dict(b) for p in pools for b in p.backends])
+    else:
+        _console().print(backends_table(pools, title="backends"))
+    return EXIT_OK
+
+
+def _backend_line(b) -> str:
+    return (f"{b.pool}/{b.name}: {b.state} (weight {b.weight}, effective {b.effective_weight}, "
+            f"active {b.active})")
+
+
+def cmd_drain(args, client: Client) -> int:
+    r = client.call("Drain", client.pb.BackendRef(pool=args.pool, backend=args.backend))
+    print(_backend_line(r.backend))
+    return EXIT_OK
+
+
+def cmd_enable(args, client: Client) -> int:
+    r = client.call("Enable", client.pb.BackendRef(pool=args.pool, backend=args.backend))
+    print(_backend_line(r.backend))
+    return EXIT_OK
+
+
+def cmd_weight(args, client: Client) -> int:
+    if not -(2 ** 31) <= args.weight < 2 ** 31:
+        raise Fail(EXIT_USAGE, f"weight {args.weight} out of range (0..256)")
+    r = client.call("SetWeight", client.pb.SetWeightRequest(pool=args.pool, backend=args.backend,
+                                                            weight=args.weight))
+    print(_backend_line(r.backend))
+    return EXIT_OK
+
+
+def cmd_failover(args, client: Client) -> int:
+    r = client.call("Failover", client.pb.FailoverRequest(instance=args.instance))
+    i = r.instance
+    print(f"instance {i.name}: handover started; now {i.state or 'unknown'} "
+          f"(priority {i.priority})")
+    return EXIT_OK
+
+
+def dump_table(client: Client, table: str, prefix: str, limit: int) -> tuple[list, int]:
+    """Up to ``limit`` entries of one table (paged, PAGE at a time) and the total matching."""
+    entries: list = []
+    token = ""
+    total = 0
+    while len(entries) < limit:
+        size = min(PAGE, limit - len(entries))
+        r = client.call("DumpTable", client.pb.DumpTableRequest(
+            table=table, prefix=prefix, page_size=size, page_token=token))
+        total = r.total
+        entries.extend(r.entries)
+        token = r.next_page_token
+        if not token or not r.entries:
+            break
+    return entries, total
+
+
+def cmd_tables(args, client: Client) -> int:
+    from rich.table import Table
+    names = [args.table] if args.table else ["sticky", "flow"]
+    out: dict[str, Any] = {}
+    for name in names:
+        entries, total = dump_table(client, name, args.prefix, args.limit)
+        out[name] = (entries, total)
+    if args.json:
+        _print_json({name: {"total": total, "entries": [to_dict(e) for e in entries]}
+                     for name, (entries, total) in out.items()})
+        return EXIT_OK
+    con = _console()
+    now = time.time()
+    for name, (entries, total) in out.items():
+        t = Table(title=f"{name}: {len(entries)} of {total} entries"
+                  + (f" with prefix {args.prefix!r}" if args.prefix else ""), title_justify="left")
+        for col in ("key", "pool", "backend", "origin", "expires in", "client"):
+            t.add_column(col)
+        for e in entries:
+            t.add_row(e.key, e.pool, e.backend, e.origin, f"{max(0.0, e.expires - now):.0f}s",
+                      e.client or "-")
+        con.print(t)
+    return EXIT_OK
+
+
+def cmd_watch(args, client: Client) -> int:
+    from rich.text import Text
+
+    con = _console()
+    n = 0
+    last_ok = True
+
+    def frame():
+        nonlocal last_ok
+        try:
+            r = render_status(client.status())
+            last_ok = True
+            return r
+        except Fail as f:
+            if f.code != EXIT_UNREACHABLE:
+                raise
+            last_ok = False
+            return Text(f"halbctl: {f.message}", style="red")
+
+    def more() -> bool:
+        return args.count is None or n < args.count
+
+    try:
+        if con.is_terminal:
+            from rich.live import Live
+            with Live(frame(), console=con, auto_refresh=False) as live:
+                n = 1
+                while more():
+                    time.sleep(args.interval)
+                    live.update(frame(), refresh=True)
+                    n += 1
+        else:  # a pipe or a file: print each refresh, one after another
+            while more():
+                if n:
+                    time.sleep(args.interval)
+                n += 1
+                con.rule(f"refresh {n}" + (f"/{args.count}" if args.count else "")
+                         + time.strftime(" at %H:%M:%S"))
+                con.print(frame())
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK if last_ok else EXIT_UNREACHABLE
+
+
+def _ip_map(nodes: list[str], pairs: list[str]) -> dict[str, list[str]]:
+    ips: dict[str, list[str]] = {}
+    for item in pairs:
+        node, sep, ip = item.partition("=")
+        if not sep or not node or not ip:
+            raise Fail(EXIT_USAGE, f"--ip {item!r}: expected NODE=IP")
+        if node not in nodes:
+            raise Fail(EXIT_USAGE, f"--ip {item!r}: unknown node {node!r} (nodes: {', '.join(nodes)})")
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise Fail(EXIT_USAGE, f"--ip {item!r}: invalid IP address {ip!r}") from None
+        ips.setdefault(node, []).append(ip)
+    return ips
+
+
+def cmd_pki_init(args) -> int:
+    from ..config import NAME_RE
+    for n in args.nodes:
+        if not NAME_RE.match(n):
+            raise Fail(EXIT_USAGE, f"invalid node name {n!r} (letters, digits, '_', '.', '-')")
+    if len(set(args.nodes)) != len(args.nodes):
+        raise Fail(EXIT_USAGE, "a node is named twice")
+    ips = _ip_map(args.nodes, args.ip or [])
+    try:
+        from .. import pki
+    except ImportError as e:
+        raise Fail(EXIT_ERROR, f"pki support is not available: {e}") from None
+    try:
+        made = pki.generate(Path(args.out), list(args.nodes), ips or None)
+    except (OSError, ValueError) as e:
+        raise Fail(EXIT_USAGE, f"pki init: {e}") from None
+    print(f"wrote a CA and certificates for {', '.join(args.nodes)} under {args.out}")
+    if isinstance(made, dict):
+        for k, v in made.items():
+            print(f"  {k}: {v}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _positive_float(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if not 0.05 <= f <= 3600:
+        raise argparse.ArgumentTypeError(f"{v} out of range (0.05..3600)")
+    return f
+
+
+def _count(lo: int, hi: int):
+    def conv(v: str) -> int:
+        try:
+            i = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+        if not lo <= i <= hi:
+            raise argparse.ArgumentTypeError(f"{i} out of range ({lo}..{hi})")
+        return i
+    return conv
+
+
+def _int(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    ap = _Parser(prog="halbctl", description="Look at and steer one halb node.",
+                 epilog="exit codes: 0 done; 1 bad usage or request refused (unknown name, bad "
+                        "value); 2 node unreachable; 3 the node failed the call")
+    ap.add_argument("--version", action="version", version=f"halbctl {__version__}")
+    g = ap.add_argument_group("which node")
+    g.add_argument("--socket", metavar="PATH", help="the node's control socket")
+    g.add_argument("--config", metavar="CONFIG", help="take the control socket from this node config")
+    g.add_argument("--address", metavar="HOST:PORT", help="TCP control address (mutual TLS)")
+    g.add_argument("--ca", metavar="FILE", help="CA certificate (with --address)")
+    g.add_argument("--cert", metavar="FILE", help="client certificate (with --address)")
+    g.add_argument("--key", metavar="FILE", help="client key (with --address)")
+    g.add_argument("--server-name", metavar="NAME",
+                   help="name the node's certificate is issued to, if not the host of --address")
+    ap.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+                    help=f"deadline of every call (default {DEFAULT_TIMEOUT:g}s)")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("status", help="node, instances, peers, pools and tables")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("backends", help="backends with state, weight and connections")
+    p.add_argument("pool", nargs="?", help="only this pool")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_backends)
+
+    for name, fn, hlp in (("drain", cmd_drain, "stop sending new connections to a backend"),
+                          ("enable", cmd_enable, "end a drain")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("pool")
+        p.add_argument("backend")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("weight", help="set a backend's weight (0..256; 0 drains)")
+    p.add_argument("pool")
+    p.add_argument("backend")
+    p.add_argument("weight", type=_int)
+    p.set_defaults(fn=cmd_weight)
+
+    p = sub.add_parser("failover", help="hand a master instance over to a backup")
+    p.add_argument("instance")
+    p.set_defaults(fn=cmd_failover)
+
+    p = sub.add_parser("tables", help="entries of the sticky and flow tables")
+    p.add_argument("table", nargs="?", choices=("sticky", "flow"))
+    p.add_argument("--prefix", default="", help="only keys starting with this")
+    p.add_argument("--limit", type=_count(1, MAX_LIMIT), default=100,
+                   help="at most this many entries per table (default 100)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_tables)
+
+    p = sub.add_parser("watch", help="status, refreshed live")
+    p.add_argument("--interval", type=_positive_float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--count", type=_count(1, 1_000_000), default=None,
+                   help="stop after this many refreshes")
+    p.set_defaults(fn=cmd_watch)
+
+    p = sub.add_parser("pki", help="certificates for state sync and the TCP control API")
+    psub = p.add_subparsers(dest="pki_cmd", metavar="ACTION", parser_class=_Parser)
+    psub.required = True
+    pi = psub.add_parser("init", help="make a CA and one certificate per node")
+    pi.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    pi.add_argument("nodes", nargs="+", metavar="NODE")
+    pi.add_argument("--ip", action="append", metavar="NODE=IP",
+                    help="an IP address for NODE's certificate (repeatable)")
+    pi.set_defaults(fn=None, local=cmd_pki_init)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, bad usage: argparse has printed why
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    client = None
+    try:
+        if getattr(args, "local", None):
+            return args.local(args)
+        client = Client(args)
+        return args.fn(args, client)
+    except Fail as f:
+        print(f"halbctl: {f.message}", file=sys.stderr)
+        return f.code
+    except BrokenPipeError:  # e.g. halbctl status | head
+        return EXIT_OK
+    finally:
+        if client is not None:
+            client.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

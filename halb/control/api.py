@@ -1,0 +1,272 @@
+"""The control API's logic, apart from gRPC: reads a node's parts into reply messages and
+carries out admin calls, raising ``ControlError`` (a gRPC status code and a message naming
+the problem) for bad requests.
+
+The node's parts are reached only through the interfaces they publish:
+``node.pools`` (``halb.model.Pool``), ``node.tables`` (``halb.tables.Tables``),
+``node.election`` (``status()`` -> list of instance dicts, ``handover(name)`` raising
+KeyError / ValueError) and ``node.sync`` (``status()`` -> list of peer dicts); either of the
+last two may be None. Time comes from the node's clocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Iterable
+
+import grpc
+
+from .. import __version__
+from ..model import Backend, Pool
+from ..v1 import control_pb2 as pb
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+MAX_NAME = 256  # longer names cannot exist (config names are <= 63 chars); refuse early
+
+
+class ControlError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _bad(msg: str) -> ControlError:
+    return ControlError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def _missing(msg: str) -> ControlError:
+    return ControlError(grpc.StatusCode.NOT_FOUND, msg)
+
+
+def _refused(msg: str) -> ControlError:
+    return ControlError(grpc.StatusCode.FAILED_PRECONDITION, msg)
+
+
+def _field(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _text(v: Any) -> str:
+    """A state value as text: enums by their lower-case name, None as ""."""
+    if v is None:
+        return ""
+    name = getattr(v, "name", None)
+    if isinstance(name, str) and not isinstance(v, str):
+        return name.lower()
+    return str(v)
+
+
+def _uint(v: Any) -> int:
+    try:
+        return max(0, int(v or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _name(value: str, what: str) -> str:
+    if not value:
+        raise _bad(f"{what} name is required")
+    if len(value) > MAX_NAME:
+        raise _bad(f"{what} name is too long ({len(value)} characters)")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages from the node's state
+
+
+def backend_msg(pool: Pool, b: Backend, now: float) -> pb.BackendStatus:
+    view = pool.view
+    eff = 0
+    for vb, w in zip(view.backends, view.weights):
+        if vb is b:
+            eff = w
+            break
+    return pb.BackendStatus(
+        pool=pool.name, name=b.name, address=f"{b.host}:{b.port}", state=b.state(now),
+        healthy=b.healthy, drain=b.admin_drain, weight=max(0, b.weight),
+        config_weight=max(0, b.cfg_weight), effective_weight=eff, active=max(0, b.active),
+        total=max(0, b.total), failures=max(0, b.failures), backup=b.backup,
+        max_conns=max(0, b.max_conns), ewma_rt_seconds=b.ewma_rt)
+
+
+def pool_msg(pool: Pool, now: float) -> pb.PoolStatus:
+    return pb.PoolStatus(name=pool.name, algorithm=pool.cfg.algorithm, up=pool.up_count(now),
+                         backup_active=pool.view.backup,
+                         backends=[backend_msg(pool, b, now) for b in pool.backends])
+
+
+def instance_msg(d: Any) -> pb.Instance:
+    vips = _field(d, "vips", ()) or ()
+    return pb.Instance(
+        name=str(_field(d, "name", "")), vrid=_uint(_field(d, "vrid")),
+        interface=str(_field(d, "interface", "") or ""), state=_text(_field(d, "state")),
+        priority=_uint(_field(d, "priority")),
+        base_priority=_uint(_field(d, "base_priority", _field(d, "priority"))),
+        vips=[str(v) for v in vips], master=_text(_field(d, "master")),
+        advert_interval=_float(_field(d, "advert_interval")),
+        preempt=bool(_field(d, "preempt", False)))
+
+
+def peer_msg(d: Any) -> pb.Peer:
+    return pb.Peer(
+        name=str(_field(d, "name", "")), address=_text(_field(d, "address")),
+        connected=bool(_field(d, "connected", False)), state=_text(_field(d, "state")),
+        lag_entries=_uint(_field(d, "lag_entries")), lag_seconds=_float(_field(d, "lag_seconds")),
+        acked_seq=_uint(_field(d, "acked_seq")), epoch=_uint(_field(d, "epoch")),
+        last_error=_text(_field(d, "last_error")), refused=_uint(_field(d, "refused")))
+
+
+def entry_msg(e: Any) -> pb.TableEntry:
+    return pb.TableEntry(key=e.key, pool=e.pool, backend=e.backend, created=e.created,
+                         updated=e.updated, expires=e.expires, origin=e.origin, client=e.client,
+                         listener=e.listener, proto=e.proto)
+
+
+# ---------------------------------------------------------------------------------------------
+# The calls
+
+
+class ControlAPI:
+    """The control calls over one node; every method raises ControlError for a bad request."""
+
+    def __init__(self, node: Any, started: float):
+        self.node = node
+        self.started = started  # node.clock time the node was built
+
+    def _now(self) -> float:
+        return self.node.clock.now()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def election_status(self) -> list[pb.Instance]:
+        el = getattr(self.node, "election", None)
+        if el is None:
+            return []
+        return [instance_msg(d) for d in (el.status() or ())]
+
+    def sync_status(self) -> list[pb.Peer]:
+        sy = getattr(self.node, "sync", None)
+        if sy is None:
+            return []
+        return [peer_msg(d) for d in (sy.status() or ())]
+
+    def status(self) -> pb.StatusReply:
+        node = self.node
+        now = self._now()
+        cfg = node.cfg
+        tables = []
+        for t in node.tables:
+            tables.append(pb.TableInfo(name=t.name, size=len(t), max_entries=t.max_entries,
+                                       seq=t.seq, epoch=_uint(getattr(t, "epoch", 0))))
+        return pb.StatusReply(
+            node=pb.NodeInfo(name=node.name, version=__version__,
+                             uptime_seconds=max(0.0, now - self.started), pid=os.getpid(),
+                             config=cfg.source),
+            election_enabled=getattr(node, "election", None) is not None,
+            instances=self.election_status(),
+            sync_enabled=getattr(node, "sync", None) is not None,
+            peers=self.sync_status(),
+            pools=[pool_msg(p, now) for p in node.pools.values()],
+            tables=tables)
+
+    def _backend(self, pool_name: str, backend_name: str) -> tuple[Pool, Backend]:
+        _name(pool_name, "pool")
+        _name(backend_name, "backend")
+        pool = self.node.pools.get(pool_name)
+        if pool is None:
+            raise _missing(f"no such pool {pool_name!r} (pools: {_names(self.node.pools)})")
+        b = pool.by_name.get(backend_name)
+        if b is None:
+            raise _missing(f"no such backend {backend_name!r} in pool {pool_name!r} "
+                           f"(backends: {_names(pool.by_name)})")
+        return pool, b
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def drain(self, pool_name: str, backend_name: str, drain: bool) -> pb.BackendStatus:
+        pool, b = self._backend(pool_name, backend_name)
+        now = self._now()
+        pool.set_drain(b, drain, now)
+        return backend_msg(pool, b, now)
+
+    def set_weight(self, pool_name: str, backend_name: str, weight: int) -> pb.BackendStatus:
+        pool, b = self._backend(pool_name, backend_name)
+        if not 0 <= weight <= 256:
+            raise _bad(f"weight {weight} out of range (0..256)")
+        now = self._now()
+        try:
+            pool.set_weight(b, weight, now)
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        return backend_msg(pool, b, now)
+
+    async def failover(self, instance: str) -> pb.Instance:
+        _name(instance, "instance")
+        el = getattr(self.node, "election", None)
+        if el is None:
+            raise _missing(f"no such instance {instance!r}: this node runs no election "
+                           "(no [[vrrp]] in its config)")
+        try:
+            r = el.handover(instance)
+            if inspect.isawaitable(r):
+                await r
+        except KeyError:
+            names = [i.name for i in self.election_status()]
+            raise _missing(f"no such instance {instance!r} (instances: "
+                           f"{', '.join(names) or 'none'})") from None
+        except ValueError as e:
+            raise _refused(f"cannot hand over instance {instance!r}: {e}") from None
+        for i in self.election_status():
+            if i.name == instance:
+                return i
+        return pb.Instance(name=instance)
+
+    def dump_table(self, req: pb.DumpTableRequest) -> pb.DumpTableReply:
+        try:
+            table = self.node.tables.by_name(req.table)
+        except KeyError:
+            raise _missing(f"no such table {req.table!r} (tables: sticky, flow)") from None
+        size = req.page_size or DEFAULT_PAGE
+        if size > MAX_PAGE:
+            raise _bad(f"page_size {size} too large (at most {MAX_PAGE})")
+        offset = parse_page_token(req.page_token)
+        if len(req.prefix) > 1024:
+            raise _bad(f"prefix too long ({len(req.prefix)} characters, at most 1024)")
+        entries, total = table.page(offset, size, req.prefix)
+        nxt = offset + len(entries)
+        return pb.DumpTableReply(table=table.name, total=total, offset=offset,
+                                 entries=[entry_msg(e) for e in entries],
+                                 next_page_token=make_page_token(nxt) if nxt < total else "")
+
+
+def make_page_token(offset: int) -> str:
+    return f"o{offset}"
+
+
+def parse_page_token(token: str) -> int:
+    if not token:
+        return 0
+    if len(token) > 21 or not token.startswith("o") or not token[1:].isdigit():
+        raise _bad(f"invalid page_token {token[:40]!r} (pass next_page_token of the previous page)")
+    return int(token[1:])
+
+
+def _names(d: Iterable[str], limit: int = 20) -> str:
+    names = list(d)
+    s = ", ".join(names[:limit])
+    if len(names) > limit:
+        s += f", ... ({len(names)} in all)"
+    return s or "none"

@@ -1,0 +1,239 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("name", "version", "uptime_seconds", "pid", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    uptime_seconds: float
+    pid: int
+    config: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., config: _Optional[str] = ...) -> None: ...
+
+class Instance(_message.Message):
+    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VRID_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    BASE_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    PREEMPT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vrid: int
+    interface: str
+    state: str
+    priority: int
+    base_priority: int
+    vips: _containers.RepeatedScalarFieldContainer[str]
+    master: str
+    advert_interval: float
+    preempt: bool
+    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("name", "address", "connected", "state", "lag_entries", "lag_seconds", "acked_seq", "epoch", "last_error", "refused")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    connected: bool
+    state: str
+    lag_entries: int
+    lag_seconds: float
+    acked_seq: int
+    epoch: int
+    last_error: str
+    refused: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ...) -> None: ...
+
+class BackendStatus(_message.Message):
+    __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNS_FIELD_NUMBER: _ClassVar[int]
+    EWMA_RT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    name: str
+    address: str
+    state: str
+    healthy: bool
+    drain: bool
+    weight: int
+    config_weight: int
+    effective_weight: int
+    active: int
+    total: int
+    failures: int
+    backup: bool
+    max_conns: int
+    ewma_rt_seconds: float
+    def __init__(self, pool: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., drain: _Optional[bool] = ..., weight: _Optional[int] = ..., config_weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., active: _Optional[int] = ..., total: _Optional[int] = ..., failures: _Optional[int] = ..., backup: _Optional[bool] = ..., max_conns: _Optional[int] = ..., ewma_rt_seconds: _Optional[float] = ...) -> None: ...
+
+class PoolStatus(_message.Message):
+    __slots__ = ("name", "algorithm", "up", "backup_active", "backends")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    algorithm: str
+    up: int
+    backup_active: bool
+    backends: _containers.RepeatedCompositeFieldContainer[BackendStatus]
+    def __init__(self, name: _Optional[str] = ..., algorithm: _Optional[str] = ..., up: _Optional[int] = ..., backup_active: _Optional[bool] = ..., backends: _Optional[_Iterable[_Union[BackendStatus, _Mapping]]] = ...) -> None: ...
+
+class TableInfo(_message.Message):
+    __slots__ = ("name", "size", "max_entries", "seq", "epoch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    max_entries: int
+    seq: int
+    epoch: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., max_entries: _Optional[int] = ..., seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ELECTION_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    SYNC_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    node: NodeInfo
+    election_enabled: bool
+    instances: _containers.RepeatedCompositeFieldContainer[Instance]
+    sync_enabled: bool
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+
+class BackendRef(_message.Message):
+    __slots__ = ("pool", "backend")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: str
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class SetWeightRequest(_message.Message):
+    __slots__ = ("pool", "backend", "weight")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: str
+    weight: int
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class BackendReply(_message.Message):
+    __slots__ = ("backend",)
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    backend: BackendStatus
+    def __init__(self, backend: _Optional[_Union[BackendStatus, _Mapping]] = ...) -> None: ...
+
+class FailoverRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    def __init__(self, instance: _Optional[str] = ...) -> None: ...
+
+class FailoverReply(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: Instance
+    def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
+
+class DumpTableRequest(_message.Message):
+    __slots__ = ("table", "prefix", "page_size", "page_token")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    prefix: str
+    page_size: int
+    page_token: str
+    def __init__(self, table: _Optional[str] = ..., prefix: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class TableEntry(_message.Message):
+    __slots__ = ("key", "pool", "backend", "created", "updated", "expires", "origin", "client", "listener", "proto")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    PROTO_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    pool: str
+    backend: str
+    created: float
+    updated: float
+    expires: float
+    origin: str
+    client: str
+    listener: str
+    proto: str
+    def __init__(self, key: _Optional[str] = ..., pool: _Optional[str] = ..., backend: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., expires: _Optional[float] = ..., origin: _Optional[str] = ..., client: _Optional[str] = ..., listener: _Optional[str] = ..., proto: _Optional[str] = ...) -> None: ...
+
+class DumpTableReply(_message.Message):
+    __slots__ = ("table", "total", "offset", "entries", "next_page_token")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    total: int
+    offset: int
+    entries: _containers.RepeatedCompositeFieldContainer[TableEntry]
+    next_page_token: str
+    def __init__(self, table: _Optional[str] = ..., total: _Optional[int] = ..., offset: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[TableEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

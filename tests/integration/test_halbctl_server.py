@@ -1,0 +1,393 @@
+"""halbctl against the control server running in this process over a stand-in node.
+
+The stand-in has real pools (halb.model), real tables (halb.tables) and scripted election and
+sync parts, so every control call and every error path of the gRPC edge is exercised here,
+including those that need an elected master (failover) or sync peers. The same commands run
+against real halbd processes in test_halbctl.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import threading
+import time
+
+import grpc
+import pytest
+
+from halb.cli import halbctl
+from halb.clock import MonotonicClock, WallClock
+from halb.config import loads
+from halb.control.server import ControlServer
+from halb.model import Pool
+from halb.tables import Tables, sticky_key, flow_key
+
+pytestmark = pytest.mark.integration
+
+
+class FirstUp:
+    """A trivial balancer: the first backend of the view (enough to see drains take effect)."""
+
+    def rebuild(self, view):
+        pass
+
+    def pick(self, view, key, exclude):
+        for b in view.backends:
+            if b not in exclude:
+                return b
+        return None
+
+
+class Election:
+    def __init__(self):
+        self.instances = {"vi1": {"name": "vi1", "vrid": 51, "interface": "veth0", "state": "master",
+                                  "priority": 150, "base_priority": 150,
+                                  "vips": ["198.18.0.100/24"], "master": "198.18.0.1",
+                                  "advert_interval": 0.1, "preempt": True},
+                          "vi2": {"name": "vi2", "vrid": 52, "interface": "veth0", "state": "backup",
+                                  "priority": 100, "base_priority": 100,
+                                  "vips": ["198.18.0.101/24"], "master": "198.18.0.2",
+                                  "advert_interval": 1.0, "preempt": False}}
+
+    def status(self):
+        return [dict(v) for v in self.instances.values()]
+
+    async def handover(self, name):
+        inst = self.instances[name]  # KeyError: unknown
+        if inst["state"] != "master":
+            raise ValueError(f"instance {name} is {inst['state']}, not master")
+        inst["state"] = "backup"
+
+
+class Sync:
+    def status(self):
+        return [{"name": "lb2", "address": "198.18.0.2:7001", "connected": True,
+                 "state": "streaming", "lag_entries": 3, "lag_seconds": 0.002, "acked_seq": 1234,
+                 "epoch": 99, "last_error": "", "refused": 0},
+                {"name": "lb3", "address": "198.18.0.3:7001", "connected": False,
+                 "state": "backoff", "lag_entries": 0, "lag_seconds": 0.0, "acked_seq": 0,
+                 "epoch": 0, "last_error": "connection refused", "refused": 2}]
+
+
+class Broken:
+    def status(self):
+        raise RuntimeError("boom")
+
+
+class StandIn:
+    def __init__(self, cfg, election=None, sync=None):
+        self.cfg = cfg
+        self.name = cfg.node.name
+        self.clock = MonotonicClock()
+        self.wall = WallClock()
+        self.pools = {pc.name: Pool(pc, FirstUp()) for pc in cfg.pools}
+        self.tables = Tables(self.name, self.wall, sticky_max=5000, flow_max=5000)
+        self.election = election
+        self.sync = sync
+
+
+class Running:
+    """The control server on its own event loop thread."""
+
+    def __init__(self, node):
+        self.node = node
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = ControlServer(node.cfg.control, node)
+
+    def run(self, coro, timeout=10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self):
+        self.run(self.server.start())
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.run(self.server.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            self.loop.close()
+
+
+CONFIG = """
+[node]
+name = "lb1"
+[control]
+socket = "{sock}"
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "web1"
+address = "127.0.0.1:9001"
+weight = 3
+[[pools.backends]]
+name = "web2"
+address = "127.0.0.1:9002"
+[[pools.backends]]
+name = "spare"
+address = "127.0.0.1:9003"
+backup = true
+[[pools]]
+name = "api"
+[[pools.backends]]
+name = "api1"
+address = "127.0.0.1:9101"
+"""
+
+
+@pytest.fixture
+def sock(tmp_path):
+    return str(tmp_path / "run" / "lb1.sock")
+
+
+@pytest.fixture
+def node(sock):
+    return StandIn(loads(CONFIG.format(sock=sock)), election=Election(), sync=Sync())
+
+
+@pytest.fixture
+def running(node):
+    with Running(node) as r:
+        yield r
+
+
+def ctl(capsys, sock, *argv):
+    code = halbctl.main(["--socket", sock, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_socket_is_private_and_replaces_a_stale_one(node, sock, tmp_path):
+    os.makedirs(os.path.dirname(sock))
+    import socket as so
+    s = so.socket(so.AF_UNIX)
+    s.bind(sock)  # a socket file nobody listens on: what a killed node leaves behind
+    s.close()
+    with Running(node):
+        st = os.stat(sock)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        # a second server on the same live socket refuses to steal it
+        other = ControlServer(node.cfg.control, node)
+        with pytest.raises(OSError, match="in use"):
+            asyncio.run(other.start())
+    assert not os.path.exists(sock), "socket file removed at stop"
+
+
+def test_refuses_to_remove_a_file_that_is_not_a_socket(node, sock):
+    os.makedirs(os.path.dirname(sock))
+    open(sock, "w").close()
+    with pytest.raises(OSError, match="not a socket"):
+        asyncio.run(ControlServer(node.cfg.control, node).start())
+    assert os.path.isfile(sock)
+
+
+def test_status_table_shows_every_part(running, sock, capsys):
+    code, out, err = ctl(capsys, sock, "status")
+    assert code == 0, err
+    assert "node lb1" in out
+    for needle in ("vi1", "master", "198.18.0.100/24", "vi2", "backup",  # election
+                   "lb2", "198.18.0.2:7001", "connected", "lb3", "disconnected",
+                   "connection refused",  # peers as this node sees them
+                   "web1", "web2", "spare", "api1", "127.0.0.1:9001",  # pools
+                   "sticky", "flow"):
+        assert needle in out, f"{needle!r} missing from status output:\n{out}"
+
+
+def test_status_json(running, node, sock, capsys):
+    node.tables.sticky.put(sticky_key("src", "web", "10.0.0.1"), "web1", 60, pool="web")
+    code, out, _ = ctl(capsys, sock, "status", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["node"]["name"] == "lb1" and d["node"]["pid"] == os.getpid()
+    assert d["election_enabled"] and d["sync_enabled"]
+    inst = {i["name"]: i for i in d["instances"]}
+    assert inst["vi1"]["state"] == "master" and inst["vi1"]["vrid"] == 51
+    assert inst["vi1"]["advert_interval"] == pytest.approx(0.1)
+    peers = {p["name"]: p for p in d["peers"]}
+    assert peers["lb2"]["connected"] is True and peers["lb2"]["lag_entries"] == 3
+    assert peers["lb2"]["acked_seq"] == 1234 and peers["lb3"]["refused"] == 2
+    web = next(p for p in d["pools"] if p["name"] == "web")
+    b = {x["name"]: x for x in web["backends"]}
+    assert b["web1"]["state"] == "up" and b["web1"]["weight"] == 3
+    assert b["web1"]["effective_weight"] == 3 and b["spare"]["backup"] is True
+    assert b["spare"]["effective_weight"] == 0  # primaries up: the backup is not in the view
+    tables = {t["name"]: t for t in d["tables"]}
+    assert tables["sticky"]["size"] == 1 and tables["flow"]["size"] == 0
+
+
+def test_backends_lists_one_pool_or_all(running, node, sock, capsys):
+    web = node.pools["web"]
+    b1 = web.by_name["web1"]
+    web.acquire(b1)
+    web.acquire(b1)
+    code, out, _ = ctl(capsys, sock, "backends", "web", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == {"web1", "web2", "spare"}
+    assert rows["web1"]["active"] == 2 and rows["web1"]["total"] == 2
+    code, out, _ = ctl(capsys, sock, "backends")
+    assert code == 0 and "api1" in out and "web2" in out
+    code, out, err = ctl(capsys, sock, "backends", "nope")
+    assert code == 1 and "no such pool 'nope'" in err and "web" in err
+
+
+def test_drain_enable_change_what_the_pool_picks(running, node, sock, capsys):
+    web = node.pools["web"]
+    assert web.pick().name == "web1"
+    code, out, _ = ctl(capsys, sock, "drain", "web", "web1")
+    assert code == 0 and "web/web1: drain" in out
+    assert web.by_name["web1"].admin_drain and web.pick().name == "web2"
+    assert all(b.name != "web1" for b in web.view.backends)
+    code, out, _ = ctl(capsys, sock, "drain", "web", "web2")
+    assert code == 0
+    assert web.pick().name == "spare" and web.view.backup  # every primary drained: backups serve
+    for name in ("web1", "web2"):
+        code, out, _ = ctl(capsys, sock, "enable", "web", name)
+        assert code == 0 and f"web/{name}: up" in out
+    assert web.pick().name == "web1" and not web.view.backup
+
+
+def test_weight(running, node, sock, capsys):
+    web = node.pools["web"]
+    code, out, _ = ctl(capsys, sock, "weight", "web", "web2", "7")
+    assert code == 0 and "weight 7" in out
+    assert dict(zip((b.name for b in web.view.backends), web.view.weights))["web2"] == 7
+    code, out, _ = ctl(capsys, sock, "weight", "web", "web2", "0")
+    assert code == 0 and "web/web2: drain" in out
+    assert "web2" not in [b.name for b in web.view.backends]
+    for bad in ("-1", "257", "99999999999"):
+        code, _, err = ctl(capsys, sock, "weight", "web", "web2", bad)
+        assert code == 1 and "out of range" in err, (bad, err)
+    code, _, err = ctl(capsys, sock, "weight", "web", "web2", "heavy")
+    assert code == 1 and "not a whole number" in err
+    assert web.by_name["web2"].weight == 0
+
+
+def test_unknown_names(running, sock, capsys):
+    for argv, needle in ((("drain", "nope", "web1"), "no such pool 'nope'"),
+                         (("enable", "web", "nope"), "no such backend 'nope' in pool 'web'"),
+                         (("weight", "api", "web1", "2"), "no such backend 'web1' in pool 'api'"),
+                         (("failover", "nope"), "no such instance 'nope'")):
+        code, out, err = ctl(capsys, sock, *argv)
+        assert code == 1, (argv, code, err)
+        assert needle in err, (argv, err)
+
+
+def test_failover(running, node, sock, capsys):
+    code, out, err = ctl(capsys, sock, "failover", "vi1")
+    assert code == 0, err
+    assert "vi1" in out and "backup" in out
+    assert node.election.instances["vi1"]["state"] == "backup"
+    code, out, err = ctl(capsys, sock, "failover", "vi2")  # not master: refused
+    assert code == 1 and "cannot hand over instance 'vi2'" in err and "not master" in err
+
+
+def test_failover_without_election(sock, capsys):
+    node = StandIn(loads(CONFIG.format(sock=sock)))
+    with Running(node):
+        code, _, err = ctl(capsys, sock, "failover", "vi1")
+        assert code == 1 and "runs no election" in err
+        code, out, _ = ctl(capsys, sock, "status")
+        assert code == 0 and "election: not configured" in out and "sync not configured" in out
+
+
+def test_tables_paged(running, node, sock, capsys):
+    for i in range(2500):
+        node.tables.sticky.put(sticky_key("src", "web", f"10.0.{i // 256}.{i % 256}"),
+                               "web1" if i % 2 else "web2", 300, pool="web")
+    node.tables.flow.put(flow_key("dns", "udp", "10.1.0.1:5353"), "api1", 30, pool="api",
+                         client="10.1.0.1:5353", listener="dns", proto="udp")
+    code, out, _ = ctl(capsys, sock, "tables", "sticky", "--limit", "2200", "--json")
+    assert code == 0
+    d = json.loads(out)["sticky"]
+    assert d["total"] == 2500 and len(d["entries"]) == 2200  # three pages of <= 1000
+    keys = [e["key"] for e in d["entries"]]
+    assert keys == sorted(keys) and len(set(keys)) == 2200
+    e = d["entries"][0]
+    assert e["pool"] == "web" and e["origin"] == "lb1" and e["expires"] > time.time()
+    code, out, _ = ctl(capsys, sock, "tables", "--prefix", "src/web/10.0.1.", "--json")
+    d = json.loads(out)
+    assert d["sticky"]["total"] == 256 and len(d["sticky"]["entries"]) == 100  # default limit
+    assert all(x["key"].startswith("src/web/10.0.1.") for x in d["sticky"]["entries"])
+    assert d["flow"]["total"] == 0
+    code, out, _ = ctl(capsys, sock, "tables", "flow")
+    assert code == 0 and "dns/udp/10.1.0.1:5353" in out and "1 of 1" in out
+    code, _, err = ctl(capsys, sock, "tables", "nat")
+    assert code == 1 and "invalid choice" in err
+    code, _, err = ctl(capsys, sock, "tables", "--limit", "0")
+    assert code == 1 and "out of range" in err
+
+
+def test_dump_table_errors_from_the_api(running, sock):
+    from halb.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        stub = pb_grpc.ControlStub(ch)
+        for req, code, needle in (
+                (pb.DumpTableRequest(table="nat"), grpc.StatusCode.NOT_FOUND, "no such table 'nat'"),
+                (pb.DumpTableRequest(table="sticky", page_size=1001), grpc.StatusCode.INVALID_ARGUMENT,
+                 "page_size 1001 too large"),
+                (pb.DumpTableRequest(table="sticky", page_token="zz"), grpc.StatusCode.INVALID_ARGUMENT,
+                 "invalid page_token")):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.DumpTable(req, timeout=3)
+            assert ei.value.code() == code and needle in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Drain(pb.BackendRef(pool="", backend="web1"), timeout=3)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "pool name is required" in ei.value.details()
+        # the server is still fine after the bad requests
+        assert stub.Status(pb.StatusRequest(), timeout=3).node.name == "lb1"
+
+
+def test_a_failing_part_gives_internal_not_a_dead_node(sock, capsys):
+    node = StandIn(loads(CONFIG.format(sock=sock)), sync=Broken())
+    with Running(node):
+        code, _, err = ctl(capsys, sock, "status")
+        assert code == 3 and "INTERNAL" in err and "boom" in err
+        code, out, _ = ctl(capsys, sock, "drain", "web", "web1")  # other calls still work
+        assert code == 0
+
+
+def test_health_and_reflection(running, sock):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        for svc in ("", "halb.v1.Control"):
+            r = h.Check(health_pb2.HealthCheckRequest(service=svc), timeout=3)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = list(refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=3))
+        names = {s.name for s in resp[0].list_services_response.service}
+        assert {"halb.v1.Control", "grpc.health.v1.Health"} <= names
+
+
+def test_watch_count(running, sock, capsys):
+    t0 = time.monotonic()
+    code, out, err = ctl(capsys, sock, "watch", "--interval", "0.2", "--count", "2")
+    assert code == 0, err
+    assert time.monotonic() - t0 >= 0.2
+    assert out.count("node lb1") == 2 and "refresh 2/2" in out
+
+
+def test_unreachable(tmp_path, capsys):
+    missing = str(tmp_path / "nobody.sock")
+    code, _, err = ctl(capsys, missing, "status")
+    assert code == 2 and "does not exist" in err
+    import socket as so
+    dead = str(tmp_path / "dead.sock")
+    s = so.socket(so.AF_UNIX)
+    s.bind(dead)  # exists, nobody listens
+    s.close()
+    t0 = time.monotonic()
+    code, _, err = ctl(capsys, dead, "--timeout", "1", "status")  # option after --socket value
+    assert code == 2 and "node unreachable" in err, err
+    assert time.monotonic() - t0 < 3
