@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import grpc
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # our own messages say what went wrong
+import grpc  # noqa: E402
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3
 DEFAULT_RUN_DIR = "/run/halb"
@@ -97,10 +99,22 @@ def resolve_target(args: argparse.Namespace) -> str:
 
 
 def _read(path: str, what: str) -> bytes:
+    """A PEM file's bytes, checked to hold what ``what`` names (certificate or key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise Fail(EXIT_USAGE, f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        if what == "--key":
+            load_pem_private_key(data, password=None)
+        else:
+            x509.load_pem_x509_certificates(data)
+    except (ValueError, TypeError):
+        kind = "an unencrypted PEM private key" if what == "--key" else "PEM certificates"
+        raise Fail(EXIT_USAGE, f"{what} {path}: not {kind}") from None
+    return data
 
 
 def open_channel(args: argparse.Namespace) -> tuple[grpc.Channel, str]:
@@ -435,10 +449,11 @@ def cmd_pki_init(args) -> int:
         made = pki.generate(Path(args.out), list(args.nodes), ips or None)
     except (OSError, ValueError) as e:
         raise Fail(EXIT_USAGE, f"pki init: {e}") from None
-    print(f"wrote a CA and certificates for {', '.join(args.nodes)} under {args.out}")
-    if isinstance(made, dict):
-        for k, v in made.items():
-            print(f"  {k}: {v}")
+    ca = made.get("ca", {}) if isinstance(made, dict) else {}
+    print(f"CA: {ca.get('cert', '?')} (key {ca.get('key', '?')}; "
+          f"{'new' if ca.get('created') else 'existing CA reused'})")
+    for name, files in (made.get("nodes", {}) if isinstance(made, dict) else {}).items():
+        print(f"{name}: {files.get('cert')} (key {files.get('key')})")
     return EXIT_OK
 
 

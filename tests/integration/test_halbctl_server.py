@@ -391,3 +391,76 @@ def test_unreachable(tmp_path, capsys):
     code, _, err = ctl(capsys, dead, "--timeout", "1", "status")  # option after --socket value
     assert code == 2 and "node unreachable" in err, err
     assert time.monotonic() - t0 < 3
+
+
+def _verify_signed_by(cert_path, ca_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    ca = x509.load_pem_x509_certificate(open(ca_path, "rb").read())
+    cert = x509.load_pem_x509_certificate(open(cert_path, "rb").read())
+    assert cert.issuer == ca.subject
+    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
+                           ec.ECDSA(cert.signature_hash_algorithm))  # raises if forged
+    cert.verify_directly_issued_by(ca)
+    return cert
+
+
+def test_pki_init_then_mutual_tls_control(tmp_path, capsys):
+    from cryptography import x509
+    pki = tmp_path / "pki"
+    code, out, err = ctl(capsys, "unused", "pki", "init", "--out", str(pki), "lb1", "admin",
+                         "--ip", "lb1=127.0.0.1")
+    assert code == 0, err
+    assert "lb1" in out and "admin" in out and str(pki / "ca.pem") in out
+    for n in ("lb1", "admin"):
+        cert = _verify_signed_by(pki / f"{n}.pem", pki / "ca.pem")
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert n in san.get_values_for_type(x509.DNSName)
+        assert stat.S_IMODE(os.stat(pki / f"{n}.key").st_mode) == 0o600
+    lb1_san = x509.load_pem_x509_certificate((pki / "lb1.pem").read_bytes()).extensions \
+        .get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in lb1_san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # a second CA: its certificates must be refused by the node
+    other = tmp_path / "other"
+    assert ctl(capsys, "unused", "pki", "init", "--out", str(other), "admin")[0] == 0
+
+    from tests.helpers import free_port
+    port = free_port()
+    sock = str(tmp_path / "lb1.sock")
+    text = CONFIG.format(sock=sock).replace(
+        f'socket = "{sock}"', f'socket = "{sock}"\naddress = "127.0.0.1:{port}"')
+    cfg = loads(text + f"""
+[control.tls]
+cert = "{pki / 'lb1.pem'}"
+key = "{pki / 'lb1.key'}"
+ca = "{pki / 'ca.pem'}"
+""")
+    node = StandIn(cfg)
+    tls = ["--address", f"127.0.0.1:{port}", "--ca", str(pki / "ca.pem")]
+    with Running(node):
+        code, out, err = ctl(capsys, sock, *tls, "--cert", str(pki / "admin.pem"),
+                             "--key", str(pki / "admin.key"), "status", "--json")
+        assert code == 0, err
+        assert json.loads(out)["node"]["name"] == "lb1"
+        code, out, err = ctl(capsys, sock, *tls, "--cert", str(pki / "admin.pem"),
+                             "--key", str(pki / "admin.key"), "--server-name", "lb1",
+                             "drain", "web", "web2")
+        assert code == 0 and node.pools["web"].by_name["web2"].admin_drain
+        # a client certificate from another CA: the handshake fails, the node stays up
+        code, _, err = ctl(capsys, sock, *tls, "--cert", str(other / "admin.pem"),
+                           "--key", str(other / "admin.key"), "--timeout", "2", "status")
+        assert code == 2 and "unreachable" in err
+        code, _, err = ctl(capsys, sock, "--address", f"127.0.0.1:{port}", "status")
+        assert code == 1 and "needs --ca, --cert and --key" in err
+        assert ctl(capsys, sock, "status")[0] == 0  # the unix socket serves alongside
+
+
+def test_pki_init_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "pki")
+    for argv, needle in ((("lb1", "--ip", "lb9=10.0.0.1"), "unknown node 'lb9'"),
+                         (("lb1", "--ip", "lb1=10.0.0.300"), "invalid IP address"),
+                         (("lb1", "--ip", "lb1"), "expected NODE=IP"),
+                         (("bad name",), "invalid node name")):
+        code, _, err = ctl(capsys, "unused", "pki", "init", "--out", out, *argv)
+        assert code == 1 and needle in err, (argv, err)
+    assert not os.path.exists(out)

@@ -1,0 +1,267 @@
+"""halbctl and the control API's pure parts: argument handling, choosing the node, page
+tokens, turning the parts' status into messages, rendering. No sockets."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+
+import grpc
+import pytest
+
+from halb.cli import halbctl
+from halb.config import loads
+from halb.control import api
+from halb.control.api import ControlAPI, ControlError
+from halb.clock import FakeClock
+from halb.model import Pool
+from halb.tables import Tables, sticky_key
+from halb.v1 import control_pb2 as pb
+
+pytestmark = pytest.mark.unit
+
+
+def parse(*argv):
+    return halbctl.build_parser().parse_args(list(argv))
+
+
+# -- choosing the node -------------------------------------------------------------------------
+
+
+def test_socket_from_flag_then_config_then_the_only_one(tmp_path, monkeypatch):
+    sock = tmp_path / "a.sock"
+    sock.touch()
+    assert halbctl.resolve_target(parse("--socket", str(sock), "status")) == f"unix:{sock}"
+    cfg = tmp_path / "n.toml"
+    other = tmp_path / "from-config.sock"
+    other.touch()
+    cfg.write_text(f'[node]\nname = "lb1"\n[control]\nsocket = "{other}"\n'
+                   '[[pools]]\nname = "p"\n[[pools.backends]]\nname = "b"\naddress = "127.0.0.1:1"\n')
+    assert halbctl.resolve_target(parse("--config", str(cfg), "status")) == f"unix:{other}"
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(halbctl, "DEFAULT_RUN_DIR", str(run))
+    with pytest.raises(halbctl.Fail) as ei:
+        halbctl.resolve_target(parse("status"))
+    assert ei.value.code == halbctl.EXIT_UNREACHABLE and "no control socket" in ei.value.message
+    (run / "lb1.sock").touch()
+    assert halbctl.resolve_target(parse("status")) == f"unix:{run / 'lb1.sock'}"
+    (run / "lb2.sock").touch()
+    with pytest.raises(halbctl.Fail) as ei:
+        halbctl.resolve_target(parse("status"))
+    assert ei.value.code == halbctl.EXIT_USAGE
+    assert "lb1.sock" in ei.value.message and "lb2.sock" in ei.value.message
+
+
+def test_config_errors_and_missing_socket(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[node]\nname = "lb1"\nbogus = 1\n')
+    with pytest.raises(halbctl.Fail) as ei:
+        halbctl.resolve_target(parse("--config", str(cfg), "status"))
+    assert ei.value.code == 1 and "node.bogus: unknown key" in ei.value.message
+    with pytest.raises(halbctl.Fail) as ei:
+        halbctl.resolve_target(parse("--socket", str(tmp_path / "none.sock"), "status"))
+    assert ei.value.code == 2 and "does not exist" in ei.value.message
+
+
+def test_tcp_needs_all_tls_files():
+    with pytest.raises(halbctl.Fail) as ei:
+        halbctl.resolve_target(parse("--address", "127.0.0.1:7000", "--ca", "x", "status"))
+    assert ei.value.code == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ((), "required"),
+    (("frobnicate",), "invalid choice"),
+    (("drain", "web"), "required: backend"),
+    (("weight", "web", "web1", "x"), "not a whole number"),
+    (("tables", "nat"), "invalid choice"),
+    (("tables", "--limit", "0"), "out of range"),
+    (("tables", "--limit", "1000001"), "out of range"),
+    (("watch", "--interval", "0"), "out of range"),
+    (("watch", "--count", "0"), "out of range"),
+    (("--timeout", "abc", "status"), "not a number"),
+    (("pki",), "required"),
+    (("pki", "init", "lb1"), "--out"),
+])
+def test_bad_usage_exits_1(argv, needle, capsys):
+    assert halbctl.main(list(argv)) == 1
+    assert needle in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys):
+    assert halbctl.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("status", "backends", "drain", "enable", "weight", "failover", "tables", "watch",
+                "pki"):
+        assert cmd in out
+    assert "2 node unreachable" in out
+
+
+def test_ip_map():
+    assert halbctl._ip_map(["a", "b"], ["a=10.0.0.1", "a=::1", "b=10.0.0.2"]) == \
+        {"a": ["10.0.0.1", "::1"], "b": ["10.0.0.2"]}
+    for bad in ("c=10.0.0.1", "a=10.0.0.256", "a", "=1.2.3.4"):
+        with pytest.raises(halbctl.Fail):
+            halbctl._ip_map(["a", "b"], [bad])
+
+
+# -- the API's logic over a node -------------------------------------------------------------
+
+
+class State(enum.Enum):
+    BACKUP = 1
+    MASTER = 2
+
+
+class Inst:  # an election may report objects rather than dicts
+    name, vrid, interface, state, priority, base_priority = "vi1", 7, "eth0", State.MASTER, 90, 100
+    vips = (ipaddress.ip_interface("198.18.0.10/24"),)
+    master = ipaddress.ip_address("198.18.0.1")
+    advert_interval = 0.25
+    preempt = True
+
+
+def test_instance_and_peer_messages_accept_dicts_objects_and_enums():
+    m = api.instance_msg(Inst())
+    assert (m.name, m.vrid, m.state, m.priority, m.base_priority) == ("vi1", 7, "master", 90, 100)
+    assert list(m.vips) == ["198.18.0.10/24"] and m.master == "198.18.0.1"
+    m = api.instance_msg({"name": "x", "state": "backup", "priority": 50})
+    assert m.base_priority == 50 and m.state == "backup" and m.master == ""
+    p = api.peer_msg({"name": "lb2", "address": "1.2.3.4:5", "connected": True,
+                      "lag_entries": -3, "lag_seconds": None, "acked_seq": 10,
+                      "last_error": None, "refused": 1})
+    assert p.lag_entries == 0 and p.lag_seconds == 0.0 and p.acked_seq == 10
+    assert p.last_error == "" and p.refused == 1
+
+
+class Rr:
+    def rebuild(self, view):
+        pass
+
+    def pick(self, view, key, exclude):
+        return view.backends[0] if view.backends else None
+
+
+CFG = """
+[node]
+name = "lb1"
+[[pools]]
+name = "web"
+slow_start = 10
+[[pools.backends]]
+name = "a"
+address = "127.0.0.1:1"
+weight = 4
+[[pools.backends]]
+name = "b"
+address = "127.0.0.1:2"
+weight = 6
+"""
+
+
+class Node:
+    def __init__(self):
+        self.cfg = loads(CFG)
+        self.name = "lb1"
+        self.clock = FakeClock(100.0)
+        self.wall = FakeClock(1_700_000_000.0)
+        self.pools = {p.name: Pool(p, Rr()) for p in self.cfg.pools}
+        self.tables = Tables("lb1", self.wall)
+        self.election = None
+        self.sync = None
+
+
+def test_status_reflects_pool_state_and_effective_weights():
+    n = Node()
+    c = ControlAPI(n, started=40.0)
+    web = n.pools["web"]
+    a, b = web.by_name["a"], web.by_name["b"]
+    web.set_health(b, False, 100.0)
+    web.set_health(b, True, 100.0)  # back up at t=100: slow start ramps its weight
+    n.clock.advance(5)
+    web.refresh(n.clock.now())
+    n.tables.sticky.put(sticky_key("src", "web", "1.1.1.1"), "a", 10, pool="web")
+    st = c.status()
+    assert st.node.uptime_seconds == pytest.approx(65.0)
+    assert not st.election_enabled and not st.sync_enabled
+    bs = {x.name: x for x in st.pools[0].backends}
+    assert bs["a"].effective_weight == 4 and bs["a"].state == "up"
+    assert bs["b"].effective_weight == 3 and bs["b"].weight == 6  # half way through slow start
+    assert st.pools[0].up == 2
+    web.report_result(a, False, n.clock.now())
+    assert c.status().pools[0].backends[0].failures == 1
+    sizes = {t.name: t.size for t in c.status().tables}
+    assert sizes == {"sticky": 1, "flow": 0}
+
+
+def test_admin_calls_and_their_errors():
+    n = Node()
+    c = ControlAPI(n, 0.0)
+    assert c.drain("web", "a", True).state == "drain"
+    assert n.pools["web"].pick().name == "b"
+    assert c.drain("web", "a", False).state == "up"
+    assert c.set_weight("web", "b", 9).effective_weight == 9
+    for call, code, needle in (
+            (lambda: c.drain("nope", "a", True), grpc.StatusCode.NOT_FOUND, "no such pool 'nope' (pools: web)"),
+            (lambda: c.drain("web", "zz", True), grpc.StatusCode.NOT_FOUND, "(backends: a, b)"),
+            (lambda: c.drain("", "a", True), grpc.StatusCode.INVALID_ARGUMENT, "pool name is required"),
+            (lambda: c.drain("web", "x" * 300, True), grpc.StatusCode.INVALID_ARGUMENT, "too long"),
+            (lambda: c.set_weight("web", "a", 257), grpc.StatusCode.INVALID_ARGUMENT, "257 out of range"),
+            (lambda: c.set_weight("web", "a", -1), grpc.StatusCode.INVALID_ARGUMENT, "-1 out of range")):
+        with pytest.raises(ControlError) as ei:
+            call()
+        assert ei.value.code == code and needle in ei.value.message
+    assert n.pools["web"].by_name["a"].weight == 4  # refused changes change nothing
+
+
+def test_dump_table_pages_and_tokens():
+    n = Node()
+    c = ControlAPI(n, 0.0)
+    for i in range(25):
+        n.tables.flow.put(f"l/udp/10.0.0.{i:02d}:53", "a", 30, pool="web")
+    seen, token = [], ""
+    while True:
+        r = c.dump_table(pb.DumpTableRequest(table="flow", page_size=10, page_token=token))
+        assert r.total == 25
+        seen += [e.key for e in r.entries]
+        token = r.next_page_token
+        if not token:
+            break
+    assert seen == sorted(seen) and len(seen) == 25
+    r = c.dump_table(pb.DumpTableRequest(table="flow", prefix="l/udp/10.0.0.1"))
+    assert r.total == 10 and len(r.entries) == 10 and r.next_page_token == ""
+    assert api.parse_page_token(api.make_page_token(1234)) == 1234
+    for bad in ("1234", "o", "o-1", "ox", "o" + "9" * 30):
+        with pytest.raises(ControlError):
+            api.parse_page_token(bad)
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def test_render_status_names_every_part():
+    from rich.console import Console
+    st = pb.StatusReply(
+        node=pb.NodeInfo(name="lb7", version="0.1.0", uptime_seconds=3725, pid=42, config="/x.toml"),
+        election_enabled=True,
+        instances=[pb.Instance(name="vi1", vrid=9, state="master", priority=200, base_priority=150,
+                               vips=["198.18.0.9/24"], advert_interval=0.1)],
+        sync_enabled=True,
+        peers=[pb.Peer(name="lb8", address="198.18.0.8:7001", connected=False,
+                       last_error="TLS handshake failed", refused=4)],
+        pools=[pb.PoolStatus(name="web", backends=[pb.BackendStatus(
+            pool="web", name="w1", address="127.0.0.1:80", state="ejected", failures=5)])],
+        tables=[pb.TableInfo(name="sticky", size=12345, max_entries=100000)])
+    con = Console(width=200, record=True, file=open("/dev/null", "w"))
+    con.print(halbctl.render_status(st))
+    text = con.export_text()
+    for needle in ("node lb7", "up 1h2m5s", "vi1", "master", "200", "150", "198.18.0.9/24",
+                   "0.1s", "lb8", "disconnected", "TLS handshake failed", "w1", "ejected",
+                   "12345", "100000"):
+        assert needle in text, needle
+
+
+def test_to_dict_keeps_numbers_numbers():
+    d = halbctl.to_dict(pb.Peer(name="x", lag_entries=5, acked_seq=2 ** 40))
+    assert d["lag_entries"] == 5 and d["acked_seq"] == 2 ** 40 and d["connected"] is False
