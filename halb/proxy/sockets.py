@@ -83,3 +83,24 @@ def connect_socket(host: str, port: int) -> socket.socket:
     s.setblocking(False)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
+
+
+def raise_nofile(want: int) -> int:
+    """Raises the soft RLIMIT_NOFILE towards ``want`` (at most the hard limit); returns it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # pragma: no cover - keep the old limit
+            pass
+    return soft
+
+
+def format_addr(addr: tuple) -> str:
+    """``ip:port`` or ``[v6]:port`` for a socket address tuple."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

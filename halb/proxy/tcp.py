@@ -1,0 +1,731 @@
+"""L4 TCP listener: accept, pick a backend, connect (with redispatch), relay both ways.
+
+The relay runs on event-loop reader/writer callbacks over raw non-blocking sockets, with no
+task or stream per connection:
+
+* **splice** (default on Linux): bytes move socket -> pipe -> socket inside the kernel
+  (``os.splice``), never through Python. Pipes come from a small per-listener free list and
+  are held by a direction only while it has bytes in flight, so an idle connection costs two
+  sockets and no pipes.
+* **copy** (fallback where ``os.splice`` is missing or refused, or ``HALB_L4_RELAY=copy``):
+  ``recv_into`` a shared scratch buffer and ``send``; only bytes the peer could not take yet
+  are kept per connection.
+
+Backpressure: when the destination cannot take more, the direction stops reading its source
+(``remove_reader``) and waits for the destination to become writable (``add_writer``). Half
+close: EOF from one side becomes ``shutdown(SHUT_WR)`` towards the other; the connection is
+closed when both directions are done, on an error, or after ``timeouts.tunnel`` without a
+byte in either direction.
+
+Every relayed connection is an entry of the flow table (``flow_key(listener, "tcp",
+"ip:port")``), touched at most about once per second while active and deleted on close.
+Pools with ``sticky.mode = "source"`` keep a client IP on its backend through the sticky
+table (also honouring entries replicated from peers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from .. import log as hlog
+from ..balance import hash_key_for
+from ..model import Pool
+from ..tables import flow_key, sticky_key
+from . import proxyproto
+from .sockets import format_addr, listen_tcp, raise_nofile
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import ListenerConfig
+    from ..model import Backend
+    from ..node import Node
+
+_log = hlog.get_logger("tcp")
+
+HAVE_SPLICE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
+PIPE_SIZE = 1 << 18  # bytes a direction may hold in flight (F_SETPIPE_SZ)
+COPY_BUF = 1 << 18
+BURST = 8  # read/write rounds per readiness event before yielding to other connections
+ACCEPT_BURST = 64
+MAX_FREE_PIPES = 256
+STOP_GRACE = 2.0  # seconds stop() lets open connections finish before closing them
+_ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+class RateLimitedLog:
+    """Logs an event at most once per ``interval`` per key, counting what it suppressed."""
+
+    def __init__(self, logger: hlog.Logger, interval: float = 1.0):
+        self.log = logger
+        self.interval = interval
+        self._last: dict[tuple, tuple[float, int]] = {}
+
+    def warning(self, event: str, key: str = "", **fields) -> None:
+        now = time.monotonic()
+        k = (event, key)
+        last, suppressed = self._last.get(k, (0.0, 0))
+        if now - last < self.interval:
+            self._last[k] = (last, suppressed + 1)
+            return
+        if len(self._last) > 1024:
+            self._last.clear()
+        self._last[k] = (now, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self.log.warning(event, **fields)
+
+
+_counters: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def l4_counters(registry) -> tuple:
+    """(events, bytes) counters of the L4 listeners, created once per registry."""
+    c = _counters.get(registry)
+    if c is None:
+        from prometheus_client import Counter
+
+        events = Counter("halb_l4_events", "L4 listener events (no_backend, connect_failed, "
+                         "redispatched, idle_timeout, max_conns, flows_dropped, ...)",
+                         ["listener", "event"], registry=registry)
+        nbytes = Counter("halb_l4_bytes", "Bytes relayed by L4 listeners",
+                         ["listener", "direction"], registry=registry)
+        c = _counters[registry] = (events, nbytes)
+    return c
+
+
+class PipePool:
+    """A free list of non-blocking pipe pairs of ``size`` bytes; only empty pipes go back."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = MAX_FREE_PIPES):
+        self.size = size
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
+        self.created = 0
+
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        except (OSError, AttributeError):  # keep the default size (64 KiB)
+            pass
+        self.created += 1
+        return r, w
+
+    def put(self, p: tuple[int, int]) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(p)
+        else:
+            os.close(p[0])
+            os.close(p[1])
+
+    @staticmethod
+    def discard(p: tuple[int, int]) -> None:
+        os.close(p[0])
+        os.close(p[1])
+
+    def close(self) -> None:
+        for p in self.free:
+            self.discard(p)
+        self.free.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Relay directions
+
+
+class _SpliceDir:
+    """One direction (src -> dst) of a spliced relay."""
+
+    __slots__ = ("conn", "src", "dst", "sfd", "dfd", "pipe", "pending", "done", "nbytes",
+                 "rd", "wr")
+
+    def __init__(self, conn: "_Conn", src: socket.socket, dst: socket.socket):
+        self.conn = conn
+        self.src, self.dst = src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.pipe: tuple[int, int] | None = None
+        self.pending = 0
+        self.done = False
+        self.nbytes = 0
+        self.rd = self.on_readable
+        self.wr = self.on_writable
+
+    def on_readable(self) -> None:
+        conn = self.conn
+        pipes = conn.lst.pipes
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = pipes.get()
+        splice = os.splice
+        for _ in range(BURST):
+            try:
+                n = splice(self.sfd, pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EINVAL and self.nbytes == 0:
+                    conn.lst.splice_failed(e)
+                    conn.fallback_copy()
+                    return
+                conn.abort(e)
+                return
+            if n == 0:
+                self.eof()
+                return
+            self.nbytes += n
+            try:
+                m = splice(pipe[0], self.dfd, n, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                m = 0
+            except OSError as e:
+                conn.abort(e)
+                return
+            if m < n:
+                self.pending = n - m
+                loop = conn.loop
+                loop.remove_reader(self.sfd)
+                loop.add_writer(self.dfd, self.wr)
+                return
+        self.pipe = None
+        pipes.put(pipe)
+
+    def on_writable(self) -> None:
+        conn = self.conn
+        pipe = self.pipe
+        try:
+            m = os.splice(pipe[0], self.dfd, self.pending, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            conn.abort(e)
+            return
+        self.pending -= m
+        if self.pending == 0:
+            self.pipe = None
+            conn.lst.pipes.put(pipe)
+            loop = conn.loop
+            loop.remove_writer(self.dfd)
+            loop.add_reader(self.sfd, self.rd)
+
+    def eof(self) -> None:
+        conn = self.conn
+        conn.loop.remove_reader(self.sfd)
+        if self.pipe is not None:
+            conn.lst.pipes.put(self.pipe)  # empty: EOF is only read with nothing pending
+            self.pipe = None
+        self.done = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.dir_done()
+
+    def release(self) -> None:
+        if self.pipe is not None:
+            PipePool.discard(self.pipe)  # may still hold bytes
+            self.pipe = None
+
+
+class _CopyDir:
+    """One direction (src -> dst) of a copying relay (recv_into / send)."""
+
+    __slots__ = ("conn", "src", "dst", "sfd", "dfd", "left", "done", "nbytes", "rd", "wr")
+
+    def __init__(self, conn: "_Conn", src: socket.socket, dst: socket.socket):
+        self.conn = conn
+        self.src, self.dst = src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.left = b""
+        self.done = False
+        self.nbytes = 0
+        self.rd = self.on_readable
+        self.wr = self.on_writable
+
+    def on_readable(self) -> None:
+        conn = self.conn
+        buf = conn.lst.scratch
+        mv = conn.lst.scratch_mv
+        for _ in range(BURST):
+            try:
+                n = self.src.recv_into(buf)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                conn.abort(e)
+                return
+            if n == 0:
+                self.eof()
+                return
+            self.nbytes += n
+            try:
+                m = self.dst.send(mv[:n])
+            except BlockingIOError:
+                m = 0
+            except OSError as e:
+                conn.abort(e)
+                return
+            if m < n:
+                self.left = bytes(mv[m:n])
+                loop = conn.loop
+                loop.remove_reader(self.sfd)
+                loop.add_writer(self.dfd, self.wr)
+                return
+
+    def on_writable(self) -> None:
+        conn = self.conn
+        try:
+            m = self.dst.send(self.left)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            conn.abort(e)
+            return
+        self.left = self.left[m:]
+        if not self.left:
+            loop = conn.loop
+            loop.remove_writer(self.dfd)
+            loop.add_reader(self.sfd, self.rd)
+
+    def eof(self) -> None:
+        conn = self.conn
+        conn.loop.remove_reader(self.sfd)
+        self.done = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.dir_done()
+
+    def release(self) -> None:
+        self.left = b""
+
+
+# ---------------------------------------------------------------------------------------------
+# One client connection
+
+CONNECTING, PREAMBLE, RELAY, CLOSED = range(4)
+
+
+class _Conn:
+    __slots__ = ("lst", "loop", "cs", "caddr", "client", "bs", "backend", "tried", "attempts",
+                 "timer", "t0", "rt", "state", "up", "down", "last", "seen", "key", "preamble",
+                 "error")
+
+    def __init__(self, lst: "TcpListener", cs: socket.socket, caddr: tuple):
+        self.lst = lst
+        self.loop = lst.loop
+        self.cs = cs
+        self.caddr = caddr
+        self.client = format_addr(caddr)
+        self.bs: socket.socket | None = None
+        self.backend: "Backend | None" = None
+        self.tried: set = set()
+        self.attempts = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.t0 = 0.0
+        self.rt: float | None = None
+        self.state = CONNECTING
+        self.up = self.down = None  # directions client->backend, backend->client
+        self.last = 0.0
+        self.seen = 0
+        self.key = ""
+        self.preamble = b""
+        self.error = False
+
+    # -- choosing and connecting ---------------------------------------------------------------
+
+    def _choose(self) -> "Backend | None":
+        lst = self.lst
+        pool = lst.pool
+        if self.attempts == 0 and lst.sticky_src:
+            e = lst.node.tables.sticky.get(sticky_key("src", pool.name, self.caddr[0]))
+            if e is not None and e.pool == pool.name:
+                b = pool.by_name.get(e.backend)
+                if b is not None and b.is_up(lst.node.clock.now()) and not b.is_full():
+                    return b
+        key = hash_key_for(pool.cfg, self.caddr[0]) if lst.hashing else None
+        return pool.pick(key, exclude=self.tried)
+
+    def connect_next(self) -> None:
+        lst = self.lst
+        while self.attempts <= lst.retries:
+            b = self._choose()
+            if b is None:
+                break
+            self.attempts += 1
+            if self.attempts > 1:
+                lst.event("redispatched")
+            self.tried.add(b)
+            self.backend = b
+            Pool.acquire(b)
+            try:
+                bs = socket.socket(lst.family_of(b), socket.SOCK_STREAM)
+            except OSError as e:
+                Pool.release(b)
+                self.backend = None
+                lst.rlog.warning("backend_socket_failed", error=str(e))
+                break
+            bs.setblocking(False)
+            bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.bs = bs
+            self.t0 = lst.node.clock.now()
+            err = bs.connect_ex(lst.sockaddr_of(b))
+            if err in (0, errno.EINPROGRESS):
+                self.loop.add_writer(bs.fileno(), self.on_connected)
+                self.timer = self.loop.call_later(lst.connect_timeout, self.on_connect_timeout)
+                return
+            self._failed(os.strerror(err))
+        lst.event("no_backend")
+        lst.rlog.warning("no_backend", key=lst.name, listener=lst.name, pool=lst.pool.name,
+                         client=self.client, tried=[b.name for b in self.tried])
+        self.close()
+
+    def on_connected(self) -> None:
+        bs = self.bs
+        self.loop.remove_writer(bs.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = bs.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(os.strerror(err))
+            self.connect_next()
+            return
+        self._established()
+
+    def on_connect_timeout(self) -> None:
+        self.timer = None
+        if self.state != CONNECTING or self.bs is None:
+            return
+        self.loop.remove_writer(self.bs.fileno())
+        self._failed("connect timeout")
+        self.connect_next()
+
+    def _failed(self, reason: str) -> None:
+        """The connect to ``self.backend`` failed: account for it and forget the socket."""
+        lst = self.lst
+        b = self.backend
+        if self.bs is not None:
+            self.bs.close()
+            self.bs = None
+        self.backend = None
+        Pool.release(b)
+        lst.pool.report_result(b, False, lst.node.clock.now())
+        lst.node.metrics.observe(b, None, True)
+        lst.event("connect_failed")
+        lst.rlog.warning("backend_connect_failed", key=b.name, listener=lst.name,
+                         pool=lst.pool.name, backend=b.name, reason=reason)
+
+    def _established(self) -> None:
+        lst = self.lst
+        b = self.backend
+        now = lst.node.clock.now()
+        self.rt = now - self.t0
+        self.last = now
+        lst.pool.report_result(b, True, now)
+        node = lst.node
+        if lst.sticky_src:
+            node.tables.sticky.put(sticky_key("src", lst.pool.name, self.caddr[0]), b.name,
+                                   lst.pool.cfg.sticky.ttl, pool=lst.pool.name)
+        self.key = flow_key(lst.name, "tcp", self.client)
+        node.tables.flow.put(self.key, b.name, lst.tunnel, pool=lst.pool.name,
+                             client=self.client, listener=lst.name, proto="tcp")
+        if lst.cfg.proxy_protocol:
+            try:
+                dst = self.cs.getsockname()
+                self.preamble = proxyproto.encode_v2(self.caddr[:2], dst[:2])
+            except (OSError, ValueError):
+                self.preamble = proxyproto.encode_v2(None, None, local=True)
+            self.state = PREAMBLE
+            self.on_preamble_writable()
+            return
+        self._relay()
+
+    def on_preamble_writable(self) -> None:
+        try:
+            n = self.bs.send(self.preamble)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self.abort(e)
+            return
+        self.preamble = self.preamble[n:]
+        if self.preamble:  # rare: a fresh socket's buffer takes a PROXY header at once
+            self.loop.add_writer(self.bs.fileno(), self.on_preamble_writable)
+            return
+        self.loop.remove_writer(self.bs.fileno())
+        self._relay()
+
+    def fallback_copy(self) -> None:
+        """splice(2) refused this connection's sockets: relay by copying instead."""
+        for d in (self.up, self.down):
+            self.loop.remove_reader(d.sfd)
+            self.loop.remove_writer(d.dfd)
+            if isinstance(d, _SpliceDir) and d.pending:
+                self.abort()
+                return
+            d.release()
+        self._relay(copy=True)
+
+    def _relay(self, copy: bool = False) -> None:
+        lst = self.lst
+        self.state = RELAY
+        Dir = _CopyDir if copy or lst.splice_ok is False else _SpliceDir
+        self.up = Dir(self, self.cs, self.bs)
+        self.down = Dir(self, self.bs, self.cs)
+        self.loop.add_reader(self.up.sfd, self.up.rd)
+        self.loop.add_reader(self.down.sfd, self.down.rd)
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def dir_done(self) -> None:
+        if self.up.done and self.down.done:
+            self.close()
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        if exc is not None and getattr(exc, "errno", None) not in (errno.ECONNRESET, errno.EPIPE):
+            _log.debug("relay_error", listener=self.lst.name, client=self.client, error=str(exc))
+        self.close()
+
+    def close(self) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        lst = self.lst
+        loop = self.loop
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for s in (self.cs, self.bs):
+            if s is not None:
+                fd = s.fileno()
+                if fd >= 0:
+                    loop.remove_reader(fd)
+                    loop.remove_writer(fd)
+        for d in (self.up, self.down):
+            if d is not None:
+                d.release()
+        self.cs.close()
+        if self.bs is not None:
+            self.bs.close()
+        b = self.backend
+        if b is not None:
+            Pool.release(b, self.rt)
+            lst.node.metrics.observe(b, self.rt, False)
+        if self.key:
+            lst.node.tables.flow.delete(self.key)
+        if self.up is not None:
+            lst.bytes_in.inc(self.up.nbytes)
+            lst.bytes_out.inc(self.down.nbytes)
+        lst.closed(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# The listener
+
+
+class TcpListener:
+    def __init__(self, cfg: "ListenerConfig", node: "Node"):
+        self.cfg = cfg
+        self.node = node
+        self.name = cfg.name
+        self.pool: Pool = node.pools[cfg.pool]
+        self.retries = self.pool.cfg.retries
+        self.hashing = hash_key_for(self.pool.cfg, "0.0.0.0") is not None
+        self.sticky_src = self.pool.cfg.sticky.mode == "source"
+        self.connect_timeout = cfg.timeouts.connect
+        self.tunnel = cfg.timeouts.tunnel
+        self.max_conns = cfg.limits.max_conns
+        mode = os.environ.get("HALB_L4_RELAY", "splice")
+        self.splice_ok: bool | None = None if (HAVE_SPLICE and mode != "copy") else False
+        self.pipes = PipePool()
+        self.scratch = bytearray(COPY_BUF)
+        self.scratch_mv = memoryview(self.scratch)
+        self.conns: set[_Conn] = set()
+        self.sock: socket.socket | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.paused = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self._addrs: dict = {}
+        self.rlog = RateLimitedLog(_log)
+        events, nbytes = l4_counters(node.metrics.registry)
+        self._events = events
+        self._ev_children: dict[str, object] = {}
+        self.bytes_in = nbytes.labels(self.name, "in")
+        self.bytes_out = nbytes.labels(self.name, "out")
+        self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = loop = asyncio.get_running_loop()
+        raise_nofile(2 * self.max_conns + 1024)
+        for b in self.pool.backends:
+            await self._resolve(b)
+        self.sock = listen_tcp(self.cfg.bind.host, self.cfg.bind.port)
+        loop.add_reader(self.sock.fileno(), self._on_accept)
+        self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
+        _log.info("listener_started", listener=self.name, bind=str(self.cfg.bind), mode="tcp",
+                  pool=self.pool.name, relay="copy" if self.splice_ok is False else "splice")
+
+    async def _resolve(self, b: "Backend") -> None:
+        try:
+            infos = await self.loop.getaddrinfo(b.host, b.port, type=socket.SOCK_STREAM)
+            fam, _, _, _, sa = infos[0]
+            self._addrs[b] = (fam, sa)
+        except (OSError, IndexError) as e:
+            _log.warning("backend_resolve_failed", pool=self.pool.name, backend=b.name,
+                         host=b.host, error=str(e))
+
+    def family_of(self, b: "Backend") -> int:
+        a = self._addrs.get(b)
+        if a is not None:
+            return a[0]
+        return socket.AF_INET6 if ":" in b.host else socket.AF_INET
+
+    def sockaddr_of(self, b: "Backend") -> tuple:
+        a = self._addrs.get(b)
+        return a[1] if a is not None else (b.host, b.port)
+
+    async def stop(self) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        if self.sock is not None:
+            if not self.paused:
+                loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        for h in (self._sweeper, self._resume):
+            if h is not None:
+                h.cancel()
+        deadline = time.monotonic() + STOP_GRACE
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for c in list(self.conns):
+            c.close()
+        self.pipes.close()
+        _log.info("listener_stopped", listener=self.name)
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    def _on_accept(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        metrics = self.node.metrics
+        for _ in range(ACCEPT_BURST):
+            if len(self.conns) >= self.max_conns:
+                self._pause("max_conns")
+                return
+            try:
+                cs, caddr = sock.accept()
+            except BlockingIOError:
+                return
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as e:
+                if e.errno in _ACCEPT_PAUSE_ERRNOS:
+                    self.rlog.warning("accept_failed", key=self.name, listener=self.name,
+                                      error=str(e))
+                    self._pause("accept_error", 0.1)
+                    return
+                _log.exception("accept_failed", listener=self.name)
+                self._pause("accept_error", 0.1)
+                return
+            cs.setblocking(False)
+            try:
+                cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            conn = _Conn(self, cs, caddr)
+            self.conns.add(conn)
+            metrics.conn_open(self.name)
+            conn.connect_next()
+
+    def _pause(self, why: str, retry: float | None = None) -> None:
+        if self.paused or self.sock is None:
+            return
+        self.paused = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.event(why)
+        if why == "max_conns":
+            self.rlog.warning("max_conns_reached", key=self.name, listener=self.name,
+                              max_conns=self.max_conns)
+        if retry is not None:
+            self._resume = self.loop.call_later(retry, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self.paused and self.sock is not None:
+            self.paused = False
+            self.loop.add_reader(self.sock.fileno(), self._on_accept)
+
+    def closed(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
+        self.node.metrics.conn_close(self.name)
+        if self.paused and self._resume is None and len(self.conns) < self.max_conns:
+            self._unpause()
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def event(self, name: str) -> None:
+        c = self._ev_children.get(name)
+        if c is None:
+            c = self._ev_children[name] = self._events.labels(self.name, name)
+        c.inc()
+
+    def splice_failed(self, exc: OSError) -> None:
+        """splice(2) refused these sockets: new connections use the copying relay."""
+        self.splice_ok = False
+        _log.warning("splice_unavailable", listener=self.name, error=str(exc))
+
+    def _sweep(self) -> None:
+        """Idle timeout and flow-table touches, once per sweep interval (at most 1 s)."""
+        now = self.node.clock.now()
+        flow = self.node.tables.flow
+        tunnel = self.tunnel
+        try:
+            for c in list(self.conns):
+                if c.state != RELAY:
+                    continue
+                n = c.up.nbytes + c.down.nbytes
+                if n != c.seen:
+                    c.seen = n
+                    c.last = now
+                    if flow.touch(c.key, tunnel) is None:  # expired in the table meanwhile
+                        flow.put(c.key, c.backend.name, tunnel, pool=self.pool.name,
+                                 client=c.client, listener=self.name, proto="tcp")
+                elif now - c.last >= tunnel:
+                    self.event("idle_timeout")
+                    _log.debug("idle_timeout", listener=self.name, client=c.client)
+                    c.close()
+        except Exception:  # never let housekeeping die
+            _log.exception("sweep_failed", listener=self.name)
+        self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+
+    # -- introspection (tests, control) ---------------------------------------------------------
+
+    @property
+    def address(self) -> tuple | None:
+        return self.sock.getsockname() if self.sock is not None else None
+
+    def stats(self) -> dict:
+        return {"conns": len(self.conns), "paused": self.paused,
+                "relay": "copy" if self.splice_ok is False else "splice",
+                "pipes_created": self.pipes.created, "pipes_free": len(self.pipes.free)}
