@@ -1,0 +1,254 @@
+"""VRRPv3 codec: round trips, both checksum settings, every invalid-packet class, HMAC auth."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from scapy.layers.inet import IP, in4_chksum
+from scapy.layers.vrrp import VRRPv3
+
+from halb.vrrp import codec
+from halb.vrrp.codec import Advert, Decoder, Invalid, Signer, build_packet, build_payload
+
+pytestmark = pytest.mark.unit
+
+SRC, DST = "198.18.40.11", "224.0.0.18"
+VIPS = ["198.18.40.100", "198.18.40.101"]
+KEY = b"correct horse battery"
+
+
+def ref_sum(data: bytes) -> int:
+    """RFC 1071 written out independently of the code under test."""
+    if len(data) % 2:
+        data += b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+def pkt(**kw) -> bytes:
+    args = dict(src=SRC, dst=DST, vrid=40, priority=100, interval=0.1, addresses=VIPS,
+                mode="rfc9568")
+    args.update(kw)
+    return build_packet(**args)
+
+
+def dec(mode="rfc9568", key=b"", peers=None, vrid=40, vips=VIPS) -> Decoder:
+    d = Decoder()
+    d.add(vrid, vips, mode, key, peers)
+    return d
+
+
+def with_checksum(packet: bytes, mode: str) -> bytes:
+    """``packet`` with its VRRP checksum recomputed (after a test tampered with it)."""
+    p = bytearray(packet)
+    p[26:28] = b"\0\0"
+    payload = bytes(p[20:])
+    ck = ref_sum(payload) if mode == "rfc9568" else ref_sum(codec.pseudo_header(SRC, DST, len(payload)) + payload)
+    p[26:28] = struct.pack("!H", ck)
+    return bytes(p)
+
+
+# -- known vectors and checksum settings ----------------------------------------------------------
+
+
+def test_known_vector_both_settings():
+    # VRRPv3, VRID 40, priority 100, one address, 10 cs; sums worked out by hand:
+    # message words 3128 6401 000a 0000 c612 2864 -> sum 83aa -> checksum 7c55 (rfc9568);
+    # + pseudo-header c612 280b e000 0012 0070 000c -> checksum ada8 (keepalived)
+    p = build_payload(vrid=40, priority=100, interval=0.1, addresses=["198.18.40.100"],
+                      src=SRC, dst=DST, mode="rfc9568")
+    assert p.hex() == "31286401000a7c55c6122864"
+    k = build_payload(vrid=40, priority=100, interval=0.1, addresses=["198.18.40.100"],
+                      src=SRC, dst=DST, mode="keepalived")
+    assert k.hex() == "31286401000aada8c6122864"
+
+
+@pytest.mark.parametrize("vrid,prio,interval,addrs", [
+    (1, 1, 0.01, ["10.0.0.1"]), (40, 100, 1.0, VIPS), (255, 255, 40.95, ["198.18.40.199"] * 3),
+    (7, 254, 0.35, [f"198.18.40.{100 + i}" for i in range(20)]),
+])
+def test_keepalived_setting_matches_scapy_default(vrid, prio, interval, addrs):
+    ours = build_payload(vrid=vrid, priority=prio, interval=interval, addresses=addrs,
+                         src=SRC, dst=DST, mode="keepalived")
+    theirs = bytes(IP(src=SRC, dst=DST, ttl=255) / VRRPv3(vrid=vrid, priority=prio,
+                                                         adv=round(interval * 100), addrlist=addrs))[20:]
+    assert ours == theirs
+    zeroed = ours[:6] + b"\0\0" + ours[8:]
+    assert struct.unpack("!H", ours[6:8])[0] == ref_sum(codec.pseudo_header(SRC, DST, len(ours)) + zeroed)
+    assert struct.unpack("!H", ours[6:8])[0] == in4_chksum(112, IP(src=SRC, dst=DST), zeroed)
+
+
+@pytest.mark.parametrize("vrid,prio,interval", [(1, 1, 0.01), (40, 100, 1.0), (200, 255, 40.95)])
+def test_rfc9568_setting_has_no_pseudo_header(vrid, prio, interval):
+    p = build_payload(vrid=vrid, priority=prio, interval=interval, addresses=VIPS,
+                      src=SRC, dst=DST, mode="rfc9568")
+    zeroed = p[:6] + b"\0\0" + p[8:]
+    assert struct.unpack("!H", p[6:8])[0] == ref_sum(zeroed)
+    assert ref_sum(p) == 0
+
+
+@pytest.mark.parametrize("mode", ["rfc9568", "keepalived"])
+def test_round_trip(mode):
+    for vrid, prio, interval in [(1, 1, 0.01), (40, 100, 0.1), (255, 0, 40.95), (9, 255, 3.0)]:
+        d = dec(mode, vrid=vrid)
+        a = d.decode(pkt(vrid=vrid, priority=prio, interval=interval, mode=mode))
+        assert a == Advert(src=SRC, dst=DST, vrid=vrid, priority=prio, interval=interval,
+                           addresses=tuple(VIPS), ttl=255)
+    assert not d.invalid
+
+
+def test_interval_out_of_range_refused_on_build():
+    for bad in (0.0, 0.004, 41.0):
+        with pytest.raises(ValueError):
+            codec.to_centis(bad)
+
+
+# -- invalid packets: each class rejected and counted ---------------------------------------------
+
+
+def _set(packet: bytes, offset: int, value: bytes) -> bytes:
+    return packet[:offset] + value + packet[offset + len(value):]
+
+
+def _ip_ttl(ttl: int) -> bytes:
+    return bytes(IP(src=SRC, dst=DST, ttl=ttl, proto=112) / pkt()[20:])
+
+
+INVALID = [
+    ("short", lambda: pkt()[:18]),
+    ("short", lambda: pkt()[:25]),
+    ("not_ipv4", lambda: b"\x60" + pkt()[1:]),
+    ("protocol", lambda: bytes(IP(src=SRC, dst=DST, ttl=255, proto=17) / pkt()[20:])),
+    ("length", lambda: pkt()[:-4]),  # IP total length says more than arrived
+    ("ttl", lambda: _ip_ttl(64)),
+    ("ttl", lambda: _ip_ttl(254)),
+    ("version", lambda: with_checksum(_set(pkt(), 20, b"\x21"), "rfc9568")),
+    ("type", lambda: with_checksum(_set(pkt(), 20, b"\x32"), "rfc9568")),
+    ("vrid", lambda: pkt(vrid=41)),
+    ("length", lambda: bytes(IP(src=SRC, dst=DST, ttl=255, proto=112) / (pkt()[20:] + b"\0\0\0\0"))),
+    ("length", lambda: with_checksum(_set(pkt(), 23, b"\x03"), "rfc9568")),  # count says 3
+    ("checksum", lambda: _set(pkt(), 26, b"\x12\x34")),
+    ("checksum", lambda: pkt(mode="keepalived")),  # other setting
+    ("interval", lambda: with_checksum(_set(pkt(), 24, b"\x00\x00"), "rfc9568")),
+    ("addresses", lambda: pkt(addresses=["198.18.40.100", "198.18.40.150"])),
+]
+
+
+@pytest.mark.parametrize("reason,make", INVALID, ids=[f"{r}-{i}" for i, (r, _) in enumerate(INVALID)])
+def test_invalid_rejected_and_counted(reason, make):
+    d = dec()
+    r = d.decode(make())
+    assert isinstance(r, Invalid) and r.reason == reason, r
+    assert d.invalid[reason] == 1 and sum(d.invalid.values()) == 1
+    assert reason in codec.REASONS
+
+
+def test_invalid_known_vrid_is_attributed():
+    d = dec()
+    d.decode(_set(pkt(), 26, b"\x12\x34"))
+    assert d.last_invalid[0] == 40 and d.last_invalid[1].reason == "checksum"
+    d.decode(pkt(vrid=41))
+    assert d.last_invalid[0] is None
+
+
+def test_owner_may_send_other_addresses():
+    a = dec().decode(pkt(priority=255, addresses=["198.18.40.150"]))
+    assert isinstance(a, Advert) and a.priority == 255
+
+
+def test_keepalived_setting_rejects_rfc9568_checksum():
+    assert dec("keepalived").decode(pkt(mode="rfc9568")).reason == "checksum"
+    assert isinstance(dec("keepalived").decode(pkt(mode="keepalived")), Advert)
+
+
+def test_unicast_peers_filter():
+    d = dec(peers=["198.18.40.12"])
+    assert d.decode(pkt()).reason == "unknown_peer"
+    assert isinstance(dec(peers=[SRC]).decode(pkt()), Advert)
+
+
+def test_fuzz_never_raises():
+    rnd = random.Random(4)
+    good = pkt()
+    d = dec()
+    for i in range(3000):
+        b = bytearray(good)
+        for _ in range(rnd.randint(1, 6)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        if i % 5 == 0:
+            b = b[:rnd.randrange(len(b) + 1)]
+        r = d.decode(bytes(b))
+        assert isinstance(r, (Advert, Invalid))
+    r = d.decode(good)
+    assert isinstance(r, Advert)
+    assert sum(d.invalid.values()) > 2500
+
+
+# -- authentication -------------------------------------------------------------------------------
+
+
+def auth_pkt(signer: Signer, prio=100, dst=DST) -> bytes:
+    return bytes(IP(src=SRC, dst=dst, ttl=255, proto=112) / signer.payload(prio, 0.1, dst))
+
+
+def test_auth_accept_then_replay_rejected():
+    s = Signer(40, VIPS, SRC, "rfc9568", KEY)
+    d = dec(key=KEY)
+    p1, p2 = auth_pkt(s), auth_pkt(s)
+    a1 = d.decode(p1)
+    assert isinstance(a1, Advert) and a1.counter is not None
+    assert isinstance(d.decode(p2), Advert)
+    assert d.decode(p1).reason == "auth_replay"
+    assert d.decode(p2).reason == "auth_replay"
+    assert d.invalid["auth_replay"] == 2
+
+
+@pytest.mark.parametrize("mode", ["rfc9568", "keepalived"])
+def test_auth_checksum_covers_trailer(mode):
+    s = Signer(40, VIPS, SRC, mode, KEY)
+    payload = s.payload(100, 0.1, DST)
+    assert len(payload) == 8 + 4 * len(VIPS) + codec.AUTH_TRAILER
+    assert codec.vrrp_checksum(payload, SRC, DST, mode) == 0
+
+
+def test_auth_wrong_key_or_tampering_rejected():
+    s = Signer(40, VIPS, SRC, "rfc9568", b"another key!")
+    assert dec(key=KEY).decode(auth_pkt(s)).reason == "auth_mac"
+    good = Signer(40, VIPS, SRC, "rfc9568", KEY)
+    tampered = with_checksum(_set(auth_pkt(good), 22, b"\xfe"), "rfc9568")  # priority 254
+    assert dec(key=KEY).decode(tampered).reason == "auth_mac"
+
+
+def test_auth_missing_rejected_and_unexpected_trailer_refused():
+    assert dec(key=KEY).decode(pkt()).reason == "auth_missing"
+    s = Signer(40, VIPS, SRC, "rfc9568", KEY)
+    assert dec().decode(auth_pkt(s)).reason == "length"
+
+
+def test_auth_restarted_sender_is_not_locked_out():
+    clock = [1_700_000_000_000_000_000]
+    s1 = Signer(40, VIPS, SRC, "rfc9568", KEY, now_ns=lambda: clock[0])
+    d = dec(key=KEY)
+    for _ in range(5):
+        assert isinstance(d.decode(auth_pkt(s1)), Advert)  # same ns: counter still increases
+    clock[0] += 2_000_000_000
+    s2 = Signer(40, VIPS, SRC, "rfc9568", KEY, now_ns=lambda: clock[0])  # restart
+    assert isinstance(d.decode(auth_pkt(s2)), Advert)
+    old = Signer(40, VIPS, SRC, "rfc9568", KEY, now_ns=lambda: clock[0] - 10**9)
+    assert d.decode(auth_pkt(old)).reason == "auth_replay"
+
+
+def test_replay_state_is_bounded():
+    d = dec(key=KEY)
+    for i in range(Decoder.MAX_SENDERS + 50):
+        src = f"198.18.{41 + i // 250}.{i % 250 + 1}"
+        s = Signer(40, VIPS, src, "rfc9568", KEY)
+        p = bytes(IP(src=src, dst=DST, ttl=255, proto=112) / s.payload(100, 0.1, DST))
+        assert isinstance(d.decode(p), Advert)
+    assert len(d._last_counter) <= Decoder.MAX_SENDERS
