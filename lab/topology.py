@@ -1,0 +1,252 @@
+"""Lab topologies as plain data, and the per-node halbd configs they imply.
+
+A ``Topology`` is the short description (name prefix, subnet, how many load balancers,
+backends and clients, active-passive or active-active); everything else (namespace names,
+addresses, VIPs, priorities, ports, config text) is derived from it, so the netns lab, the
+containerlab topology, the demo and the chaos suite all agree on one layout:
+
+    subnet .11 .12 ...   load balancers (lb1, lb2, ...)      VIPs .100 (.101 ...)
+    subnet .21 .22 ...   backends (web1, web2, ...): http :8080, tcp :9000, udp :9001
+    subnet .31 ...       clients (c1, ...)
+    namespaces <prefix>-lb1, <prefix>-web1, <prefix>-c1; the bridge in <prefix>-sw
+    VIP :80 http (sticky cookie), :9000 tcp (sticky source), :9001 udp
+
+Pure code: no I/O except ``write_configs``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODES = ("active-passive", "active-active")
+
+HTTP_PORT, TCP_PORT, UDP_PORT = 80, 9000, 9001
+BACKEND_HTTP, BACKEND_TCP, BACKEND_UDP = 8080, 9000, 9001
+SYNC_PORT = 9400
+METRICS_PORT = 9100
+VRID_BASE = 51
+PRIO_HIGH, PRIO_LOW = 200, 100
+COOKIE = "HALBSRV"
+
+
+@dataclass(frozen=True)
+class Host:
+    role: str  # "lb" | "backend" | "client"
+    name: str  # lb1, web1, c1
+    netns: str  # <prefix>-<name>
+    address: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One VRRP instance: a VIP and each LB node's priority for it."""
+    name: str
+    vrid: int
+    vip: ipaddress.IPv4Interface
+    priorities: dict[str, int]  # lb name -> priority
+
+    def owner(self) -> str:
+        """The LB node that should hold the VIP when every node is up."""
+        return max(self.priorities, key=lambda n: (self.priorities[n], n))
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str = "hl"
+    subnet: str = "198.18.0.0/24"
+    lbs: int = 2
+    backends: int = 3
+    clients: int = 1
+    mode: str = "active-passive"
+    advert_interval: float = 0.1
+    preempt: bool = True
+    health_interval: float = 0.2
+    sticky_ttl: float = 600.0
+    interface: str = "eth0"  # the data interface inside each node (containerlab: eth1)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        net = self.network
+        if net.version != 4 or net.prefixlen > 24:
+            problems.append(f"subnet {self.subnet}: need an IPv4 /24 or larger")
+        if not ipaddress.ip_network("198.18.0.0/15").supernet_of(net):
+            problems.append(f"subnet {self.subnet}: must lie in 198.18.0.0/15 (benchmarking range)")
+        if not (1 <= self.lbs <= 9):
+            problems.append(f"lbs={self.lbs}: need 1..9")
+        if not (1 <= self.backends <= 9):
+            problems.append(f"backends={self.backends}: need 1..9")
+        if not (1 <= self.clients <= 9):
+            problems.append(f"clients={self.clients}: need 1..9")
+        if self.mode not in MODES:
+            problems.append(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.mode == "active-active" and self.lbs < 2:
+            problems.append("active-active needs at least 2 LB nodes")
+        # namespaces <prefix>-<name>, bridge ports <prefix>-b<n> (lab.netns.Lan: prefix <= 8)
+        if not (self.prefix.isascii() and self.prefix.isalnum() and 1 <= len(self.prefix) <= 6):
+            problems.append(f"prefix {self.prefix!r}: 1..6 letters or digits")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    # -- layout -------------------------------------------------------------------------------
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.ip_network(self.subnet, strict=False)  # type: ignore[return-value]
+
+    def _addr(self, host: int) -> ipaddress.IPv4Interface:
+        net = self.network
+        return ipaddress.IPv4Interface(f"{net.network_address + host}/{net.prefixlen}")
+
+    def _host(self, role: str, name: str, n: int) -> Host:
+        return Host(role, name, f"{self.ns_prefix}{name}", self._addr(n))
+
+    @property
+    def lb_hosts(self) -> list[Host]:
+        return [self._host("lb", f"lb{i}", 10 + i) for i in range(1, self.lbs + 1)]
+
+    @property
+    def backend_hosts(self) -> list[Host]:
+        return [self._host("backend", f"web{i}", 20 + i) for i in range(1, self.backends + 1)]
+
+    @property
+    def client_hosts(self) -> list[Host]:
+        return [self._host("client", f"c{i}", 30 + i) for i in range(1, self.clients + 1)]
+
+    @property
+    def hosts(self) -> list[Host]:
+        return self.lb_hosts + self.backend_hosts + self.client_hosts
+
+    @property
+    def ns_prefix(self) -> str:
+        """What every namespace and root-namespace link of this lab starts with: ``hl-``.
+        The dash keeps labs apart: cleaning up ``hl-`` never touches ``hl6-``."""
+        return f"{self.prefix}-"
+
+    @property
+    def switch_netns(self) -> str:
+        """The namespace holding the bridge every host is plugged into (``lab.netns.Lan``)."""
+        return f"{self.ns_prefix}sw"
+
+    @property
+    def instances(self) -> list[Instance]:
+        """Active-passive: one VIP, lb1 highest. Active-active: one VIP per LB node, each
+        node highest on its own VIP (crossed priorities)."""
+        names = [h.name for h in self.lb_hosts]
+        count = len(names) if self.mode == "active-active" else 1
+        out = []
+        for k in range(count):
+            prios = {}
+            for j, n in enumerate(names):
+                prios[n] = PRIO_HIGH if j == k else max(PRIO_LOW - 10 * ((j - k) % len(names) - 1), 1)
+            out.append(Instance(f"vi{k + 1}", VRID_BASE + k, ipaddress.IPv4Interface(
+                f"{self.network.network_address + 100 + k}/32"), prios))
+        return out
+
+    @property
+    def vips(self) -> list[str]:
+        return [str(i.vip.ip) for i in self.instances]
+
+    def lb(self, name: str) -> Host:
+        for h in self.lb_hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def master_down_interval(self, priority: int = PRIO_LOW) -> float:
+        """RFC 9568: 3 x Master_Adver_Interval + Skew_Time, for a backup of ``priority``."""
+        skew = ((256 - priority) * self.advert_interval) / 256
+        return 3 * self.advert_interval + skew
+
+    # -- configs ------------------------------------------------------------------------------
+
+    def node_config(self, lb_name: str, *, state_dir: str, pki_dir: str | None,
+                    control_socket: str = "") -> str:
+        """The TOML config of LB node ``lb_name``. ``pki_dir`` holds ca.pem and <node>.pem/.key
+        from ``halb.pki.generate``; None runs sync without TLS. ``control_socket`` defaults to
+        ``<state_dir>/<node>.sock``."""
+        me = self.lb(lb_name)
+        iface = self.interface
+        q = _q
+        lines = [
+            "# generated by lab.topology; do not edit (python -m lab configs)",
+            "[node]", f"name = {q(lb_name)}", f"state_dir = {q(state_dir)}", "",
+            "[control]", f"socket = {q(control_socket or f'{state_dir}/{lb_name}.sock')}", "",
+            "[metrics]", f"address = {q(f'{me.address.ip}:{METRICS_PORT}')}", "",
+        ]
+        for inst in self.instances:
+            lines += [
+                "[[vrrp]]", f"name = {q(inst.name)}", f"interface = {q(iface)}",
+                f"vrid = {inst.vrid}", f"priority = {inst.priorities[lb_name]}",
+                f"vips = [{q(str(inst.vip))}]",
+                f"advert_interval = {q(_ms(self.advert_interval))}",
+                f"preempt = {'true' if self.preempt else 'false'}",
+                "[vrrp.garp]", "count = 3", 'spacing = "10ms"', "",
+            ]
+        peers = [h for h in self.lb_hosts if h.name != lb_name]
+        if peers:
+            lines += ["[sync]", f"listen = {q(f'{me.address.ip}:{SYNC_PORT}')}"]
+            if pki_dir is not None:
+                lines += ["[sync.tls]", f"cert = {q(f'{pki_dir}/{lb_name}.pem')}",
+                          f"key = {q(f'{pki_dir}/{lb_name}.key')}", f"ca = {q(f'{pki_dir}/ca.pem')}"]
+            for p in peers:
+                lines += ["[[sync.peers]]", f"name = {q(p.name)}",
+                          f"address = {q(f'{p.address.ip}:{SYNC_PORT}')}"]
+            lines.append("")
+        hi = _ms(self.health_interval)
+        for pool, port, health, sticky in (
+                ("web", BACKEND_HTTP, ("http", '"/healthz"'), "cookie"),
+                ("tcp", BACKEND_TCP, ("tcp", None), "source"),
+                ("udp", BACKEND_UDP, ("none", None), "source")):
+            lines += ["[[pools]]", f"name = {q(pool)}", 'algorithm = "roundrobin"']
+            lines += ["[pools.health]", f"type = {q(health[0])}"]
+            if health[0] != "none":
+                lines += [f"interval = {q(hi)}", f"timeout = {q(hi)}", "rise = 1", "fall = 2"]
+                if health[1]:
+                    lines.append(f"path = {health[1]}")
+            lines += ["[pools.sticky]", f"mode = {q(sticky)}", f"ttl = {q(_ms(self.sticky_ttl))}"]
+            if sticky == "cookie":
+                lines.append(f"cookie = {q(COOKIE)}")
+            for b in self.backend_hosts:
+                lines += ["[[pools.backends]]", f"name = {q(b.name)}",
+                          f"address = {q(f'{b.address.ip}:{port}')}"]
+            lines.append("")
+        for inst in self.instances:
+            vip = inst.vip.ip
+            sfx = "" if len(self.instances) == 1 else f"-{inst.name}"
+            for lname, mode, port, pool in (("http", "http", HTTP_PORT, "web"),
+                                            ("tcp", "tcp", TCP_PORT, "tcp"),
+                                            ("udp", "udp", UDP_PORT, "udp")):
+                lines += ["[[listeners]]", f"name = {q(lname + sfx)}", f"mode = {q(mode)}",
+                          f"bind = {q(f'{vip}:{port}')}", f"pool = {q(pool)}"]
+                if mode == "udp":
+                    lines.append('udp_flow_timeout = "30s"')
+                lines += ["[listeners.timeouts]", 'connect = "1s"', ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def write_configs(self, out_dir: Path, *, state_dir: str, pki_dir: str | None,
+                      control_socket: str = "") -> dict[str, Path]:
+        """Writes <out_dir>/<lb>.toml for every LB node; returns name -> path."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for h in self.lb_hosts:
+            p = out_dir / f"{h.name}.toml"
+            p.write_text(self.node_config(h.name, state_dir=state_dir, pki_dir=pki_dir,
+                                          control_socket=control_socket))
+            paths[h.name] = p
+        return paths
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:g}ms" if ms < 10_000 else f"{seconds:g}s"
+
+
+DEFAULT = Topology()
+ACTIVE_ACTIVE = Topology(mode="active-active")
