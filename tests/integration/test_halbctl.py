@@ -1,0 +1,297 @@
+"""halbctl against a real halbd process: every subcommand, unknown names, and the node down.
+
+One node (module fixture) with two TCP listeners over two lab.backend echo servers:
+``front`` -> pool ``web`` (smooth weighted round robin), ``stick`` -> pool ``stick``
+(source-IP stickiness). The control API listens on a unix socket under tmp_path and on TCP
+with mutual TLS (certificates from ``halbctl pki init``). Tests that change a backend undo it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from tests.helpers import (PY, ROOT, Backends, Halbd, free_port, http_get, wait_for,
+                           write_config)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def halbctl(*argv, timeout=20):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([PY, "-m", "halb.cli.halbctl", *argv], capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=str(ROOT))
+    return p.returncode, p.stdout, p.stderr
+
+
+def who(port: int) -> str:
+    """The backend a new connection through the listener on ``port`` reaches."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"WHO\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            buf += chunk
+        return buf.decode().strip()
+
+
+class N:
+    pass
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("halbctl")
+    pki = tmp / "pki"
+    code, out, err = halbctl("pki", "init", "--out", str(pki), "lb1", "admin",
+                             "--ip", "lb1=127.0.0.1")
+    assert code == 0, err
+    with Backends(["web1", "web2"], http=False, tcp=True, logdir=tmp) as bk:
+        n = N()
+        n.tmp, n.pki = tmp, pki
+        n.sock = str(tmp / "run" / "lb1.sock")
+        n.front, n.stick, n.ctl_port = free_port(), free_port(), free_port()
+        n.metrics = free_port()
+        n.cfg = write_config(tmp, f"""
+[node]
+name = "lb1"
+
+[metrics]
+address = "127.0.0.1:{n.metrics}"
+
+[control]
+socket = "{n.sock}"
+address = "127.0.0.1:{n.ctl_port}"
+[control.tls]
+cert = "{pki / 'lb1.pem'}"
+key = "{pki / 'lb1.key'}"
+ca = "{pki / 'ca.pem'}"
+
+[[listeners]]
+name = "front"
+mode = "tcp"
+bind = "127.0.0.1:{n.front}"
+pool = "web"
+
+[[listeners]]
+name = "stick"
+mode = "tcp"
+bind = "127.0.0.1:{n.stick}"
+pool = "stick"
+
+[[pools]]
+name = "web"
+algorithm = "wrr"
+[[pools.backends]]
+name = "web1"
+address = "{bk.tcp['web1']}"
+[[pools.backends]]
+name = "web2"
+address = "{bk.tcp['web2']}"
+
+[[pools]]
+name = "stick"
+[pools.sticky]
+mode = "source"
+ttl = "10m"
+[[pools.backends]]
+name = "web1"
+address = "{bk.tcp['web1']}"
+[[pools.backends]]
+name = "web2"
+address = "{bk.tcp['web2']}"
+""")
+        with Halbd(n.cfg) as d:
+            n.halbd = d
+            d.wait_port(n.front)
+            d.wait_port(n.stick)
+            wait_for(lambda: os.path.exists(n.sock), 10, what="control socket")
+            yield n
+
+
+def ctl(n, *argv, **kw):
+    return halbctl("--socket", n.sock, *argv, **kw)
+
+
+def status(n) -> dict:
+    code, out, err = ctl(n, "status", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def backend(n, pool, name) -> dict:
+    d = status(n)
+    p = next(p for p in d["pools"] if p["name"] == pool)
+    return next(b for b in p["backends"] if b["name"] == name)
+
+
+def test_socket_is_owner_only(node):
+    st = os.stat(node.sock)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_status_table_and_json(node):
+    code, out, err = ctl(node, "status")
+    assert code == 0, err
+    for needle in ("node lb1", "election: not configured", "peers: state sync not configured",
+                   "web1", "web2", "sticky", "flow", "stick"):
+        assert needle in out, f"{needle!r} missing:\n{out}"
+    d = status(node)
+    assert d["node"]["name"] == "lb1" and d["node"]["pid"] == node.halbd.pid
+    assert d["node"]["config"] == str(node.cfg) and d["node"]["uptime_seconds"] > 0
+    assert {p["name"] for p in d["pools"]} == {"web", "stick"}
+    assert {t["name"] for t in d["tables"]} == {"sticky", "flow"}
+    assert not d["election_enabled"] and d["instances"] == []
+
+
+def test_status_through_config_and_mtls(node):
+    code, out, err = halbctl("--config", str(node.cfg), "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["node"]["name"] == "lb1"
+    p = node.pki
+    code, out, err = halbctl("--address", f"127.0.0.1:{node.ctl_port}", "--ca", str(p / "ca.pem"),
+                             "--cert", str(p / "admin.pem"), "--key", str(p / "admin.key"),
+                             "backends", "web", "--json")
+    assert code == 0, err
+    assert {b["name"] for b in json.loads(out)} == {"web1", "web2"}
+
+
+def test_backends(node):
+    code, out, err = ctl(node, "backends")
+    assert code == 0, err
+    assert "web1" in out and "web2" in out and "stick" in out
+    code, out, err = ctl(node, "backends", "web", "--json")
+    rows = json.loads(out)
+    assert [r["pool"] for r in rows] == ["web", "web"]
+    assert all(r["state"] == "up" and r["healthy"] for r in rows)
+    code, out, err = ctl(node, "backends", "nope")
+    assert code == 1 and "no such pool 'nope'" in err
+
+
+def test_drain_then_enable_steers_new_connections(node):
+    before = Counter(who(node.front) for _ in range(6))
+    assert before == {"web1": 3, "web2": 3}
+    code, out, err = ctl(node, "drain", "web", "web1")
+    assert code == 0 and "web/web1: drain" in out, err
+    try:
+        assert backend(node, "web", "web1")["state"] == "drain"
+        assert Counter(who(node.front) for _ in range(6)) == {"web2": 6}
+    finally:
+        code, out, err = ctl(node, "enable", "web", "web1")
+    assert code == 0 and "web/web1: up" in out, err
+    assert Counter(who(node.front) for _ in range(6)) == {"web1": 3, "web2": 3}
+    assert backend(node, "web", "web1")["total"] >= 6
+
+
+def test_weight_steers_new_connections(node):
+    code, out, err = ctl(node, "weight", "web", "web1", "3")
+    assert code == 0 and "weight 3" in out, err
+    try:
+        assert Counter(who(node.front) for _ in range(8)) == {"web1": 6, "web2": 2}
+        code, out, err = ctl(node, "weight", "web", "web1", "0")
+        assert code == 0 and "web/web1: drain" in out
+        assert Counter(who(node.front) for _ in range(4)) == {"web2": 4}
+        code, _, err = ctl(node, "weight", "web", "web1", "300")
+        assert code == 1 and "out of range" in err
+    finally:
+        assert ctl(node, "weight", "web", "web1", "1")[0] == 0
+    assert backend(node, "web", "web1")["weight"] == 1
+
+
+def test_tables_after_traffic(node):
+    first = who(node.stick)
+    assert all(who(node.stick) == first for _ in range(3))  # source stickiness holds
+    held = socket.create_connection(("127.0.0.1", node.front), timeout=5)
+    try:
+        client = "%s:%d" % held.getsockname()
+        def flow_listed():
+            code, out, _ = ctl(node, "tables", "flow", "--prefix", "front/", "--json")
+            return code == 0 and any(e["client"] == client for e in json.loads(out)["flow"]["entries"])
+        wait_for(flow_listed, 10, interval=0.2, what="the open connection in the flow table")
+        code, out, err = ctl(node, "tables", "sticky", "--json")
+        assert code == 0, err
+        entries = json.loads(out)["sticky"]["entries"]
+        e = next(e for e in entries if e["key"] == "src/stick/127.0.0.1")
+        assert e["backend"] == first and e["pool"] == "stick" and e["origin"] == "lb1"
+        assert e["expires"] - time.time() > 500  # ttl 10m
+        code, out, err = ctl(node, "tables")
+        assert code == 0 and "src/stick/127.0.0.1" in out and f"front/tcp/{client}" in out
+        code, out, _ = ctl(node, "tables", "sticky", "--prefix", "src/nope/", "--json")
+        assert json.loads(out)["sticky"] == {"total": 0, "entries": []}
+    finally:
+        held.close()
+
+
+def test_failover_without_election_and_unknown_names(node):
+    for argv, needle in ((("failover", "vi1"), "no such instance 'vi1'"),
+                         (("drain", "nope", "web1"), "no such pool 'nope'"),
+                         (("enable", "web", "web9"), "no such backend 'web9' in pool 'web'"),
+                         (("weight", "stick", "web9", "2"), "no such backend 'web9' in pool 'stick'")):
+        code, out, err = ctl(node, *argv)
+        assert code == 1, (argv, code, out, err)
+        assert needle in err, (argv, err)
+    assert node.halbd.alive()
+    _, _, body = http_get(f"http://127.0.0.1:{node.metrics}/metrics")
+    lines = body.decode().splitlines()
+    assert any(l.startswith('halb_control_requests_total{') and 'method="Drain"' in l
+               and 'code="NOT_FOUND"' in l and l.endswith(" 1.0") for l in lines), \
+        [l for l in lines if "control" in l]
+
+
+def test_watch_count(node):
+    t0 = time.monotonic()
+    code, out, err = ctl(node, "watch", "--interval", "0.3", "--count", "2")
+    assert code == 0, err
+    assert time.monotonic() - t0 >= 0.3
+    assert out.count("node lb1") == 2 and "refresh 1/2" in out and "refresh 2/2" in out
+
+
+def test_pki_init_certs_verify(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    code, out, err = halbctl("pki", "init", "--out", str(tmp_path), "lb1", "lb2", "--ip",
+                             "lb2=198.18.80.2")
+    assert code == 0, err
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    for n in ("lb1", "lb2"):
+        cert = x509.load_pem_x509_certificate((tmp_path / f"{n}.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
+                               ec.ECDSA(cert.signature_hash_algorithm))
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == n
+    code, _, err = halbctl("pki", "init", "--out", str(tmp_path), "lb1", "--ip", "lb1=nope")
+    assert code == 1 and "invalid IP address" in err
+
+
+def test_unreachable_node(node, tmp_path):
+    # a socket file that nobody answers on, as a killed node leaves it
+    dead = str(tmp_path / "dead.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(dead)
+    s.close()
+    code, _, err = halbctl("--socket", dead, "--timeout", "1", "status")
+    assert code == 2 and "node unreachable" in err
+    code, _, err = halbctl("--socket", str(tmp_path / "none.sock"), "drain", "web", "web1")
+    assert code == 2 and "does not exist" in err
+    p = node.pki
+    code, _, err = halbctl("--address", f"127.0.0.1:{free_port()}", "--ca", str(p / "ca.pem"),
+                           "--cert", str(p / "admin.pem"), "--key", str(p / "admin.key"),
+                           "--timeout", "1", "status")
+    assert code == 2 and "node unreachable" in err
+
+
+def test_node_stopped_last(node):
+    """Runs last in this module: stops the node and checks halbctl's answer and the cleanup."""
+    assert node.halbd.stop() == 0
+    assert not os.path.exists(node.sock), "halbd removes its control socket when it stops"
+    code, _, err = halbctl("--config", str(node.cfg), "status")
+    assert code == 2 and "does not exist" in err and "is halbd running" in err
