@@ -1,0 +1,269 @@
+"""Active health checks: a pure per-backend state machine and a thin asyncio edge.
+
+The core (``CheckState``) follows HAProxy's rise/fall thresholds: an up backend goes down after
+``fall`` consecutive failed checks, a down backend goes up after ``rise`` consecutive good ones;
+a result against the streak resets it. Like HAProxy's default ``init-state up``, a backend
+starts up and its very first check, if it fails, takes it down at once (a backend that is dead
+when the node starts gets no traffic for ``fall`` intervals); from then on the thresholds apply.
+
+``evaluate_http`` and ``build_request`` are pure too. The edge (``HealthChecker``) runs one task
+per backend: TCP connect or HTTP checks at ``interval``, each spread by ``jitter`` (a fraction of
+the interval) and the first one placed at random within the first interval, so the checks of
+many backends do not fire together. Every check is bounded by ``timeout`` (connect, request and
+response together) and reads at most ``MAX_RESPONSE`` bytes. Verdict changes go through
+``pool.set_health`` (one atomic view swap), are logged with pool, backend and reason, and are
+counted with ``metrics.health_change``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from . import log as hlog
+from .config import HealthConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .clock import Clock
+    from .model import Backend, Pool
+
+MAX_RESPONSE = 64 * 1024  # bytes of an HTTP check response read at most (head + body)
+USER_AGENT = "halb-health"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure core
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    up: bool
+    reason: str
+    streak: int  # consecutive results that led to the change
+
+
+class CheckState:
+    """Rise/fall state of one backend's active check. ``result`` returns a ``Transition`` when
+    the verdict changes, else None."""
+
+    __slots__ = ("rise", "fall", "up", "streak", "checks", "last_ok", "last_reason")
+
+    def __init__(self, rise: int, fall: int, up: bool = True):
+        if rise < 1 or fall < 1:
+            raise ValueError("rise and fall must be at least 1")
+        self.rise = rise
+        self.fall = fall
+        self.up = up
+        self.streak = 0  # consecutive results against the current verdict
+        self.checks = 0
+        self.last_ok: bool | None = None
+        self.last_reason = ""
+
+    def result(self, ok: bool, reason: str = "") -> Transition | None:
+        first = self.checks == 0
+        self.checks += 1
+        self.last_ok = ok
+        self.last_reason = reason
+        if ok == self.up:
+            self.streak = 0
+            return None
+        self.streak += 1
+        need = self.fall if self.up else self.rise
+        if first and self.up:
+            need = 1  # init-state up: the first failed check takes a fresh backend down
+        if self.streak < need:
+            return None
+        t = Transition(up=ok, reason=reason, streak=self.streak)
+        self.up = ok
+        self.streak = 0
+        return t
+
+
+def first_delay(interval: float, rnd: random.Random) -> float:
+    """When a backend's first check runs: spread uniformly over the first interval."""
+    return rnd.uniform(0.0, interval)
+
+
+def next_delay(interval: float, jitter: float, rnd: random.Random) -> float:
+    """The gap to the next check: ``interval`` spread by +-``jitter`` x interval."""
+    if jitter <= 0:
+        return interval
+    return interval * (1.0 + rnd.uniform(-jitter, jitter))
+
+
+def build_request(cfg: HealthConfig, backend: "Backend") -> bytes:
+    port = cfg.port or backend.port
+    host = cfg.host
+    if not host:
+        h = f"[{backend.host}]" if ":" in backend.host else backend.host
+        host = h if port == 80 else f"{h}:{port}"
+    return (f"{cfg.method} {cfg.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
+            f"Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
+
+
+def evaluate_http(cfg: HealthConfig, status: int | None, body: bytes, *,
+                  complete: bool = True) -> tuple[bool, str]:
+    """The verdict on an HTTP check response: (ok, reason)."""
+    if status is None:
+        return False, "no HTTP response"
+    if status not in cfg.expect_status:
+        exp = ",".join(str(s) for s in cfg.expect_status)
+        return False, f"status {status} (expected {exp})"
+    if cfg.expect_body:
+        if cfg.expect_body.encode("utf-8") not in body:
+            more = "" if complete else f" in the first {len(body)} bytes"
+            return False, f"status {status}, body lacks {cfg.expect_body!r}{more}"
+    return True, f"status {status}"
+
+
+class _ResponseReader:
+    """httptools callbacks: status, body up to the bound, completion."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.status: int | None = None
+        self.body = bytearray()
+        self.complete = False
+        self.headers_done = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, data: bytes) -> None:
+        room = self.limit - len(self.body)
+        if room > 0:
+            self.body += data[:room]
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Async edge
+
+
+class HealthChecker:
+    """Active checks of one pool's backends (``pool.cfg.health``)."""
+
+    def __init__(self, pool: "Pool", clock: "Clock", metrics: Any = None, *,
+                 rng: random.Random | None = None):
+        self.pool = pool
+        self.cfg: HealthConfig = pool.cfg.health
+        self.clock = clock
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.log = hlog.get_logger("health")
+        self.states = {b.name: CheckState(self.cfg.rise, self.cfg.fall, up=b.healthy)
+                       for b in pool.backends}
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        if self.cfg.type == "none" or self._tasks:
+            return
+        for b in self.pool.backends:
+            self._tasks.append(asyncio.create_task(self._run(b), name=f"health-{self.pool.name}-{b.name}"))
+        self.log.info("health_started", pool=self.pool.name, type=self.cfg.type,
+                      interval=self.cfg.interval, timeout=self.cfg.timeout, rise=self.cfg.rise,
+                      fall=self.cfg.fall, backends=len(self.pool.backends))
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, b: "Backend") -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        await asyncio.sleep(first_delay(cfg.interval, self.rng))
+        while True:
+            started = loop.time()
+            try:
+                await self.check_once(b)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one check must not end the backend's checks
+                self.log.exception("health_check_crashed", pool=self.pool.name, backend=b.name)
+            delay = next_delay(cfg.interval, cfg.jitter, self.rng) - (loop.time() - started)
+            await asyncio.sleep(max(0.0, delay))
+
+    async def check_once(self, b: "Backend") -> tuple[bool, str]:
+        """Runs one check of ``b`` and applies the result; returns (ok, reason)."""
+        ok, reason = await self.probe(b)
+        self.apply(b, ok, reason)
+        return ok, reason
+
+    def apply(self, b: "Backend", ok: bool, reason: str) -> Transition | None:
+        st = self.states[b.name]
+        t = st.result(ok, reason)
+        if self.log.enabled():
+            self.log.debug("health_check", pool=self.pool.name, backend=b.name, ok=ok, reason=reason)
+        if t is None:
+            return None
+        now = self.clock.now()
+        changed = self.pool.set_health(b, t.up, now)
+        if changed:
+            self.log.info("backend_up" if t.up else "backend_down", pool=self.pool.name,
+                          backend=b.name, address=f"{b.host}:{b.port}", reason=t.reason,
+                          check=self.cfg.type, consecutive=t.streak)
+            if self.metrics is not None:
+                self.metrics.health_change(self.pool.name, b.name, t.up)
+        return t
+
+    async def probe(self, b: "Backend") -> tuple[bool, str]:
+        cfg = self.cfg
+        port = cfg.port or b.port
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                if cfg.type == "http":
+                    return await self._http(b, port)
+                return await self._tcp(b, port)
+        except TimeoutError:
+            return False, f"timeout after {cfg.timeout:g}s"
+        except ConnectionRefusedError:
+            return False, "connection refused"
+        except OSError as e:
+            return False, f"connect error: {e.strerror or e}"
+
+    async def _tcp(self, b: "Backend", port: int) -> tuple[bool, str]:
+        _, w = await asyncio.open_connection(b.host, port, limit=4096)
+        w.close()
+        try:
+            await w.wait_closed()
+        except OSError:
+            pass
+        return True, "connected"
+
+    async def _http(self, b: "Backend", port: int) -> tuple[bool, str]:
+        r, w = await asyncio.open_connection(b.host, port, limit=16384)
+        try:
+            w.write(build_request(self.cfg, b))
+            await w.drain()
+            rd = _ResponseReader(MAX_RESPONSE)
+            total = 0
+            while not rd.complete and total < MAX_RESPONSE:
+                data = await r.read(min(16384, MAX_RESPONSE - total))
+                if not data:
+                    break
+                total += len(data)
+                try:
+                    rd.parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    break
+                except httptools.HttpParserError as e:
+                    return False, f"bad HTTP response: {e}"
+                if rd.headers_done and not self.cfg.expect_body:
+                    break  # the status is all we need
+            if not rd.complete and not rd.headers_done:
+                return False, "connection closed before a full response head" if total < MAX_RESPONSE \
+                    else f"response head larger than {MAX_RESPONSE} bytes"
+            return evaluate_http(self.cfg, rd.status, bytes(rd.body), complete=rd.complete)
+        finally:
+            w.close()
