@@ -11,6 +11,8 @@ last two may be None. Time comes from the node's clocks.
 
 from __future__ import annotations
 
+import base64
+import bisect
 import inspect
 import os
 from typing import Any, Iterable
@@ -23,6 +25,10 @@ from ..v1 import control_pb2 as pb
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+MAX_PREFIX = 1024
+MAX_KEY = 4096  # table keys are "kind/pool/value"; a page token carries one
+KEYS_TTL = 2.0  # seconds a sorted key list serves further pages of the same dump
+KEYS_CACHE = 4  # sorted key lists kept at most
 MAX_NAME = 256  # longer names cannot exist (config names are <= 63 chars); refuse early
 
 
@@ -145,6 +151,7 @@ class ControlAPI:
     def __init__(self, node: Any, started: float):
         self.node = node
         self.started = started  # node.clock time the node was built
+        self._keys: dict[tuple[str, str], tuple[float, Any, list[str]]] = {}
 
     def _now(self) -> float:
         return self.node.clock.now()
@@ -234,7 +241,24 @@ class ControlAPI:
                 return i
         return pb.Instance(name=instance)
 
+    def _sorted_keys(self, table: Any, prefix: str) -> list[str]:
+        """The table's keys with ``prefix``, sorted; reused for KEYS_TTL so that paging
+        through a large table sorts it once, not once per page."""
+        now = self._now()
+        k = (table.name, prefix)
+        hit = self._keys.get(k)
+        if hit is not None and now - hit[0] < KEYS_TTL and hit[1] is table:
+            return hit[2]
+        entries, _ = table.page(0, len(table) + 1, prefix)
+        keys = [e.key for e in entries]
+        self._keys[k] = (now, table, keys)
+        while len(self._keys) > KEYS_CACHE:
+            del self._keys[min(self._keys, key=lambda x: self._keys[x][0])]
+        return keys
+
     def dump_table(self, req: pb.DumpTableRequest) -> pb.DumpTableReply:
+        """One page of entries sorted by key. The page token is the last key returned, so an
+        entry added or removed between pages never makes a later page skip or repeat one."""
         try:
             table = self.node.tables.by_name(req.table)
         except KeyError:
@@ -242,26 +266,42 @@ class ControlAPI:
         size = req.page_size or DEFAULT_PAGE
         if size > MAX_PAGE:
             raise _bad(f"page_size {size} too large (at most {MAX_PAGE})")
-        offset = parse_page_token(req.page_token)
-        if len(req.prefix) > 1024:
-            raise _bad(f"prefix too long ({len(req.prefix)} characters, at most 1024)")
-        entries, total = table.page(offset, size, req.prefix)
-        nxt = offset + len(entries)
-        return pb.DumpTableReply(table=table.name, total=total, offset=offset,
-                                 entries=[entry_msg(e) for e in entries],
-                                 next_page_token=make_page_token(nxt) if nxt < total else "")
+        if len(req.prefix) > MAX_PREFIX:
+            raise _bad(f"prefix too long ({len(req.prefix)} characters, at most {MAX_PREFIX})")
+        after = parse_page_token(req.page_token)
+        if after is not None and not after.startswith(req.prefix):
+            raise _bad("page_token does not belong to this prefix")
+        if after is None:  # a first page lists the keys afresh
+            self._keys.pop((table.name, req.prefix), None)
+        keys = self._sorted_keys(table, req.prefix)
+        start = bisect.bisect_right(keys, after) if after is not None else 0
+        out: list[pb.TableEntry] = []
+        i = start
+        while i < len(keys) and len(out) < size:
+            e = table.get(keys[i])  # None: deleted or expired since the keys were listed
+            if e is not None:
+                out.append(entry_msg(e))
+            i += 1
+        more = i < len(keys)
+        return pb.DumpTableReply(table=table.name, total=len(keys), offset=start, entries=out,
+                                 next_page_token=make_page_token(keys[i - 1]) if more else "")
 
 
-def make_page_token(offset: int) -> str:
-    return f"o{offset}"
+def make_page_token(last_key: str) -> str:
+    return "k" + base64.urlsafe_b64encode(last_key.encode()).decode()
 
 
-def parse_page_token(token: str) -> int:
+def parse_page_token(token: str) -> str | None:
+    """The last key of the previous page, or None for the first page."""
     if not token:
-        return 0
-    if len(token) > 21 or not token.startswith("o") or not token[1:].isdigit():
-        raise _bad(f"invalid page_token {token[:40]!r} (pass next_page_token of the previous page)")
-    return int(token[1:])
+        return None
+    try:
+        if len(token) > 4 * MAX_KEY or not token.startswith("k"):
+            raise ValueError
+        return base64.urlsafe_b64decode(token[1:].encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise _bad(f"invalid page_token {token[:40]!r} (pass next_page_token of the previous "
+                   "page)") from None
 
 
 def _names(d: Iterable[str], limit: int = 20) -> str:

@@ -215,26 +215,62 @@ def test_admin_calls_and_their_errors():
     assert n.pools["web"].by_name["a"].weight == 4  # refused changes change nothing
 
 
+def dump_all(c, table, size, prefix="", between=None):
+    seen, token, pages = [], "", 0
+    while True:
+        r = c.dump_table(pb.DumpTableRequest(table=table, page_size=size, page_token=token,
+                                             prefix=prefix))
+        seen += [e.key for e in r.entries]
+        pages += 1
+        token = r.next_page_token
+        if not token:
+            return seen, pages
+        if between:
+            between(pages)
+
+
 def test_dump_table_pages_and_tokens():
     n = Node()
     c = ControlAPI(n, 0.0)
     for i in range(25):
         n.tables.flow.put(f"l/udp/10.0.0.{i:02d}:53", "a", 30, pool="web")
-    seen, token = [], ""
-    while True:
-        r = c.dump_table(pb.DumpTableRequest(table="flow", page_size=10, page_token=token))
-        assert r.total == 25
-        seen += [e.key for e in r.entries]
-        token = r.next_page_token
-        if not token:
-            break
-    assert seen == sorted(seen) and len(seen) == 25
+    seen, pages = dump_all(c, "flow", 10)
+    assert seen == sorted(seen) and len(seen) == 25 and pages == 3
     r = c.dump_table(pb.DumpTableRequest(table="flow", prefix="l/udp/10.0.0.1"))
     assert r.total == 10 and len(r.entries) == 10 and r.next_page_token == ""
-    assert api.parse_page_token(api.make_page_token(1234)) == 1234
-    for bad in ("1234", "o", "o-1", "ox", "o" + "9" * 30):
-        with pytest.raises(ControlError):
+    assert r.entries[0].key == "l/udp/10.0.0.10:53" and r.entries[0].pool == "web"
+    assert api.parse_page_token(api.make_page_token("src/web/1.2.3.4")) == "src/web/1.2.3.4"
+    assert api.parse_page_token("") is None
+    for bad in ("1234", "o12", "kzz", "k" + "A" * 20000):
+        with pytest.raises(ControlError) as ei:
             api.parse_page_token(bad)
+        assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    tok = api.make_page_token("l/udp/10.0.0.05:53")
+    with pytest.raises(ControlError, match="prefix"):
+        c.dump_table(pb.DumpTableRequest(table="flow", prefix="x/", page_token=tok))
+
+
+def test_paging_neither_skips_nor_repeats_when_the_table_changes_between_pages():
+    n = Node()
+    c = ControlAPI(n, 0.0)
+    t = n.tables.sticky
+    for i in range(100):
+        t.put(f"src/web/{i:03d}", "a", 60, pool="web")
+
+    def churn(page):
+        t.put(f"src/web/000-{page}", "a", 60, pool="web")  # sorts before what was read: not shown
+        t.delete(f"src/web/{page * 10 + 50:03d}")  # not read yet: must not be shown
+
+    seen, pages = dump_all(c, "sticky", 10, between=churn)
+    deleted = {f"src/web/{p * 10 + 50:03d}" for p in range(1, pages)}
+    expected = [f"src/web/{i:03d}" for i in range(100) if f"src/web/{i:03d}" not in deleted]
+    assert seen == expected  # every survivor exactly once, in order
+    n.clock.advance(KEYS_TTL_PLUS)  # the key list is rebuilt after its short life
+    seen2, _ = dump_all(c, "sticky", 1000)
+    assert len(seen2) == len(t) and len(set(seen2)) == len(seen2)
+
+
+KEYS_TTL_PLUS = api.KEYS_TTL + 0.1
 
 
 # -- rendering ------------------------------------------------------------------------------
