@@ -1,0 +1,1051 @@
+"""The L7 HTTP/1.1 proxy: ``HttpListener(cfg, node)`` with ``async start()`` / ``async stop()``.
+
+Shape
+-----
+One ``ClientConn`` (asyncio Protocol) per client connection parses requests with llhttp
+(httptools) and serves them one at a time, in order (pipelined requests wait, with reading
+paused). For each request: ``routing.Router`` picks the pool, stickiness (cookie insert or
+source IP, recorded in ``node.tables.sticky``) or the pool's balancer picks the backend, and
+an idle keep-alive ``BackendConn`` from the listener's per-backend pool (bounded,
+``POOL_MAX_IDLE``) or a new connection carries it. Heads are rebuilt from parsed fields
+(``http_head``); bodies stream through as they arrive, Content-Length as is, chunked
+re-encoded chunk by chunk; nothing buffers a whole body. Backpressure: a full write buffer on
+one side pauses reading on the other.
+
+A backend connection goes back to the pool only after a complete, well-framed response to a
+fully sent request with keep-alive on both ends and nothing extra on the wire; anything
+doubtful (parse error, extra bytes, early answer, timeout, client gone) closes it.
+
+Retries: a connect failure tries another backend (``pool.retries``); a failure after sending
+but before any response byte retries another backend only for idempotent methods whose body
+was absent or fully buffered (at most ``REPLAY_MAX``). A stale reused keep-alive connection
+is retried once on a fresh connection to the same backend. Answers when nothing can serve:
+503 (no backend up in the pool), 502 (backend failed or sent garbage), 504 (backend timeout).
+
+Strict parsing: what llhttp rejects and what halb checks itself
+---------------------------------------------------------------
+Measured with httptools 0.9 (llhttp, default strict settings; see tests/unit/test_http_head.py
+and the corpus in tests/integration/test_http_smuggling.py). llhttp rejects by itself:
+both Content-Length and Transfer-Encoding; duplicated Content-Length, **even with identical
+values** (RFC 9112 6.3 allows merging identical duplicates and HAProxy does; halb keeps
+llhttp's stricter refusal: a legitimate client never sends two); Content-Length with
+sign, hex, spaces, list, empty or overflowing; Transfer-Encoding with ``chunked`` not last,
+unknown single codings, duplicated TE headers; invalid chunk sizes, sizes with spaces,
+overflowing sizes, bad chunk extensions, missing CRLF after chunk data; bare CR, bare LF,
+NUL, other control characters and DEL in header names and values; obsolete line folding;
+whitespace before the colon; invalid header name characters; unknown and lower-case
+methods; malformed versions (``HTTP/1.2``, ``HTTQ/1.1``); control characters, spaces and
+non-ASCII bytes in the target. Halb's own checks (``http_head.check_request`` and the
+callbacks below): versions other than 1.0/1.1 (llhttp takes ``HTTP/2.0`` and 0.9-style
+lines), ``Transfer-Encoding`` other than exactly ``chunked`` (``gzip, chunked`` -> 501,
+empty list members such as ``,chunked`` -> 400), TE on HTTP/1.0, missing or repeated Host,
+invalid Host, absolute-form whose authority differs from Host, CONNECT and protocol
+upgrades (501), request line length (414), header count and size (431; trailers count too),
+the whole head within ``timeouts.header`` (408), body gaps over ``timeouts.body`` (408).
+Two spaces in the request line (``GET  / HTTP/1.1``), which llhttp tolerates, are checked on
+the raw bytes when the request starts a read; a pipelined request cannot be checked that way,
+but its line is rebuilt canonically before a backend sees it.
+A refused request is answered (400/414/431/501/408) and the connection closed; its bytes
+never reach a backend, because a request is only sent after its whole head has been parsed
+and checked, and a body error in a request already under way closes that backend connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ..config import HASH_ALGORITHMS, ListenerConfig
+from ..log import get_logger
+from ..tables import sticky_key
+from .http_head import (HttpError, error_response, request_head, response_head, response_info,
+                        sticky_cookie, check_request)
+from .routing import Router
+from .sockets import listen_tcp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model import Backend, Pool
+    from ..node import Node
+
+log = get_logger("http")
+
+HIGH_WATER = 256 * 1024  # transport write buffers; pending body bytes before reading pauses
+REPLAY_MAX = 64 * 1024  # request bodies up to this size are kept for a retry
+POOL_MAX_IDLE = 64  # idle keep-alive connections kept per backend
+POOL_IDLE_TIMEOUT = 30.0  # an idle pooled connection is closed after this
+RESP_MAX_HEADERS = 256  # bounds on a backend's response head
+RESP_MAX_HEADER_BYTES = 64 * 1024
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
+_REQ_LINE_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/[0-9]\.[0-9]$")
+
+# pause-reading reasons (bit flags) for a client connection
+_P_PIPE = 1  # a request is in flight and another one has been parsed
+_P_BUF = 2  # body bytes waiting for a backend connection
+_P_BACKEND = 4  # the backend's write buffer is full
+_P_DONE = 8  # an error answer is pending; read no more
+
+
+class _Rx:
+    """A request whose head has been parsed: its body state while it is received/sent."""
+
+    __slots__ = ("req", "keep_alive", "body", "buffered", "complete", "replay", "replay_bytes")
+
+    def __init__(self, req, keep_alive: bool):
+        self.req = req
+        self.keep_alive = keep_alive
+        self.body: list[bytes] = []  # framed body pieces not yet written to a backend
+        self.buffered = 0
+        self.complete = False  # the whole request has been received
+        self.replay: list[bytes] | None = []  # framed body kept for a retry (small bodies only)
+        self.replay_bytes = 0
+
+
+class HttpListener:
+    def __init__(self, cfg: ListenerConfig, node: "Node"):
+        self.cfg = cfg
+        self.node = node
+        self.name = cfg.name
+        self.router = Router(cfg.routes, cfg.pool)
+        self.ssl = None
+        if cfg.tls:
+            from .tls import server_context
+            self.ssl = server_context(cfg.tls)
+        self.proto = "https" if cfg.tls else "http"
+        self.conns: set[ClientConn] = set()
+        self.idle: dict[object, list[BackendConn]] = {}
+        self.server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        self.log = log
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        sock = listen_tcp(self.cfg.bind.host, self.cfg.bind.port)  # SO_REUSEADDR + IP_FREEBIND
+        kw = {}
+        if self.ssl is not None:
+            kw["ssl"] = self.ssl
+            kw["ssl_handshake_timeout"] = self.cfg.timeouts.header
+        self.server = await self.loop.create_server(lambda: ClientConn(self), sock=sock, **kw)
+        log.info("listener_started", listener=self.name, bind=str(self.cfg.bind), mode="http",
+                 tls=self.ssl is not None, routes=len(self.cfg.routes))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.conns):
+            c.shutdown()
+        for lst in list(self.idle.values()):
+            for bc in list(lst):
+                bc.close()
+        self.idle.clear()
+        deadline = self.loop.time() + 2.0 if self.loop else 0
+        while self.conns and self.loop and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for c in list(self.conns):
+            c.abort()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2.0)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - best effort on stop
+                pass
+        log.info("listener_stopped", listener=self.name)
+
+    # -- backend connection pool ----------------------------------------------------------
+
+    def take_idle(self, b) -> "BackendConn | None":
+        lst = self.idle.get(b)
+        while lst:
+            bc = lst.pop()
+            if bc.tr is not None and not bc.tr.is_closing():
+                bc.unidle()
+                return bc
+        return None
+
+    def put_idle(self, bc: "BackendConn") -> None:
+        lst = self.idle.setdefault(bc.b, [])
+        if self.stopping or len(lst) >= POOL_MAX_IDLE or bc.tr is None or bc.tr.is_closing():
+            bc.close()
+            return
+        lst.append(bc)
+        bc.set_idle()
+
+    def drop_idle(self, bc: "BackendConn") -> None:
+        lst = self.idle.get(bc.b)
+        if lst and bc in lst:
+            lst.remove(bc)
+
+
+class BackendConn(asyncio.Protocol):
+    """One keep-alive connection to a backend; parses its responses and hands them up."""
+
+    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "hdrs", "hbytes", "reason", "keep",
+                 "msg_done", "doubtful", "interim", "head_only", "got_bytes", "timer", "last",
+                 "read_paused", "closed", "close_delimited")
+
+    def __init__(self, lst: HttpListener, b):
+        self.l = lst
+        self.b = b
+        self.loop = lst.loop
+        self.tr: asyncio.Transport | None = None
+        self.cc: ClientConn | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.hbytes = 0
+        self.reason = b""
+        self.keep = False
+        self.msg_done = False
+        self.doubtful = False
+        self.interim = False
+        self.head_only = False
+        self.got_bytes = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.last = 0.0
+        self.read_paused = False
+        self.closed = False
+        self.close_delimited = False
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connection_made(self, tr) -> None:
+        self.tr = tr
+        tr.set_write_buffer_limits(HIGH_WATER)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self.l.drop_idle(self)
+        cc = self.cc
+        if cc is not None:
+            self.cc = None
+            if self.close_delimited and not self.doubtful:
+                cc.resp_done(self, False)
+            else:
+                cc.backend_failed(self, "closed")
+
+    def data_received(self, data: bytes) -> None:
+        cc = self.cc
+        if cc is None:  # an idle connection must stay silent
+            self.close()
+            return
+        self.got_bytes = True
+        self.last = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            if self.msg_done:  # garbage after a complete response: answer stands, conn goes
+                self.doubtful = True
+            else:
+                log.debug("backend_protocol_error", backend=self.b.name, error=str(e))
+                self.doubtful = True
+                self.cc = None
+                self.close()
+                cc.backend_failed(self, "protocol")
+                return
+        if self.msg_done:
+            self.msg_done = False
+            if self.head_only:
+                self.head_only = False
+                self.parser = httptools.HttpResponseParser(self)
+            self.cc = None
+            self._cancel_timer()
+            cc.resp_done(self, self.keep and not self.doubtful)
+
+    def pause_writing(self) -> None:
+        if self.cc is not None:
+            self.cc.pause(_P_BACKEND)
+
+    def resume_writing(self) -> None:
+        if self.cc is not None:
+            self.cc.resume(_P_BACKEND)
+
+    def eof_received(self):
+        return False
+
+    # -- parser callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.msg_done or self.cc is None:
+            self.doubtful = True  # a second response nobody asked for
+        self.hdrs = []
+        self.hbytes = 0
+        self.reason = b""
+
+    def on_status(self, s: bytes) -> None:
+        self.reason += s
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hdrs.append((name, value))
+        self.hbytes += len(name) + len(value) + 4
+        if len(self.hdrs) > RESP_MAX_HEADERS or self.hbytes > RESP_MAX_HEADER_BYTES:
+            raise HttpError(502, "backend response head too large")
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        cc = self.cc
+        if cc is None or self.msg_done:
+            self.doubtful = True
+            return
+        if 100 <= status < 200:
+            if status == 101:
+                raise HttpError(502, "backend switched protocols")
+            self.interim = True
+            cc.resp_interim(status, self.reason)
+            return
+        self.keep = self.parser.should_keep_alive()
+        head_only, self.close_delimited = cc.resp_head(self, status, self.reason, self.hdrs)
+        if head_only:
+            self.head_only = True
+            self.msg_done = True
+
+    def on_body(self, data: bytes) -> None:
+        if self.msg_done or self.cc is None:
+            self.doubtful = True
+            return
+        self.cc.resp_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.head_only:
+            return
+        self.close_delimited = False
+        self.msg_done = True
+
+    # -- timers and state -----------------------------------------------------------------
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def arm_server_timer(self, timeout: float) -> None:
+        self._cancel_timer()
+        self.last = self.loop.time()
+        self.timer = self.loop.call_at(self.last + timeout, self._server_timeout, timeout)
+
+    def _server_timeout(self, timeout: float) -> None:
+        self.timer = None
+        if self.cc is None:
+            return
+        now = self.loop.time()
+        if self.read_paused or now - self.last < timeout:  # paused by a slow client: its timer
+            self.timer = self.loop.call_at(max(now, self.last) + timeout, self._server_timeout,
+                                           timeout)
+            return
+        cc = self.cc
+        self.cc = None
+        self.doubtful = True
+        self.close()
+        cc.backend_failed(self, "timeout")
+
+    def set_idle(self) -> None:
+        self._cancel_timer()
+        self.resume_reading()
+        self.timer = self.loop.call_later(POOL_IDLE_TIMEOUT, self.close)
+
+    def unidle(self) -> None:
+        self._cancel_timer()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.tr is not None and not self.closed:
+            self.read_paused = True
+            self.tr.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.tr is not None and not self.closed:
+            self.read_paused = False
+            self.tr.resume_reading()
+
+    def close(self) -> None:
+        self.doubtful = True
+        self._cancel_timer()
+        if self.tr is not None and not self.closed:
+            self.closed = True
+            self.tr.abort()
+
+
+class ClientConn(asyncio.Protocol):
+    """One client connection: parses its requests and runs one exchange at a time."""
+
+    def __init__(self, lst: HttpListener):
+        self.l = lst
+        self.node = lst.node
+        self.cfg = lst.cfg
+        self.loop = lst.loop
+        self.tr: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.accepted = False
+        self.closed = False
+        self.eof = False
+        self.paused = 0
+        # parsing state of the request being received
+        self.in_head = False
+        self.raw_head = 0
+        self.url = b""
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.hbytes = 0
+        self.rx: _Rx | None = None
+        self.queue: deque[_Rx] = deque()
+        self.pending_error: HttpError | None = None
+        # client timers
+        self.timer: asyncio.TimerHandle | None = None
+        self.tkind = ""
+        self.last_rx = 0.0
+        self.wtimer: asyncio.TimerHandle | None = None
+        # the exchange in flight (queue[0])
+        self.cur: _Rx | None = None
+        self.pool: "Pool | None" = None
+        self.b: "Backend | None" = None
+        self.conn: BackendConn | None = None
+        self.connecting: asyncio.Task | None = None
+        self.tried: set = set()
+        self.attempts = 0
+        self.last_err = ""
+        self.sticky_b = None
+        self.cookie_val = ""
+        self.hkey: bytes | None = None
+        self.acquired = False
+        self.t0 = 0.0
+        self.reused = False
+        self.stale_retry = False
+        self.sent_all = False
+        self.resp_started = False
+        self.resp_chunk = False
+        self.resp_close = False
+        self.status = 0
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connection_made(self, tr) -> None:
+        self.tr = tr
+        l = self.l
+        if len(l.conns) >= self.cfg.limits.max_conns or l.stopping:
+            self.closed = True
+            tr.abort()
+            return
+        self.accepted = True
+        l.conns.add(self)
+        peer = tr.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        tr.set_write_buffer_limits(HIGH_WATER)
+        self.node.metrics.conn_open(l.name)
+        self._arm("head", self.cfg.timeouts.header)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._cancel_timers()
+        if not self.accepted:
+            return
+        self.accepted = False
+        self.l.conns.discard(self)
+        self.node.metrics.conn_close(self.l.name)
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.conn is not None:
+            bc = self.conn
+            self.conn = None
+            bc.cc = None
+            bc.close()
+        self._release(None, False)
+
+    def eof_received(self):
+        self.eof = True
+        if self.cur is not None:
+            return True  # finish the answer in flight, then close
+        return False
+
+    def pause_writing(self) -> None:
+        bc = self.conn
+        if bc is not None:
+            bc.pause_reading()
+        if self.wtimer is None:
+            self.wtimer = self.loop.call_later(self.cfg.timeouts.client_idle, self._send_timeout)
+
+    def resume_writing(self) -> None:
+        if self.wtimer is not None:
+            self.wtimer.cancel()
+            self.wtimer = None
+        bc = self.conn
+        if bc is not None:
+            bc.resume_reading()
+
+    def _send_timeout(self) -> None:
+        self.wtimer = None
+        log.debug("client_send_timeout", listener=self.l.name, client=self.client_ip)
+        self.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.paused & _P_DONE:
+            return
+        if self.rx is None and (self.timer is None or self.tkind == "idle"):
+            self._arm("head", self.cfg.timeouts.header)  # a new head starts: it has a deadline
+        was_head = self.in_head
+        if self.rx is None and not self.in_head:
+            # a new request starts at this read: check its request line on the raw bytes
+            if not self._check_line(data):
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade(data, e.args[0] if e.args else len(data))
+            return
+        except httptools.HttpParserError as e:
+            ctx = e.__context__
+            err = ctx if isinstance(ctx, HttpError) else HttpError(400, str(e) or "malformed request")
+            self._refuse(err)
+            return
+        except HttpError as e:  # pragma: no cover - httptools wraps callback errors
+            self._refuse(e)
+            return
+        if self.in_head:
+            self.raw_head = self.raw_head + len(data) if was_head else len(data)
+            lim = self.cfg.limits
+            if self.raw_head > lim.max_header_bytes + lim.max_request_line:
+                self._refuse(HttpError(431, "request head too large"))
+                return
+        if self.cur is None and self.queue:
+            self._start(self.queue[0])
+
+    def _check_line(self, data: bytes) -> bool:
+        i = 0
+        n = len(data)
+        while i + 1 < n and data[i] == 13 and data[i + 1] == 10:  # leading empty lines
+            i += 2
+        end = data.find(b"\r\n", i, i + self.cfg.limits.max_request_line + 2)
+        if end < 0:
+            return True  # incomplete line: llhttp and the length limit judge it
+        if not _REQ_LINE_RE.match(data[i:end]):
+            self._refuse(HttpError(400, "malformed request line"))
+            return False
+        return True
+
+    def _upgrade(self, data: bytes, offset: int) -> None:
+        rx = self.queue[-1] if self.queue else None
+        if rx is None or not rx.complete or rx.req.has_body:
+            self._refuse(HttpError(501, "protocol upgrade is not supported"))
+            return
+        # an upgrade offer (h2c, websocket) on a body-less request: served as plain HTTP/1.1
+        # (Upgrade and the Connection tokens are hop-by-hop and never forwarded), reading on.
+        rest = data[offset:]
+        if self.cur is None and self.queue:
+            self._start(self.queue[0])
+        if rest and not self.closed:
+            self.data_received(rest)
+
+    # -- parser callbacks (request) -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.hdrs = []
+        self.hbytes = 0
+        self.raw_head = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.cfg.limits.max_request_line:
+            raise HttpError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hdrs.append((name, value))
+        self.hbytes += len(name) + len(value) + 4
+        lim = self.cfg.limits
+        if len(self.hdrs) > lim.max_headers:
+            raise HttpError(431, "too many header fields")
+        if self.hbytes > lim.max_header_bytes:
+            raise HttpError(431, "header fields too large")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        p = self.parser
+        req = check_request(p.get_method(), self.url, p.get_http_version(), self.hdrs)
+        keep = p.should_keep_alive() and b"close" not in req.conn_tokens
+        rx = _Rx(req, keep)
+        self.hdrs = []
+        self.hbytes = 0
+        self.queue.append(rx)
+        if req.has_body:
+            self.rx = rx
+            self.last_rx = self.loop.time()
+            self._arm("body", self.cfg.timeouts.body)
+        else:
+            self.rx = None
+            self._cancel_timer()
+        if len(self.queue) > 1:
+            self.pause(_P_PIPE)
+
+    def on_body(self, data: bytes) -> None:
+        rx = self.queue[-1]
+        if rx.complete:  # trailer section bytes never come here; defensive
+            return
+        self.last_rx = self.loop.time()
+        if rx.req.chunked:
+            piece = b"%x\r\n%b\r\n" % (len(data), data)
+        else:
+            piece = data
+        if rx.replay is not None:
+            if rx.replay_bytes + len(piece) <= REPLAY_MAX:
+                rx.replay.append(piece)
+                rx.replay_bytes += len(piece)
+            else:
+                rx.replay = None
+        if rx is self.cur and self.conn is not None:
+            self.conn.tr.write(piece)
+        else:
+            rx.body.append(piece)
+            rx.buffered += len(piece)
+            if rx.buffered > HIGH_WATER:
+                self.pause(_P_BUF)
+
+    def on_message_complete(self) -> None:
+        rx = self.queue[-1] if self.queue else None
+        if rx is None:
+            return
+        rx.complete = True
+        self.hdrs = []  # trailers are dropped
+        if rx.req.chunked:
+            if rx.replay is not None:
+                rx.replay.append(b"0\r\n\r\n")
+            if rx is self.cur and self.conn is not None:
+                self.conn.tr.write(b"0\r\n\r\n")
+            else:
+                rx.body.append(b"0\r\n\r\n")
+        if rx is self.cur and self.conn is not None:
+            self.sent_all = True
+        if self.rx is rx:
+            self.rx = None
+            self._cancel_timer()
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _arm(self, kind: str, timeout: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.tkind = kind
+        self.timer = self.loop.call_later(timeout, self._timeout, kind)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.tkind = ""
+
+    def _cancel_timers(self) -> None:
+        self._cancel_timer()
+        if self.wtimer is not None:
+            self.wtimer.cancel()
+            self.wtimer = None
+
+    def _timeout(self, kind: str) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if kind == "idle":
+            self.tkind = ""
+            self.close()
+            return
+        if self.paused & ~_P_DONE:  # we stopped reading, not the client: wait on
+            self._arm(kind, self.cfg.timeouts.header if kind == "head" else self.cfg.timeouts.body)
+            return
+        if kind == "body":
+            gap = self.loop.time() - self.last_rx
+            if gap < self.cfg.timeouts.body:
+                self._arm("body", self.cfg.timeouts.body - gap)
+                return
+            self._refuse(HttpError(408, "request body timeout"))
+            return
+        # head
+        self.tkind = ""
+        if self.in_head:
+            self._refuse(HttpError(408, "request header timeout"))
+        elif self.cur is None and not self.queue:
+            self.close()
+
+    # -- reading control ------------------------------------------------------------------
+
+    def pause(self, why: int) -> None:
+        if not self.paused and self.tr is not None and not self.closed:
+            self.tr.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        if not self.paused & why:
+            return
+        self.paused &= ~why
+        if not self.paused and self.tr is not None and not self.closed:
+            self.tr.resume_reading()
+
+    # -- refusing and closing -------------------------------------------------------------
+
+    def _refuse(self, err: HttpError) -> None:
+        """A bad request (or a timeout): answer it and close, without disturbing the exchange
+        in flight unless the bad bytes belong to it; complete requests parsed before the bad
+        one are served first."""
+        log.debug("request_refused", listener=self.l.name, client=self.client_ip,
+                  status=err.status, reason=err.reason)
+        self.in_head = False
+        self.rx = None
+        cur = self.cur
+        if cur is not None and not cur.complete:
+            # the request under way is broken: its backend connection cannot be trusted
+            if self.connecting is not None:
+                self.connecting.cancel()
+                self.connecting = None
+            if self.conn is not None:
+                bc = self.conn
+                self.conn = None
+                bc.cc = None
+                bc.close()
+            self._release(None, False)
+            if self.resp_started:
+                self.abort()
+                return
+            self.cur = None
+            self.queue.clear()
+            self._send_error(err)
+            return
+        while self.queue and not self.queue[-1].complete and self.queue[-1] is not cur:
+            self.queue.pop()  # the bad request itself, if its head had been parsed
+        if self.queue:
+            self.pending_error = err
+            self.pause(_P_DONE)
+            if self.cur is None:
+                self._start(self.queue[0])
+            return
+        self._send_error(err)
+
+    def _send_error(self, err: HttpError) -> None:
+        self.paused |= _P_DONE
+        self._cancel_timer()
+        if self.tr is not None and not self.closed:
+            self.tr.write(error_response(err.status, err.reason))
+            self.close()
+
+    def close(self) -> None:
+        if self.tr is not None and not self.closed:
+            self.closed = True
+            self._cancel_timers()
+            self.tr.close()
+
+    def abort(self) -> None:
+        if self.tr is not None and not self.tr.is_closing():
+            self.closed = True
+            self.tr.abort()
+        elif self.tr is not None:
+            self.tr.abort()
+
+    def shutdown(self) -> None:
+        """Listener stop: idle connections close now, busy ones after their answer."""
+        if self.cur is None and not self.queue:
+            self.close()
+        else:
+            self.resp_close = True
+            self.pause(_P_DONE)
+
+    # -- the exchange ---------------------------------------------------------------------
+
+    def _start(self, rx: _Rx) -> None:
+        self.cur = rx
+        req = rx.req
+        node = self.node
+        router = self.l.router
+        pool_name = router.route(req.host, req.path,
+                                 req.header_map() if router.needs_headers else None)
+        pool = node.pools.get(pool_name)
+        self.pool = pool
+        self.tried = set()
+        self.attempts = 0
+        self.last_err = ""
+        self.sticky_b = None
+        self.cookie_val = ""
+        self.hkey = None
+        self.stale_retry = False
+        if pool is None:  # config validation makes this unreachable; stay safe
+            self._answer_error(HttpError(503, f"no pool {pool_name!r}"))
+            return
+        pc = pool.cfg
+        mode = pc.sticky.mode
+        if mode == "cookie":
+            val = req.cookies().get(pc.sticky.cookie)
+            self.cookie_val = val or ""
+            if val:
+                b = pool.by_name.get(val)
+                if b is not None and b in pool.view.backends and not b.is_full():
+                    self.sticky_b = b
+        elif mode == "source":
+            e = node.tables.sticky.get(sticky_key("src", pool.name, self.client_ip))
+            if e is not None and e.pool == pool.name:
+                b = pool.by_name.get(e.backend)
+                if b is not None and b in pool.view.backends and not b.is_full():
+                    self.sticky_b = b
+        if pc.algorithm in HASH_ALGORITHMS:
+            from ..balance import hash_key_for
+            cookies = req.cookies() if pc.hash_key.startswith("cookie:") else None
+            headers = ({k: ", ".join(v) for k, v in req.header_map().items()}
+                       if pc.hash_key.startswith("header:") else None)
+            self.hkey = hash_key_for(pc, self.client_ip, headers, cookies)
+        self._attempt()
+
+    def _attempt(self) -> None:
+        pool = self.pool
+        if self.attempts == 0 and self.sticky_b is not None:
+            b = self.sticky_b
+        else:
+            b = pool.pick(self.hkey, exclude=self.tried)
+        if b is None:
+            if not self.tried:
+                self._answer_error(HttpError(503, f"no backend available in pool {pool.name}"))
+            elif self.last_err == "timeout":
+                self._answer_error(HttpError(504, "backend timed out"))
+            else:
+                self._answer_error(HttpError(502, "backend failed"))
+            return
+        self.b = b
+        self.tried.add(b)
+        self.attempts += 1
+        bc = self.l.take_idle(b)
+        if bc is not None:
+            self._attach(bc, True)
+        else:
+            self.connecting = self.loop.create_task(self._connect(b))
+
+    async def _connect(self, b) -> None:
+        l = self.l
+        err = ""
+        bc = None
+        try:
+            _, bc = await asyncio.wait_for(
+                self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
+                self.cfg.timeouts.connect)
+        except asyncio.CancelledError:
+            return
+        except asyncio.TimeoutError:
+            err = "timeout"
+        except OSError as e:
+            err = "connect"
+            log.debug("backend_connect_failed", backend=b.name, error=str(e))
+        self.connecting = None
+        if self.closed or self.cur is None:
+            if bc is not None:
+                l.put_idle(bc)
+            return
+        if bc is None:
+            self.last_err = err
+            self._backend_error(b, err)
+            if self.attempts <= self.pool.cfg.retries:
+                self._attempt()
+            else:
+                self._answer_error(HttpError(504, "backend connect timeout") if err == "timeout"
+                                   else HttpError(502, "cannot connect to backend"))
+            return
+        self._attach(bc, False)
+
+    def _backend_error(self, b, kind: str) -> None:
+        now = self.node.clock.now()
+        self.pool.report_result(b, False, now)
+        self.node.metrics.observe(b, None, True)
+        log.debug("backend_error", listener=self.l.name, pool=self.pool.name, backend=b.name,
+                  error=kind)
+
+    def _attach(self, bc: BackendConn, reused: bool) -> None:
+        rx = self.cur
+        b = self.b
+        self.conn = bc
+        bc.cc = self
+        self.reused = reused
+        self.resp_started = False
+        self.resp_close = False
+        self.sent_all = False
+        self.status = 0
+        bc.got_bytes = False
+        bc.doubtful = False
+        self.pool.acquire(b)
+        self.acquired = True
+        self.t0 = self.loop.time()
+        head = request_head(rx.req, self.client_ip, self.l.proto, self.cfg.forwarded_headers,
+                            default_host=b.host if b.port == 80 else f"{b.host}:{b.port}")
+        if rx.body:
+            bc.tr.writelines([head, *rx.body])
+            rx.body = []
+            rx.buffered = 0
+            self.resume(_P_BUF)
+        else:
+            bc.tr.write(head)
+        if rx.complete:
+            self.sent_all = True
+        bc.arm_server_timer(self.cfg.timeouts.server)
+
+    def _release(self, rt: float | None, error: bool) -> None:
+        if self.acquired:
+            self.acquired = False
+            b = self.b
+            self.pool.release(b, rt)
+            self.node.metrics.observe(b, rt, error)
+
+    # -- responses (called by BackendConn) ------------------------------------------------
+
+    def resp_interim(self, status: int, reason: bytes) -> None:
+        if self.cur is not None and self.cur.req.version == "1.1" and not self.closed:
+            self.tr.write(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
+
+    def resp_head(self, bc: BackendConn, status: int, reason: bytes,
+                  headers: list) -> tuple[bool, bool]:
+        """Sends the response head on; returns (head only, close-delimited body)."""
+        rx = self.cur
+        req = rx.req
+        b = self.b
+        pool = self.pool
+        pc = pool.cfg
+        now = self.node.clock.now()
+        self.status = status
+        self.resp_started = True
+        bc.arm_server_timer(self.cfg.timeouts.server)  # from now on: inactivity
+        if status >= 500 and pc.passive.on_5xx:
+            pool.report_result(b, False, now)
+        else:
+            pool.report_result(b, True, now)
+        info = response_info(headers)
+        head_only = req.method == b"HEAD" or status in (204, 304)
+        close_delim = False
+        if head_only:
+            chunk = False
+        elif info.chunked:
+            chunk = True
+        elif info.content_length is not None:
+            chunk = False
+        else:
+            close_delim = True
+            chunk = req.version == "1.1"
+        close = (not rx.keep_alive or not rx.complete or self.eof or self.l.stopping
+                 or (close_delim and not chunk))
+        self.resp_chunk = chunk
+        self.resp_close = close
+        set_cookie = None
+        mode = pc.sticky.mode
+        if mode != "none":
+            self._record_sticky(mode, pool, b)
+            if mode == "cookie" and self.cookie_val != b.name:
+                set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
+        if not self.closed:
+            self.tr.write(response_head(status, reason, headers, info, chunk=chunk, close=close,
+                                        set_cookie=set_cookie,
+                                        keep_alive=not close and req.version == "1.0"))
+        return head_only, close_delim
+
+    def _record_sticky(self, mode: str, pool, b) -> None:
+        table = self.node.tables.sticky
+        ttl = pool.cfg.sticky.ttl
+        key = sticky_key("cookie" if mode == "cookie" else "src", pool.name,
+                         b.name if mode == "cookie" else self.client_ip)
+        e = table.get(key)
+        if e is not None and e.backend == b.name and e.pool == pool.name:
+            table.touch(key, ttl)
+            return
+        table.put(key, b.name, ttl, pool=pool.name, client=self.client_ip, listener=self.l.name)
+        if log.enabled():
+            log.debug("sticky_new", listener=self.l.name, key=key, pool=pool.name,
+                      backend=b.name, client=self.client_ip)
+
+    def resp_body(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.resp_chunk:
+            self.tr.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.tr.write(data)
+
+    def resp_done(self, bc: BackendConn, reusable: bool) -> None:
+        rx = self.cur
+        self.conn = None
+        if reusable and self.sent_all and rx is not None and rx.complete and not self.closed:
+            self.l.put_idle(bc)
+        else:
+            bc.close()
+        rt = self.loop.time() - self.t0
+        self._release(rt, self.status >= 500)
+        if self.closed:
+            return
+        if self.resp_chunk:
+            self.tr.write(b"0\r\n\r\n")
+        self._next()
+
+    def _next(self) -> None:
+        """The exchange in flight is over: close, or go on with the next request."""
+        rx = self.cur
+        self.cur = None
+        self.resume(_P_BACKEND)
+        if self.queue and self.queue[0] is rx:
+            self.queue.popleft()
+        if self.resp_close or rx is None or not rx.complete or self.eof or self.l.stopping:
+            self.close()
+            return
+        if self.pending_error is not None and not self.queue:
+            err = self.pending_error
+            self.pending_error = None
+            self._send_error(err)
+            return
+        if len(self.queue) <= 1:
+            self.resume(_P_PIPE)
+        if self.queue:
+            self._start(self.queue[0])
+        elif self.in_head:
+            self._arm("head", self.cfg.timeouts.header)
+        elif self.rx is None and not self.closed:
+            self._arm("idle", self.cfg.timeouts.client_idle)
+
+    def backend_failed(self, bc: BackendConn, kind: str) -> None:
+        """The backend connection failed (closed, protocol error, timeout) mid-exchange."""
+        if bc is not self.conn:
+            return
+        self.conn = None
+        rx = self.cur
+        b = self.b
+        if self.closed or rx is None:
+            self._release(None, False)
+            return
+        if self.resp_started:
+            self._release(None, True)
+            self._backend_error(b, kind)
+            self.abort()  # an answer is half sent: the client must see the break
+            return
+        replayable = (rx.req.method in IDEMPOTENT and rx.complete
+                      and (not rx.req.has_body or rx.replay is not None))
+        if kind == "closed" and self.reused and not bc.got_bytes and replayable \
+                and not self.stale_retry:
+            # a pooled keep-alive connection the backend had closed: once more, fresh
+            self.stale_retry = True
+            self._release(None, False)
+            rx.body = list(rx.replay or ())
+            self.connecting = self.loop.create_task(self._connect(b))
+            return
+        self.last_err = "timeout" if kind == "timeout" else "failed"
+        self._release(None, True)
+        self._backend_error(b, kind)
+        if replayable and self.attempts <= self.pool.cfg.retries:
+            rx.body = list(rx.replay or ())
+            self._attempt()
+            return
+        self._answer_error(HttpError(504, "backend timed out") if kind == "timeout"
+                           else HttpError(502, f"backend failed ({kind})"))
+
+    def _answer_error(self, err: HttpError) -> None:
+        """No backend could serve the request in flight: answer it; close if unsure."""
+        log.debug("request_failed", listener=self.l.name, client=self.client_ip,
+                  status=err.status, reason=err.reason,
+                  pool=self.pool.name if self.pool else "")
+        rx = self.cur
+        if self.closed:
+            return
+        keep = rx is not None and rx.complete and rx.keep_alive and not self.eof \
+            and self.pending_error is None and not self.l.stopping
+        self.tr.write(error_response(err.status, err.reason, close=not keep))
+        self.resp_close = not keep
+        self._next()

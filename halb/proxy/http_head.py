@@ -1,0 +1,309 @@
+"""HTTP/1.1 message heads: strict checks and rewriting. Pure functions, no I/O, no clock.
+
+The byte-level parsing is llhttp's (via httptools, in its default strict mode); this module
+adds the checks llhttp does not make and builds the heads halb sends on. See
+``halb/proxy/http.py`` for which malformed classes llhttp rejects itself (measured).
+
+Heads are rebuilt from the parsed fields, never copied as raw bytes: the backend only ever
+sees a canonical ``METHOD SP target SP HTTP/1.1`` line, single-spaced ``Name: value``
+headers and framing halb chose itself (Content-Length kept as parsed, chunked re-encoded).
+That is what keeps a lenient quirk of one client from reaching a backend that reads it
+differently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Connection-specific headers (RFC 9110 7.6.1) that a proxy must not forward, lower case.
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
+                        b"transfer-encoding", b"upgrade", b"trailer", b"proxy-authenticate",
+                        b"proxy-authorization"))
+# Request headers halb (re)writes itself when forwarded headers are on.
+_FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
+
+_HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
+           413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+           503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+
+
+class HttpError(Exception):
+    """A request halb refuses: ``status`` and a short reason that goes in the answer's body."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def error_response(status: int, reason: str, *, close: bool = True) -> bytes:
+    """A complete short answer: status line, a few headers and a one-line text body."""
+    body = f"{status} {REASONS.get(status, 'Error')}: {reason}\n".encode("latin-1", "replace")
+    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+@dataclass(slots=True)
+class Request:
+    """A checked request head."""
+
+    method: bytes
+    target: bytes  # origin-form (absolute-form is reduced to it)
+    version: str  # "1.0" | "1.1"
+    headers: list[tuple[bytes, bytes]]
+    host: str = ""  # Host header (or absolute-form authority), lower case, with port if given
+    path: str = "/"  # target path without the query, for routing
+    content_length: int | None = None
+    chunked: bool = False
+    conn_tokens: frozenset = frozenset()  # Connection header tokens, lower case
+    _map: dict | None = field(default=None, repr=False)
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header_map(self) -> dict[str, list[str]]:
+        """Lower-case header name -> list of values (latin-1 text); built once on demand."""
+        m = self._map
+        if m is None:
+            m = {}
+            for n, v in self.headers:
+                m.setdefault(n.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+            self._map = m
+        return m
+
+    def cookies(self) -> dict[str, str]:
+        return parse_cookies(self.header_map().get("cookie", ()))
+
+
+def parse_cookies(values) -> dict[str, str]:
+    """Cookie header values -> {name: value}; the first occurrence of a name wins."""
+    out: dict[str, str] = {}
+    for v in values:
+        for part in v.split(";"):
+            name, sep, val = part.strip().partition("=")
+            if sep and name and name not in out:
+                val = val.strip()
+                if len(val) >= 2 and val[0] == val[-1] == '"':
+                    val = val[1:-1]
+                out[name] = val
+    return out
+
+
+def _split_tokens(v: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in v.split(b",")]
+
+
+def check_request(method: bytes, target: bytes, version: str,
+                  headers: list[tuple[bytes, bytes]]) -> Request:
+    """Applies the checks llhttp leaves to us; returns the ``Request`` or raises ``HttpError``.
+
+    - version must be HTTP/1.0 or 1.1 (llhttp accepts 0.9 and 2.0 lines);
+    - HTTP/1.1 needs exactly one Host; more than one Host is refused on any version;
+      a Host must be a valid ``host[:port]``;
+    - Transfer-Encoding: refused on HTTP/1.0; the only coding accepted is a single
+      ``chunked`` (``gzip, chunked`` and the like get 501; empty list members get 400);
+    - request target: origin-form (``/...``), ``*`` for OPTIONS, or absolute-form with an
+      http(s) scheme whose authority must equal the Host header (a mismatch is refused, as
+      a routing-confusion attempt); it is reduced to origin-form for the backend;
+    - CONNECT is refused (501): halb is not a forward proxy.
+    """
+    if version not in ("1.1", "1.0"):
+        raise HttpError(400, f"unsupported HTTP version {version}")
+    if method == b"CONNECT":
+        raise HttpError(501, "CONNECT is not supported")
+    host_vals: list[bytes] = []
+    te_vals: list[bytes] = []
+    cl: bytes | None = None
+    conn: list[bytes] = []
+    for n, v in headers:
+        ln = len(n)
+        if ln == 4 and n.lower() == b"host":
+            host_vals.append(v)
+        elif ln == 17 and n.lower() == b"transfer-encoding":
+            te_vals.append(v)
+        elif ln == 14 and n.lower() == b"content-length":
+            cl = v
+        elif ln == 10 and n.lower() == b"connection":
+            conn.extend(_split_tokens(v))
+    if len(host_vals) > 1:
+        raise HttpError(400, "more than one Host header")
+    host = host_vals[0].strip() if host_vals else None
+    if host is None and version == "1.1":
+        raise HttpError(400, "missing Host header")
+    if host is not None and not _HOST_RE.match(host):
+        raise HttpError(400, "invalid Host header")
+    chunked = False
+    if te_vals:
+        if version == "1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [t for v in te_vals for t in _split_tokens(v)]
+        if any(not t for t in codings):
+            raise HttpError(400, "malformed Transfer-Encoding")
+        if codings != [b"chunked"]:
+            raise HttpError(501, "unsupported Transfer-Encoding (only a single chunked)")
+        chunked = True
+    length = None
+    if cl is not None:
+        if chunked:  # llhttp refuses this too; kept as defence in depth
+            raise HttpError(400, "both Content-Length and Transfer-Encoding")
+        if not cl.strip().isdigit():
+            raise HttpError(400, "malformed Content-Length")
+        length = int(cl)
+    # request target
+    if target.startswith(b"/"):
+        pass
+    elif target == b"*":
+        if method != b"OPTIONS":
+            raise HttpError(400, "asterisk-form target needs OPTIONS")
+    elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        rest = target.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        q = rest.find(b"?")
+        cut = min(x for x in (slash, q, len(rest)) if x >= 0)
+        authority = rest[:cut]
+        if not authority or b"@" in authority or not _HOST_RE.match(authority):
+            raise HttpError(400, "invalid authority in absolute-form target")
+        if host is not None and host.lower() != authority.lower():
+            raise HttpError(400, "absolute-form target does not match the Host header")
+        if host is None:
+            host = authority
+            headers = headers + [(b"Host", authority)]
+        target = rest[cut:] or b"/"
+        if not target.startswith(b"/"):
+            target = b"/" + target
+    else:
+        raise HttpError(400, "malformed request target")
+    q = target.find(b"?")
+    path = (target if q < 0 else target[:q]).decode("latin-1")
+    return Request(method=method, target=target, version=version, headers=headers,
+                   host=host.decode("latin-1").lower() if host else "", path=path,
+                   content_length=length, chunked=chunked, conn_tokens=frozenset(conn))
+
+
+def _quote_forwarded(s: str) -> str:
+    if s and all(c.isalnum() or c in "!#$%&'*+.^_`|~-" for c in s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def forwarded_element(client_ip: str, proto: str, host: str) -> str:
+    """One RFC 7239 ``Forwarded`` element: ``for=...;proto=...;host=...``."""
+    node = f"[{client_ip}]" if ":" in client_ip else client_ip
+    out = f"for={_quote_forwarded(node)};proto={proto}"
+    if host:
+        out += f";host={_quote_forwarded(host)}"
+    return out
+
+
+def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
+                 default_host: str = "") -> bytes:
+    """The head sent to the backend (always HTTP/1.1, keep-alive).
+
+    Drops hop-by-hop headers and those named in Connection; keeps Content-Length, re-adds
+    ``Transfer-Encoding: chunked`` for chunked bodies (re-encoded by the proxy). With
+    ``forwarded``: ``X-Forwarded-For`` gets the client appended to what came in (one header),
+    ``X-Forwarded-Proto`` is replaced, and an RFC 7239 ``Forwarded`` element is appended.
+    """
+    drop = HOP_BY_HOP
+    if req.conn_tokens:
+        extra = {t for t in req.conn_tokens if t and t not in (b"close", b"keep-alive")}
+        if extra:
+            drop = drop | extra
+    parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+    xff: list[bytes] = []
+    fwd: list[bytes] = []
+    for n, v in req.headers:
+        ln = n.lower()
+        if ln in drop:
+            continue
+        if forwarded and ln in _FWD:
+            if ln == b"x-forwarded-for":
+                xff.append(v)
+            elif ln == b"forwarded":
+                fwd.append(v)
+            continue
+        parts += (n, b": ", v, b"\r\n")
+    if req.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if not req.host and default_host:  # an HTTP/1.0 request without Host; HTTP/1.1 needs one
+        parts += (b"Host: ", default_host.encode("latin-1"), b"\r\n")
+    if forwarded:
+        ip = client_ip.encode()
+        xff.append(ip)
+        parts += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n",
+                  b"X-Forwarded-Proto: ", proto.encode(), b"\r\n")
+        fwd.append(forwarded_element(client_ip, proto, req.host).encode("latin-1"))
+        parts += (b"Forwarded: ", b", ".join(fwd), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+@dataclass(slots=True)
+class ResponseInfo:
+    """Framing facts about a backend response head."""
+
+    content_length: int | None = None
+    chunked: bool = False
+    conn_tokens: frozenset = frozenset()
+
+
+def response_info(headers: list[tuple[bytes, bytes]]) -> ResponseInfo:
+    cl = None
+    chunked = False
+    conn: list[bytes] = []
+    for n, v in headers:
+        ln = len(n)
+        if ln == 14 and n.lower() == b"content-length":
+            cl = int(v) if v.strip().isdigit() else None
+        elif ln == 17 and n.lower() == b"transfer-encoding":
+            chunked = _split_tokens(v)[-1:] == [b"chunked"]
+        elif ln == 10 and n.lower() == b"connection":
+            conn.extend(_split_tokens(v))
+    return ResponseInfo(cl, chunked, frozenset(conn))
+
+
+def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                  info: ResponseInfo, *, chunk: bool, close: bool,
+                  set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
+    """The head sent to the client.
+
+    Hop-by-hop headers (and those named in Connection) are dropped; ``chunk`` re-adds
+    ``Transfer-Encoding: chunked`` (the proxy re-encodes the body); ``close`` adds
+    ``Connection: close``; ``set_cookie`` adds one ``Set-Cookie`` header.
+    """
+    drop = HOP_BY_HOP
+    if info.conn_tokens:
+        extra = {t for t in info.conn_tokens if t and t not in (b"close", b"keep-alive")}
+        if extra:
+            drop = drop | extra
+    parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, "X").encode(), b"\r\n"]
+    for n, v in headers:
+        if n.lower() in drop:
+            continue
+        parts += (n, b": ", v, b"\r\n")
+    if chunk:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if set_cookie:
+        parts += (b"Set-Cookie: ", set_cookie, b"\r\n")
+    if close:
+        parts.append(b"Connection: close\r\n")
+    elif keep_alive:  # an HTTP/1.0 client that asked for keep-alive
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def sticky_cookie(name: str, backend: str) -> bytes:
+    """HAProxy ``cookie insert`` style: ``NAME=backend; path=/; HttpOnly``."""
+    return f"{name}={backend}; path=/; HttpOnly".encode("latin-1")
+
+
+def valid_token(b: bytes) -> bool:
+    return bool(_TOKEN_RE.match(b))
