@@ -172,6 +172,7 @@ class ControlServer:
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
+        creds = self._tls_credentials() if self.cfg.address is not None else None
         path = self.socket_path
         prepare_socket_path(path)
         old = os.umask(0o177)  # the socket is created 0600: only its owner may connect
@@ -180,14 +181,23 @@ class ControlServer:
                 raise OSError(f"cannot listen on control socket {path}")
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
-        if self.cfg.address is not None:
-            addr = str(self.cfg.address)
-            port = server.add_secure_port(addr, self._tls_credentials())
-            if port == 0:
-                raise OSError(f"cannot listen on control address {addr}")
-            self.tcp_port = port
-        await server.start()
+        try:
+            os.chmod(path, 0o600)
+            if creds is not None:
+                addr = str(self.cfg.address)
+                try:
+                    port = server.add_secure_port(addr, creds)
+                except RuntimeError as e:  # grpc reports a failed bind this way
+                    raise OSError(f"cannot listen on control address {addr}: {e}") from None
+                if port == 0:
+                    raise OSError(f"cannot listen on control address {addr}")
+                self.tcp_port = port
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         self.server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)

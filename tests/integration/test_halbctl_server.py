@@ -464,3 +464,35 @@ def test_pki_init_bad_input(tmp_path, capsys):
         code, _, err = ctl(capsys, "unused", "pki", "init", "--out", out, *argv)
         assert code == 1 and needle in err, (argv, err)
     assert not os.path.exists(out)
+
+
+def test_tcp_port_taken_fails_start_cleanly(tmp_path, sock):
+    import socket as so
+    taken = so.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    from halb import pki
+    made = pki.generate(tmp_path / "pki", ["lb1"])
+    text = CONFIG.format(sock=sock).replace(
+        f'socket = "{sock}"', f'socket = "{sock}"\naddress = "127.0.0.1:{port}"')
+    cfg = loads(text + f"""
+[control.tls]
+cert = "{made['nodes']['lb1']['cert']}"
+key = "{made['nodes']['lb1']['key']}"
+ca = "{made['ca']['cert']}"
+""")
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on control address 127.0.0.1:{port}"):
+            asyncio.run(ControlServer(cfg.control, StandIn(cfg)).start())
+        assert not os.path.exists(sock), "the unix socket is not left behind"
+        bad = loads(text + f"""
+[control.tls]
+cert = "{tmp_path / 'missing.pem'}"
+key = "{made['nodes']['lb1']['key']}"
+ca = "{made['ca']['cert']}"
+""")
+        with pytest.raises(OSError, match="control.tls: cannot read .*missing.pem"):
+            asyncio.run(ControlServer(bad.control, StandIn(bad)).start())
+    finally:
+        taken.close()
