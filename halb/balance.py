@@ -136,7 +136,7 @@ class SmoothWeighted:
 
     __slots__ = ("_version", "_sched", "_pos", "_cur", "max_schedule_work")
 
-    def __init__(self, max_schedule_work: int = 1 << 18) -> None:
+    def __init__(self, max_schedule_work: int = 1 << 16) -> None:
         self.max_schedule_work = max_schedule_work
         self._version = -1
         self._sched: list["Backend"] | None = None
@@ -150,8 +150,11 @@ class SmoothWeighted:
         # keep the live state of backends that stay, so a rebuild does not restart the cycle
         self._cur = {b: self._cur.get(b, 0) for b in view.backends}
         if n and total * n <= self.max_schedule_work:
+            old = self._sched
             self._sched = [view.backends[i] for i in swrr_schedule(view.weights)]
-            self._pos = 0
+            # carry on at the same fraction of the cycle: frequent rebuilds (slow-start ticks)
+            # must not keep restarting it, or the head of the cycle would get all the picks
+            self._pos = (self._pos * len(self._sched) // len(old)) if old else 0
         else:
             self._sched = None
 

@@ -263,3 +263,60 @@ jitter = {JITTER}
             assert '"reason":"connection refused"' in downs[0]
             assert len(ups) == 1 and '"reason":"status 200"' in ups[0]
             assert node.stop() == 0
+
+
+# -- metrics endpoint -----------------------------------------------------------------------------
+
+def test_metrics_families_over_http_and_port_taken(capfd):
+    from halb import log as hlog
+    from halb.tables import Tables
+
+    hlog.setup("mt", "info")
+    m = Metrics("mt")
+    cfg = PoolConfig(name="api", backends=(
+        BackendConfig(name="a1", address=Endpoint("127.0.0.1", 9001), max_conns=5),
+        BackendConfig(name="a2", address=Endpoint("127.0.0.1", 9002), weight=3)))
+    pool = Pool(cfg, on_change=lambda p, v: m.pool_view(p, v, 1.0))
+    a1, a2 = pool.backends
+    for _ in range(3):
+        Pool.acquire(a1)
+    m.observe(a1, 0.004, False)
+    m.observe(a1, 0.2, False)
+    m.observe(a1, None, True)
+    m.conn_open("front")
+    m.conn_open("front")
+    m.conn_close("front")
+    pool.set_drain(a2, True, 1.0)
+    tables = Tables("mt")
+    tables.sticky.put("cookie/api/x", "a1", 60.0, pool="api")
+    m.tables(tables)
+    port = free_port()
+    assert m.serve(Endpoint("127.0.0.1", port)) is True
+    try:
+        text = scrape(port)
+        assert sample(text, "halb_info", node="mt") == 1
+        assert sample(text, "halb_backend_requests_total", pool="api", backend="a1") == 3
+        assert sample(text, "halb_backend_errors_total", pool="api", backend="a1") == 1
+        assert sample(text, "halb_backend_response_seconds_count", pool="api", backend="a1") == 2
+        assert sample(text, "halb_backend_response_seconds_bucket", pool="api", backend="a1",
+                      le="0.005") == 1
+        assert sample(text, "halb_backend_active_connections", pool="api", backend="a1") == 3
+        Pool.release(a1)
+        assert sample(scrape(port), "halb_backend_active_connections", pool="api", backend="a1") == 2
+        assert sample(text, "halb_backend_state", pool="api", backend="a2", state="drain") == 1
+        assert sample(text, "halb_backend_up", pool="api", backend="a2") == 0
+        assert sample(text, "halb_backend_weight", pool="api", backend="a1") == 1
+        assert sample(text, "halb_listener_connections_total", listener="front") == 2
+        assert sample(text, "halb_listener_active_connections", listener="front") == 1
+        assert sample(text, "halb_table_entries", table="sticky") == 1
+        assert sample(text, "halb_table_entries", table="flow") == 0
+        # a second node on the same port: logged, not raised
+        m2 = Metrics("mt2")
+        assert m2.serve(Endpoint("127.0.0.1", port)) is False
+        err = capfd.readouterr().err
+        assert '"event":"metrics_serve_failed"' in err and f"127.0.0.1:{port}" in err
+        m2.close()
+    finally:
+        m.close()
+    with pytest.raises(OSError):
+        scrape(port)

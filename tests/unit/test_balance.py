@@ -103,6 +103,16 @@ def test_wrr_live_path_matches_precomputed_cycle():
     assert_shares(sequential(live, n=15_000), (7, 4, 3, 1), live)
 
 
+def test_wrr_frequent_rebuilds_do_not_restart_the_cycle():
+    p = make_pool((5, 1, 1), "wrr", names=["a", "b", "c"])
+    c = Counter()
+    for i in range(700):
+        if i % 3 == 0:
+            p.refresh(float(i))  # e.g. slow-start ticks: a new view version each time
+        c[p.pick().name] += 1
+    assert c == Counter({"a": 500, "b": 100, "c": 100})
+
+
 def test_wrr_skips_full_keeps_others_proportional():
     p = make_pool((5, 3, 2), "wrr")
     p.backends[0].max_conns = 1
