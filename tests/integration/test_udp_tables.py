@@ -1,0 +1,134 @@
+"""The UDP proxy's flow-table records on an in-process Node: one entry per client flow with
+what was routed, removed when the flow expires; an entry replicated from a peer sends the
+client to the backend the peer chose."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from halb.config import loads
+from halb.node import Node
+from halb.tables import Entry, Op, flow_key
+from tests.helpers import Backends, free_port
+
+pytestmark = pytest.mark.integration
+
+NAMES = ["u1", "u2", "u3"]
+
+
+@pytest.fixture(scope="module")
+def backends():
+    with Backends(NAMES, http=False, udp=True) as bk:
+        yield bk
+
+
+@pytest.fixture
+def state():
+    d = Path(tempfile.mkdtemp(prefix="l4ut"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def config(bk, state: Path, port: int) -> str:
+    be = "".join(f'[[pools.backends]]\nname = "{n}"\naddress = "{bk.udp[n]}"\n' for n in NAMES)
+    return f'''
+[node]
+name = "n1"
+state_dir = "{state}"
+[[pools]]
+name = "dns"
+{be}
+[[listeners]]
+name = "u"
+mode = "udp"
+bind = "127.0.0.1:{port}"
+pool = "dns"
+udp_flow_timeout = "300ms"
+'''
+
+
+async def ask(s: socket.socket, port: int, msg: bytes) -> str:
+    loop = asyncio.get_running_loop()
+    s.setblocking(False)
+    await loop.sock_sendto(s, msg, ("127.0.0.1", port))
+    data = await asyncio.wait_for(loop.sock_recv(s, 70000), 3)
+    return data.partition(b"|")[0].decode()
+
+
+async def until(cond, timeout: float = 5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def udp_client() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def test_flow_entries_record_routes_and_expire(backends, state):
+    port = free_port(socket.SOCK_DGRAM)
+
+    async def main():
+        node = Node(loads(config(backends, state, port)))
+        await node.start()
+        clients = [udp_client() for _ in range(3)]
+        try:
+            flow = node.tables.flow
+            routed = {}
+            for c in clients:
+                routed[c.getsockname()[1]] = await ask(c, port, b"hello")
+            assert sorted(routed.values()) == NAMES
+            assert len(flow) == 3
+            for cport, name in routed.items():
+                e = flow.get(flow_key("u", "udp", f"127.0.0.1:{cport}"))
+                assert e is not None
+                assert (e.backend, e.pool, e.listener, e.proto, e.client) == (
+                    name, "dns", "u", "udp", f"127.0.0.1:{cport}")
+            await until(lambda: len(flow) == 0, 3)  # idle 300ms: flows and entries go
+            assert {c.op for c in flow.changes_since(0)} >= {Op.CREATE}
+            assert node.pools["dns"].by_name["u1"].active == 0
+        finally:
+            for c in clients:
+                c.close()
+            await node.stop()
+
+    asyncio.run(main())
+
+
+def test_replicated_flow_entry_is_honoured(backends, state):
+    port = free_port(socket.SOCK_DGRAM)
+
+    async def main():
+        node = Node(loads(config(backends, state, port)))
+        await node.start()
+        c = udp_client()
+        try:
+            cport = c.getsockname()[1]
+            now = node.wall.now()
+            # a peer routed this client to u3 before a failover; round robin would say u1
+            e = Entry(flow_key("u", "udp", f"127.0.0.1:{cport}"), "u3", "dns", now, now,
+                      now + 60, "peer", client=f"127.0.0.1:{cport}", listener="u", proto="udp")
+            assert node.tables.flow.apply(Op.CREATE, e)
+            for _ in range(3):
+                assert await ask(c, port, b"q") == "u3"
+            other = udp_client()
+            try:
+                assert await ask(other, port, b"q") == "u1"  # others still balanced
+            finally:
+                other.close()
+        finally:
+            c.close()
+            await node.stop()
+
+    asyncio.run(main())
