@@ -224,9 +224,11 @@ class LeastConn:
             if i >= n:
                 i -= n
             b = bs[i]
-            if not _usable(b, exclude):
+            a = b.active
+            mc = b.max_conns
+            if (mc and a >= mc) or (exclude and b in exclude):
                 continue
-            a = b.active + 1
+            a += 1
             w = ws[i]
             # a / w < ba / bw without division
             if best is None or a * bw < ba * w:
@@ -314,13 +316,7 @@ class LeastTime:
         n = len(bs)
         if not n:
             return None
-        fastest = 0.0
-        for b in bs:
-            r = b.ewma_rt
-            if r > 0.0 and (fastest == 0.0 or r < fastest):
-                fastest = r
-        if fastest == 0.0:
-            fastest = 1.0
+        fastest = min([r for b in bs if (r := b.ewma_rt) > 0.0] or (1.0,))
         start = self._next % n
         best = None
         best_i = 0
@@ -330,10 +326,10 @@ class LeastTime:
             if i >= n:
                 i -= n
             b = bs[i]
-            if not _usable(b, exclude):
+            mc = b.max_conns
+            if (mc and b.active >= mc) or (exclude and b in exclude):
                 continue
-            r = b.ewma_rt or fastest
-            score = r * (b.inflight + 1) / ws[i]
+            score = (b.ewma_rt or fastest) * (b.inflight + 1) / ws[i]
             if best is None or score < best_score:
                 best, best_i, best_score = b, i, score
         if best is not None:
