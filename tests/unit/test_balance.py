@@ -376,3 +376,16 @@ def test_make_balancer_rejects_unknown_algorithm():
     object.__setattr__(cfg, "algorithm", "bogus")
     with pytest.raises(ValueError, match="unknown balancing algorithm 'bogus'"):
         make_balancer(cfg)
+
+
+def test_maglev_table_entries_follow_weights_and_reject_bad_input():
+    t = maglev_table(["a", "b", "c"], [5, 3, 2], 65537)
+    c = Counter(t)
+    assert -1 not in c and sum(c.values()) == 65537
+    for i, w in enumerate((5, 3, 2)):
+        assert abs(c[i] - 65537 * w / 10) <= 5  # exact up to the last round
+    with pytest.raises(ValueError, match="must exceed the number of backends"):
+        maglev_table(["a", "b", "c"], [1, 1, 1], 3)
+    with pytest.raises(ValueError, match="positive weight"):
+        maglev_table(["a"], [0], 7)
+    assert maglev_table([], [], 7) == []
