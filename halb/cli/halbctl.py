@@ -244,12 +244,13 @@ def render_status(st) -> Any:
     if st.sync_enabled:
         t = Table(title="peers (state sync, as this node sees them)", title_justify="left")
         for col in ("peer", "address", "link", "state", "lag entries", "lag s", "acked seq",
-                    "refused", "last error"):
+                    "sent", "received", "refused", "last error"):
             t.add_column(col)
         for p in st.peers:
             t.add_row(p.name, p.address, _styled("connected" if p.connected else "disconnected"),
                       p.state or "-", str(p.lag_entries), f"{p.lag_seconds:.3f}",
-                      str(p.acked_seq), str(p.refused), p.last_error or "-")
+                      str(p.acked_seq), str(p.sent_entries), str(p.received_entries),
+                      str(p.refused), p.last_error or "-")
         parts.append(t)
     else:
         parts.append(Text("peers: state sync not configured"))

@@ -132,7 +132,10 @@ def peer_msg(d: Any) -> pb.Peer:
         connected=bool(_field(d, "connected", False)), state=_text(_field(d, "state")),
         lag_entries=_uint(_field(d, "lag_entries")), lag_seconds=_float(_field(d, "lag_seconds")),
         acked_seq=_uint(_field(d, "acked_seq")), epoch=_uint(_field(d, "epoch")),
-        last_error=_text(_field(d, "last_error")), refused=_uint(_field(d, "refused")))
+        last_error=_text(_field(d, "last_error")), refused=_uint(_field(d, "refused")),
+        sent_entries=_uint(_field(d, "sent_entries")),
+        received_entries=_uint(_field(d, "received_entries")),
+        snapshots_sent=_uint(_field(d, "snapshots_sent")), resumes=_uint(_field(d, "resumes")))
 
 
 def entry_msg(e: Any) -> pb.TableEntry:

@@ -49,7 +49,7 @@ class Instance(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("name", "address", "connected", "state", "lag_entries", "lag_seconds", "acked_seq", "epoch", "last_error", "refused")
+    __slots__ = ("name", "address", "connected", "state", "lag_entries", "lag_seconds", "acked_seq", "epoch", "last_error", "refused", "sent_entries", "received_entries", "snapshots_sent", "resumes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,10 @@ class Peer(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    SENT_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_SENT_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     connected: bool
@@ -70,7 +74,11 @@ class Peer(_message.Message):
     epoch: int
     last_error: str
     refused: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ...) -> None: ...
+    sent_entries: int
+    received_entries: int
+    snapshots_sent: int
+    resumes: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ..., sent_entries: _Optional[int] = ..., received_entries: _Optional[int] = ..., snapshots_sent: _Optional[int] = ..., resumes: _Optional[int] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
     __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds")
