@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 # Connection-specific headers (RFC 9110 7.6.1) that a proxy must not forward, lower case.
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
@@ -26,10 +27,7 @@ _FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
-REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout",
-           413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-           503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 class HttpError(Exception):
@@ -283,7 +281,7 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
         extra = {t for t in info.conn_tokens if t and t not in (b"close", b"keep-alive")}
         if extra:
             drop = drop | extra
-    parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, "X").encode(), b"\r\n"]
+    parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, "Unknown").encode(), b"\r\n"]
     for n, v in headers:
         if n.lower() in drop:
             continue

@@ -1,0 +1,200 @@
+"""Strict request checks and head rewriting (pure), and the measured llhttp baseline they
+complement: if an httptools upgrade ever stops rejecting one of these, this test says so."""
+
+from __future__ import annotations
+
+import httptools
+import pytest
+
+from halb.proxy.http_head import (HttpError, check_request, error_response, forwarded_element,
+                                  parse_cookies, request_head, response_head, response_info,
+                                  sticky_cookie)
+
+pytestmark = pytest.mark.unit
+
+H = [(b"Host", b"a.test")]
+
+
+def req(method=b"GET", target=b"/", version="1.1", headers=None):
+    return check_request(method, target, version, H if headers is None else headers)
+
+
+# -- what llhttp rejects by itself (the module docstring of halb.proxy.http records this) -------
+
+LLHTTP_REJECTS = {
+    "cl_and_te": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "cl_dup_same": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+    "cl_dup_diff": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+    "cl_list": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 4\r\n\r\n",
+    "cl_sign": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\n",
+    "cl_overflow": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+    "te_chunked_not_last": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    "te_unknown": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+    "chunk_size_bad": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "chunk_size_space": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nab\r\n",
+    "chunk_ext_ctl": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2;\x01\r\nab\r\n",
+    "bare_cr": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n",
+    "nul": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n",
+    "obs_fold": b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\r\n b\r\n\r\n",
+    "space_before_colon": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+    "bad_method": b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "bad_version": b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+}
+
+LLHTTP_ACCEPTS = {  # halb's own checks catch these
+    "te_gzip_chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "te_http10": b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "http2_version": b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    "no_host": b"GET / HTTP/1.1\r\n\r\n",
+    "double_space": b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+}
+
+
+class _Sink:
+    def on_message_complete(self):
+        self.done = True
+
+
+@pytest.mark.parametrize("name", sorted(LLHTTP_REJECTS))
+def test_llhttp_rejects(name):
+    with pytest.raises(httptools.HttpParserError):
+        httptools.HttpRequestParser(_Sink()).feed_data(LLHTTP_REJECTS[name])
+
+
+@pytest.mark.parametrize("name", sorted(LLHTTP_ACCEPTS))
+def test_llhttp_accepts_what_halb_checks(name):
+    s = _Sink()
+    httptools.HttpRequestParser(s).feed_data(LLHTTP_ACCEPTS[name])
+    assert s.done
+
+
+# -- check_request -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,status,needle", [
+    (dict(version="2.0"), 400, "version"),
+    (dict(version="0.9"), 400, "version"),
+    (dict(headers=[]), 400, "missing Host"),
+    (dict(headers=H + [(b"host", b"b.test")]), 400, "more than one Host"),
+    (dict(headers=[(b"Host", b"a b")]), 400, "invalid Host"),
+    (dict(headers=[(b"Host", b"a.test:80:80")]), 400, "invalid Host"),
+    (dict(method=b"POST", headers=H + [(b"Transfer-Encoding", b"gzip, chunked")]), 501, "Transfer-Encoding"),
+    (dict(method=b"POST", headers=H + [(b"Transfer-Encoding", b",chunked")]), 400, "malformed"),
+    (dict(method=b"POST", version="1.0", headers=H + [(b"Transfer-Encoding", b"chunked")]), 400, "HTTP/1.0"),
+    (dict(method=b"POST", headers=H + [(b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked")]), 400, "both"),
+    (dict(target=b"http://b.test/x"), 400, "does not match"),
+    (dict(target=b"http://user@a.test/x"), 400, "authority"),
+    (dict(target=b"ftp://a.test/x"), 400, "malformed request target"),
+    (dict(target=b"a.test:443"), 400, "malformed request target"),
+    (dict(target=b"*"), 400, "OPTIONS"),
+    (dict(method=b"CONNECT", target=b"a.test:443"), 501, "CONNECT"),
+])
+def test_check_request_refuses(kw, status, needle):
+    with pytest.raises(HttpError) as ei:
+        req(**kw)
+    assert ei.value.status == status
+    assert needle in ei.value.reason
+
+
+def test_check_request_accepts_and_extracts():
+    r = req(method=b"POST", target=b"/a/b?q=1", headers=[(b"HOST", b"A.Test:8080"),
+                                                          (b"Content-Length", b"12"),
+                                                          (b"Connection", b"keep-alive, X-Secret")])
+    assert (r.host, r.path, r.content_length, r.chunked) == ("a.test:8080", "/a/b", 12, False)
+    assert r.conn_tokens == {b"keep-alive", b"x-secret"}
+    assert r.has_body
+    c = req(method=b"POST", headers=H + [(b"Transfer-Encoding", b"Chunked")])
+    assert c.chunked and c.has_body and c.content_length is None
+    assert not req().has_body
+    assert req(method=b"OPTIONS", target=b"*").target == b"*"
+    # HTTP/1.0 may omit Host
+    assert req(version="1.0", headers=[]).host == ""
+
+
+def test_absolute_form_is_reduced_to_origin_form():
+    r = req(target=b"http://A.test/x/y?z=1")
+    assert (r.target, r.path, r.host) == (b"/x/y?z=1", "/x/y", "a.test")
+    r = req(target=b"https://a.test?z", version="1.0", headers=[])  # 1.0 without Host: authority
+    assert (r.target, r.host) == (b"/?z", "a.test")
+    assert (b"Host", b"a.test") in r.headers
+
+
+# -- rewriting -----------------------------------------------------------------------------------
+
+def _headers(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode().split("\r\n")
+    assert lines[-2:] == ["", ""]
+    return [tuple(l.split(": ", 1)) for l in lines[1:-2]]
+
+
+def test_request_head_forwarded_headers_and_hop_by_hop():
+    r = req(method=b"POST", target=b"/up", headers=[
+        (b"Host", b"a.test"), (b"X-Forwarded-For", b"10.0.0.1"), (b"X-Forwarded-For", b"10.0.0.2"),
+        (b"X-Forwarded-Proto", b"https"), (b"Forwarded", b"for=10.0.0.1"),
+        (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"s"), (b"Keep-Alive", b"5"),
+        (b"Upgrade", b"h2c"), (b"TE", b"trailers"), (b"Transfer-Encoding", b"chunked"),
+        (b"X-Other", b"o")])
+    head = request_head(r, "192.0.2.7", "http", True)
+    assert head.startswith(b"POST /up HTTP/1.1\r\n")
+    hs = _headers(head)
+    names = [n.lower() for n, _ in hs]
+    for gone in ("connection", "x-secret", "keep-alive", "upgrade", "te"):
+        assert gone not in names
+    d = dict((n.lower(), v) for n, v in hs)
+    assert d["x-forwarded-for"] == "10.0.0.1, 10.0.0.2, 192.0.2.7"
+    assert d["x-forwarded-proto"] == "http"
+    assert d["forwarded"] == 'for=10.0.0.1, for=192.0.2.7;proto=http;host=a.test'
+    assert d["transfer-encoding"] == "chunked"
+    assert names.count("transfer-encoding") == 1 and names.count("x-forwarded-for") == 1
+    assert d["x-other"] == "o" and d["host"] == "a.test"
+
+
+def test_request_head_without_forwarded_keeps_client_values():
+    r = req(headers=H + [(b"X-Forwarded-For", b"1.1.1.1")])
+    d = dict(_headers(request_head(r, "192.0.2.7", "https", False)))
+    assert d["X-Forwarded-For"] == "1.1.1.1"
+    assert "Forwarded" not in d and "X-Forwarded-Proto" not in d
+
+
+def test_request_head_http10_without_host_gets_backend_host():
+    r = req(version="1.0", headers=[])
+    head = request_head(r, "192.0.2.7", "http", False, default_host="10.1.1.1:8080")
+    assert head.startswith(b"GET / HTTP/1.1\r\n")
+    assert ("Host", "10.1.1.1:8080") in _headers(head)
+
+
+def test_forwarded_element_quotes_ipv6_and_ports():
+    assert forwarded_element("2001:db8::1", "https", "") == 'for="[2001:db8::1]";proto=https'
+    assert forwarded_element("192.0.2.1", "http", "a.test:8080") == \
+        'for=192.0.2.1;proto=http;host="a.test:8080"'
+
+
+def test_response_head_cookie_framing_and_hop_by_hop():
+    hdrs = [(b"Content-Type", b"text/plain"), (b"Transfer-Encoding", b"chunked"),
+            (b"Connection", b"X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5")]
+    info = response_info(hdrs)
+    assert info.chunked and info.content_length is None
+    head = response_head(200, b"OK", hdrs, info, chunk=True, close=True,
+                         set_cookie=sticky_cookie("SRV", "web2"))
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    hs = _headers(head)
+    assert ("Set-Cookie", "SRV=web2; path=/; HttpOnly") in hs
+    assert ("Connection", "close") in hs and ("Transfer-Encoding", "chunked") in hs
+    assert all(n not in ("X-Hop", "Keep-Alive") for n, _ in hs)
+    ka = response_head(204, b"", [], response_info([]), chunk=False, close=False, keep_alive=True)
+    assert ka == b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n"
+    assert response_info([(b"Content-Length", b"42")]).content_length == 42
+
+
+def test_parse_cookies():
+    assert parse_cookies(["a=1; SRV=web1", "SRV=web9; b=\"q\""]) == {"a": "1", "SRV": "web1", "b": "q"}
+    assert parse_cookies(["garbage; =x; c"]) == {}
+
+
+def test_error_response_is_complete_and_closes():
+    r = error_response(431, "too many header fields")
+    head, body = r.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert b"Connection: close" in head
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert b"too many header fields" in body
+    assert b"Connection" not in error_response(503, "x", close=False).split(b"\r\n\r\n")[0]
