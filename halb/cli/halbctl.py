@@ -231,12 +231,12 @@ def render_status(st) -> Any:
         f"pid {n.pid}  config {n.config or '-'}")]
     if st.election_enabled:
         t = Table(title="election", title_justify="left")
-        for col in ("instance", "vrid", "interface", "state", "priority", "base", "vips",
-                    "master", "advert"):
+        for col in ("instance", "vrid", "interface", "state", "for", "priority", "base",
+                    "vips", "master", "advert"):
             t.add_column(col)
         for i in st.instances:
-            t.add_row(i.name, str(i.vrid), i.interface, _styled(i.state), str(i.priority),
-                      str(i.base_priority), " ".join(i.vips), i.master or "-",
+            t.add_row(i.name, str(i.vrid), i.interface, _styled(i.state), _dur(i.state_seconds),
+                      str(i.priority), str(i.base_priority), " ".join(i.vips), i.master or "-",
                       f"{i.advert_interval:g}s")
         parts.append(t)
     else:

@@ -123,7 +123,7 @@ def instance_msg(d: Any) -> pb.Instance:
         base_priority=_uint(_field(d, "base_priority", _field(d, "priority"))),
         vips=[str(v) for v in vips], master=_text(_field(d, "master")),
         advert_interval=_float(_field(d, "advert_interval")),
-        preempt=bool(_field(d, "preempt", False)))
+        preempt=bool(_field(d, "preempt", False)), state_seconds=_float(_field(d, "since")))
 
 
 def peer_msg(d: Any) -> pb.Peer:
@@ -238,7 +238,8 @@ class ControlAPI:
             raise _missing(f"no such instance {instance!r} (instances: "
                            f"{', '.join(names) or 'none'})") from None
         except ValueError as e:
-            raise _refused(f"cannot hand over instance {instance!r}: {e}") from None
+            why = str(e) if repr(instance) in str(e) else f"instance {instance!r}: {e}"
+            raise _refused(f"cannot hand over: {why}") from None
         for i in self.election_status():
             if i.name == instance:
                 return i

@@ -25,7 +25,7 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., config: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt")
+    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt", "state_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VRID_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Instance(_message.Message):
     MASTER_FIELD_NUMBER: _ClassVar[int]
     ADVERT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     PREEMPT_FIELD_NUMBER: _ClassVar[int]
+    STATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     vrid: int
     interface: str
@@ -46,7 +47,8 @@ class Instance(_message.Message):
     master: str
     advert_interval: float
     preempt: bool
-    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ...) -> None: ...
+    state_seconds: float
+    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ..., state_seconds: _Optional[float] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "address", "connected", "state", "lag_entries", "lag_seconds", "acked_seq", "epoch", "last_error", "refused", "sent_entries", "received_entries", "snapshots_sent", "resumes")

@@ -46,7 +46,7 @@ class Election:
         self.instances = {"vi1": {"name": "vi1", "vrid": 51, "interface": "veth0", "state": "master",
                                   "priority": 150, "base_priority": 150,
                                   "vips": ["198.18.0.100/24"], "master": "198.18.0.1",
-                                  "advert_interval": 0.1, "preempt": True},
+                                  "advert_interval": 0.1, "preempt": True, "since": 12.5},
                           "vi2": {"name": "vi2", "vrid": 52, "interface": "veth0", "state": "backup",
                                   "priority": 100, "base_priority": 100,
                                   "vips": ["198.18.0.101/24"], "master": "198.18.0.2",
@@ -58,7 +58,7 @@ class Election:
     async def handover(self, name):
         inst = self.instances[name]  # KeyError: unknown
         if inst["state"] != "master":
-            raise ValueError(f"instance {name} is {inst['state']}, not master")
+            raise ValueError(f"{name} is {inst['state']}, not master")
         inst["state"] = "backup"
 
 
@@ -210,6 +210,7 @@ def test_status_json(running, node, sock, capsys):
     inst = {i["name"]: i for i in d["instances"]}
     assert inst["vi1"]["state"] == "master" and inst["vi1"]["vrid"] == 51
     assert inst["vi1"]["advert_interval"] == pytest.approx(0.1)
+    assert inst["vi1"]["state_seconds"] == pytest.approx(12.5)
     peers = {p["name"]: p for p in d["peers"]}
     assert peers["lb2"]["connected"] is True and peers["lb2"]["lag_entries"] == 3
     assert peers["lb2"]["acked_seq"] == 1234 and peers["lb3"]["refused"] == 2
@@ -286,7 +287,7 @@ def test_failover(running, node, sock, capsys):
     assert "vi1" in out and "backup" in out
     assert node.election.instances["vi1"]["state"] == "backup"
     code, out, err = ctl(capsys, sock, "failover", "vi2")  # not master: refused
-    assert code == 1 and "cannot hand over instance 'vi2'" in err and "not master" in err
+    assert code == 1 and "cannot hand over: instance 'vi2': vi2 is backup, not master" in err
 
 
 def test_failover_without_election(sock, capsys):
