@@ -268,10 +268,22 @@ jitter = {JITTER}
 # -- metrics endpoint -----------------------------------------------------------------------------
 
 def test_metrics_families_over_http_and_port_taken(capfd):
+    import logging
+
     from halb import log as hlog
+
+    root = logging.getLogger("halb")
+    saved = (root.handlers[:], root.level, root.propagate)
+    hlog.setup("mt", "info")
+    try:
+        _metrics_families(capfd)
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+
+
+def _metrics_families(capfd):
     from halb.tables import Tables
 
-    hlog.setup("mt", "info")
     m = Metrics("mt")
     cfg = PoolConfig(name="api", backends=(
         BackendConfig(name="a1", address=Endpoint("127.0.0.1", 9001), max_conns=5),

@@ -138,12 +138,14 @@ class Capture(logging.Handler):
 
 @pytest.fixture
 def logs():
+    root = logging.getLogger("halb")
+    saved = (root.handlers[:], root.level, root.propagate)
     hlog.setup("t1", "info")
     h = Capture()
-    h.setFormatter(logging.getLogger("halb").handlers[0].formatter)
-    logging.getLogger("halb").addHandler(h)
+    h.setFormatter(root.handlers[0].formatter)
+    root.handlers[:] = [h]
     yield h.records
-    logging.getLogger("halb").removeHandler(h)
+    root.handlers[:], root.level, root.propagate = saved
 
 
 def test_checker_marks_down_after_fall_intervals_and_up_after_rise(logs):
