@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import heapq
 import random
+from itertools import islice
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from .clock import Clock, WallClock
 
@@ -48,9 +49,13 @@ class Entry:
     def wins_over(self, other: "Entry") -> bool:
         return (self.updated, self.origin) > (other.updated, other.origin)
 
+    def copy(self) -> "Entry":
+        # field by field: several times cheaper than dataclasses.replace on replication's hot path
+        return Entry(self.key, self.backend, self.pool, self.created, self.updated, self.expires,
+                     self.origin, self.client, self.listener, self.proto)
 
-@dataclass(slots=True, frozen=True)
-class Change:
+
+class Change(NamedTuple):  # immutable; a NamedTuple is built several times faster than a frozen dataclass
     seq: int
     op: Op
     entry: Entry  # a copy as of this change
@@ -72,6 +77,9 @@ class Table:
         self._heap: list[tuple[float, str]] = []
         self._log: deque[Change] = deque(maxlen=log_size)
         self._logged_expiry: dict[str, float] = {}
+        # deleted keys -> (updated, origin, until): an older version of a deleted entry that
+        # arrives late (through another peer) must not bring it back; bounded like the entries
+        self._tombs: dict[str, tuple[float, str, float]] = {}
         self.listeners: list[Callable[[Change], None]] = []
         self.stats = {"created": 0, "refreshed": 0, "deleted": 0, "expired": 0, "evicted": 0,
                       "applied": 0, "conflicts_lost": 0}
@@ -146,6 +154,8 @@ class Table:
             if e is not None and e.expires == exp:
                 self._remove(e, Op.EXPIRE, from_heap=True)
                 n += 1
+        if self._tombs:
+            self._purge_tombs(now)
         return n
 
     def clear(self) -> None:
@@ -153,6 +163,7 @@ class Table:
         self._entries.clear()
         self._heap.clear()
         self._logged_expiry.clear()
+        self._tombs.clear()
 
     # -- replication --------------------------------------------------------------------------
 
@@ -168,14 +179,13 @@ class Table:
         if seq + 1 < first:
             return None
         start = seq + 1 - first
-        end = min(len(self._log), start + limit)
-        log = self._log
-        return [log[i] for i in range(start, end)]
+        # islice walks the deque once; indexing it element by element is O(n) per index
+        return list(islice(self._log, start, start + limit))
 
     def snapshot(self) -> tuple[int, list[Entry]]:
         """(sequence number the snapshot is consistent with, copies of every live entry)."""
         now = self.clock.now()
-        return self.seq, [replace(e) for e in self._entries.values() if e.expires > now]
+        return self.seq, [e.copy() for e in self._entries.values() if e.expires > now]
 
     def apply(self, op: Op, entry: Entry) -> bool:
         """Applies a change received from a peer; True if it changed this table.
@@ -187,7 +197,11 @@ class Table:
         local = self._entries.get(entry.key)
         if op in (Op.DELETE, Op.EXPIRE):
             if local is None:
+                if op == Op.DELETE:
+                    self._tomb(entry.key, entry.updated, entry.origin, entry.expires)
                 return False
+            if op == Op.EXPIRE and local.expires > entry.expires:
+                return False  # the version that expired there is older than ours
             if local.wins_over(entry):
                 self.stats["conflicts_lost"] += 1
                 return False
@@ -200,11 +214,16 @@ class Table:
             if local is not entry and local.updated != entry.updated:
                 self.stats["conflicts_lost"] += 1
             return False
+        if local is None and self._tombs:
+            t = self._tombs.get(entry.key)
+            if t is not None and (entry.updated, entry.origin) <= (t[0], t[1]):
+                self.stats["conflicts_lost"] += 1
+                return False
         if local is None and len(self._entries) >= self.max_entries:
             self.expire()
             if len(self._entries) >= self.max_entries:
                 self._evict_one()
-        e = replace(entry)
+        e = entry.copy()
         self._store(e)
         self._log_change(op if local is None or op == Op.REFRESH else Op.CREATE, e)
         self.stats["applied"] += 1
@@ -214,6 +233,8 @@ class Table:
 
     def _store(self, e: Entry) -> None:
         self._entries[e.key] = e
+        if self._tombs:
+            self._tombs.pop(e.key, None)
         heapq.heappush(self._heap, (e.expires, e.key))
         self._logged_expiry[e.key] = e.expires
         if len(self._heap) > 2 * len(self._entries) + 1024:
@@ -241,10 +262,31 @@ class Table:
                 updated: float | None = None) -> None:
         del self._entries[e.key]
         self._logged_expiry.pop(e.key, None)
-        gone = replace(e, origin=origin or self.node,
-                       updated=updated if updated is not None else max(self.clock.now(), e.updated))
+        gone = e.copy()
+        gone.origin = origin or self.node
+        gone.updated = updated if updated is not None else max(self.clock.now(), e.updated)
+        if op == Op.DELETE:
+            self._tomb(e.key, gone.updated, gone.origin, e.expires)
         self._log_change(op, gone)
         self.stats["deleted" if op == Op.DELETE else "expired"] += 1
+
+    def _tomb(self, key: str, updated: float, origin: str, until: float) -> None:
+        t = self._tombs.pop(key, None)
+        if t is not None and (t[0], t[1]) > (updated, origin):
+            updated, origin, until = t[0], t[1], max(t[2], until)
+        self._tombs[key] = (updated, origin, until)
+        if len(self._tombs) > self.max_entries:
+            del self._tombs[next(iter(self._tombs))]
+
+    def _purge_tombs(self, now: float) -> None:
+        # insertion order is close to expiry order; a long-lived one at the front only delays
+        # the purge of the ones behind it, the size bound still holds
+        tombs = self._tombs
+        while tombs:
+            k = next(iter(tombs))
+            if tombs[k][2] > now:
+                break
+            del tombs[k]
 
     def _evict_one(self) -> None:
         h = self._heap
@@ -258,7 +300,7 @@ class Table:
 
     def _log_change(self, op: Op, e: Entry) -> None:
         self.seq += 1
-        ch = Change(self.seq, op, replace(e))
+        ch = Change(self.seq, op, e.copy())
         self._log.append(ch)
         for fn in self.listeners:
             fn(ch)

@@ -1,0 +1,594 @@
+"""State sync's gRPC edge: the Sync server (we send our tables) and one follower link per peer
+(we receive theirs). The protocol is described in ``proto/halb/v1/sync.proto``; the decisions
+(snapshot or resume, batching, applying) live in the pure ``halb.sync.core``.
+
+Built by the composition root as ``SyncService(cfg.sync, node)``; it uses ``node.name``,
+``node.tables``, ``node.wall``, ``node.metrics.registry``, ``node.election`` (may be None)
+and ``node.cfg.vrrp`` (advert intervals, for the start-up hold).
+
+- Memory: a sender never queues per follower; it reads its bounded change log at the
+  follower's cursor and keeps at most ``WINDOW`` unacknowledged batches in flight. A follower
+  further behind than ``sync.max_backlog`` (or than the log) gets a snapshot instead.
+- Fast crash detection: a follower link is one long-lived stream; when it ends (the peer's
+  kernel closed the connection, or keepalive gave up) the link calls
+  ``election.sync_peer_lost(peer_host)`` at once, and ``sync_peer_seen`` on reconnect.
+- Start: ``election.set_preempt_hold(True)`` until a snapshot from every reachable peer has
+  been applied (or 3 advert intervals + 2 s passed with the remaining peers unreachable).
+- Reconnects back off with jitter (tenacity), reset after a link that was up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import grpc
+from grpc import aio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from .. import log as hlog
+from ..config import SyncConfig, SyncPeer
+from ..tables import Table
+from ..v1 import sync_pb2 as pb
+from ..v1 import sync_pb2_grpc as pbg
+from . import security
+from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
+
+WINDOW = 32  # unacknowledged batches in flight per follower stream
+HELLO_TIMEOUT = 5.0  # a follower must say hello within this
+CONNECT_TIMEOUT = 3.0  # dial + TLS + welcome
+MAX_BACKOFF = 2.0  # reconnect backoff cap (seconds, random exponential with jitter)
+HARD_HOLD = 60.0  # never hold preemption longer than this, even for a slow snapshot
+KEEPALIVE_MS = 5000  # HTTP/2 pings on idle links; a silent peer is dropped after ~2x this
+UNKNOWN = "(unknown)"
+
+
+def _common_options() -> list[tuple[str, Any]]:
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS)]
+
+
+def _server_options() -> list[tuple[str, Any]]:
+    return _common_options() + [
+        ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def _channel_options(peer_name: str, tls: bool) -> list[tuple[str, Any]]:
+    opts = _common_options() + [
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),
+        ("grpc.use_local_subchannel_pool", 1),  # a fresh channel means a fresh connection
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    if tls:
+        opts.append(("grpc.ssl_target_name_override", peer_name))
+    return opts
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return str(e) or type(e).__name__
+
+
+class _NotConnected(Exception):
+    """The link never came up (retried with growing backoff)."""
+
+
+class _WasConnected(Exception):
+    """A link that was up broke (reconnect at once, backoff starts over)."""
+
+
+class Peer:
+    """Everything this node knows about one configured peer, kept across its streams."""
+
+    def __init__(self, cfg: SyncPeer, tables: list[Table]):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.host = cfg.address.host
+        self.address = str(cfg.address)
+        # follower side (we receive its tables)
+        self.state = "connecting"
+        self.connected = False
+        self.last_error = ""
+        self.rx = {t.name: TableReceiver(t, cfg.name) for t in tables}
+        self.learned = False
+        self.attempts = 0
+        self.connects = 0
+        self.received_entries = 0
+        self.received_bytes = 0
+        self.apply_delay = 0.0  # last batch: sent on the peer -> applied here (wall clocks)
+        # sender side (it follows our tables)
+        self.out = {t.name: OutState() for t in tables}
+        self.streams = 0
+        self.sent_entries = 0
+        self.sent_bytes = 0
+        self.sent_batches = 0
+        self.snapshots_sent = 0
+        self.resumes = 0
+        self.refused = 0
+
+
+class _Stream:
+    __slots__ = ("batch", "acked", "wake", "closed", "error")
+
+    def __init__(self):
+        self.batch = 0
+        self.acked = 0
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.error = ""
+
+
+class _Servicer(pbg.SyncServicer):
+    def __init__(self, svc: "SyncService"):
+        self.svc = svc
+
+    async def Follow(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        await self.svc._serve(context)
+
+
+class _Collector:
+    """Sync metrics, read from the peers' state at scrape time (nothing on the hot path)."""
+
+    def __init__(self, svc: "SyncService"):
+        self.svc = svc
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        svc = self.svc
+        now = svc._now()
+        g = {k: GaugeMetricFamily(f"halb_sync_{k}", h, labels=["peer"]) for k, h in (
+            ("peer_connected", "1 while our follower link to the peer streams"),
+            ("lag_entries", "Our change-log records the peer has not acknowledged"),
+            ("lag_seconds", "Age of the oldest change the peer has not acknowledged"),
+            ("apply_delay_seconds", "Last batch from the peer: sent there -> applied here"))}
+        c = {k: CounterMetricFamily(f"halb_sync_{k}", h, labels=["peer"]) for k, h in (
+            ("refused", "Connections refused (bad certificate or name, unknown peer)"),
+            ("sent_entries", "Entries sent to the peer"),
+            ("sent_bytes", "Bytes of batches sent to the peer"),
+            ("received_entries", "Entries received from the peer"),
+            ("received_bytes", "Bytes of batches received from the peer"),
+            ("applied_entries", "Received entries that changed our tables"),
+            ("snapshots_sent", "Snapshots sent to the peer"),
+            ("snapshots_received", "Snapshots received from the peer"))}
+        for p in svc.peers.values():
+            lab = [p.name]
+            g["peer_connected"].add_metric(lab, 1 if p.connected else 0)
+            g["lag_entries"].add_metric(lab, svc._lag(p))
+            g["lag_seconds"].add_metric(lab, svc._lag_seconds(p, now))
+            g["apply_delay_seconds"].add_metric(lab, p.apply_delay)
+            c["refused"].add_metric(lab, p.refused)
+            c["sent_entries"].add_metric(lab, p.sent_entries)
+            c["sent_bytes"].add_metric(lab, p.sent_bytes)
+            c["received_entries"].add_metric(lab, p.received_entries)
+            c["received_bytes"].add_metric(lab, p.received_bytes)
+            c["applied_entries"].add_metric(lab, sum(r.applied for r in p.rx.values()))
+            c["snapshots_sent"].add_metric(lab, p.snapshots_sent)
+            c["snapshots_received"].add_metric(lab, sum(r.snapshots for r in p.rx.values()))
+        c["refused"].add_metric([UNKNOWN], svc.refused_unknown)
+        ready = GaugeMetricFamily("halb_sync_ready", "1 once the tables were learned from the peers")
+        ready.add_metric([], 1 if svc.ready else 0)
+        yield from g.values()
+        yield from c.values()
+        yield ready
+
+
+class SyncService:
+    def __init__(self, cfg: SyncConfig, node: Any):
+        self.cfg = cfg
+        self.node = node
+        self.name: str = node.name
+        self.tables: list[Table] = list(node.tables)
+        self.log = hlog.get_logger("sync")
+        self.peers: dict[str, Peer] = {p.name: Peer(p, self.tables) for p in cfg.peers}
+        self.refused_unknown = 0
+        self.ready = not self.peers
+        self.port = 0
+        self._tls: security.TLSMaterial | None = None
+        self._streams: set[_Stream] = set()
+        self._server: aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._progress = asyncio.Event()
+        self._collector: _Collector | None = None
+        self._stopping = False
+        self._held = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._progress = asyncio.Event()
+        if self.cfg.tls:
+            self._tls = security.load(self.cfg.tls)
+        else:
+            self.log.warning("sync_insecure", reason="no [sync.tls]: peers are not authenticated "
+                             "and table contents travel in plaintext")
+        for t in self.tables:
+            t.listeners.append(self._on_change)
+        server = aio.server(options=_server_options(),
+                            maximum_concurrent_rpcs=4 * len(self.peers) + 4)
+        pbg.add_SyncServicer_to_server(_Servicer(self), server)
+        addr = str(self.cfg.listen)
+        try:
+            if self._tls:
+                port = server.add_secure_port(addr, security.server_credentials(self._tls))
+            else:
+                port = server.add_insecure_port(addr)
+        except RuntimeError as e:
+            raise OSError(f"sync.listen {addr}: cannot listen: {e}") from None
+        if not port:
+            raise OSError(f"sync.listen {addr}: cannot listen (address in use or not local)")
+        self.port = port
+        await server.start()
+        self._server = server
+        reg = getattr(getattr(self.node, "metrics", None), "registry", None)
+        if reg is not None:
+            self._collector = _Collector(self)
+            reg.register(self._collector)
+        if self.peers:
+            self._hold(True)
+        for p in self.peers.values():
+            self._tasks.append(asyncio.create_task(self._link(p), name=f"sync-link-{p.name}"))
+        self._tasks.append(asyncio.create_task(self._learn(), name="sync-learn"))
+        self.log.info("sync_started", listen=addr, port=port, tls=bool(self._tls),
+                      peers=[f"{p.name}@{p.address}" for p in self.peers.values()])
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for t in self.tables:
+            if self._on_change in t.listeners:
+                t.listeners.remove(self._on_change)
+        for st in list(self._streams):
+            st.closed = True
+            st.wake.set()
+        if self._server is not None:
+            await self._server.stop(grace=0.2)
+            self._server = None
+        if self._collector is not None:
+            try:
+                self.node.metrics.registry.unregister(self._collector)
+            except KeyError:
+                pass
+            self._collector = None
+
+    # -- public read side ---------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        now = self._now()
+        out = []
+        for p in self.peers.values():
+            out.append({
+                "name": p.name,
+                "address": p.address,
+                "connected": p.connected,
+                "state": p.state,
+                "lag_entries": self._lag(p),
+                "lag_seconds": round(self._lag_seconds(p, now), 3),
+                "acked_seq": sum(o.seq for t in self.tables
+                                 if (o := p.out[t.name]).epoch == t.epoch),
+                "epoch": p.rx[self.tables[0].name].epoch,
+                "last_error": p.last_error,
+                "refused": p.refused,
+                "tables": {t.name: {"acked_seq": p.out[t.name].seq if p.out[t.name].epoch == t.epoch else 0,
+                                    "lag_entries": p.out[t.name].lag(t),
+                                    "peer_epoch": p.rx[t.name].epoch,
+                                    "peer_seq": p.rx[t.name].seq,
+                                    "applied": p.rx[t.name].applied}
+                           for t in self.tables},
+                "sent_entries": p.sent_entries,
+                "received_entries": p.received_entries,
+                "snapshots_sent": p.snapshots_sent,
+                "resumes": p.resumes,
+            })
+        if self.refused_unknown:
+            out.append({"name": UNKNOWN, "address": "", "connected": False, "state": "down",
+                        "lag_entries": 0, "lag_seconds": 0.0, "acked_seq": 0, "epoch": 0,
+                        "last_error": "connections from nodes not in sync.peers",
+                        "refused": self.refused_unknown})
+        return out
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.tables[0].clock.now() if self.tables else time.time()
+
+    def _lag(self, p: Peer) -> int:
+        return sum(p.out[t.name].lag(t) for t in self.tables)
+
+    def _lag_seconds(self, p: Peer, now: float) -> float:
+        return max((p.out[t.name].lag_seconds(t, now) for t in self.tables), default=0.0)
+
+    def _on_change(self, _change) -> None:
+        for st in self._streams:
+            st.wake.set()
+
+    def _election(self):
+        return None if self._stopping else getattr(self.node, "election", None)
+
+    def _hold(self, hold: bool) -> None:
+        el = self._election()
+        if el is None:
+            return
+        try:
+            el.set_preempt_hold(hold)
+            self._held = hold
+        except Exception:  # the election must not break sync (nor the other way round)
+            self.log.exception("preempt_hold_failed", hold=hold)
+
+    def _peer_event(self, p: Peer, up: bool) -> None:
+        el = self._election()
+        if el is None or not self.cfg.fast_takeover:
+            return
+        try:
+            if up:
+                el.sync_peer_seen(p.host)
+            else:
+                el.sync_peer_lost(p.host)
+        except Exception:
+            self.log.exception("election_notify_failed", peer=p.name, up=up)
+
+    # -- start-up learning --------------------------------------------------------------------
+
+    async def _learn(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        vrrp = getattr(getattr(self.node, "cfg", None), "vrrp", ()) or ()
+        adv = max((v.advert_interval for v in vrrp), default=1.0)
+        soft = 3 * adv + 2.0
+        reason = "learned"
+        while True:
+            pending = [p for p in self.peers.values() if not p.learned]
+            if not pending:
+                break
+            waited = loop.time() - t0
+            if waited >= HARD_HOLD:
+                reason = "hard timeout"
+                break
+            if waited >= soft and not any(p.connected for p in pending):
+                reason = "timeout"
+                break
+            self._progress.clear()
+            wait = (soft - waited) if waited < soft else (HARD_HOLD - waited)
+            try:
+                await asyncio.wait_for(self._progress.wait(), max(0.01, wait))
+            except asyncio.TimeoutError:
+                pass
+        self.ready = True
+        self._hold(False)
+        self.log.info("sync_ready", reason=reason, waited=round(loop.time() - t0, 3),
+                      learned=[p.name for p in self.peers.values() if p.learned],
+                      unreachable=[p.name for p in self.peers.values() if not p.learned])
+
+    # -- sender side: a peer follows our tables -----------------------------------------------
+
+    def _identity_problem(self, name: str, context) -> str:
+        if name not in self.peers:
+            return f"node {name!r} is not in sync.peers"
+        if self._tls is not None:
+            names = security.peer_names(context)
+            if name not in names:
+                return f"hello names {name!r} but the certificate names {sorted(names)}"
+        return ""
+
+    async def _serve(self, context) -> None:
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello")
+            return
+        if first is aio.EOF or first.WhichOneof("msg") != "hello" or not first.hello.node:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first message must be a hello naming the node")
+            return
+        hello = first.hello
+        problem = self._identity_problem(hello.node, context)
+        if problem:
+            p = self.peers.get(hello.node)
+            if p is not None:
+                p.refused += 1
+            else:
+                self.refused_unknown += 1
+            self.log.warning("sync_refused", follower=hello.node, remote=context.peer(),
+                             reason=problem)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+            return
+        await self._stream_to(self.peers[hello.node], hello, context)
+
+    async def _stream_to(self, p: Peer, hello: pb.SyncHello, context) -> None:
+        cursors = {c.table: c for c in hello.cursors}
+        senders: dict[str, TableSender] = {}
+        how = {}
+        for t in self.tables:
+            s = TableSender(t, self.name, batch_size=self.cfg.batch_size,
+                            max_backlog=self.cfg.max_backlog, out=p.out[t.name])
+            c = cursors.get(t.name)
+            how[t.name] = s.start(c.epoch, c.seq) if c is not None else s.start(0, 0)
+            senders[t.name] = s
+        p.resumes += sum(1 for v in how.values() if v == "resume")
+        st = _Stream()
+        self._streams.add(st)
+        p.streams += 1
+        self.log.info("sync_follower", peer=p.name, remote=context.peer(), tables=how)
+        reader = asyncio.create_task(self._read_acks(p, context, senders, st))
+        try:
+            await context.write(pb.SyncBatch(kind=Kind.KIND_WELCOME, node=self.name,
+                                             sent=self._now()))
+            order = list(senders.values())
+            while not st.closed:
+                st.wake.clear()
+                for s in order:
+                    while st.batch - st.acked < WINDOW and not st.closed:
+                        b = s.next_batch(self._now())
+                        if b is None:
+                            break
+                        st.batch += 1
+                        b.batch = st.batch
+                        if b.kind == Kind.KIND_SNAPSHOT_BEGIN:
+                            p.snapshots_sent += 1
+                        await context.write(b)
+                        p.sent_batches += 1
+                        p.sent_entries += len(b.entries)
+                        p.sent_bytes += b.ByteSize()
+                if st.closed:
+                    break
+                await st.wake.wait()
+        finally:
+            reader.cancel()
+            self._streams.discard(st)
+            p.streams -= 1
+            self.log.info("sync_follower_gone", peer=p.name, error=st.error, batches=st.batch)
+
+    async def _read_acks(self, p: Peer, context, senders: dict[str, TableSender],
+                         st: _Stream) -> None:
+        try:
+            while True:
+                req = await context.read()
+                if req is aio.EOF:
+                    break
+                if req.WhichOneof("msg") != "ack":
+                    raise ProtocolError("only acks may follow the hello")
+                a = req.ack
+                if a.batch > st.batch:
+                    raise ProtocolError(f"ack for batch {a.batch}, only {st.batch} sent")
+                if a.batch > st.acked:
+                    st.acked = a.batch
+                s = senders.get(a.cursor.table)
+                if s is not None:
+                    s.ack(a.cursor.epoch, a.cursor.seq)
+                st.wake.set()
+        except ProtocolError as e:
+            st.error = str(e)
+            self.log.warning("sync_protocol_error", peer=p.name, error=str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the stream is gone; the writer stops
+            st.error = _describe(e)
+        finally:
+            st.closed = True
+            st.wake.set()
+
+    # -- follower side: we follow a peer's tables ---------------------------------------------
+
+    async def _link(self, p: Peer) -> None:
+        while True:
+            try:
+                async for attempt in AsyncRetrying(
+                        wait=wait_random_exponential(multiplier=0.05, max=MAX_BACKOFF),
+                        retry=retry_if_exception_type(_NotConnected), reraise=True):
+                    with attempt:
+                        await self._follow(p)
+            except _WasConnected:
+                await asyncio.sleep(random.uniform(0.0, 0.05))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not end the link for good
+                self.log.exception("sync_link_failed", peer=p.name)
+                await asyncio.sleep(1.0)
+
+    def _channel(self, p: Peer) -> aio.Channel:
+        opts = _channel_options(p.name, self._tls is not None)
+        if self._tls is not None:
+            return aio.secure_channel(p.address, security.channel_credentials(self._tls), opts)
+        return aio.insecure_channel(p.address, opts)
+
+    async def _follow(self, p: Peer) -> None:
+        p.attempts += 1
+        p.state = "connecting"
+        ch = self._channel(p)
+        try:
+            call = pbg.SyncStub(ch).Follow(wait_for_ready=False)
+            for r in p.rx.values():
+                r.reset_stream()
+            hello = pb.SyncHello(node=self.name, cursors=[r.cursor() for r in p.rx.values()])
+            try:
+                await call.write(pb.FollowRequest(hello=hello))
+                first = await asyncio.wait_for(call.read(), CONNECT_TIMEOUT)
+            except asyncio.TimeoutError:
+                call.cancel()
+                self._not_connected(p, f"no answer from {p.address} within {CONNECT_TIMEOUT}s")
+            except (aio.AioRpcError, aio.UsageError, grpc.RpcError) as e:
+                msg = _describe(e)
+                if "CERTIFICATE_VERIFY_FAILED" in msg or "Peer name" in msg:
+                    p.refused += 1
+                self._not_connected(p, msg)
+            if first is aio.EOF:
+                self._not_connected(p, "stream closed before the welcome")
+            if first.kind != Kind.KIND_WELCOME or first.node != p.name:
+                call.cancel()
+                self._not_connected(p, f"{p.address} answered as node {first.node!r}, "
+                                       f"expected {p.name!r}")
+            await self._stream_from(p, call)
+        finally:
+            await ch.close(grace=None)
+
+    def _not_connected(self, p: Peer, why: str) -> None:
+        p.state = "down"
+        if why != p.last_error:
+            self.log.warning("sync_connect_failed", peer=p.name, address=p.address, error=why)
+        p.last_error = why
+        self._progress.set()
+        raise _NotConnected(why)
+
+    async def _stream_from(self, p: Peer, call) -> None:
+        p.connected = True
+        p.state = "streaming"
+        p.last_error = ""
+        p.connects += 1
+        self._peer_event(p, True)
+        self._progress.set()
+        self.log.info("sync_connected", peer=p.name, address=p.address)
+        why = "stream closed by the peer"
+        try:
+            rx = p.rx
+            while True:
+                b = await call.read()
+                if b is aio.EOF:
+                    break
+                r = rx.get(b.table)
+                if r is None:
+                    raise ProtocolError(f"unknown table {b.table!r}")
+                r.handle(b)
+                p.received_entries += len(b.entries)
+                p.received_bytes += b.ByteSize()
+                if b.sent:
+                    p.apply_delay = max(0.0, self._now() - b.sent)
+                snap = any(x.in_snapshot for x in rx.values())
+                p.state = "snapshot" if snap else "streaming"
+                await call.write(pb.FollowRequest(ack=pb.SyncAck(batch=b.batch, cursor=r.cursor())))
+                if not p.learned and all(x.learned for x in rx.values()):
+                    p.learned = True
+                    self._progress.set()
+                    self.log.info("sync_learned", peer=p.name,
+                                  tables={n: x.seq for n, x in rx.items()})
+        except ProtocolError as e:
+            why = f"protocol error: {e}"
+            call.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - gRPC errors: the stream is gone
+            why = _describe(e)
+        finally:
+            p.connected = False
+            p.state = "down"
+            self._peer_event(p, False)
+            self._progress.set()
+        p.last_error = why
+        self.log.warning("sync_disconnected", peer=p.name, address=p.address, error=why)
+        raise _WasConnected(why)
