@@ -530,6 +530,9 @@ class ClientConn(asyncio.Protocol):
     def _upgrade(self, data: bytes, offset: int) -> None:
         rx = self.queue[-1] if self.queue else None
         if rx is None or not rx.complete or rx.req.has_body:
+            # llhttp skipped the body of an upgrade request: it must never be sent on
+            if rx is not None and rx is not self.cur:
+                self.queue.pop()
             self._refuse(HttpError(501, "protocol upgrade is not supported"))
             return
         # an upgrade offer (h2c, websocket) on a body-less request: served as plain HTTP/1.1
