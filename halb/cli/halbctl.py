@@ -385,6 +385,10 @@ def cmd_watch(args, client: Client) -> int:
         try:
             r = render_status(client.status())
             last_ok = True
+            if con.is_terminal:
+                from rich.console import Group
+                r = Group(Text(f"halbctl watch: every {args.interval:g}s, last at "
+                               + time.strftime("%H:%M:%S") + " (Ctrl-C ends)", style="dim"), r)
             return r
         except Fail as f:
             if f.code != EXIT_UNREACHABLE:

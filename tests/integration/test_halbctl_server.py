@@ -497,3 +497,35 @@ ca = "{made['ca']['cert']}"
             asyncio.run(ControlServer(bad.control, StandIn(bad)).start())
     finally:
         taken.close()
+
+
+def test_watch_on_a_terminal_redraws_live(running, sock):
+    import pty
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    master, slave = pty.openpty()
+    env = dict(os.environ, COLUMNS="160", LINES="80", PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "halb.cli.halbctl", "--socket", sock, "watch",
+                          "--interval", "0.2", "--count", "3"], stdout=slave, stderr=slave,
+                         cwd=str(ROOT), env=env)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(timeout=20) == 0, out[-2000:]
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+    text = out.decode(errors="replace")
+    assert "halbctl watch: every 0.2s" in text
+    assert text.count("node lb1") >= 3  # the first frame and two redraws
+    assert "\x1b[" in text  # drawn with terminal control sequences (rich Live), not appended
