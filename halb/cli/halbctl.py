@@ -495,6 +495,25 @@ def _int(v: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
 
 
+def _node_options(ap: argparse.ArgumentParser, suppress: str, *, main: bool) -> None:
+    def d(value):  # defaults live on the main parser only, so a command's copy cannot reset them
+        return value if main else suppress
+    g = ap.add_argument_group("which node")
+    g.add_argument("--socket", metavar="PATH", default=d(None), help="the node's control socket")
+    g.add_argument("--config", metavar="CONFIG", default=d(None),
+                   help="take the control socket from this node config")
+    g.add_argument("--address", metavar="HOST:PORT", default=d(None),
+                   help="TCP control address (mutual TLS)")
+    g.add_argument("--ca", metavar="FILE", default=d(None), help="CA certificate (with --address)")
+    g.add_argument("--cert", metavar="FILE", default=d(None),
+                   help="client certificate (with --address)")
+    g.add_argument("--key", metavar="FILE", default=d(None), help="client key (with --address)")
+    g.add_argument("--server-name", metavar="NAME", default=d(None),
+                   help="name the node's certificate is issued to, if not the host of --address")
+    g.add_argument("--timeout", type=_positive_float, default=d(DEFAULT_TIMEOUT), metavar="S",
+                   help=f"deadline of every call (default {DEFAULT_TIMEOUT:g}s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -502,47 +521,40 @@ def build_parser() -> argparse.ArgumentParser:
                  epilog="exit codes: 0 done; 1 bad usage or request refused (unknown name, bad "
                         "value); 2 node unreachable; 3 the node failed the call")
     ap.add_argument("--version", action="version", version=f"halbctl {__version__}")
-    g = ap.add_argument_group("which node")
-    g.add_argument("--socket", metavar="PATH", help="the node's control socket")
-    g.add_argument("--config", metavar="CONFIG", help="take the control socket from this node config")
-    g.add_argument("--address", metavar="HOST:PORT", help="TCP control address (mutual TLS)")
-    g.add_argument("--ca", metavar="FILE", help="CA certificate (with --address)")
-    g.add_argument("--cert", metavar="FILE", help="client certificate (with --address)")
-    g.add_argument("--key", metavar="FILE", help="client key (with --address)")
-    g.add_argument("--server-name", metavar="NAME",
-                   help="name the node's certificate is issued to, if not the host of --address")
-    ap.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
-                    help=f"deadline of every call (default {DEFAULT_TIMEOUT:g}s)")
+    _node_options(ap, argparse.SUPPRESS, main=True)
+    # the same options are accepted after the command too ("halbctl status --socket X")
+    common = argparse.ArgumentParser(add_help=False)
+    _node_options(common, argparse.SUPPRESS, main=False)
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("status", help="node, instances, peers, pools and tables")
+    p = sub.add_parser("status", parents=[common], help="node, instances, peers, pools and tables")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_status)
 
-    p = sub.add_parser("backends", help="backends with state, weight and connections")
+    p = sub.add_parser("backends", parents=[common], help="backends with state, weight and connections")
     p.add_argument("pool", nargs="?", help="only this pool")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_backends)
 
     for name, fn, hlp in (("drain", cmd_drain, "stop sending new connections to a backend"),
                           ("enable", cmd_enable, "end a drain")):
-        p = sub.add_parser(name, help=hlp)
+        p = sub.add_parser(name, parents=[common], help=hlp)
         p.add_argument("pool")
         p.add_argument("backend")
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("weight", help="set a backend's weight (0..256; 0 drains)")
+    p = sub.add_parser("weight", parents=[common], help="set a backend's weight (0..256; 0 drains)")
     p.add_argument("pool")
     p.add_argument("backend")
     p.add_argument("weight", type=_int)
     p.set_defaults(fn=cmd_weight)
 
-    p = sub.add_parser("failover", help="hand a master instance over to a backup")
+    p = sub.add_parser("failover", parents=[common], help="hand a master instance over to a backup")
     p.add_argument("instance")
     p.set_defaults(fn=cmd_failover)
 
-    p = sub.add_parser("tables", help="entries of the sticky and flow tables")
+    p = sub.add_parser("tables", parents=[common], help="entries of the sticky and flow tables")
     p.add_argument("table", nargs="?", choices=("sticky", "flow"))
     p.add_argument("--prefix", default="", help="only keys starting with this")
     p.add_argument("--limit", type=_count(1, MAX_LIMIT), default=100,
@@ -550,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_tables)
 
-    p = sub.add_parser("watch", help="status, refreshed live")
+    p = sub.add_parser("watch", parents=[common], help="status, refreshed live")
     p.add_argument("--interval", type=_positive_float, default=1.0, help="seconds between refreshes")
     p.add_argument("--count", type=_count(1, 1_000_000), default=None,
                    help="stop after this many refreshes")

@@ -301,3 +301,14 @@ def test_render_status_names_every_part():
 def test_to_dict_keeps_numbers_numbers():
     d = halbctl.to_dict(pb.Peer(name="x", lag_entries=5, acked_seq=2 ** 40))
     assert d["lag_entries"] == 5 and d["acked_seq"] == 2 ** 40 and d["connected"] is False
+
+
+def test_node_options_before_or_after_the_command():
+    a = parse("--socket", "/a.sock", "--timeout", "5", "status")
+    assert (a.socket, a.timeout, a.address) == ("/a.sock", 5.0, None)
+    a = parse("status", "--socket", "/b.sock", "--json")
+    assert (a.socket, a.timeout, a.json) == ("/b.sock", halbctl.DEFAULT_TIMEOUT, True)
+    a = parse("--socket", "/a.sock", "drain", "web", "w1", "--timeout", "1")
+    assert (a.socket, a.timeout, a.pool, a.backend) == ("/a.sock", 1.0, "web", "w1")
+    a = parse("--timeout", "2", "tables", "--socket", "/c.sock")
+    assert (a.socket, a.timeout) == ("/c.sock", 2.0)
