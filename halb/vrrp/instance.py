@@ -1,0 +1,583 @@
+"""The election's async edge: raw IP protocol 112 sockets, timers and actions around the pure FSM.
+
+    election = Election(cfg.vrrp, node)     # built by halb.node
+    await election.start() / await election.stop()
+    election.status() -> [ {name, vrid, interface, state, priority, base_priority, vips,
+                            master, advert_interval, preempt, since}, ... ]
+    election.handover(name)                 # graceful: priority 0, step down, hold (see below)
+    election.sync_peer_lost(ip) / sync_peer_seen(ip)   # state sync stream closed / opened
+    election.set_preempt_hold(True|False)   # state sync: do not preempt while learning tables
+
+One ``Channel`` per interface owns a raw socket (protocol 112, bound to the device, TTL 255,
+multicast on 224.0.0.18 with loop off, or unicast to ``unicast_peers``) and the ``Decoder`` for
+its VRIDs; received packets are checked cheaply, then parsed, then handed to the instance's
+FSM. One ``Instance`` per ``[[vrrp]]`` drives its ``Fsm``: a single timer at the FSM's next
+deadline, and the FSM's actions: send adverts, add/remove VIPs (pyroute2, in call order on one
+worker thread), gratuitous ARP bursts and refreshes (scapy frames, packet socket), state-change
+logs and metrics, and the notify command (``CMD INSTANCE <name> <MASTER|BACKUP|FAULT> <prio>``,
+keepalived's arguments; run in order per instance, each bounded by NOTIFY_TIMEOUT, its output
+logged).
+
+Graceful handover (``handover(name)``, also what the control API exposes): the master sends
+priority 0 (backups take over after Skew_Time), removes its VIPs and becomes backup with a
+*handover hold*: it does not preempt the new master, even with a higher priority and preempt
+on, until there is no master at all (it then takes over as usual, which ends the hold) or the
+daemon restarts. So an operator can drain a node and it stays drained.
+
+Shutdown (SIGTERM): a master sends priority 0 and removes its VIPs before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import struct
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from .. import log as hlog
+from ..config import TrackConfig, VrrpConfig
+from . import codec
+from .fsm import (BACKUP, FAULT, INIT, MASTER, AddVips, Fsm, Garp, Notify, Params, RemoveVips,
+                  SendAdvert, StateChange)
+from .garp import GarpSender, frames as garp_frames
+from .netlink import LinkError, Netlink
+from .track import Tracker, combine, make_tracker
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IP_MULTICAST_ALL = 49  # linux/in.h: 0 = only groups joined on this socket
+RCVBUF = 256 * 1024
+MAX_BATCH = 64  # packets read per wake-up before yielding to the loop
+NOTIFY_TIMEOUT = 10.0
+NOTIFY_QUEUE = 32
+NOTIFY_OUTPUT = 4096
+INVALID_LOG_EVERY = 10.0  # seconds between log lines per (channel, reason)
+OWN_IFACE_CHECK = 1.0  # the instance's own interface is always tracked (weight 0)
+
+log = hlog.get_logger("vrrp")
+STATES = (INIT, BACKUP, MASTER, FAULT)
+
+
+class Metrics:
+    """The election's families in the node's registry."""
+
+    def __init__(self, registry):
+        self.state = Gauge("halb_vrrp_state", "1 for the instance's current state",
+                           ["instance", "state"], registry=registry)
+        self.priority = Gauge("halb_vrrp_priority", "Effective priority (with tracking)",
+                              ["instance"], registry=registry)
+        self.transitions = Counter("halb_vrrp_transitions", "State changes", ["instance", "to"],
+                                   registry=registry)
+        self.invalid = Counter("halb_vrrp_invalid_adverts", "Adverts dropped, by reason "
+                               "(instance is iface:<name> when the VRID is unknown)",
+                               ["instance", "reason"], registry=registry)
+        self.sent = Counter("halb_vrrp_adverts_sent", "Adverts sent", ["instance"],
+                            registry=registry)
+        self.received = Counter("halb_vrrp_adverts_received", "Valid adverts received",
+                                ["instance"], registry=registry)
+
+
+class Channel:
+    """The raw socket of one interface, shared by the instances on it."""
+
+    def __init__(self, ifname: str, ifindex: int, election: "Election"):
+        self.ifname = ifname
+        self.ifindex = ifindex
+        self.election = election
+        self.decoder = codec.Decoder()
+        self.by_vrid: dict[int, Instance] = {}
+        self.own: set[str] = set()
+        self.sock: socket.socket | None = None
+        self._log_at: dict[str, float] = {}
+        self.send_errors = 0
+
+    def open(self, loop: asyncio.AbstractEventLoop, multicast: bool) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, codec.PROTO)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.ifname.encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, codec.TTL)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, codec.TTL)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            mreqn = struct.pack("=4s4si", socket.inet_aton(codec.GROUP), b"\0" * 4, self.ifindex)
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+            if multicast:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+        loop.add_reader(s.fileno(), self._readable)
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def send(self, payload: bytes, src: str, dst: str) -> bool:
+        if self.sock is None:
+            return False
+        pktinfo = struct.pack("=i4s4s", self.ifindex, socket.inet_aton(src), b"\0" * 4)
+        try:
+            self.sock.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, (dst, 0))
+            return True
+        except OSError as e:  # e.g. the link is down: counted and logged, never fatal
+            self.send_errors += 1
+            self._rate_log("send_failed", interface=self.ifname, dst=dst, error=str(e))
+            return False
+
+    def _rate_log(self, key: str, **fields) -> None:
+        now = time.monotonic()
+        if now - self._log_at.get(key, -1e9) >= INVALID_LOG_EVERY:
+            self._log_at[key] = now
+            log.warning(key, **fields)
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(MAX_BATCH):
+            try:
+                data = sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._rate_log("recv_failed", interface=self.ifname, error=str(e))
+                return
+            try:
+                self._packet(data)
+            except Exception:  # noqa: BLE001 - one packet never takes the election down
+                log.exception("advert_handling_failed", interface=self.ifname)
+
+    def _packet(self, data: bytes) -> None:
+        if len(data) >= 20 and socket.inet_ntoa(data[12:16]) in self.own:
+            return  # our own advert (unicast to ourselves, or looped back)
+        r = self.decoder.decode(data)
+        if isinstance(r, codec.Invalid):
+            vrid, _ = self.decoder.last_invalid or (None, r)
+            inst = self.by_vrid.get(vrid) if vrid is not None else None
+            label = inst.name if inst else f"iface:{self.ifname}"
+            self.election.metrics.invalid.labels(label, r.reason).inc()
+            self._rate_log(f"invalid_advert:{r.reason}", interface=self.ifname, instance=label,
+                           reason=r.reason, detail=r.detail)
+            return
+        inst = self.by_vrid.get(r.vrid)
+        if inst is not None:
+            inst.on_advert(r)
+
+
+class Instance:
+    """One virtual router: its FSM, its timer and the actions."""
+
+    def __init__(self, cfg: VrrpConfig, election: "Election"):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.election = election
+        self.node = election.node
+        self.clock = election.node.clock
+        self.fsm: Fsm | None = None
+        self.channel: Channel | None = None
+        self.address = ""
+        self.signer: codec.Signer | None = None
+        self.dsts: tuple[str, ...] = tuple(cfg.unicast_peers) or (codec.GROUP,)
+        self.vip_strs = tuple(str(v.ip) for v in cfg.vips)
+        self.trackers: list[Tracker] = []
+        self.mac = ""
+        self.garp = GarpSender(cfg.interface)
+        self._frames: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._vip_ops: set[asyncio.Future] = set()
+        self._garp_handles: list[asyncio.TimerHandle] = []
+        self._notify_q: asyncio.Queue | None = None
+        self.hold = False
+
+    # -- set up ---------------------------------------------------------------------------------
+
+    async def prepare(self, netlink: Netlink, hold: bool) -> None:
+        cfg = self.cfg
+        st = await netlink.link(cfg.interface)
+        if not st["exists"]:
+            raise OSError(f"vrrp instance {cfg.name!r}: no interface {cfg.interface!r}")
+        self.ifindex = st["index"]
+        self.mac = st["mac"]
+        self.address = cfg.source_address or await netlink.primary_address(cfg.interface,
+                                                                           self.vip_strs)
+        if not self.address:
+            raise OSError(f"vrrp instance {cfg.name!r}: no IPv4 address on {cfg.interface!r} "
+                          "to send adverts from (set source_address)")
+        key = cfg.auth_key.encode() if cfg.auth_key else b""
+        self.signer = codec.Signer(cfg.vrid, self.vip_strs, self.address, cfg.checksum, key)
+        self._frames = garp_frames(self.mac, self.vip_strs) if self.mac else []
+        self.fsm = Fsm(Params(vrid=cfg.vrid, priority=cfg.priority, interval=cfg.advert_interval,
+                              address=self.address, preempt=cfg.preempt,
+                              preempt_delay=cfg.preempt_delay, garp_refresh=cfg.garp.refresh))
+        self.fsm.hold_sync = hold
+        own_iface = TrackConfig(type="interface", interface=cfg.interface, weight=0,
+                                interval=OWN_IFACE_CHECK)
+        tcs = [own_iface] + [t for t in cfg.track
+                             if not (t.type == "interface" and t.interface == cfg.interface
+                                     and t.weight == 0)]
+        self.trackers = [make_tracker(t, self.node, netlink) for t in tcs]
+        # first verdicts before the FSM starts, so a node never briefly claims a VIP it
+        # should not (scripts are bounded by their timeouts)
+        await asyncio.gather(*(t.poll() for t in self.trackers))
+        for t in self.trackers:
+            if t.ok is False:
+                log.warning("track_failed", instance=self.name, tracker=t.name,
+                            detail=t.verdict.detail, weight=t.weight)
+
+    def start(self) -> None:
+        assert self.fsm is not None
+        m = self.election.metrics
+        for s in STATES:
+            m.state.labels(self.name, s).set(1 if s == INIT else 0)
+        m.priority.labels(self.name).set(self.fsm.priority)
+        self._notify_q = asyncio.Queue(NOTIFY_QUEUE)
+        if self.cfg.notify:
+            self._tasks.append(asyncio.create_task(self._notifier(), name=f"vrrp-notify-{self.name}"))
+        fault, delta = combine((t.weight, t.ok) for t in self.trackers)
+        now = self.clock.now()
+        self.fsm.set_tracking(now, fault, delta)
+        self._apply(self.fsm.start(now))
+        for t in self.trackers:
+            self._tasks.append(asyncio.create_task(self._track_loop(t),
+                                                   name=f"vrrp-track-{self.name}-{t.name}"))
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def on_advert(self, adv: codec.Advert) -> None:
+        if self.fsm is None or self.fsm.stopped:
+            return
+        self.election.metrics.received.labels(self.name).inc()
+        before = self.fsm.master
+        self._apply(self.fsm.on_advert(self.clock.now(), adv.src, adv.priority, adv.interval))
+        if self.fsm.master != before and self.fsm.state == BACKUP and self.fsm.master:
+            log.info("vrrp_master_seen", instance=self.name, master=self.fsm.master,
+                     priority=adv.priority, interval=adv.interval)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.fsm is None or self.fsm.stopped:
+            return
+        try:
+            self._apply(self.fsm.on_timer(self.clock.now()))
+        except Exception:  # noqa: BLE001
+            log.exception("timer_failed", instance=self.name)
+            self._schedule()
+
+    async def _track_loop(self, t: Tracker) -> None:
+        while True:
+            await asyncio.sleep(t.cfg.interval)
+            try:
+                changed = await t.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("track_poll_failed", instance=self.name, tracker=t.name)
+                continue
+            if changed and self.fsm is not None and not self.fsm.stopped:
+                log.info("track_changed", instance=self.name, tracker=t.name, ok=t.ok,
+                         detail=t.verdict.detail, weight=t.weight)
+                fault, delta = combine((x.weight, x.ok) for x in self.trackers)
+                self._apply(self.fsm.set_tracking(self.clock.now(), fault, delta))
+
+    def call(self, method: str, *args) -> None:
+        """Runs an FSM input (``handover``, ``sync_peer_lost``, ...) and its actions."""
+        assert self.fsm is not None
+        self._apply(getattr(self.fsm, method)(self.clock.now(), *args))
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _apply(self, acts: list) -> None:
+        for a in acts:
+            try:
+                self._act(a)
+            except Exception:  # noqa: BLE001 - one failed action never stops the others
+                log.exception("action_failed", instance=self.name, action=repr(a))
+        self._schedule()
+
+    def _act(self, a: Any) -> None:
+        if isinstance(a, SendAdvert):
+            self.send_advert(a.priority, a.interval)
+        elif isinstance(a, AddVips):
+            self._vip_op(add=True)
+        elif isinstance(a, RemoveVips):
+            self._vip_op(add=False)
+        elif isinstance(a, Garp):
+            self._send_garp(a.burst)
+        elif isinstance(a, StateChange):
+            self._state_changed(a)
+        elif isinstance(a, Notify):
+            self._queue_notify(a)
+
+    def send_advert(self, priority: int, interval: float) -> None:
+        assert self.signer is not None and self.channel is not None
+        for dst in self.dsts:
+            if self.channel.send(self.signer.payload(priority, interval, dst), self.address, dst):
+                self.election.metrics.sent.labels(self.name).inc()
+
+    def _vip_op(self, add: bool) -> None:
+        nl = self.election.netlink
+        fut = (nl.add_vips if add else nl.remove_vips)(self.cfg.interface, self.cfg.vips)
+        self._vip_ops.add(fut)
+
+        def done(f: asyncio.Future) -> None:
+            self._vip_ops.discard(f)
+            if f.cancelled():
+                return
+            e = f.exception()
+            if e is not None:
+                log.error("vip_failed", instance=self.name, op="add" if add else "remove",
+                          error=str(e))
+            elif f.result():
+                log.info("vips_added" if add else "vips_removed", instance=self.name,
+                         interface=self.cfg.interface, vips=f.result())
+        fut.add_done_callback(done)
+
+    def _send_garp(self, burst: bool) -> None:
+        if not self._frames:
+            return
+        count = max(1, self.cfg.garp.count) if burst else 1
+        if self.cfg.garp.count == 0 and burst:
+            return
+        self.garp.send(self._frames)
+        loop = asyncio.get_running_loop()
+        self._garp_handles = [h for h in self._garp_handles if not h.cancelled()]
+        for i in range(1, count):
+            self._garp_handles.append(
+                loop.call_later(i * self.cfg.garp.spacing, self._garp_again))
+
+    def _garp_again(self) -> None:
+        if self.fsm is not None and self.fsm.state == MASTER:
+            self.garp.send(self._frames)
+
+    def _state_changed(self, a: StateChange) -> None:
+        m = self.election.metrics
+        m.state.labels(self.name, a.old).set(0)
+        m.state.labels(self.name, a.new).set(1)
+        m.transitions.labels(self.name, a.new).inc()
+        assert self.fsm is not None
+        m.priority.labels(self.name).set(self.fsm.priority)
+        if a.new != MASTER:
+            for h in self._garp_handles:
+                h.cancel()
+            self._garp_handles.clear()
+        log.info("vrrp_state", instance=self.name, vrid=self.cfg.vrid, old=a.old, new=a.new,
+                 reason=a.reason, priority=self.fsm.priority, master=self.fsm.master,
+                 interval=self.fsm.interval)
+
+    def _queue_notify(self, n: Notify) -> None:
+        m = self.election.metrics
+        if self.fsm is not None:
+            m.priority.labels(self.name).set(self.fsm.priority)
+        if not self.cfg.notify or self._notify_q is None:
+            return
+        try:
+            self._notify_q.put_nowait(n)
+        except asyncio.QueueFull:
+            log.warning("notify_dropped", instance=self.name, state=n.state,
+                        reason="queue full")
+
+    async def _notifier(self) -> None:
+        assert self._notify_q is not None
+        while True:
+            n: Notify = await self._notify_q.get()
+            await run_notify(self.cfg.notify, self.name, n.state, n.priority)
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.fsm is None or self.fsm.stopped:
+            return
+        d = self.fsm.deadline()
+        if d is None:
+            return
+        delay = max(0.0, d - self.clock.now())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for h in self._garp_handles:
+            h.cancel()
+        if self.fsm is not None and not self.fsm.stopped:
+            self._apply(self.fsm.shutdown(self.clock.now()))
+        if self._vip_ops:
+            await asyncio.wait(list(self._vip_ops), timeout=3.0)
+        if self._notify_q is not None and self.cfg.notify:
+            # let the last notifications (e.g. BACKUP on shutdown) run, bounded
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain_notify(), timeout=2.0)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        self.garp.close()
+
+    async def _drain_notify(self) -> None:
+        while self._notify_q is not None and not self._notify_q.empty():
+            await asyncio.sleep(0.01)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        f = self.fsm
+        now = self.clock.now()
+        return {
+            "name": self.name,
+            "vrid": self.cfg.vrid,
+            "interface": self.cfg.interface,
+            "state": f.state if f else INIT,
+            "priority": f.priority if f else self.cfg.priority,
+            "base_priority": self.cfg.priority,
+            "vips": [str(v) for v in self.cfg.vips],
+            "master": f.master if f else "",
+            "advert_interval": f.interval if f else self.cfg.advert_interval,
+            "preempt": self.cfg.preempt,
+            "since": max(0.0, now - f.since) if f and f.since else 0.0,
+        }
+
+
+async def run_notify(command: str, name: str, state: str, priority: int) -> int | None:
+    """Runs the notify command with keepalived's arguments; returns its exit status (None when
+    it could not run or timed out). Output (bounded) goes to the log."""
+    argv = shlex.split(command) + ["INSTANCE", name, state, str(priority)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        log.error("notify_failed", instance=name, state=state, command=command, error=str(e))
+        return None
+    try:
+        out = await asyncio.wait_for(proc.stdout.read(NOTIFY_OUTPUT), NOTIFY_TIMEOUT)
+        rc = await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        log.error("notify_timeout", instance=name, state=state, command=command,
+                  timeout=NOTIFY_TIMEOUT)
+        return None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    log.info("notify", instance=name, state=state, priority=priority, exit=rc,
+             output=out.decode(errors="replace").strip()[:NOTIFY_OUTPUT])
+    return rc
+
+
+class Election:
+    """Every VRRP instance of the node (see the module docstring for the public calls)."""
+
+    def __init__(self, cfgs: tuple[VrrpConfig, ...], node):
+        self.cfgs = tuple(cfgs)
+        self.node = node
+        self.metrics = Metrics(node.metrics.registry)
+        self.instances: dict[str, Instance] = {c.name: Instance(c, self) for c in self.cfgs}
+        self.channels: dict[str, Channel] = {}
+        self.netlink: Netlink | None = None
+        self._hold = False
+        self._started = False
+        sync = getattr(getattr(node, "cfg", None), "sync", None)
+        self.fast_takeover = bool(sync.fast_takeover) if sync is not None else True
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.netlink = Netlink()
+        try:
+            for inst in self.instances.values():
+                await inst.prepare(self.netlink, self._hold)
+            for inst in self.instances.values():
+                ch = self.channels.get(inst.cfg.interface)
+                if ch is None:
+                    ch = self.channels[inst.cfg.interface] = Channel(inst.cfg.interface,
+                                                                     inst.ifindex, self)
+                ch.by_vrid[inst.cfg.vrid] = inst
+                ch.own.add(inst.address)
+                key = inst.cfg.auth_key.encode() if inst.cfg.auth_key else b""
+                ch.decoder.add(inst.cfg.vrid, inst.vip_strs, inst.cfg.checksum, key,
+                               inst.cfg.unicast_peers or None)
+                inst.channel = ch
+            for ch in self.channels.values():
+                multicast = any(not i.cfg.unicast_peers for i in ch.by_vrid.values())
+                ch.open(loop, multicast)
+        except (LinkError, OSError):
+            await self._close()
+            raise
+        self._started = True
+        for inst in self.instances.values():
+            inst.start()
+        log.info("election_started", instances=[
+            {"name": i.name, "vrid": i.cfg.vrid, "interface": i.cfg.interface,
+             "address": i.address, "priority": i.cfg.priority} for i in self.instances.values()])
+
+    async def stop(self) -> None:
+        if self._started:
+            await asyncio.gather(*(i.stop() for i in self.instances.values()),
+                                 return_exceptions=True)
+            self._started = False
+            log.info("election_stopped")
+        await self._close()
+
+    async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for ch in self.channels.values():
+            ch.close(loop)
+        if self.netlink is not None:
+            self.netlink.close()
+
+    # -- public calls -------------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        return [i.status() for i in self.instances.values()]
+
+    def handover(self, name: str) -> None:
+        """Graceful handover of instance ``name``: KeyError if unknown, ValueError if not master."""
+        inst = self.instances[name]
+        if inst.fsm is None or inst.fsm.state != MASTER:
+            raise ValueError(f"instance {name!r} is not master "
+                             f"(state {inst.fsm.state if inst.fsm else INIT})")
+        inst.call("handover")
+        log.info("handover", instance=name)
+
+    def sync_peer_lost(self, peer_ip: str) -> None:
+        if not self.fast_takeover:
+            return
+        for inst in self.instances.values():
+            if inst.fsm is not None and not inst.fsm.stopped:
+                inst.call("sync_peer_lost", peer_ip)
+                if inst.fsm.fast_at is not None:
+                    log.info("fast_takeover_armed", instance=inst.name, peer=peer_ip,
+                             within=inst.fsm.mai)
+
+    def sync_peer_seen(self, peer_ip: str) -> None:
+        for inst in self.instances.values():
+            if inst.fsm is not None and not inst.fsm.stopped:
+                inst.call("sync_peer_seen", peer_ip)
+
+    def set_preempt_hold(self, hold: bool) -> None:
+        self._hold = bool(hold)
+        for inst in self.instances.values():
+            if inst.fsm is not None:
+                inst.call("set_preempt_hold", self._hold)
+        log.info("preempt_hold", hold=self._hold)
