@@ -242,7 +242,9 @@ def render_status(st) -> Any:
     else:
         parts.append(Text("election: not configured"))
     if st.sync_enabled:
-        t = Table(title="peers (state sync, as this node sees them)", title_justify="left")
+        t = Table(title="peers (state sync, as this node sees them; tables "
+                  + ("learned)" if st.sync_ready else "[yellow]still being learned[/])"),
+                  title_justify="left")
         for col in ("peer", "address", "link", "state", "lag entries", "lag s", "acked seq",
                     "sent", "received", "refused", "last error"):
             t.add_column(col)

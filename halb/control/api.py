@@ -188,6 +188,7 @@ class ControlAPI:
             election_enabled=getattr(node, "election", None) is not None,
             instances=self.election_status(),
             sync_enabled=getattr(node, "sync", None) is not None,
+            sync_ready=bool(getattr(getattr(node, "sync", None), "ready", True)),
             peers=self.sync_status(),
             pools=[pool_msg(p, now) for p in node.pools.values()],
             tables=tables)

@@ -63,6 +63,8 @@ class Election:
 
 
 class Sync:
+    ready = False
+
     def status(self):
         return [{"name": "lb2", "address": "198.18.0.2:7001", "connected": True,
                  "state": "streaming", "lag_entries": 3, "lag_seconds": 0.002, "acked_seq": 1234,
@@ -194,7 +196,7 @@ def test_status_table_shows_every_part(running, sock, capsys):
     assert "node lb1" in out
     for needle in ("vi1", "master", "198.18.0.100/24", "vi2", "backup",  # election
                    "lb2", "198.18.0.2:7001", "connected", "lb3", "disconnected",
-                   "connection refused",  # peers as this node sees them
+                   "connection refused", "still being learned",  # peers as this node sees them
                    "web1", "web2", "spare", "api1", "127.0.0.1:9001",  # pools
                    "sticky", "flow"):
         assert needle in out, f"{needle!r} missing from status output:\n{out}"
@@ -206,7 +208,9 @@ def test_status_json(running, node, sock, capsys):
     assert code == 0
     d = json.loads(out)
     assert d["node"]["name"] == "lb1" and d["node"]["pid"] == os.getpid()
-    assert d["election_enabled"] and d["sync_enabled"]
+    assert d["election_enabled"] and d["sync_enabled"] and d["sync_ready"] is False
+    node.sync.ready = True
+    assert json.loads(ctl(capsys, sock, "status", "--json")[1])["sync_ready"] is True
     inst = {i["name"]: i for i in d["instances"]}
     assert inst["vi1"]["state"] == "master" and inst["vi1"]["vrid"] == 51
     assert inst["vi1"]["advert_interval"] == pytest.approx(0.1)
