@@ -1,0 +1,391 @@
+"""The failover demo (``./dev demo`` = ``python -m lab demo``).
+
+Builds the default lab (two LB nodes, active-passive; three backends; one client), sends
+steady traffic from the client (HTTP from many sticky clients, a TCP and a UDP stream), shows
+``halbctl status``, kills the primary with ``kill -9`` and prints what the failover cost:
+when the standby held the VIP, when the VIP answered from the standby, the requests that
+failed in between, and how many sticky clients kept their backend. Writes
+``<out>/failover.png`` (requests per 10 ms by serving node and by backend, kill marked) and
+``<out>/failover.json``, then tears the lab down.
+
+Which node served a request is not guessed: the backends echo the address the request came
+from, and each LB node connects to the backends from its own address.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import netns as nx
+from .lab import PY, Lab, LabError, ROOT
+from .topology import HTTP_PORT, TCP_PORT, UDP_PORT, Topology
+
+BIN = 0.01  # seconds per histogram bin
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+class VipWatch:
+    """Polls which LB nodes hold ``vip`` (every ``interval``, one netlink socket kept open per
+    namespace: a round costs about 2 ms per node) and records each change with its
+    CLOCK_MONOTONIC time. A node counts as a holder while its halbd process exists (also when
+    stopped): a killed node's kernel keeps the address, but nothing answers there any more.
+    Bounded: stops after ``max_seconds`` or ``stop()``."""
+
+    def __init__(self, lab: Lab, vip: str, interval: float = 0.002, max_seconds: float = 120.0):
+        self.lab, self.vip, self.interval, self.max_seconds = lab, vip, interval, max_seconds
+        self.changes: list[tuple[float, tuple[str, ...]]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="vip-watch", daemon=True)
+
+    def _run(self) -> None:
+        from pyroute2 import IPRoute
+        socks = {h.name: IPRoute(netns=h.netns) for h in self.lab.topo.lb_hosts}
+        try:
+            end = time.monotonic() + self.max_seconds
+            last = None
+            while not self._stop.is_set() and time.monotonic() < end:
+                cur = []
+                for name, ip in socks.items():
+                    try:
+                        addrs = {m.get_attr("IFA_ADDRESS") for m in ip.get_addr(family=2)}
+                    except Exception:  # noqa: BLE001 - namespace going away
+                        continue
+                    if self.vip in addrs and self.lab.alive(name):
+                        cur.append(name)
+                t = time.monotonic()
+                if tuple(cur) != last:
+                    self.changes.append((t, tuple(cur)))
+                    last = tuple(cur)
+                self._stop.wait(self.interval)
+        finally:
+            for ip in socks.values():
+                ip.close()
+
+    def start(self) -> "VipWatch":
+        self._t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+
+    def first_time(self, cond, after: float) -> float | None:
+        for t, holders in self.changes:
+            if t >= after and cond(holders):
+                return t
+        return None
+
+    def double_master_seconds(self, start: float, end: float) -> float:
+        """Time in [start, end] during which more than one node held the VIP."""
+        total = 0.0
+        pts = self.changes + [(end, ())]
+        for (t, h), (t2, _) in zip(pts, pts[1:]):
+            a, b = max(t, start), min(t2, end)
+            if b > a and len(h) > 1:
+                total += b - a
+        return total
+
+
+class Traffic:
+    """lab.traffic running in the client namespace, events in ``path`` (JSON lines)."""
+
+    def __init__(self, lab: Lab, path: Path, seconds: float, vip: str | None = None,
+                 extra: list[str] | None = None):
+        self.path = path
+        self.lab = lab
+        argv = [PY, "-m", "lab.traffic", "--vip", vip or lab.topo.vips[0], "--seconds", str(seconds),
+                "--http-port", str(HTTP_PORT), "--tcp-port", str(TCP_PORT),
+                "--udp-port", str(UDP_PORT), "--out", str(path)] + (extra or [])
+        self.p = nx.popen_in(lab.topo.client_hosts[0].netns, argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        line = self.p.stdout.readline()
+        if not line.startswith('{"event": "started"'):
+            self.p.kill()
+            raise LabError(f"traffic generator did not start: {line}{self.p.stderr.read()[-2000:]}")
+
+    def wait(self, timeout: float) -> dict:
+        try:
+            out, err = self.p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            out, err = self.p.communicate()
+            raise LabError("traffic generator overran its time") from None
+        if self.p.returncode != 0:
+            raise LabError(f"traffic generator failed ({self.p.returncode}): {err[-2000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+
+    def events(self) -> list[dict]:
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # a line cut short by a kill
+                    pass
+        return out
+
+
+@dataclass
+class Failover:
+    """What one failover cost, from the client's events (times in ms after the kill)."""
+    kill_t: float
+    old: str
+    new: str
+    vip_moved_ms: float | None = None  # the standby added the VIP
+    answered_ms: float | None = None  # first HTTP answer through the standby
+    tcp_ms: float | None = None  # first TCP echo after the kill (reconnected)
+    udp_ms: float | None = None  # first UDP reply through the standby after the kill
+    failed_http: int = 0  # failed HTTP requests between the kill and the first answer
+    failed_http_total: int = 0  # failed HTTP requests after the kill
+    failed_tcp: int = 0
+    failed_udp: int = 0
+    sticky_checked: int = 0
+    sticky_kept: int = 0
+    sticky_moved: list = field(default_factory=list)
+    tcp_same_backend: bool | None = None
+    udp_same_backend: bool | None = None
+
+    @property
+    def sticky_pct(self) -> float | None:
+        return 100.0 * self.sticky_kept / self.sticky_checked if self.sticky_checked else None
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "sticky_moved"}
+        d["sticky_moved"] = self.sticky_moved[:20]
+        d["sticky_pct"] = self.sticky_pct
+        return d
+
+
+def analyze(events: list[dict], kill_t: float, lab: Lab, old: str, new: str,
+            vip_added_t: float | None, until: float | None = None) -> Failover:
+    addr = {str(h.address.ip): h.name for h in lab.topo.lb_hosts}
+    f = Failover(kill_t=kill_t, old=old, new=new)
+    if vip_added_t is not None:
+        f.vip_moved_ms = (vip_added_t - kill_t) * 1000
+    end = until if until is not None else float("inf")
+    before: dict[int, str] = {}
+    after: dict[int, str] = {}
+    first_ok = None
+    tcp_before = udp_before = None
+    for e in sorted(events, key=lambda e: e["t"]):
+        t, k = e["t"], e["k"]
+        if t > end:
+            break
+        served_by = addr.get(e.get("via", ""))
+        if t < kill_t:
+            if e["ok"]:
+                if k == "http":
+                    before[e["c"]] = e["b"]
+                elif k == "tcp":
+                    tcp_before = e["b"]
+                elif k == "udp":
+                    udp_before = e["b"]
+            continue
+        if k == "http":
+            if e["ok"] and served_by == new:
+                if first_ok is None:
+                    first_ok = t
+                    f.answered_ms = (t - kill_t) * 1000
+                after.setdefault(e["c"], e["b"])
+            elif not e["ok"]:
+                f.failed_http_total += 1
+                if first_ok is None:
+                    f.failed_http += 1
+        elif k == "tcp":
+            if e["ok"]:
+                # an answer after the kill on a connection opened after it: the standby's
+                if f.tcp_ms is None and e.get("ms", 0) / 1000 < t - kill_t:
+                    f.tcp_ms = (t - kill_t) * 1000
+                    f.tcp_same_backend = (e["b"] == tcp_before) if tcp_before else None
+            else:
+                f.failed_tcp += 1
+        elif k == "udp":
+            if e["ok"]:
+                if f.udp_ms is None and t - e.get("ms", 0) / 1000 >= kill_t:
+                    f.udp_ms = (t - kill_t) * 1000
+                    f.udp_same_backend = (e["b"] == udp_before) if udp_before else None
+            else:
+                f.failed_udp += 1
+    for c, b in after.items():
+        if c in before:
+            f.sticky_checked += 1
+            if before[c] == b:
+                f.sticky_kept += 1
+            else:
+                f.sticky_moved.append((c, before[c], b))
+    return f
+
+
+# -- the picture --------------------------------------------------------------------------------
+
+
+def plot(events: list[dict], lab: Lab, kill_t: float, fo: Failover, path: Path,
+         window: tuple[float, float]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    addr = {str(h.address.ip): h.name for h in lab.topo.lb_hosts}
+    lo, hi = window
+    nbins = int((hi - lo) / BIN) + 1
+    xs = [lo + i * BIN for i in range(nbins)]
+    by_node: dict[str, list[int]] = {}
+    by_backend: dict[str, list[int]] = {}
+    failed = [0] * nbins
+    for e in events:
+        if e["k"] != "http":
+            continue
+        rel = e["t"] - kill_t
+        i = int((rel - lo) / BIN)
+        if not 0 <= i < nbins:
+            continue
+        if e["ok"]:
+            by_node.setdefault(addr.get(e.get("via", ""), "?"), [0] * nbins)[i] += 1
+            by_backend.setdefault(e.get("b") or "?", [0] * nbins)[i] += 1
+        else:
+            failed[i] += 1
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    for ax, series, title in ((axes[0], by_node, "HTTP answers per 10 ms by serving LB node"),
+                              (axes[1], by_backend, "HTTP answers per 10 ms by backend")):
+        for name in sorted(series):
+            ax.step(xs, series[name], where="post", label=name, linewidth=1)
+        ax.step(xs, failed, where="post", label="failed", color="red", linewidth=1)
+        ax.axvline(0, color="black", linestyle="--", linewidth=1)
+        ax.text(0, ax.get_ylim()[1] * 0.95, " kill -9 " + fo.old, va="top", fontsize=9)
+        if fo.answered_ms is not None:
+            ax.axvline(fo.answered_ms / 1000, color="green", linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("requests")
+        ax.legend(loc="upper right", fontsize=8, ncol=4)
+    axes[1].set_xlabel("seconds since kill -9 of the primary"
+                       + (f"  (answered from {fo.new} after {fo.answered_ms:.0f} ms)"
+                          if fo.answered_ms is not None else "  (the standby never answered)"))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the demo -----------------------------------------------------------------------------------
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _halbctl_status(lab: Lab, name: str) -> None:
+    try:
+        r = lab.halbctl(name, "status")
+    except Exception as e:  # noqa: BLE001 - shown, not fatal for the demo
+        _say(f"  (halbctl failed: {e})")
+        return
+    text = r.stdout if r.returncode == 0 else f"(halbctl exited {r.returncode}: {r.stderr.strip()})"
+    for line in text.rstrip().splitlines():
+        _say("  " + line)
+
+
+def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: float = 3.0) -> int:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lab = Lab(topo)
+    inst = topo.instances[0]
+    old = inst.owner()
+    new = max((n for n in inst.priorities if n != old), key=lambda n: inst.priorities[n])
+    vip = str(inst.vip.ip)
+    _say(f"== building the lab: {topo.lbs} LB nodes ({topo.mode}), {topo.backends} backends, "
+         f"{topo.clients} client; prefix {topo.prefix!r}, subnet {topo.subnet}")
+    t0 = time.monotonic()
+    try:
+        lab.up()
+    except LabError as e:
+        _say(f"!! the lab did not come up: {e}")
+        return 1
+    watch = traffic = None
+    try:
+        _say(f"   up in {time.monotonic() - t0:.1f} s; VIP {vip} on {old}; adverts every "
+             f"{topo.advert_interval * 1000:g} ms, Master_Down_Interval of {new}: "
+             f"{topo.master_down_interval(inst.priorities[new]) * 1000:.0f} ms")
+        _say(f"\n== halbctl status on {old}")
+        _halbctl_status(lab, old)
+        events_path = out / "failover-events.jsonl"
+        _say(f"\n== traffic from {topo.client_hosts[0].netns}: HTTP from 200 sticky clients "
+             f"(~400 req/s), a TCP stream and a UDP stream (one message per 10 ms)")
+        traffic = Traffic(lab, events_path, before + after + 1.0, vip=vip)
+        watch = VipWatch(lab, vip).start()
+        time.sleep(before)
+        kill_t = lab.kill_lb(old, signal.SIGKILL)
+        _say(f"\n== kill -9 halbd on {old} (pid {lab.pids[old]}) at t=0")
+        time.sleep(after)
+        summary = traffic.wait(timeout=after + 15)
+        watch.stop()
+        events = traffic.events()
+        vip_added = watch.first_time(lambda h: new in h, kill_t)
+        fo = analyze(events, kill_t, lab, old, new, vip_added)
+        (out / "failover.json").write_text(json.dumps({"summary": summary, "failover": fo.as_dict(),
+                                                       "vip_changes": [(t - kill_t, h) for t, h in
+                                                                       watch.changes]}, indent=1))
+        _say("\n== timeline (ms after the kill)")
+        _say(f"   {fo.vip_moved_ms:8.1f}  {new} holds the VIP" if fo.vip_moved_ms is not None
+             else f"   {new} never took the VIP")
+        if fo.answered_ms is None:
+            _say(f"   NO FAILOVER: the VIP never answered HTTP from {new} within {after:g} s")
+        else:
+            _say(f"   {fo.answered_ms:8.1f}  the VIP answered HTTP from {new}")
+        if fo.tcp_ms is not None:
+            _say(f"   {fo.tcp_ms:8.1f}  the TCP stream echoed again (reconnected; same backend: "
+                 f"{fo.tcp_same_backend})")
+        if fo.udp_ms is not None:
+            _say(f"   {fo.udp_ms:8.1f}  the UDP stream answered again (same backend: "
+                 f"{fo.udp_same_backend})")
+        lat = [e["ms"] for e in events if e["k"] == "http" and e["ok"] and e["t"] < kill_t]
+        _say("\n== what it cost")
+        _say(f"   HTTP requests failed before the VIP answered again: {fo.failed_http} "
+             f"(after the kill in total: {fo.failed_http_total}); "
+             f"TCP messages failed: {fo.failed_tcp}; UDP datagrams lost: {fo.failed_udp}")
+        if fo.sticky_checked:
+            _say(f"   sticky sessions kept: {fo.sticky_kept} of {fo.sticky_checked} "
+                 f"({fo.sticky_pct:.1f} %)")
+        else:
+            _say("   sticky sessions kept: none could be checked (no client was answered both "
+                 "before and after the kill)")
+        counts = summary.get("counts", {})
+        _say("   traffic: " + ", ".join(f"{k} {v['ok']} ok / {v['failed']} failed"
+                                        for k, v in sorted(counts.items()))
+             + (f"; HTTP median latency before the kill {statistics.median(lat):.1f} ms" if lat else ""))
+        _say(f"\n== halbctl status on {new}")
+        _halbctl_status(lab, new)
+        png = out / "failover.png"
+        plot(events, lab, kill_t, fo, png, (-min(before, 1.0), min(after, 2.0)))
+        _say(f"\n== wrote {png}, {out / 'failover.json'} and {events_path}")
+        return 0 if fo.answered_ms is not None else 1
+    except LabError as e:
+        _say(f"!! {e}")
+        return 1
+    finally:
+        if traffic is not None:
+            traffic.kill()
+        if watch is not None:
+            watch.stop()
+        removed = lab.down()
+        left = lab.leftovers()
+        _say(f"\n== lab torn down ({len(removed)} items removed"
+             + (f"; STILL PRESENT: {left})" if left else "; nothing left behind)"))
