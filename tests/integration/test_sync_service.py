@@ -1,0 +1,335 @@
+"""State sync over real gRPC on loopback, nodes in this process (halb.sync.standalone.SyncNode):
+resume after a broken stream, fast crash detection and the start-up preemption hold (with a
+recording election), mutual TLS refusing wrong certificates, expiry replication, and
+active-active writes converging."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from halb import pki
+from halb.config import Endpoint, SyncConfig, SyncPeer, TLSFiles
+from halb.sync.standalone import SyncNode
+from halb.tables import sticky_key
+from tests.helpers import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+class Election:
+    """Records what sync tells the election, with monotonic timestamps."""
+
+    def __init__(self):
+        self.calls: list[tuple[float, str, object]] = []
+
+    def set_preempt_hold(self, hold: bool) -> None:
+        self.calls.append((time.monotonic(), "hold", hold))
+
+    def sync_peer_lost(self, peer: str) -> None:
+        self.calls.append((time.monotonic(), "lost", peer))
+
+    def sync_peer_seen(self, peer: str) -> None:
+        self.calls.append((time.monotonic(), "seen", peer))
+
+    def of(self, kind):
+        return [(t, v) for t, k, v in self.calls if k == kind]
+
+
+class Relay:
+    """A TCP relay between a follower and a sender that the test can cut (RST both sides)."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.port = free_port()
+        self.conns: list[asyncio.StreamWriter] = []
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
+
+    async def _conn(self, r, w):
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            w.close()
+            return
+        self.conns += [w, uw]
+
+        async def pipe(a, b):
+            try:
+                while data := await a.read(65536):
+                    b.write(data)
+                    await b.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                b.close()
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    def cut(self):
+        for w in self.conns:
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                import socket
+                import struct
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+        self.conns.clear()
+
+    async def stop(self):
+        self.cut()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def cfg(port, peers, tls=None, **kw):
+    return SyncConfig(listen=Endpoint("127.0.0.1", port),
+                      peers=tuple(SyncPeer(n, Endpoint("127.0.0.1", p)) for n, p in peers),
+                      tls=tls, **kw)
+
+
+async def until(cond, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def view(node, table="sticky"):
+    t = node.tables.by_name(table)
+    return sorted((e.key, e.backend, e.origin, e.updated, e.expires) for e in t._entries.values())
+
+
+def put_many(node, n, prefix="c", ttl=600.0, start=0):
+    t = node.tables.sticky
+    for i in range(start, start + n):
+        t.put(sticky_key("cookie", "web", f"{prefix}{i:06d}"), f"web{i % 4}", ttl, pool="web")
+
+
+def test_resume_from_acked_cursor_after_a_broken_stream():
+    async def main():
+        pa, pb = free_port(), free_port()
+        relay = Relay(pa)
+        await relay.start()
+        a = SyncNode("a", cfg(pa, [("b", pb)], batch_size=256))
+        b = SyncNode("b", cfg(pb, [("a", relay.port)], batch_size=256))
+        put_many(a, 5000)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: len(b.tables.sticky) == 5000, what="first snapshot")
+            await until(lambda: a.sync.status()[0]["lag_entries"] == 0, what="acks")
+            st = a.sync.status()[0]
+            assert st["snapshots_sent"] == 2 and st["resumes"] == 0  # sticky + flow
+            relay.cut()
+            await until(lambda: not b.sync.peers["a"].connected, 5, "b notices the cut")
+            put_many(a, 3000, start=5000)  # written while the link is down
+            a.tables.sticky.delete(sticky_key("cookie", "web", "c000007"))
+            await until(lambda: len(b.tables.sticky) == 7999, what="resumed stream")
+            st = a.sync.status()[0]
+            assert st["resumes"] == 2 and st["snapshots_sent"] == 2, st
+            assert view(a) == view(b)
+            assert b.sync.status()[0]["connected"] and b.sync.peers["a"].connects == 2
+        finally:
+            await b.stop()
+            await a.stop()
+            await relay.stop()
+    asyncio.run(main())
+
+
+def test_closed_stream_is_reported_at_once_and_start_holds_preemption():
+    async def main():
+        pa, pb = free_port(), free_port()
+        relay = Relay(pa)
+        await relay.start()
+        el = Election()
+        a = SyncNode("a", cfg(pa, [("b", pb)]))
+        b = SyncNode("b", cfg(pb, [("a", relay.port)]), election=el, advert_interval=0.1)
+        put_many(a, 2000)
+        await a.start()
+        t0 = time.monotonic()
+        await b.start()
+        try:
+            assert el.calls[0][1:] == ("hold", True)
+            await until(lambda: b.sync.ready, 10, "ready")
+            holds = el.of("hold")
+            assert holds[-1][1] is False and len(b.tables.sticky) == 2000  # learned first
+            assert holds[-1][0] - t0 < 2.3  # learned, not timed out
+            assert el.of("seen")[0][1] == "127.0.0.1"
+            t_cut = time.monotonic()
+            relay.cut()
+            await until(lambda: el.of("lost"), 2, "peer lost")
+            lost_after = el.of("lost")[0][0] - t_cut
+            assert lost_after < 0.1, lost_after  # no polling, no keepalive wait
+            await until(lambda: len(el.of("seen")) == 2, 10, "seen again")
+        finally:
+            await b.stop()
+            await a.stop()
+            await relay.stop()
+
+    asyncio.run(main())
+
+
+def test_unreachable_peer_releases_the_hold_after_the_bounded_wait():
+    async def main():
+        el = Election()
+        pb = free_port()
+        b = SyncNode("b", cfg(pb, [("a", free_port())]), election=el, advert_interval=0.1)
+        t0 = time.monotonic()
+        await b.start()
+        try:
+            await until(lambda: b.sync.ready, 10, "ready")
+            waited = el.of("hold")[-1][0] - t0
+            assert 2.3 - 0.05 <= waited < 4.0, waited  # 3 x 0.1 s adverts + 2 s
+            st = b.sync.status()[0]
+            assert st["state"] in ("down", "connecting") and not st["connected"]
+            assert "UNAVAILABLE" in st["last_error"]
+        finally:
+            await b.stop()
+    asyncio.run(main())
+
+
+def test_expiry_replicates():
+    async def main():
+        pa, pb = free_port(), free_port()
+        a = SyncNode("a", cfg(pa, [("b", pb)]))
+        b = SyncNode("b", cfg(pb, [("a", pa)]))
+        await a.start()
+        await b.start()
+        try:
+            put_many(a, 50, prefix="short", ttl=1.0)
+            put_many(a, 50, prefix="long", ttl=600.0)
+            await until(lambda: len(b.tables.sticky._entries) == 100, what="replication")
+            await asyncio.sleep(1.05)
+            assert a.tables.sticky.expire() == 50
+            # b never runs its own expiry here: the entries leave its map through replication
+            await until(lambda: len(b.tables.sticky._entries) == 50, 5, "expiry replicated")
+            assert all(k.startswith("cookie/web/long") for k in b.tables.sticky._entries)
+            assert view(a) == view(b)
+        finally:
+            await b.stop()
+            await a.stop()
+    asyncio.run(main())
+
+
+def test_active_active_writes_converge():
+    """Two writers on overlapping keys (creates, backend changes, deletes) at the same time,
+    plus a third node following both: all three converge on the same table."""
+    async def main():
+        pa, pb, pc = free_port(), free_port(), free_port()
+        a = SyncNode("a", cfg(pa, [("b", pb), ("c", pc)], batch_size=64))
+        b = SyncNode("b", cfg(pb, [("a", pa), ("c", pc)], batch_size=64))
+        c = SyncNode("c", cfg(pc, [("a", pa), ("b", pb)], batch_size=64))
+        for n in (a, b, c):
+            await n.start()
+        try:
+            for rnd in range(20):
+                for i in range(100):
+                    k = sticky_key("cookie", "web", f"k{(i * 7 + rnd) % 150}")
+                    a.tables.sticky.put(k, f"a{rnd}", 600, pool="web")
+                    k2 = sticky_key("cookie", "web", f"k{(i * 11 + rnd * 3) % 150}")
+                    b.tables.sticky.put(k2, f"b{rnd}", 600, pool="web")
+                    if i % 10 == 0:
+                        a.tables.sticky.delete(sticky_key("cookie", "web", f"k{(i + rnd) % 150}"))
+                        b.tables.sticky.delete(sticky_key("cookie", "web", f"k{(i * 3 + rnd) % 150}"))
+                    a.tables.flow.put(f"l4/tcp/10.0.0.{i}:{rnd}", "t1", 60, pool="web")
+                await asyncio.sleep(0.01)
+
+            def same():
+                return view(a) == view(b) == view(c) and \
+                    view(a, "flow") == view(b, "flow") == view(c, "flow")
+            await until(lambda: same() and all(
+                s["lag_entries"] == 0 for n in (a, b, c) for s in n.sync.status()), 20, "convergence")
+            assert len(a.tables.sticky) > 50 and len(c.tables.flow) == 2000
+            origins = {o for _, _, o, _, _ in view(c)}
+            assert origins == {"a", "b"}
+
+            def received(n, frm):
+                return n.sync.peers[frm].received_entries
+            # no echo: a's new writes reach b and c once each, and neither passes them on
+            before = {(n.name, f): received(n, f) for n in (a, b, c) for f in n.sync.peers}
+            put_many(a, 200, prefix="late")
+            await until(lambda: same() and len(c.tables.sticky) == len(a.tables.sticky), 10, "late")
+            await asyncio.sleep(0.3)
+            after = {(n.name, f): received(n, f) for n in (a, b, c) for f in n.sync.peers}
+            delta = {k: after[k] - before[k] for k in after}
+            assert delta == {("a", "b"): 0, ("a", "c"): 0, ("b", "a"): 200, ("b", "c"): 0,
+                             ("c", "a"): 200, ("c", "b"): 0}, delta
+        finally:
+            for n in (c, b, a):
+                await n.stop()
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    good = pki.generate(d / "good", ["a", "b", "mallory"], ips={"a": ["127.0.0.1"]})
+    other = pki.generate(d / "other", ["b"])
+    return good, other
+
+
+def tls(res, name):
+    return TLSFiles(cert=res["nodes"][name]["cert"], key=res["nodes"][name]["key"],
+                    ca=res["ca"]["cert"])
+
+
+def test_mutual_tls_replicates_between_named_peers(certs):
+    good, _ = certs
+
+    async def main():
+        pa, pb = free_port(), free_port()
+        a = SyncNode("a", cfg(pa, [("b", pb)], tls=tls(good, "a")))
+        b = SyncNode("b", cfg(pb, [("a", pa)], tls=tls(good, "b")))
+        put_many(a, 300)
+        put_many(b, 200, prefix="bb")
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: len(a.tables.sticky) == len(b.tables.sticky) == 500, what="mTLS sync")
+            assert view(a) == view(b)
+            assert a.sync.status()[0]["refused"] == 0
+        finally:
+            await b.stop()
+            await a.stop()
+    asyncio.run(main())
+
+
+def test_wrong_certificates_are_refused_and_counted(certs):
+    good, other = certs
+
+    async def main():
+        pa, pb, pm, pr = free_port(), free_port(), free_port(), free_port()
+        # a expects peer b at pr, where a rogue "b" with a certificate from another CA listens
+        a = SyncNode("a", cfg(pa, [("b", pr)], tls=tls(good, "a")))
+        rogue = SyncNode("b", cfg(pr, [("a", pa)], tls=tls(other, "b")))
+        # mallory: a good certificate, but not a peer of a's
+        mallory = SyncNode("mallory", cfg(pm, [("a", pa)], tls=tls(good, "mallory")))
+        # b: a good certificate for "b", but this process claims to be mallory in its hello
+        liar = SyncNode("mallory", cfg(pb, [("a", pa)], tls=tls(good, "b")))
+        put_many(a, 100)
+        put_many(rogue, 10, prefix="evil")
+        for n in (a, rogue, mallory, liar):
+            await n.start()
+        try:
+            await until(lambda: a.sync.refused_unknown >= 1, 10, "mallory refused")
+            await until(lambda: a.sync.peers["b"].refused >= 1, 10, "rogue b refused")
+            await asyncio.sleep(0.5)
+            st = {s["name"]: s for s in a.sync.status()}
+            assert st["(unknown)"]["refused"] >= 2  # mallory, and the liar's hello name
+            assert "CERTIFICATE_VERIFY_FAILED" in st["b"]["last_error"] or \
+                "handshake" in st["b"]["last_error"].lower(), st["b"]["last_error"]
+            assert not st["b"]["connected"]
+            for n in (rogue, mallory, liar):
+                assert len(n.tables.sticky) == (10 if n is rogue else 0)
+                assert not n.sync.peers["a"].connected
+            assert mallory.sync.peers["a"].last_error.startswith("PERMISSION_DENIED")
+            assert len(a.tables.sticky) == 100  # nothing of the rogue's got in
+        finally:
+            for n in (liar, mallory, rogue, a):
+                await n.stop()
+    asyncio.run(main())
