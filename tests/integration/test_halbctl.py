@@ -289,6 +289,75 @@ def test_unreachable_node(node, tmp_path):
     assert code == 2 and "node unreachable" in err
 
 
+def test_status_shows_what_a_node_knows_of_its_peers(tmp_path):
+    """Two nodes replicating over mutual TLS: lb1's status lists lb2 as connected with its
+    replication progress; after lb2 is killed, lb1 shows it disconnected."""
+    code, _, err = halbctl("pki", "init", "--out", str(tmp_path / "pki"), "lb1", "lb2",
+                           "--ip", "lb1=127.0.0.1", "--ip", "lb2=127.0.0.1")
+    assert code == 0, err
+    ports = {n: free_port() for n in ("lb1", "lb2")}
+    lport = free_port()
+    socks = {n: str(tmp_path / f"{n}.sock") for n in ports}
+    with Backends(["b1"], http=False, tcp=True) as bk:
+        cfgs = {}
+        for n, other in (("lb1", "lb2"), ("lb2", "lb1")):
+            cfgs[n] = write_config(tmp_path, f"""
+[node]
+name = "{n}"
+[control]
+socket = "{socks[n]}"
+[[listeners]]
+name = "front"
+mode = "tcp"
+bind = "127.0.0.1:{lport if n == 'lb1' else free_port()}"
+pool = "stick"
+[[pools]]
+name = "stick"
+[pools.sticky]
+mode = "source"
+[[pools.backends]]
+name = "b1"
+address = "{bk.tcp['b1']}"
+[sync]
+listen = "127.0.0.1:{ports[n]}"
+[[sync.peers]]
+name = "{other}"
+address = "127.0.0.1:{ports[other]}"
+[sync.tls]
+cert = "{tmp_path / 'pki' / f'{n}.pem'}"
+key = "{tmp_path / 'pki' / f'{n}.key'}"
+ca = "{tmp_path / 'pki' / 'ca.pem'}"
+""", name=f"{n}.toml")
+        with Halbd(cfgs["lb1"]) as a, Halbd(cfgs["lb2"]) as b:
+            a.wait_port(lport)
+
+            def peer(sock, name):
+                code, out, err = halbctl("--socket", sock, "status", "--json")
+                if code != 0:
+                    return None
+                d = json.loads(out)
+                assert d["sync_enabled"]
+                return next((p for p in d["peers"] if p["name"] == name), None)
+
+            p = wait_for(lambda: (x := peer(socks["lb1"], "lb2")) and x["connected"] and x, 20,
+                         interval=0.3, what="lb1 to see lb2 connected")
+            assert p["address"] == f"127.0.0.1:{ports['lb2']}"
+            assert who(lport) == "b1"  # a sticky entry on lb1
+            p = wait_for(lambda: (x := peer(socks["lb1"], "lb2")) and x["acked_seq"] >= 1
+                         and x["lag_entries"] == 0 and x, 20, interval=0.3,
+                         what="lb2 to acknowledge lb1's sticky entry")
+            assert p["sent_entries"] >= 1
+            code, out, _ = halbctl("--socket", socks["lb2"], "status", "--json")
+            assert code == 0 and json.loads(out)["sync_ready"] is True  # lb2 learned from lb1
+            code, out, err = halbctl("--socket", socks["lb1"], "status")
+            assert code == 0 and "lb2" in out and "connected" in out, err
+            b.kill()
+            p = wait_for(lambda: (x := peer(socks["lb1"], "lb2")) and not x["connected"] and x, 20,
+                         interval=0.3, what="lb1 to see lb2 gone")
+            code, out, err = halbctl("--socket", socks["lb1"], "status")
+            assert code == 0 and "disconnected" in out
+
+
 def test_node_stopped_last(node):
     """Runs last in this module: stops the node and checks halbctl's answer and the cleanup."""
     assert node.halbd.stop() == 0
