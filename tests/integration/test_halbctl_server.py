@@ -533,3 +533,26 @@ def test_watch_on_a_terminal_redraws_live(running, sock):
     assert "halbctl watch: every 0.2s" in text
     assert text.count("node lb1") >= 3  # the first frame and two redraws
     assert "\x1b[" in text  # drawn with terminal control sequences (rich Live), not appended
+
+
+def test_garbage_and_oversized_requests_are_refused_and_the_server_lives_on(running, sock):
+    from halb.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        raw = ch.unary_unary("/halb.v1.Control/Drain", request_serializer=None,
+                             response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as ei:
+            raw(b"\xff\xff\xff\xff not a protobuf", timeout=3)
+        assert ei.value.code() != grpc.StatusCode.OK
+        unknown = ch.unary_unary("/halb.v1.Control/Explode", request_serializer=None,
+                                 response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as ei:
+            unknown(b"", timeout=3)
+        assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stub = pb_grpc.ControlStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.DumpTable(pb.DumpTableRequest(table="sticky", prefix="x" * 100_000), timeout=3)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # 64 KiB request limit
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.DumpTable(pb.DumpTableRequest(table="sticky", prefix="x" * 2000), timeout=3)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefix too long" in ei.value.details()
+        assert stub.Status(pb.StatusRequest(), timeout=3).node.name == "lb1"
