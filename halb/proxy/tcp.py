@@ -151,7 +151,7 @@ class _SpliceDir:
     """One direction (src -> dst) of a spliced relay."""
 
     __slots__ = ("conn", "src", "dst", "sfd", "dfd", "pipe", "pending", "done", "nbytes",
-                 "rd", "wr")
+                 "rd")
 
     def __init__(self, conn: "_Conn", src: socket.socket, dst: socket.socket):
         self.conn = conn
@@ -162,7 +162,6 @@ class _SpliceDir:
         self.done = False
         self.nbytes = 0
         self.rd = self.on_readable
-        self.wr = self.on_writable
 
     def on_readable(self) -> None:
         conn = self.conn
@@ -198,7 +197,7 @@ class _SpliceDir:
                 self.pending = n - m
                 loop = conn.loop
                 loop.remove_reader(self.sfd)
-                loop.add_writer(self.dfd, self.wr)
+                loop.add_writer(self.dfd, self.on_writable)
                 return
         self.pipe = None
         pipes.put(pipe)
@@ -243,7 +242,7 @@ class _SpliceDir:
 class _CopyDir:
     """One direction (src -> dst) of a copying relay (recv_into / send)."""
 
-    __slots__ = ("conn", "src", "dst", "sfd", "dfd", "left", "done", "nbytes", "rd", "wr")
+    __slots__ = ("conn", "src", "dst", "sfd", "dfd", "left", "done", "nbytes", "rd")
 
     def __init__(self, conn: "_Conn", src: socket.socket, dst: socket.socket):
         self.conn = conn
@@ -253,7 +252,6 @@ class _CopyDir:
         self.done = False
         self.nbytes = 0
         self.rd = self.on_readable
-        self.wr = self.on_writable
 
     def on_readable(self) -> None:
         conn = self.conn
@@ -282,7 +280,7 @@ class _CopyDir:
                 self.left = bytes(mv[m:n])
                 loop = conn.loop
                 loop.remove_reader(self.sfd)
-                loop.add_writer(self.dfd, self.wr)
+                loop.add_writer(self.dfd, self.on_writable)
                 return
 
     def on_writable(self) -> None:
@@ -318,6 +316,7 @@ class _CopyDir:
 # One client connection
 
 CONNECTING, PREAMBLE, RELAY, CLOSED = range(4)
+_NONE: frozenset = frozenset()
 
 
 class _Conn:
@@ -333,7 +332,7 @@ class _Conn:
         self.client = format_addr(caddr)
         self.bs: socket.socket | None = None
         self.backend: "Backend | None" = None
-        self.tried: set = set()
+        self.tried: set | None = None  # backends whose connect failed (made on first failure)
         self.attempts = 0
         self.timer: asyncio.TimerHandle | None = None
         self.t0 = 0.0
@@ -358,7 +357,7 @@ class _Conn:
                 if b is not None and b.is_up(lst.node.clock.now()) and not b.is_full():
                     return b
         key = hash_key_for(pool.cfg, self.caddr[0]) if lst.hashing else None
-        return pool.pick(key, exclude=self.tried)
+        return pool.pick(key, exclude=self.tried or _NONE)
 
     def connect_next(self) -> None:
         lst = self.lst
@@ -369,7 +368,6 @@ class _Conn:
             self.attempts += 1
             if self.attempts > 1:
                 lst.event("redispatched")
-            self.tried.add(b)
             self.backend = b
             Pool.acquire(b)
             try:
@@ -391,7 +389,7 @@ class _Conn:
             self._failed(os.strerror(err))
         lst.event("no_backend")
         lst.rlog.warning("no_backend", key=lst.name, listener=lst.name, pool=lst.pool.name,
-                         client=self.client, tried=[b.name for b in self.tried])
+                         client=self.client, tried=[b.name for b in self.tried or ()])
         self.close()
 
     def on_connected(self) -> None:
@@ -423,6 +421,9 @@ class _Conn:
             self.bs.close()
             self.bs = None
         self.backend = None
+        if self.tried is None:
+            self.tried = set()
+        self.tried.add(b)
         Pool.release(b)
         lst.pool.report_result(b, False, lst.node.clock.now())
         lst.node.metrics.observe(b, None, True)

@@ -1,0 +1,616 @@
+"""halb side by side with HAProxy, on loopback, in one run: ``./dev bench`` (= ``python -m bench``).
+
+Layout (2 cores): the proxy under test (halbd or haproxy ``nbthread 1``) is pinned to core 0;
+the load generators (wrk, iperf3 client, this script's idle connections) and the backends
+(two nginx ``worker_processes 1``, an iperf3 server) to core 1. Both proxies run over the same
+backends, one after the other, and every figure is printed as halb / HAProxy:
+
+    L7  requests/s and p99 latency   wrk -t1 -c64 -d<dur> --latency  (halb: routes, forwarded
+                                     headers and metrics on; HAProxy: mode http, http-reuse
+                                     always, option forwardfor)
+    L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
+    L4  Gbit/s                       iperf3 -t <dur> (HAProxy: mode tcp, option splice-auto)
+    L4  CPU seconds per GB relayed
+    memory per idle client connection, L7 and L4: RSS delta / N with N connections held
+
+Options: --duration S (per run, default 10), --idle N (default 5000), --only l7,l4,mem,
+--profile (py-spy record of halbd during an extra L7 and L4 run; summary printed and saved),
+--rounds R (repeat each run R times and keep the best of each proxy).
+Results go to bench/out/ (latest.json, latest.md, profiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+PY = sys.executable
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PROXY_CORE, LOAD_CORE = "0", "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def busy_elsewhere(seconds: float = 1.0) -> float:
+    """CPU cores' worth of time used by everything on the machine over ``seconds``."""
+    def total():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v) - idle, sum(v)
+    b0, t0 = total()
+    time.sleep(seconds)
+    b1, t1 = total()
+    ncpu = os.cpu_count() or 1
+    return ncpu * (b1 - b0) / max(1, t1 - t0)
+
+
+class Procs:
+    """Every process started here, always killed at the end (their own process groups)."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str], core: str, env: dict | None = None) -> subprocess.Popen:
+        logf = open(self.logdir / f"{name}.log", "ab")
+        e = dict(os.environ)
+        e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+        e.update(env or {})
+        p = subprocess.Popen(["taskset", "-c", core] + argv, stdout=logf, stderr=subprocess.STDOUT,
+                             env=e, cwd=str(ROOT), start_new_session=True)
+        logf.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, timeout: float = 5.0) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            self.stop(p, 3)
+
+
+def run(argv: list[str], timeout: float) -> str:
+    r = subprocess.run(["taskset", "-c", LOAD_CORE] + argv, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    return r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 19000;
+error_log {dir}/nginx-{name}-error.log warn;
+pid {dir}/nginx-{name}.pid;
+events {{ worker_connections 9000; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_header_timeout 120s;
+    client_body_temp_path {dir}/nginx-{name}-body;
+    proxy_temp_path {dir}/nginx-{name}-proxy;
+    fastcgi_temp_path {dir}/nginx-{name}-fcgi;
+    uwsgi_temp_path {dir}/nginx-{name}-uwsgi;
+    scgi_temp_path {dir}/nginx-{name}-scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type text/plain; return 200 "hello from {name}\\n"; }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """
+global
+    nbthread 1
+    maxconn 7000
+    tune.maxaccept 64
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-request 120s
+    timeout http-keep-alive 120s
+frontend fe_http
+    bind 127.0.0.1:{http}
+    option forwardfor
+    default_backend be_web
+backend be_web
+    balance roundrobin
+    http-reuse always
+    server n1 127.0.0.1:{n1}
+    server n2 127.0.0.1:{n2}
+frontend fe_tcp
+    mode tcp
+    bind 127.0.0.1:{tcp}
+    option splice-auto
+    default_backend be_iperf
+backend be_iperf
+    mode tcp
+    option splice-auto
+    server i1 127.0.0.1:{iperf}
+frontend fe_tcp_idle
+    mode tcp
+    bind 127.0.0.1:{tcpidle}
+    default_backend be_nginx_tcp
+backend be_nginx_tcp
+    mode tcp
+    balance roundrobin
+    server n1 127.0.0.1:{n1}
+    server n2 127.0.0.1:{n2}
+"""
+
+HALB_CONF = """
+[node]
+name = "bench"
+log_level = "warning"
+state_dir = "{dir}/halb-state"
+
+[metrics]
+address = "127.0.0.1:{metrics}"
+
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "n1"
+address = "127.0.0.1:{n1}"
+[[pools.backends]]
+name = "n2"
+address = "127.0.0.1:{n2}"
+
+[[pools]]
+name = "api"
+[[pools.backends]]
+name = "a1"
+address = "127.0.0.1:{n1}"
+
+[[pools]]
+name = "iperf"
+[[pools.backends]]
+name = "i1"
+address = "127.0.0.1:{iperf}"
+
+[[pools]]
+name = "nginx-tcp"
+[[pools.backends]]
+name = "t1"
+address = "127.0.0.1:{n1}"
+[[pools.backends]]
+name = "t2"
+address = "127.0.0.1:{n2}"
+
+[[listeners]]
+name = "http"
+mode = "http"
+bind = "127.0.0.1:{http}"
+pool = "web"
+forwarded_headers = true
+[[listeners.routes]]
+host = "api.bench.test"
+pool = "api"
+[[listeners.routes]]
+path_prefix = "/api/"
+pool = "api"
+[[listeners.routes]]
+pool = "api"
+[listeners.routes.header]
+name = "X-Bench-Api"
+[listeners.timeouts]
+client_idle = "120s"
+header = "120s"
+
+[[listeners]]
+name = "tcp"
+mode = "tcp"
+bind = "127.0.0.1:{tcp}"
+pool = "iperf"
+
+[[listeners]]
+name = "tcpidle"
+mode = "tcp"
+bind = "127.0.0.1:{tcpidle}"
+pool = "nginx-tcp"
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def parse_wrk(out: str) -> dict:
+    r: dict = {}
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    r["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"^\s*99%\s+([0-9.]+)(us|ms|s|m)\s*$", out, re.M)
+    r["p99_ms"] = float(m.group(1)) * _UNITS[m.group(2)] * 1000 if m else float("nan")
+    m = re.search(r"^\s*50%\s+([0-9.]+)(us|ms|s|m)\s*$", out, re.M)
+    r["p50_ms"] = float(m.group(1)) * _UNITS[m.group(2)] * 1000 if m else float("nan")
+    m = re.search(r"(\d+) requests in ([0-9.]+)(us|ms|s|m)", out)
+    r["requests"] = int(m.group(1)) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    r["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    r["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    return r
+
+
+def l7(pid: int, port: int, duration: int, conns: int) -> dict:
+    url = f"http://127.0.0.1:{port}/"
+    run(["wrk", "-t1", "-c8", "-d1s", url], 30)  # warm up (backend connections, caches)
+    c0 = cpu_seconds(pid)
+    out = run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url], duration + 60)
+    c1 = cpu_seconds(pid)
+    r = parse_wrk(out)
+    r["cpu_s"] = c1 - c0
+    r["cpu_us_per_req"] = (c1 - c0) * 1e6 / r["requests"] if r["requests"] else float("nan")
+    return r
+
+
+def l4(pid: int, port: int, duration: int) -> dict:
+    c0 = cpu_seconds(pid)
+    out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(duration), "-J"],
+              duration + 60)
+    c1 = cpu_seconds(pid)
+    j = json.loads(out)
+    end = j["end"]
+    bps = end["sum_received"]["bits_per_second"]
+    nbytes = end["sum_received"]["bytes"]
+    return {"gbps": bps / 1e9, "bytes": nbytes, "cpu_s": c1 - c0,
+            "cpu_s_per_gb": (c1 - c0) / (nbytes / 1e9) if nbytes else float("nan")}
+
+
+def idle_memory(pid: int, port: int, n: int, check_backend: bool) -> dict:
+    """Opens n idle client connections, measures the RSS growth per connection."""
+    time.sleep(0.5)
+    before = rss_bytes(pid)
+    socks = []
+    try:
+        for i in range(n):
+            s = socket.socket()
+            s.connect(("127.0.0.1", port))
+            socks.append(s)
+            if i % 500 == 499:
+                time.sleep(0.02)  # let the proxy accept (and connect backends) as we go
+        time.sleep(2.0)
+        if check_backend:  # L4: the last connection really reaches a backend through the proxy
+            s = socks[-1]
+            s.settimeout(5)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            if b"hello from" not in s.recv(4096):
+                raise RuntimeError("idle L4 connection does not reach a backend")
+        time.sleep(0.5)
+        after = rss_bytes(pid)
+        alive = 0
+        for s in socks[:50]:  # are they still held open?
+            s.setblocking(False)
+            try:
+                alive += s.recv(1) != b""
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(1.0)
+    return {"conns": n, "rss_before": before, "rss_after": after,
+            "bytes_per_conn": (after - before) / n, "sample_alive": f"{alive}/50"}
+
+
+def profile(procs: Procs, pid: int, seconds: int, out: Path, load: list[str]) -> dict:
+    """py-spy samples halbd while ``load`` runs; returns the top leaf functions by share."""
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        return {"error": "py-spy not installed (./dev bench installs it)"}
+    rec = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250",
+                            "-f", "raw", "-o", str(out), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    time.sleep(0.5)
+    try:
+        run(load, seconds + 60)
+    finally:
+        try:
+            rec.wait(seconds + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(rec.pid, signal.SIGKILL)
+    if not out.exists():
+        return {"error": (rec.stderr.read() or b"").decode()[-300:]}
+    leaf: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        k = int(n)
+        total += k
+        frames = stack.split(";")
+        leaf[_short(frames[-1])] += k
+        for f in set(_short(x) for x in frames):
+            incl[f] += k
+    top = [(f, round(100 * c / total, 1)) for f, c in leaf.most_common(15)] if total else []
+    topi = [(f, round(100 * c / total, 1)) for f, c in incl.most_common(25)] if total else []
+    return {"samples": total, "self": top, "inclusive": topi, "file": str(out)}
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py)"
+    m = re.match(r"(.*) \((.*?):?\d*\)$", frame)
+    if not m:
+        return frame
+    return f"{m.group(1)} ({Path(m.group(2)).name})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ver = lambda argv: (subprocess.run(argv, capture_output=True, text=True).stdout  # noqa: E731
+                        + subprocess.run(argv, capture_output=True, text=True).stderr).strip()
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version(),
+            "haproxy": ver(["haproxy", "-v"]).splitlines()[0] if shutil.which("haproxy") else "",
+            "nginx": ver(["nginx", "-v"]).strip() if shutil.which("nginx") else "",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
+    ap.add_argument("--conns", type=int, default=64, help="wrk connections")
+    ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
+    ap.add_argument("--only", default="l7,l4,mem", help="comma list of l7, l4, mem")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per proxy; the best is kept (1..5)")
+    ap.add_argument("--profile", action="store_true", help="py-spy profile of halbd (L7 and L4)")
+    a = ap.parse_args(argv)
+    a.duration = max(1, min(a.duration, 120))
+    a.rounds = max(1, min(a.rounds, 5))
+    a.idle = max(100, min(a.idle, 8000))
+    only = set(a.only.split(","))
+    for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
+        if not shutil.which(tool):
+            log(f"missing {tool} (./dev bench installs it)")
+            return 2
+    if (os.cpu_count() or 1) < 2:
+        log("needs 2 cores (proxy on core 0, load and backends on core 1)")
+        return 2
+    from halb.proxy.sockets import raise_nofile
+    raise_nofile(2 * a.idle + 1024)
+    os.sched_setaffinity(0, {int(LOAD_CORE)})  # this script holds idle connections: core 1
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
+    procs = Procs(tmp)
+    P = {k: free_port() for k in ("n1", "n2", "iperf", "http", "tcp", "tcpidle", "metrics")}
+    results: dict = {"machine": machine(), "args": vars(a), "load_before": loadavg(),
+                     "haproxy": {}, "halb": {}}
+    log(f"machine: {results['machine']['nproc']} x {results['machine']['cpu']}; "
+        f"load {results['load_before']}; work dir {tmp}")
+    results["busy_cores_before"] = round(busy_elsewhere(), 2)
+    try:
+        for name in ("n1", "n2"):
+            conf = tmp / f"nginx-{name}.conf"
+            conf.write_text(NGINX_CONF.format(dir=tmp, name=name, port=P[name]))
+            p = procs.start(f"nginx-{name}", ["nginx", "-c", str(conf), "-p", str(tmp)], LOAD_CORE)
+            wait_port(P[name], proc=p)
+        p = procs.start("iperf3-server", ["iperf3", "-s", "-p", str(P["iperf"])], LOAD_CORE)
+        wait_port(P["iperf"], proc=p)
+
+        hconf = tmp / "haproxy.cfg"
+        hconf.write_text(HAPROXY_CONF.format(**P))
+        lconf = tmp / "halb.toml"
+        (tmp / "halb-state").mkdir()
+        lconf.write_text(HALB_CONF.format(dir=tmp, **P))
+
+        def start_proxy(which: str) -> subprocess.Popen:
+            if which == "haproxy":
+                p = procs.start("haproxy", ["haproxy", "-db", "-f", str(hconf)], PROXY_CORE)
+            else:
+                p = procs.start("halbd", [PY, "-m", "halb.cli.halbd", str(lconf)], PROXY_CORE)
+            for port in (P["http"], P["tcp"], P["tcpidle"]):
+                wait_port(port, proc=p)
+            time.sleep(0.5)
+            return p
+
+        for rnd in range(a.rounds):
+            for which in ("haproxy", "halb"):
+                log(f"round {rnd + 1}: {which}")
+                p = start_proxy(which)
+                r = results[which]
+                try:
+                    if "l7" in only:
+                        x = l7(p.pid, P["http"], a.duration, a.conns)
+                        log(f"  L7 {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
+                            f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
+                            f"non-2xx {x['non2xx']})")
+                        if "l7" not in r or x["rps"] > r["l7"]["rps"]:
+                            r["l7"] = x
+                    if "l4" in only:
+                        x = l4(p.pid, P["tcp"], a.duration)
+                        log(f"  L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
+                        if "l4" not in r or x["gbps"] > r["l4"]["gbps"]:
+                            r["l4"] = x
+                    if "mem" in only and rnd == 0:
+                        # each on a freshly started proxy: memory freed by one test and
+                        # reused by the next would hide the second one's cost
+                        for key, port, l4check in (("mem_l4", P["tcpidle"], True),
+                                                   ("mem_l7", P["http"], False)):
+                            procs.stop(p)
+                            time.sleep(0.5)
+                            p = start_proxy(which)
+                            x = idle_memory(p.pid, port, a.idle, l4check)
+                            log(f"  idle {key[-2:].upper()} {x['bytes_per_conn']:.0f} B/conn "
+                                f"({x['sample_alive']} alive)")
+                            r[key] = x
+                    if a.profile and which == "halb" and rnd == a.rounds - 1:
+                        if "l7" in only:
+                            r["profile_l7"] = profile(
+                                procs, p.pid, min(a.duration, 10), OUT / "profile-l7.txt",
+                                ["wrk", "-t1", f"-c{a.conns}", f"-d{min(a.duration, 10)}s",
+                                 f"http://127.0.0.1:{P['http']}/"])
+                        if "l4" in only:
+                            r["profile_l4"] = profile(
+                                procs, p.pid, min(a.duration, 10), OUT / "profile-l4.txt",
+                                ["iperf3", "-c", "127.0.0.1", "-p", str(P["tcp"]), "-t",
+                                 str(min(a.duration, 10))])
+                finally:
+                    procs.stop(p)
+                    time.sleep(0.5)
+    finally:
+        procs.close()
+        results["load_after"] = loadavg()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    md = report(results)
+    (OUT / "latest.json").write_text(json.dumps(results, indent=2))
+    (OUT / "latest.md").write_text(md)
+    print(md)
+    return 0
+
+
+def report(res: dict) -> str:
+    m, h, l = res["machine"], res["haproxy"], res["halb"]
+    rows = []
+    if "l7" in h and "l7" in l:
+        rows += [
+            ("L7 requests/s (wrk -c%d)" % res["args"]["conns"], f"{l['l7']['rps']:.0f}",
+             f"{h['l7']['rps']:.0f}", ratio(l["l7"]["rps"], h["l7"]["rps"]), ">= 0.9x"),
+            ("L7 p50 latency ms", f"{l['l7']['p50_ms']:.2f}", f"{h['l7']['p50_ms']:.2f}",
+             ratio(l["l7"]["p50_ms"], h["l7"]["p50_ms"]), ""),
+            ("L7 p99 latency ms", f"{l['l7']['p99_ms']:.2f}", f"{h['l7']['p99_ms']:.2f}",
+             ratio(l["l7"]["p99_ms"], h["l7"]["p99_ms"]), "<= 1.0x"),
+            ("L7 CPU us/request", f"{l['l7']['cpu_us_per_req']:.1f}",
+             f"{h['l7']['cpu_us_per_req']:.1f}",
+             ratio(l["l7"]["cpu_us_per_req"], h["l7"]["cpu_us_per_req"]), ""),
+            ("L7 errors (socket / non-2xx)", f"{l['l7']['socket_errors']} / {l['l7']['non2xx']}",
+             f"{h['l7']['socket_errors']} / {h['l7']['non2xx']}", "", ""),
+        ]
+    if "l4" in h and "l4" in l:
+        rows += [
+            ("L4 Gbit/s (iperf3)", f"{l['l4']['gbps']:.2f}", f"{h['l4']['gbps']:.2f}",
+             ratio(l["l4"]["gbps"], h["l4"]["gbps"]), ">= 1.0x"),
+            ("L4 proxy CPU s per GB", f"{l['l4']['cpu_s_per_gb']:.3f}",
+             f"{h['l4']['cpu_s_per_gb']:.3f}",
+             ratio(l["l4"]["cpu_s_per_gb"], h["l4"]["cpu_s_per_gb"]), ""),
+        ]
+    for k, label in (("mem_l7", "L7"), ("mem_l4", "L4")):
+        if k in h and k in l:
+            rows.append((f"{label} memory per idle conn, bytes ({l[k]['conns']} held)",
+                         f"{l[k]['bytes_per_conn']:.0f}", f"{h[k]['bytes_per_conn']:.0f}",
+                         ratio(l[k]["bytes_per_conn"], h[k]["bytes_per_conn"]), ""))
+    out = [f"Run {m['date']} on {m['nproc']} x {m['cpu']} (kernel {m['kernel']}, "
+           f"Python {m['python']}, {m['haproxy']}, {m['nginx']}).",
+           f"Load average before / after: {res['load_before']} / {res.get('load_after', '?')}; "
+           f"cores busy just before the run: {res.get('busy_cores_before', '?')}.",
+           f"Command: python -m bench --duration {res['args']['duration']} --idle "
+           f"{res['args']['idle']} --rounds {res['args']['rounds']}"
+           + (" --profile" if res["args"]["profile"] else ""), "",
+           "| measure | halb | HAProxy | halb / HAProxy | target |",
+           "| --- | --- | --- | --- | --- |"]
+    out += [f"| {' | '.join(r)} |" for r in rows]
+    for k in ("profile_l7", "profile_l4"):
+        p = l.get(k)
+        if p and "self" in p:
+            out += ["", f"py-spy {k[-2:].upper()} profile of halbd ({p['samples']} samples), "
+                    "self time by function:", ""]
+            out += [f"    {pct:5.1f}%  {f}" for f, pct in p["self"]]
+        elif p:
+            out += ["", f"{k}: {p.get('error')}"]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
