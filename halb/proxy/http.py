@@ -130,11 +130,36 @@ class HttpListener:
             kw["ssl"] = self.ssl
             kw["ssl_handshake_timeout"] = self.cfg.timeouts.header
         self.server = await self.loop.create_server(lambda: ClientConn(self), sock=sock, **kw)
+        t = self.cfg.timeouts
+        self.tick = max(0.02, min(0.25, min(t.header, t.client_idle, t.body, t.server) / 5))
+        self._sweeper = self.loop.create_task(self._sweep(), name=f"http-sweep-{self.name}")
         log.info("listener_started", listener=self.name, bind=str(self.cfg.bind), mode="http",
                  tls=self.ssl is not None, routes=len(self.cfg.routes))
 
+    async def _sweep(self) -> None:
+        """Timeouts without a timer per request: every ``tick`` the connections' deadlines
+        (header, body gap, keep-alive idle, backend inactivity, pooled idle) are checked."""
+        server_to = self.cfg.timeouts.server
+        while True:
+            await asyncio.sleep(self.tick)
+            now = self.loop.time()
+            try:
+                for c in list(self.conns):
+                    if c.tkind and now >= c.deadline:
+                        c._timeout(c.tkind)
+                    bc = c.conn
+                    if bc is not None and bc.cc is c and now - bc.last >= server_to:
+                        bc.server_timeout()
+                for lst in self.idle.values():
+                    while lst and now - lst[0].idle_since >= POOL_IDLE_TIMEOUT:
+                        lst.pop(0).close()
+            except Exception:  # a bug here must not stop the sweeps
+                log.exception("sweep_failed", listener=self.name)
+
     async def stop(self) -> None:
         self.stopping = True
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
         for c in list(self.conns):
@@ -161,8 +186,7 @@ class HttpListener:
         lst = self.idle.get(b)
         while lst:
             bc = lst.pop()
-            if bc.tr is not None and not bc.tr.is_closing():
-                bc.unidle()
+            if bc.tr is not None and not bc.closed and not bc.tr.is_closing():
                 return bc
         return None
 
@@ -171,8 +195,9 @@ class HttpListener:
         if self.stopping or len(lst) >= POOL_MAX_IDLE or bc.tr is None or bc.tr.is_closing():
             bc.close()
             return
+        bc.resume_reading()
+        bc.idle_since = self.loop.time()
         lst.append(bc)
-        bc.set_idle()
 
     def drop_idle(self, bc: "BackendConn") -> None:
         lst = self.idle.get(bc.b)
@@ -184,7 +209,7 @@ class BackendConn(asyncio.Protocol):
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
     __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "hdrs", "hbytes", "reason", "keep",
-                 "msg_done", "doubtful", "interim", "head_only", "got_bytes", "timer", "last",
+                 "msg_done", "doubtful", "interim", "head_only", "got_bytes", "last", "idle_since",
                  "read_paused", "closed", "close_delimited")
 
     def __init__(self, lst: HttpListener, b):
@@ -203,8 +228,8 @@ class BackendConn(asyncio.Protocol):
         self.interim = False
         self.head_only = False
         self.got_bytes = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.last = 0.0
+        self.last = 0.0  # last activity while serving an exchange (loop time)
+        self.idle_since = 0.0
         self.read_paused = False
         self.closed = False
         self.close_delimited = False
@@ -217,7 +242,6 @@ class BackendConn(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self._cancel_timer()
         self.l.drop_idle(self)
         cc = self.cc
         if cc is not None:
@@ -237,6 +261,7 @@ class BackendConn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
+            cc.flush()
             if self.msg_done:  # garbage after a complete response: answer stands, conn goes
                 self.doubtful = True
             else:
@@ -246,13 +271,15 @@ class BackendConn(asyncio.Protocol):
                 self.close()
                 cc.backend_failed(self, "protocol")
                 return
+        else:
+            if cc.out:
+                cc.flush()  # one write for everything this read produced (head and body)
         if self.msg_done:
             self.msg_done = False
             if self.head_only:
                 self.head_only = False
                 self.parser = httptools.HttpResponseParser(self)
             self.cc = None
-            self._cancel_timer()
             cc.resp_done(self, self.keep and not self.doubtful)
 
     def pause_writing(self) -> None:
@@ -319,38 +346,16 @@ class BackendConn(asyncio.Protocol):
 
     # -- timers and state -----------------------------------------------------------------
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def arm_server_timer(self, timeout: float) -> None:
-        self._cancel_timer()
-        self.last = self.loop.time()
-        self.timer = self.loop.call_at(self.last + timeout, self._server_timeout, timeout)
-
-    def _server_timeout(self, timeout: float) -> None:
-        self.timer = None
-        if self.cc is None:
-            return
-        now = self.loop.time()
-        if self.read_paused or now - self.last < timeout:  # paused by a slow client: its timer
-            self.timer = self.loop.call_at(max(now, self.last) + timeout, self._server_timeout,
-                                           timeout)
+    def server_timeout(self) -> None:
+        """No backend activity for ``timeouts.server`` (the sweep calls this)."""
+        if self.read_paused:  # we stopped reading for a slow client: its timeout applies
+            self.last = self.loop.time()
             return
         cc = self.cc
         self.cc = None
-        self.doubtful = True
         self.close()
-        cc.backend_failed(self, "timeout")
-
-    def set_idle(self) -> None:
-        self._cancel_timer()
-        self.resume_reading()
-        self.timer = self.loop.call_later(POOL_IDLE_TIMEOUT, self.close)
-
-    def unidle(self) -> None:
-        self._cancel_timer()
+        if cc is not None:
+            cc.backend_failed(self, "timeout")
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.tr is not None and not self.closed:
@@ -364,7 +369,6 @@ class BackendConn(asyncio.Protocol):
 
     def close(self) -> None:
         self.doubtful = True
-        self._cancel_timer()
         if self.tr is not None and not self.closed:
             self.closed = True
             self.tr.abort()
@@ -395,10 +399,10 @@ class ClientConn(asyncio.Protocol):
         self.queue: deque[_Rx] = deque()
         self.pending_error: HttpError | None = None
         # client timers
-        self.timer: asyncio.TimerHandle | None = None
-        self.tkind = ""
-        self.last_rx = 0.0
+        self.tkind = ""  # which deadline applies: "" | "head" | "body" | "idle"
+        self.deadline = 0.0
         self.wtimer: asyncio.TimerHandle | None = None
+        self.out: list[bytes] = []  # response bytes gathered during one backend read
         # the exchange in flight (queue[0])
         self.cur: _Rx | None = None
         self.pool: "Pool | None" = None
@@ -477,6 +481,16 @@ class ClientConn(asyncio.Protocol):
         if bc is not None:
             bc.resume_reading()
 
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            if not self.closed:
+                if len(out) == 1:
+                    self.tr.write(out[0])
+                else:
+                    self.tr.writelines(out)
+            out.clear()
+
     def _send_timeout(self) -> None:
         self.wtimer = None
         log.debug("client_send_timeout", listener=self.l.name, client=self.client_ip)
@@ -485,7 +499,7 @@ class ClientConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.paused & _P_DONE:
             return
-        if self.rx is None and (self.timer is None or self.tkind == "idle"):
+        if self.rx is None and (not self.tkind or self.tkind == "idle"):
             self._arm("head", self.cfg.timeouts.header)  # a new head starts: it has a deadline
         was_head = self.in_head
         if self.rx is None and not self.in_head:
@@ -577,7 +591,6 @@ class ClientConn(asyncio.Protocol):
         self.queue.append(rx)
         if req.has_body:
             self.rx = rx
-            self.last_rx = self.loop.time()
             self._arm("body", self.cfg.timeouts.body)
         else:
             self.rx = None
@@ -589,7 +602,8 @@ class ClientConn(asyncio.Protocol):
         rx = self.queue[-1]
         if rx.complete:  # trailer section bytes never come here; defensive
             return
-        self.last_rx = self.loop.time()
+        now = self.loop.time()
+        self.deadline = now + self.cfg.timeouts.body
         if rx.req.chunked:
             piece = b"%x\r\n%b\r\n" % (len(data), data)
         else:
@@ -601,6 +615,7 @@ class ClientConn(asyncio.Protocol):
             else:
                 rx.replay = None
         if rx is self.cur and self.conn is not None:
+            self.conn.last = now
             self.conn.tr.write(piece)
         else:
             rx.body.append(piece)
@@ -630,26 +645,22 @@ class ClientConn(asyncio.Protocol):
     # -- timers ---------------------------------------------------------------------------
 
     def _arm(self, kind: str, timeout: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         self.tkind = kind
-        self.timer = self.loop.call_later(timeout, self._timeout, kind)
+        self.deadline = self.loop.time() + timeout
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.tkind = ""
 
     def _cancel_timers(self) -> None:
-        self._cancel_timer()
+        self.tkind = ""
         if self.wtimer is not None:
             self.wtimer.cancel()
             self.wtimer = None
 
     def _timeout(self, kind: str) -> None:
-        self.timer = None
+        """The listener's sweep found this connection's deadline passed."""
         if self.closed:
+            self.tkind = ""
             return
         if kind == "idle":
             self.tkind = ""
@@ -658,16 +669,10 @@ class ClientConn(asyncio.Protocol):
         if self.paused & ~_P_DONE:  # we stopped reading, not the client: wait on
             self._arm(kind, self.cfg.timeouts.header if kind == "head" else self.cfg.timeouts.body)
             return
-        if kind == "body":
-            gap = self.loop.time() - self.last_rx
-            if gap < self.cfg.timeouts.body:
-                self._arm("body", self.cfg.timeouts.body - gap)
-                return
-            self._refuse(HttpError(408, "request body timeout"))
-            return
-        # head
         self.tkind = ""
-        if self.in_head:
+        if kind == "body":
+            self._refuse(HttpError(408, "request body timeout"))
+        elif self.in_head:
             self._refuse(HttpError(408, "request header timeout"))
         elif self.cur is None and not self.queue:
             self.close()
@@ -873,8 +878,10 @@ class ClientConn(asyncio.Protocol):
         self.pool.acquire(b)
         self.acquired = True
         self.t0 = self.loop.time()
-        head = request_head(rx.req, self.client_ip, self.l.proto, self.cfg.forwarded_headers,
-                            default_host=b.host if b.port == 80 else f"{b.host}:{b.port}")
+        req = rx.req
+        head = request_head(req, self.client_ip, self.l.proto, self.cfg.forwarded_headers,
+                            default_host="" if req.host else
+                            (b.host if b.port == 80 else f"{b.host}:{b.port}"))
         if rx.body:
             bc.tr.writelines([head, *rx.body])
             rx.body = []
@@ -884,7 +891,7 @@ class ClientConn(asyncio.Protocol):
             bc.tr.write(head)
         if rx.complete:
             self.sent_all = True
-        bc.arm_server_timer(self.cfg.timeouts.server)
+        bc.last = self.t0
 
     def _release(self, rt: float | None, error: bool) -> None:
         if self.acquired:
@@ -897,7 +904,7 @@ class ClientConn(asyncio.Protocol):
 
     def resp_interim(self, status: int, reason: bytes) -> None:
         if self.cur is not None and self.cur.req.version == "1.1" and not self.closed:
-            self.tr.write(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
+            self.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
 
     def resp_head(self, bc: BackendConn, status: int, reason: bytes,
                   headers: list) -> tuple[bool, bool]:
@@ -907,14 +914,12 @@ class ClientConn(asyncio.Protocol):
         b = self.b
         pool = self.pool
         pc = pool.cfg
-        now = self.node.clock.now()
         self.status = status
         self.resp_started = True
-        bc.arm_server_timer(self.cfg.timeouts.server)  # from now on: inactivity
         if status >= 500 and pc.passive.on_5xx:
-            pool.report_result(b, False, now)
-        else:
-            pool.report_result(b, True, now)
+            pool.report_result(b, False, self.node.clock.now())
+        elif b.consecutive_failures:
+            pool.report_result(b, True, self.node.clock.now())
         info = response_info(headers)
         head_only = req.method == b"HEAD" or status in (204, 304)
         close_delim = False
@@ -938,7 +943,7 @@ class ClientConn(asyncio.Protocol):
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
         if not self.closed:
-            self.tr.write(response_head(status, reason, headers, info, chunk=chunk, close=close,
+            self.out.append(response_head(status, reason, headers, info, chunk=chunk, close=close,
                                         set_cookie=set_cookie,
                                         keep_alive=not close and req.version == "1.0"))
         return head_only, close_delim
@@ -961,9 +966,9 @@ class ClientConn(asyncio.Protocol):
         if self.closed:
             return
         if self.resp_chunk:
-            self.tr.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            self.tr.write(data)
+            self.out.append(data)
 
     def resp_done(self, bc: BackendConn, reusable: bool) -> None:
         rx = self.cur

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from http import HTTPStatus
 
 # Connection-specific headers (RFC 9110 7.6.1) that a proxy must not forward, lower case.
@@ -185,12 +186,16 @@ def check_request(method: bytes, target: bytes, version: str,
                    content_length=length, chunked=chunked, conn_tokens=frozenset(conn))
 
 
+_FTOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 def _quote_forwarded(s: str) -> str:
-    if s and all(c.isalnum() or c in "!#$%&'*+.^_`|~-" for c in s):
+    if _FTOKEN_RE.match(s):
         return s
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@lru_cache(maxsize=4096)
 def forwarded_element(client_ip: str, proto: str, host: str) -> str:
     """One RFC 7239 ``Forwarded`` element: ``for=...;proto=...;host=...``."""
     node = f"[{client_ip}]" if ":" in client_ip else client_ip
