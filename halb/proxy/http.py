@@ -403,6 +403,7 @@ class ClientConn(asyncio.Protocol):
         self.deadline = 0.0
         self.wtimer: asyncio.TimerHandle | None = None
         self.out: list[bytes] = []  # response bytes gathered during one backend read
+        self.wpaused = False  # our write buffer towards the client is above its high mark
         # the exchange in flight (queue[0])
         self.cur: _Rx | None = None
         self.pool: "Pool | None" = None
@@ -467,6 +468,7 @@ class ClientConn(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
+        self.wpaused = True
         bc = self.conn
         if bc is not None:
             bc.pause_reading()
@@ -474,6 +476,7 @@ class ClientConn(asyncio.Protocol):
             self.wtimer = self.loop.call_later(self.cfg.timeouts.client_idle, self._send_timeout)
 
     def resume_writing(self) -> None:
+        self.wpaused = False
         if self.wtimer is not None:
             self.wtimer.cancel()
             self.wtimer = None
@@ -875,6 +878,8 @@ class ClientConn(asyncio.Protocol):
         self.status = 0
         bc.got_bytes = False
         bc.doubtful = False
+        if self.wpaused:  # the client still has not taken the previous answer
+            bc.pause_reading()
         self.pool.acquire(b)
         self.acquired = True
         self.t0 = self.loop.time()
