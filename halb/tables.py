@@ -187,6 +187,13 @@ class Table:
         now = self.clock.now()
         return self.seq, [e.copy() for e in self._entries.values() if e.expires > now]
 
+    def tombstones(self) -> list[Entry]:
+        """Recent deletions as entries (op DELETE) for snapshots: a snapshot must also say what
+        is gone, or a stale copy a follower got from a third node would live on."""
+        now = self.clock.now()
+        return [Entry(k, "", "", upd, upd, until, origin)
+                for k, (upd, origin, until) in self._tombs.items() if until > now]
+
     def apply(self, op: Op, entry: Entry) -> bool:
         """Applies a change received from a peer; True if it changed this table.
 

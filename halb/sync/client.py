@@ -42,7 +42,8 @@ async def fetch_tables(address: str, node: str, *, peer_name: str = "",
             if b.kind == Kind.KIND_SNAPSHOT:
                 tab = out.setdefault(b.table, {})
                 for m in b.entries:
-                    tab[m.key] = from_pb(m)
+                    if m.op == pb.SYNC_OP_CREATE:  # DELETE records are the sender's tombstones
+                        tab[m.key] = from_pb(m)
             elif b.kind == Kind.KIND_SNAPSHOT_END:
                 done.add(b.table)
             if b.batch:

@@ -101,6 +101,7 @@ class TableSender:
         self.mode = "changes"
         self.cursor = 0  # highest log seq covered by what was sent
         self._snap: list[Entry] = []
+        self._snap_live = 0
         self._snap_i = 0
         self._snap_seq = 0
         self._snap_begun = False
@@ -123,6 +124,8 @@ class TableSender:
         self.mode = "snapshot"
         self._snap_seq = self.table.seq
         self._snap = list(self.table.entries())  # live entries; read field by field as sent
+        self._snap_live = len(self._snap)
+        self._snap += self.table.tombstones()  # then what was deleted (op DELETE)
         self._snap_i = 0
         self._snap_begun = False
         self.snapshots += 1
@@ -173,13 +176,17 @@ class TableSender:
         size = 0
         i = self._snap_i
         get = self.table.get  # skip entries replaced, removed or expired since the snapshot began
-        create = int(Op.CREATE)
+        create, delete = int(Op.CREATE), int(Op.DELETE)
+        live = self._snap_live
         while i < len(snap) and len(out) < self.batch_size and size < self.max_bytes:
             e = snap[i]
             i += 1
-            if get(e.key) is not e:
-                continue
-            out.append(to_pb(create, e))
+            if i <= live:
+                if get(e.key) is not e:
+                    continue
+                out.append(to_pb(create, e))
+            else:
+                out.append(to_pb(delete, e))
             size += _size(e)
         self._snap_i = i
         return self._batch(Kind.KIND_SNAPSHOT, self._snap_seq, now, out)
@@ -239,7 +246,7 @@ class TableReceiver:
         if k == Kind.KIND_SNAPSHOT:
             if not self.in_snapshot or b.epoch != self._snap_epoch:
                 raise ProtocolError(f"{self.table.name}: snapshot data outside a snapshot")
-            return self._apply(b.entries, Op.CREATE)
+            return self._apply(b.entries, None)  # CREATE, or DELETE for recent deletions
         if k == Kind.KIND_SNAPSHOT_END:
             if not self.in_snapshot or b.epoch != self._snap_epoch or b.seq != self._snap_seq:
                 raise ProtocolError(f"{self.table.name}: snapshot end does not match its begin")

@@ -258,3 +258,23 @@ def test_lag_seconds_is_the_age_of_the_oldest_unacked_change():
     assert s.out.lag(a) == 2 and s.out.lag_seconds(a, clk.now()) == pytest.approx(2.5)
     s.ack(a.epoch, 1)
     assert s.out.lag(a) == 1 and s.out.lag_seconds(a, clk.now()) == pytest.approx(0.0)
+
+
+def test_snapshot_carries_deletions_so_a_stale_third_party_copy_dies():
+    """b got f's entry (e.g. from a snapshot of a third node); f deleted it since. f's snapshot
+    to b no longer holds the entry, but its tombstone: b drops its stale copy."""
+    from halb.tables import Entry
+    clk = FakeClock(1000.0)
+    f, b = mk("f", clk), mk("b", clk)
+    f.put("gone", "w", 100)
+    f.put("kept", "w", 100)
+    b.apply(Op.CREATE, f.get("gone").copy())  # the stale copy, learned elsewhere
+    clk.advance(1)
+    f.delete("gone")
+    s = TableSender(f, "f", batch_size=10, max_backlog=100)
+    r = TableReceiver(b, "f")
+    s.start(0, 0)
+    drain(s, r, clk.now())
+    assert sorted(e.key for e in b.entries()) == ["kept"]
+    # and an older copy arriving after the snapshot stays out
+    assert not b.apply(Op.CREATE, Entry("gone", "w", "", 1000.0, 1000.0, 1100.0, "f"))
