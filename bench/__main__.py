@@ -382,7 +382,7 @@ def profile(procs: Procs, pid: int, seconds: int, out: Path, load: list[str]) ->
     if not Path(spy).exists():
         return {"error": "py-spy not installed (./dev bench installs it)"}
     rec = subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250",
-                            "-f", "raw", "-o", str(out), "--nonblocking"],
+                            "-f", "raw", "-o", str(out), "--native"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            start_new_session=True)
     time.sleep(0.5)
@@ -395,22 +395,32 @@ def profile(procs: Procs, pid: int, seconds: int, out: Path, load: list[str]) ->
             os.killpg(rec.pid, signal.SIGKILL)
     if not out.exists():
         return {"error": (rec.stderr.read() or b"").decode()[-300:]}
+    return summarize_profile(out)
+
+
+def summarize_profile(out: Path) -> dict:
+    """Self and inclusive shares of the event-loop thread's busy samples in a raw py-spy file."""
     leaf: collections.Counter = collections.Counter()
     incl: collections.Counter = collections.Counter()
-    total = 0
+    total = idle = 0
     for line in out.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
+        if not n.isdigit() or "Runner.run" not in stack:
+            continue  # only the event-loop thread (metrics/gRPC threads sit idle)
         k = int(n)
+        frames = [_short(x) for x in stack.split(";")]
+        if frames[-1].startswith(("epoll_wait", "epoll_pwait")):
+            idle += k  # the loop waiting for readiness: not work
+            continue
         total += k
-        frames = stack.split(";")
-        leaf[_short(frames[-1])] += k
-        for f in set(_short(x) for x in frames):
-            incl[f] += k
+        leaf[frames[-1]] += k
+        for f in set(frames):
+            if ".py)" in f and not f.endswith(("(runners.py)", "(halbd.py)")):
+                incl[f] += k
     top = [(f, round(100 * c / total, 1)) for f, c in leaf.most_common(15)] if total else []
-    topi = [(f, round(100 * c / total, 1)) for f, c in incl.most_common(25)] if total else []
-    return {"samples": total, "self": top, "inclusive": topi, "file": str(out)}
+    topi = [(f, round(100 * c / total, 1)) for f, c in incl.most_common(20)] if total else []
+    return {"samples": total, "idle_samples": idle, "self": top, "inclusive": topi,
+            "file": str(out)}
 
 
 def _short(frame: str) -> str:
@@ -604,9 +614,12 @@ def report(res: dict) -> str:
     for k in ("profile_l7", "profile_l4"):
         p = l.get(k)
         if p and "self" in p:
-            out += ["", f"py-spy {k[-2:].upper()} profile of halbd ({p['samples']} samples), "
-                    "self time by function:", ""]
+            out += ["", f"py-spy --native {k[-2:].upper()} profile of halbd's event-loop thread: "
+                    f"{p['samples']} busy samples ({p['idle_samples']} more idle in epoll_wait). "
+                    "Self time by function (C and Python):", ""]
             out += [f"    {pct:5.1f}%  {f}" for f, pct in p["self"]]
+            out += ["", "Inclusive time by Python function:", ""]
+            out += [f"    {pct:5.1f}%  {f}" for f, pct in p["inclusive"]]
         elif p:
             out += ["", f"{k}: {p.get('error')}"]
     return "\n".join(out) + "\n"

@@ -126,8 +126,18 @@ def lb(request):
     greet = ThreadServer(greeter)
     ppsrv = ThreadServer(pp_reader)
     dead = free_port()
+    # a "black hole": a listener whose accept queue is full, so SYNs to it go unanswered
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fill = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(hole.getsockname())
+        fill.append(f)
     ports = {n: free_port() for n in ("rr", "redis", "noretry", "sticky", "greet", "pp", "idle",
-                                       "maxc", "big")}
+                                       "maxc", "big", "slow")}
     mport = free_port()
 
     def backends(names):
@@ -166,6 +176,10 @@ name = "pp"
 [[pools]]
 name = "single"
 {backends(tb[:1])}
+[[pools]]
+name = "slow"
+retries = 1
+{backends([("hole", "127.0.0.1:%d" % hole.getsockname()[1]), tb[0]])}
 ''' + "".join(f'''
 [[listeners]]
 name = "{name}"
@@ -177,7 +191,8 @@ pool = "{pool}"
         ("rr", "rr", ""), ("redis", "redis", ""), ("noretry", "noretry", ""),
         ("sticky", "sticky", ""), ("greet", "greet", ""), ("pp", "pp", "proxy_protocol = true"),
         ("idle", "single", '[listeners.timeouts]\ntunnel = "600ms"'),
-        ("maxc", "single", "[listeners.limits]\nmax_conns = 2"), ("big", "single", "")])
+        ("maxc", "single", "[listeners.limits]\nmax_conns = 2"), ("big", "single", ""),
+        ("slow", "slow", '[listeners.timeouts]\nconnect = "300ms"')])
     path = write_config(state, cfg)
     node = Halbd(path, env={"HALB_L4_RELAY": request.param})
     try:
@@ -188,6 +203,8 @@ pool = "{pool}"
                "metrics": f"http://127.0.0.1:{mport}/metrics"}
     finally:
         node.close()
+        for f in fill + [hole]:
+            f.close()
         greet.close()
         ppsrv.close()
         bk.close()
@@ -272,6 +289,18 @@ def test_redispatch_when_a_backend_is_dead(lb):
     assert set(names) == {"t1", "t2"}  # every connection served despite the dead backend
     after = metric(lb, "halb_l4_events_total", listener="redis", event="redispatched")
     assert after - before >= 3  # round robin reached the dead one at least every third time
+
+
+def test_connect_timeout_then_redispatch(lb):
+    before = metric(lb, "halb_l4_events_total", listener="slow", event="connect_failed")
+    t0 = time.monotonic()
+    # round robin turns back to the hole after each t1, so both connections meet it first
+    names = [who(lb["ports"]["slow"]) for _ in range(2)]
+    took = time.monotonic() - t0
+    assert names == ["t1", "t1"]
+    assert 0.55 <= took < 5  # two connect timeouts of 300ms, each followed by a redispatch
+    after = metric(lb, "halb_l4_events_total", listener="slow", event="connect_failed")
+    assert after - before == 2
 
 
 def test_no_redispatch_when_retries_is_zero(lb):
