@@ -16,6 +16,11 @@ A backend connection goes back to the pool only after a complete, well-framed re
 fully sent request with keep-alive on both ends and nothing extra on the wire; anything
 doubtful (parse error, extra bytes, early answer, timeout, client gone) closes it.
 
+Timeouts cost no timer per request: each connection carries a deadline (header, body gap,
+keep-alive idle, backend inactivity) and the listener sweeps them every ``tick`` (a fifth of
+the shortest timeout, at most 250 ms). The only per-connection timer is the one started when
+a client stops reading (``client_idle``), which is rare.
+
 Retries: a connect failure tries another backend (``pool.retries``); a failure after sending
 but before any response byte retries another backend only for idempotent methods whose body
 was absent or fully buffered (at most ``REPLAY_MAX``). A stale reused keep-alive connection
@@ -113,7 +118,7 @@ class HttpListener:
         self.ssl = None
         if cfg.tls:
             from .tls import server_context
-            self.ssl = server_context(cfg.tls)
+            self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls")
         self.proto = "https" if cfg.tls else "http"
         self.conns: set[ClientConn] = set()
         self.idle: dict[object, list[BackendConn]] = {}

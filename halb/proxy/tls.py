@@ -31,7 +31,7 @@ def choose_certificate(certs: Sequence[TLSCertificate], server_name: str | None)
     return 0
 
 
-def _context(cert: TLSCertificate) -> ssl.SSLContext:
+def _context(cert: TLSCertificate, where: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -39,14 +39,17 @@ def _context(cert: TLSCertificate) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cert.cert, cert.key)
     except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"cannot load certificate {cert.cert} / key {cert.key}: {e}") from None
+        reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+        raise OSError(f"{where}: cannot load certificate {cert.cert} with key {cert.key}: "
+                      f"{reason}") from None
     return ctx
 
 
-def server_context(tls: ListenerTLS) -> ssl.SSLContext:
-    """The listener's SSL context; its SNI callback swaps in the matching certificate's."""
+def server_context(tls: ListenerTLS, where: str = "tls") -> ssl.SSLContext:
+    """The listener's SSL context; its SNI callback swaps in the matching certificate's.
+    Raises OSError naming ``where`` and the files when a certificate or key cannot be loaded."""
     certs = tls.certificates
-    contexts = [_context(c) for c in certs]
+    contexts = [_context(c, f"{where}.certificates[{i}]") for i, c in enumerate(certs)]
     default = contexts[0]
     if len(contexts) > 1:
         def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:

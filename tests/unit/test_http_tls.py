@@ -27,3 +27,17 @@ CERTS = (
 ])
 def test_choose_certificate(name, idx):
     assert choose_certificate(CERTS, name) == idx
+
+
+def test_unloadable_certificate_is_a_clear_error(tmp_path):
+    from halb.config import ListenerTLS
+    from halb.proxy.tls import server_context
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(OSError) as ei:
+        server_context(ListenerTLS((TLSCertificate(str(bad), str(bad)),)), "listener 'w' tls")
+    assert "listener 'w' tls.certificates[0]" in str(ei.value) and "bad.pem" in str(ei.value)
+    with pytest.raises(OSError) as ei:
+        server_context(ListenerTLS((TLSCertificate(str(tmp_path / "missing.pem"), "k"),)))
+    assert "missing.pem" in str(ei.value) and "No such file" in str(ei.value)
