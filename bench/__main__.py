@@ -14,7 +14,7 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
     memory per idle client connection, L7 and L4: RSS delta / N with N connections held
 
 Options: --duration S (per run, default 10), --idle N (default 5000), --only l7,l4,mem,
---profile (py-spy record of halbd during an extra L7 and L4 run; summary printed and saved),
+--no-profile (skip the py-spy record of halbd during an extra L7 and L4 run),
 --rounds R (repeat each run R times and keep the best of each proxy).
 Results go to bench/out/ (latest.json, latest.md, profiles).
 """
@@ -464,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
     ap.add_argument("--only", default="l7,l4,mem", help="comma list of l7, l4, mem")
     ap.add_argument("--rounds", type=int, default=1, help="runs per proxy; the best is kept (1..5)")
-    ap.add_argument("--profile", action="store_true", help="py-spy profile of halbd (L7 and L4)")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                    help="py-spy profile of halbd during extra L7 and L4 runs (default on)")
     a = ap.parse_args(argv)
     a.duration = max(1, min(a.duration, 120))
     a.rounds = max(1, min(a.rounds, 5))

@@ -346,8 +346,8 @@ def test_busy_connection_is_not_idle(lb):
     with socket.create_connection(("127.0.0.1", lb["ports"]["idle"]), timeout=5) as s:
         s.sendall(b"WHO\n")
         assert recv_line(s) == b"t1\n"
-        for i in range(8):  # 8 x 250ms = 2s, more than 3 tunnel timeouts
-            time.sleep(0.25)
+        for i in range(12):  # 12 x 150ms = 1.8s, three tunnel timeouts (600ms)
+            time.sleep(0.15)
             s.sendall(b"x%d" % i)
             assert s.recv(10) == b"x%d" % i
 

@@ -46,8 +46,8 @@ address = "127.0.0.1:{mport}"
 {pool("um", bk, NAMES)}
 {pool("k", kb, ["k1", "k2"])}
 {listener("spread", "us", 'udp_flow_timeout = "30s"')}
-{listener("expire", "ue", 'udp_flow_timeout = "400ms"')}
-{listener("maxf", "um", 'udp_flow_timeout = "800ms"' + chr(10) + "[listeners.limits]" + chr(10) + "max_flows = 2")}
+{listener("expire", "ue", 'udp_flow_timeout = "1s"')}
+{listener("maxf", "um", 'udp_flow_timeout = "2s"' + chr(10) + "[listeners.limits]" + chr(10) + "max_flows = 2")}
 {listener("kill", "k", 'udp_flow_timeout = "30s"')}
 '''
     path = write_config(state, cfg)
@@ -127,7 +127,7 @@ def test_idle_flow_expires(lb):
         first = ask(c, port, b"a")[0]
         time.sleep(0.1)
         assert ask(c, port, b"b")[0] == first  # within the timeout: same flow
-        time.sleep(1.2)  # timeout 400ms, swept every 100ms
+        time.sleep(2.0)  # timeout 1s, swept every 250ms
         assert metric(lb, "halb_listener_active_connections", listener="expire") == 0
         assert metric(lb, "halb_l4_events_total", listener="expire", event="flow_expired") >= 1
         # a new flow: round robin moves on, so the client lands elsewhere
@@ -145,7 +145,7 @@ def test_max_flows_bounds_new_clients(lb):
         assert ask(c, port, b"c", timeout=0.5) is None  # a third flow is refused
         assert metric(lb, "halb_l4_events_total", listener="maxf", event="flows_dropped") >= 1
         assert ask(a, port, b"a2")[1] == b"a2"  # existing flows unaffected
-        time.sleep(1.5)  # let a and b expire (800ms)
+        time.sleep(3.0)  # let a and b expire (2s, swept every 500ms)
         assert ask(c, port, b"c2")[1] == b"c2"
     finally:
         for s in (a, b, c):
