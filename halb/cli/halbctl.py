@@ -92,9 +92,16 @@ def resolve_target(args: argparse.Namespace) -> str:
                        f"({', '.join(p.name for p in socks)}): choose one with --socket or --config")
         path = str(socks[0])
     p = Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except PermissionError:
+        exists = True  # a directory on the way is closed to us: said below
+    if not exists:
         raise Fail(EXIT_UNREACHABLE, f"node unreachable: control socket {path} does not exist "
                    "(is halbd running?)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise Fail(EXIT_UNREACHABLE, f"permission denied on control socket {path}: only its "
+                   "owner may use it (run halbctl as the node's user, or use --address)")
     return f"unix:{path}"
 
 

@@ -556,3 +556,47 @@ def test_garbage_and_oversized_requests_are_refused_and_the_server_lives_on(runn
             stub.DumpTable(pb.DumpTableRequest(table="sticky", prefix="x" * 2000), timeout=3)
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefix too long" in ei.value.details()
         assert stub.Status(pb.StatusRequest(), timeout=3).node.name == "lb1"
+
+
+def test_other_users_cannot_use_the_socket(node):
+    """The socket's mode is the access control: a user other than its owner is turned away by
+    the kernel, and halbctl says so. (A forked child drops to uid 65534: the venv's python is
+    not reachable for that user, so it cannot be exec'd as it.)"""
+    import contextlib
+    import io
+    import shutil
+    import socket as so
+    import tempfile
+    d = tempfile.mkdtemp(prefix="halbctl-perm-")
+    try:
+        os.chmod(d, 0o755)  # the directory is open: only the socket's own mode protects it
+        path = os.path.join(d, "lb1.sock")
+        with Running(StandIn(loads(CONFIG.format(sock=path)))):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: no gRPC use before the permission check fails
+                try:
+                    os.close(r)
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    s = so.socket(so.AF_UNIX)
+                    try:
+                        s.connect(path)
+                        res = "CONNECTED"
+                    except PermissionError:
+                        res = "EACCES"
+                    err = io.StringIO()
+                    with contextlib.redirect_stderr(err):
+                        code = halbctl.main(["--socket", path, "status"])
+                    os.write(w, json.dumps([res, code, err.getvalue()]).encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                data = f.read()
+            os.waitpid(pid, 0)
+            res, code, err = json.loads(data)
+            assert res == "EACCES"
+            assert code == 2 and "permission denied on control socket" in err, err
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
