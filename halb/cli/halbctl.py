@@ -4,10 +4,10 @@
 
     status [--json]                          node, election instances, peers, pools, tables
     backends [POOL] [--json]                 backends with state, weight and connections
-    drain POOL BACKEND                       no new connections or requests for the backend
-    enable POOL BACKEND                      end a drain
-    weight POOL BACKEND N                    set the admin weight (0..256; 0 drains)
-    failover INSTANCE                        hand a master instance over to a backup
+    drain POOL BACKEND [--json]              no new connections or requests for the backend
+    enable POOL BACKEND [--json]             end a drain
+    weight POOL BACKEND N [--json]           set the admin weight (0..256; 0 drains)
+    failover INSTANCE [--json]               hand a master instance over to a backup
     tables [sticky|flow] [--prefix P] [--limit N] [--json]
     watch [--interval S] [--count N]         status, refreshed live
     pki init --out DIR NODE [NODE...] [--ip NODE=IP ...]   CA and node certificates for a lab
@@ -311,15 +311,22 @@ def _backend_line(b) -> str:
             f"active {b.active})")
 
 
+def _print_backend(args, b) -> None:
+    if args.json:
+        _print_json(to_dict(b))
+    else:
+        print(_backend_line(b))
+
+
 def cmd_drain(args, client: Client) -> int:
     r = client.call("Drain", client.pb.BackendRef(pool=args.pool, backend=args.backend))
-    print(_backend_line(r.backend))
+    _print_backend(args, r.backend)
     return EXIT_OK
 
 
 def cmd_enable(args, client: Client) -> int:
     r = client.call("Enable", client.pb.BackendRef(pool=args.pool, backend=args.backend))
-    print(_backend_line(r.backend))
+    _print_backend(args, r.backend)
     return EXIT_OK
 
 
@@ -328,13 +335,16 @@ def cmd_weight(args, client: Client) -> int:
         raise Fail(EXIT_USAGE, f"weight {args.weight} out of range (0..256)")
     r = client.call("SetWeight", client.pb.SetWeightRequest(pool=args.pool, backend=args.backend,
                                                             weight=args.weight))
-    print(_backend_line(r.backend))
+    _print_backend(args, r.backend)
     return EXIT_OK
 
 
 def cmd_failover(args, client: Client) -> int:
     r = client.call("Failover", client.pb.FailoverRequest(instance=args.instance))
     i = r.instance
+    if args.json:
+        _print_json(to_dict(i))
+        return EXIT_OK
     print(f"instance {i.name}: handover started; now {i.state or 'unknown'} "
           f"(priority {i.priority})")
     return EXIT_OK
@@ -551,16 +561,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=hlp)
         p.add_argument("pool")
         p.add_argument("backend")
+        p.add_argument("--json", action="store_true", help="the backend afterwards, as JSON")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("weight", parents=[common], help="set a backend's weight (0..256; 0 drains)")
     p.add_argument("pool")
     p.add_argument("backend")
     p.add_argument("weight", type=_int)
+    p.add_argument("--json", action="store_true", help="the backend afterwards, as JSON")
     p.set_defaults(fn=cmd_weight)
 
     p = sub.add_parser("failover", parents=[common], help="hand a master instance over to a backup")
     p.add_argument("instance")
+    p.add_argument("--json", action="store_true", help="the instance afterwards, as JSON")
     p.set_defaults(fn=cmd_failover)
 
     p = sub.add_parser("tables", parents=[common], help="entries of the sticky and flow tables")

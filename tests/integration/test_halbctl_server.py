@@ -264,8 +264,10 @@ def test_weight(running, node, sock, capsys):
     code, out, _ = ctl(capsys, sock, "weight", "web", "web2", "7")
     assert code == 0 and "weight 7" in out
     assert dict(zip((b.name for b in web.view.backends), web.view.weights))["web2"] == 7
-    code, out, _ = ctl(capsys, sock, "weight", "web", "web2", "0")
-    assert code == 0 and "web/web2: drain" in out
+    code, out, _ = ctl(capsys, sock, "weight", "web", "web2", "0", "--json")
+    assert code == 0
+    assert json.loads(out)["state"] == "drain" and json.loads(out)["name"] == "web2"
+    assert json.loads(out)["weight"] == 0 and json.loads(out)["effective_weight"] == 0
     assert "web2" not in [b.name for b in web.view.backends]
     for bad in ("-1", "257", "99999999999"):
         code, _, err = ctl(capsys, sock, "weight", "web", "web2", bad)
@@ -286,9 +288,9 @@ def test_unknown_names(running, sock, capsys):
 
 
 def test_failover(running, node, sock, capsys):
-    code, out, err = ctl(capsys, sock, "failover", "vi1")
+    code, out, err = ctl(capsys, sock, "failover", "vi1", "--json")
     assert code == 0, err
-    assert "vi1" in out and "backup" in out
+    assert json.loads(out)["name"] == "vi1" and json.loads(out)["state"] == "backup"
     assert node.election.instances["vi1"]["state"] == "backup"
     code, out, err = ctl(capsys, sock, "failover", "vi2")  # not master: refused
     assert code == 1 and "cannot hand over: instance 'vi2': vi2 is backup, not master" in err
