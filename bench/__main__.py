@@ -527,11 +527,13 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"  L7 {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
                             f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
                             f"non-2xx {x['non2xx']})")
+                        r.setdefault("l7_runs", []).append(x)
                         if "l7" not in r or x["rps"] > r["l7"]["rps"]:
                             r["l7"] = x
                     if "l4" in only:
                         x = l4(p.pid, P["tcp"], a.duration)
                         log(f"  L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
+                        r.setdefault("l4_runs", []).append(x)
                         if "l4" not in r or x["gbps"] > r["l4"]["gbps"]:
                             r["l4"] = x
                     if "mem" in only and rnd == 0:
@@ -586,6 +588,9 @@ def report(res: dict) -> str:
             ("L7 CPU us/request", f"{l['l7']['cpu_us_per_req']:.1f}",
              f"{h['l7']['cpu_us_per_req']:.1f}",
              ratio(l["l7"]["cpu_us_per_req"], h["l7"]["cpu_us_per_req"]), ""),
+            ("L7 requests per proxy CPU-second (1e6 / CPU us per request)",
+             f"{1e6 / l['l7']['cpu_us_per_req']:.0f}", f"{1e6 / h['l7']['cpu_us_per_req']:.0f}",
+             ratio(h["l7"]["cpu_us_per_req"], l["l7"]["cpu_us_per_req"]), ""),
             ("L7 errors (socket / non-2xx)", f"{l['l7']['socket_errors']} / {l['l7']['non2xx']}",
              f"{h['l7']['socket_errors']} / {h['l7']['non2xx']}", "", ""),
         ]
@@ -596,6 +601,9 @@ def report(res: dict) -> str:
             ("L4 proxy CPU s per GB", f"{l['l4']['cpu_s_per_gb']:.3f}",
              f"{h['l4']['cpu_s_per_gb']:.3f}",
              ratio(l["l4"]["cpu_s_per_gb"], h["l4"]["cpu_s_per_gb"]), ""),
+            ("L4 Gbit/s per proxy CPU core (8 / CPU s per GB)",
+             f"{8 / l['l4']['cpu_s_per_gb']:.1f}", f"{8 / h['l4']['cpu_s_per_gb']:.1f}",
+             ratio(h["l4"]["cpu_s_per_gb"], l["l4"]["cpu_s_per_gb"]), ""),
         ]
     for k, label in (("mem_l7", "L7"), ("mem_l4", "L4")):
         if k in h and k in l:
