@@ -96,7 +96,12 @@ def parse_cookies(values) -> dict[str, str]:
 
 
 def _split_tokens(v: bytes) -> list[bytes]:
+    if b"," not in v:
+        return [v.strip().lower()]
     return [t.strip().lower() for t in v.split(b",")]
+
+
+_PLAIN_CONN = frozenset((b"close", b"keep-alive", b""))
 
 
 def check_request(method: bytes, target: bytes, version: str,
@@ -216,7 +221,7 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     """
     drop = HOP_BY_HOP
     if req.conn_tokens:
-        extra = {t for t in req.conn_tokens if t and t not in (b"close", b"keep-alive")}
+        extra = req.conn_tokens - _PLAIN_CONN
         if extra:
             drop = drop | extra
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
@@ -283,7 +288,7 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     """
     drop = HOP_BY_HOP
     if info.conn_tokens:
-        extra = {t for t in info.conn_tokens if t and t not in (b"close", b"keep-alive")}
+        extra = info.conn_tokens - _PLAIN_CONN
         if extra:
             drop = drop | extra
     parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, "Unknown").encode(), b"\r\n"]
