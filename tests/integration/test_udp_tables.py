@@ -5,6 +5,7 @@ client to the backend the peer chose."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import tempfile
@@ -83,6 +84,7 @@ def test_flow_entries_record_routes_and_expire(backends, state):
         node = Node(loads(config(backends, state, port)))
         await node.start()
         clients = [udp_client() for _ in range(3)]
+        fds0 = len(os.listdir("/proc/self/fd"))
         try:
             flow = node.tables.flow
             routed = {}
@@ -97,7 +99,8 @@ def test_flow_entries_record_routes_and_expire(backends, state):
                     name, "dns", "u", "udp", f"127.0.0.1:{cport}")
             await until(lambda: len(flow) == 0, 5)  # idle 1s: flows and entries go
             assert {c.op for c in flow.changes_since(0)} >= {Op.CREATE}
-            assert node.pools["dns"].by_name["u1"].active == 0
+            assert all(b.active == 0 for b in node.pools["dns"].backends)
+            assert len(os.listdir("/proc/self/fd")) == fds0  # the flows' sockets are closed
         finally:
             for c in clients:
                 c.close()
