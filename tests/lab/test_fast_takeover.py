@@ -1,0 +1,187 @@
+"""Fast takeover through the state-sync stream, with real halbd processes in namespaces.
+
+LAN (names ``hs*``, addresses 198.18.50.0/24): hslb1 198.18.50.11 (priority 200, master),
+hslb2 198.18.50.12 (priority 100, backup); VRRP adverts every 100 ms, so Master_Down_Interval
+for the backup is 3 x 100 ms + 61 ms = 361 ms. Each node follows the other's tables over
+sync on port 7400 (hslb2's link to hslb1 is the stream that matters).
+
+- kill -9 of the master: its kernel closes the sync connection at once; the backup arms the
+  fast timer and, hearing no advert within one advert interval, takes over: at most
+  100 ms + 50 ms after the kill, far below Master_Down_Interval.
+- SIGSTOP of the master: the connection stays open, nothing arms the fast timer; the backup
+  takes over only through the VRRP timers (Master_Down_Interval), never earlier.
+- a cut sync link alone (nftables drop of port 7400 in hslb2, the open sockets killed): the
+  stream closes but adverts keep arriving, so there is no takeover at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import time
+
+import pytest
+
+from halb.vrrp.fsm import master_down_interval
+from lab import netns as nx
+from tests.helpers import Halbd, wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]
+
+PREFIX = "hs"
+SUBNET = "198.18.50.0/24"
+LB1, LB2 = "198.18.50.11", "198.18.50.12"
+VIP = "198.18.50.100"
+ADV = 0.1
+SYNC_PORT = 7400
+
+
+def config(tmp, name, prio, me, peer_name, peer_ip):
+    return f"""
+[node]
+name = "{name}"
+state_dir = "{tmp}"
+
+[control]
+socket = "{tmp}/{name}.sock"
+
+[[pools]]
+name = "p"
+  [[pools.backends]]
+  name = "b1"
+  address = "198.18.50.2:7000"
+
+[[vrrp]]
+name = "vi"
+interface = "eth0"
+vrid = 50
+priority = {prio}
+vips = ["{VIP}/24"]
+advert_interval = "{int(ADV * 1000)}ms"
+
+[sync]
+listen = "{me}:{SYNC_PORT}"
+  [[sync.peers]]
+  name = "{peer_name}"
+  address = "{peer_ip}:{SYNC_PORT}"
+"""
+
+
+def events(proc, event):
+    out = []
+    for line in proc.output().splitlines():
+        if f'"{event}"' in line:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if d.get("event") == event:
+                out.append(d)
+    return out
+
+
+def wall(rec) -> float:
+    return dt.datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=dt.timezone.utc).timestamp()
+
+
+def became(proc, state):
+    return [e for e in events(proc, "vrrp_state") if e.get("new") == state]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    nx.cleanup(PREFIX)
+    lan = nx.Lan(PREFIX, SUBNET)
+    procs = []
+    try:
+        lan.add_host("hslb1", LB1)
+        lan.add_host("hslb2", LB2)
+
+        def start():
+            a = Halbd(_write(tmp_path, "hslb1", config(tmp_path, "hslb1", 200, LB1, "hslb2", LB2)),
+                      netns="hslb1")
+            procs.append(a)
+            wait_for(lambda: became(a, "master"), 15, interval=0.02, what="hslb1 master")
+            b = Halbd(_write(tmp_path, "hslb2", config(tmp_path, "hslb2", 100, LB2, "hslb1", LB1)),
+                      netns="hslb2")
+            procs.append(b)
+            wait_for(lambda: became(b, "backup"), 15, interval=0.02, what="hslb2 backup")
+            wait_for(lambda: any(e.get("peer") == "hslb1" for e in events(b, "sync_connected")),
+                     10, what="hslb2 follows hslb1")
+            wait_for(lambda: events(b, "sync_ready"), 10, what="hslb2 ready")
+            time.sleep(0.3)  # a few adverts with the link up
+            assert not became(b, "master")
+            return a, b
+        yield start
+    finally:
+        for p in procs:
+            p.close()
+        lan.close()
+        nx.cleanup(PREFIX)
+
+
+def _write(tmp, name, text):
+    p = tmp / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+def test_kill_9_of_the_master_fast_takeover_through_the_closed_stream(pair):
+    a, b = pair()
+    t_kill = time.time()
+    a.signal(signal.SIGKILL)
+    wait_for(lambda: became(b, "master"), 5, interval=0.01, what="hslb2 master")
+    rec = became(b, "master")[0]
+    took = wall(rec) - t_kill
+    bound = ADV + 0.050
+    print(f"\nkill -9 -> hslb2 master after {took * 1000:.0f} ms (bound {bound * 1000:.0f} ms, "
+          f"Master_Down_Interval {master_down_interval(100, ADV) * 1000:.0f} ms); "
+          f"reason: {rec.get('reason')}")
+    assert "fast takeover" in rec.get("reason", ""), rec
+    assert took <= bound, took
+    wait_for(lambda: VIP in nx.addresses("eth0", ns="hslb2"), 2, what="VIP on hslb2")
+
+
+def test_frozen_master_is_taken_over_only_by_the_vrrp_timers(pair):
+    a, b = pair()
+    t_stop = time.time()
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: became(b, "master"), 5, interval=0.01, what="hslb2 master")
+        rec = became(b, "master")[0]
+        took = wall(rec) - t_stop
+        mdi = master_down_interval(100, ADV)
+        print(f"\nSIGSTOP -> hslb2 master after {took * 1000:.0f} ms (Master_Down_Interval "
+              f"{mdi * 1000:.0f} ms); reason: {rec.get('reason')}")
+        assert "fast takeover" not in rec.get("reason", ""), rec
+        # the last advert left up to one interval before the stop; 10 ms for log resolution
+        assert took >= mdi - ADV - 0.010, took
+        assert not events(b, "fast_takeover_armed")
+    finally:
+        a.signal(signal.SIGCONT)
+
+
+def test_cut_sync_link_alone_causes_no_takeover(pair):
+    a, b = pair()
+    nft = "\n".join([
+        "table inet hscut {",
+        "  chain hsin { type filter hook input priority 0; tcp dport PORT drop; tcp sport PORT drop; }",
+        "  chain hsout { type filter hook output priority 0; tcp dport PORT drop; tcp sport PORT drop; }",
+        "}", ""]).replace("PORT", str(SYNC_PORT))
+    nx.run_in("hslb2", ["nft", "-f", "-"], input=nft)
+    # the drop alone leaves the sockets open until keepalive gives up; kill them so the
+    # stream closes now, as a link failure noticed by TCP would
+    for d in ("dport", "sport"):
+        nx.run_in("hslb2", ["ss", "-K", d, "=", str(SYNC_PORT)])
+    t_cut = time.time()
+    wait_for(lambda: any(e.get("peer") == "hslb1" for e in events(b, "sync_disconnected")), 5,
+             what="hslb2's stream from hslb1 closed")
+    time.sleep(max(0.0, t_cut + 10 * ADV + master_down_interval(100, ADV) - time.time()))
+    assert not became(b, "master"), became(b, "master")
+    assert a.alive() and b.alive()
+    assert VIP in nx.addresses("eth0", ns="hslb1") and VIP not in nx.addresses("eth0", ns="hslb2")
+    # the closed stream did reach the election (it armed the fast timer); adverts disarmed it
+    assert events(b, "fast_takeover_armed"), "the closed stream never armed the fast timer"
+
