@@ -122,6 +122,13 @@ class Node:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        # the election first: a master sends priority 0 before any other part stops, so the
+        # backup's Skew_Time starts at once (Election.stop is idempotent: the loop skips it)
+        if self.election is not None:
+            try:
+                await self.election.stop()
+            except Exception:
+                self.log.exception("part_stop_failed", part="Election")
         for part in reversed(self.parts):
             try:
                 await part.stop()

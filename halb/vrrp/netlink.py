@@ -1,9 +1,15 @@
 """VIPs and link state through pyroute2 (netlink), from asyncio.
 
 pyroute2's synchronous ``IPRoute`` cannot run inside a running event loop (and its asyncio
-variant does not work under uvloop), so every netlink call goes to one worker thread that owns
-one ``IPRoute`` socket; the coroutines below await it. Adding and removing addresses is
-idempotent: an address already present (EEXIST) or already gone (EADDRNOTAVAIL) is success.
+variant does not work under uvloop), so the queries (links, addresses) go to one worker
+thread that owns one ``IPRoute`` socket; the methods return futures submitted at call time.
+
+Adding and removing VIPs is on the takeover path, where a thread hop costs milliseconds on a
+loaded machine, so ``AddrSocket`` does it in the caller's thread: pyroute2's ``ifaddrmsg``
+encodes the request, one blocking send and one receive of the kernel's acknowledgement on a
+plain NETLINK_ROUTE socket (the kernel handles the request inside ``send``, so the receive does
+not wait). Both paths are idempotent: an address already present (EEXIST) or already gone
+(EADDRNOTAVAIL) is success.
 """
 
 from __future__ import annotations
@@ -11,12 +17,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import os
 import socket
+import struct
 import threading
 from typing import Iterable
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 EEXIST, EADDRNOTAVAIL, ENODEV = 17, 99, 19
 IFF_UP, IFF_RUNNING, IFF_LOWER_UP = 0x1, 0x40, 0x10000
@@ -26,6 +37,85 @@ Vip = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 class LinkError(Exception):
     """A netlink operation failed (the interface is missing, permission denied, ...)."""
+
+
+NLMSG_ERROR = 2
+NETLINK_ROUTE = 0
+ACK_TIMEOUT = 1.0
+
+
+class AddrSocket:
+    """Adds and removes addresses with one netlink request each, in the caller's thread."""
+
+    def __init__(self):
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._cache: dict[tuple, bytes] = {}
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+            s.bind((0, 0))
+            s.settimeout(ACK_TIMEOUT)
+            self._sock = s
+        return self._sock
+
+    def prepare(self, add: bool, ifindex: int, vip: Vip) -> bytes:
+        """The encoded request (cached: encoding is most of the cost); seq patched per use."""
+        k = (add, ifindex, str(vip))
+        data = self._cache.get(k)
+        if data is None:
+            m = ifaddrmsg()
+            m["family"] = socket.AF_INET if vip.version == 4 else socket.AF_INET6
+            m["prefixlen"] = vip.network.prefixlen
+            m["index"] = ifindex
+            addr = str(vip.ip)
+            m["attrs"] = [("IFA_LOCAL", addr), ("IFA_ADDRESS", addr)] if vip.version == 4 \
+                else [("IFA_ADDRESS", addr)]
+            m["header"]["type"] = RTM_NEWADDR if add else RTM_DELADDR
+            m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
+            m["header"]["sequence_number"] = 0
+            m.encode()
+            data = bytes(m.data)
+            if len(self._cache) < 1024:
+                self._cache[k] = data
+        return data
+
+    def request(self, add: bool, ifindex: int, vip: Vip) -> bool:
+        """Adds (or removes) ``vip`` on interface ``ifindex``; True if it changed anything."""
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        msg = bytearray(self.prepare(add, ifindex, vip))
+        struct.pack_into("=I", msg, 8, self._seq)
+        s = self._socket()
+        try:
+            s.send(msg)
+            while True:
+                data = s.recv(65536)
+                off = 0
+                while off + 16 <= len(data):
+                    length, typ, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                    if typ == NLMSG_ERROR and seq == self._seq:
+                        err = -struct.unpack_from("=i", data, off + 16)[0]
+                        if err == 0:
+                            return True
+                        if (add and err == EEXIST) or (not add and err in (EADDRNOTAVAIL, ENODEV)):
+                            return False
+                        raise LinkError(f"{'add' if add else 'remove'} {vip} on interface "
+                                        f"{ifindex}: {os.strerror(err)}")
+                    if length < 16:
+                        break
+                    off += (length + 3) & ~3
+        except OSError as e:
+            self.close()  # a timed-out or broken socket may hold stale replies
+            raise LinkError(f"{'add' if add else 'remove'} {vip}: {e}") from None
+
+    def change(self, add: bool, ifindex: int, vips: Iterable[Vip]) -> list[str]:
+        return [str(v.ip) for v in vips if self.request(add, ifindex, v)]
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class Netlink:

@@ -1,0 +1,260 @@
+"""Lab fixtures for the election tests: a LAN in network namespaces, real halbd processes.
+
+Topology (all names start with ``hv``, all addresses in 198.18.40.0/24):
+
+    hvsw:  bridge hvbr0
+    hvlb1: eth0 198.18.40.11     halbd (or keepalived)
+    hvlb2: eth0 198.18.40.12     halbd (or keepalived)
+    hvcl:  eth0 198.18.40.2      client, TCP backend on 198.18.40.2:7000 (lab.backend)
+
+VIPs come from 198.18.40.100-199. Each test leaves nothing behind (namespaces, processes),
+also when it fails; ``lab.netns.cleanup("hv")`` first removes what an interrupted run left.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import netns as nx
+from tests.helpers import Halbd, Proc, wait_for
+
+PREFIX = "hv"
+SUBNET = "198.18.40.0/24"
+LB1, LB2, CLIENT = "198.18.40.11", "198.18.40.12", "198.18.40.2"
+BACKEND_PORT = 7001  # be1 (lb1's pool); be2 listens on 7002 (lb2's pool)
+VIP_PORT = 8000
+PY = sys.executable
+
+
+def config(name: str, *, backend_port: int | None = None, vrid: int = 40, priority: int = 100, vips=("198.18.40.100/24",),
+           interval: str = "100ms", preempt: bool = True, checksum: str = "rfc9568",
+           extra_vrrp: str = "", extra: str = "", listen_vips: bool = True,
+           instance: str = "vi", auth_key: str = "") -> str:
+    """A halbd config: a TCP listener on each VIP in front of the client-side backend."""
+    listeners = ""
+    if listen_vips:
+        for i, v in enumerate(vips):
+            ip = v.split("/")[0]
+            listeners += f"""
+[[listeners]]
+name = "l{i}"
+mode = "tcp"
+bind = "{ip}:{VIP_PORT}"
+pool = "p"
+"""
+    vips_toml = ", ".join(f'"{v}"' for v in vips)
+    auth = f'auth_key = "{auth_key}"\n' if auth_key else ""
+    return f"""
+[node]
+name = "{name}"
+log_level = "info"
+state_dir = "/tmp"
+
+[control]
+socket = "/tmp/halb-lab-{name}-{vrid}.sock"
+
+[[pools]]
+name = "p"
+  [[pools.backends]]
+  name = "b1"
+  address = "{CLIENT}:{backend_port or (7001 if name.endswith('1') else 7002)}"
+{listeners}
+[[vrrp]]
+name = "{instance}"
+interface = "eth0"
+vrid = {vrid}
+priority = {priority}
+vips = [{vips_toml}]
+advert_interval = "{interval}"
+preempt = {"true" if preempt else "false"}
+checksum = "{checksum}"
+{auth}{extra_vrrp}
+{extra}
+"""
+
+
+class Lab:
+    """The LAN plus helpers to start halbd nodes and look at the VIPs."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        nx.cleanup(PREFIX)
+        self.lan = nx.Lan(PREFIX, SUBNET)
+        try:
+            self.lan.add_host("hvlb1", LB1)
+            self.lan.add_host("hvlb2", LB2)
+            self.lan.add_host("hvcl", CLIENT)
+        except Exception:
+            self.lan.close()
+            raise
+        self.procs: list[Proc] = []
+        self.backends = {n: self.backend(n, CLIENT, port) for n, port in (("be1", 7001), ("be2", 7002))}
+
+    def backend(self, name: str, host: str, port: int, ns: str = "hvcl") -> Proc:
+        p = self.proc([PY, "-m", "lab.backend", "--name", name, "--tcp", f"{host}:{port}"],
+                      ns, f"backend-{name}")
+        return p
+
+    def proc(self, argv, ns: str, logname: str) -> Proc:
+        p = Proc(argv, netns=ns, log=self.tmp / f"{logname}.log")
+        self.procs.append(p)
+        return p
+
+    def halbd(self, ns: str, text: str, tag: str | None = None) -> Halbd:
+        tag = tag or ns
+        path = self.tmp / f"{tag}.toml"
+        path.write_text(text)
+        h = Halbd(path, netns=ns, log=self.tmp / f"{tag}-{len(self.procs)}.log")
+        self.procs.append(h)
+        return h
+
+    def vips(self, ns: str) -> set[str]:
+        try:
+            return set(nx.addresses("eth0", ns=ns)) - {LB1, LB2, CLIENT}
+        except Exception:  # noqa: BLE001 - the namespace may be going away
+            return set()
+
+    def holder(self, vip: str) -> list[str]:
+        ip = vip.split("/")[0]
+        return [ns for ns in ("hvlb1", "hvlb2") if ip in self.vips(ns)]
+
+    def wait_holder(self, vip: str, ns: str, timeout: float = 10.0) -> None:
+        wait_for(lambda: self.holder(vip) == [ns], timeout, interval=0.01,
+                 what=f"{vip} held by {ns} alone (now {self.holder(vip)})")
+
+    def client(self, code: str, timeout: float = 30.0) -> str:
+        """Runs python ``code`` in the client namespace; returns its stdout."""
+        r = nx.run_in("hvcl", [PY, "-c", code], timeout=timeout)
+        return r.stdout
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.close()
+        self.lan.close()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+        nx.cleanup(PREFIX)
+
+
+def events(proc: Proc, event: str) -> list[dict]:
+    """The JSON log records ``event`` from a halbd's log."""
+    out = []
+    for line in proc.output().splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if d.get("event") == event:
+            out.append(d)
+    return out
+
+
+def state_of(proc: Proc, instance: str = "vi") -> str:
+    st = [e for e in events(proc, "vrrp_state") if e.get("instance") == instance]
+    return st[-1]["new"] if st else "init"
+
+
+def wait_state(proc: Proc, state: str, instance: str = "vi", timeout: float = 10.0) -> None:
+    def ok():
+        if not proc.alive():
+            raise AssertionError(f"process exited:\n{proc.output()[-3000:]}")
+        return state_of(proc, instance) == state
+    wait_for(ok, timeout, interval=0.02, what=f"{instance} {state}")
+
+
+# A client probe: connects to VIP:port every ``step`` seconds and prints one JSON line per
+# result, so the test sees when connects succeed again after a failover.
+PROBE = r"""
+import asyncio, json, sys, time
+host, port, dur, step = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+
+async def one(t):
+    who = ""
+    w = None
+    try:
+        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        w.write(b"WHO\n")
+        who = (await asyncio.wait_for(r.readline(), 1.0)).decode(errors="replace").strip()
+    except (OSError, asyncio.TimeoutError):
+        pass
+    finally:
+        if w is not None:
+            w.close()
+    print(json.dumps({"t": t, "end": time.monotonic(), "who": who}), flush=True)
+
+async def main():
+    end = time.monotonic() + dur
+    tasks = set()
+    while time.monotonic() < end:
+        t = time.monotonic()
+        if len(tasks) < 400:  # bounded: at most this many connects in flight
+            task = asyncio.create_task(one(t))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.sleep(max(0.0, step - (time.monotonic() - t)))
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
+
+asyncio.run(main())
+"""
+
+
+class Probe:
+    """Starts a TCP connect to VIP:port from the client namespace every ``step`` seconds (each
+    one on its own, so a connection stuck on a dying node does not delay the next); each
+    result records who answered (the backend's name) and when (CLOCK_MONOTONIC, shared by
+    every namespace, so comparable with the test's ``time.monotonic()``)."""
+
+    def __init__(self, lab: Lab, vip: str, duration: float = 8.0, step: float = 0.005,
+                 port: int = VIP_PORT):
+        self.log = lab.tmp / f"probe-{len(lab.procs)}.log"
+        self.proc = lab.proc([PY, "-c", PROBE, vip, str(port), str(duration), str(step)],
+                             "hvcl", self.log.stem)
+
+    def results(self) -> list[dict]:
+        out = []
+        for line in self.proc.output().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def wait_answer(self, who: str, after: float, timeout: float = 5.0) -> float:
+        """Waits for the first probe started after ``after`` that ``who`` answered; returns
+        the time it completed."""
+        def seen():
+            for r in self.results():
+                if r["t"] >= after and r["who"] == who:
+                    return r["end"]
+            return None
+        return wait_for(seen, timeout, interval=0.01, what=f"{who} answering the probe")
+
+    def stop(self) -> None:
+        self.proc.close()
+
+
+def who_answers(lab: Lab, vip: str, port: int = VIP_PORT) -> str:
+    out = lab.client(
+        "import socket\n"
+        f"s = socket.create_connection(({vip!r}, {port}), timeout=1)\n"
+        "s.sendall(b'WHO\\n'); s.settimeout(2); print(s.recv(64).decode().strip())\n",
+        timeout=10)
+    return out.strip()
+
+

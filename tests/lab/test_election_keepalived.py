@@ -1,0 +1,151 @@
+"""A mixed pair: halbd and keepalived (Debian's package) in one VRID, checksum = "keepalived".
+
+One master at a time, and failover both ways (crash and graceful stop of either side).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from halb.vrrp.fsm import master_down_interval, skew_time
+from tests.lab.conftest import config, events, state_of, wait_state
+from tests.lab.measure_takeover import start_keepalived
+
+pytestmark = pytest.mark.lab
+
+VIP = "198.18.40.100"
+ADV = 0.1
+SLACK = 0.150
+
+
+@pytest.fixture(autouse=True)
+def _need_keepalived():
+    assert shutil.which("keepalived"), "keepalived is installed by ./dev (APT_BASE)"
+
+
+class Watch:
+    """Samples who holds the VIP every 10 ms in a thread; records any moment with two."""
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.both: list[float] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            h = self.lab.holder(VIP)
+            self.samples += 1
+            if len(h) > 1:
+                self.both.append(time.monotonic())
+            time.sleep(0.01)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(5)
+
+
+def ka_state(proc) -> str:
+    state = "init"
+    for line in proc.output().splitlines():
+        if "Entering MASTER STATE" in line:
+            state = "master"
+        elif "Entering BACKUP STATE" in line:
+            state = "backup"
+        elif "Entering FAULT STATE" in line:
+            state = "fault"
+    return state
+
+
+def wait_ka(proc, state, timeout=10.0):
+    from tests.helpers import wait_for
+    wait_for(lambda: ka_state(proc) == state, timeout, interval=0.01,
+             what=f"keepalived {state}\n{proc.output()[-2000:]}")
+
+
+def halb_cfg(name, prio):
+    return config(name, priority=prio, checksum="keepalived", listen_vips=False)
+
+
+def no_invalid(halbd) -> None:
+    bad = [e for e in events(halbd, "invalid_advert:checksum")]
+    assert not bad, bad
+
+
+def test_halbd_master_keepalived_backup_failover_both_ways(lab):
+    ka = start_keepalived(lab, "hvlb2", "lb2", 100, ADV)
+    wait_ka(ka, "master")
+    lab.wait_holder(VIP, "hvlb2")
+    # halbd with the higher priority preempts keepalived
+    h = lab.halbd("hvlb1", halb_cfg("lb1", 200), "lb1")
+    wait_state(h, "master", timeout=15)
+    wait_ka(ka, "backup", timeout=5)
+    lab.wait_holder(VIP, "hvlb1")
+    w = Watch(lab)
+    time.sleep(1.0)  # ten adverts: both stay where they are
+    assert state_of(h) == "master" and ka_state(ka) == "backup"
+    # halbd crashes: keepalived takes over within its Master_Down_Interval
+    t0 = time.monotonic()
+    h.kill()
+    wait_ka(ka, "master", timeout=5)
+    took = time.monotonic() - t0
+    assert took <= master_down_interval(100, ADV) + SLACK, took
+    # halbd comes back: removes its leftover VIP, then preempts keepalived
+    h2 = lab.halbd("hvlb1", halb_cfg("lb1", 200), "lb1b")
+    wait_state(h2, "master", timeout=15)
+    wait_ka(ka, "backup", timeout=5)
+    lab.wait_holder(VIP, "hvlb1")
+    w.both.clear()  # the crash left the VIP on lb1 until the restart; count from here
+    time.sleep(0.5)
+    # graceful stop of halbd: priority 0, keepalived takes over after its Skew_Time
+    t0 = time.monotonic()
+    h2.signal(signal.SIGTERM)
+    wait_ka(ka, "master", timeout=5)
+    took = time.monotonic() - t0
+    assert took <= skew_time(100, ADV) + SLACK, took
+    lab.wait_holder(VIP, "hvlb2")
+    w.stop()
+    assert w.samples > 50 and not w.both, f"both held the VIP at {w.both}"
+    no_invalid(h)
+    no_invalid(h2)
+
+
+def test_keepalived_master_halbd_backup_failover_both_ways(lab):
+    h = lab.halbd("hvlb2", halb_cfg("lb2", 100), "lb2")
+    wait_state(h, "master", timeout=15)
+    ka = start_keepalived(lab, "hvlb1", "lb1", 200, ADV)
+    wait_ka(ka, "master", timeout=10)
+    wait_state(h, "backup", timeout=5)
+    lab.wait_holder(VIP, "hvlb1")
+    w = Watch(lab)
+    time.sleep(1.0)
+    assert state_of(h) == "backup" and h.alive()
+    # keepalived stops gracefully: halbd takes over after Skew_Time
+    t0 = time.monotonic()
+    ka.signal(signal.SIGTERM)
+    wait_state(h, "master", timeout=5)
+    took = time.monotonic() - t0
+    assert took <= skew_time(100, ADV) + SLACK, took
+    lab.wait_holder(VIP, "hvlb2")
+    ka.p.wait(timeout=10)
+    # keepalived returns and preempts; then crashes: halbd takes over
+    ka2 = start_keepalived(lab, "hvlb1", "lb1", 200, ADV)
+    wait_ka(ka2, "master", timeout=10)
+    wait_state(h, "backup", timeout=5)
+    lab.wait_holder(VIP, "hvlb1")
+    t0 = time.monotonic()
+    ka2.kill()
+    w.stop()
+    wait_state(h, "master", timeout=5)
+    took = time.monotonic() - t0
+    assert took <= master_down_interval(100, ADV) + SLACK, took
+    assert VIP in lab.vips("hvlb2")
+    assert not w.both, f"both held the VIP at {w.both}"
+    no_invalid(h)
