@@ -468,6 +468,8 @@ class ClientConn(asyncio.Protocol):
 
     def eof_received(self):
         self.eof = True
+        if self.in_head or self.rx is not None:
+            return False  # a request cut short can never complete: close (and drop its exchange)
         if self.cur is not None:
             return True  # finish the answer in flight, then close
         return False
