@@ -204,3 +204,132 @@ pool = "p"
             srv.close()
 
     asyncio.run(main())
+
+
+def test_close_delimited_and_interim_responses(tmp_path):
+    """A backend answering HTTP/1.0-style (no length, body until close) reaches an HTTP/1.1
+    client chunked (keep-alive kept) and an HTTP/1.0 client close-delimited; a 100 Continue
+    before the final answer is passed on to HTTP/1.1 clients."""
+    async def serve(r, w):
+        head = await r.readuntil(b"\r\n\r\n")
+        if b" /interim " in head:
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await w.drain()
+            await r.readexactly(4)
+            w.write(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
+            await w.drain()
+            await r.read()
+            w.close()
+            return
+        w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        for i in range(3):
+            w.write(b"part%d;" % i)
+            await w.drain()
+            await asyncio.sleep(0.01)
+        w.close()
+
+    async def main():
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        bport = srv.sockets[0].getsockname()[1]
+        port = free_port()
+        node = Node(loads(f'''
+[node]
+name = "lb1"
+state_dir = "{tmp_path}"
+[[pools]]
+name = "p"
+[[pools.backends]]
+name = "s"
+address = "127.0.0.1:{bport}"
+[[listeners]]
+name = "h"
+mode = "http"
+bind = "127.0.0.1:{port}"
+pool = "p"
+'''))
+        await node.start()
+        try:
+            # HTTP/1.1 client: chunked, and the client connection stays usable
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert b"Transfer-Encoding: chunked" in head and b"Connection: close" not in head
+            body = await asyncio.wait_for(r.readuntil(b"0\r\n\r\n"), 5)
+            assert body == b"6\r\npart0;\r\n6\r\npart1;\r\n6\r\npart2;\r\n0\r\n\r\n"
+            w.write(b"GET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            rest = await asyncio.wait_for(r.read(), 5)
+            assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"0\r\n\r\n")
+            w.close()
+            # HTTP/1.0 client: body until close
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /c HTTP/1.0\r\n\r\n")
+            raw = await asyncio.wait_for(r.read(), 5)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert b"Connection: close" in head and b"chunked" not in head
+            assert body == b"part0;part1;part2;"
+            w.close()
+            # 100 Continue passes through, then the final answer
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"PUT /interim HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+            first = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+            w.write(b"data")
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 201 ")
+            assert await asyncio.wait_for(r.readexactly(4), 5) == b"done"
+            w.close()
+            b = node.pools["p"].backends[0]
+            await asyncio.sleep(0.05)
+            assert b.active == 0
+        finally:
+            await node.stop()
+            srv.close()
+
+    asyncio.run(main())
+
+
+def test_graceful_stop_finishes_the_answer_in_flight(tmp_path):
+    async def serve(r, w):
+        await r.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.4)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        await w.drain()
+        w.close()
+
+    async def main():
+        srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+        bport = srv.sockets[0].getsockname()[1]
+        port = free_port()
+        node = Node(loads(f'''
+[node]
+name = "lb1"
+state_dir = "{tmp_path}"
+[[pools]]
+name = "p"
+[[pools.backends]]
+name = "s"
+address = "127.0.0.1:{bport}"
+[[listeners]]
+name = "h"
+mode = "http"
+bind = "127.0.0.1:{port}"
+pool = "p"
+'''))
+        await node.start()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.sleep(0.1)
+        stop = asyncio.create_task(node.stop())
+        raw = await asyncio.wait_for(r.read(), 5)
+        assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"slow")
+        assert b"Connection: close" in raw
+        assert await asyncio.wait_for(idle_r.read(), 5) == b""  # idle connections closed
+        await asyncio.wait_for(stop, 5)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        w.close()
+        idle_w.close()
+        srv.close()
+
+    asyncio.run(main())
