@@ -409,6 +409,7 @@ class ClientConn(asyncio.Protocol):
         self.wtimer: asyncio.TimerHandle | None = None
         self.out: list[bytes] = []  # response bytes gathered during one backend read
         self.wpaused = False  # our write buffer towards the client is above its high mark
+        self.up: list[bytes] = []  # request body bytes gathered during one client read
         # the exchange in flight (queue[0])
         self.cur: _Rx | None = None
         self.pool: "Pool | None" = None
@@ -519,9 +520,14 @@ class ClientConn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            self._flush_up()
             self._upgrade(data, e.args[0] if e.args else len(data))
             return
         except httptools.HttpParserError as e:
+            if self.cur is not None and self.cur.complete:
+                self._flush_up()  # the tail of the request in flight, parsed before the error
+            else:
+                self.up.clear()  # the broken request's own bytes go no further
             ctx = e.__context__
             err = ctx if isinstance(ctx, HttpError) else HttpError(400, str(e) or "malformed request")
             self._refuse(err)
@@ -529,6 +535,8 @@ class ClientConn(asyncio.Protocol):
         except HttpError as e:  # pragma: no cover - httptools wraps callback errors
             self._refuse(e)
             return
+        if self.up:
+            self._flush_up()
         if self.in_head:
             self.raw_head = self.raw_head + len(data) if was_head else len(data)
             lim = self.cfg.limits
@@ -537,6 +545,16 @@ class ClientConn(asyncio.Protocol):
                 return
         if self.cur is None and self.queue:
             self._start(self.queue[0])
+
+    def _flush_up(self) -> None:
+        up = self.up
+        bc = self.conn
+        if up and bc is not None and not bc.closed:
+            if len(up) == 1:
+                bc.tr.write(up[0])
+            else:
+                bc.tr.writelines(up)
+        up.clear()
 
     def _check_line(self, data: bytes) -> bool:
         i = 0
@@ -626,7 +644,7 @@ class ClientConn(asyncio.Protocol):
                 rx.replay = None
         if rx is self.cur and self.conn is not None:
             self.conn.last = now
-            self.conn.tr.write(piece)
+            self.up.append(piece)  # written once this read is parsed (see data_received)
         else:
             rx.body.append(piece)
             rx.buffered += len(piece)
@@ -643,7 +661,7 @@ class ClientConn(asyncio.Protocol):
             if rx.replay is not None:
                 rx.replay.append(b"0\r\n\r\n")
             if rx is self.cur and self.conn is not None:
-                self.conn.tr.write(b"0\r\n\r\n")
+                self.up.append(b"0\r\n\r\n")
             else:
                 rx.body.append(b"0\r\n\r\n")
         if rx is self.cur and self.conn is not None:
