@@ -205,6 +205,17 @@ backend be_iperf
     mode tcp
     option splice-auto
     server i1 127.0.0.1:{iperf}
+frontend fe_tcp_forced_splice
+    mode tcp
+    bind 127.0.0.1:{tcpsplice}
+    option splice-request
+    option splice-response
+    default_backend be_iperf_splice
+backend be_iperf_splice
+    mode tcp
+    option splice-request
+    option splice-response
+    server i1 127.0.0.1:{iperf}
 frontend fe_tcp_idle
     mode tcp
     bind 127.0.0.1:{tcpidle}
@@ -485,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
     procs = Procs(tmp)
-    P = {k: free_port() for k in ("n1", "n2", "iperf", "http", "tcp", "tcpidle", "metrics")}
+    P = {k: free_port() for k in ("n1", "n2", "iperf", "http", "tcp", "tcpidle", "metrics",
+                                  "tcpsplice")}
     results: dict = {"machine": machine(), "args": vars(a), "load_before": loadavg(),
                      "haproxy": {}, "halb": {}}
     log(f"machine: {results['machine']['nproc']} x {results['machine']['cpu']}; "
@@ -536,6 +548,13 @@ def main(argv: list[str] | None = None) -> int:
                         r.setdefault("l4_runs", []).append(x)
                         if "l4" not in r or x["gbps"] > r["l4"]["gbps"]:
                             r["l4"] = x
+                        if which == "haproxy":  # for reference: splicing forced on
+                            x = l4(p.pid, P["tcpsplice"], a.duration)
+                            log(f"  L4 (forced splice) {x['gbps']:.2f} Gbit/s "
+                                f"{x['cpu_s_per_gb']:.3f} CPU s/GB")
+                            r.setdefault("l4_forced_runs", []).append(x)
+                            if "l4_forced" not in r or x["gbps"] > r["l4_forced"]["gbps"]:
+                                r["l4_forced"] = x
                     if "mem" in only and rnd == 0:
                         # each on a freshly started proxy: memory freed by one test and
                         # reused by the next would hide the second one's cost
@@ -605,6 +624,16 @@ def report(res: dict) -> str:
              f"{8 / l['l4']['cpu_s_per_gb']:.1f}", f"{8 / h['l4']['cpu_s_per_gb']:.1f}",
              ratio(h["l4"]["cpu_s_per_gb"], l["l4"]["cpu_s_per_gb"]), ""),
         ]
+        f = h.get("l4_forced")
+        if f:
+            rows += [
+                ("(reference) L4 Gbit/s, HAProxy with splice-request/response forced",
+                 f"{l['l4']['gbps']:.2f}", f"{f['gbps']:.2f}", ratio(l["l4"]["gbps"], f["gbps"]),
+                 ""),
+                ("(reference) L4 CPU s per GB, HAProxy splice forced",
+                 f"{l['l4']['cpu_s_per_gb']:.3f}", f"{f['cpu_s_per_gb']:.3f}",
+                 ratio(l["l4"]["cpu_s_per_gb"], f["cpu_s_per_gb"]), ""),
+            ]
     for k, label in (("mem_l7", "L7"), ("mem_l4", "L4")):
         if k in h and k in l:
             rows.append((f"{label} memory per idle conn, bytes ({l[k]['conns']} held)",
