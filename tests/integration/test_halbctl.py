@@ -8,6 +8,8 @@ with mutual TLS (certificates from ``halbctl pki init``). Tests that change a ba
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -18,17 +20,43 @@ from collections import Counter
 
 import pytest
 
+from halb.cli.halbctl import main as halbctl_main
+
 from tests.helpers import (PY, ROOT, Backends, Halbd, free_port, http_get, wait_for,
                            write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def halbctl(*argv, timeout=20):
+def halbctl_process(*argv, timeout=20):
+    """halbctl as its own process: (exit code, stdout, stderr)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.run([PY, "-m", "halb.cli.halbctl", *argv], capture_output=True, text=True,
                        timeout=timeout, env=env, cwd=str(ROOT))
     return p.returncode, p.stdout, p.stderr
+
+
+def halbctl(*argv):
+    """halbctl's main() in this process (a new Python process per call costs about a second on
+    a busy 2-core machine); the same (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = halbctl_main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def status_json(sock: str) -> dict | None:
+    """What ``halbctl status --json`` prints, asked in-process (for polling loops)."""
+    import grpc
+    from halb.cli.halbctl import to_dict
+    from halb.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc
+    if not os.path.exists(sock):
+        return None
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        try:
+            return to_dict(pb_grpc.ControlStub(ch).Status(pb.StatusRequest(), timeout=3))
+        except grpc.RpcError:
+            return None
 
 
 def who(port: int) -> str:
@@ -52,8 +80,8 @@ class N:
 def node(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("halbctl")
     pki = tmp / "pki"
-    code, out, err = halbctl("pki", "init", "--out", str(pki), "lb1", "admin",
-                             "--ip", "lb1=127.0.0.1")
+    code, out, err = halbctl_process("pki", "init", "--out", str(pki), "lb1", "admin",
+                                     "--ip", "lb1=127.0.0.1")
     assert code == 0, err
     with Backends(["web1", "web2"], http=False, tcp=True, logdir=tmp) as bk:
         n = N()
@@ -140,7 +168,7 @@ def test_socket_is_owner_only(node):
 
 
 def test_status_table_and_json(node):
-    code, out, err = ctl(node, "status")
+    code, out, err = halbctl_process("--socket", node.sock, "status")  # the CLI as a process
     assert code == 0, err
     for needle in ("node lb1", "election: not configured", "peers: state sync not configured",
                    "web1", "web2", "sticky", "flow", "stick"):
@@ -213,10 +241,12 @@ def test_tables_after_traffic(node):
     held = socket.create_connection(("127.0.0.1", node.front), timeout=5)
     try:
         client = "%s:%d" % held.getsockname()
-        def flow_listed():
-            code, out, _ = ctl(node, "tables", "flow", "--prefix", "front/", "--json")
-            return code == 0 and any(e["client"] == client for e in json.loads(out)["flow"]["entries"])
-        wait_for(flow_listed, 10, interval=0.2, what="the open connection in the flow table")
+        wait_for(lambda: any(t["name"] == "flow" and t["size"] >= 1
+                             for t in status_json(node.sock)["tables"]), 10, interval=0.05,
+                 what="the open connection in the flow table")
+        code, out, _ = ctl(node, "tables", "flow", "--prefix", "front/", "--json")
+        assert code == 0
+        assert any(e["client"] == client for e in json.loads(out)["flow"]["entries"])
         code, out, err = ctl(node, "tables", "sticky", "--json")
         assert code == 0, err
         entries = json.loads(out)["sticky"]["entries"]
@@ -249,7 +279,8 @@ def test_failover_without_election_and_unknown_names(node):
 
 def test_watch_count(node):
     t0 = time.monotonic()
-    code, out, err = ctl(node, "watch", "--interval", "0.3", "--count", "2")
+    code, out, err = halbctl_process("--socket", node.sock, "watch", "--interval", "0.3",
+                                     "--count", "2")
     assert code == 0, err
     assert time.monotonic() - t0 >= 0.3
     assert out.count("node lb1") == 2 and "refresh 1/2" in out and "refresh 2/2" in out
@@ -331,11 +362,10 @@ ca = "{tmp_path / 'pki' / 'ca.pem'}"
         with Halbd(cfgs["lb1"]) as a, Halbd(cfgs["lb2"]) as b:
             a.wait_port(lport)
 
-            def peer(sock, name):
-                code, out, err = halbctl("--socket", sock, "status", "--json")
-                if code != 0:
+            def peer(sock, name):  # polled in-process: a halbctl process per poll is slow
+                d = status_json(sock)
+                if d is None:
                     return None
-                d = json.loads(out)
                 assert d["sync_enabled"]
                 return next((p for p in d["peers"] if p["name"] == name), None)
 
@@ -349,6 +379,7 @@ ca = "{tmp_path / 'pki' / 'ca.pem'}"
             assert p["sent_entries"] >= 1
             code, out, _ = halbctl("--socket", socks["lb2"], "status", "--json")
             assert code == 0 and json.loads(out)["sync_ready"] is True  # lb2 learned from lb1
+            assert json.loads(out)["peers"][0]["name"] == "lb1"
             code, out, err = halbctl("--socket", socks["lb1"], "status")
             assert code == 0 and "lb2" in out and "connected" in out, err
             b.kill()
@@ -362,5 +393,5 @@ def test_node_stopped_last(node):
     """Runs last in this module: stops the node and checks halbctl's answer and the cleanup."""
     assert node.halbd.stop() == 0
     assert not os.path.exists(node.sock), "halbd removes its control socket when it stops"
-    code, _, err = halbctl("--config", str(node.cfg), "status")
+    code, _, err = halbctl_process("--config", str(node.cfg), "status")
     assert code == 2 and "does not exist" in err and "is halbd running" in err
