@@ -85,7 +85,8 @@ class VipWatch:
         return None
 
     def double_master_seconds(self, start: float, end: float) -> float:
-        """Time in [start, end] during which more than one node held the VIP."""
+        """Time in [start, end] during which more than one live node held the VIP (for a
+        restarted node: the address its killed predecessor left, until it removes it)."""
         total = 0.0
         pts = self.changes + [(end, ())]
         for (t, h), (t2, _) in zip(pts, pts[1:]):
@@ -99,12 +100,15 @@ class Traffic:
     """lab.traffic running in the client namespace, events in ``path`` (JSON lines)."""
 
     def __init__(self, lab: Lab, path: Path, seconds: float, vip: str | None = None,
-                 extra: list[str] | None = None):
+                 extra: list[str] | None = None, src_block: int | None = 0):
         self.path = path
         self.lab = lab
         argv = [PY, "-m", "lab.traffic", "--vip", vip or lab.topo.vips[0], "--seconds", str(seconds),
                 "--http-port", str(HTTP_PORT), "--tcp-port", str(TCP_PORT),
-                "--udp-port", str(UDP_PORT), "--out", str(path)] + (extra or [])
+                "--udp-port", str(UDP_PORT), "--out", str(path)]
+        if src_block is not None and lab.topo.client_sources >= 32 * (src_block + 1):
+            argv += ["--src-clients", lab.topo.source_block(src_block)]
+        argv += extra or []
         self.p = nx.popen_in(lab.topo.client_hosts[0].netns, argv, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -158,9 +162,13 @@ class Failover:
     failed_http_total: int = 0  # failed HTTP requests after the kill
     failed_tcp: int = 0
     failed_udp: int = 0
-    sticky_checked: int = 0
+    failed_src: int = 0
+    sticky_checked: int = 0  # HTTP clients (cookie) answered before and after the kill
     sticky_kept: int = 0
     sticky_moved: list = field(default_factory=list)
+    src_checked: int = 0  # source-sticky TCP clients (replicated table) before and after
+    src_kept: int = 0
+    src_moved: list = field(default_factory=list)
     tcp_same_backend: bool | None = None
     udp_same_backend: bool | None = None
 
@@ -168,10 +176,16 @@ class Failover:
     def sticky_pct(self) -> float | None:
         return 100.0 * self.sticky_kept / self.sticky_checked if self.sticky_checked else None
 
+    @property
+    def src_pct(self) -> float | None:
+        return 100.0 * self.src_kept / self.src_checked if self.src_checked else None
+
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "sticky_moved"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("sticky_moved", "src_moved")}
         d["sticky_moved"] = self.sticky_moved[:20]
+        d["src_moved"] = self.src_moved[:20]
         d["sticky_pct"] = self.sticky_pct
+        d["src_pct"] = self.src_pct
         return d
 
 
@@ -182,8 +196,8 @@ def analyze(events: list[dict], kill_t: float, lab: Lab, old: str, new: str,
     if vip_added_t is not None:
         f.vip_moved_ms = (vip_added_t - kill_t) * 1000
     end = until if until is not None else float("inf")
-    before: dict[int, str] = {}
-    after: dict[int, str] = {}
+    before: dict[tuple[str, int], str] = {}
+    after: dict[tuple[str, int], str] = {}
     first_ok = None
     tcp_before = udp_before = None
     for e in sorted(events, key=lambda e: e["t"]):
@@ -191,10 +205,11 @@ def analyze(events: list[dict], kill_t: float, lab: Lab, old: str, new: str,
         if t > end:
             break
         served_by = addr.get(e.get("via", ""))
+        started_after_kill = t - e.get("ms", 0) / 1000 >= kill_t
         if t < kill_t:
             if e["ok"]:
-                if k == "http":
-                    before[e["c"]] = e["b"]
+                if k in ("http", "src"):
+                    before[(k, e["c"])] = e["b"]
                 elif k == "tcp":
                     tcp_before = e["b"]
                 elif k == "udp":
@@ -205,33 +220,46 @@ def analyze(events: list[dict], kill_t: float, lab: Lab, old: str, new: str,
                 if first_ok is None:
                     first_ok = t
                     f.answered_ms = (t - kill_t) * 1000
-                after.setdefault(e["c"], e["b"])
+                after.setdefault((k, e["c"]), e["b"])
             elif not e["ok"]:
                 f.failed_http_total += 1
                 if first_ok is None:
                     f.failed_http += 1
+        elif k == "src":
+            if e["ok"] and started_after_kill:
+                after.setdefault((k, e["c"]), e["b"])
+            elif not e["ok"]:
+                f.failed_src += 1
         elif k == "tcp":
             if e["ok"]:
-                # an answer after the kill on a connection opened after it: the standby's
-                if f.tcp_ms is None and e.get("ms", 0) / 1000 < t - kill_t:
+                # the first echo on a connection opened after the kill: through the standby
+                if f.tcp_ms is None and started_after_kill:
                     f.tcp_ms = (t - kill_t) * 1000
                     f.tcp_same_backend = (e["b"] == tcp_before) if tcp_before else None
             else:
                 f.failed_tcp += 1
         elif k == "udp":
             if e["ok"]:
-                if f.udp_ms is None and t - e.get("ms", 0) / 1000 >= kill_t:
+                if f.udp_ms is None and started_after_kill:
                     f.udp_ms = (t - kill_t) * 1000
                     f.udp_same_backend = (e["b"] == udp_before) if udp_before else None
             else:
                 f.failed_udp += 1
-    for c, b in after.items():
-        if c in before:
+    for (k, c), b in after.items():
+        if (k, c) not in before:
+            continue
+        if k == "http":
             f.sticky_checked += 1
-            if before[c] == b:
+            if before[(k, c)] == b:
                 f.sticky_kept += 1
             else:
-                f.sticky_moved.append((c, before[c], b))
+                f.sticky_moved.append((c, before[(k, c)], b))
+        else:
+            f.src_checked += 1
+            if before[(k, c)] == b:
+                f.src_kept += 1
+            else:
+                f.src_moved.append((c, before[(k, c)], b))
     return f
 
 
@@ -307,6 +335,7 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lab = Lab(topo)
+    lab.keep_logs = out / "demo-logs"
     inst = topo.instances[0]
     old = inst.owner()
     new = max((n for n in inst.priorities if n != old), key=lambda n: inst.priorities[n])
@@ -327,8 +356,9 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
         _say(f"\n== halbctl status on {old}")
         _halbctl_status(lab, old)
         events_path = out / "failover-events.jsonl"
-        _say(f"\n== traffic from {topo.client_hosts[0].netns}: HTTP from 200 sticky clients "
-             f"(~400 req/s), a TCP stream and a UDP stream (one message per 10 ms)")
+        _say(f"\n== traffic from {topo.client_hosts[0].netns}: HTTP from 200 cookie-sticky clients "
+             f"(~400 req/s), a TCP and a UDP stream (one message per 10 ms), and 32 source-IP-"
+             f"sticky TCP clients (a new connection each 250 ms, each from its own address)")
         traffic = Traffic(lab, events_path, before + after + 1.0, vip=vip)
         watch = VipWatch(lab, vip).start()
         time.sleep(before)
@@ -338,7 +368,7 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
         summary = traffic.wait(timeout=after + 15)
         watch.stop()
         events = traffic.events()
-        vip_added = watch.first_time(lambda h: new in h, kill_t)
+        vip_added = lab.vips_added_after(new, inst.name, kill_t)  # its own log, to the ms
         fo = analyze(events, kill_t, lab, old, new, vip_added)
         (out / "failover.json").write_text(json.dumps({"summary": summary, "failover": fo.as_dict(),
                                                        "vip_changes": [(t - kill_t, h) for t, h in
@@ -362,11 +392,15 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
              f"(after the kill in total: {fo.failed_http_total}); "
              f"TCP messages failed: {fo.failed_tcp}; UDP datagrams lost: {fo.failed_udp}")
         if fo.sticky_checked:
-            _say(f"   sticky sessions kept: {fo.sticky_kept} of {fo.sticky_checked} "
-                 f"({fo.sticky_pct:.1f} %)")
+            _say(f"   sticky sessions kept, HTTP cookie clients: {fo.sticky_kept} of "
+                 f"{fo.sticky_checked} ({fo.sticky_pct:.1f} %)")
         else:
-            _say("   sticky sessions kept: none could be checked (no client was answered both "
-                 "before and after the kill)")
+            _say("   sticky sessions (HTTP cookie): none could be checked (no client was answered "
+                 "both before and after the kill)")
+        if fo.src_checked:
+            _say(f"   sticky sessions kept, source-IP TCP clients (replicated table): "
+                 f"{fo.src_kept} of {fo.src_checked} ({fo.src_pct:.1f} %); "
+                 f"their failed connections: {fo.failed_src}")
         counts = summary.get("counts", {})
         _say("   traffic: " + ", ".join(f"{k} {v['ok']} ok / {v['failed']} failed"
                                         for k, v in sorted(counts.items()))

@@ -155,6 +155,8 @@ class Lab:
         self.procs: dict[str, subprocess.Popen] = {}  # started by this process
         self.pids: dict[str, int] = {}
         self.ports: dict[str, str] = {}  # host name -> its veth on the bridge (switch namespace)
+        self.deaths: dict[str, list[float]] = {}  # LB node -> CLOCK_MONOTONIC of each kill -9
+        self.keep_logs: Path | None = None  # down() copies the logs and configs here first
 
     # -- state ------------------------------------------------------------------------------
 
@@ -239,6 +241,11 @@ class Lab:
             for h in t.hosts:
                 lan.add_host(h.netns, str(h.address.ip), ifname=t.interface)
                 self.ports[h.name] = lan.port_of(h.netns)
+            if t.source_addresses():
+                with nx.ipr(t.client_hosts[0].netns) as ip:  # one netlink socket for all
+                    idx = ip.link_lookup(ifname=t.interface)[0]
+                    for a in t.source_addresses():
+                        ip.addr("add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen)
             for h in t.lb_hosts:
                 # listeners use IP_FREEBIND; this covers any socket that does not
                 nx.sysctl("net.ipv4.ip_nonlocal_bind", 1, ns=h.netns)
@@ -308,10 +315,96 @@ class Lab:
         moment it was sent. With SIGKILL and ``wait``, returns once the process is gone."""
         t = time.monotonic()
         self.send_signal(name, sig)
+        if sig == signal.SIGKILL:
+            self.deaths.setdefault(name, []).append(t)
         p = self.procs.get(name)
         if wait and sig == signal.SIGKILL and p is not None:
             p.wait(timeout=10)
         return t
+
+    def log_events(self, name: str, event: str, instance: str | None = None
+                   ) -> list[tuple[float, dict]]:
+        """``event`` records from halbd's log on ``name`` as (CLOCK_MONOTONIC, record); the
+        wall-clock ``ts`` (ms) is mapped onto the monotonic clock of this same host."""
+        import datetime as dt
+        offset = time.time() - time.monotonic()
+        try:
+            lines = self.log_path(name).read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        out = []
+        needle = f'"event":"{event}"'
+        for line in lines:
+            if needle not in line:
+                continue
+            try:
+                rec = json.loads(line)
+                if instance is not None and rec.get("instance") != instance:
+                    continue
+                wall = dt.datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                    tzinfo=dt.timezone.utc).timestamp()
+            except (ValueError, KeyError):
+                continue
+            out.append((wall - offset, rec))
+        return out
+
+    def vips_added_after(self, name: str, instance: str, t: float) -> float | None:
+        """When halbd on ``name`` first added ``instance``'s VIPs at or after ``t`` (its log)."""
+        times = [at for at, _ in self.log_events(name, "vips_added", instance) if at >= t - 0.001]
+        return min(times) if times else None
+
+    def master_intervals(self, name: str, instance: str, until: float | None = None
+                         ) -> list[tuple[float, float]]:
+        """When halbd on ``name`` was master of ``instance``: [(start, end)] in CLOCK_MONOTONIC,
+        from its own log (``vrrp_state`` records) and the kills sent to it. A frozen (SIGSTOP)
+        master still counts: it still holds the VIP and believes it is master."""
+        marks: list[tuple[float, str]] = [(t, "dead") for t in self.deaths.get(name, [])]
+        for t, rec in self.log_events(name, "vrrp_state", instance):
+            marks.append((t, "master" if rec.get("new") == "master" else "other"))
+        marks.sort()
+        out: list[tuple[float, float]] = []
+        begin = None
+        for t, what in marks:
+            if what == "master":
+                if begin is None:
+                    begin = t
+            elif begin is not None:
+                out.append((begin, t))
+                begin = None
+        if begin is not None:
+            out.append((begin, until if until is not None else time.monotonic()))
+        return out
+
+    def _master_levels(self, instance: str, start: float, end: float) -> list[tuple[float, int]]:
+        """(time, number of masters from then on) over [start, end]."""
+        points: list[tuple[float, int]] = []
+        for h in self.topo.lb_hosts:
+            for a, b in self.master_intervals(h.name, instance, until=end):
+                a, b = max(a, start), min(b, end)
+                if b > a:
+                    points += [(a, 1), (b, -1)]
+        points.sort()
+        out, level = [(start, 0)], 0
+        for t, d in points:
+            level += d
+            out.append((t, level))
+        return out
+
+    def double_master_seconds(self, instance: str, start: float, end: float) -> float:
+        """Seconds in [start, end] during which two or more nodes were master of ``instance``."""
+        lv = self._master_levels(instance, start, end) + [(end, 0)]
+        return sum(t2 - t for (t, n), (t2, _) in zip(lv, lv[1:]) if n >= 2)
+
+    def double_master_end(self, instance: str, start: float, end: float) -> float | None:
+        """When the last stretch of two or more masters in [start, end] ended (None: there was
+        none; ``end``: it had not ended)."""
+        last = None
+        lv = self._master_levels(instance, start, end)
+        for (t, n), (t2, _) in zip(lv, lv[1:] + [(end, 0)]):
+            if n >= 2:
+                last = t2
+        return last
+
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)
@@ -408,6 +501,11 @@ class Lab:
         self.procs.clear()
         self.pids.clear()
         removed += nx.cleanup(self.topo.ns_prefix)
+        if self.keep_logs is not None and self.log_dir.exists():
+            self.keep_logs.mkdir(parents=True, exist_ok=True)
+            for src in list(self.log_dir.glob("*.log")) + list(self.config_dir.glob("*.toml")):
+                with contextlib.suppress(OSError):
+                    shutil.copy2(src, self.keep_logs / src.name)
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(str(self.dir))

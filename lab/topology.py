@@ -8,6 +8,8 @@ containerlab topology, the demo and the chaos suite all agree on one layout:
     subnet .11 .12 ...   load balancers (lb1, lb2, ...)      VIPs .100 (.101 ...)
     subnet .21 .22 ...   backends (web1, web2, ...): http :8080, tcp :9000, udp :9001
     subnet .31 ...       clients (c1, ...)
+    subnet .128-.191     extra source addresses of c1 (source-sticky TCP clients: two blocks
+                         of 32, ``source_block(0)`` and ``source_block(1)``)
     namespaces <prefix>-lb1, <prefix>-web1, <prefix>-c1; the bridge in <prefix>-sw
     VIP :80 http (sticky cookie), :9000 tcp (sticky source), :9001 udp
 
@@ -65,6 +67,7 @@ class Topology:
     health_interval: float = 0.2
     sticky_ttl: float = 600.0
     interface: str = "eth0"  # the data interface inside each node (containerlab: eth1)
+    client_sources: int = 64  # extra addresses on the first client, from .128
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +83,8 @@ class Topology:
             problems.append(f"backends={self.backends}: need 1..9")
         if not (1 <= self.clients <= 9):
             problems.append(f"clients={self.clients}: need 1..9")
+        if not (0 <= self.client_sources <= 64):
+            problems.append(f"client_sources={self.client_sources}: need 0..64")
         if self.mode not in MODES:
             problems.append(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.mode == "active-active" and self.lbs < 2:
@@ -124,6 +129,16 @@ class Topology:
         """What every namespace and root-namespace link of this lab starts with: ``hl-``.
         The dash keeps labs apart: cleaning up ``hl-`` never touches ``hl6-``."""
         return f"{self.prefix}-"
+
+    def source_addresses(self) -> list[ipaddress.IPv4Interface]:
+        """The extra addresses of the first client (source-sticky clients)."""
+        return [self._addr(128 + i) for i in range(self.client_sources)]
+
+    def source_block(self, k: int, size: int = 32) -> str:
+        """CIDR of the k-th block of ``size`` client source addresses."""
+        if (k + 1) * size > self.client_sources:
+            raise ValueError(f"block {k} of {size} needs {(k + 1) * size} client sources")
+        return f"{self.network.network_address + 128 + k * size}/{32 - (size - 1).bit_length()}"
 
     @property
     def switch_netns(self) -> str:

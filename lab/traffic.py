@@ -10,6 +10,10 @@ Three streams run side by side until ``--seconds`` pass or SIGTERM/SIGINT arrive
         request (refused, reset, timeout, non-200) is recorded and the worker reconnects.
   tcp   one long-lived connection: ``WHO`` names the backend, then a numbered line every 10 ms
         must come back; on error it reconnects.
+  src   ``--src-clients CIDR``: one client per source address in CIDR (the addresses must exist
+        in the namespace), each opening a new TCP connection every ``--src-interval``
+        (``WHO``, one echo, close): the listener's source-IP stickiness, kept in the replicated
+        table, must send each address to the same backend every time.
   udp   one socket (one flow) sending a numbered datagram every 10 ms; a reply within
         ``--udp-timeout`` counts as ok.
 Each event: {"t": CLOCK_MONOTONIC seconds (the same clock in every namespace), "k": stream,
@@ -31,6 +35,8 @@ import time
 import httptools
 
 _now = time.monotonic  # CLOCK_MONOTONIC is system-wide: comparable across namespaces
+# A failed request is recorded, never fatal: OSError (refused, reset, unreachable), timeouts,
+# RuntimeError (uvloop: writing to a transport the peer closed) and HTTP parse errors.
 
 
 class Recorder:
@@ -135,7 +141,7 @@ class Http:
                 if not keep:
                     writer.close()
                     reader = writer = None
-            except (OSError, asyncio.TimeoutError, httptools.HttpParserError) as e:
+            except (OSError, asyncio.TimeoutError, RuntimeError, httptools.HttpParserError) as e:
                 self.rec.add("http", False, c=cid, ms=round((_now() - t0) * 1000, 2),
                              err=type(e).__name__ + (f": {e}" if str(e) else ""))
                 if writer is not None:
@@ -170,7 +176,7 @@ async def tcp_stream(rec: Recorder, a, stop: asyncio.Event) -> None:
             if got != line:
                 raise ConnectionResetError(f"echo mismatch: {got[:40]!r}")
             rec.add("tcp", True, c=0, b=backend, ms=round((_now() - t0) * 1000, 2))
-        except (OSError, asyncio.TimeoutError) as e:
+        except (OSError, asyncio.TimeoutError, RuntimeError) as e:  # uvloop: closed transport
             rec.add("tcp", False, c=0, ms=round((_now() - t0) * 1000, 2),
                     err=type(e).__name__ + (f": {e}" if str(e) else ""))
             if writer is not None:
@@ -182,6 +188,38 @@ async def tcp_stream(rec: Recorder, a, stop: asyncio.Event) -> None:
             pass
     if writer is not None:
         writer.transport.abort()
+
+
+async def src_client(rec: Recorder, a, stop: asyncio.Event, idx: int, addr: str) -> None:
+    # staggered, so the clients do not all connect in the same instant
+    first = a.src_interval * idx / max(a.n_src, 1)
+    try:
+        await asyncio.wait_for(stop.wait(), first)
+        return
+    except asyncio.TimeoutError:
+        pass
+    while not stop.is_set():
+        t0 = _now()
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(a.vip, a.tcp_port, local_addr=(addr, 0)), a.timeout)
+            writer.write(b"WHO\nping\n")
+            backend = (await asyncio.wait_for(reader.readline(), a.timeout)).decode().strip()
+            echo = await asyncio.wait_for(reader.readline(), a.timeout)
+            if not backend or echo != b"ping\n":
+                raise ConnectionResetError(f"bad answer {backend!r} {echo[:20]!r}")
+            rec.add("src", True, c=idx, b=backend, ms=round((_now() - t0) * 1000, 2))
+        except (OSError, asyncio.TimeoutError, RuntimeError) as e:  # uvloop: closed transport
+            rec.add("src", False, c=idx, ms=round((_now() - t0) * 1000, 2),
+                    err=type(e).__name__ + (f": {e}" if str(e) else ""))
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+        try:
+            await asyncio.wait_for(stop.wait(), a.src_interval)
+        except asyncio.TimeoutError:
+            pass
 
 
 class _UdpProto(asyncio.DatagramProtocol):
@@ -213,7 +251,7 @@ async def udp_stream(rec: Recorder, a, stop: asyncio.Event) -> None:
             tr.sendto(key)
             backend = await asyncio.wait_for(fut, a.udp_timeout)
             rec.add("udp", True, c=0, b=backend, ms=round((_now() - t0) * 1000, 2))
-        except (OSError, asyncio.TimeoutError) as e:
+        except (OSError, asyncio.TimeoutError, RuntimeError) as e:  # uvloop: closed transport
             proto.waiting.pop(key, None)
             rec.add("udp", False, c=0, ms=round((_now() - t0) * 1000, 2), err=type(e).__name__)
 
@@ -245,10 +283,16 @@ async def run(a) -> dict:
     if a.clients > 0:
         http = Http(rec, a)
         tasks += [asyncio.ensure_future(http.worker(stop, i)) for i in range(a.concurrency)]
-    if a.tcp_port:
+    if a.tcp_port and not a.no_streams:
         tasks.append(asyncio.ensure_future(tcp_stream(rec, a, stop)))
-    if a.udp_port:
+    if a.udp_port and not a.no_streams:
         tasks.append(asyncio.ensure_future(udp_stream(rec, a, stop)))
+    if a.src_clients and a.tcp_port:
+        import ipaddress
+        net = ipaddress.ip_network(a.src_clients, strict=False)
+        addrs = [str(x) for x in net]  # every address: they live in the namespace's own /24
+        a.n_src = len(addrs)
+        tasks += [asyncio.ensure_future(src_client(rec, a, stop, i, ad)) for i, ad in enumerate(addrs)]
     print(json.dumps({"event": "started", "t": _now(), "pid": os.getpid()}), flush=True)
     await asyncio.gather(*tasks)
     rec.close()
@@ -270,12 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--udp-timeout", type=float, default=0.3)
     ap.add_argument("--stream-interval", type=float, default=0.01)
     ap.add_argument("--retry-pause", type=float, default=0.005)
+    ap.add_argument("--src-clients", default="", metavar="CIDR",
+                    help="source-sticky TCP clients, one per address (at most 256)")
+    ap.add_argument("--src-interval", type=float, default=0.25)
+    ap.add_argument("--no-streams", action="store_true", help="no TCP and UDP stream")
     ap.add_argument("--out", help="JSON lines file for the events")
     a = ap.parse_args(argv)
     if not (0 < a.seconds <= 3600):
         ap.error("--seconds: 0 < s <= 3600")
     if not (1 <= a.concurrency <= 256) or not (0 <= a.clients <= 100_000):
         ap.error("--concurrency 1..256, --clients 0..100000")
+    if a.src_clients:
+        import ipaddress
+        try:
+            if ipaddress.ip_network(a.src_clients, strict=False).num_addresses > 256:
+                ap.error("--src-clients: at most 256 addresses")
+        except ValueError as e:
+            ap.error(f"--src-clients: {e}")
     try:
         import uvloop
         uvloop.install()
