@@ -199,6 +199,8 @@ class _SpliceDir:
                 loop.remove_reader(self.sfd)
                 loop.add_writer(self.dfd, self.on_writable)
                 return
+            if n < PIPE_SIZE:  # the socket is most likely drained: skip the EAGAIN round
+                break
         self.pipe = None
         pipes.put(pipe)
 
