@@ -331,6 +331,12 @@ def _halbctl_status(lab: Lab, name: str) -> None:
         _say("  " + line)
 
 
+def _holders_text(lab: Lab) -> str:
+    held = lab.vip_holders()
+    return ", ".join(f"{v} on {'+'.join(h for h in hs if lab.alive(h)) or 'nobody'}"
+                     for v, hs in held.items())
+
+
 def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: float = 3.0) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,6 +359,7 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
         _say(f"   up in {time.monotonic() - t0:.1f} s; VIP {vip} on {old}; adverts every "
              f"{topo.advert_interval * 1000:g} ms, Master_Down_Interval of {new}: "
              f"{topo.master_down_interval(inst.priorities[new]) * 1000:.0f} ms")
+        _say("   VIPs: " + _holders_text(lab))
         _say(f"\n== halbctl status on {old}")
         _halbctl_status(lab, old)
         events_path = out / "failover-events.jsonl"
@@ -405,6 +412,7 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
         _say("   traffic: " + ", ".join(f"{k} {v['ok']} ok / {v['failed']} failed"
                                         for k, v in sorted(counts.items()))
              + (f"; HTTP median latency before the kill {statistics.median(lat):.1f} ms" if lat else ""))
+        _say("   VIPs now: " + _holders_text(lab))
         _say(f"\n== halbctl status on {new}")
         _halbctl_status(lab, new)
         png = out / "failover.png"
