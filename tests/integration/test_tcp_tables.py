@@ -201,3 +201,31 @@ def test_no_leaks_after_aborts_half_closes_and_bulk(backends, state):
             await node.stop()
 
     asyncio.run(main())
+
+
+def test_ipv6_client_to_ipv4_backends(backends, state):
+    import socket
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    text = config(backends, state, port).replace(f'bind = "127.0.0.1:{port}"',
+                                                 f'bind = "[::1]:{port}"')
+
+    async def main():
+        node = Node(loads(text))
+        await node.start()
+        try:
+            r, w = await asyncio.open_connection("::1", port)
+            w.write(b"WHO\nsix")
+            name = (await asyncio.wait_for(r.readline(), 5)).decode().strip()
+            assert name in NAMES
+            assert await asyncio.wait_for(r.readexactly(3), 5) == b"six"
+            cport = w.get_extra_info("sockname")[1]
+            e = node.tables.flow.get(flow_key("l4", "tcp", f"[::1]:{cport}"))
+            assert e is not None and e.client == f"[::1]:{cport}" and e.backend == name
+            w.close()
+        finally:
+            await node.stop()
+
+    asyncio.run(main())

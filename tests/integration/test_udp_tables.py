@@ -135,3 +135,33 @@ def test_replicated_flow_entry_is_honoured(backends, state):
             await node.stop()
 
     asyncio.run(main())
+
+
+def test_ipv6_clients_get_replies_from_the_v6_listener(backends, state):
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    text = config(backends, state, port).replace(f'bind = "127.0.0.1:{port}"',
+                                                 f'bind = "[::1]:{port}"')
+
+    async def main():
+        node = Node(loads(text))
+        await node.start()
+        c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        c.bind(("::1", 0))
+        c.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendto(c, b"v6?", ("::1", port))
+            data, src = await asyncio.wait_for(loop.sock_recvfrom(c, 1000), 3)
+            name, _, payload = data.partition(b"|")
+            assert name.decode() in NAMES and payload == b"v6?"
+            assert src[:2] == ("::1", port)
+            cport = c.getsockname()[1]
+            e = node.tables.flow.get(flow_key("u", "udp", f"[::1]:{cport}"))
+            assert e is not None and e.backend == name.decode()
+        finally:
+            c.close()
+            await node.stop()
+
+    asyncio.run(main())
