@@ -55,6 +55,11 @@ class Entry:
                      self.origin, self.client, self.listener, self.proto)
 
 
+# module constants: an enum member lookup costs more than the rest of a table operation
+_CREATE, _REFRESH, _DELETE, _EXPIRE = Op.CREATE, Op.REFRESH, Op.DELETE, Op.EXPIRE
+_REMOVALS = frozenset((Op.DELETE, Op.EXPIRE))
+
+
 class Change(NamedTuple):  # immutable; a NamedTuple is built several times faster than a frozen dataclass
     seq: int
     op: Op
@@ -97,7 +102,7 @@ class Table:
         if e is None:
             return None
         if e.expires <= self.clock.now():
-            self._remove(e, Op.EXPIRE)
+            self._remove(e, _EXPIRE)
             return None
         return e
 
@@ -125,7 +130,7 @@ class Table:
         created = old.created if old is not None and old.expires > now else now
         e = Entry(key, backend, pool, created, now, now + ttl, self.node, client, listener, proto)
         self._store(e)
-        self._log_change(Op.CREATE, e)
+        self._log_change(_CREATE, e)
         self.stats["created"] += 1
         return e
 
@@ -140,7 +145,7 @@ class Table:
         e = self._entries.get(key)
         if e is None:
             return False
-        self._remove(e, Op.DELETE)
+        self._remove(e, _DELETE)
         return True
 
     def expire(self, limit: int = 1_000_000) -> int:
@@ -152,7 +157,7 @@ class Table:
             exp, key = heapq.heappop(h)
             e = self._entries.get(key)
             if e is not None and e.expires == exp:
-                self._remove(e, Op.EXPIRE, from_heap=True)
+                self._remove(e, _EXPIRE, from_heap=True)
                 n += 1
         if self._tombs:
             self._purge_tombs(now)
@@ -179,8 +184,14 @@ class Table:
         if seq + 1 < first:
             return None
         start = seq + 1 - first
+        log = self._log
+        tail = len(log) - start
+        if tail <= start:  # a reader near the end (the usual case): walk from the right end
+            out = list(islice(reversed(log), tail))
+            out.reverse()
+            return out[:limit]
         # islice walks the deque once; indexing it element by element is O(n) per index
-        return list(islice(self._log, start, start + limit))
+        return list(islice(log, start, start + limit))
 
     def snapshot(self) -> tuple[int, list[Entry]]:
         """(sequence number the snapshot is consistent with, copies of every live entry)."""
@@ -194,25 +205,27 @@ class Table:
         return [Entry(k, "", "", upd, upd, until, origin)
                 for k, (upd, origin, until) in self._tombs.items() if until > now]
 
-    def apply(self, op: Op, entry: Entry) -> bool:
+    def apply(self, op: Op, entry: Entry, *, log: bool = True) -> bool:
         """Applies a change received from a peer; True if it changed this table.
 
-        The change is logged here too (with its origin kept) so this node can pass what it
-        knows on in a snapshot or to a third node.
+        The change is logged here too (with its origin kept) unless ``log`` is False. State
+        sync passes False: in its full mesh every node hears each change from its origin, it
+        ships only its own changes, and remote changes flooding the bounded log would push
+        this node's own changes out of its followers' reach (and cost twice the time).
         """
         now = self.clock.now()
         local = self._entries.get(entry.key)
-        if op in (Op.DELETE, Op.EXPIRE):
+        if op in _REMOVALS:
             if local is None:
-                if op == Op.DELETE:
+                if op == _DELETE:
                     self._tomb(entry.key, entry.updated, entry.origin, entry.expires)
                 return False
-            if op == Op.EXPIRE and local.expires > entry.expires:
+            if op == _EXPIRE and local.expires > entry.expires:
                 return False  # the version that expired there is older than ours
             if local.wins_over(entry):
                 self.stats["conflicts_lost"] += 1
                 return False
-            self._remove(local, op, origin=entry.origin, updated=entry.updated)
+            self._remove(local, op, origin=entry.origin, updated=entry.updated, log=log)
             self.stats["applied"] += 1
             return True
         if entry.expires <= now:
@@ -232,7 +245,8 @@ class Table:
                 self._evict_one()
         e = entry.copy()
         self._store(e)
-        self._log_change(op if local is None or op == Op.REFRESH else Op.CREATE, e)
+        if log:
+            self._log_change(op if local is None or op == _REFRESH else _CREATE, e)
         self.stats["applied"] += 1
         return True
 
@@ -259,23 +273,24 @@ class Table:
             e.updated = now
             e.origin = self.node
             self._logged_expiry[e.key] = new_exp
-            self._log_change(Op.REFRESH, e)
+            self._log_change(_REFRESH, e)
             self.stats["refreshed"] += 1
         if len(self._heap) > 2 * len(self._entries) + 1024:
             self._heap = [(x.expires, x.key) for x in self._entries.values()]
             heapq.heapify(self._heap)
 
     def _remove(self, e: Entry, op: Op, *, from_heap: bool = False, origin: str | None = None,
-                updated: float | None = None) -> None:
+                updated: float | None = None, log: bool = True) -> None:
         del self._entries[e.key]
         self._logged_expiry.pop(e.key, None)
         gone = e.copy()
         gone.origin = origin or self.node
         gone.updated = updated if updated is not None else max(self.clock.now(), e.updated)
-        if op == Op.DELETE:
+        if op == _DELETE:
             self._tomb(e.key, gone.updated, gone.origin, e.expires)
-        self._log_change(op, gone)
-        self.stats["deleted" if op == Op.DELETE else "expired"] += 1
+        if log:
+            self._log_change(op, gone)
+        self.stats["deleted" if op == _DELETE else "expired"] += 1
 
     def _tomb(self, key: str, updated: float, origin: str, until: float) -> None:
         t = self._tombs.pop(key, None)
@@ -301,7 +316,7 @@ class Table:
             exp, key = heapq.heappop(h)
             e = self._entries.get(key)
             if e is not None and e.expires == exp:
-                self._remove(e, Op.EXPIRE, from_heap=True)
+                self._remove(e, _EXPIRE, from_heap=True)
                 self.stats["evicted"] += 1
                 return
 

@@ -17,7 +17,7 @@ from ..tables import Entry
 from ..v1 import sync_pb2 as pb
 from ..v1 import sync_pb2_grpc as pbg
 from . import security
-from .core import TABLE_NAMES, Kind, from_pb
+from .core import TABLE_NAMES, Kind, decode
 from .service import _channel_options
 
 
@@ -41,9 +41,9 @@ async def fetch_tables(address: str, node: str, *, peer_name: str = "",
                 raise ConnectionError(f"{address}: stream ended before the snapshot did")
             if b.kind == Kind.KIND_SNAPSHOT:
                 tab = out.setdefault(b.table, {})
-                for m in b.entries:
-                    if m.op == pb.SYNC_OP_CREATE:  # DELETE records are the sender's tombstones
-                        tab[m.key] = from_pb(m)
+                for op, e in decode(b.entries):
+                    if op == pb.SYNC_OP_CREATE:  # DELETE records are the sender's tombstones
+                        tab[e.key] = e
             elif b.kind == Kind.KIND_SNAPSHOT_END:
                 done.add(b.table)
             if b.batch:

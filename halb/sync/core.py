@@ -21,7 +21,6 @@ MAX_BATCH_BYTES = 1 << 20  # a batch is cut at ~1 MiB, well under the 4 MiB mess
 MAX_MESSAGE_BYTES = 4 << 20
 SCAN_FACTOR = 8  # changes of other origins scanned per batch, as a multiple of batch_size
 TABLE_NAMES = ("sticky", "flow")
-_OPS = {int(o) for o in Op}
 _OPMAP = {int(o): o for o in Op}
 
 
@@ -29,36 +28,56 @@ class ProtocolError(Exception):
     """A peer sent something the protocol does not allow (the stream is dropped)."""
 
 
-def to_pb(op: int, e: Entry) -> pb.SyncEntry:
-    return pb.SyncEntry(op=op, key=e.key, backend=e.backend, pool=e.pool, created=e.created,
-                        updated=e.updated, expires=e.expires, origin=e.origin, client=e.client,
-                        listener=e.listener, proto=e.proto)
+def encode(ops: list[int], entries: list[Entry]) -> pb.SyncEntries:
+    """Entries (with their ops) as the columns of one ``SyncEntries`` message."""
+    strings = [""]
+    index = {"": 0}
+
+    def names(values):
+        out = []
+        for v in values:
+            i = index.get(v)
+            if i is None:
+                i = index[v] = len(strings)
+                strings.append(v)
+            out.append(i)
+        return out
+    return pb.SyncEntries(
+        ops=ops, keys=[e.key for e in entries], backends=names([e.backend for e in entries]),
+        pools=names([e.pool for e in entries]), created=[e.created for e in entries],
+        updated=[e.updated for e in entries], expires=[e.expires for e in entries],
+        origins=names([e.origin for e in entries]), clients=[e.client for e in entries],
+        listeners=names([e.listener for e in entries]), protos=names([e.proto for e in entries]),
+        strings=strings)
 
 
-def from_pb(m: pb.SyncEntry) -> Entry:
-    return Entry(m.key, m.backend, m.pool, m.created, m.updated, m.expires, m.origin, m.client,
-                 m.listener, m.proto)
+def columns(m: pb.SyncEntries) -> list:
+    """The columns of a ``SyncEntries`` in Entry field order, names resolved, plus the ops
+    first; ProtocolError when the columns disagree or an index is out of the string table."""
+    n = len(m.keys)
+    cols = (m.ops, m.backends, m.pools, m.created, m.updated, m.expires, m.origins, m.clients,
+            m.listeners, m.protos)
+    if any(len(c) != n for c in cols):
+        raise ProtocolError(f"entry columns of different lengths ({n} keys)")
+    strings = list(m.strings)
+    try:
+        names = [[strings[i] for i in col]
+                 for col in (m.backends, m.pools, m.origins, m.listeners, m.protos)]
+    except IndexError:
+        raise ProtocolError(f"string index out of the table ({len(strings)} strings)") from None
+    backends, pools, origins, listeners, protos = names
+    return [list(m.ops), list(m.keys), backends, pools, list(m.created), list(m.updated),
+            list(m.expires), origins, list(m.clients), listeners, protos]
+
+
+def decode(m: pb.SyncEntries) -> list[tuple[int, Entry]]:
+    """(op, Entry) pairs of a ``SyncEntries``, unvalidated (tests and one-shot readers)."""
+    ops, *fields = columns(m)
+    return [(op, Entry(*f)) for op, f in zip(ops, zip(*fields))]
 
 
 def _size(e: Entry) -> int:
-    return 48 + len(e.key) + len(e.backend) + len(e.pool) + len(e.origin) + len(e.client) \
-        + len(e.listener) + len(e.proto)
-
-
-def valid_entry(m: pb.SyncEntry) -> str:
-    """'' if the entry may be applied, else why not."""
-    if not m.key:
-        return "empty key"
-    if m.op not in _OPS:
-        return f"unknown op {m.op}"
-    if not m.origin:
-        return "empty origin"
-    for v in (m.created, m.updated, m.expires):
-        if not math.isfinite(v):
-            return "non-finite timestamp"
-    return ""
-
-
+    return 40 + len(e.key) + len(e.client)  # names are interned in the string table
 @dataclass
 class OutState:
     """What one follower acknowledged of one of our tables (kept across its streams)."""
@@ -130,9 +149,12 @@ class TableSender:
         self._snap_begun = False
         self.snapshots += 1
 
-    def _batch(self, kind: int, seq: int, now: float, entries=()) -> pb.SyncBatch:
-        return pb.SyncBatch(kind=kind, table=self.table.name, epoch=self.table.epoch, seq=seq,
-                            entries=entries, sent=now)
+    def _batch(self, kind: int, seq: int, now: float, ops=(), entries=()) -> pb.SyncBatch:
+        b = pb.SyncBatch(kind=kind, table=self.table.name, epoch=self.table.epoch, seq=seq,
+                         sent=now)
+        if entries:
+            b.entries.CopyFrom(encode(ops, entries))
+        return b
 
     def next_batch(self, now: float) -> pb.SyncBatch | None:
         if self.mode == "snapshot":
@@ -147,7 +169,8 @@ class TableSender:
         if changes is None:  # the log was overwritten past this follower: snapshot instead
             self._begin_snapshot()
             return self._next_snapshot(now)
-        out = []
+        ops: list[int] = []
+        out: list[Entry] = []
         size = 0
         node = self.node
         covered = self.cursor
@@ -156,11 +179,12 @@ class TableSender:
             if e.origin == node:
                 if len(out) >= self.batch_size or size >= self.max_bytes:
                     break
-                out.append(to_pb(ch.op, e))
+                ops.append(ch.op)
+                out.append(e)
                 size += _size(e)
             covered = ch.seq
         self.cursor = covered
-        return self._batch(Kind.KIND_CHANGES, covered, now, out)
+        return self._batch(Kind.KIND_CHANGES, covered, now, ops, out)
 
     def _next_snapshot(self, now: float) -> pb.SyncBatch | None:
         if not self._snap_begun:
@@ -172,7 +196,8 @@ class TableSender:
             self.cursor = self._snap_seq
             self._snap = []
             return self._batch(Kind.KIND_SNAPSHOT_END, self._snap_seq, now)
-        out = []
+        ops: list[int] = []
+        out: list[Entry] = []
         size = 0
         i = self._snap_i
         get = self.table.get  # skip entries replaced, removed or expired since the snapshot began
@@ -184,12 +209,13 @@ class TableSender:
             if i <= live:
                 if get(e.key) is not e:
                     continue
-                out.append(to_pb(create, e))
+                ops.append(create)
             else:
-                out.append(to_pb(delete, e))
+                ops.append(delete)
+            out.append(e)
             size += _size(e)
         self._snap_i = i
-        return self._batch(Kind.KIND_SNAPSHOT, self._snap_seq, now, out)
+        return self._batch(Kind.KIND_SNAPSHOT, self._snap_seq, now, ops, out)
 
     def ack(self, epoch: int, seq: int) -> None:
         if epoch == self.table.epoch and seq > 0:
@@ -257,22 +283,23 @@ class TableReceiver:
             return 0
         raise ProtocolError(f"unexpected batch kind {k}")
 
-    def _apply(self, entries, force_op: Op | None) -> int:
+    def _apply(self, m: pb.SyncEntries, force_op: Op | None) -> int:
+        if not m.keys:
+            return 0
+        ops, keys, backends, pools, created, updated, expires, origins, clients, listeners, \
+            protos = columns(m)
         apply = self.table.apply
-        ops = _OPMAP
+        opmap = _OPMAP
         isfinite = math.isfinite
         n = 0
-        for m in entries:
-            op = force_op or ops.get(m.op)
-            key = m.key
-            created, updated, expires = m.created, m.updated, m.expires
-            origin = m.origin
-            if (op is None or not key or not origin or not isfinite(created)
-                    or not isfinite(updated) or not isfinite(expires)):
+        for op, k, b, p, c, u, x, o, cl, li, pr in zip(ops, keys, backends, pools, created,
+                                                        updated, expires, origins, clients,
+                                                        listeners, protos):
+            op = force_op or opmap.get(op)
+            if op is None or not k or not o or not (isfinite(c) and isfinite(u) and isfinite(x)):
                 self.invalid += 1
                 continue
-            if apply(op, Entry(key, m.backend, m.pool, created, updated, expires, origin,
-                               m.client, m.listener, m.proto)):
+            if apply(op, Entry(k, b, p, c, u, x, o, cl, li, pr), log=False):
                 n += 1
         self.applied += n
         return n

@@ -205,6 +205,7 @@ class SyncService:
         self._collector: _Collector | None = None
         self._stopping = False
         self._held = False
+        self._wake_pending = False
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -316,6 +317,16 @@ class SyncService:
         return max((p.out[t.name].lag_seconds(t, now) for t in self.tables), default=0.0)
 
     def _on_change(self, _change) -> None:
+        # once per loop turn, however many changes a turn makes
+        if not self._wake_pending and self._streams:
+            self._wake_pending = True
+            try:
+                asyncio.get_running_loop().call_soon(self._wake_streams)
+            except RuntimeError:  # a write from outside the loop (a test thread): wake now
+                self._wake_streams()
+
+    def _wake_streams(self) -> None:
+        self._wake_pending = False
         for st in self._streams:
             st.wake.set()
 
@@ -444,7 +455,7 @@ class SyncService:
                             p.snapshots_sent += 1
                         await context.write(b)
                         p.sent_batches += 1
-                        p.sent_entries += len(b.entries)
+                        p.sent_entries += len(b.entries.keys)
                         p.sent_bytes += b.ByteSize()
                 if st.closed:
                     break
@@ -565,7 +576,7 @@ class SyncService:
                 if r is None:
                     raise ProtocolError(f"unknown table {b.table!r}")
                 r.handle(b)
-                p.received_entries += len(b.entries)
+                p.received_entries += len(b.entries.keys)
                 p.received_bytes += b.ByteSize()
                 if b.sent:
                     p.apply_delay = max(0.0, self._now() - b.sent)

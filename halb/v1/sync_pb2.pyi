@@ -54,31 +54,33 @@ class FollowRequest(_message.Message):
     ack: SyncAck
     def __init__(self, hello: _Optional[_Union[SyncHello, _Mapping]] = ..., ack: _Optional[_Union[SyncAck, _Mapping]] = ...) -> None: ...
 
-class SyncEntry(_message.Message):
-    __slots__ = ("op", "key", "backend", "pool", "created", "updated", "expires", "origin", "client", "listener", "proto")
-    OP_FIELD_NUMBER: _ClassVar[int]
-    KEY_FIELD_NUMBER: _ClassVar[int]
-    BACKEND_FIELD_NUMBER: _ClassVar[int]
-    POOL_FIELD_NUMBER: _ClassVar[int]
+class SyncEntries(_message.Message):
+    __slots__ = ("ops", "keys", "backends", "pools", "created", "updated", "expires", "origins", "clients", "listeners", "protos", "strings")
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
-    ORIGIN_FIELD_NUMBER: _ClassVar[int]
-    CLIENT_FIELD_NUMBER: _ClassVar[int]
-    LISTENER_FIELD_NUMBER: _ClassVar[int]
-    PROTO_FIELD_NUMBER: _ClassVar[int]
-    op: SyncOp
-    key: str
-    backend: str
-    pool: str
-    created: float
-    updated: float
-    expires: float
-    origin: str
-    client: str
-    listener: str
-    proto: str
-    def __init__(self, op: _Optional[_Union[SyncOp, str]] = ..., key: _Optional[str] = ..., backend: _Optional[str] = ..., pool: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., expires: _Optional[float] = ..., origin: _Optional[str] = ..., client: _Optional[str] = ..., listener: _Optional[str] = ..., proto: _Optional[str] = ...) -> None: ...
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    PROTOS_FIELD_NUMBER: _ClassVar[int]
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedScalarFieldContainer[SyncOp]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    backends: _containers.RepeatedScalarFieldContainer[int]
+    pools: _containers.RepeatedScalarFieldContainer[int]
+    created: _containers.RepeatedScalarFieldContainer[float]
+    updated: _containers.RepeatedScalarFieldContainer[float]
+    expires: _containers.RepeatedScalarFieldContainer[float]
+    origins: _containers.RepeatedScalarFieldContainer[int]
+    clients: _containers.RepeatedScalarFieldContainer[str]
+    listeners: _containers.RepeatedScalarFieldContainer[int]
+    protos: _containers.RepeatedScalarFieldContainer[int]
+    strings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ops: _Optional[_Iterable[_Union[SyncOp, str]]] = ..., keys: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ..., pools: _Optional[_Iterable[int]] = ..., created: _Optional[_Iterable[float]] = ..., updated: _Optional[_Iterable[float]] = ..., expires: _Optional[_Iterable[float]] = ..., origins: _Optional[_Iterable[int]] = ..., clients: _Optional[_Iterable[str]] = ..., listeners: _Optional[_Iterable[int]] = ..., protos: _Optional[_Iterable[int]] = ..., strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
     __slots__ = ("kind", "batch", "table", "epoch", "seq", "entries", "node", "sent")
@@ -109,7 +111,7 @@ class SyncBatch(_message.Message):
     table: str
     epoch: int
     seq: int
-    entries: _containers.RepeatedCompositeFieldContainer[SyncEntry]
+    entries: SyncEntries
     node: str
     sent: float
-    def __init__(self, kind: _Optional[_Union[SyncBatch.Kind, str]] = ..., batch: _Optional[int] = ..., table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[SyncEntry, _Mapping]]] = ..., node: _Optional[str] = ..., sent: _Optional[float] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[SyncBatch.Kind, str]] = ..., batch: _Optional[int] = ..., table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., entries: _Optional[_Union[SyncEntries, _Mapping]] = ..., node: _Optional[str] = ..., sent: _Optional[float] = ...) -> None: ...

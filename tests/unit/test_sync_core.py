@@ -8,7 +8,7 @@ import math
 import pytest
 
 from halb.clock import FakeClock
-from halb.sync.core import Kind, ProtocolError, TableReceiver, TableSender
+from halb.sync.core import Kind, ProtocolError, TableReceiver, TableSender, decode, encode
 from halb.tables import Op, Table
 from halb.v1 import sync_pb2 as pb
 
@@ -78,7 +78,7 @@ def test_resume_in_same_epoch_sends_only_missing_changes():
     r.reset_stream()
     assert s2.start(cursor.epoch, cursor.seq) == "resume"
     b1 = s2.next_batch(clk.now())
-    assert b1.kind == Kind.KIND_CHANGES and [e.key for e in b1.entries] == ["k1", "k2", "k3", "k4"]
+    assert b1.kind == Kind.KIND_CHANGES and list(b1.entries.keys) == ["k1", "k2", "k3", "k4"]
     r.handle(wire(b1))
     assert view(a) == view(b) and s2.next_batch(clk.now()) is None
 
@@ -133,7 +133,7 @@ def test_only_own_changes_are_shipped_but_all_are_covered():
     b.apply(Op.CREATE, Entry("fromc", "w", "", 1000.0, 1000.0, 1100.0, "c"))
     b.put("own", "w", 100)
     bt = s.next_batch(clk.now())
-    assert [e.key for e in bt.entries] == ["own"] and bt.seq == b.seq
+    assert list(bt.entries.keys) == ["own"] and bt.seq == b.seq
     r.handle(wire(bt))
     assert "fromc" not in a and r.seq == b.seq
 
@@ -148,7 +148,7 @@ def test_batches_are_bounded_by_count_and_bytes():
     s.next_batch(clk.now())  # begin
     sizes = []
     while (bt := s.next_batch(clk.now())).kind == Kind.KIND_SNAPSHOT:
-        sizes.append(len(bt.entries))
+        sizes.append(len(bt.entries.keys))
     assert sum(sizes) == 50 and max(sizes) <= 10
 
 
@@ -181,7 +181,7 @@ def test_expiry_replicates():
     clk.advance(6)
     assert a.expire() == 1
     bt = s.next_batch(clk.now())
-    assert [(e.op, e.key) for e in bt.entries] == [(pb.SYNC_OP_EXPIRE, "short")]
+    assert [(op, e.key) for op, e in decode(bt.entries)] == [(pb.SYNC_OP_EXPIRE, "short")]
     r.handle(wire(bt))
     assert sorted(e.key for e in b._entries.values()) == ["long"]
 
@@ -204,16 +204,19 @@ def test_receiver_rejects_protocol_violations():
 
 
 def test_receiver_skips_invalid_entries_and_applies_the_rest():
+    from halb.tables import Entry
     clk = FakeClock(1000.0)
     t = mk("b", clk)
     r = TableReceiver(t, "a")
     r.handle(pb.SyncBatch(kind=Kind.KIND_SNAPSHOT_BEGIN, table="sticky", epoch=5, seq=0))
     r.handle(pb.SyncBatch(kind=Kind.KIND_SNAPSHOT_END, table="sticky", epoch=5, seq=0))
-    good = dict(op=1, key="k", backend="w", created=1000, updated=1000, expires=1100, origin="a")
-    bad = [dict(good, key=""), dict(good, op=9), dict(good, origin=""),
-           dict(good, key="n", expires=math.nan), dict(good, key="i", updated=math.inf)]
+    good = dict(key="k", backend="w", pool="", created=1000.0, updated=1000.0, expires=1100.0,
+                origin="a")
+    rows = [(1, dict(good, key="")), (9, good), (1, dict(good, origin="")),
+            (1, dict(good, key="n", expires=math.nan)), (1, dict(good, key="i", updated=math.inf)),
+            (1, good)]
     r.handle(pb.SyncBatch(kind=Kind.KIND_CHANGES, table="sticky", epoch=5, seq=6,
-                          entries=[pb.SyncEntry(**d) for d in bad + [good]]))
+                          entries=encode([op for op, _ in rows], [Entry(**d) for _, d in rows])))
     assert r.invalid == 5 and [e.key for e in t.entries()] == ["k"] and r.seq == 6
 
 
@@ -278,3 +281,25 @@ def test_snapshot_carries_deletions_so_a_stale_third_party_copy_dies():
     assert sorted(e.key for e in b.entries()) == ["kept"]
     # and an older copy arriving after the snapshot stays out
     assert not b.apply(Op.CREATE, Entry("gone", "w", "", 1000.0, 1000.0, 1100.0, "f"))
+
+
+def test_columns_travel_intact_and_malformed_columns_are_protocol_errors():
+    from halb.tables import Entry
+    es = [Entry(f"k{i}", f"b{i % 2}", "web", 1.0 + i, 2.0 + i, 3.0 + i, "a", f"1.2.3.{i}:5",
+                "l4" if i % 2 else "", "udp") for i in range(5)]
+    m = pb.SyncEntries.FromString(encode([1, 2, 3, 4, 1], es).SerializeToString())
+    assert decode(m) == list(zip([1, 2, 3, 4, 1], es))
+    assert len(m.strings) == 7  # "", b0, web, a, l4... interned once each
+    clk = FakeClock(1000.0)
+    r = TableReceiver(mk("b", clk), "a")
+    r.handle(pb.SyncBatch(kind=Kind.KIND_SNAPSHOT_BEGIN, table="sticky", epoch=5, seq=0))
+    short = pb.SyncEntries()
+    short.CopyFrom(m)
+    del short.expires[-1]
+    with pytest.raises(ProtocolError, match="lengths"):
+        r.handle(pb.SyncBatch(kind=Kind.KIND_SNAPSHOT, table="sticky", epoch=5, entries=short))
+    bad = pb.SyncEntries()
+    bad.CopyFrom(m)
+    bad.backends[0] = 99
+    with pytest.raises(ProtocolError, match="string index"):
+        r.handle(pb.SyncBatch(kind=Kind.KIND_SNAPSHOT, table="sticky", epoch=5, entries=bad))
