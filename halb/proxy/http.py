@@ -67,8 +67,8 @@ import httptools
 from ..config import HASH_ALGORITHMS, ListenerConfig
 from ..log import get_logger
 from ..tables import sticky_key
-from .http_head import (HttpError, error_response, request_head, response_head, response_info,
-                        sticky_cookie, check_request)
+from .http_head import (HttpError, ResponseHead, check_request, error_response, request_head,
+                        sticky_cookie)
 from .routing import Router
 from .sockets import listen_tcp
 
@@ -213,7 +213,7 @@ class HttpListener:
 class BackendConn(asyncio.Protocol):
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
-    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "hdrs", "hbytes", "reason", "keep",
+    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "on_header", "reason", "keep",
                  "msg_done", "doubtful", "interim", "head_only", "got_bytes", "last", "idle_since",
                  "read_paused", "closed", "close_delimited")
 
@@ -223,9 +223,9 @@ class BackendConn(asyncio.Protocol):
         self.loop = lst.loop
         self.tr: asyncio.Transport | None = None
         self.cc: ClientConn | None = None
+        self.rh = ResponseHead(RESP_MAX_HEADERS, RESP_MAX_HEADER_BYTES)
+        self.on_header = self.rh.add  # the parser calls the head builder directly
         self.parser = httptools.HttpResponseParser(self)
-        self.hdrs: list[tuple[bytes, bytes]] = []
-        self.hbytes = 0
         self.reason = b""
         self.keep = False
         self.msg_done = False
@@ -303,18 +303,11 @@ class BackendConn(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.msg_done or self.cc is None:
             self.doubtful = True  # a second response nobody asked for
-        self.hdrs = []
-        self.hbytes = 0
+        self.rh.reset()
         self.reason = b""
 
     def on_status(self, s: bytes) -> None:
         self.reason += s
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.hdrs.append((name, value))
-        self.hbytes += len(name) + len(value) + 4
-        if len(self.hdrs) > RESP_MAX_HEADERS or self.hbytes > RESP_MAX_HEADER_BYTES:
-            raise HttpError(502, "backend response head too large")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -329,7 +322,7 @@ class BackendConn(asyncio.Protocol):
             cc.resp_interim(status, self.reason)
             return
         self.keep = self.parser.should_keep_alive()
-        head_only, self.close_delimited = cc.resp_head(self, status, self.reason, self.hdrs)
+        head_only, self.close_delimited = cc.resp_head(self, status, self.reason, self.rh)
         if head_only:
             self.head_only = True
             self.msg_done = True
@@ -937,7 +930,7 @@ class ClientConn(asyncio.Protocol):
             self.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
 
     def resp_head(self, bc: BackendConn, status: int, reason: bytes,
-                  headers: list) -> tuple[bool, bool]:
+                  rh: ResponseHead) -> tuple[bool, bool]:
         """Sends the response head on; returns (head only, close-delimited body)."""
         rx = self.cur
         req = rx.req
@@ -950,14 +943,13 @@ class ClientConn(asyncio.Protocol):
             pool.report_result(b, False, self.node.clock.now())
         elif b.consecutive_failures:
             pool.report_result(b, True, self.node.clock.now())
-        info = response_info(headers)
-        head_only = req.method == b"HEAD" or status in (204, 304)
+        head_only = req.method == b"HEAD" or status == 204 or status == 304
         close_delim = False
         if head_only:
             chunk = False
-        elif info.chunked:
+        elif rh.chunked:
             chunk = True
-        elif info.content_length is not None:
+        elif rh.content_length is not None:
             chunk = False
         else:
             close_delim = True
@@ -973,9 +965,8 @@ class ClientConn(asyncio.Protocol):
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
         if not self.closed:
-            self.out.append(response_head(status, reason, headers, info, chunk=chunk, close=close,
-                                        set_cookie=set_cookie,
-                                        keep_alive=not close and req.version == "1.0"))
+            self.out.append(rh.build(status, reason, chunk=chunk, close=close, set_cookie=set_cookie,
+                                     keep_alive=not close and req.version == "1.0"))
         return head_only, close_delim
 
     def _record_sticky(self, mode: str, pool, b) -> None:

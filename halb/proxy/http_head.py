@@ -253,59 +253,93 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     return b"".join(parts)
 
 
-@dataclass(slots=True)
-class ResponseInfo:
-    """Framing facts about a backend response head."""
-
-    content_length: int | None = None
-    chunked: bool = False
-    conn_tokens: frozenset = frozenset()
+_RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
+_SPECIAL_LENS = frozenset(len(n) for n in _RESP_SPECIAL)
 
 
-def response_info(headers: list[tuple[bytes, bytes]]) -> ResponseInfo:
-    cl = None
-    chunked = False
-    conn: list[bytes] = []
-    for n, v in headers:
-        ln = len(n)
-        if ln == 14 and n.lower() == b"content-length":
-            cl = int(v) if v.strip().isdigit() else None
-        elif ln == 17 and n.lower() == b"transfer-encoding":
-            chunked = _split_tokens(v)[-1:] == [b"chunked"]
-        elif ln == 10 and n.lower() == b"connection":
-            conn.extend(_split_tokens(v))
-    return ResponseInfo(cl, chunked, frozenset(conn))
+class ResponseHead:
+    """A backend response head, gathered header by header as llhttp reports them, and the
+    head halb sends to the client built from it in one join.
 
-
-def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                  info: ResponseInfo, *, chunk: bool, close: bool,
-                  set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
-    """The head sent to the client.
-
-    Hop-by-hop headers (and those named in Connection) are dropped; ``chunk`` re-adds
-    ``Transfer-Encoding: chunked`` (the proxy re-encodes the body); ``close`` adds
-    ``Connection: close``; ``set_cookie`` adds one ``Set-Cookie`` header.
+    ``add`` is the parser's ``on_header`` callback itself (one Python call per header): it
+    notes the framing headers (Content-Length, Transfer-Encoding, Connection), drops the
+    hop-by-hop ones and keeps the rest, already laid out for the outgoing head. Headers named
+    by Connection are dropped too (rare: ``build`` then lays the head out again). Raises
+    ``HttpError(502)`` past ``max_headers`` or ``max_bytes``.
     """
-    drop = HOP_BY_HOP
-    if info.conn_tokens:
-        extra = info.conn_tokens - _PLAIN_CONN
-        if extra:
-            drop = drop | extra
-    parts = [b"HTTP/1.1 %d " % status, reason or REASONS.get(status, "Unknown").encode(), b"\r\n"]
+
+    __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "nbytes",
+                 "max_headers", "max_bytes")
+
+    def __init__(self, max_headers: int = 256, max_bytes: int = 65536):
+        self.max_headers = max_headers
+        self.max_bytes = max_bytes
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.conn_tokens: list[bytes] = []
+        self.nbytes = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        hs = self.headers
+        hs.append((name, value))
+        self.nbytes += len(name) + len(value) + 4
+        if self.nbytes > self.max_bytes or len(hs) > self.max_headers:
+            raise HttpError(502, "backend response head too large")
+        if len(name) in _SPECIAL_LENS:
+            ln = name.lower()
+            if ln in _RESP_SPECIAL:
+                if ln == b"content-length":
+                    self.content_length = int(value) if value.strip().isdigit() else None
+                    self.parts += (name, b": ", value, b"\r\n")
+                elif ln == b"transfer-encoding":
+                    self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
+                elif ln == b"connection":
+                    self.conn_tokens += _split_tokens(value)
+                return
+        self.parts += (name, b": ", value, b"\r\n")
+
+    def build(self, status: int, reason: bytes, *, chunk: bool, close: bool,
+              set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
+        """The head for the client: ``chunk`` adds ``Transfer-Encoding: chunked`` (the proxy
+        re-encodes the body), ``close`` adds ``Connection: close``, ``keep_alive`` adds
+        ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``."""
+        parts = self.parts
+        if self.conn_tokens:
+            extra = set(self.conn_tokens) - _PLAIN_CONN
+            if extra:
+                drop = _RESP_SPECIAL | extra
+                parts = []
+                for n, v in self.headers:
+                    ln = n.lower()
+                    if ln not in drop or ln == b"content-length":
+                        parts += (n, b": ", v, b"\r\n")
+        tail = []
+        if chunk:
+            tail.append(b"Transfer-Encoding: chunked\r\n")
+        if set_cookie:
+            tail += (b"Set-Cookie: ", set_cookie, b"\r\n")
+        if close:
+            tail.append(b"Connection: close\r\n")
+        elif keep_alive:
+            tail.append(b"Connection: keep-alive\r\n")
+        return b"".join((b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode()),
+                         *parts, *tail, b"\r\n"))
+
+
+def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *,
+                  chunk: bool, close: bool, set_cookie: bytes | None = None,
+                  keep_alive: bool = False) -> bytes:
+    """``ResponseHead`` over a complete header list (tests and one-off callers)."""
+    rh = ResponseHead()
     for n, v in headers:
-        if n.lower() in drop:
-            continue
-        parts += (n, b": ", v, b"\r\n")
-    if chunk:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    if set_cookie:
-        parts += (b"Set-Cookie: ", set_cookie, b"\r\n")
-    if close:
-        parts.append(b"Connection: close\r\n")
-    elif keep_alive:  # an HTTP/1.0 client that asked for keep-alive
-        parts.append(b"Connection: keep-alive\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        rh.add(n, v)
+    return rh.build(status, reason, chunk=chunk, close=close, set_cookie=set_cookie,
+                    keep_alive=keep_alive)
 
 
 def sticky_cookie(name: str, backend: str) -> bytes:

@@ -7,7 +7,7 @@ import httptools
 import pytest
 
 from halb.proxy.http_head import (HttpError, check_request, error_response, forwarded_element,
-                                  parse_cookies, request_head, response_head, response_info,
+                                  parse_cookies, request_head, response_head, ResponseHead,
                                   sticky_cookie)
 
 pytestmark = pytest.mark.unit
@@ -170,19 +170,41 @@ def test_forwarded_element_quotes_ipv6_and_ports():
 
 def test_response_head_cookie_framing_and_hop_by_hop():
     hdrs = [(b"Content-Type", b"text/plain"), (b"Transfer-Encoding", b"chunked"),
-            (b"Connection", b"X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5")]
-    info = response_info(hdrs)
-    assert info.chunked and info.content_length is None
-    head = response_head(200, b"OK", hdrs, info, chunk=True, close=True,
-                         set_cookie=sticky_cookie("SRV", "web2"))
+            (b"X-Hop", b"1"), (b"Connection", b"X-Hop"), (b"Keep-Alive", b"timeout=5"),
+            (b"Expires", b"0"), (b"Set-Cookie", b"a=1")]
+    rh = ResponseHead()
+    for n, v in hdrs:
+        rh.add(n, v)
+    assert rh.chunked and rh.content_length is None and rh.conn_tokens == [b"x-hop"]
+    head = rh.build(200, b"OK", chunk=True, close=True, set_cookie=sticky_cookie("SRV", "web2"))
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     hs = _headers(head)
-    assert ("Set-Cookie", "SRV=web2; path=/; HttpOnly") in hs
+    assert ("Set-Cookie", "SRV=web2; path=/; HttpOnly") in hs and ("Set-Cookie", "a=1") in hs
     assert ("Connection", "close") in hs and ("Transfer-Encoding", "chunked") in hs
+    assert ("Expires", "0") in hs and ("Content-Type", "text/plain") in hs
+    # X-Hop was named by Connection, after it had been seen: dropped all the same
     assert all(n not in ("X-Hop", "Keep-Alive") for n, _ in hs)
-    ka = response_head(204, b"", [], response_info([]), chunk=False, close=False, keep_alive=True)
+    assert [n for n, _ in hs].count("Transfer-Encoding") == 1
+    ka = response_head(204, b"", [], chunk=False, close=False, keep_alive=True)
     assert ka == b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n"
-    assert response_info([(b"Content-Length", b"42")]).content_length == 42
+    rh = ResponseHead()
+    rh.add(b"content-length", b"42")
+    rh.add(b"Connection", b"keep-alive")
+    assert rh.content_length == 42
+    assert rh.build(200, b"OK", chunk=False, close=False) == \
+        b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n"
+
+
+def test_response_head_bounds():
+    rh = ResponseHead(max_headers=3, max_bytes=100)
+    for i in range(3):
+        rh.add(b"X-%d" % i, b"v")
+    with pytest.raises(HttpError) as ei:
+        rh.add(b"X-4", b"v")
+    assert ei.value.status == 502
+    rh.reset()
+    with pytest.raises(HttpError):
+        rh.add(b"X-Big", b"v" * 200)
 
 
 def test_parse_cookies():
