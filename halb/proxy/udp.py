@@ -5,7 +5,8 @@ replicated from a peer for this client wins, then source stickiness, then the po
 algorithm), a flow-table entry ``flow_key(listener, "udp", "ip:port")`` is written, and a UDP
 socket connected to that backend is opened. Datagrams from the client go out on that socket;
 what the backend answers on it goes back to the client from the listener's own socket, so the
-client sees replies from the address it sent to.
+client sees replies from the address it sent to (a listener bound to a wildcard address learns
+each flow's destination address with IP_PKTINFO / IPV6_RECVPKTINFO and answers from it).
 
 A flow ends after ``udp_flow_timeout`` without a datagram either way. ``limits.max_flows``
 bounds the flows (and so the sockets): datagrams that would open a flow beyond it are
@@ -19,8 +20,9 @@ No task per flow: event-loop reader callbacks on raw non-blocking sockets, bound
 from __future__ import annotations
 
 import asyncio
-import errno
+import ipaddress
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 from .. import log as hlog
@@ -40,11 +42,30 @@ _log = hlog.get_logger("udp")
 BURST = 64  # datagrams per readiness event
 MAX_DATAGRAM = 65535
 RCVBUF = 1 << 20
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # linux/in.h
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+CMSG_SPACE = 64
+
+
+def reply_pktinfo(family: int, ancdata: list) -> tuple[int, int, bytes] | None:
+    """From the ancillary data of a received datagram, the cmsg that makes a reply leave from
+    the address the datagram was sent to (a wildcard-bound listener must answer from it)."""
+    for level, typ, data in ancdata:
+        if family == socket.AF_INET and level == socket.IPPROTO_IP and typ == IP_PKTINFO \
+                and len(data) >= 12:
+            # struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr}: source := addr
+            return (socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, data[8:12], bytes(4)))
+        if family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 and typ == IPV6_PKTINFO \
+                and len(data) >= 20:
+            # struct in6_pktinfo {in6_addr addr; int ifindex}
+            return (socket.IPPROTO_IPV6, IPV6_PKTINFO, bytes(data[:16]) + struct.pack("=i", 0))
+    return None
 
 
 class _Flow:
     __slots__ = ("lst", "caddr", "client", "key", "sock", "fd", "backend", "last", "n", "seen",
-                 "dead", "rd")
+                 "dead", "rd", "local")
 
     def __init__(self, lst: "UdpListener", caddr: tuple):
         self.lst = lst
@@ -59,6 +80,7 @@ class _Flow:
         self.seen = 0
         self.dead = False  # the backend refused (ICMP unreachable): move on the next datagram
         self.rd = self.on_replies
+        self.local: tuple | None = None  # wildcard listener: cmsg setting the reply's source
 
     def attach(self, b: "Backend") -> bool:
         """Opens a socket connected to ``b``; False (and logged) if that fails."""
@@ -104,6 +126,7 @@ class _Flow:
         buf, mv = lst.rbuf, lst.rmv
         recv_into = self.sock.recv_into
         caddr = self.caddr
+        local = self.local
         for _ in range(BURST):
             try:
                 n = recv_into(buf)
@@ -118,7 +141,10 @@ class _Flow:
                 return
             self.n += 1
             try:
-                out.sendto(mv[:n], caddr)
+                if local is None:
+                    out.sendto(mv[:n], caddr)
+                else:
+                    out.sendmsg([mv[:n]], [local], 0, caddr)
             except BlockingIOError:
                 lst.event("reply_dropped")
             except OSError as e:
@@ -162,6 +188,13 @@ class UdpListener:
         self._events, _ = l4_counters(node.metrics.registry)
         self._ev_children: dict[str, object] = {}
         self.sweep_interval = min(1.0, max(0.02, self.timeout / 4))
+        # bound to a wildcard address: learn each datagram's destination (IP_PKTINFO) so the
+        # replies leave from the address the client sent to
+        try:
+            self.wildcard = ipaddress.ip_address(cfg.bind.host).is_unspecified
+        except ValueError:
+            self.wildcard = False
+        self.family = socket.AF_INET
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -180,6 +213,12 @@ class UdpListener:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         except OSError:  # pragma: no cover
             pass
+        self.family = self.sock.family
+        if self.wildcard:
+            if self.family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            else:
+                self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         loop.add_reader(self.sock.fileno(), self._on_datagrams)
         self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
         _log.info("listener_started", listener=self.name, bind=str(self.cfg.bind), mode="udp",
@@ -214,9 +253,14 @@ class UdpListener:
         buf, mv = self.buf, self.mv
         flows = self.flows
         now = None
+        wildcard = self.wildcard
+        anc = None
         for _ in range(BURST):
             try:
-                n, caddr = sock.recvfrom_into(buf)
+                if wildcard:
+                    n, anc, _flags, caddr = sock.recvmsg_into([buf], CMSG_SPACE)
+                else:
+                    n, caddr = sock.recvfrom_into(buf)
             except BlockingIOError:
                 return
             except OSError as e:  # e.g. a stray ICMP error reported on the socket
@@ -229,6 +273,8 @@ class UdpListener:
                 f = self._open(caddr, now)
                 if f is None:
                     continue
+                if wildcard:
+                    f.local = reply_pktinfo(self.family, anc)
             elif f.dead or not f.backend.is_up(now if now is not None else self.node.clock.now()):
                 now = self.node.clock.now()
                 if not self._move(f, now):

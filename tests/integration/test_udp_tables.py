@@ -165,3 +165,31 @@ def test_ipv6_clients_get_replies_from_the_v6_listener(backends, state):
             await node.stop()
 
     asyncio.run(main())
+
+
+def test_wildcard_listener_answers_from_the_address_the_client_used(backends, state):
+    port = free_port(socket.SOCK_DGRAM)
+    text = config(backends, state, port).replace(f'bind = "127.0.0.1:{port}"',
+                                                 f'bind = "0.0.0.0:{port}"')
+
+    async def main():
+        node = Node(loads(text))
+        await node.start()
+        loop = asyncio.get_running_loop()
+        clients = []
+        try:
+            for dst in ("127.0.0.2", "127.0.0.3"):  # loopback aliases: not the routing source
+                c = udp_client()
+                c.setblocking(False)
+                clients.append(c)
+                for i in range(2):  # the flow's first datagram and a later one
+                    await loop.sock_sendto(c, b"where%d" % i, (dst, port))
+                    data, src = await asyncio.wait_for(loop.sock_recvfrom(c, 1000), 3)
+                    assert data.endswith(b"|where%d" % i)
+                    assert src == (dst, port)  # a client with a connected socket accepts it
+        finally:
+            for c in clients:
+                c.close()
+            await node.stop()
+
+    asyncio.run(main())
