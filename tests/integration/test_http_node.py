@@ -199,3 +199,64 @@ pool = "p"
             srv.close()
 
     asyncio.run(main())
+
+
+def test_hash_key_header_and_http10_keepalive(tmp_path):
+    """A maglev pool keyed on a request header: one header value, one backend; values spread
+    over the pool. An HTTP/1.0 client asking for keep-alive gets it (and its answer says so)."""
+    async def main():
+        ports = {n: free_port() for n in NAMES}
+        labs = []
+        for n, p in ports.items():
+            lb = LabBackend(n)
+            await lb.start(http=f"127.0.0.1:{p}")
+            labs.append(lb)
+        lport = free_port()
+        bks = "\n".join(f'[[pools.backends]]\nname = "{n}"\naddress = "127.0.0.1:{p}"\n'
+                        for n, p in ports.items())
+        node = Node(loads(f'''
+[node]
+name = "lb1"
+state_dir = "{tmp_path}"
+[[pools]]
+name = "mg"
+algorithm = "maglev"
+maglev_table_size = 251
+hash_key = "header:X-User"
+{bks}
+[[listeners]]
+name = "h"
+mode = "http"
+bind = "127.0.0.1:{lport}"
+pool = "mg"
+'''))
+        await node.start()
+        try:
+            async def backend_for(user: str) -> str:
+                r, w = await asyncio.open_connection("127.0.0.1", lport)
+                w.write(f"GET / HTTP/1.1\r\nHost: t\r\nX-User: {user}\r\nConnection: close\r\n\r\n".encode())
+                raw = await asyncio.wait_for(r.read(), 5)
+                w.close()
+                return raw.split(b"X-Backend: ", 1)[1].split(b"\r\n", 1)[0].decode()
+            users = [f"user{i}" for i in range(30)]
+            first = {u: await backend_for(u) for u in users}
+            for u in users[:10]:
+                for _ in range(3):
+                    assert await backend_for(u) == first[u]
+            assert len(set(first.values())) == 3  # 30 keys spread over all three backends
+
+            r, w = await asyncio.open_connection("127.0.0.1", lport)
+            for i in range(3):
+                w.write(b"GET /k%d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" % i)
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                assert b"Connection: keep-alive" in head
+                n = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+                body = await asyncio.wait_for(r.readexactly(n), 5)
+                assert b'"path": "/k%d"' % i in body
+            w.close()
+        finally:
+            await node.stop()
+            for lb in labs:
+                lb.close()
+
+    asyncio.run(main())
