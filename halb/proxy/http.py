@@ -944,18 +944,18 @@ class ClientConn(asyncio.Protocol):
         elif b.consecutive_failures:
             pool.report_result(b, True, self.node.clock.now())
         head_only = req.method == b"HEAD" or status == 204 or status == 304
-        close_delim = False
+        close_delim = False  # the backend's body runs until it closes
+        until_close = False  # ours to the client does (an HTTP/1.0 client cannot take chunks)
         if head_only:
             chunk = False
-        elif rh.chunked:
-            chunk = True
-        elif rh.content_length is not None:
-            chunk = False
-        else:
-            close_delim = True
+        elif rh.chunked or rh.content_length is None:
+            close_delim = not rh.chunked
             chunk = req.version == "1.1"
+            until_close = not chunk
+        else:
+            chunk = False
         close = (not rx.keep_alive or not rx.complete or self.eof or self.l.stopping
-                 or (close_delim and not chunk))
+                 or until_close)
         self.resp_chunk = chunk
         self.resp_close = close
         set_cookie = None

@@ -105,6 +105,9 @@ def test_keepalive_reuse_and_doubtful_connections_closed(tmp_path):
             return ok(b"x", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")  # unasked
         if path == "/headbody" and method == "HEAD":
             return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"  # a body after HEAD
+        if path == "/chunked":
+            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
         if path == "/badframe":
             return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         return ok(f"{path} on conn {no}".encode())
@@ -128,6 +131,20 @@ def test_keepalive_reuse_and_doubtful_connections_closed(tmp_path):
         assert st == 502 and b"backend failed" in body
         st, body = await request(port, "GET", "/after-bad")
         assert st == 200 and body == b"/after-bad on conn 4"
+        # a chunked answer: re-chunked for an HTTP/1.1 client, de-chunked (until close) for 1.0
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /chunked HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(r.read(), 5)
+        w.close()
+        assert b"Transfer-Encoding: chunked" in raw
+        assert raw.endswith(b"\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        raw = await asyncio.wait_for(r.read(), 5)  # closed after the body: no length to go by
+        w.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"chunked" not in head.lower() and b"Connection: close" in head
+        assert body == b"hello world"
         b = node.pools["p"].backends[0]
         assert b.active == 0 and b.inflight == 0
 
