@@ -323,8 +323,7 @@ _NONE: frozenset = frozenset()
 
 class _Conn:
     __slots__ = ("lst", "loop", "cs", "caddr", "client", "bs", "backend", "tried", "attempts",
-                 "timer", "t0", "rt", "state", "up", "down", "last", "seen", "key", "preamble",
-                 "error")
+                 "timer", "t0", "rt", "state", "up", "down", "last", "seen", "key", "preamble")
 
     def __init__(self, lst: "TcpListener", cs: socket.socket, caddr: tuple):
         self.lst = lst
@@ -345,7 +344,6 @@ class _Conn:
         self.seen = 0
         self.key = ""
         self.preamble = b""
-        self.error = False
 
     # -- choosing and connecting ---------------------------------------------------------------
 
@@ -706,6 +704,8 @@ class TcpListener:
         try:
             for c in list(self.conns):
                 if c.state != RELAY:
+                    if c.state == PREAMBLE and now - c.last >= self.connect_timeout:
+                        c.close()  # the backend never took the PROXY header
                     continue
                 n = c.up.nbytes + c.down.nbytes
                 if n != c.seen:
