@@ -375,6 +375,13 @@ class BackendConn(asyncio.Protocol):
 class ClientConn(asyncio.Protocol):
     """One client connection: parses its requests and runs one exchange at a time."""
 
+    __slots__ = ("l", "node", "cfg", "loop", "tr", "parser", "client_ip", "accepted", "closed",
+                 "eof", "paused", "in_head", "raw_head", "url", "hdrs", "hbytes", "rx", "queue",
+                 "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
+                 "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
+                 "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
+                 "resp_started", "resp_chunk", "resp_close", "status")
+
     def __init__(self, lst: HttpListener):
         self.l = lst
         self.node = lst.node
