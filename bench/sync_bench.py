@@ -14,7 +14,13 @@ loopback). Three figures:
              on the sender (the entry's own wall-clock ``updated``) to its apply on the
              receiver (wall clock, same host): p50 / p99 / max
 
-Results: printed, and written to bench/out/sync.json.
+CPU figures (process CPU time per entry on each side, and the entries/s one core each would
+allow) hold up better on a busy machine than the wall-clock ones. ``--gc`` shows what the
+garbage collector costs: with 100k+ live entries a full collection stops a process for
+0.2-1 s (the lag's max and p99 with the default GC); ``--gc freeze`` moves survivors to the
+permanent generation every second, which keeps every collection small.
+
+Results: printed, and written to bench/out/sync.json (sync-<gc>.json for other --gc values).
 """
 
 from __future__ import annotations
@@ -174,14 +180,16 @@ async def sender(args) -> dict:
     for i in range(n):
         t.put(sticky_key("cookie", "snap", f"{i:08d}"), f"web{i % 8}", 3600.0, pool="web")
     await node.start()
-    argv = [sys.executable, "-m", "bench.sync_bench", "--role", "rx", "--port", str(rx_port),
+    argv = [sys.executable, "-m", "bench.sync_bench", "--role", "rx", "--gc", args.gc,
+            "--port", str(rx_port),
             "--peer-port", str(tx_port), "--entries", str(n), "--rate", str(args.rate),
             "--seconds", str(args.seconds), "--batch", str(args.batch)]
     if tls_rx:
         argv += ["--tls-rx", tls_rx]
     rx = Rx(argv)
     await rx.start()
-    res: dict = {"entries": n, "batch_size": args.batch, "tls": bool(args.tls)}
+    res: dict = {"entries": n, "batch_size": args.batch, "tls": bool(args.tls), "gc": args.gc,
+                 "load_before": os.getloadavg()[0]}
 
     def cpu_figures(tx0, rx0, st, count):
         """CPU microseconds per entry on each side, and the entries/s one core each allows."""
@@ -252,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--tls", action="store_true", help="mutual TLS between the two peers")
+    ap.add_argument("--gc", default="default",
+                    help="garbage collector in both processes: default | off | freeze (gc.freeze()"
+                         " every second) | T0,T1,T2 (gc.set_threshold)")
     ap.add_argument("--role", choices=("tx", "rx"), default="tx", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--peer-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -262,6 +273,21 @@ def main(argv=None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
+    if args.gc != "default":  # GC's share in the lag (see the module docstring)
+        import gc
+        v = args.gc
+        if v == "off":
+            gc.disable()
+        elif v == "freeze":  # survivors move to the permanent generation every second
+            import threading
+
+            def freezer():
+                while True:
+                    time.sleep(1.0)
+                    gc.freeze()
+            threading.Thread(target=freezer, daemon=True).start()
+        else:
+            gc.set_threshold(*map(int, v.split(",")))
     prof = None
     if os.environ.get("SYNC_BENCH_PROFILE"):  # a cProfile dump per role, for tuning
         import cProfile
@@ -279,7 +305,8 @@ def main(argv=None) -> int:
         prof.dump_stats(os.environ["SYNC_BENCH_PROFILE"] + ".tx")
     res["host"] = {"cpus": os.cpu_count(), "load": os.getloadavg()}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "sync.json").write_text(json.dumps(res, indent=2) + "\n")
+    name = "sync.json" if args.gc == "default" else f"sync-{args.gc.replace(',', '_')}.json"
+    (OUT / name).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res))
     return 0
 

@@ -37,7 +37,7 @@ from ..v1 import sync_pb2_grpc as pbg
 from . import security
 from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
 
-WINDOW = 32  # unacknowledged batches in flight per follower stream
+WINDOW = 8  # unacknowledged batches in flight per follower stream
 HELLO_TIMEOUT = 5.0  # a follower must say hello within this
 CONNECT_TIMEOUT = 3.0  # dial + TLS + welcome
 MAX_BACKOFF = 2.0  # reconnect backoff cap (seconds, random exponential with jitter)
@@ -480,9 +480,10 @@ class SyncService:
                     raise ProtocolError(f"ack for batch {a.batch}, only {st.batch} sent")
                 if a.batch > st.acked:
                     st.acked = a.batch
-                s = senders.get(a.cursor.table)
-                if s is not None:
-                    s.ack(a.cursor.epoch, a.cursor.seq)
+                for c in a.cursors:
+                    s = senders.get(c.table)
+                    if s is not None:
+                        s.ack(c.epoch, c.seq)
                 st.wake.set()
         except ProtocolError as e:
             st.error = str(e)
@@ -566,8 +567,22 @@ class SyncService:
         self._progress.set()
         self.log.info("sync_connected", peer=p.name, address=p.address)
         why = "stream closed by the peer"
+        rx = p.rx
+        acked = {"want": 0}
+        ack_ev = asyncio.Event()
+
+        async def acker():  # acks off the read path; a backlog of them collapses into one
+            done = 0
+            while True:
+                await ack_ev.wait()
+                ack_ev.clear()
+                n = acked["want"]
+                if n > done:
+                    await call.write(pb.FollowRequest(ack=pb.SyncAck(
+                        batch=n, cursors=[x.cursor() for x in rx.values()])))
+                    done = n
+        ack_task = asyncio.create_task(acker())
         try:
-            rx = p.rx
             while True:
                 b = await call.read()
                 if b is aio.EOF:
@@ -582,7 +597,10 @@ class SyncService:
                     p.apply_delay = max(0.0, self._now() - b.sent)
                 snap = any(x.in_snapshot for x in rx.values())
                 p.state = "snapshot" if snap else "streaming"
-                await call.write(pb.FollowRequest(ack=pb.SyncAck(batch=b.batch, cursor=r.cursor())))
+                acked["want"] = b.batch
+                ack_ev.set()
+                if ack_task.done():  # its write failed: the stream is gone
+                    ack_task.result()
                 if not p.learned and all(x.learned for x in rx.values()):
                     p.learned = True
                     self._progress.set()
@@ -596,6 +614,7 @@ class SyncService:
         except Exception as e:  # noqa: BLE001 - gRPC errors: the stream is gone
             why = _describe(e)
         finally:
+            ack_task.cancel()
             p.connected = False
             p.state = "down"
             self._peer_event(p, False)

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12halb/v1/sync.proto\x12\x07halb.v1\"7\n\nSyncCursor\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"?\n\tSyncHello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12$\n\x07\x63ursors\x18\x02 \x03(\x0b\x32\x13.halb.v1.SyncCursor\"=\n\x07SyncAck\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12#\n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x13.halb.v1.SyncCursor\"\\\n\rFollowRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.halb.v1.SyncHelloH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.halb.v1.SyncAckH\x00\x42\x05\n\x03msg\"\xe3\x01\n\x0bSyncEntries\x12\x1c\n\x03ops\x18\x01 \x03(\x0e\x32\x0f.halb.v1.SyncOp\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\r\x12\r\n\x05pools\x18\x04 \x03(\r\x12\x0f\n\x07\x63reated\x18\x05 \x03(\x01\x12\x0f\n\x07updated\x18\x06 \x03(\x01\x12\x0f\n\x07\x65xpires\x18\x07 \x03(\x01\x12\x0f\n\x07origins\x18\x08 \x03(\r\x12\x0f\n\x07\x63lients\x18\t \x03(\t\x12\x11\n\tlisteners\x18\n \x03(\r\x12\x0e\n\x06protos\x18\x0b \x03(\r\x12\x0f\n\x07strings\x18\x0c \x03(\t\"\xb5\x02\n\tSyncBatch\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.halb.v1.SyncBatch.Kind\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x04\x12\r\n\x05table\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12%\n\x07\x65ntries\x18\x06 \x01(\x0b\x32\x14.halb.v1.SyncEntries\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x0c\n\x04sent\x18\x08 \x01(\x01\"\x83\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_WELCOME\x10\x01\x12\x17\n\x13KIND_SNAPSHOT_BEGIN\x10\x02\x12\x11\n\rKIND_SNAPSHOT\x10\x03\x12\x15\n\x11KIND_SNAPSHOT_END\x10\x04\x12\x10\n\x0cKIND_CHANGES\x10\x05*r\n\x06SyncOp\x12\x17\n\x13SYNC_OP_UNSPECIFIED\x10\x00\x12\x12\n\x0eSYNC_OP_CREATE\x10\x01\x12\x13\n\x0fSYNC_OP_REFRESH\x10\x02\x12\x12\n\x0eSYNC_OP_DELETE\x10\x03\x12\x12\n\x0eSYNC_OP_EXPIRE\x10\x04\x32@\n\x04Sync\x12\x38\n\x06\x46ollow\x12\x16.halb.v1.FollowRequest\x1a\x12.halb.v1.SyncBatch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12halb/v1/sync.proto\x12\x07halb.v1\"7\n\nSyncCursor\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"?\n\tSyncHello\x12\x0c\n\x04node\x18\x01 \x01(\t\x12$\n\x07\x63ursors\x18\x02 \x03(\x0b\x32\x13.halb.v1.SyncCursor\">\n\x07SyncAck\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x04\x12$\n\x07\x63ursors\x18\x02 \x03(\x0b\x32\x13.halb.v1.SyncCursor\"\\\n\rFollowRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.halb.v1.SyncHelloH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.halb.v1.SyncAckH\x00\x42\x05\n\x03msg\"\xe3\x01\n\x0bSyncEntries\x12\x1c\n\x03ops\x18\x01 \x03(\x0e\x32\x0f.halb.v1.SyncOp\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x03 \x03(\r\x12\r\n\x05pools\x18\x04 \x03(\r\x12\x0f\n\x07\x63reated\x18\x05 \x03(\x01\x12\x0f\n\x07updated\x18\x06 \x03(\x01\x12\x0f\n\x07\x65xpires\x18\x07 \x03(\x01\x12\x0f\n\x07origins\x18\x08 \x03(\r\x12\x0f\n\x07\x63lients\x18\t \x03(\t\x12\x11\n\tlisteners\x18\n \x03(\r\x12\x0e\n\x06protos\x18\x0b \x03(\r\x12\x0f\n\x07strings\x18\x0c \x03(\t\"\xb5\x02\n\tSyncBatch\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.halb.v1.SyncBatch.Kind\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x04\x12\r\n\x05table\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12%\n\x07\x65ntries\x18\x06 \x01(\x0b\x32\x14.halb.v1.SyncEntries\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x0c\n\x04sent\x18\x08 \x01(\x01\"\x83\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_WELCOME\x10\x01\x12\x17\n\x13KIND_SNAPSHOT_BEGIN\x10\x02\x12\x11\n\rKIND_SNAPSHOT\x10\x03\x12\x15\n\x11KIND_SNAPSHOT_END\x10\x04\x12\x10\n\x0cKIND_CHANGES\x10\x05*r\n\x06SyncOp\x12\x17\n\x13SYNC_OP_UNSPECIFIED\x10\x00\x12\x12\n\x0eSYNC_OP_CREATE\x10\x01\x12\x13\n\x0fSYNC_OP_REFRESH\x10\x02\x12\x12\n\x0eSYNC_OP_DELETE\x10\x03\x12\x12\n\x0eSYNC_OP_EXPIRE\x10\x04\x32@\n\x04Sync\x12\x38\n\x06\x46ollow\x12\x16.halb.v1.FollowRequest\x1a\x12.halb.v1.SyncBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'halb.v1.sync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SYNCOP']._serialized_start=852
-  _globals['_SYNCOP']._serialized_end=966
+  _globals['_SYNCOP']._serialized_start=853
+  _globals['_SYNCOP']._serialized_end=967
   _globals['_SYNCCURSOR']._serialized_start=31
   _globals['_SYNCCURSOR']._serialized_end=86
   _globals['_SYNCHELLO']._serialized_start=88
   _globals['_SYNCHELLO']._serialized_end=151
   _globals['_SYNCACK']._serialized_start=153
-  _globals['_SYNCACK']._serialized_end=214
-  _globals['_FOLLOWREQUEST']._serialized_start=216
-  _globals['_FOLLOWREQUEST']._serialized_end=308
-  _globals['_SYNCENTRIES']._serialized_start=311
-  _globals['_SYNCENTRIES']._serialized_end=538
-  _globals['_SYNCBATCH']._serialized_start=541
-  _globals['_SYNCBATCH']._serialized_end=850
-  _globals['_SYNCBATCH_KIND']._serialized_start=719
-  _globals['_SYNCBATCH_KIND']._serialized_end=850
-  _globals['_SYNC']._serialized_start=968
-  _globals['_SYNC']._serialized_end=1032
+  _globals['_SYNCACK']._serialized_end=215
+  _globals['_FOLLOWREQUEST']._serialized_start=217
+  _globals['_FOLLOWREQUEST']._serialized_end=309
+  _globals['_SYNCENTRIES']._serialized_start=312
+  _globals['_SYNCENTRIES']._serialized_end=539
+  _globals['_SYNCBATCH']._serialized_start=542
+  _globals['_SYNCBATCH']._serialized_end=851
+  _globals['_SYNCBATCH_KIND']._serialized_start=720
+  _globals['_SYNCBATCH_KIND']._serialized_end=851
+  _globals['_SYNC']._serialized_start=969
+  _globals['_SYNC']._serialized_end=1033
 # @@protoc_insertion_point(module_scope)

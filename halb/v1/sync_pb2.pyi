@@ -39,12 +39,12 @@ class SyncHello(_message.Message):
     def __init__(self, node: _Optional[str] = ..., cursors: _Optional[_Iterable[_Union[SyncCursor, _Mapping]]] = ...) -> None: ...
 
 class SyncAck(_message.Message):
-    __slots__ = ("batch", "cursor")
+    __slots__ = ("batch", "cursors")
     BATCH_FIELD_NUMBER: _ClassVar[int]
-    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    CURSORS_FIELD_NUMBER: _ClassVar[int]
     batch: int
-    cursor: SyncCursor
-    def __init__(self, batch: _Optional[int] = ..., cursor: _Optional[_Union[SyncCursor, _Mapping]] = ...) -> None: ...
+    cursors: _containers.RepeatedCompositeFieldContainer[SyncCursor]
+    def __init__(self, batch: _Optional[int] = ..., cursors: _Optional[_Iterable[_Union[SyncCursor, _Mapping]]] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
     __slots__ = ("hello", "ack")
