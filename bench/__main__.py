@@ -336,6 +336,20 @@ def l7(pid: int, port: int, duration: int, conns: int) -> dict:
     return r
 
 
+def l4conn(pid: int, port: int, duration: int, conns: int) -> dict:
+    """New TCP connections per second through the L4 listener: wrk with Connection: close, so
+    each request is one client connection and one backend connection (nginx answers)."""
+    url = f"http://127.0.0.1:{port}/"
+    c0 = cpu_seconds(pid)
+    out = run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", "-H",
+               "Connection: close", url], duration + 60)
+    c1 = cpu_seconds(pid)
+    r = parse_wrk(out)
+    r["cpu_s"] = c1 - c0
+    r["cpu_us_per_conn"] = (c1 - c0) * 1e6 / r["requests"] if r["requests"] else float("nan")
+    return r
+
+
 def l4(pid: int, port: int, duration: int) -> dict:
     c0 = cpu_seconds(pid)
     out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(duration), "-J"],
@@ -473,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l4,mem", help="comma list of l7, l4, mem")
+    ap.add_argument("--only", default="l7,l4,l4conn,mem",
+                    help="comma list of l7, l4, l4conn, mem")
     ap.add_argument("--rounds", type=int, default=1, help="runs per proxy; the best is kept (1..5)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="py-spy profile of halbd during extra L7 and L4 runs (default on)")
@@ -555,6 +570,13 @@ def main(argv: list[str] | None = None) -> int:
                             r.setdefault("l4_forced_runs", []).append(x)
                             if "l4_forced" not in r or x["gbps"] > r["l4_forced"]["gbps"]:
                                 r["l4_forced"] = x
+                    if "l4conn" in only:
+                        x = l4conn(p.pid, P["tcpidle"], a.duration, a.conns)
+                        log(f"  L4 {x['rps']:.0f} new conn/s p99 {x['p99_ms']:.2f} ms "
+                            f"{x['cpu_us_per_conn']:.1f} us CPU/conn (errors {x['socket_errors']})")
+                        r.setdefault("l4conn_runs", []).append(x)
+                        if "l4conn" not in r or x["rps"] > r["l4conn"]["rps"]:
+                            r["l4conn"] = x
                     if "mem" in only and rnd == 0:
                         # each on a freshly started proxy: memory freed by one test and
                         # reused by the next would hide the second one's cost
@@ -573,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
                                 procs, p.pid, min(a.duration, 10), OUT / "profile-l7.txt",
                                 ["wrk", "-t1", f"-c{a.conns}", f"-d{min(a.duration, 10)}s",
                                  f"http://127.0.0.1:{P['http']}/"])
+                        if "l4conn" in only:
+                            r["profile_l4conn"] = profile(
+                                procs, p.pid, min(a.duration, 10), OUT / "profile-l4conn.txt",
+                                ["wrk", "-t1", f"-c{a.conns}", f"-d{min(a.duration, 10)}s", "-H",
+                                 "Connection: close", f"http://127.0.0.1:{P['tcpidle']}/"])
                         if "l4" in only:
                             r["profile_l4"] = profile(
                                 procs, p.pid, min(a.duration, 10), OUT / "profile-l4.txt",
@@ -634,6 +661,17 @@ def report(res: dict) -> str:
                  f"{l['l4']['cpu_s_per_gb']:.3f}", f"{f['cpu_s_per_gb']:.3f}",
                  ratio(l["l4"]["cpu_s_per_gb"], f["cpu_s_per_gb"]), ""),
             ]
+    if "l4conn" in h and "l4conn" in l:
+        rows += [
+            ("L4 new connections/s (wrk, Connection: close)", f"{l['l4conn']['rps']:.0f}",
+             f"{h['l4conn']['rps']:.0f}", ratio(l["l4conn"]["rps"], h["l4conn"]["rps"]), ""),
+            ("L4 CPU us per connection", f"{l['l4conn']['cpu_us_per_conn']:.1f}",
+             f"{h['l4conn']['cpu_us_per_conn']:.1f}",
+             ratio(l["l4conn"]["cpu_us_per_conn"], h["l4conn"]["cpu_us_per_conn"]), ""),
+            ("L4 connection errors (socket / non-2xx)",
+             f"{l['l4conn']['socket_errors']} / {l['l4conn']['non2xx']}",
+             f"{h['l4conn']['socket_errors']} / {h['l4conn']['non2xx']}", "", ""),
+        ]
     for k, label in (("mem_l7", "L7"), ("mem_l4", "L4")):
         if k in h and k in l:
             rows.append((f"{label} memory per idle conn, bytes ({l[k]['conns']} held)",
@@ -649,10 +687,10 @@ def report(res: dict) -> str:
            "| measure | halb | HAProxy | halb / HAProxy | target |",
            "| --- | --- | --- | --- | --- |"]
     out += [f"| {' | '.join(r)} |" for r in rows]
-    for k in ("profile_l7", "profile_l4"):
+    for k in ("profile_l7", "profile_l4", "profile_l4conn"):
         p = l.get(k)
         if p and "self" in p:
-            out += ["", f"py-spy --native {k[-2:].upper()} profile of halbd's event-loop thread: "
+            out += ["", f"py-spy --native {k[8:].upper()} profile of halbd's event-loop thread: "
                     f"{p['samples']} busy samples ({p['idle_samples']} more idle in epoll_wait). "
                     "Self time by function (C and Python):", ""]
             out += [f"    {pct:5.1f}%  {f}" for f, pct in p["self"]]
