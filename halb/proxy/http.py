@@ -82,6 +82,7 @@ HIGH_WATER = 256 * 1024  # transport write buffers; pending body bytes before re
 REPLAY_MAX = 64 * 1024  # request bodies up to this size are kept for a retry
 POOL_MAX_IDLE = 64  # idle keep-alive connections kept per backend
 POOL_IDLE_TIMEOUT = 30.0  # an idle pooled connection is closed after this
+MAX_PIPELINE = 128  # parsed requests waiting behind the one in flight (one read's worth)
 RESP_MAX_HEADERS = 256  # bounds on a backend's response head
 RESP_MAX_HEADER_BYTES = 64 * 1024
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
@@ -610,6 +611,8 @@ class ClientConn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if len(self.queue) >= MAX_PIPELINE:
+            raise HttpError(400, "too many pipelined requests")
         p = self.parser
         req = check_request(p.get_method(), self.url, p.get_http_version(), self.hdrs)
         keep = p.should_keep_alive() and b"close" not in req.conn_tokens

@@ -287,3 +287,18 @@ def test_broken_chunked_body_does_not_desync_others(node):
         assert resp.startswith(b"HTTP/1.1 200 ")
         got = rec.take()
         assert got.startswith(b"GET /b%d HTTP/1.1\r\n" % i) and b"smuggled" not in got
+
+
+def test_pipeline_depth_is_bounded(node):
+    """One read carrying 300 tiny pipelined requests: the first 128 are served in order, the
+    rest refused with one 400, then the connection closes."""
+    port, rec, h = node
+    rec.take()
+    data = b"".join(b"GET /q%d HTTP/1.1\r\nHost: a.test\r\n\r\n" % i for i in range(300))
+    resp, closed = exchange(port, data, timeout=10)
+    assert closed
+    assert resp.count(b"HTTP/1.1 200 ") == 128
+    assert resp.count(b"HTTP/1.1 400 ") == 1 and b"too many pipelined requests" in resp
+    got = rec.take()
+    assert got.count(b"GET /q") == 128 and b"GET /q127 " in got and b"GET /q128 " not in got
+    assert h.alive()
