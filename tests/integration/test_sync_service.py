@@ -136,6 +136,16 @@ def test_resume_from_acked_cursor_after_a_broken_stream():
             assert st["resumes"] == 2 and st["snapshots_sent"] == 2, st
             assert view(a) == view(b)
             assert b.sync.status()[0]["connected"] and b.sync.peers["a"].connects == 2
+            from prometheus_client import generate_latest
+            await until(lambda: a.sync.status()[0]["lag_entries"] == 0, what="acks after resume")
+            ma = generate_latest(a.metrics.registry).decode()
+            mb = generate_latest(b.metrics.registry).decode()
+            assert 'halb_sync_lag_entries{peer="b"} 0.0' in ma
+            assert 'halb_sync_sent_entries_total{peer="b"} 8001.0' in ma  # 5000 + 3000 + 1 delete
+            assert 'halb_sync_snapshots_sent_total{peer="b"} 2.0' in ma
+            assert 'halb_sync_peer_connected{peer="a"} 1.0' in mb
+            assert 'halb_sync_applied_entries_total{peer="a"} 8001.0' in mb
+            assert 'halb_sync_refused_total{peer="(unknown)"} 0.0' in ma
         finally:
             await b.stop()
             await a.stop()
