@@ -14,8 +14,11 @@ runs the same scenarios and asserts the checks; both write ``chaos-report.json``
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Callable
 from . import netns as nx
 from .demo import Traffic, VipWatch, analyze
 from .lab import Lab, LabError, clean, wait_until
-from .topology import Topology
+from .topology import HTTP_PORT, Topology
 
 CHAOS = Topology(prefix="hc", subnet="198.18.70.0/24")
 TAKEOVER_SLACK = 0.150  # seconds over Master_Down_Interval a takeover may take
@@ -121,8 +124,8 @@ def _pair(topo: Topology) -> tuple[str, str, str]:
 class Scenario:
     """Builds the lab, runs traffic and a VIP watch; always tears down."""
 
-    def __init__(self, topo: Topology, out: Path, name: str, seconds: float):
-        self.topo, self.out, self.name = topo, out, name
+    def __init__(self, topo: Topology, out: Path, name: str, seconds: float, halbd: bool = True):
+        self.topo, self.out, self.name, self.halbd = topo, out, name, halbd
         self.lab = Lab(topo)
         self.lab.keep_logs = out / "chaos-logs" / name
         self.seconds = seconds
@@ -132,8 +135,10 @@ class Scenario:
     def __enter__(self) -> "Scenario":
         if self.lab.leftovers():  # an earlier run of this (chaos-only) prefix was interrupted
             clean(self.topo.prefix)
-        self.lab.up()
-        self.watch = VipWatch(self.lab, self.topo.vips[0], max_seconds=self.seconds + 60).start()
+        self.lab.up(halbd=self.halbd)
+        alive = None if self.halbd else (lambda n: self.lab.alive(f"keepalived-{n}"))
+        self.watch = VipWatch(self.lab, self.topo.vips[0], max_seconds=self.seconds + 60,
+                              alive=alive).start()
         return self
 
     def start_traffic(self, tag: str, seconds: float | None = None, extra: list[str] | None = None,
@@ -448,9 +453,110 @@ def failover_loop(topo: Topology, out: Path, cycles: int = 10) -> Result:
     return r
 
 
+def _keepalived_conf(topo: Topology, node: str) -> str:
+    inst = topo.instances[0]
+    return (f"global_defs {{\n  router_id {node}\n  vrrp_version 3\n}}\n"
+            f"vrrp_instance {inst.name} {{\n  state BACKUP\n  interface {topo.interface}\n"
+            f"  virtual_router_id {inst.vrid}\n  priority {inst.priorities[node]}\n"
+            f"  advert_int {topo.advert_interval:g}\n"
+            f"  virtual_ipaddress {{\n    {inst.vip} dev {topo.interface}\n  }}\n}}\n")
+
+
+def keepalived_baseline(topo: Topology, out: Path, kills: int = 5) -> Result:
+    """The same kill -9 on the same topology with keepalived (Debian's) as the election and a
+    plain HTTP server on each LB node, so halb's figures have a reference measured here."""
+    r = Result("keepalived", f"reference: keepalived, same topology and timers, kill -9 of the "
+               f"master x{kills}")
+    old, new, vip = _pair(topo)
+    with Scenario(topo, out, r.name, 15.0 * kills, halbd=False) as sc:
+        lab = sc.lab
+
+        def start(node: str) -> None:
+            conf = lab.dir / f"keepalived-{node}.conf"
+            conf.write_text(_keepalived_conf(topo, node))
+            for pf in (f"ka-{node}.pid", f"ka-{node}-vrrp.pid"):  # a killed one's: "already running"
+                (lab.dir / pf).unlink(missing_ok=True)
+            h = topo.lb(node)
+            lab._spawn(f"keepalived-{node}", h.netns,
+                       ["keepalived", "-n", "-l", "-D", "-G", "--vrrp", "-f", str(conf),
+                        "-p", str(lab.dir / f"ka-{node}.pid"), "-r", str(lab.dir / f"ka-{node}-vrrp.pid")])
+
+        for h in topo.lb_hosts:  # what answers on the VIP: an HTTP server named after the node
+            lab._spawn(f"http-{h.name}", h.netns, [sys.executable, "-m", "lab.backend", "--name",
+                                                     h.name, "--http", f"0.0.0.0:{HTTP_PORT}"])
+            start(h.name)
+        wait_until(lambda: sc.watch.first_time(lambda hs: hs == (old,), 0) is not None, 20,
+                   f"keepalived on {old} holding the VIP")
+        tr = sc.start_traffic("load", seconds=15.0 * kills, src_block=None, extra=["--no-streams"])
+        time.sleep(1.0)
+        moments, errors = [], []
+        for i in range(kills):
+            kill_t = time.monotonic()
+            os.killpg(lab.pids[f"keepalived-{old}"], signal.SIGKILL)  # parent and VRRP child
+            lab.procs[f"keepalived-{old}"].wait(10)
+            if not _wait_answer(tr, new, kill_t, 5.0):
+                errors.append(f"kill {i}: {new} never answered")
+                break
+            moments.append(kill_t)
+            time.sleep(0.5)
+            # the killed keepalived left its VIP behind: a restart cleans it up, as halbd does
+            start(old)
+            try:
+                wait_until(lambda: sc.watch.first_time(lambda hs: hs == (old,), kill_t + 0.5)
+                           is not None, 10, f"{old} taking the VIP back")
+            except LabError:
+                errors.append(f"kill {i}: {old} did not take the VIP back")
+                break
+            time.sleep(0.5)
+        tr.stop()
+        tr.wait(20)
+        ev = tr.events()
+        answered = [_first_answer(ev, new, t) for t in moments]
+        answered = [(a - t) * 1000 for a, t in zip(answered, moments) if a is not None]
+        failed = [sum(1 for e in ev if e["k"] == "http" and not e["ok"] and t <= e["t"] <= t + 2)
+                  for t in moments]
+        ver = subprocess.run(["keepalived", "--version"], capture_output=True, text=True, timeout=10)
+        r.figures = {"kills": len(moments), "version": (ver.stdout + ver.stderr).split("\n")[0].strip(),
+                     "takeover_ms_median": statistics.median(answered) if answered else None,
+                     "takeover_ms_max": max(answered) if answered else None,
+                     "takeover_ms_all": [round(x, 1) for x in answered],
+                     "failed_http_per_kill_median": statistics.median(failed) if failed else None}
+        r.check(f"{kills} kills measured", not errors and len(answered) == kills, "; ".join(errors))
+    return r
+
+
+def _first_answer(events: list[dict], node: str, after: float) -> float | None:
+    for e in events:
+        if e["k"] == "http" and e["ok"] and e.get("b") == node and e["t"] - e.get("ms", 0) / 1000 >= after:
+            return e["t"]
+    return None
+
+
+def _wait_answer(tr: Traffic, node: str, after: float, timeout: float) -> bool:
+    """Until the traffic's event file shows an answer from ``node`` to a request sent after
+    ``after`` (the file is flushed in blocks, so this is approximate; figures come later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            with open(tr.path) as f:
+                tail = f.readlines()[-400:]
+        except OSError:
+            continue
+        for line in tail:
+            if f'"b":"{node}"' in line:
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                if e["t"] - e.get("ms", 0) / 1000 >= after:
+                    return True
+    return False
+
+
 SCENARIOS: dict[str, Callable[[Topology, Path], Result]] = {
     "kill9": kill9, "sigstop": sigstop, "partition": partition, "backend_kill": backend_kill,
-    "preempt_restart": preempt_restart, "loop": failover_loop,
+    "preempt_restart": preempt_restart, "loop": failover_loop, "keepalived": keepalived_baseline,
 }
 
 
@@ -517,7 +623,14 @@ def write_report(results: list[Result], out: Path, topo: Topology) -> tuple[Path
              f"Failed HTTP requests {summary['failed_http']}; sticky sessions kept "
              f"{summary['sticky_kept']}, lost {summary['sticky_lost']}; time with two masters "
              f"{summary['double_master_s']:.2f} s.", "",
-             "| scenario | result | figures |", "| --- | --- | --- |"]
+             ]
+    ka = next((r for r in results if r.name == "keepalived" and r.figures.get("takeover_ms_median")), None)
+    if ka:
+        lines += [f"**Reference, keepalived** {ka.figures.get('version', '')} on the same topology and "
+                  f"timers (kill -9 of the master, first HTTP answer through the backup): median "
+                  f"{_fmt(ka.figures['takeover_ms_median'])} ms, max {_fmt(ka.figures['takeover_ms_max'])} ms "
+                  f"over {ka.figures['kills']} kills.", ""]
+    lines += ["| scenario | result | figures |", "| --- | --- | --- |"]
     for r in results:
         figs = ", ".join(f"{k} {_fmt(v)}" for k, v in r.figures.items() if not isinstance(v, list))
         lines.append(f"| {r.title} | {'ok' if r.ok else 'FAILED'} ({r.seconds:.0f} s) | {figs} |")

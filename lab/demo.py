@@ -40,8 +40,10 @@ class VipWatch:
     stopped): a killed node's kernel keeps the address, but nothing answers there any more.
     Bounded: stops after ``max_seconds`` or ``stop()``."""
 
-    def __init__(self, lab: Lab, vip: str, interval: float = 0.002, max_seconds: float = 120.0):
+    def __init__(self, lab: Lab, vip: str, interval: float = 0.002, max_seconds: float = 120.0,
+                 alive=None):
         self.lab, self.vip, self.interval, self.max_seconds = lab, vip, interval, max_seconds
+        self.alive = alive or lab.alive  # node name -> whether its election process exists
         self.changes: list[tuple[float, tuple[str, ...]]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name="vip-watch", daemon=True)
@@ -59,7 +61,7 @@ class VipWatch:
                         addrs = {m.get_attr("IFA_ADDRESS") for m in ip.get_addr(family=2)}
                     except Exception:  # noqa: BLE001 - namespace going away
                         continue
-                    if self.vip in addrs and self.lab.alive(name):
+                    if self.vip in addrs and self.alive(name):
                         cur.append(name)
                 t = time.monotonic()
                 if tuple(cur) != last:

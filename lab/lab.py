@@ -221,8 +221,10 @@ class Lab:
 
     # -- up -------------------------------------------------------------------------------------
 
-    def up(self, *, wait: bool = True, timeout: float = 30.0, tls: bool = True) -> None:
-        """Builds the namespaces, writes configs and certificates, starts backends and halbd.
+    def up(self, *, wait: bool = True, timeout: float = 30.0, tls: bool = True,
+           halbd: bool = True) -> None:
+        """Builds the namespaces, writes configs and certificates, starts backends and (unless
+        ``halbd`` is False: LB namespaces left empty for another program) halbd.
 
         Refuses with LabError while anything of a lab with the same prefix still stands. On any
         failure everything made so far is removed again before the error propagates."""
@@ -258,11 +260,11 @@ class Lab:
             t.write_configs(self.config_dir, state_dir=str(self.run_dir), pki_dir=pki)
             for b in t.backend_hosts:
                 self.start_backend(b.name)
-            for h in t.lb_hosts:
+            for h in t.lb_hosts if halbd else []:
                 self.start_lb(h.name)
             self._save("up")
             if wait:
-                self.wait_ready(timeout)
+                self.wait_ready(timeout, vips=halbd)
         except BaseException:
             self.down()
             raise
@@ -449,8 +451,9 @@ class Lab:
                 raise ProcessDied(f"{name} exited with {p.returncode}; the end of its log "
                                   f"({self.log_path(name)}):\n{self.output(name, 2500)}")
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until every backend answers, each VIP is held by its owner only and answers HTTP."""
+    def wait_ready(self, timeout: float = 30.0, vips: bool = True) -> None:
+        """Until every backend answers, and (``vips``) each VIP is held by its owner only and
+        answers HTTP."""
         t = self.topo
 
         def backends_up():
@@ -458,6 +461,8 @@ class Lab:
             return all(self.in_client(tcp_ok, str(b.address.ip), BACKEND_HTTP)
                        for b in t.backend_hosts)
         wait_until(backends_up, timeout, "the backends")
+        if not vips:
+            return
 
         def vips_owned():
             self._check_alive()

@@ -163,3 +163,68 @@ def test_active_active_splits_the_vips(cleanup):
     finally:
         lab.down()
     assert not nothing_left()
+
+
+# -- the measuring, on hand-made inputs (no namespaces) ------------------------------------------
+
+
+def _log_line(wall: float, event: str, **kw) -> str:
+    import datetime as dt
+    ts = dt.datetime.fromtimestamp(wall, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return json.dumps({"ts": ts, "level": "info", "node": "x", "part": "vrrp", "event": event, **kw},
+                      separators=(",", ":"))
+
+
+def test_master_intervals_and_double_master_from_logs(tmp_path):
+    lab = Lab(TOPO, run_root=tmp_path)
+    lab.log_dir.mkdir(parents=True)
+    off = time.time() - time.monotonic()
+    t0 = time.monotonic() - 10  # lb1 master from t0+1 (frozen from t0+3 on, never steps down
+    # until t0+5.2); lb2 master from t0+3.4 to t0+5.25; lb1 killed at t0+8
+    lab.log_path("lb1").write_text("\n".join([
+        _log_line(off + t0 + 1.0, "vrrp_state", instance="vi1", old="backup", new="master"),
+        _log_line(off + t0 + 1.0, "vrrp_state", instance="vi2", old="backup", new="master"),
+        "not json", _log_line(off + t0 + 1.01, "vips_added", instance="vi1")]) + "\n")
+    lab.log_path("lb2").write_text("\n".join([
+        _log_line(off + t0 + 3.4, "vrrp_state", instance="vi1", old="backup", new="master"),
+        _log_line(off + t0 + 3.41, "vips_added", instance="vi1"),
+        _log_line(off + t0 + 5.25, "vrrp_state", instance="vi1", old="master", new="backup")]) + "\n")
+    lab.deaths["lb1"] = [t0 + 8.0]
+    iv = lab.master_intervals("lb1", "vi1")
+    assert len(iv) == 1 and abs(iv[0][0] - (t0 + 1)) < 0.01 and abs(iv[0][1] - (t0 + 8)) < 0.001
+    assert abs(lab.double_master_seconds("vi1", t0, t0 + 9) - 1.85) < 0.01
+    assert abs(lab.double_master_seconds("vi1", t0 + 5, t0 + 9) - 0.25) < 0.01
+    assert abs(lab.double_master_end("vi1", t0, t0 + 9) - (t0 + 5.25)) < 0.01
+    assert lab.double_master_end("vi1", t0 + 6, t0 + 9) is None
+    assert abs(lab.vips_added_after("lb2", "vi1", t0 + 2) - (t0 + 3.41)) < 0.01
+    assert lab.vips_added_after("lb2", "vi1", t0 + 4) is None
+
+
+def test_failover_analysis_from_client_events():
+    from lab.demo import analyze
+    lab = Lab(TOPO)
+    a1, a2 = str(TOPO.lb("lb1").address.ip), str(TOPO.lb("lb2").address.ip)
+    k = 100.0
+    ev = [
+        {"t": 99.0, "k": "http", "c": 1, "ok": True, "b": "web1", "via": a1, "ms": 2},
+        {"t": 99.1, "k": "http", "c": 2, "ok": True, "b": "web2", "via": a1, "ms": 2},
+        {"t": 99.2, "k": "src", "c": 0, "ok": True, "b": "web3", "ms": 2},
+        {"t": 99.3, "k": "src", "c": 1, "ok": True, "b": "web1", "ms": 2},
+        {"t": 99.5, "k": "tcp", "c": 0, "ok": True, "b": "web2", "ms": 1},
+        {"t": 100.05, "k": "http", "c": 1, "ok": False, "err": "ConnectionRefusedError", "ms": 1},
+        {"t": 100.10, "k": "http", "c": 2, "ok": False, "err": "ConnectionRefusedError", "ms": 1},
+        {"t": 100.12, "k": "tcp", "c": 0, "ok": False, "ms": 1},
+        {"t": 100.20, "k": "http", "c": 1, "ok": True, "b": "web1", "via": a2, "ms": 3},
+        {"t": 100.25, "k": "http", "c": 2, "ok": True, "b": "web3", "via": a2, "ms": 3},  # moved
+        {"t": 100.26, "k": "src", "c": 0, "ok": True, "b": "web3", "ms": 5},
+        {"t": 100.27, "k": "src", "c": 1, "ok": True, "b": "web1", "ms": 500},  # started before
+        {"t": 100.30, "k": "tcp", "c": 0, "ok": True, "b": "web2", "ms": 4},
+        {"t": 100.40, "k": "http", "c": 1, "ok": False, "err": "x", "ms": 1},
+    ]
+    fo = analyze(ev, k, lab, "lb1", "lb2", vip_added_t=100.15)
+    assert abs(fo.vip_moved_ms - 150) < 1e-6 and abs(fo.answered_ms - 200) < 1e-6
+    assert fo.failed_http == 2 and fo.failed_http_total == 3 and fo.failed_tcp == 1
+    assert (fo.sticky_checked, fo.sticky_kept, fo.sticky_pct) == (2, 1, 50.0)
+    assert fo.sticky_moved == [(2, "web2", "web3")]
+    assert (fo.src_checked, fo.src_kept) == (1, 1)  # c1's answer began before the kill
+    assert abs(fo.tcp_ms - 300) < 1e-6 and fo.tcp_same_backend is True
