@@ -206,6 +206,9 @@ class Instance:
 
     async def prepare(self, netlink: Netlink, hold: bool) -> None:
         cfg = self.cfg
+        if any(v.version != 4 for v in cfg.vips):
+            raise OSError(f"vrrp instance {cfg.name!r}: IPv6 VIPs are not supported yet "
+                          "(VRRPv3 over IPv6 is planned; use IPv4 VIPs)")
         st = await netlink.link(cfg.interface)
         if not st["exists"]:
             raise OSError(f"vrrp instance {cfg.name!r}: no interface {cfg.interface!r}")

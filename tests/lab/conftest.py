@@ -13,9 +13,13 @@ also when it fails; ``lab.netns.cleanup("hv")`` first removes what an interrupte
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-import socket
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,14 +143,54 @@ class Lab:
         self.lan.close()
 
 
+LOCK_PATH = "/run/lock/halb-lab-hv.lock"
+
+
+@contextlib.contextmanager
+def lab_lock(timeout: float = 600.0):
+    """Serialises users of the ``hv`` namespaces across processes (two pytest sessions on one
+    machine would otherwise tear down each other's LAN)."""
+    os.makedirs(os.path.dirname(LOCK_PATH), exist_ok=True)
+    with open(LOCK_PATH, "w") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{LOCK_PATH} held for more than {timeout}s")
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture
-def lab(tmp_path):
-    lab = Lab(tmp_path)
-    try:
-        yield lab
-    finally:
-        lab.close()
-        nx.cleanup(PREFIX)
+def lab(request):
+    # a directory of our own rather than tmp_path: parallel pytest sessions on a shared
+    # machine rotate /tmp/pytest-of-<user> and may delete a running test's configs and logs
+    tmp = Path(tempfile.mkdtemp(prefix=f"halb-lab-{request.node.name[:40]}-"))
+    with lab_lock():
+        lab = Lab(tmp)
+        try:
+            yield lab
+        finally:
+            lab.close()
+            nx.cleanup(PREFIX)
+            rep = getattr(request.node, "rep_call", None)
+            if rep is not None and rep.failed:
+                print(f"lab files kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
 
 
 def events(proc: Proc, event: str) -> list[dict]:

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 from lab import netns as nx  # noqa: E402
 from tests.helpers import Proc  # noqa: E402
-from tests.lab.conftest import (PY, VIP_PORT, Lab, Probe, config, state_of,  # noqa: E402
+from tests.lab.conftest import (PY, VIP_PORT, Lab, Probe, config, lab_lock,  # noqa: E402
                                 wait_state)
 
 VIP = "198.18.40.100"
@@ -99,6 +99,11 @@ class Pair:
 
 def run(impl: str, runs: int, interval: float, tmp: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"kill9": [], "sigterm": []}
+    with lab_lock():
+        return _run(impl, runs, interval, tmp, out)
+
+
+def _run(impl: str, runs: int, interval: float, tmp: Path, out: dict) -> dict[str, list[float]]:
     lab = Lab(tmp)
     try:
         pair = Pair(lab, impl, interval)

@@ -36,8 +36,8 @@ def pair(lab, *, p1=200, p2=100, start_first=None, **kw):
     return a, b
 
 
-def test_higher_priority_wins_kill9_failover_and_preempt_back(lab, tmp_path):
-    notes = tmp_path / "notify.txt"
+def test_higher_priority_wins_kill9_failover_and_preempt_back(lab):
+    notes = lab.tmp / "notify.txt"
     notify = f"notify = \"sh -c 'echo \\\"$*\\\" >> {notes}' notify\""
     # the lower priority node starts first and is master alone
     b = lab.halbd("hvlb2", config("lb2", priority=100), "lb2")
@@ -150,50 +150,60 @@ interval = "50ms"
 
 
 FLOOD = r"""
-import random, sys
-from scapy.all import Ether, IP, Raw, sendp, conf
-from scapy.layers.vrrp import VRRPv3
+import random, socket, sys
 sys.path.insert(0, sys.argv[1])
+from scapy.layers.inet import IP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 from halb.vrrp import codec
-conf.verb = 0
 rnd = random.Random(7)
 src, vip, lb1, lb2 = "198.18.40.2", "198.18.40.100", "198.18.40.11", "198.18.40.12"
+G = "224.0.0.18"
 good = codec.build_payload(vrid=40, priority=254, interval=0.1, addresses=[vip], src=src,
-                           dst="224.0.0.18", mode="rfc9568")
-pkts = []
-def ip(payload, ttl=255, dst="224.0.0.18", s=src):
-    return IP(src=s, dst=dst, ttl=ttl, proto=112) / Raw(payload)
-for i in range(int(sys.argv[2])):
-    kind = i % 10
+                           dst=G, mode="rfc9568")
+mac = open("/sys/class/net/eth0/address").read().strip()
+
+def frame(payload, ttl=255, dst=G, s=src):
+    dmac = "01:00:5e:00:00:12" if dst == G else "ff:ff:ff:ff:ff:ff"
+    return bytes(Ether(src=mac, dst=dmac) / IP(src=s, dst=dst, ttl=ttl, proto=112) / Raw(payload))
+
+def variants(kind):
     if kind == 0:   # priority 254 with a bad checksum
-        p = ip(good[:6] + b"\x12\x34" + good[8:])
-    elif kind == 1:  # priority 254, TTL 64 (not from this link)
-        p = ip(good, ttl=64)
-    elif kind == 2:  # keepalived checksum while the VRID uses rfc9568
-        p = ip(codec.build_payload(vrid=40, priority=254, interval=0.1, addresses=[vip],
-                                   src=src, dst="224.0.0.18", mode="keepalived"))
-    elif kind == 3:  # VRRPv2
-        p = ip(bytes([0x21]) + good[1:])
-    elif kind == 4:  # truncated
-        p = ip(good[:rnd.randrange(1, 8)])
-    elif kind == 5:  # random garbage
-        p = ip(bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 60))))
-    elif kind == 6:  # unknown VRID
-        p = ip(codec.build_payload(vrid=41, priority=254, interval=0.1, addresses=[vip],
-                                   src=src, dst="224.0.0.18", mode="rfc9568"))
-    elif kind == 7:  # other addresses, not the owner
-        p = ip(codec.build_payload(vrid=40, priority=254, interval=0.1, addresses=["198.18.40.150"],
-                                   src=src, dst="224.0.0.18", mode="rfc9568"))
-    elif kind == 8:  # priority 0 with a bad checksum, unicast to the backup
+        return frame(good[:6] + b"\x12\x34" + good[8:])
+    if kind == 1:   # priority 254, TTL 64 (not from this link)
+        return frame(good, ttl=64)
+    if kind == 2:   # keepalived checksum while the VRID uses rfc9568
+        return frame(codec.build_payload(vrid=40, priority=254, interval=0.1, addresses=[vip],
+                                         src=src, dst=G, mode="keepalived"))
+    if kind == 3:   # VRRPv2
+        return frame(bytes([0x21]) + good[1:])
+    if kind == 4:   # truncated
+        return frame(good[:rnd.randrange(1, 8)])
+    if kind == 5:   # random garbage
+        return frame(bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 60))))
+    if kind == 6:   # unknown VRID
+        return frame(codec.build_payload(vrid=41, priority=254, interval=0.1, addresses=[vip],
+                                         src=src, dst=G, mode="rfc9568"))
+    if kind == 7:   # other addresses, not the owner
+        return frame(codec.build_payload(vrid=40, priority=254, interval=0.1,
+                                         addresses=["198.18.40.150"], src=src, dst=G,
+                                         mode="rfc9568"))
+    if kind == 8:   # priority 0 "from lb1" with a bad checksum, unicast to the backup
         z = codec.build_payload(vrid=40, priority=0, interval=0.1, addresses=[vip], src=lb1,
                                 dst=lb2, mode="rfc9568")
-        p = ip(z[:6] + b"\0\0" + z[8:], dst=lb2, s=lb1)
-    else:  # type 2, length lies
-        p = ip(bytes([0x32]) + good[1:] + b"\0\0\0\0")
-    dstmac = "01:00:5e:00:00:12"
-    pkts.append(Ether(dst=dstmac) / p)
-sendp(pkts, iface="eth0", inter=0)
-print(len(pkts))
+        return frame(z[:6] + b"\0\0" + z[8:], dst=lb2, s=lb1)
+    return frame(bytes([0x32]) + good[1:] + b"\0\0\0\0")  # type 2, length lies
+
+frames = [variants(k) for k in range(10) for _ in range(5)]  # 50 distinct frames
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+sock.bind(("eth0", 0))
+import time
+n = int(sys.argv[2])
+for i in range(n):
+    sock.send(frames[i % len(frames)])
+    if i % 50 == 49:
+        time.sleep(0.01)  # about 5000 packets/s, 50 per burst
+print(n)
 """
 
 
@@ -226,9 +236,14 @@ def test_malformed_advert_flood_leaves_the_election_unchanged(lab):
     assert who_answers(lab, VIP) == "be1"
     inv = metric("hvlb2", 9400, "halb_vrrp_invalid_adverts_total")
     got = {k.split('reason="')[1].split('"')[0]: v for k, v in inv.items()}
-    for reason in ("checksum", "ttl", "version", "short", "vrid", "addresses", "type"):
-        assert got.get(reason, 0) >= 100, (reason, got)
-    assert sum(got.values()) >= 2900, got
+    print("invalid adverts counted by lb2:", got)
+    # 300 of each kind were sent; a few may be dropped by a full socket buffer on a loaded
+    # machine (bounded by design), so 90 % must have been seen and counted under their reason
+    expected = {"checksum": 900, "ttl": 300, "vrid": 300, "addresses": 300, "type": 300,
+                "version": 300, "short": 300}
+    for reason, n in expected.items():
+        assert got.get(reason, 0) >= 0.9 * n, (reason, got)
+    assert 0.9 * 3000 <= sum(got.values()) <= 3000, got
     st = metric("hvlb1", 9400, "halb_vrrp_state")
     assert st['halb_vrrp_state{instance="vi",state="master"}'] == 1.0
 
@@ -238,23 +253,86 @@ def test_unicast_with_authentication(lab):
     u1 = f'unicast_peers = ["{LB2}"]\n'
     u2 = f'unicast_peers = ["{LB1}"]\n'
     a = lab.halbd("hvlb1", config("lb1", priority=200, extra_vrrp=u1, auth_key=key), "lb1")
-    b = lab.halbd("hvlb2", config("lb2", priority=100, extra_vrrp=u2, auth_key=key), "lb2")
+    b = lab.halbd("hvlb2", config("lb2", priority=100, extra_vrrp=u2, auth_key=key,
+                                  extra="[metrics]\naddress = \"127.0.0.1:9400\"\n"), "lb2")
     wait_state(a, "master", timeout=15)
     wait_state(b, "backup", timeout=15)
     lab.wait_holder(VIP, "hvlb1")
     # a forged advert from lb1's address without the key: refused, nothing changes
     forge = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "from scapy.all import IP, Raw, send, conf\n"
+        "import socket, sys; sys.path.insert(0, %r)\n"
+        "from scapy.layers.inet import IP\n"
         "from halb.vrrp import codec\n"
-        "conf.verb = 0\n"
         "p = codec.build_payload(vrid=40, priority=0, interval=0.1, addresses=['198.18.40.100'],"
         " src='198.18.40.11', dst='198.18.40.12', mode='rfc9568', key=b'wrong key!!')\n"
-        "send([IP(src='198.18.40.11', dst='198.18.40.12', ttl=255, proto=112)/Raw(p)] * 50)\n"
+        "pkt = bytes(IP(src='198.18.40.11', dst='198.18.40.12', ttl=255, proto=112) / p)\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
+        "for _ in range(50):\n"
+        "    s.sendto(pkt, ('198.18.40.12', 0))\n"
     )
     from tests.helpers import ROOT
     nx.run_in("hvcl", [PY, "-c", forge % str(ROOT)], timeout=60)
     time.sleep(master_down_interval(100, ADV) * 2)
     assert state_of(b) == "backup" and lab.holder(VIP) == ["hvlb1"]
+    inv = metric("hvlb2", 9400, "halb_vrrp_invalid_adverts_total")
+    assert inv.get('halb_vrrp_invalid_adverts_total{instance="vi",reason="auth_mac"}') == 50.0, inv
+    assert metric("hvlb2", 9400, "halb_vrrp_adverts_received_total")[
+        'halb_vrrp_adverts_received_total{instance="vi"}'] > 10
     a.kill()
     wait_state(b, "master", timeout=5)
+
+
+def test_active_active_with_interface_and_script_tracking(lab):
+    """Two instances with crossed priorities split the VIPs; a tracked link going down moves
+    one VIP (priority weight), a failing tracked script moves the other (weight 0: Fault)."""
+    vip2 = "198.18.40.101"
+    flag = lab.tmp / "lb2-sick"
+    nx.add_veth("hvtk0", "hvtk1", ns="hvlb1", peer_ns="hvlb1")
+
+    def second(prio: int, track: str = "") -> str:
+        return f"""
+[[listeners]]
+name = "l-vi2"
+mode = "tcp"
+bind = "{vip2}:8000"
+pool = "p"
+
+[[vrrp]]
+name = "vi2"
+interface = "eth0"
+vrid = 41
+priority = {prio}
+vips = ["{vip2}/24"]
+advert_interval = "100ms"
+{track}"""
+    iface_track = '\n[[vrrp.track]]\ntype = "interface"\ninterface = "hvtk0"\nweight = -150\ninterval = "50ms"\n'
+    script_track = (f'\n[[vrrp.track]]\ntype = "script"\ncommand = "test ! -e {flag}"\n'
+                    'weight = 0\ninterval = "50ms"\ntimeout = "1s"\n')
+    a = lab.halbd("hvlb1", config("lb1", priority=200, instance="vi1", extra_vrrp=iface_track,
+                                  extra=second(100)), "lb1")
+    b = lab.halbd("hvlb2", config("lb2", priority=100, instance="vi1",
+                                  extra=second(200, script_track)), "lb2")
+    wait_state(a, "master", "vi1", timeout=15)
+    wait_state(b, "master", "vi2", timeout=15)
+    lab.wait_holder(VIP, "hvlb1")
+    lab.wait_holder(vip2, "hvlb2")
+    assert who_answers(lab, VIP) == "be1" and who_answers(lab, vip2) == "be2"
+
+    nx.link_down("hvtk0", ns="hvlb1")  # 200 - 150 = 50 < 100: lb2 preempts vi1
+    wait_state(b, "master", "vi1", timeout=5)
+    lab.wait_holder(VIP, "hvlb2")
+    nx.link_up("hvtk0", ns="hvlb1")
+    wait_state(a, "master", "vi1", timeout=5)
+    lab.wait_holder(VIP, "hvlb1")
+
+    flag.write_text("1")  # lb2's script fails: vi2 goes to Fault, priority 0 hands over
+    wait_state(b, "fault", "vi2", timeout=5)
+    wait_state(a, "master", "vi2", timeout=5)
+    lab.wait_holder(vip2, "hvlb1")
+    flag.unlink()
+    wait_state(b, "master", "vi2", timeout=5)
+    lab.wait_holder(vip2, "hvlb2")
+
+    a.kill()  # both VIPs on the survivor
+    wait_state(b, "master", "vi1", timeout=5)
+    assert {VIP, vip2} <= lab.vips("hvlb2")
