@@ -293,6 +293,12 @@ bind = "127.0.0.1:{tcp}"
 pool = "iperf"
 
 [[listeners]]
+name = "udp"
+mode = "udp"
+bind = "127.0.0.1:{tcp}"
+pool = "iperf"
+
+[[listeners]]
 name = "tcpidle"
 mode = "tcp"
 bind = "127.0.0.1:{tcpidle}"
@@ -348,6 +354,23 @@ def l4conn(pid: int, port: int, duration: int, conns: int) -> dict:
     r["cpu_s"] = c1 - c0
     r["cpu_us_per_conn"] = (c1 - c0) * 1e6 / r["requests"] if r["requests"] else float("nan")
     return r
+
+
+def udp(pid: int, port: int, duration: int) -> dict:
+    """iperf3 -u through the UDP listener (its TCP control connection through the TCP listener
+    on the same port): received Gbit/s, datagrams/s and loss at an unlimited send rate."""
+    c0 = cpu_seconds(pid)
+    out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", "0", "-l", "1400",
+               "-t", str(duration), "-J"], duration + 60)
+    c1 = cpu_seconds(pid)
+    j = json.loads(out)
+    sm = j["end"]["sum"]
+    pkts, lost = sm.get("packets", 0), sm.get("lost_packets", 0)
+    secs = sm.get("seconds", duration) or duration
+    got = max(0, pkts - lost)
+    return {"gbps": got * 1400 * 8 / secs / 1e9, "dgrams_per_s": got / secs,
+            "lost_percent": sm.get("lost_percent", 0.0), "cpu_s": c1 - c0,
+            "cpu_us_per_dgram": (c1 - c0) * 1e6 / got if got else float("nan")}
 
 
 def l4(pid: int, port: int, duration: int) -> dict:
@@ -487,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l4,l4conn,mem",
-                    help="comma list of l7, l4, l4conn, mem")
+    ap.add_argument("--only", default="l7,l4,l4conn,udp,mem",
+                    help="comma list of l7, l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=1, help="runs per proxy; the best is kept (1..5)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="py-spy profile of halbd during extra L7 and L4 runs (default on)")
@@ -570,6 +593,20 @@ def main(argv: list[str] | None = None) -> int:
                             r.setdefault("l4_forced_runs", []).append(x)
                             if "l4_forced" not in r or x["gbps"] > r["l4_forced"]["gbps"]:
                                 r["l4_forced"] = x
+                    if "udp" in only and which == "halb":  # HAProxy does not proxy UDP
+                        x = udp(p.pid, P["tcp"], a.duration)
+                        log(f"  UDP {x['gbps']:.2f} Gbit/s {x['dgrams_per_s']:.0f} datagrams/s "
+                            f"lost {x['lost_percent']:.1f}% {x['cpu_us_per_dgram']:.2f} us CPU/dgram")
+                        r.setdefault("udp_runs", []).append(x)
+                        if "udp" not in r or x["dgrams_per_s"] > r["udp"]["dgrams_per_s"]:
+                            r["udp"] = x
+                    if "udp" in only and which == "halb":  # HAProxy does not proxy UDP
+                        x = udp(p.pid, P["tcp"], a.duration)
+                        log(f"  UDP {x['gbps']:.2f} Gbit/s {x['dgrams_per_s']:.0f} datagrams/s "
+                            f"lost {x['lost_percent']:.1f}% {x['cpu_us_per_dgram']:.2f} us CPU/dgram")
+                        r.setdefault("udp_runs", []).append(x)
+                        if "udp" not in r or x["dgrams_per_s"] > r["udp"]["dgrams_per_s"]:
+                            r["udp"] = x
                     if "l4conn" in only:
                         x = l4conn(p.pid, P["tcpidle"], a.duration, a.conns)
                         log(f"  L4 {x['rps']:.0f} new conn/s p99 {x['p99_ms']:.2f} ms "
@@ -672,6 +709,12 @@ def report(res: dict) -> str:
              f"{l['l4conn']['socket_errors']} / {l['l4conn']['non2xx']}",
              f"{h['l4conn']['socket_errors']} / {h['l4conn']['non2xx']}", "", ""),
         ]
+    if "udp" in l:
+        u = l["udp"]
+        rows.append(("UDP through halb (iperf3 -u -b 0 -l 1400): received Gbit/s, datagrams/s, "
+                     "loss, CPU us/datagram",
+                     f"{u['gbps']:.2f}, {u['dgrams_per_s']:.0f}/s, {u['lost_percent']:.1f}%, "
+                     f"{u['cpu_us_per_dgram']:.2f}", "(no UDP proxying)", "", ""))
     for k, label in (("mem_l7", "L7"), ("mem_l4", "L4")):
         if k in h and k in l:
             rows.append((f"{label} memory per idle conn, bytes ({l[k]['conns']} held)",
