@@ -358,6 +358,8 @@ def preempt_restart(topo: Topology, out: Path) -> Result:
         sc.lab.start_lb(old)
         back = _wait_holder(sc, old, restart_t, 15.0)
         table_old = sticky_table(sc.lab, old) if back else {}
+        # its own log: tables learned (sync ready, preemption released) before it added the VIP
+        learned = [t for t, rec in sc.lab.log_events(old, "sync_ready") if t >= restart_t]
         time.sleep(2.0)
         tr_a.wait(20)
         tr_b.wait(20)
@@ -378,6 +380,10 @@ def preempt_restart(topo: Topology, out: Path) -> Result:
                 took is not None and took - kill_t <= mdi + TAKEOVER_SLACK,
                 f"{r.figures['vip_moved_ms']} ms")
         r.check(f"{old} took the VIP back after restarting", back is not None, "it did not")
+        r.check(f"{old} had learned the tables (sync_ready in its log) before it took the VIP back",
+                back is not None and bool(learned) and learned[0] <= back,
+                f"sync_ready {[(round((t - restart_t) * 1000), 'ms') for t in learned[:1]]} after the "
+                f"restart, VIP back {r.figures['preempt_after_restart_ms']} ms after it")
         r.check("when it did, it held every entry the standby had made",
                 back is not None and not missing and len(table_new) >= 64,
                 f"{len(missing)} of {len(table_new)} missing, e.g. {missing[:3]}")

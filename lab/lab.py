@@ -514,4 +514,6 @@ class Lab:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(str(self.dir))
+        with contextlib.suppress(OSError):  # only when no other lab lives there
+            self.dir.parent.rmdir()
         return removed
