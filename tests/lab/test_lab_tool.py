@@ -228,3 +228,36 @@ def test_failover_analysis_from_client_events():
     assert fo.sticky_moved == [(2, "web2", "web3")]
     assert (fo.src_checked, fo.src_kept) == (1, 1)  # c1's answer began before the kill
     assert abs(fo.tcp_ms - 300) < 1e-6 and fo.tcp_same_backend is True
+
+
+def test_traffic_generator_records_answers_and_failures(tmp_path):
+    """lab.traffic against a lab.backend on loopback (its HTTP, TCP and UDP ports stand in for a
+    VIP), then against a closed port: every request is recorded, a refusal is a failure, never
+    a crash."""
+    from tests.helpers import Backends, free_port
+    with Backends(["webx"], http=True, tcp=True, udp=True) as bk:
+        host, hport = bk.http["webx"].rsplit(":", 1)
+        tport = bk.tcp["webx"].rsplit(":", 1)[1]
+        uport = bk.udp["webx"].rsplit(":", 1)[1]
+        out = tmp_path / "ev.jsonl"
+        r = subprocess.run([sys.executable, "-m", "lab.traffic", "--vip", host, "--http-port", hport,
+                            "--tcp-port", tport, "--udp-port", uport, "--seconds", "1.5",
+                            "--clients", "20", "--rate", "200", "--src-clients", "127.0.0.64/30",
+                            "--out", str(out)], capture_output=True, text=True, timeout=30, cwd=str(ROOT))
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
+        ev = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {e["k"] for e in ev} == {"http", "tcp", "udp", "src"}
+    assert all(e["ok"] and e["b"] == "webx" for e in ev), [e for e in ev if not e["ok"]][:3]
+    assert summary["http"]["ok"] >= 100 and summary["http"]["failed"] == 0
+    assert {e["c"] for e in ev if e["k"] == "http"} == set(range(20))
+    assert {e["c"] for e in ev if e["k"] == "src"} == {0, 1, 2, 3}
+    assert all(e["via"] == "127.0.0.1" for e in ev if e["k"] == "http")  # the backend saw us
+    closed = free_port()
+    r = subprocess.run([sys.executable, "-m", "lab.traffic", "--vip", "127.0.0.1", "--http-port",
+                        str(closed), "--tcp-port", str(closed), "--udp-port", "0", "--seconds", "0.5",
+                        "--clients", "5"], capture_output=True, text=True, timeout=30, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    counts = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
+    assert counts["http"]["ok"] == 0 and counts["http"]["failed"] > 0
+    assert counts["tcp"]["ok"] == 0 and counts["tcp"]["failed"] > 0
