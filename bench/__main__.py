@@ -356,11 +356,12 @@ def l4conn(pid: int, port: int, duration: int, conns: int) -> dict:
     return r
 
 
-def udp(pid: int, port: int, duration: int) -> dict:
+def udp(pid: int, port: int, duration: int, rate: str) -> dict:
     """iperf3 -u through the UDP listener (its TCP control connection through the TCP listener
-    on the same port): received Gbit/s, datagrams/s and loss at an unlimited send rate."""
+    on the same port): received Gbit/s, datagrams/s and loss at send rate ``rate`` (0: as fast
+    as the sender can)."""
     c0 = cpu_seconds(pid)
-    out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", "0", "-l", "1400",
+    out = run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", "1400",
                "-t", str(duration), "-J"], duration + 60)
     c1 = cpu_seconds(pid)
     j = json.loads(out)
@@ -594,19 +595,14 @@ def main(argv: list[str] | None = None) -> int:
                             if "l4_forced" not in r or x["gbps"] > r["l4_forced"]["gbps"]:
                                 r["l4_forced"] = x
                     if "udp" in only and which == "halb":  # HAProxy does not proxy UDP
-                        x = udp(p.pid, P["tcp"], a.duration)
-                        log(f"  UDP {x['gbps']:.2f} Gbit/s {x['dgrams_per_s']:.0f} datagrams/s "
-                            f"lost {x['lost_percent']:.1f}% {x['cpu_us_per_dgram']:.2f} us CPU/dgram")
-                        r.setdefault("udp_runs", []).append(x)
-                        if "udp" not in r or x["dgrams_per_s"] > r["udp"]["dgrams_per_s"]:
-                            r["udp"] = x
-                    if "udp" in only and which == "halb":  # HAProxy does not proxy UDP
-                        x = udp(p.pid, P["tcp"], a.duration)
-                        log(f"  UDP {x['gbps']:.2f} Gbit/s {x['dgrams_per_s']:.0f} datagrams/s "
-                            f"lost {x['lost_percent']:.1f}% {x['cpu_us_per_dgram']:.2f} us CPU/dgram")
-                        r.setdefault("udp_runs", []).append(x)
-                        if "udp" not in r or x["dgrams_per_s"] > r["udp"]["dgrams_per_s"]:
-                            r["udp"] = x
+                        for key, rate in (("udp", "0"), ("udp_paced", "100M")):
+                            x = udp(p.pid, P["tcp"], a.duration, rate)
+                            log(f"  UDP -b {rate}: {x['gbps']:.2f} Gbit/s {x['dgrams_per_s']:.0f} "
+                                f"datagrams/s lost {x['lost_percent']:.1f}% "
+                                f"{x['cpu_us_per_dgram']:.2f} us CPU/dgram")
+                            r.setdefault(key + "_runs", []).append(x)
+                            if key not in r or x["dgrams_per_s"] > r[key]["dgrams_per_s"]:
+                                r[key] = x
                     if "l4conn" in only:
                         x = l4conn(p.pid, P["tcpidle"], a.duration, a.conns)
                         log(f"  L4 {x['rps']:.0f} new conn/s p99 {x['p99_ms']:.2f} ms "
@@ -709,12 +705,13 @@ def report(res: dict) -> str:
              f"{l['l4conn']['socket_errors']} / {l['l4conn']['non2xx']}",
              f"{h['l4conn']['socket_errors']} / {h['l4conn']['non2xx']}", "", ""),
         ]
-    if "udp" in l:
-        u = l["udp"]
-        rows.append(("UDP through halb (iperf3 -u -b 0 -l 1400): received Gbit/s, datagrams/s, "
-                     "loss, CPU us/datagram",
-                     f"{u['gbps']:.2f}, {u['dgrams_per_s']:.0f}/s, {u['lost_percent']:.1f}%, "
-                     f"{u['cpu_us_per_dgram']:.2f}", "(no UDP proxying)", "", ""))
+    for key, rate in (("udp", "0 (flat out)"), ("udp_paced", "100M")):
+        if key in l:
+            u = l[key]
+            rows.append((f"UDP through halb, iperf3 -u -l 1400 -b {rate}: received Gbit/s, "
+                         "datagrams/s, loss, CPU us/datagram",
+                         f"{u['gbps']:.2f}, {u['dgrams_per_s']:.0f}/s, {u['lost_percent']:.1f}%, "
+                         f"{u['cpu_us_per_dgram']:.2f}", "(no UDP proxying)", "", ""))
     for k, label in (("mem_l7", "L7"), ("mem_l4", "L4")):
         if k in h and k in l:
             rows.append((f"{label} memory per idle conn, bytes ({l[k]['conns']} held)",

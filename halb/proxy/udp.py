@@ -252,7 +252,7 @@ class UdpListener:
             return
         buf, mv = self.buf, self.mv
         flows = self.flows
-        now = None
+        now = self.node.clock.now()  # one reading per burst
         wildcard = self.wildcard
         anc = None
         for _ in range(BURST):
@@ -268,15 +268,12 @@ class UdpListener:
                 continue
             f = flows.get(caddr)
             if f is None:
-                if now is None:
-                    now = self.node.clock.now()
                 f = self._open(caddr, now)
                 if f is None:
                     continue
                 if wildcard:
                     f.local = reply_pktinfo(self.family, anc)
-            elif f.dead or not f.backend.is_up(now if now is not None else self.node.clock.now()):
-                now = self.node.clock.now()
+            elif f.dead or not f.backend.healthy or f.backend.ejected_until > now:
                 if not self._move(f, now):
                     continue
             f.n += 1
