@@ -126,7 +126,6 @@ class HttpListener:
         self.server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
-        self.log = log
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()

@@ -26,7 +26,6 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
 _FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
 
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -345,7 +344,3 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
 def sticky_cookie(name: str, backend: str) -> bytes:
     """HAProxy ``cookie insert`` style: ``NAME=backend; path=/; HttpOnly``."""
     return f"{name}={backend}; path=/; HttpOnly".encode("latin-1")
-
-
-def valid_token(b: bytes) -> bool:
-    return bool(_TOKEN_RE.match(b))
