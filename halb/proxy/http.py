@@ -21,6 +21,13 @@ keep-alive idle, backend inactivity) and the listener sweeps them every ``tick``
 the shortest timeout, at most 250 ms). The only per-connection timer is the one started when
 a client stops reading (``client_idle``), which is rare.
 
+Stickiness: cookie mode inserts ``Set-Cookie: <cookie>=<backend>; path=/; HttpOnly`` on the
+first answer (and whenever the client moves); a request whose cookie names a backend that is
+in the pool's view (up, not drained) and not full goes there. Source mode looks the client
+address up in the sticky table, so an entry replicated from a peer is honoured. Both record
+``sticky_key(kind, pool, value) -> backend`` with the pool's sticky TTL (touched on use, a
+debug ``sticky_new`` log line per new entry).
+
 Retries: a connect failure tries another backend (``pool.retries``); a failure after sending
 but before any response byte retries another backend only for idempotent methods whose body
 was absent or fully buffered (at most ``REPLAY_MAX``). A stale reused keep-alive connection
@@ -44,9 +51,11 @@ non-ASCII bytes in the target. Halb's own checks (``http_head.check_request`` an
 callbacks below): versions other than 1.0/1.1 (llhttp takes ``HTTP/2.0`` and 0.9-style
 lines), ``Transfer-Encoding`` other than exactly ``chunked`` (``gzip, chunked`` -> 501,
 empty list members such as ``,chunked`` -> 400), TE on HTTP/1.0, missing or repeated Host,
-invalid Host, absolute-form whose authority differs from Host, CONNECT and protocol
-upgrades (501), request line length (414), header count and size (431; trailers count too),
-the whole head within ``timeouts.header`` (408), body gaps over ``timeouts.body`` (408).
+invalid Host, absolute-form whose authority differs from Host, CONNECT and upgrade requests
+with a body (501; a body-less upgrade offer such as h2c or websocket is answered as plain
+HTTP/1.1, Upgrade being hop-by-hop), request line length (414), header count and size (431;
+trailers count too), more than ``MAX_PIPELINE`` pipelined requests in one read (400), the
+whole head within ``timeouts.header`` (408), body gaps over ``timeouts.body`` (408).
 Two spaces in the request line (``GET  / HTTP/1.1``), which llhttp tolerates, are checked on
 the raw bytes when the request starts a read; a pipelined request cannot be checked that way,
 but its line is rebuilt canonically before a backend sees it.
