@@ -5,7 +5,6 @@ client to the backend the peer chose."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import tempfile
@@ -84,7 +83,6 @@ def test_flow_entries_record_routes_and_expire(backends, state):
         node = Node(loads(config(backends, state, port)))
         await node.start()
         clients = [udp_client() for _ in range(3)]
-        fds0 = len(os.listdir("/proc/self/fd"))
         try:
             flow = node.tables.flow
             routed = {}
@@ -92,6 +90,8 @@ def test_flow_entries_record_routes_and_expire(backends, state):
                 routed[c.getsockname()[1]] = await ask(c, port, b"hello")
             assert sorted(routed.values()) == NAMES
             assert len(flow) == 3
+            socks = [f.sock for f in node.listeners[0].flows.values()]
+            assert len(socks) == 3 and all(s.fileno() >= 0 for s in socks)
             for cport, name in routed.items():
                 e = flow.get(flow_key("u", "udp", f"127.0.0.1:{cport}"))
                 assert e is not None
@@ -100,7 +100,7 @@ def test_flow_entries_record_routes_and_expire(backends, state):
             await until(lambda: len(flow) == 0, 5)  # idle 1s: flows and entries go
             assert {c.op for c in flow.changes_since(0)} >= {Op.CREATE}
             assert all(b.active == 0 for b in node.pools["dns"].backends)
-            assert len(os.listdir("/proc/self/fd")) == fds0  # the flows' sockets are closed
+            assert all(s.fileno() == -1 for s in socks)  # the flows' sockets are closed
         finally:
             for c in clients:
                 c.close()
