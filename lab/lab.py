@@ -468,12 +468,26 @@ class Lab:
             self._check_alive()
             holders = self.vip_holders()
             return all(holders[str(i.vip.ip)] == [i.owner()] for i in t.instances)
-        wait_until(vips_owned, timeout, f"each VIP held by its owner only (now {self.vip_holders()})")
+        try:
+            wait_until(vips_owned, timeout, "each VIP held by its owner only")
+        except ProcessDied:
+            raise
+        except LabError as e:
+            raise LabError(f"{e}; VIPs now {self.vip_holders()}; the LB nodes' last election and "
+                           f"sync records:\n{self._diag()}") from None
 
         def http_ok():
             self._check_alive()
             return all(self.in_client(http_get, v, HTTP_PORT, "/ready")[0] == 200 for v in t.vips)
         wait_until(http_ok, timeout, "HTTP answers on every VIP")
+
+    def _diag(self, n: int = 8) -> str:
+        out = []
+        for h in self.topo.lb_hosts:
+            lines = [ln for ln in self.output(h.name, 200_000).splitlines()
+                     if '"part":"vrrp"' in ln or '"part":"sync"' in ln]
+            out += [f"  {h.name}: {ln[:300]}" for ln in lines[-n:]]
+        return "\n".join(out)
 
     def status(self) -> dict:
         t = self.topo
