@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Backends, Halbd, free_port, http_get, write_config
+from tests.integration.test_udp_tables import udp_ready
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,8 @@ def lb():
     state = Path(tempfile.mkdtemp(prefix="l4u"))
     bk = Backends(NAMES, http=False, udp=True, logdir=state)
     kb = Backends(["k1", "k2"], http=False, udp=True, logdir=state)
+    for a in list(bk.udp.values()) + list(kb.udp.values()):
+        udp_ready(a)
     ports = {n: free_port(socket.SOCK_DGRAM) for n in ("spread", "expire", "maxf", "kill")}
     mport = free_port()
 

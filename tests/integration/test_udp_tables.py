@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,27 @@ pytestmark = pytest.mark.integration
 NAMES = ["u1", "u2", "u3"]
 
 
+def udp_ready(addr: str, timeout: float = 15.0) -> None:
+    """Waits until the UDP echo backend at ``addr`` answers (a fresh process may be slow)."""
+    host, port = addr.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                s.sendto(b"ping", (host, int(port)))
+                if s.recvfrom(100)[0].endswith(b"|ping"):
+                    return
+            except OSError:  # timeout, or refused while it is not bound yet
+                time.sleep(0.05)
+    raise TimeoutError(f"UDP backend {addr} does not answer")
+
+
 @pytest.fixture(scope="module")
 def backends():
     with Backends(NAMES, http=False, udp=True) as bk:
+        for a in bk.udp.values():
+            udp_ready(a)
         yield bk
 
 
