@@ -11,8 +11,11 @@ Every input carries ``now`` (monotonic seconds) and returns a list of actions fo
 States: ``init``, ``backup``, ``master``, ``fault``. Timers (absolute times, None when off):
 ``down_at`` (Master_Down_Timer, backup), ``advert_at`` (Adver_Timer, master), ``garp_at``
 (periodic gratuitous ARP refresh, master), ``fast_at`` (fast takeover, backup: the state-sync
-stream from the current master closed; if no advert arrives within one Master_Adver_Interval
-the master is taken to be dead).
+stream from the current master closed; if the master's next advert, due one
+Master_Adver_Interval after its last one, has not arrived FAST_MARGIN x that interval later,
+the master is taken to be dead. Counting from the last advert rather than from the stream's
+closing means a stream that closes just after an advert never turns ordinary advert jitter
+into a takeover).
 
 Rules beyond the RFC, as keepalived does them:
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 INIT, BACKUP, MASTER, FAULT = "init", "backup", "master", "fault"
 OWNER = 255
 RESIGN = 0
+FAST_MARGIN = 0.25  # fast takeover: allowance for a late advert, in Master_Adver_Intervals
 
 
 # -- actions --------------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ class Fsm:
     garp_at: float | None = None
     fast_at: float | None = None
     fast_peer: str = ""
+    last_rx: float | None = None  # when the current master's last advert arrived (backup)
     track_fault: bool = False
     track_delta: int = 0
     hold_sync: bool = False
@@ -276,6 +281,7 @@ class Fsm:
         if src == self.fast_peer or src == self.master:
             self.fast_at = None  # the master is alive after all
             self.fast_peer = ""
+            self.last_rx = now
         if priority == RESIGN:
             # the master resigns: take over after Skew_Time
             self.down_at = now + self.skew
@@ -293,6 +299,7 @@ class Fsm:
             return []
         self.mai = interval
         self.master = src
+        self.last_rx = now
         self.master_priority = priority
         self.down_at = now + self.mdi
         return []
@@ -369,8 +376,9 @@ class Fsm:
         """The state-sync stream from ``peer`` closed: if it is our master, expect an advert
         within one Master_Adver_Interval or take over."""
         if self.state == BACKUP and peer and peer == self.master:
+            due = max(now, (self.last_rx if self.last_rx is not None else now) + self.mai)
             self.fast_peer = peer
-            self.fast_at = now + self.mai
+            self.fast_at = due + FAST_MARGIN * self.mai
         return []
 
     def sync_peer_seen(self, now: float, peer: str) -> list:

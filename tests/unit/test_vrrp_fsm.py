@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from halb.vrrp.fsm import (BACKUP, FAULT, INIT, MASTER, AddVips, Fsm, Garp, Notify, Params,
-                           RemoveVips, SendAdvert, StateChange, master_down_interval, skew_time)
+from halb.vrrp.fsm import (BACKUP, FAST_MARGIN, FAULT, INIT, MASTER, AddVips, Fsm, Garp, Notify,
+                           Params, RemoveVips, SendAdvert, StateChange, master_down_interval,
+                           skew_time)
 
 pytestmark = pytest.mark.unit
 
@@ -379,15 +380,29 @@ def backup_of(master: str, prio=200, interval=0.1) -> Fsm:
     return f
 
 
-def test_fast_takeover_after_one_silent_interval():
-    f = backup_of(PEER_HIGH)
-    lost = T0 + 0.15
+@pytest.mark.parametrize("lost_after", [0.0, 0.02, 0.05, 0.099, 0.13])
+def test_fast_takeover_when_the_next_advert_is_overdue(lost_after):
+    f = backup_of(PEER_HIGH)  # last advert at T0 + 0.1
+    last = T0 + 0.1
+    lost = last + lost_after
     f.sync_peer_lost(lost, PEER_HIGH)
-    assert f.deadline() == pytest.approx(lost + 0.1)
-    assert f.down_at > lost + 0.1  # much earlier than Master_Down_Interval
-    acts = f.on_timer(lost + 0.1)
+    # due one interval after the last advert (or now, if already overdue), plus the margin
+    due = max(lost, last + 0.1) + FAST_MARGIN * 0.1
+    assert f.deadline() == pytest.approx(due)
+    assert due - last < f.mdi  # well before Master_Down_Interval
+    assert f.on_timer(due - 0.001) == []
+    acts = f.on_timer(due)
     assert f.state == MASTER and AddVips() in acts
     assert any(isinstance(a, StateChange) and a.reason.startswith("fast takeover") for a in acts)
+
+
+def test_stream_closing_just_after_an_advert_tolerates_a_late_advert():
+    f = backup_of(PEER_HIGH)
+    f.sync_peer_lost(T0 + 0.101, PEER_HIGH)  # 1 ms after the last advert
+    late = T0 + 0.1 + 0.1 + 0.02  # the next advert arrives 20 ms late
+    assert f.on_timer(late - 0.001) == []
+    f.on_advert(late, PEER_HIGH, 200, 0.1)
+    assert f.state == BACKUP and f.fast_at is None
 
 
 def test_fast_takeover_cancelled_by_an_advert():
