@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
@@ -102,6 +101,7 @@ _P_PIPE = 1  # a request is in flight and another one has been parsed
 _P_BUF = 2  # body bytes waiting for a backend connection
 _P_BACKEND = 4  # the backend's write buffer is full
 _P_DONE = 8  # an error answer is pending; read no more
+_NOTHING: frozenset = frozenset()
 
 
 class _Rx:
@@ -397,7 +397,7 @@ class ClientConn(asyncio.Protocol):
         self.cfg = lst.cfg
         self.loop = lst.loop
         self.tr: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = None  # created on the first bytes: an idle connection costs less
         self.client_ip = ""
         self.accepted = False
         self.closed = False
@@ -407,25 +407,26 @@ class ClientConn(asyncio.Protocol):
         self.in_head = False
         self.raw_head = 0
         self.url = b""
-        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.hdrs: list[tuple[bytes, bytes]] = None  # type: ignore[assignment]  # per message
         self.hbytes = 0
         self.rx: _Rx | None = None
-        self.queue: deque[_Rx] = deque()
+        self.queue: list[_Rx] = []  # short (<= MAX_PIPELINE): a list is smaller than a deque
         self.pending_error: HttpError | None = None
         # client timers
         self.tkind = ""  # which deadline applies: "" | "head" | "body" | "idle"
         self.deadline = 0.0
         self.wtimer: asyncio.TimerHandle | None = None
-        self.out: list[bytes] = []  # response bytes gathered during one backend read
+        self.out: list[bytes] = None  # type: ignore[assignment]  # set up by the first exchange
+        # (response bytes gathered during one backend read)
         self.wpaused = False  # our write buffer towards the client is above its high mark
-        self.up: list[bytes] = []  # request body bytes gathered during one client read
+        self.up: list[bytes] | None = None  # request body bytes gathered during one client read
         # the exchange in flight (queue[0])
         self.cur: _Rx | None = None
         self.pool: "Pool | None" = None
         self.b: "Backend | None" = None
         self.conn: BackendConn | None = None
         self.connecting: asyncio.Task | None = None
-        self.tried: set = set()
+        self.tried: set | frozenset = _NOTHING
         self.attempts = 0
         self.last_err = ""
         self.sticky_b = None
@@ -526,8 +527,11 @@ class ClientConn(asyncio.Protocol):
             # a new request starts at this read: check its request line on the raw bytes
             if not self._check_line(data):
                 return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._flush_up()
             self._upgrade(data, e.args[0] if e.args else len(data))
@@ -535,7 +539,7 @@ class ClientConn(asyncio.Protocol):
         except httptools.HttpParserError as e:
             if self.cur is not None and self.cur.complete:
                 self._flush_up()  # the tail of the request in flight, parsed before the error
-            else:
+            elif self.up:
                 self.up.clear()  # the broken request's own bytes go no further
             ctx = e.__context__
             err = ctx if isinstance(ctx, HttpError) else HttpError(400, str(e) or "malformed request")
@@ -557,8 +561,10 @@ class ClientConn(asyncio.Protocol):
 
     def _flush_up(self) -> None:
         up = self.up
+        if not up:
+            return
         bc = self.conn
-        if up and bc is not None and not bc.closed:
+        if bc is not None and not bc.closed:
             if len(up) == 1:
                 bc.tr.write(up[0])
             else:
@@ -801,6 +807,9 @@ class ClientConn(asyncio.Protocol):
 
     def _start(self, rx: _Rx) -> None:
         self.cur = rx
+        if self.out is None:  # idle connections never get these
+            self.out = []
+            self.up = []
         req = rx.req
         node = self.node
         router = self.l.router
@@ -1030,7 +1039,7 @@ class ClientConn(asyncio.Protocol):
         self.cur = None
         self.resume(_P_BACKEND)
         if self.queue and self.queue[0] is rx:
-            self.queue.popleft()
+            del self.queue[0]
         if self.resp_close or rx is None or not rx.complete or self.eof or self.l.stopping:
             self.close()
             return
