@@ -27,6 +27,7 @@ packet to scapy; an invalid packet gives ``Invalid(reason)`` and is never an exc
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -174,6 +175,7 @@ class Decoder:
     """
 
     MAX_SENDERS = 256  # replay state is kept for at most this many sources
+    MAX_PARSED = 256  # parsed adverts remembered (a steady master needs one)
 
     def __init__(self):
         self.vrids: dict[int, tuple[tuple[str, ...], str, bytes, frozenset[str] | None]] = {}
@@ -181,6 +183,7 @@ class Decoder:
         self.invalid: collections.Counter[str] = collections.Counter()  # reason -> count
         self.last_invalid: tuple[int | None, Invalid] | None = None  # (known VRID, why)
         self._vrid: int | None = None
+        self._parsed: dict[tuple[str, str, bytes], Advert | Invalid] = {}
 
     def add(self, vrid: int, addresses: Iterable[str], mode: str, key: bytes = b"",
             peers: Iterable[str] | None = None) -> None:
@@ -256,13 +259,29 @@ class Decoder:
             if last is None and len(self._last_counter) >= self.MAX_SENDERS:
                 self._last_counter.pop(next(iter(self._last_counter)))
             self._last_counter[k] = counter
-        # the cheap checks passed: let scapy parse the packet
-        pkt = IP(packet[:total])
-        v = pkt[VRRPv3]
+        # the cheap checks passed: let scapy parse the packet. A master sends the same advert
+        # again and again, so the verdict is kept per (source, destination, message): a
+        # steady stream costs no parsing at all (the authentication trailer, checked above,
+        # is not part of the key)
+        key = (src, dst, payload[:8 + 4 * count])
+        r = self._parsed.get(key)
+        if r is None:
+            r = self._parse(packet[:total], expected, src, dst, ttl)
+            if len(self._parsed) >= self.MAX_PARSED:
+                self._parsed.clear()
+            self._parsed[key] = r
+        if counter is not None and isinstance(r, Advert):
+            r = dataclasses.replace(r, counter=counter)
+        return r
+
+    @staticmethod
+    def _parse(packet: bytes, expected: tuple[str, ...], src: str, dst: str,
+               ttl: int) -> Advert | Invalid:
+        v = IP(packet)[VRRPv3]
         addrs = tuple(v.addrlist)
         prio = v.priority
         if prio != 255 and expected and set(addrs) != set(expected):
             return Invalid("addresses", f"{','.join(addrs)} from {src}")
         return Advert(src=src, dst=dst, vrid=v.vrid, priority=prio, interval=v.adv / 100,
-                      addresses=addrs, ttl=ttl, counter=counter)
+                      addresses=addrs, ttl=ttl)
 

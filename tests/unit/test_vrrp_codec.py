@@ -252,3 +252,19 @@ def test_replay_state_is_bounded():
         p = bytes(IP(src=src, dst=DST, ttl=255, proto=112) / s.payload(100, 0.1, DST))
         assert isinstance(d.decode(p), Advert)
     assert len(d._last_counter) <= Decoder.MAX_SENDERS
+
+
+def test_repeated_adverts_are_parsed_once_but_always_checked():
+    d = dec()
+    good = pkt()
+    first = d.decode(good)
+    assert d.decode(good) == first and len(d._parsed) == 1
+    # the cheap checks still run on every packet: same message, other TTL or checksum
+    assert d.decode(_ip_ttl(64)).reason == "ttl"
+    assert d.decode(_set(good, 26, b"\x12\x34")).reason == "checksum"
+    bad = pkt(addresses=["198.18.40.150"])
+    assert d.decode(bad).reason == "addresses" and d.decode(bad).reason == "addresses"
+    assert d.invalid["addresses"] == 2
+    for i in range(Decoder.MAX_PARSED + 10):  # bounded
+        d.decode(pkt(priority=1 + i % 254, interval=0.01 * (1 + i // 254)))
+    assert len(d._parsed) <= Decoder.MAX_PARSED
