@@ -50,14 +50,14 @@ def _common_options() -> list[tuple[str, Any]]:
     return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS)]
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS)]  # an unanswered ping ends the link
 
 
 def _server_options() -> list[tuple[str, Any]]:
     return _common_options() + [
         ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_ping_strikes", 0),  # the followers' keepalive pings are welcome
     ]
 
 

@@ -10,12 +10,24 @@ from __future__ import annotations
 import asyncio
 import http.client
 import random
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from halb.sync.client import fetch_tables
 from tests.helpers import Backends, Halbd, free_port, wait_for, write_config
+
+@pytest.fixture
+def own_tmp():
+    """A directory of our own, not tmp_path: other pytest sessions on this machine rotate
+    /tmp/pytest-of-<user> and would delete a running test's configs and logs."""
+    d = Path(tempfile.mkdtemp(prefix="halb-sync-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -59,7 +71,8 @@ def backend_for(port: int, src: str) -> str:
         c.close()
 
 
-def test_sticky_clients_keep_their_backends_after_the_node_dies(tmp_path):
+def test_sticky_clients_keep_their_backends_after_the_node_dies(own_tmp):
+    tmp_path = own_tmp
     ha, hb, sa, sb, probe = (free_port() for _ in range(5))
     with Backends(BACKENDS, http=True) as bk:
         ca = config(tmp_path, "a", ha, sa, [("b", sb), ("probe", probe)], bk)

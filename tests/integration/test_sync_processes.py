@@ -12,9 +12,12 @@ is read over the Sync protocol itself (halb.sync.client.fetch_tables).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,15 @@ from halb.sync.client import fetch_tables
 from halb.sync.standalone import SyncNode
 from halb.tables import sticky_key
 from tests.helpers import Halbd, free_port, wait_for, write_config
+
+@pytest.fixture
+def own_tmp():
+    """A directory of our own, not tmp_path: other pytest sessions on this machine rotate
+    /tmp/pytest-of-<user> and would delete a running test's configs and logs."""
+    d = Path(tempfile.mkdtemp(prefix="halb-sync-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -74,7 +86,8 @@ def logged(proc, event, peer):
     return f'"event":"{event}","peer":"{peer}"' in proc.output()
 
 
-def test_100k_entries_replicate_and_survive_kill_9_of_the_sender(tmp_path):
+def test_100k_entries_replicate_and_survive_kill_9_of_the_sender(own_tmp):
+    tmp_path = own_tmp
     pf, pa, pb = free_port(), free_port(), free_port()
     lt = LoopThread()
     f = SyncNode("f", SyncConfig(listen=Endpoint("127.0.0.1", pf),

@@ -80,6 +80,12 @@ class Relay:
             w.transport.abort()
         self.conns.clear()
 
+    def freeze(self):
+        """Stops forwarding but keeps every socket open: a silent peer, as a frozen process or
+        a cable cut looks."""
+        for w in self.conns:
+            w.transport.pause_reading()
+
     async def stop(self):
         self.cut()
         self.server.close()
@@ -183,6 +189,37 @@ def test_closed_stream_is_reported_at_once_and_start_holds_preemption():
             await a.stop()
             await relay.stop()
 
+    asyncio.run(main())
+
+
+def test_silent_peer_is_dropped_by_keepalive():
+    """No FIN, no RST, nothing: HTTP/2 keepalive pings go unanswered and the link ends after
+    about two keepalive periods (5 s + 5 s), reported to the election like a closed stream."""
+    from halb.sync.service import KEEPALIVE_MS
+
+    async def main():
+        pa, pb = free_port(), free_port()
+        relay = Relay(pa)
+        await relay.start()
+        el = Election()
+        a = SyncNode("a", cfg(pa, [("b", pb)]))
+        b = SyncNode("b", cfg(pb, [("a", relay.port)]), election=el)
+        await a.start()
+        await b.start()
+        try:
+            await until(lambda: b.sync.peers["a"].connected, what="link up")
+            t0 = time.monotonic()
+            relay.freeze()
+            k = KEEPALIVE_MS / 1000
+            await until(lambda: not b.sync.peers["a"].connected, 3 * k + 5, "keepalive drop")
+            took = time.monotonic() - t0
+            assert k <= took <= 2 * k + 4, took
+            assert "ping timeout" in b.sync.peers["a"].last_error
+            assert el.of("lost")
+        finally:
+            await b.stop()
+            await a.stop()
+            await relay.stop()
     asyncio.run(main())
 
 

@@ -16,10 +16,16 @@ sync on port 7400 (hslb2's link to hslb1 is the stream that matters).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
+import os
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -90,8 +96,37 @@ def became(proc, state):
     return [e for e in events(proc, "vrrp_state") if e.get("new") == state]
 
 
+@contextlib.contextmanager
+def hs_lock(timeout: float = 600.0):
+    """Serialises users of the ``hs`` namespaces across pytest sessions on one machine."""
+    os.makedirs("/run/lock", exist_ok=True)
+    with open("/run/lock/halb-lab-hs.lock", "w") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the hs lab lock is held for too long")
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture
-def pair(tmp_path):
+def pair(request):
+    # a directory of our own, not tmp_path: other pytest sessions on this machine rotate
+    # /tmp/pytest-of-<user> and would delete a running test's configs and logs
+    tmp_path = Path(tempfile.mkdtemp(prefix="halb-hs-"))
+    with hs_lock():
+        yield from _pair(tmp_path)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _pair(tmp_path):
     nx.cleanup(PREFIX)
     lan = nx.Lan(PREFIX, SUBNET)
     procs = []
