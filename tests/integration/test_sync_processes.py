@@ -171,3 +171,33 @@ def test_100k_entries_replicate_and_survive_kill_9_of_the_sender(own_tmp):
                 p.close()
         lt.run(f.stop())
         lt.close()
+
+
+def test_bad_sync_tls_files_and_taken_port_stop_halbd_with_a_clear_message(own_tmp):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    base = halbd_config(own_tmp, "a", free_port(), [("b", free_port())]).read_text()
+    bad_tls = write_config(own_tmp, base + f'''[sync.tls]
+ca = "{own_tmp}/missing-ca.pem"
+cert = "{own_tmp}/a.toml"
+key = "{own_tmp}/a.toml"
+''', name="tls.toml")
+    r = subprocess.run([sys.executable, "-m", "halb.cli.halbd", str(bad_tls)], capture_output=True,
+                       text=True, timeout=30, env=env, cwd=str(ROOT))
+    assert r.returncode == 1
+    assert f"sync.tls.ca: cannot read '{own_tmp}/missing-ca.pem'" in r.stderr, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        taken = write_config(own_tmp, halbd_config(own_tmp, "a", port, [("b", free_port())])
+                             .read_text(), name="taken.toml")
+        r = subprocess.run([sys.executable, "-m", "halb.cli.halbd", str(taken)],
+                           capture_output=True, text=True, timeout=30, env=env, cwd=str(ROOT))
+    assert r.returncode == 1 and f"sync.listen 127.0.0.1:{port}: cannot listen" in r.stderr, r.stderr
