@@ -12,6 +12,9 @@ sync on port 7400 (hslb2's link to hslb1 is the stream that matters).
   takes over only through the VRRP timers (Master_Down_Interval), never earlier.
 - a cut sync link alone (nftables drop of port 7400 in hslb2, the open sockets killed): the
   stream closes but adverts keep arriving, so there is no takeover at all.
+- end to end (hscl 198.18.50.2 with four HTTP backends and 60 client addresses, an HTTP
+  listener with source-IP stickiness on the VIP): clients keep their backends through the
+  failover and again when the restarted master has learned the tables and preempts back.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +41,22 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]
 
 PREFIX = "hs"
 SUBNET = "198.18.50.0/24"
-LB1, LB2 = "198.18.50.11", "198.18.50.12"
+LB1, LB2, CLIENT = "198.18.50.11", "198.18.50.12", "198.18.50.2"
 VIP = "198.18.50.100"
 ADV = 0.1
 SYNC_PORT = 7400
 
 
-def config(tmp, name, prio, me, peer_name, peer_ip):
+DEFAULT_POOL = """
+[[pools]]
+name = "p"
+  [[pools.backends]]
+  name = "b1"
+  address = "198.18.50.2:7000"
+"""
+
+
+def config(tmp, name, prio, me, peer_name, peer_ip, adv=ADV, extra=""):
     return f"""
 [node]
 name = "{name}"
@@ -52,19 +65,14 @@ state_dir = "{tmp}"
 [control]
 socket = "{tmp}/{name}.sock"
 
-[[pools]]
-name = "p"
-  [[pools.backends]]
-  name = "b1"
-  address = "198.18.50.2:7000"
-
+{extra or DEFAULT_POOL}
 [[vrrp]]
 name = "vi"
 interface = "eth0"
 vrid = 50
 priority = {prio}
 vips = ["{VIP}/24"]
-advert_interval = "{int(ADV * 1000)}ms"
+advert_interval = "{int(adv * 1000)}ms"
 
 [sync]
 listen = "{me}:{SYNC_PORT}"
@@ -133,14 +141,17 @@ def _pair(tmp_path):
     try:
         lan.add_host("hslb1", LB1)
         lan.add_host("hslb2", LB2)
+        lan.add_host("hscl", CLIENT)
 
-        def start():
+        def start(**kw):
             n = len(procs)  # a log file per start
-            a = Halbd(_write(tmp_path, "hslb1", config(tmp_path, "hslb1", 200, LB1, "hslb2", LB2)),
+            a = Halbd(_write(tmp_path, "hslb1", config(tmp_path, "hslb1", 200, LB1, "hslb2", LB2,
+                                                       **kw)),
                       netns="hslb1", log=tmp_path / f"hslb1-{n}.log")
             procs.append(a)
             wait_for(lambda: became(a, "master"), 15, interval=0.02, what="hslb1 master")
-            b = Halbd(_write(tmp_path, "hslb2", config(tmp_path, "hslb2", 100, LB2, "hslb1", LB1)),
+            b = Halbd(_write(tmp_path, "hslb2", config(tmp_path, "hslb2", 100, LB2, "hslb1", LB1,
+                                                       **kw)),
                       netns="hslb2", log=tmp_path / f"hslb2-{n}.log")
             procs.append(b)
             wait_for(lambda: became(b, "backup"), 15, interval=0.02, what="hslb2 backup")
@@ -150,6 +161,8 @@ def _pair(tmp_path):
             time.sleep(0.3)  # a few adverts with the link up
             assert not became(b, "master")
             return a, b
+        start.procs = procs
+        start.tmp = tmp_path
         yield start
     finally:
         for p in procs:
@@ -234,3 +247,87 @@ def test_cut_sync_link_alone_causes_no_takeover(pair):
     # the closed stream did reach the election (it armed the fast timer); adverts disarmed it
     assert events(b, "fast_takeover_armed"), "the closed stream never armed the fast timer"
 
+
+
+BACKENDS = ["s1", "s2", "s3", "s4"]
+HTTP_PORT = 8080
+SOURCES = [f"198.18.50.{i}" for i in range(150, 210)]  # one sticky client each
+
+STICKY_POOL = "\n".join([
+    "[[pools]]", 'name = "p"', 'algorithm = "roundrobin"', "[pools.sticky]", 'mode = "source"',
+    'ttl = "10m"'] + [f'[[pools.backends]]\nname = "{n}"\naddress = "{CLIENT}:{9001 + i}"'
+                      for i, n in enumerate(BACKENDS)] + [
+    "[[listeners]]", 'name = "www"', 'mode = "http"', f'bind = "{VIP}:{HTTP_PORT}"', 'pool = "p"', ""])
+
+ASK = r"""
+import http.client, json, sys
+vip, port = sys.argv[1], int(sys.argv[2])
+out = {}
+for src in sys.argv[3:]:
+    c = http.client.HTTPConnection(vip, port, timeout=3, source_address=(src, 0))
+    try:
+        c.request("GET", "/who")
+        r = c.getresponse()
+        r.read()
+        out[src] = r.getheader("X-Backend") if r.status == 200 else f"status {r.status}"
+    except OSError as e:
+        out[src] = f"error {e}"
+    finally:
+        c.close()
+print(json.dumps(out))
+"""
+
+
+def ask(sources) -> dict:
+    r = nx.run_in("hscl", [sys.executable, "-c", ASK, VIP, str(HTTP_PORT), *sources], timeout=60)
+    return json.loads(r.stdout)
+
+
+def test_sticky_clients_keep_backends_through_failover_and_preemption_back(pair):
+    """Clients pinned through hslb1 keep their backends when hslb2 takes over (kill -9), new
+    clients pinned through hslb2 too, and all of them again when the restarted hslb1 has
+    learned the tables from hslb2 and preempts the VIP back (advert interval 0.5 s)."""
+    from tests.helpers import Proc
+    for i, n in enumerate(BACKENDS):
+        pair.procs.append(Proc([sys.executable, "-m", "lab.backend", "--name", n, "--http",
+                                f"{CLIENT}:{9001 + i}"], netns="hscl",
+                               log=pair.tmp / f"backend-{n}.log"))
+    for src in SOURCES:
+        nx.add_addr("eth0", f"{src}/24", ns="hscl")
+    a, b = pair(adv=0.5, extra=STICKY_POOL)
+    old, new = SOURCES[:40], SOURCES[40:]
+    wait_for(lambda: "error" not in " ".join(ask(old[:1]).values()), 10, what="VIP answers")
+    first = ask(old)
+    assert set(first.values()) == set(BACKENDS), first  # spread over every backend
+
+    a.signal(signal.SIGKILL)
+    wait_for(lambda: became(b, "master"), 5, interval=0.01, what="hslb2 master")
+    after_failover = ask(old)
+    assert after_failover == first
+    second = ask(new)
+    assert set(second.values()) == set(BACKENDS), second
+
+    # hslb1 restarts. Its sync link to hslb2 is refused until its election runs (so the tables
+    # are learned after the election started: see the report on the start-up race), then it
+    # must learn hslb2's tables before it preempts.
+    nft = "\n".join(["table inet hsblock {",
+                     "  chain out { type filter hook output priority 0; "
+                     f"tcp dport {SYNC_PORT} reject with tcp reset; }}", "}", ""])
+    nx.run_in("hslb1", ["nft", "-f", "-"], input=nft)
+    a2 = Halbd(_write(pair.tmp, "hslb1", config(pair.tmp, "hslb1", 200, LB1, "hslb2", LB2,
+                                                adv=0.5, extra=STICKY_POOL)),
+               netns="hslb1", log=pair.tmp / "hslb1-restart.log")
+    pair.procs.append(a2)
+    wait_for(lambda: events(a2, "election_started"), 15, what="hslb1's election started")
+    assert not became(a2, "master")
+    nx.run_in("hslb1", ["nft", "delete", "table", "inet", "hsblock"])
+    wait_for(lambda: became(a2, "master"), 15, interval=0.02, what="hslb1 preempts back")
+    learned = [e for e in events(a2, "sync_learned") if e.get("peer") == "hslb2"]
+    released = [e for e in events(a2, "preempt_hold") if e.get("hold") is False]
+    assert learned and released and wall(released[0]) >= wall(learned[0])
+    assert wall(became(a2, "master")[0]) >= wall(learned[0])
+    assert events(a2, "sync_ready")[0]["reason"] == "learned"
+    wait_for(lambda: became(b, "backup") and len(became(b, "backup")) >= 2, 5,
+             what="hslb2 back to backup")
+    everyone = ask(SOURCES)
+    assert everyone == {**first, **second}
