@@ -19,8 +19,9 @@ the receiver (newer ``updated`` wins, then the greater node name), so all nodes 
 What a takeover keeps
     - every sticky entry (cookie and source-IP stickiness) and every flow entry (UDP flows,
       TCP connections' client -> backend mapping) that reached the standby before the master
-      died: clients keep their backend. Replication lag is normally well under 10 ms (see
-      bench/RESULTS.md), so what is lost is at most the last few milliseconds of new entries.
+      died: clients keep their backend. Replication lag is about 0.6 ms at the median (see
+      bench/RESULTS.md; garbage-collector pauses of the Python process add up to 100-200 ms
+      now and then), so what is lost is the entries of the last moments.
     - a node that starts (or restarts) learns the tables from its peers before it may
       preempt a VIP back (``election.set_preempt_hold``), so preemption loses nothing either.
 
@@ -39,6 +40,10 @@ over if no advert follows within one advert interval. A silent peer (frozen, cab
 the stream open and falls back to the VRRP timers; the stream's HTTP/2 keepalive drops it
 after about 10 s. The host of a peer's ``sync.peers[].address`` must be the address its VRRP
 adverts come from for this to match.
+
+Clocks: conflicts and expiry use wall-clock times written by the nodes (``updated``,
+``expires``), so the nodes' clocks must agree (NTP); a node whose clock runs ahead wins
+conflicting writes and makes entries outlive their TTL on its peers by the difference.
 
 Security: with ``[sync.tls]`` (ca, cert, key) both ends use mutual TLS; a peer is accepted only
 if the CA signed its certificate and the certificate names (CN or SAN) a ``sync.peers`` entry,
