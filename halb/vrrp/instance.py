@@ -200,7 +200,7 @@ class Instance:
         self._tasks: list[asyncio.Task] = []
         self._garp_handles: list[asyncio.TimerHandle] = []
         self._notify_q: asyncio.Queue | None = None
-        self.hold = False
+        self.ifindex = 0
 
     # -- set up ---------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ class Instance:
         self.fsm = Fsm(Params(vrid=cfg.vrid, priority=cfg.priority, interval=cfg.advert_interval,
                               address=self.address, preempt=cfg.preempt,
                               preempt_delay=cfg.preempt_delay, garp_refresh=cfg.garp.refresh))
-        self.fsm.hold_sync = hold
+        self.fsm.hold_sync = hold  # refreshed after the awaits below
         own_iface = TrackConfig(type="interface", interface=cfg.interface, weight=0,
                                 interval=OWN_IFACE_CHECK)
         tcs = [own_iface] + [t for t in cfg.track
@@ -238,6 +238,8 @@ class Instance:
         # first verdicts before the FSM starts, so a node never briefly claims a VIP it
         # should not (scripts are bounded by their timeouts)
         await asyncio.gather(*(t.poll() for t in self.trackers))
+        # the hold may have been released by state sync during the awaits above
+        self.fsm.hold_sync = self.election._hold
         for t in self.trackers:
             if t.ok is False:
                 log.warning("track_failed", instance=self.name, tracker=t.name,
