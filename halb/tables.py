@@ -205,13 +205,14 @@ class Table:
         return [Entry(k, "", "", upd, upd, until, origin)
                 for k, (upd, origin, until) in self._tombs.items() if until > now]
 
-    def apply(self, op: Op, entry: Entry, *, log: bool = True) -> bool:
+    def apply(self, op: Op, entry: Entry, *, log: bool = True, owned: bool = False) -> bool:
         """Applies a change received from a peer; True if it changed this table.
 
         The change is logged here too (with its origin kept) unless ``log`` is False. State
         sync passes False: in its full mesh every node hears each change from its origin, it
         ships only its own changes, and remote changes flooding the bounded log would push
         this node's own changes out of its followers' reach (and cost twice the time).
+        ``owned``: the caller hands ``entry`` over, it is stored as is instead of a copy.
         """
         now = self.clock.now()
         local = self._entries.get(entry.key)
@@ -243,7 +244,7 @@ class Table:
             self.expire()
             if len(self._entries) >= self.max_entries:
                 self._evict_one()
-        e = entry.copy()
+        e = entry if owned else entry.copy()
         self._store(e)
         if log:
             self._log_change(op if local is None or op == _REFRESH else _CREATE, e)

@@ -299,7 +299,7 @@ class TableReceiver:
             if op is None or not k or not o or not (isfinite(c) and isfinite(u) and isfinite(x)):
                 self.invalid += 1
                 continue
-            if apply(op, Entry(k, b, p, c, u, x, o, cl, li, pr), log=False):
+            if apply(op, Entry(k, b, p, c, u, x, o, cl, li, pr), log=False, owned=True):
                 n += 1
         self.applied += n
         return n

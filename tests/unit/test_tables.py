@@ -249,3 +249,14 @@ def test_tables_and_keys():
     assert flow_key("l", "udp", "1.2.3.4:5") == "l/udp/1.2.3.4:5"
     with pytest.raises(ValueError):
         Table("x", node="n", max_entries=0)
+
+
+def test_apply_owned_stores_the_given_entry_and_log_false_logs_nothing():
+    t = table(node="b")
+    e = Entry("k", "w", "", 1000.0, 1000.0, 1100.0, "a")
+    assert t.apply(Op.CREATE, e, log=False, owned=True)
+    assert t.get("k") is e and t.seq == 0 and t.changes_since(0) == []
+    assert t.apply(Op.DELETE, Entry("k", "w", "", 1000.0, 1001.0, 1100.0, "a"), log=False)
+    assert "k" not in t and t.seq == 0
+    f = Entry("j", "w", "", 1000.0, 1000.0, 1100.0, "a")
+    assert t.apply(Op.CREATE, f) and t.get("j") is not f and t.seq == 1
