@@ -239,6 +239,7 @@ class _SpliceDir:
         if self.pipe is not None:
             PipePool.discard(self.pipe)  # may still hold bytes
             self.pipe = None
+        self.rd = self.conn = None  # break reference cycles: freed at once, not by the GC
 
 
 class _CopyDir:
@@ -312,6 +313,7 @@ class _CopyDir:
 
     def release(self) -> None:
         self.left = b""
+        self.rd = self.conn = None  # break reference cycles: freed at once, not by the GC
 
 
 # ---------------------------------------------------------------------------------------------

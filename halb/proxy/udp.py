@@ -359,6 +359,7 @@ class UdpListener:
             del self.flows[f.caddr]
             self.node.metrics.conn_close(self.name)
         f.detach()
+        f.rd = None  # break the flow <-> bound method cycle: freed at once, not by the GC
         self.node.tables.flow.delete(f.key)
 
     # -- housekeeping ---------------------------------------------------------------------------
