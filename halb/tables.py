@@ -221,8 +221,10 @@ class Table:
                 if op == _DELETE:
                     self._tomb(entry.key, entry.updated, entry.origin, entry.expires)
                 return False
-            if op == _EXPIRE and local.expires > entry.expires:
-                return False  # the version that expired there is older than ours
+            if op == _EXPIRE and (local.expires > entry.expires or entry.expires > entry.updated):
+                # the version that expired there is older than ours, or it was evicted there
+                # before its time (that node's capacity, not the entry's end)
+                return False
             if local.wins_over(entry):
                 self.stats["conflicts_lost"] += 1
                 return False

@@ -260,3 +260,22 @@ def test_apply_owned_stores_the_given_entry_and_log_false_logs_nothing():
     assert "k" not in t and t.seq == 0
     f = Entry("j", "w", "", 1000.0, 1000.0, 1100.0, "a")
     assert t.apply(Op.CREATE, f) and t.get("j") is not f and t.seq == 1
+
+
+def test_eviction_on_a_peer_does_not_remove_the_entry_here():
+    """A peer with a smaller table evicts (logged as EXPIRE before the entry's time): that is
+    its capacity, not the entry's end; a natural expiry still replicates."""
+    clk = FakeClock(1000.0)
+    small = table(node="b", clock=clk, max_entries=2)
+    here = table(node="a", clock=clk)
+    for k, ttl in (("x", 10), ("y", 20), ("z", 30)):
+        e = here.put(k, "w", ttl)
+        small.apply(Op.CREATE, e.copy())
+    evicted = [c for c in small.changes_since(0) if c.op == Op.EXPIRE]
+    assert [c.entry.key for c in evicted] == ["x"]
+    assert not here.apply(Op.EXPIRE, evicted[0].entry) and "x" in here
+    clk.advance(25)
+    assert small.expire() == 1  # y, naturally
+    natural = [c for c in small.changes_since(0) if c.op == Op.EXPIRE][-1]
+    assert natural.entry.key == "y" and here.apply(Op.EXPIRE, natural.entry)
+    assert "y" not in here._entries
