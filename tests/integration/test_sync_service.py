@@ -382,3 +382,59 @@ def test_wrong_certificates_are_refused_and_counted(certs):
             for n in (liar, mallory, rogue, a):
                 await n.stop()
     asyncio.run(main())
+
+
+def test_bad_followers_are_refused_and_the_server_keeps_serving():
+    """Garbage bytes, no hello, an ack before the hello, an ack for a batch never sent, an
+    unknown node: each stream ends with an error; a good peer is served all along."""
+    from grpc import StatusCode, aio
+
+    from halb.v1 import sync_pb2 as pb
+
+    async def main():
+        pa, pb_port = free_port(), free_port()
+        a = SyncNode("a", cfg(pa, [("b", pb_port)]))
+        b = SyncNode("b", cfg(pb_port, [("a", pa)]))
+        put_many(a, 100)
+        await a.start()
+        await b.start()
+        ch = aio.insecure_channel(f"127.0.0.1:{pa}")
+        try:
+            await until(lambda: len(b.tables.sticky) == 100, what="good peer served")
+
+            async def follow(msgs, raw=False):
+                call = ch.stream_stream(
+                    "/halb.v1.Sync/Follow",
+                    request_serializer=(lambda x: x) if raw else pb.FollowRequest.SerializeToString,
+                    response_deserializer=pb.SyncBatch.FromString)(timeout=10)
+                for m in msgs:
+                    await call.write(m)
+                await call.done_writing()
+                got = []
+                try:
+                    async for x in call:
+                        got.append(x)
+                except aio.AioRpcError as e:
+                    return got, e.code()
+                return got, StatusCode.OK
+
+            _, code = await follow([b"\xff\xff\xff\xff"], raw=True)
+            assert code != StatusCode.OK
+            _, code = await follow([])
+            assert code == StatusCode.INVALID_ARGUMENT
+            _, code = await follow([pb.FollowRequest(ack=pb.SyncAck(batch=1))])
+            assert code == StatusCode.INVALID_ARGUMENT
+            _, code = await follow([pb.FollowRequest(hello=pb.SyncHello(node="nobody"))])
+            assert code == StatusCode.PERMISSION_DENIED
+            got, code = await follow([pb.FollowRequest(hello=pb.SyncHello(node="b")),
+                                      pb.FollowRequest(ack=pb.SyncAck(batch=10**6))])
+            assert got and got[0].node == "a"  # welcome, then the stream is dropped
+            assert a.sync.refused_unknown == 1
+            put_many(a, 50, prefix="after")
+            await until(lambda: len(b.tables.sticky) == 150, what="still serving the good peer")
+            assert b.sync.peers["a"].connects == 1
+        finally:
+            await ch.close()
+            await b.stop()
+            await a.stop()
+    asyncio.run(main())
