@@ -532,8 +532,8 @@ class _Conn:
         if self.key:
             lst.node.tables.flow.delete(self.key)
         if self.up is not None:
-            lst.bytes_in.inc(self.up.nbytes)
-            lst.bytes_out.inc(self.down.nbytes)
+            lst.nbytes_in += self.up.nbytes  # pushed to the counters once per sweep
+            lst.nbytes_out += self.down.nbytes
         lst.closed(self)
 
 
@@ -571,6 +571,7 @@ class TcpListener:
         self._ev_children: dict[str, object] = {}
         self.bytes_in = nbytes.labels(self.name, "in")
         self.bytes_out = nbytes.labels(self.name, "out")
+        self.nbytes_in = self.nbytes_out = 0
         self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -622,6 +623,7 @@ class TcpListener:
             await asyncio.sleep(0.05)
         for c in list(self.conns):
             c.close()
+        self._flush_counters()
         self.pipes.close()
         _log.info("listener_stopped", listener=self.name)
 
@@ -722,7 +724,16 @@ class TcpListener:
                     c.close()
         except Exception:  # never let housekeeping die
             _log.exception("sweep_failed", listener=self.name)
+        self._flush_counters()
         self._sweeper = self.loop.call_later(self.sweep_interval, self._sweep)
+
+    def _flush_counters(self) -> None:
+        if self.nbytes_in:
+            self.bytes_in.inc(self.nbytes_in)
+            self.nbytes_in = 0
+        if self.nbytes_out:
+            self.bytes_out.inc(self.nbytes_out)
+            self.nbytes_out = 0
 
     # -- introspection (tests, control) ---------------------------------------------------------
 
