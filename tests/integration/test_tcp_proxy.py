@@ -300,7 +300,9 @@ def test_connect_timeout_then_redispatch(lb):
     assert names == ["t1", "t1"]
     failed = metric(lb, "halb_l4_events_total", listener="slow", event="connect_failed") - before
     assert 1 <= failed <= 2
-    assert 0.3 * failed - 0.05 <= took < 5  # each failure waited out the 300ms connect timeout
+    # at least one attempt waited out the 300ms connect timeout (the queue of a listener that
+    # never accepts can, rarely, refuse a SYN at once instead of dropping it)
+    assert 0.25 <= took < 5
 
 
 def test_no_redispatch_when_retries_is_zero(lb):
