@@ -76,15 +76,6 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return s
 
 
-def connect_socket(host: str, port: int) -> socket.socket:
-    """A fresh non-blocking TCP socket for ``host`` (numeric) with TCP_NODELAY, not yet connected."""
-    family = _family(host)
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setblocking(False)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
 def raise_nofile(want: int) -> int:
     """Raises the soft RLIMIT_NOFILE towards ``want`` (at most the hard limit); returns it."""
     import resource

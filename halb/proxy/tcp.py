@@ -17,10 +17,17 @@ close: EOF from one side becomes ``shutdown(SHUT_WR)`` towards the other; the co
 closed when both directions are done, on an error, or after ``timeouts.tunnel`` without a
 byte in either direction.
 
+Connecting: the pool picks (hash key from the client IP for hashing pools); a refused or
+timed-out connect (``timeouts.connect``) is reported to the pool's passive checks and the
+connection is redispatched to a backend not tried yet, at most ``retries`` times. With
+``proxy_protocol = true`` a PROXY v2 header naming the client and the address it connected to
+is written before the relay starts. ``limits.max_conns`` bounds open connections: at the bound
+the listener stops accepting (new clients wait in the kernel's backlog) until one closes.
+
 Every relayed connection is an entry of the flow table (``flow_key(listener, "tcp",
 "ip:port")``), touched at most about once per second while active and deleted on close.
 Pools with ``sticky.mode = "source"`` keep a client IP on its backend through the sticky
-table (also honouring entries replicated from peers).
+table (also honouring entries replicated from peers) while that backend is up.
 """
 
 from __future__ import annotations
