@@ -105,6 +105,7 @@ class Peer:
         self.learned = False
         self.attempts = 0
         self.connects = 0
+        self.disconnects = 0
         self.received_entries = 0
         self.received_bytes = 0
         self.apply_delay = 0.0  # last batch: sent on the peer -> applied here (wall clocks)
@@ -615,6 +616,7 @@ class SyncService:
             why = _describe(e)
         finally:
             ack_task.cancel()
+            p.disconnects += 1
             p.connected = False
             p.state = "down"
             self._peer_event(p, False)
