@@ -15,7 +15,7 @@ import pytest
 
 from halb.config import loads
 from halb.node import Node
-from halb.tables import Entry, Op, flow_key
+from halb.tables import Entry, Op, flow_key, sticky_key
 from tests.helpers import Backends, free_port
 
 pytestmark = pytest.mark.integration
@@ -206,6 +206,35 @@ def test_wildcard_listener_answers_from_the_address_the_client_used(backends, st
                     data, src = await asyncio.wait_for(loop.sock_recvfrom(c, 1000), 3)
                     assert data.endswith(b"|where%d" % i)
                     assert src == (dst, port)  # a client with a connected socket accepts it
+        finally:
+            for c in clients:
+                c.close()
+            await node.stop()
+
+    asyncio.run(main())
+
+
+def test_source_stickiness_keeps_an_ip_on_one_backend_across_flows(backends, state):
+    port = free_port(socket.SOCK_DGRAM)
+    text = config(backends, state, port).replace('name = "dns"\n',
+                                                 'name = "dns"\n[pools.sticky]\nmode = "source"\n', 1)
+
+    async def main():
+        node = Node(loads(text))
+        await node.start()
+        clients = [udp_client() for _ in range(4)]  # one IP, four ports: four flows
+        try:
+            names = {await ask(c, port, b"s") for c in clients}
+            assert len(names) == 1  # round robin alone would spread four flows over three
+            e = node.tables.sticky.get(sticky_key("src", "dns", "127.0.0.1"))
+            assert e is not None and e.backend in names
+            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            other.bind(("127.0.0.2", 0))
+            try:
+                await ask(other, port, b"s")
+                assert node.tables.sticky.get(sticky_key("src", "dns", "127.0.0.2")) is not None
+            finally:
+                other.close()
         finally:
             for c in clients:
                 c.close()
