@@ -834,13 +834,15 @@ class ClientConn(asyncio.Protocol):
             self.cookie_val = val or ""
             if val:
                 b = pool.by_name.get(val)
-                if b is not None and b in pool.view.backends and not b.is_full():
+                # persistence outlives a drain (HAProxy: a draining server keeps its sticky
+                # clients); only a backend that is down, ejected or full loses them
+                if b is not None and b.is_up(node.clock.now()) and not b.is_full():
                     self.sticky_b = b
         elif mode == "source":
             e = node.tables.sticky.get(sticky_key("src", pool.name, self.client_ip))
             if e is not None and e.pool == pool.name:
                 b = pool.by_name.get(e.backend)
-                if b is not None and b in pool.view.backends and not b.is_full():
+                if b is not None and b.is_up(node.clock.now()) and not b.is_full():
                     self.sticky_b = b
         if pc.algorithm in HASH_ALGORITHMS:
             from ..balance import hash_key_for

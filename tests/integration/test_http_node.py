@@ -97,6 +97,15 @@ def test_sticky_table_holds_what_was_routed(tmp_path):
             # an unknown backend name in the cookie: the balancer picks and the cookie is re-set
             st, h, _ = await _request(lport, "/a", cookie="SRV=nope")
             assert h["set-cookie"].startswith(f"SRV={h['x-backend']};")
+            # a drained backend keeps its sticky clients (HAProxy's drain) but gets no new ones
+            ck = node.pools["ck"]
+            ck.set_drain(ck.by_name[b], True, node.clock.now())
+            for _ in range(5):
+                st, h, _ = await _request(lport, "/a", cookie=f"SRV={b}")
+                assert st == 200 and h["x-backend"] == b
+            fresh = {(await _request(lport, "/a"))[1]["x-backend"] for _ in range(6)}
+            assert b not in fresh and len(fresh) == 2
+            ck.set_drain(ck.by_name[b], False, node.clock.now())
 
             # source stickiness: the client address maps to one backend, recorded in the table
             seen = {(await _request(lport, "/src", src="127.0.0.1"))[1]["x-backend"] for _ in range(6)}
@@ -126,7 +135,7 @@ def test_sticky_table_holds_what_was_routed(tmp_path):
                 for bk in p.backends:
                     assert bk.active == 0 and bk.inflight == 0
             total = sum(bk.total for p in node.pools.values() for bk in p.backends)
-            assert total == 1 + 10 + 1 + 6 + 5 + 1
+            assert total == 1 + 10 + 1 + 5 + 6 + 6 + 5 + 1
             served = sum(node.metrics.value("halb_backend_requests_total",
                                             {"pool": p, "backend": n}) or 0
                          for p in ("ck", "src") for n in NAMES)
