@@ -19,7 +19,6 @@ import heapq
 import random
 from itertools import islice
 from collections import deque
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -33,8 +32,16 @@ class Op(IntEnum):
     EXPIRE = 4
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One table entry. Immutable: a change makes a new version (``_replace``).
+
+    Inside a table, entries and change records are stored as plain tuples of strings, floats
+    and ints, which CPython's garbage collector stops tracking after one pass (it does so for
+    exact tuples only, not for NamedTuple instances); readers get ``Entry`` views. With
+    100,000s of tracked entry objects a full collection stopped the node for 360 ms (200,000
+    entries), the stalls the failover demo showed; with plain tuples it is a few milliseconds.
+    """
+
     key: str
     backend: str  # backend name within ``pool``
     pool: str
@@ -50,20 +57,28 @@ class Entry:
         return (self.updated, self.origin) > (other.updated, other.origin)
 
     def copy(self) -> "Entry":
-        # field by field: several times cheaper than dataclasses.replace on replication's hot path
-        return Entry(self.key, self.backend, self.pool, self.created, self.updated, self.expires,
-                     self.origin, self.client, self.listener, self.proto)
+        return self  # immutable: a copy is the entry itself
 
 
-# module constants: an enum member lookup costs more than the rest of a table operation
-_CREATE, _REFRESH, _DELETE, _EXPIRE = Op.CREATE, Op.REFRESH, Op.DELETE, Op.EXPIRE
-_REMOVALS = frozenset((Op.DELETE, Op.EXPIRE))
+# module constants as plain ints: an enum member lookup costs more than the rest of a table
+# operation, and a Change holding an enum member (an object the GC tracks) would stay tracked.
+# Plain ints compare equal to the Op members.
+_CREATE, _REFRESH, _DELETE, _EXPIRE = 1, 2, 3, 4
+_REMOVALS = frozenset((_DELETE, _EXPIRE))
 
 
 class Change(NamedTuple):  # immutable; a NamedTuple is built several times faster than a frozen dataclass
     seq: int
-    op: Op
-    entry: Entry  # a copy as of this change
+    op: int  # an Op value (a plain int: Op members compare equal to it)
+    entry: Entry  # the entry as of this change
+
+
+_new = tuple.__new__
+
+
+def _view(t: tuple) -> Entry:
+    """The Entry view of a stored plain tuple (no copy of the fields)."""
+    return _new(Entry, t)
 
 
 class Table:
@@ -78,9 +93,9 @@ class Table:
         self.max_entries = max_entries
         self.epoch = epoch if epoch is not None else random.getrandbits(63) or 1
         self.seq = 0
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, tuple] = {}  # key -> plain tuple in Entry field order
         self._heap: list[tuple[float, str]] = []
-        self._log: deque[Change] = deque(maxlen=log_size)
+        self._log: deque[tuple] = deque(maxlen=log_size)  # plain (seq, op, entry tuple)
         self._logged_expiry: dict[str, float] = {}
         # deleted keys -> (updated, origin, until): an older version of a deleted entry that
         # arrives late (through another peer) must not bring it back; bounded like the entries
@@ -98,21 +113,22 @@ class Table:
         return self.get(key) is not None
 
     def get(self, key: str) -> Entry | None:
-        e = self._entries.get(key)
-        if e is None:
+        t = self._entries.get(key)
+        if t is None:
             return None
+        e = _new(Entry, t)
         if e.expires <= self.clock.now():
             self._remove(e, _EXPIRE)
             return None
         return e
 
     def entries(self) -> Iterator[Entry]:
-        return iter(list(self._entries.values()))
+        return iter([_new(Entry, t) for t in self._entries.values()])
 
     def page(self, offset: int, limit: int, prefix: str = "") -> tuple[list[Entry], int]:
         """Entries sorted by key, for paged dumps; returns (page, total matching)."""
         keys = sorted(k for k in self._entries if k.startswith(prefix))
-        return [self._entries[k] for k in keys[offset:offset + limit]], len(keys)
+        return [_new(Entry, self._entries[k]) for k in keys[offset:offset + limit]], len(keys)
 
     # -- local writes -------------------------------------------------------------------------
 
@@ -120,9 +136,10 @@ class Table:
             listener: str = "", proto: str = "") -> Entry:
         now = self.clock.now()
         old = self._entries.get(key)
+        if old is not None:
+            old = _new(Entry, old)
         if old is not None and old.expires > now and old.backend == backend and old.pool == pool:
-            self._refresh(old, now, ttl)
-            return old
+            return self._refresh(old, now, ttl)
         if old is None and len(self._entries) >= self.max_entries:
             self.expire()
             if len(self._entries) >= self.max_entries:
@@ -138,14 +155,14 @@ class Table:
         """Marks activity on an entry and pushes its expiry out; None if it is gone."""
         e = self.get(key)
         if e is not None:
-            self._refresh(e, self.clock.now(), ttl)
+            e = self._refresh(e, self.clock.now(), ttl)
         return e
 
     def delete(self, key: str) -> bool:
-        e = self._entries.get(key)
-        if e is None:
+        t = self._entries.get(key)
+        if t is None:
             return False
-        self._remove(e, _DELETE)
+        self._remove(_new(Entry, t), _DELETE)
         return True
 
     def expire(self, limit: int = 1_000_000) -> int:
@@ -155,9 +172,9 @@ class Table:
         h = self._heap
         while h and h[0][0] <= now and n < limit:
             exp, key = heapq.heappop(h)
-            e = self._entries.get(key)
-            if e is not None and e.expires == exp:
-                self._remove(e, _EXPIRE, from_heap=True)
+            t = self._entries.get(key)
+            if t is not None and t[5] == exp:
+                self._remove(_new(Entry, t), _EXPIRE, from_heap=True)
                 n += 1
         if self._tombs:
             self._purge_tombs(now)
@@ -174,7 +191,7 @@ class Table:
 
     @property
     def first_seq(self) -> int:
-        return self._log[0].seq if self._log else self.seq + 1
+        return self._log[0][0] if self._log else self.seq + 1
 
     def changes_since(self, seq: int, limit: int = 1 << 30) -> list[Change] | None:
         """Changes after ``seq``, oldest first; None if the log no longer reaches back that far."""
@@ -187,16 +204,17 @@ class Table:
         log = self._log
         tail = len(log) - start
         if tail <= start:  # a reader near the end (the usual case): walk from the right end
-            out = list(islice(reversed(log), tail))
-            out.reverse()
-            return out[:limit]
-        # islice walks the deque once; indexing it element by element is O(n) per index
-        return list(islice(log, start, start + limit))
+            raw = list(islice(reversed(log), tail))
+            raw.reverse()
+            raw = raw[:limit]
+        else:  # islice walks the deque once; indexing it element by element is O(n) per index
+            raw = islice(log, start, start + limit)
+        return [Change(q, o, _new(Entry, t)) for q, o, t in raw]
 
     def snapshot(self) -> tuple[int, list[Entry]]:
         """(sequence number the snapshot is consistent with, copies of every live entry)."""
         now = self.clock.now()
-        return self.seq, [e.copy() for e in self._entries.values() if e.expires > now]
+        return self.seq, [_new(Entry, t) for t in self._entries.values() if t[5] > now]
 
     def tombstones(self) -> list[Entry]:
         """Recent deletions as entries (op DELETE) for snapshots: a snapshot must also say what
@@ -212,10 +230,13 @@ class Table:
         sync passes False: in its full mesh every node hears each change from its origin, it
         ships only its own changes, and remote changes flooding the bounded log would push
         this node's own changes out of its followers' reach (and cost twice the time).
-        ``owned``: the caller hands ``entry`` over, it is stored as is instead of a copy.
+        ``owned`` is kept for callers written when entries were mutable; entries are immutable
+        versions now, so nothing is ever copied defensively.
         """
         now = self.clock.now()
         local = self._entries.get(entry.key)
+        if local is not None:
+            local = _new(Entry, local)
         if op in _REMOVALS:
             if local is None:
                 if op == _DELETE:
@@ -234,7 +255,7 @@ class Table:
         if entry.expires <= now:
             return False
         if local is not None and not entry.wins_over(local):
-            if local is not entry and local.updated != entry.updated:
+            if local != entry and local.updated != entry.updated:
                 self.stats["conflicts_lost"] += 1
             return False
         if local is None and self._tombs:
@@ -246,7 +267,7 @@ class Table:
             self.expire()
             if len(self._entries) >= self.max_entries:
                 self._evict_one()
-        e = entry if owned else entry.copy()
+        e = entry
         self._store(e)
         if log:
             self._log_change(op if local is None or op == _REFRESH else _CREATE, e)
@@ -256,39 +277,42 @@ class Table:
     # -- internals ----------------------------------------------------------------------------
 
     def _store(self, e: Entry) -> None:
-        self._entries[e.key] = e
+        self._entries[e.key] = tuple(e)
         if self._tombs:
             self._tombs.pop(e.key, None)
         heapq.heappush(self._heap, (e.expires, e.key))
         self._logged_expiry[e.key] = e.expires
         if len(self._heap) > 2 * len(self._entries) + 1024:
-            self._heap = [(x.expires, x.key) for x in self._entries.values()]
+            self._heap = [(x[5], x[0]) for x in self._entries.values()]
             heapq.heapify(self._heap)
 
-    def _refresh(self, e: Entry, now: float, ttl: float) -> None:
+    def _refresh(self, e: Entry, now: float, ttl: float) -> Entry:
         new_exp = now + ttl
         if new_exp <= e.expires:
-            return
-        e.expires = new_exp
-        heapq.heappush(self._heap, (new_exp, e.key))
-        last = self._logged_expiry.get(e.key, 0.0)
+            return e
+        key = e.key
+        heapq.heappush(self._heap, (new_exp, key))
+        last = self._logged_expiry.get(key, 0.0)
         if new_exp - last >= ttl * 0.25:
-            e.updated = now
-            e.origin = self.node
-            self._logged_expiry[e.key] = new_exp
+            e = e._replace(expires=new_exp, updated=now, origin=self.node)
+            self._entries[key] = tuple(e)
+            self._logged_expiry[key] = new_exp
             self._log_change(_REFRESH, e)
             self.stats["refreshed"] += 1
+        else:
+            e = e._replace(expires=new_exp)
+            self._entries[key] = tuple(e)
         if len(self._heap) > 2 * len(self._entries) + 1024:
-            self._heap = [(x.expires, x.key) for x in self._entries.values()]
+            self._heap = [(x[5], x[0]) for x in self._entries.values()]
             heapq.heapify(self._heap)
+        return e
 
     def _remove(self, e: Entry, op: Op, *, from_heap: bool = False, origin: str | None = None,
                 updated: float | None = None, log: bool = True) -> None:
         del self._entries[e.key]
         self._logged_expiry.pop(e.key, None)
-        gone = e.copy()
-        gone.origin = origin or self.node
-        gone.updated = updated if updated is not None else max(self.clock.now(), e.updated)
+        gone = e._replace(origin=origin or self.node,
+                          updated=updated if updated is not None else max(self.clock.now(), e.updated))
         if op == _DELETE:
             self._tomb(e.key, gone.updated, gone.origin, e.expires)
         if log:
@@ -317,18 +341,20 @@ class Table:
         h = self._heap
         while h:
             exp, key = heapq.heappop(h)
-            e = self._entries.get(key)
-            if e is not None and e.expires == exp:
-                self._remove(e, _EXPIRE, from_heap=True)
+            t = self._entries.get(key)
+            if t is not None and t[5] == exp:
+                self._remove(_new(Entry, t), _EXPIRE, from_heap=True)
                 self.stats["evicted"] += 1
                 return
 
     def _log_change(self, op: Op, e: Entry) -> None:
         self.seq += 1
-        ch = Change(self.seq, op, e.copy())
-        self._log.append(ch)
-        for fn in self.listeners:
-            fn(ch)
+        op = int(op)
+        self._log.append((self.seq, op, tuple(e)))
+        if self.listeners:
+            ch = Change(self.seq, op, e)
+            for fn in self.listeners:
+                fn(ch)
 
 
 class Tables:

@@ -207,7 +207,7 @@ class TableSender:
             e = snap[i]
             i += 1
             if i <= live:
-                if get(e.key) is not e:
+                if get(e.key) != e:  # a newer version (entries are immutable values)
                     continue
                 ops.append(create)
             else:

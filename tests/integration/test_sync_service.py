@@ -109,7 +109,7 @@ async def until(cond, timeout=15.0, what="condition"):
 
 def view(node, table="sticky"):
     t = node.tables.by_name(table)
-    return sorted((e.key, e.backend, e.origin, e.updated, e.expires) for e in t._entries.values())
+    return sorted((e.key, e.backend, e.origin, e.updated, e.expires) for e in t.entries())
 
 
 def put_many(node, n, prefix="c", ttl=600.0, start=0):

@@ -183,7 +183,7 @@ def test_expiry_replicates():
     bt = s.next_batch(clk.now())
     assert [(op, e.key) for op, e in decode(bt.entries)] == [(pb.SYNC_OP_EXPIRE, "short")]
     r.handle(wire(bt))
-    assert sorted(e.key for e in b._entries.values()) == ["long"]
+    assert sorted(e.key for e in b.entries()) == ["long"]
 
 
 def test_receiver_rejects_protocol_violations():
