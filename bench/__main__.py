@@ -15,7 +15,8 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
 
 Options: --duration S (per run, default 10), --idle N (default 5000), --only l7,l4,mem,
 --no-profile (skip the py-spy record of halbd during an extra L7 and L4 run),
---rounds R (repeat each run R times and keep the best of each proxy).
+--rounds R (default 3: each measurement alternates between the two proxies R times, both
+proxies running side by side, and the median run of each is reported).
 Results go to bench/out/ (latest.json, latest.md, profiles).
 """
 
@@ -505,6 +506,12 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def median_run(runs: list[dict], metric: str) -> dict:
+    """The run whose ``metric`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda x: x[metric])
+    return dict(ordered[(len(ordered) - 1) // 2])
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
@@ -516,14 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
     ap.add_argument("--only", default="l7,l4,l4conn,udp,mem",
                     help="comma list of l7, l4, l4conn, udp, mem")
-    ap.add_argument("--rounds", type=int, default=1, help="runs per proxy; the best is kept (1..5)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating runs per proxy and measurement; the median is kept (1..7)")
     ap.add_argument("--nice", type=int, default=-10,
                     help="niceness of everything the bench starts (default -10; needs root)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="py-spy profile of halbd during extra L7 and L4 runs (default on)")
     a = ap.parse_args(argv)
     a.duration = max(1, min(a.duration, 120))
-    a.rounds = max(1, min(a.rounds, 5))
+    a.rounds = max(1, min(a.rounds, 7))
     a.idle = max(100, min(a.idle, 8000))
     only = set(a.only.split(","))
     for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
@@ -542,13 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
     procs = Procs(tmp)
-    P = {k: free_port() for k in ("n1", "n2", "iperf", "http", "tcp", "tcpidle", "metrics",
-                                  "tcpsplice")}
+    P = {k: free_port() for k in ("n1", "n2", "iperf")}
+    ports = {w: {k: free_port() for k in ("http", "tcp", "tcpidle", "tcpsplice", "metrics")}
+             for w in ("haproxy", "halb")}
     results: dict = {"machine": machine(), "args": vars(a), "load_before": loadavg(),
                      "haproxy": {}, "halb": {}}
     log(f"machine: {results['machine']['nproc']} x {results['machine']['cpu']}; "
         f"load {results['load_before']}; work dir {tmp}")
     results["busy_cores_before"] = round(busy_elsewhere(), 2)
+    running: dict[str, subprocess.Popen] = {}
     try:
         for name in ("n1", "n2"):
             conf = tmp / f"nginx-{name}.conf"
@@ -559,99 +569,103 @@ def main(argv: list[str] | None = None) -> int:
         wait_port(P["iperf"], proc=p)
 
         hconf = tmp / "haproxy.cfg"
-        hconf.write_text(HAPROXY_CONF.format(**P))
+        hconf.write_text(HAPROXY_CONF.format(**P, **ports["haproxy"]))
         lconf = tmp / "halb.toml"
         (tmp / "halb-state").mkdir()
-        lconf.write_text(HALB_CONF.format(dir=tmp, **P))
+        lconf.write_text(HALB_CONF.format(dir=tmp, **P, **ports["halb"]))
 
         def start_proxy(which: str) -> subprocess.Popen:
             if which == "haproxy":
                 p = procs.start("haproxy", ["haproxy", "-db", "-f", str(hconf)], PROXY_CORE)
             else:
                 p = procs.start("halbd", [PY, "-m", "halb.cli.halbd", str(lconf)], PROXY_CORE)
-            for port in (P["http"], P["tcp"], P["tcpidle"]):
-                wait_port(port, proc=p)
+            for k in ("http", "tcp", "tcpidle"):
+                wait_port(ports[which][k], proc=p)
             time.sleep(0.5)
             return p
 
+        def record(which: str, key: str, x: dict) -> None:
+            results[which].setdefault(key + "_runs", []).append(x)
+
+        # Both proxies run side by side (the idle one costs nothing); every measurement
+        # alternates between them, the order flipping each round, so that drifting load on a
+        # shared machine hits both alike. The summary takes each measurement's median run.
+        for w in ("haproxy", "halb"):
+            running[w] = start_proxy(w)
         for rnd in range(a.rounds):
-            for which in ("haproxy", "halb"):
-                log(f"round {rnd + 1}: {which}")
-                p = start_proxy(which)
-                r = results[which]
-                try:
-                    if "l7" in only:
-                        x = l7(p.pid, P["http"], a.duration, a.conns)
-                        log(f"  L7 {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
-                            f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
-                            f"non-2xx {x['non2xx']})")
-                        r.setdefault("l7_runs", []).append(x)
-                        if "l7" not in r or x["rps"] > r["l7"]["rps"]:
-                            r["l7"] = x
-                    if "l4" in only:
-                        x = l4(p.pid, P["tcp"], a.duration)
-                        log(f"  L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
-                        r.setdefault("l4_runs", []).append(x)
-                        if "l4" not in r or x["gbps"] > r["l4"]["gbps"]:
-                            r["l4"] = x
-                        if which == "haproxy":  # for reference: splicing forced on
-                            x = l4(p.pid, P["tcpsplice"], a.duration)
-                            log(f"  L4 (forced splice) {x['gbps']:.2f} Gbit/s "
-                                f"{x['cpu_s_per_gb']:.3f} CPU s/GB")
-                            r.setdefault("l4_forced_runs", []).append(x)
-                            if "l4_forced" not in r or x["gbps"] > r["l4_forced"]["gbps"]:
-                                r["l4_forced"] = x
-                    if "udp" in only and which == "halb":  # HAProxy does not proxy UDP
-                        for key, rate in (("udp", "0"), ("udp_paced", "100M")):
-                            x = udp(p.pid, P["tcp"], a.duration, rate)
-                            log(f"  UDP -b {rate}: {x['gbps']:.2f} Gbit/s {x['dgrams_per_s']:.0f} "
-                                f"datagrams/s lost {x['lost_percent']:.1f}% "
-                                f"{x['cpu_us_per_dgram']:.2f} us CPU/dgram")
-                            r.setdefault(key + "_runs", []).append(x)
-                            if key not in r or x["dgrams_per_s"] > r[key]["dgrams_per_s"]:
-                                r[key] = x
-                    if "l4conn" in only:
-                        x = l4conn(p.pid, P["tcpidle"], a.duration, a.conns)
-                        log(f"  L4 {x['rps']:.0f} new conn/s p99 {x['p99_ms']:.2f} ms "
-                            f"{x['cpu_us_per_conn']:.1f} us CPU/conn (errors {x['socket_errors']})")
-                        r.setdefault("l4conn_runs", []).append(x)
-                        if "l4conn" not in r or x["rps"] > r["l4conn"]["rps"]:
-                            r["l4conn"] = x
-                    if "mem" in only and rnd == 0:
-                        # each on a freshly started proxy: memory freed by one test and
-                        # reused by the next would hide the second one's cost
-                        for key, port, l4check in (("mem_l4", P["tcpidle"], True),
-                                                   ("mem_l7", P["http"], False)):
-                            procs.stop(p)
-                            time.sleep(0.5)
-                            p = start_proxy(which)
-                            x = idle_memory(p.pid, port, a.idle, l4check)
-                            log(f"  idle {key[-2:].upper()} {x['bytes_per_conn']:.0f} B/conn "
-                                f"({x['sample_alive']} alive)")
-                            r[key] = x
-                    if a.profile and which == "halb" and rnd == a.rounds - 1:
-                        if "l7" in only:
-                            r["profile_l7"] = profile(
-                                procs, p.pid, min(a.duration, 10), OUT / "profile-l7.txt",
-                                ["wrk", "-t1", f"-c{a.conns}", f"-d{min(a.duration, 10)}s",
-                                 f"http://127.0.0.1:{P['http']}/"])
-                        if "l4conn" in only:
-                            r["profile_l4conn"] = profile(
-                                procs, p.pid, min(a.duration, 10), OUT / "profile-l4conn.txt",
-                                ["wrk", "-t1", f"-c{a.conns}", f"-d{min(a.duration, 10)}s", "-H",
-                                 "Connection: close", f"http://127.0.0.1:{P['tcpidle']}/"])
-                        if "l4" in only:
-                            r["profile_l4"] = profile(
-                                procs, p.pid, min(a.duration, 10), OUT / "profile-l4.txt",
-                                ["iperf3", "-c", "127.0.0.1", "-p", str(P["tcp"]), "-t",
-                                 str(min(a.duration, 10))])
-                finally:
-                    procs.stop(p)
+            order = ("haproxy", "halb") if rnd % 2 == 0 else ("halb", "haproxy")
+            log(f"round {rnd + 1}/{a.rounds}")
+            for w in order if "l7" in only else ():
+                x = l7(running[w].pid, ports[w]["http"], a.duration, a.conns)
+                log(f"  {w:7s} L7 {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
+                    f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
+                    f"non-2xx {x['non2xx']})")
+                record(w, "l7", x)
+            for w in order if "l4" in only else ():
+                x = l4(running[w].pid, ports[w]["tcp"], a.duration)
+                log(f"  {w:7s} L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
+                record(w, "l4", x)
+                if w == "haproxy":  # for reference: splicing forced on
+                    x = l4(running[w].pid, ports[w]["tcpsplice"], a.duration)
+                    log(f"  {w:7s} L4 (forced splice) {x['gbps']:.2f} Gbit/s "
+                        f"{x['cpu_s_per_gb']:.3f} CPU s/GB")
+                    record(w, "l4_forced", x)
+            for w in order if "l4conn" in only else ():
+                x = l4conn(running[w].pid, ports[w]["tcpidle"], a.duration, a.conns)
+                log(f"  {w:7s} L4 {x['rps']:.0f} new conn/s p99 {x['p99_ms']:.2f} ms "
+                    f"{x['cpu_us_per_conn']:.1f} us CPU/conn (errors {x['socket_errors']})")
+                record(w, "l4conn", x)
+            if "udp" in only:  # halb only: HAProxy does not proxy UDP
+                for key, rate in (("udp", "0"), ("udp_paced", "100M")):
+                    x = udp(running["halb"].pid, ports["halb"]["tcp"], a.duration, rate)
+                    log(f"  halb    UDP -b {rate}: {x['gbps']:.2f} Gbit/s "
+                        f"{x['dgrams_per_s']:.0f} datagrams/s lost {x['lost_percent']:.1f}% "
+                        f"{x['cpu_us_per_dgram']:.2f} us CPU/dgram")
+                    record("halb", key, x)
+        if a.profile:
+            pid, hp = running["halb"].pid, ports["halb"]
+            d = min(a.duration, 10)
+            r = results["halb"]
+            if "l7" in only:
+                r["profile_l7"] = profile(procs, pid, d, OUT / "profile-l7.txt",
+                                          ["wrk", "-t1", f"-c{a.conns}", f"-d{d}s",
+                                           f"http://127.0.0.1:{hp['http']}/"])
+            if "l4" in only:
+                r["profile_l4"] = profile(procs, pid, d, OUT / "profile-l4.txt",
+                                          ["iperf3", "-c", "127.0.0.1", "-p", str(hp["tcp"]),
+                                           "-t", str(d)])
+            if "l4conn" in only:
+                r["profile_l4conn"] = profile(procs, pid, d, OUT / "profile-l4conn.txt",
+                                              ["wrk", "-t1", f"-c{a.conns}", f"-d{d}s", "-H",
+                                               "Connection: close",
+                                               f"http://127.0.0.1:{hp['tcpidle']}/"])
+        if "mem" in only:
+            # each on a freshly started proxy: memory freed by one test and reused by the
+            # next would hide the second one's cost
+            for w in ("haproxy", "halb"):
+                for key, port, l4check in (("mem_l4", "tcpidle", True), ("mem_l7", "http", False)):
+                    procs.stop(running[w])
                     time.sleep(0.5)
+                    running[w] = start_proxy(w)
+                    x = idle_memory(running[w].pid, ports[w][port], a.idle, l4check)
+                    log(f"  {w:7s} idle {key[-2:].upper()} {x['bytes_per_conn']:.0f} B/conn "
+                        f"({x['sample_alive']} alive)")
+                    results[w][key] = x
     finally:
+        for p in running.values():
+            procs.stop(p)
         procs.close()
         results["load_after"] = loadavg()
     shutil.rmtree(tmp, ignore_errors=True)
+    for w in ("haproxy", "halb"):
+        r = results[w]
+        for key, metric in (("l7", "rps"), ("l4", "gbps"), ("l4_forced", "gbps"),
+                            ("l4conn", "rps"), ("udp", "dgrams_per_s"),
+                            ("udp_paced", "dgrams_per_s")):
+            runs = r.get(key + "_runs")
+            if runs:
+                r[key] = median_run(runs, metric)
+                r[key]["range"] = (min(x[metric] for x in runs), max(x[metric] for x in runs))
 
     md = report(results)
     (OUT / "latest.json").write_text(json.dumps(results, indent=2))
@@ -734,6 +748,18 @@ def report(res: dict) -> str:
            "| measure | halb | HAProxy | halb / HAProxy | target |",
            "| --- | --- | --- | --- | --- |"]
     out += [f"| {' | '.join(r)} |" for r in rows]
+    out += ["", "Every run (median in the table):", ""]
+    for key, metric, unit in (("l7", "rps", "req/s"), ("l4", "gbps", "Gbit/s"),
+                              ("l4_forced", "gbps", "Gbit/s"), ("l4conn", "rps", "conn/s"),
+                              ("udp", "dgrams_per_s", "datagrams/s")):
+        for w in ("halb", "haproxy"):
+            runs = res[w].get(key + "_runs")
+            if runs:
+                vals = ", ".join(f"{x[metric]:.2f}" if metric == "gbps" else f"{x[metric]:.0f}"
+                                 for x in runs)
+                cpu = ", ".join(f"{x.get('cpu_us_per_req') or x.get('cpu_s_per_gb') or x.get('cpu_us_per_conn') or x.get('cpu_us_per_dgram'):.3g}"
+                                for x in runs)
+                out.append(f"- {key} {w}: {vals} {unit} (CPU per unit: {cpu})")
     for k in ("profile_l7", "profile_l4", "profile_l4conn"):
         p = l.get(k)
         if p and "self" in p:
