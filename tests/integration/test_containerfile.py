@@ -2,19 +2,29 @@
 
 What it does is replayed here step by step: the build stage's sources exist, the wheel it
 builds (`pip wheel --no-deps`) builds from exactly those sources, installs into a fresh venv
-made the way the image makes it (`venv --copies`), the entrypoint (`halbd`) and healthcheck
-(`halbctl`) commands exist there and run, and `halbd --check` passes on every config it copies.
+made the way the image makes it (`venv --copies`, pip run by the interpreter the build stage
+names), the build stage's own checks pass, the run stage's `setcap` (and its check) is applied
+to that venv, the entrypoint (`halbd`) and healthcheck (`halbctl`) commands exist there and run,
+and `halbd --check` passes on every config it copies.
+
+Capabilities: with `venv --copies`, bin/python, bin/python3 and bin/python3.11 are three
+separate files and only the one `setcap` names carries cap_net_admin,cap_net_raw. So the
+interpreter each script's shebang names (resolved) must be that very file, and a non-root user
+running it must end up holding both capabilities (checked with setpriv, as the containerlab
+topology runs halbd). Needs `setcap`/`getcap` (Debian libcap2-bin, installed by ./dev).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,6 +34,9 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "Containerfile"
+IMAGE_VENV = "/opt/halb"
+CAPS = "cap_net_admin,cap_net_raw=ep"  # getcap's spelling of what setcap sets
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 
 
 def parse(text: str) -> list[tuple[str, str]]:
@@ -100,11 +113,55 @@ def _copies(stage_instrs) -> list[tuple[list[str], str]]:
     return out
 
 
+def _shell_commands(run_args: str) -> list[str]:
+    """A RUN line's top-level `&&` steps (the Containerfile keeps `&&` out of its loops)."""
+    return [c.strip() for c in run_args.split(" && ")]
+
+
+def _sh(cmd: str, subst: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    for a, b in subst.items():
+        cmd = cmd.replace(a, b)
+    return subprocess.run(["sh", "-ec", cmd], capture_output=True, text=True, timeout=timeout)
+
+
+def _need_libcap() -> None:
+    if not (shutil.which("setcap") and shutil.which("getcap")):
+        pytest.fail("setcap/getcap missing: apt-get install libcap2-bin (./dev setup does)")
+
+
+def _getcap(path: Path) -> str:
+    r = subprocess.run(["getcap", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()[len(str(path)):].strip()
+
+
+def _shebang_interpreter(script: Path) -> Path:
+    """The file the kernel runs for `script`: its shebang's program, symlinks resolved."""
+    first = script.read_bytes().split(b"\n", 1)[0].decode()
+    assert first.startswith("#!"), f"{script}: no shebang: {first!r}"
+    prog = shlex.split(first[2:])[0]
+    assert prog not in ("/bin/sh", "/usr/bin/env"), \
+        f"{script}: {first!r} does not name the venv's interpreter directly"
+    return Path(os.path.realpath(prog))
+
+
 @pytest.fixture(scope="module")
-def image_venv(instrs, tmp_path_factory):
-    """The build stage replayed: its COPY sources into a context, the wheel, a --copies venv."""
-    tmp = tmp_path_factory.mktemp("image")
-    (_, build), _ = stages(instrs)
+def image_venv(instrs):
+    """The build stage replayed (its COPY sources into a context, then its RUN steps: the wheel,
+    the --copies venv, pip as the interpreter it names, its checks), then the run stage's
+    `setcap` and check. /opt/halb becomes a temporary directory that other users may enter
+    (the capability check runs a script as `nobody`)."""
+    _need_libcap()
+    base = Path(tempfile.mkdtemp(prefix="halb-image-"))
+    base.chmod(0o755)
+    try:
+        yield _replay(instrs, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _replay(instrs, tmp: Path) -> dict:
+    (_, build), (_, run) = stages(instrs)
     ctx = tmp / "src"
     ctx.mkdir()
     for srcs, dest in _copies(build):
@@ -119,27 +176,69 @@ def image_venv(instrs, tmp_path_factory):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, target)
     wheels = tmp / "wheels"
-    # build isolation would fetch setuptools from an index; the project venv already has it
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "--disable-pip-version-check", "--wheel-dir", str(wheels), str(ctx)],
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
+    venv = tmp / "opt-halb"
+    subst = {IMAGE_VENV: str(venv), "/wheels": str(wheels)}
+    steps = [c for i, a in build if i == "RUN" for c in _shell_commands(a)]
+    assert any(c.startswith("pip wheel ") for c in steps)
+    installed = False
+    for step in steps:
+        if step.startswith("pip wheel "):
+            # build isolation would fetch setuptools from an index; the project venv has it
+            r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                                "--no-build-isolation", "--disable-pip-version-check",
+                                "--wheel-dir", str(wheels), str(ctx)],
+                               capture_output=True, text=True, timeout=240)
+            assert r.returncode == 0, r.stdout + r.stderr
+        elif m := re.fullmatch(r"python3?(?:\.11)? -m venv (.*) " + IMAGE_VENV, step):
+            flags = shlex.split(m.group(1))
+            assert "--copies" in flags, step
+            # without pip: pip is run below from the project venv, as the named interpreter
+            r = subprocess.run([sys.executable, "-m", "venv", *flags, "--without-pip", str(venv)],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+        elif m := (re.fullmatch(r"(\S+) -m pip install (\S+)", step)
+                   or re.fullmatch(r"(\S+)/pip3?(?:\.11)? install (\S+)", step)):
+            interp = m.group(1)
+            if not step.split()[1] == "-m":  # bin/pip: its shebang, written by the venv: python
+                interp += "/python"
+            for a, b in subst.items():
+                interp = interp.replace(a, b)
+            whl = sorted(wheels.glob(Path(m.group(2)).name))
+            assert len(whl) == 1, list(wheels.iterdir())
+            # `pip --python X` runs pip under X, as `X -m pip` does: same sys.executable, so the
+            # same shebang in the scripts. The image resolves the dependencies from the index;
+            # here they come from the project venv (a .pth below).
+            r = subprocess.run([sys.executable, "-m", "pip", "--python", interp, "install",
+                                "--no-deps", "--no-index", "--disable-pip-version-check",
+                                str(whl[0])], capture_output=True, text=True, timeout=240)
+            assert r.returncode == 0, r.stdout + r.stderr
+            installed = True
+        else:
+            r = _sh(step, subst)
+            assert r.returncode == 0, f"build step failed: {step}\n{r.stdout}{r.stderr}"
+    assert installed, "the build stage installs the wheel into the venv"
     whl = sorted(wheels.glob("halb-*.whl"))
     assert len(whl) == 1, list(wheels.iterdir())
-    venv = tmp / "opt-halb"
-    r = subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip", str(venv)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                        "install", "--no-deps", "--no-index", "--disable-pip-version-check",
-                        str(whl[0])], capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    # The image's pip resolves the dependencies from the index; here they come from the
-    # project venv (a plain path entry: its editable-install hook for halb is not run).
+    # the project venv's packages (a plain path entry: its editable-install hook for halb is
+    # not run)
     site = Path(sysconfig.get_paths()["purelib"])
     vsite = next((venv / "lib").glob("python3*/site-packages"))
     (vsite / "zz_deps_from_project_venv.pth").write_text(str(site) + "\n")
-    return {"venv": venv, "wheel": whl[0], "ctx": ctx}
+    # the run stage: setcap and its check; the other steps (apt-get, users) change the system
+    cap_run = [a for i, a in run if i == "RUN" and "setcap " in a]
+    assert len(cap_run) == 1
+    setcap_target = None
+    checks = []
+    for step in _shell_commands(cap_run[0]):
+        if step.startswith("setcap "):
+            setcap_target = Path(shlex.split(step)[-1].replace(IMAGE_VENV, str(venv)))
+        if step.startswith(("setcap ", "for ")):
+            checks.append(step)
+            r = _sh(step, subst)
+            assert r.returncode == 0, f"run step failed: {step}\n{r.stdout}{r.stderr}"
+    assert setcap_target is not None
+    return {"venv": venv, "wheel": whl[0], "ctx": ctx, "capable": setcap_target,
+            "run_checks": [c for c in checks if c.startswith("for ")], "tmp": tmp}
 
 
 def _env(venv: Path) -> dict:
@@ -172,26 +271,137 @@ def test_interpreter_is_a_real_file_for_setcap(image_venv):
     assert py.exists() and not py.is_symlink(), "setcap needs a real file, not a symlink"
 
 
-def test_entrypoint_and_healthcheck_commands_run(instrs, image_venv):
-    venv = image_venv["venv"]
+def _entry_and_health(instrs) -> tuple[list[str], list[str]]:
     _, (_, run) = stages(instrs)
     entry = exec_form([a for i, a in run if i == "ENTRYPOINT"][-1])
     health = [a for i, a in run if i == "HEALTHCHECK"][-1]
     assert " CMD " in f" {health} "
-    hc = exec_form(health.split(" CMD ", 1)[1])
-    for argv in (entry, hc):
-        exe = venv / "bin" / argv[0]
-        assert exe.exists(), f"{argv[0]} is not installed in the image's venv"
-    r = subprocess.run([str(venv / "bin" / entry[0]), "--version"], capture_output=True,
+    return entry, exec_form(health.split(" CMD ", 1)[1])
+
+
+def _in_image(instrs, venv: Path, prog: str) -> Path:
+    """The file `prog` runs in the image, mapped into the replayed venv: an absolute path
+    under /opt/halb, or a bare name found through the image's PATH (only /opt/halb counts)."""
+    if prog.startswith("/"):
+        assert prog.startswith(IMAGE_VENV + "/"), f"{prog} is not in the image's venv"
+        return venv / prog[len(IMAGE_VENV) + 1:]
+    _, (_, run) = stages(instrs)
+    paths = [m.group(1) for i, a in run if i == "ENV"
+             for m in [re.search(r"(?:^|\s)PATH=(\S+)", a)] if m]
+    assert paths, f"{prog}: a bare name, and the image sets no PATH"
+    for d in paths[-1].split(":"):
+        if d.startswith(IMAGE_VENV) and (venv / d[len(IMAGE_VENV) + 1:] / prog).exists():
+            return venv / d[len(IMAGE_VENV) + 1:] / prog
+    raise AssertionError(f"{prog} is not installed in the image's venv")
+
+
+def test_entrypoint_and_healthcheck_commands_run(instrs, image_venv):
+    venv = image_venv["venv"]
+    entry, hc = _entry_and_health(instrs)
+    halbd, halbctl = _in_image(instrs, venv, entry[0]), _in_image(instrs, venv, hc[0])
+    assert halbd.name == "halbd" and halbctl.name == "halbctl"
+    r = subprocess.run([str(halbd), "--version"], capture_output=True,
                        text=True, timeout=60, env=_env(venv), cwd="/")
     assert r.returncode == 0 and "halbd" in r.stdout, r.stdout + r.stderr
-    r = subprocess.run([str(venv / "bin" / hc[0]), "--help"], capture_output=True, text=True,
+    r = subprocess.run([str(halbctl), "--help"], capture_output=True, text=True,
                        timeout=60, env=_env(venv), cwd="/")
     assert r.returncode == 0 and "status" in r.stdout, r.stdout + r.stderr
     # the healthcheck fails (non-zero) when no node answers on its socket
-    r = subprocess.run([str(venv / "bin" / hc[0])] + hc[1:], capture_output=True, text=True,
+    r = subprocess.run([str(halbctl)] + hc[1:], capture_output=True, text=True,
                        timeout=60, env=_env(venv), cwd="/")
     assert r.returncode != 0
+
+
+def test_setcap_gives_the_interpreter_both_capabilities(image_venv):
+    assert _getcap(image_venv["capable"]) == CAPS
+    # and only that file: the other names of the interpreter are plain copies without them
+    for other in ("python", "python3"):
+        exe = image_venv["venv"] / "bin" / other
+        if exe.exists() and not exe.samefile(image_venv["capable"]):
+            assert _getcap(exe) == ""
+
+
+def test_entrypoint_and_healthcheck_run_the_interpreter_with_the_capabilities(instrs, image_venv):
+    """The review's bug: the scripts' shebang named bin/python, a copy without capabilities,
+    so halbd ran as `halb` with neither NET_RAW nor NET_ADMIN."""
+    venv, capable = image_venv["venv"], image_venv["capable"]
+    entry, hc = _entry_and_health(instrs)
+    for prog in (entry[0], hc[0]):
+        script = _in_image(instrs, venv, prog)
+        interp = _shebang_interpreter(script)
+        assert interp.samefile(capable), \
+            f"{prog} runs {interp}, not {capable} (the file setcap gave the capabilities)"
+        assert _getcap(interp) == CAPS, f"{prog}: {interp} has no {CAPS}"
+
+
+def _old_layout(image_venv, name: str) -> Path:
+    """A copy of /opt/halb/bin as the broken image had it: halbd and halbctl with the shebang
+    pip wrote when run as bin/pip (bin/python, a copy without capabilities)."""
+    venv = image_venv["venv"]
+    fake = image_venv["tmp"] / name
+    (fake / "bin").mkdir(parents=True)
+    for f in ("halbd", "halbctl"):
+        body = (venv / "bin" / f).read_text().split("\n", 1)[1]
+        (fake / "bin" / f).write_text(f"#!{venv / 'bin' / 'python'}\n{body}")
+        (fake / "bin" / f).chmod(0o755)
+    return fake
+
+
+def test_the_images_capability_check_rejects_an_interpreter_without_them(image_venv):
+    """The run stage's own check (replayed above on the real layout) fails the build on the
+    broken one."""
+    assert image_venv["run_checks"], "the run stage checks the scripts' interpreters"
+    fake = _old_layout(image_venv, "old-layout")
+    assert _getcap(_shebang_interpreter(fake / "bin" / "halbd")) == ""
+    for check in image_venv["run_checks"]:
+        r = _sh(check, {IMAGE_VENV: str(fake)})
+        assert r.returncode != 0 and "halbd" in r.stderr, r.stdout + r.stderr
+
+
+def _status_caps(out: str) -> int:
+    m = re.search(r"^CapEff:\s*([0-9a-f]+)$", out, re.M)
+    assert m, out
+    return int(m.group(1), 16)
+
+
+def test_a_non_root_user_running_halbd_holds_net_admin_and_net_raw(image_venv):
+    """What the image and lab/halb.clab.yml do (USER halb; setpriv --reuid=halb ... halbd),
+    with `nobody`: a script with halbd's shebang reports the capabilities it runs with."""
+    status = Path("/proc/self/status").read_text()
+    bounding = int(re.search(r"^CapBnd:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
+    if re.search(r"^NoNewPrivs:\s*1$", status, re.M):
+        pytest.skip("no_new_privs is set: file capabilities are not honoured here")
+    if not (bounding >> CAP_NET_ADMIN & 1 and bounding >> CAP_NET_RAW & 1):
+        pytest.skip("NET_ADMIN/NET_RAW not in this process's bounding set")
+    venv = image_venv["venv"]
+    probe_body = "import sys; sys.stdout.write(open('/proc/self/status').read())\n"
+
+    def caps_as_nobody(shebang_of: Path) -> int:
+        probe = shebang_of.parent / "capprobe"
+        first = shebang_of.read_text().split("\n", 1)[0]
+        probe.write_text(f"{first}\n{probe_body}")
+        probe.chmod(0o755)
+        try:
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                str(probe)], capture_output=True, text=True, timeout=60, cwd="/",
+                               env={"PATH": "/usr/bin:/bin"})
+        finally:
+            probe.unlink()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert re.search(r"^Uid:\s*65534\b", r.stdout, re.M), r.stdout
+        return _status_caps(r.stdout)
+
+    eff = caps_as_nobody(venv / "bin" / "halbd")
+    assert eff >> CAP_NET_ADMIN & 1 and eff >> CAP_NET_RAW & 1, f"CapEff {eff:#x}"
+    # the broken layout: the same user gets neither
+    old = _old_layout(image_venv, "old-layout-run")
+    (old.parent).chmod(0o755)
+    old.chmod(0o755)
+    (old / "bin").chmod(0o755)
+    eff = caps_as_nobody(old / "bin" / "halbd")
+    assert not (eff >> CAP_NET_ADMIN & 1 or eff >> CAP_NET_RAW & 1), f"CapEff {eff:#x}"
 
 
 def test_halbd_check_passes_on_every_copied_config(instrs, image_venv):

@@ -106,3 +106,24 @@ def test_addresses_and_links_match_the_netns_lab(topo):
     assert topo["topology"]["defaults"]["kind"] == "linux"
     for name in hosts:
         assert "NET_ADMIN" in nodes[name]["cap-add"]
+
+
+def test_lb_nodes_run_the_images_entrypoint_as_halb_with_the_capabilities(topo):
+    """The LB nodes drop to `halb` and exec the very program the image's ENTRYPOINT names (an
+    absolute path: its shebang interpreter is the file with the capabilities, see
+    tests/integration/test_containerfile.py), not whatever `python`/`halbd` PATH finds; and
+    nothing stops the file capabilities from applying."""
+    m = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", (ROOT / "Containerfile").read_text(), re.M)
+    assert m
+    entry = json.loads(m.group(1))
+    assert entry[0].startswith("/"), entry
+    for h in clab.TOPOLOGY.lb_hosts:
+        node = _nodes(topo)[h.name]
+        assert {"NET_ADMIN", "NET_RAW"} <= set(node["cap-add"])
+        script = shlex.split(node["cmd"])[shlex.split(node["cmd"]).index("-c") + 1]
+        last = shlex.split(script.split("&&")[-1])
+        assert last[:2] == ["exec", "setpriv"], script
+        opts = [a for a in last[2:] if a.startswith("--")]
+        argv = [a for a in last[2:] if not a.startswith("--")]
+        assert "--reuid=halb" in opts and "--no-new-privs" not in opts, opts
+        assert argv == [entry[0], "/etc/halb/halb.toml"], (h.name, argv)
