@@ -408,7 +408,9 @@ def maglev_table(names: list[str], weights: list[int], size: int) -> list[int]:
     order = [i for i in range(n) if weights[i] > 0]
     if not order:
         raise ValueError("maglev needs at least one backend with a positive weight")
-    turns = [weights[i] for i in range(n)]
+    # the first round gives every backend one entry, so a backend never owns none (weights may
+    # add up to more than the table); later rounds give each its weight
+    turns = [1] * n
     while True:
         for i in order:
             c = nxt[i]
@@ -426,6 +428,7 @@ def maglev_table(names: list[str], weights: list[int], size: int) -> list[int]:
                 if c >= size:
                     c -= size
             nxt[i] = c
+        turns = weights
 
 
 class MaglevHash:
@@ -474,13 +477,17 @@ class MaglevHash:
             return b
         if not any(_usable(x, exclude) for x in view.backends):
             return None
-        while True:  # ends: some backend is usable and every backend owns entries
+        for _ in range(size):  # bounded: every backend owns entries, but never trust a loop
             i += 1
             if i == size:
                 i = 0
             b = table[i]
             if _usable(b, exclude):
                 return b
+        for b in view.backends:  # pragma: no cover - unreachable while every backend owns entries
+            if _usable(b, exclude):
+                return b
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class HealthConfig:
     method: str = "GET"
     path: str = "/"
     host: str = ""
-    expect_status: tuple[int, ...] = (200,)
+    expect_status: tuple[int, ...] = tuple(range(200, 400))  # HAProxy's httpchk: 2xx and 3xx
     expect_body: str = ""
     port: int = 0  # 0: the backend's own port
 
@@ -509,7 +509,7 @@ def _health(r: _Reader) -> HealthConfig:
     if r.has("path") and (not path.startswith("/") or any(c in path for c in " \r\n\0")):
         r.error(f"invalid path {path!r} (must start with '/' and hold no spaces)", "path")
     host = r.get("host", str, "")
-    statuses = r.get("expect_status", (int, list), [200])
+    statuses = r.get("expect_status", (int, list), list(d.expect_status))
     if isinstance(statuses, int):
         statuses = [statuses]
     for i, s in enumerate(statuses or []):
@@ -591,6 +591,7 @@ def _pool(r: _Reader) -> PoolConfig:
     size = r.int_in("maglev_table_size", 7, 10_000_019, 65537)
     if r.has("maglev_table_size") and isinstance(size, int) and not _is_prime(size):
         r.error(f"{size} is not a prime number", "maglev_table_size")
+        size = 65537
     if r.has("hash_key") and algo not in HASH_ALGORITHMS:
         r.error(f"hash_key needs a hashing algorithm (source or maglev), not {algo!r}", "hash_key")
     slow = r.duration("slow_start", 0.0, hi=3600)
@@ -616,6 +617,9 @@ def _pool(r: _Reader) -> PoolConfig:
             br.error(f"duplicate backend address {b.address} (also at index {seen_addr[b.address]})",
                      "address")
         seen_addr.setdefault(b.address, i)
+    if algo == "maglev" and size <= len(backends):
+        r.error(f"{size} must be larger than the number of backends ({len(backends)})",
+                "maglev_table_size")
     if backends and all(b.backup for b in backends):
         r.error("every backend is a backup; at least one must be a primary", "backends")
     r.done()

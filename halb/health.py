@@ -105,14 +105,26 @@ def build_request(cfg: HealthConfig, backend: "Backend") -> bytes:
             f"Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
 
 
+def _ranges(codes) -> str:
+    """``200-399`` rather than 200 numbers; runs of consecutive codes collapse."""
+    out, cs = [], sorted(set(codes))
+    i = 0
+    while i < len(cs):
+        j = i
+        while j + 1 < len(cs) and cs[j + 1] == cs[j] + 1:
+            j += 1
+        out.append(str(cs[i]) if i == j else f"{cs[i]}-{cs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def evaluate_http(cfg: HealthConfig, status: int | None, body: bytes, *,
                   complete: bool = True) -> tuple[bool, str]:
     """The verdict on an HTTP check response: (ok, reason)."""
     if status is None:
         return False, "no HTTP response"
     if status not in cfg.expect_status:
-        exp = ",".join(str(s) for s in cfg.expect_status)
-        return False, f"status {status} (expected {exp})"
+        return False, f"status {status} (expected {_ranges(cfg.expect_status)})"
     if cfg.expect_body:
         if cfg.expect_body.encode("utf-8") not in body:
             more = "" if complete else f" in the first {len(body)} bytes"

@@ -106,6 +106,7 @@ class Pool:
             balancer = make_balancer(cfg)
         self.balancer = balancer
         self.on_change = on_change
+        self._hashing = cfg.algorithm in ("source", "maglev")
         self.view = EMPTY_VIEW
         self._ramping = False
         self.refresh(0.0)
@@ -115,7 +116,10 @@ class Pool:
     def _effective_weight(self, b: Backend, now: float) -> int:
         w = b.weight
         ss = self.cfg.slow_start
-        if ss > 0 and b.up_since > 0 and now - b.up_since < ss:
+        # a drained (weight 0) backend stays at 0; hashing pools do not ramp (as in HAProxy,
+        # where slowstart does not apply to static/hash algorithms): a weight change would
+        # rebuild the whole hash table every tick and move keys back and forth
+        if w > 0 and ss > 0 and b.up_since > 0 and now - b.up_since < ss and not self._hashing:
             self._ramping = True
             w = max(1, int(w * (now - b.up_since) / ss))
         return w
@@ -212,10 +216,21 @@ class Pool:
         b.failures += 1
         b.consecutive_failures += 1
         if pc.max_failures and b.consecutive_failures >= pc.max_failures and now >= b.ejected_until:
+            if not self._may_eject(b, now):
+                return False
             b.ejected_until = now + pc.cooldown
             self.refresh(now)
             return True
         return False
+
+    def _may_eject(self, b: Backend, now: float) -> bool:
+        """Passive ejection is capped, as in Envoy's max_ejection_percent: at most half of the
+        pool's backends of b's kind (primary/backup) are ejected at a time, and never the last
+        backend (primary or backup) still up, so a short shared failure cannot empty the pool."""
+        peers = [x for x in self.backends if x.backup == b.backup]
+        ejected = sum(1 for x in peers if now < x.ejected_until)
+        others_up = any(x is not b and x.is_up(now) for x in self.backends)
+        return others_up and ejected < max(1, len(peers) // 2)
 
     def set_drain(self, b: Backend, drain: bool, now: float) -> None:
         b.admin_drain = drain

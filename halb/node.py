@@ -27,6 +27,7 @@ from .model import Pool, PoolView
 from .tables import Tables
 
 TICK = 0.25  # pool ticks (slow start, passive ejection end) and table expiry
+EXPIRE_CHUNK = 2000  # table entries expired between two yields to the event loop
 
 
 class Node:
@@ -49,6 +50,7 @@ class Node:
         self.parts: list[Any] = []  # started in order, stopped in reverse
         self._build_parts()
         self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -73,7 +75,9 @@ class Node:
             self.parts.insert(0, self.sync)
         from .control.server import ControlServer
         self.control = ControlServer(self.cfg.control, self)
-        self.parts.append(self.control)
+        # first: a second halbd started by mistake with the same config fails on the live
+        # control socket before its election or listeners touch anything
+        self.parts.insert(0, self.control)
 
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
         m = getattr(self, "metrics", None)
@@ -83,13 +87,30 @@ class Node:
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._stop = asyncio.Event()
+        """Starts every part in order; if one fails, the ones started are stopped again (a
+        master sends priority 0 and removes its VIPs) and the error is raised."""
         if self.cfg.metrics.address:
             self.metrics.serve(self.cfg.metrics.address)
         for pool in self.pools.values():
             pool.refresh(self.clock.now())
-        for part in self.parts:
-            await part.start()
+        started: list[Any] = []
+        try:
+            for part in self.parts:
+                await part.start()
+                started.append(part)
+        except BaseException as e:
+            err: BaseException = e
+            if isinstance(e, OSError) and e.errno is not None:  # a bare socket error: say where
+                err = OSError(e.errno, f"{_describe(part)}: {e.strerror or e}")
+            for part in reversed(started):
+                try:
+                    await part.stop()
+                except Exception:
+                    self.log.exception("part_stop_failed", part=type(part).__name__)
+            self.metrics.close()
+            if err is not e:
+                raise err from e
+            raise
         self._tasks.append(asyncio.create_task(self._ticker(), name="node-ticker"))
         self.log.info("node_started", pid=os.getpid(), config=self.cfg.source,
                       listeners=[str(lc.bind) for lc in self.cfg.listeners])
@@ -101,7 +122,13 @@ class Node:
                 now = self.clock.now()
                 for pool in self.pools.values():
                     pool.tick(now)
-                self.tables.expire()
+                # in chunks: a burst of flows expiring together must not stall the loop (and
+                # with it the VRRP adverts) for seconds
+                while True:
+                    n = sum(t.expire(limit=EXPIRE_CHUNK) for t in self.tables)
+                    if n < EXPIRE_CHUNK:
+                        break
+                    await asyncio.sleep(0)
                 self.metrics.tables(self.tables)
             except Exception:  # a bug here must not stop the node
                 self.log.exception("tick_failed")
@@ -113,13 +140,13 @@ class Node:
     async def run(self) -> None:
         """Starts the node and runs until SIGTERM or SIGINT; then stops gracefully."""
         loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start waits
+            loop.add_signal_handler(sig, self.request_stop)
         await self.start()
         # what start-up built (modules, config, parts) lives as long as the process: keep it
         # out of every later collection so GC pauses scale with traffic state only
         gc.collect()
         gc.freeze()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
         await self._stop.wait()
         self.log.info("node_stopping", graceful=getattr(self, "_graceful", True))
         await self.stop()
@@ -141,3 +168,10 @@ class Node:
                 self.log.exception("part_stop_failed", part=type(part).__name__)
         self.metrics.close()
         self.log.info("node_stopped")
+
+
+def _describe(part: Any) -> str:
+    cfg = getattr(part, "cfg", None)
+    if cfg is not None and hasattr(cfg, "bind") and hasattr(cfg, "mode"):
+        return f"listener {cfg.name!r} ({cfg.mode} on {cfg.bind})"
+    return type(part).__name__

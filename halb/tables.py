@@ -141,7 +141,7 @@ class Table:
         if old is not None and old.expires > now and old.backend == backend and old.pool == pool:
             return self._refresh(old, now, ttl)
         if old is None and len(self._entries) >= self.max_entries:
-            self.expire()
+            self.expire(limit=64)  # bounded work on the data path
             if len(self._entries) >= self.max_entries:
                 self._evict_one()
         created = old.created if old is not None and old.expires > now else now
@@ -264,7 +264,7 @@ class Table:
                 self.stats["conflicts_lost"] += 1
                 return False
         if local is None and len(self._entries) >= self.max_entries:
-            self.expire()
+            self.expire(limit=64)
             if len(self._entries) >= self.max_entries:
                 self._evict_one()
         e = entry

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from .. import __version__
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:
         print(f"halbd: cannot start: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a clear line for the operator; the traceback goes to the log
+        logging.getLogger("halb").exception("halbd_failed")
+        print(f"halbd: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -115,7 +115,7 @@ def test_probes_against_real_servers():
     assert out["http ok"] == (True, "status 200")
     assert out["tcp ok"] == (True, "connected")
     assert out["wrong body"] == (False, "status 200, body lacks 'pong'")
-    assert out["sick"] == (False, "status 503 (expected 200)")
+    assert out["sick"] == (False, "status 503 (expected 200-399)")
     assert out["status list"] == (True, "status 503")
     assert out["refused"] == (False, "connection refused")
     assert out["silent"] == (False, "timeout after 0.3s")

@@ -317,6 +317,19 @@ def test_maglev_fallback_for_full_backend_is_deterministic():
     assert p.pick(b"x") is None  # all full
 
 
+def test_maglev_every_backend_owns_entries_when_weights_exceed_the_table():
+    """Weights adding up to more than the table (7 entries, weights 10 and 1) must still give
+    every backend entries, and a pick that excludes the heavy one must end (it once looped
+    forever and froze the node)."""
+    idx = maglev_table(["a", "b"], [10, 1], 7)
+    assert set(idx) == {0, 1}
+    p = make_pool((10, 1), "maglev", maglev_table_size=7)
+    a, b = p.backends
+    assert all(p.pick(k, exclude={a}) is b for k in keys(50, "x"))
+    big = maglev_table([f"n{i}" for i in range(3)], [128, 128, 128], 251)
+    assert set(big) == {0, 1, 2}
+
+
 # -- skipping full / excluded ---------------------------------------------------------------
 
 ALGOS = ["roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev"]

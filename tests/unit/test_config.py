@@ -81,6 +81,7 @@ def test_minimal_config_defaults():
     assert cfg.listeners[0].limits.max_header_bytes == 16384
     assert cfg.control_socket == "/run/halb/lb1.sock"
     assert cfg.vrrp == () and cfg.sync is None
+    assert cfg.pools[0].health.expect_status == tuple(range(200, 400))  # HAProxy: 2xx and 3xx
 
 
 # Each case: (id, edit of BASE or full text, exact expected problem lines)
@@ -131,6 +132,13 @@ BAD = [
     ("maglev-not-prime",
      BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "maglev"\nmaglev_table_size = 65536\n', 1),
      ["pools[0].maglev_table_size: 65536 is not a prime number"]),
+    ("maglev-table-smaller-than-pool",
+     BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "maglev"\nmaglev_table_size = 2\n', 1),
+     ["pools[0].maglev_table_size: 2 out of range (7..10000019)"]),
+    ("maglev-table-not-larger-than-backends",
+     BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "maglev"\nmaglev_table_size = 7\n', 1)
+         + "".join(f'  [[pools.backends]]\n  address = "127.0.0.1:{9100 + i}"\n' for i in range(6)),
+     ["pools[0].maglev_table_size: 7 must be larger than the number of backends (8)"]),
     ("hash-key-needs-hash-algo",
      BASE.replace('name = "web"\n', 'name = "web"\nhash_key = "header:x-user"\n', 1),
      ["pools[0].hash_key: hash_key needs a hashing algorithm (source or maglev), not 'roundrobin'"]),

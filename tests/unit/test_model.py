@@ -151,6 +151,35 @@ def test_passive_off_never_ejects():
     assert names(p.view) == ["b0", "b1"]
 
 
+def test_passive_ejection_is_capped_and_never_empties_the_pool():
+    clock = FakeClock(1.0)
+    p = make((1, 1, 1, 1), passive=PassiveConfig(max_failures=1, cooldown=5.0))
+    b0, b1, b2, b3 = p.backends
+    assert p.report_result(b0, False, clock.now()) is True
+    assert p.report_result(b1, False, clock.now()) is True
+    assert p.report_result(b2, False, clock.now()) is False  # at most half of the pool is ejected
+    assert names(p.view) == ["b2", "b3"]
+    p.tick(clock.advance(6.0))
+    solo = make((1,), passive=PassiveConfig(max_failures=1, cooldown=5.0))
+    assert solo.report_result(solo.backends[0], False, 1.0) is False  # the last one stays
+    assert names(solo.view) == ["b0"]
+
+
+def test_slow_start_leaves_drained_backends_at_zero_and_hash_pools_unramped():
+    clock = FakeClock(100.0)
+    p = make((10, 10), algorithm="wrr", slow_start=10.0)
+    b0, b1 = p.backends
+    p.set_weight(b0, 0, clock.now())
+    p.set_health(b0, False, clock.now())
+    p.set_health(b0, True, clock.now())
+    p.tick(clock.advance(1.0))
+    assert names(p.view) == ["b1"]  # weight 0 is not ramped up to 1
+    h = make((10, 10), algorithm="maglev", slow_start=10.0)
+    h.set_health(h.backends[0], False, clock.now())
+    h.set_health(h.backends[0], True, clock.now())
+    assert h.view.weights == (10, 10)
+
+
 def test_passive_ejection_of_last_primary_brings_backups():
     p = make((1,), backups=(1,), passive=PassiveConfig(max_failures=1, cooldown=5.0))
     assert p.report_result(p.backends[0], False, 1.0) is True
