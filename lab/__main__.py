@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 
@@ -22,6 +23,51 @@ from .topology import DEFAULT, MODES, Topology
 def _topology(a) -> Topology:
     return replace(DEFAULT, prefix=a.prefix, subnet=a.subnet, mode=a.mode, lbs=a.lbs,
                    backends=a.backends, clients=a.clients)
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception in the main thread, so that it unwinds like Ctrl-C:
+    every ``finally``/``except BaseException`` on the way (the demo's teardown, a chaos
+    scenario's ``__exit__``, ``Lab.up``'s cleanup) runs. Not an ``Exception``: nothing that
+    reports a failed step swallows it."""
+
+
+def _raise_on_sigterm() -> None:
+    """Installs the SIGTERM handler (a CI timeout, `kill`): the first SIGTERM raises
+    Terminated; later ones are ignored so they cannot cut the teardown short.
+
+    Only in this process: forked children inherit the handler (pyroute2 forks a helper per
+    network namespace and ends it with SIGTERM); there it restores the default and dies as
+    before, instead of unwinding into main() and tearing the lab down under its parent."""
+    fired = []
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if fired:
+            return
+        fired.append(signum)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _teardown_after_signal(prefix: str, what: str, code: int) -> int:
+    """After SIGTERM/Ctrl-C: the lab's own teardown already ran while unwinding, unless the
+    signal cut into it; ``clean`` removes whatever is left (idempotent)."""
+    from .lab import clean
+    try:
+        removed = clean(prefix)
+    except Exception as e:  # noqa: BLE001 - reported; `python -m lab down` is the fallback
+        print(f"python -m lab: {what}; cleaning up lab {prefix!r} failed: {e}; run "
+              f"`python -m lab down --prefix {prefix}`", file=sys.stderr)
+        return code
+    print(f"python -m lab: {what}; lab {prefix!r} torn down"
+          + (f" ({len(removed)} leftover item(s) removed)" if removed else ""), file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from .lab import Lab, LabError
 
+    # the commands that build a lab tear it down on SIGTERM as on Ctrl-C (for `up`: only while
+    # it is being built; once up, the lab is meant to outlive this process)
+    lab_cmd = a.cmd in ("up", "demo", "chaos")
+    me = os.getpid()  # a forked child unwinding to here must not clean up (see above)
+    if lab_cmd:
+        _raise_on_sigterm()
     try:
         if a.cmd == "up":
             lab = Lab(_topology(a))
             lab.up(timeout=a.timeout, tls=not a.no_tls)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             st = lab.status()
             print(f"lab {a.prefix!r} is up ({a.mode}); VIPs: "
                   + ", ".join(f"{v} on {','.join(h) or 'nobody'}" for v, h in st["vips"].items()))
@@ -113,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"python -m lab {a.cmd}: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        if lab_cmd and os.getpid() == me:
+            return _teardown_after_signal(a.prefix, f"{a.cmd}: terminated (SIGTERM)", 128 + 15)
+        raise
+    except KeyboardInterrupt:
+        if lab_cmd and os.getpid() == me:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: not mid-cleanup
+            return _teardown_after_signal(a.prefix, f"{a.cmd}: interrupted", 128 + 2)
+        raise
     return 2
 
 

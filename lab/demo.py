@@ -15,6 +15,8 @@ from, and each LB node connects to the backends from its own address.
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import statistics
 import subprocess
@@ -102,9 +104,11 @@ class Traffic:
     """lab.traffic running in the client namespace, events in ``path`` (JSON lines)."""
 
     def __init__(self, lab: Lab, path: Path, seconds: float, vip: str | None = None,
-                 extra: list[str] | None = None, src_block: int | None = 0):
+                 extra: list[str] | None = None, src_block: int | None = 0,
+                 start_timeout: float = 15.0):
         self.path = path
         self.lab = lab
+        self._early = ""  # stdout read past the "started" line, handed to wait()
         argv = [PY, "-m", "lab.traffic", "--vip", vip or lab.topo.vips[0], "--seconds", str(seconds),
                 "--http-port", str(HTTP_PORT), "--tcp-port", str(TCP_PORT),
                 "--udp-port", str(UDP_PORT), "--out", str(path)]
@@ -114,10 +118,39 @@ class Traffic:
         self.p = nx.popen_in(lab.topo.client_hosts[0].netns, argv, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        line = self.p.stdout.readline()
-        if not line.startswith('{"event": "started"'):
+        line = self._first_line(start_timeout)
+        if line is None or not line.startswith('{"event": "started"'):
             self.p.kill()
-            raise LabError(f"traffic generator did not start: {line}{self.p.stderr.read()[-2000:]}")
+            try:
+                _, err = self.p.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a grandchild holds the pipe open
+                err = ""
+            why = (f"printed nothing within {start_timeout:g} s" if line is None
+                   else f"printed {line.strip()[:300]!r}")
+            raise LabError(f"traffic generator did not start (it {why}): {(err or '')[-2000:]}")
+
+    def _first_line(self, timeout: float) -> str | None:
+        """The generator's first line, or None if none came within ``timeout`` seconds (a bare
+        ``readline()`` would block the demo, with the lab up, if the generator hung). Reads the
+        pipe itself (select + os.read), before anything used the text wrapper's buffer; what
+        came after the line is kept for ``wait()``. At EOF: what there was (maybe "")."""
+        fd = self.p.stdout.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+        line, nl, rest = buf.partition(b"\n")
+        self._early = rest.decode(errors="replace")
+        return line.decode(errors="replace") + nl.decode()
 
     def wait(self, timeout: float) -> dict:
         try:
@@ -128,7 +161,7 @@ class Traffic:
             raise LabError("traffic generator overran its time") from None
         if self.p.returncode != 0:
             raise LabError(f"traffic generator failed ({self.p.returncode}): {err[-2000:]}")
-        return json.loads(out.strip().splitlines()[-1])
+        return json.loads((self._early + out).strip().splitlines()[-1])
 
     def stop(self) -> None:
         if self.p.poll() is None:
