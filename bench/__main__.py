@@ -560,13 +560,26 @@ def main(argv: list[str] | None = None) -> int:
     results["busy_cores_before"] = round(busy_elsewhere(), 2)
     running: dict[str, subprocess.Popen] = {}
     try:
+        def start_backend(name: str, argv_for) -> None:
+            for attempt in range(3):  # a port found free a moment ago can be taken meanwhile
+                p = procs.start(name, argv_for(P[key_of[name]]), LOAD_CORE)
+                try:
+                    wait_port(P[key_of[name]], proc=p)
+                    return
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    P[key_of[name]] = free_port()
+
+        key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf"}
         for name in ("n1", "n2"):
             conf = tmp / f"nginx-{name}.conf"
-            conf.write_text(NGINX_CONF.format(dir=tmp, name=name, port=P[name]))
-            p = procs.start(f"nginx-{name}", ["nginx", "-c", str(conf), "-p", str(tmp)], LOAD_CORE)
-            wait_port(P[name], proc=p)
-        p = procs.start("iperf3-server", ["iperf3", "-s", "-p", str(P["iperf"])], LOAD_CORE)
-        wait_port(P["iperf"], proc=p)
+
+            def nginx_argv(port, conf=conf, name=name):
+                conf.write_text(NGINX_CONF.format(dir=tmp, name=name, port=port))
+                return ["nginx", "-c", str(conf), "-p", str(tmp)]
+            start_backend(f"nginx-{name}", nginx_argv)
+        start_backend("iperf3-server", lambda port: ["iperf3", "-s", "-p", str(port)])
 
         hconf = tmp / "haproxy.cfg"
         hconf.write_text(HAPROXY_CONF.format(**P, **ports["haproxy"]))
@@ -656,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop(p)
         procs.close()
         results["load_after"] = loadavg()
-    shutil.rmtree(tmp, ignore_errors=True)
+        if sys.exc_info()[0] is not None:  # keep the logs of a failed run for a look
+            log(f"failed; logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     for w in ("haproxy", "halb"):
         r = results[w]
         for key, metric in (("l7", "rps"), ("l4", "gbps"), ("l4_forced", "gbps"),
