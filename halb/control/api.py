@@ -11,11 +11,15 @@ last two may be None. Time comes from the node's clocks.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import bisect
 import inspect
 import os
-from typing import Any, Iterable
+import random
+import time
+from itertools import islice
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import grpc
 
@@ -28,7 +32,8 @@ DEFAULT_PAGE = 100
 MAX_PREFIX = 1024
 MAX_KEY = 4096  # table keys are "kind/pool/value"; a page token carries one
 KEYS_TTL = 2.0  # seconds a sorted key list serves further pages of the same dump
-KEYS_CACHE = 4  # sorted key lists kept at most
+SORT_STEP = 2048  # keys per step of a table sort: a step takes ~1-3 ms
+SORT_SLICE = 0.002  # seconds a table sort runs on the event loop before it lets others run
 MAX_NAME = 256  # longer names cannot exist (config names are <= 63 chars); refuse early
 
 
@@ -154,7 +159,8 @@ class ControlAPI:
     def __init__(self, node: Any, started: float):
         self.node = node
         self.started = started  # node.clock time the node was built
-        self._keys: dict[tuple[str, str], tuple[float, Any, list[str]]] = {}
+        self._keys: dict[str, _Keys] = {}  # table name -> its one cached sorted key list
+        self._sorting: dict[str, tuple[Any, str, asyncio.Future]] = {}  # table name -> sort under way
 
     def _now(self) -> float:
         return self.node.clock.now()
@@ -246,22 +252,65 @@ class ControlAPI:
                 return i
         return pb.Instance(name=instance)
 
-    def _sorted_keys(self, table: Any, prefix: str) -> list[str]:
-        """The table's keys with ``prefix``, sorted; reused for KEYS_TTL so that paging
-        through a large table sorts it once, not once per page."""
-        now = self._now()
-        k = (table.name, prefix)
-        hit = self._keys.get(k)
-        if hit is not None and now - hit[0] < KEYS_TTL and hit[1] is table:
-            return hit[2]
-        entries, _ = table.page(0, len(table) + 1, prefix)
-        keys = [e.key for e in entries]
-        self._keys[k] = (now, table, keys)
-        while len(self._keys) > KEYS_CACHE:
-            del self._keys[min(self._keys, key=lambda x: self._keys[x][0])]
-        return keys
+    def _drop_keys(self, name: str, only: "_Keys | None" = None) -> None:
+        c = self._keys.get(name)
+        if c is not None and (only is None or c is only):
+            del self._keys[name]
+            _release_later(c.keys)
 
-    def dump_table(self, req: pb.DumpTableRequest) -> pb.DumpTableReply:
+    def _drop_stale_keys(self) -> None:
+        now = self._now()
+        for name in [n for n, c in self._keys.items() if now - c.at >= KEYS_TTL]:
+            self._drop_keys(name)
+
+    async def _sorted_keys(self, table: Any, prefix: str, fresh: bool) -> "SortedKeys":
+        """The table's keys with ``prefix``, sorted. A first page (``fresh``) sorts them anew;
+        later pages reuse that list for KEYS_TTL, so paging through a large table sorts it
+        once, not once per page. One list is kept per table (keys only), and one sort runs per
+        table at a time: a request for the prefix being sorted joins that sort."""
+        while True:
+            keys = await self._sorted_keys_once(table, prefix, fresh)
+            if not keys.released:  # (dropped from the cache while this request waited)
+                return keys
+            fresh = True
+
+    async def _sorted_keys_once(self, table: Any, prefix: str, fresh: bool) -> "SortedKeys":
+        name = table.name
+        self._drop_stale_keys()
+        while True:
+            c = self._keys.get(name)
+            if not fresh and c is not None and c.table is table and c.prefix == prefix:
+                return c.keys
+            running = self._sorting.get(name)
+            if running is None:
+                break
+            if running[0] is table and running[1] == prefix:
+                return await asyncio.shield(running[2])
+            await asyncio.wait([running[2]])  # another prefix of this table: after it
+        task = asyncio.ensure_future(self._sort(table, prefix))
+        task.add_done_callback(_retrieve)
+        self._sorting[name] = (table, prefix, task)
+        return await asyncio.shield(task)  # a caller that gives up leaves the list to the next
+
+    async def _sort(self, table: Any, prefix: str) -> "SortedKeys":
+        """Sorts a copy of the table's keys in short steps between the event loop's other
+        work (see ``sort_keys_async``), so that VRRP adverts, health checks and traffic go on
+        while a large table is sorted; only the copy of the keys is one step."""
+        name = table.name
+        try:
+            keys = table_keys(table)  # on the loop: the table must not change while copied
+            keys = await sort_keys_async(keys, prefix)
+            self._drop_keys(name)
+            c = self._keys[name] = _Keys(self._now(), table, prefix, keys)
+            # memory: the list goes after its useful life even if no dump comes again
+            asyncio.get_running_loop().call_later(KEYS_TTL, self._drop_keys, name, c)
+            return keys
+        finally:
+            running = self._sorting.get(name)
+            if running is not None and running[2] is asyncio.current_task():
+                del self._sorting[name]
+
+    async def dump_table(self, req: pb.DumpTableRequest) -> pb.DumpTableReply:
         """One page of entries sorted by key. The page token is the last key returned, so an
         entry added or removed between pages never makes a later page skip or repeat one."""
         try:
@@ -276,20 +325,196 @@ class ControlAPI:
         after = parse_page_token(req.page_token)
         if after is not None and not after.startswith(req.prefix):
             raise _bad("page_token does not belong to this prefix")
-        if after is None:  # a first page lists the keys afresh
-            self._keys.pop((table.name, req.prefix), None)
-        keys = self._sorted_keys(table, req.prefix)
-        start = bisect.bisect_right(keys, after) if after is not None else 0
+        keys = await self._sorted_keys(table, req.prefix, fresh=after is None)
+        start = keys.index_after(after) if after is not None else 0
         out: list[pb.TableEntry] = []
-        i = start
-        while i < len(keys) and len(out) < size:
-            e = table.get(keys[i])  # None: deleted or expired since the keys were listed
+        i, last = start, ""
+        for key in keys.iter_from(start):
+            if len(out) >= size:
+                break
+            e = table.get(key)  # None: deleted or expired since the keys were listed
             if e is not None:
                 out.append(entry_msg(e))
-            i += 1
+            i, last = i + 1, key
         more = i < len(keys)
         return pb.DumpTableReply(table=table.name, total=len(keys), offset=start, entries=out,
-                                 next_page_token=make_page_token(keys[i - 1]) if more else "")
+                                 next_page_token=make_page_token(last) if more else "")
+
+
+class _Keys(NamedTuple):
+    at: float  # node clock time the list was made
+    table: Any
+    prefix: str
+    keys: "SortedKeys"
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed sort nobody waits for any more is not logged as unretrieved
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting a large table without stopping the event loop
+#
+# A single sorted() call over a table's keys runs for 0.2 s at 262,144 keys and for seconds at
+# millions, and it holds the GIL throughout: run in a worker thread (asyncio.to_thread), it
+# stops the event loop just as long. So the keys are sorted on the loop itself, in steps of a
+# few thousand keys (a sample sort: no step touches all keys), giving the loop back every
+# SORT_SLICE; they are kept, and freed, as sorted chunks of that size. Chunks are tuples of
+# strings, which the garbage collector stops scanning after one pass. What is left in one go:
+# the copy of the table's keys (a C-speed list copy, ~20-30 ms per million keys) and, should a
+# garbage collection run while the copy and the buckets are young, one scan of them (~50 ms
+# per million keys): harmless at the flow table's 262,144, noticeable at millions of keys.
+
+
+class SortedKeys:
+    """Keys in order, held as consecutive sorted chunks (tuples of a few thousand keys)."""
+
+    __slots__ = ("chunks", "firsts", "starts", "total", "released")
+
+    def __init__(self, chunks: list[tuple[str, ...]]):
+        self.chunks = chunks
+        self.firsts = [c[0] for c in chunks]
+        self.starts: list[int] = []
+        n = 0
+        for c in chunks:
+            self.starts.append(n)
+            n += len(c)
+        self.total = n
+        self.released = False  # emptied by ``_release_later``: sort again
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[str]:
+        return self.iter_from(0)
+
+    def index_after(self, key: str) -> int:
+        """The position of the first key greater than ``key``."""
+        ci = bisect.bisect_right(self.firsts, key) - 1
+        if ci < 0:
+            return 0
+        return self.starts[ci] + bisect.bisect_right(self.chunks[ci], key)
+
+    def iter_from(self, pos: int) -> Iterator[str]:
+        ci = bisect.bisect_right(self.starts, pos) - 1
+        if ci < 0 or pos >= self.total:
+            return
+        first = self.chunks[ci]
+        for i in range(pos - self.starts[ci], len(first)):
+            yield first[i]
+        for c in islice(self.chunks, ci + 1, None):
+            yield from c
+
+
+def table_keys(table: Any) -> list[str]:
+    """A copy of the table's keys, unsorted: a C-speed copy of its dict (~30 ms per million
+    keys), not a list of Entry objects."""
+    entries = getattr(table, "_entries", None)
+    if isinstance(entries, dict):
+        return list(entries)
+    return [e.key for e in table.entries()]
+
+
+def sort_keys(keys: list[str], prefix: str = "", step: int = SORT_STEP) -> SortedKeys:
+    """The distinct ``keys`` that start with ``prefix``, sorted, in one go (tests, tools)."""
+    chunks: list[tuple[str, ...]] = []
+    for _ in _sort_steps(keys, prefix, step, chunks):
+        pass
+    return SortedKeys(chunks)
+
+
+async def sort_keys_async(keys: list[str], prefix: str = "", step: int = SORT_STEP,
+                          slice_seconds: float = SORT_SLICE) -> SortedKeys:
+    """``sort_keys`` on the event loop, giving the loop back every ``slice_seconds``."""
+    chunks: list[tuple[str, ...]] = []
+    clock = time.perf_counter
+    t = clock()
+    for _ in _sort_steps(keys, prefix, step, chunks):
+        if clock() - t >= slice_seconds:
+            await asyncio.sleep(0)
+            t = clock()
+    return SortedKeys(chunks)
+
+
+def _sort_steps(keys: list[str], prefix: str, step: int, out: list) -> Iterator[None]:
+    """Sorts the distinct ``keys`` with ``prefix`` into ``out`` as sorted chunks, yielding
+    after every step of at most a few thousand keys. Empties ``keys``, in steps too: freeing
+    a long list at once takes as long as copying it."""
+    if prefix:
+        mine: list[str] = []
+        for i in range(0, len(keys), step):
+            mine += [k for k in keys[i:i + step] if k.startswith(prefix)]
+            yield
+        yield from _release(keys, step)
+        keys = mine
+    yield from _sort_into(keys, max(4, step), out, random.Random(len(keys)))
+
+
+def _sort_into(keys: list[str], step: int, out: list, rnd: random.Random) -> Iterator[None]:
+    """Sample sort: the keys go into buckets between splitters drawn from a random sample (a
+    binary search per key), then each bucket, a few thousand keys, is sorted on its own;
+    a bucket that came out too large is split again the same way. Empties ``keys``."""
+    n = len(keys)
+    if n <= 2 * step:
+        if n:
+            keys.sort()
+            out.append(tuple(keys))
+            keys.clear()
+            yield
+        return
+    nb = n // step  # buckets
+    over = max(2, min(8, step // 2))  # samples per bucket (bucket sizes within ~3x of step),
+    # at least 2 (each splitter has samples on both sides: every bucket is smaller than n),
+    # at most step / 2 (the sample is at most half the keys)
+    sample = rnd.sample(keys, nb * over)
+    yield
+    ordered: list[tuple[str, ...]] = []
+    yield from _sort_into(sample, step, ordered, rnd)
+    splitters = [k for c in ordered for k in c][over:nb * over:over]
+    del ordered
+    buckets: list[list[str]] = [[] for _ in range(len(splitters) + 1)]
+    adds = [b.append for b in buckets]
+    find = bisect.bisect_right
+    for i in range(0, n, step):
+        for k in keys[i:i + step]:
+            adds[find(splitters, k)](k)
+        yield
+    del adds
+    yield from _release(keys, step)
+    for i, b in enumerate(buckets):
+        buckets[i] = []
+        yield from _sort_into(b, step, out, rnd)
+
+
+def _release(keys: list, step: int = SORT_STEP) -> Iterator[None]:
+    """Empties a list a step at a time, from its end (no moves)."""
+    while keys:
+        del keys[-step:]
+        yield
+
+
+def _release_chunks(chunks: list, loop: asyncio.AbstractEventLoop | None) -> None:
+    t = time.perf_counter()
+    while chunks:
+        chunks.pop()
+        if loop is not None and chunks and time.perf_counter() - t >= SORT_SLICE:
+            loop.call_soon(_release_chunks, chunks, loop)  # the rest after others ran
+            return
+
+
+def _release_later(keys: SortedKeys) -> None:
+    """Frees a sorted key list a chunk at a time, between the event loop's other work
+    (freeing millions of keys at once would stop the loop for a good part of a second)."""
+    chunks = keys.chunks
+    if len(chunks) < 8:
+        return  # small: freeing it at once is cheap
+    keys.chunks, keys.firsts, keys.starts, keys.total, keys.released = [], [], [], 0, True
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    _release_chunks(chunks, loop)
 
 
 def make_page_token(last_key: str) -> str:

@@ -332,6 +332,51 @@ def test_tables_paged(running, node, sock, capsys):
     assert code == 1 and "out of range" in err
 
 
+def test_concurrent_dumps_of_one_table_page_through_all_of_it(running, node, sock):
+    """Several clients dump the same table at once, with and without a prefix: each pages
+    through every key exactly once, in order (the server sorts one prefix at a time per
+    table and lets requests for the prefix being sorted join that sort)."""
+    from halb.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc
+
+    async def fill():  # on the node's loop, which owns the table
+        for i in range(5000):
+            node.tables.sticky.put(sticky_key("src", "web", f"10.{i % 7}.{i // 256}.{i % 256}"),
+                                   "web1", 300, pool="web")
+
+    running.run(fill())
+    keys = sorted(node.tables.sticky._entries)
+    results: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def client(n, prefix):
+        try:
+            with grpc.insecure_channel(f"unix:{sock}") as ch:
+                stub = pb_grpc.ControlStub(ch)
+                seen, token = [], ""
+                while True:
+                    r = stub.DumpTable(pb.DumpTableRequest(table="sticky", prefix=prefix,
+                                                           page_size=700, page_token=token),
+                                       timeout=10)
+                    seen += [e.key for e in r.entries]
+                    token = r.next_page_token
+                    if not token:
+                        break
+                results[n] = seen
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    prefixes = ["", "src/web/10.3.", "", "src/web/10.3.", "src/web/10.5."]
+    threads = [threading.Thread(target=client, args=(n, p)) for n, p in enumerate(prefixes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    for n, p in enumerate(prefixes):
+        assert results[n] == [k for k in keys if k.startswith(p)], p
+    assert len(results[0]) == 5000
+
+
 def test_dump_table_errors_from_the_api(running, sock):
     from halb.v1 import control_pb2 as pb, control_pb2_grpc as pb_grpc
     with grpc.insecure_channel(f"unix:{sock}") as ch:
