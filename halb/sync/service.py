@@ -44,6 +44,9 @@ MAX_BACKOFF = 2.0  # reconnect backoff cap (seconds, random exponential with jit
 HARD_HOLD = 60.0  # never hold preemption longer than this, even for a slow snapshot
 KEEPALIVE_MS = 5000  # HTTP/2 pings on idle links; a silent peer is dropped after ~2x this
 UNKNOWN = "(unknown)"
+PROBE_TIMEOUT = 0.25  # the connect that tells a dead peer process from a live one
+PROBE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04)  # waits before each probe connect
+PROBE_HOLD = 0.02  # an accepted probe that stays open this long shows a live listener
 
 
 def _common_options() -> list[tuple[str, Any]]:
@@ -202,6 +205,7 @@ class SyncService:
         self._streams: set[_Stream] = set()
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        self._probes: set[asyncio.Task] = set()
         self._progress = asyncio.Event()
         self._collector: _Collector | None = None
         self._stopping = False
@@ -249,6 +253,8 @@ class SyncService:
 
     async def stop(self) -> None:
         self._stopping = True
+        for t in list(self._probes):
+            t.cancel()
         for t in self._tasks:
             t.cancel()
         if self._tasks:
@@ -353,8 +359,46 @@ class SyncService:
                 el.sync_peer_seen(p.host)
             else:
                 el.sync_peer_lost(p.host)
+                t = asyncio.get_running_loop().create_task(self._probe(p, el))
+                self._probes.add(t)
+                t.add_done_callback(self._probes.discard)
         except Exception:
             self.log.exception("election_notify_failed", peer=p.name, up=up)
+
+    async def _probe(self, p: Peer, el) -> None:
+        """Connects to the peer's sync port right after its stream closed. Refused (RST)
+        means its kernel is up and no halbd listens: the process is gone, and the election
+        may take over at once. A dying process's kernel closes its streams a moment before its
+        listening socket, so an accepted connection that is reset or closed at once is probed
+        again; one that stays open proves a live process, and silence proves nothing (a cut
+        link): the election then waits for the next advert to be late, or for the VRRP
+        timers. Bounded: a few connects within about 100 ms."""
+        host, port = p.cfg.address.host, p.cfg.address.port
+        for delay in PROBE_RETRIES:
+            await asyncio.sleep(delay)
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, port), PROBE_TIMEOUT)
+            except ConnectionRefusedError:
+                self.log.info("sync_peer_dead", peer=p.name, reason="sync port refuses connections")
+                try:
+                    el.sync_peer_dead(p.host)
+                except Exception:
+                    self.log.exception("election_notify_failed", peer=p.name, up=False)
+                return
+            except (OSError, asyncio.TimeoutError) as e:
+                self.log.info("sync_peer_probe", peer=p.name, result=type(e).__name__)
+                return
+            try:
+                first = await asyncio.wait_for(r.read(1), PROBE_HOLD)
+            except asyncio.TimeoutError:
+                first = None  # stays open: a live listener
+            except OSError:
+                first = b""  # reset: the listener went away under us
+            w.close()
+            if first != b"":
+                self.log.info("sync_peer_probe", peer=p.name, result="alive")
+                return
+        self.log.info("sync_peer_probe", peer=p.name, result="inconclusive")
 
     # -- start-up learning --------------------------------------------------------------------
 

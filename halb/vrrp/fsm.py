@@ -381,6 +381,16 @@ class Fsm:
             self.fast_at = due + FAST_MARGIN * self.mai
         return []
 
+    def sync_peer_dead(self, now: float, peer: str) -> list:
+        """After its sync stream closed, ``peer``'s host refused a new connection to the sync
+        port: its kernel is up and no halbd listens, the process is gone. If it is our master
+        and no advert came since the stream closed (the fast takeover is still armed), take
+        over now instead of waiting for the next advert to be late."""
+        if self.state == BACKUP and peer and peer == self.fast_peer and self.fast_at is not None:
+            return self._to_master(now, f"fast takeover: sync stream from {peer} closed and its "
+                                        "sync port refuses connections")
+        return []
+
     def sync_peer_seen(self, now: float, peer: str) -> list:
         if peer and peer == self.fast_peer:
             self.fast_at = None

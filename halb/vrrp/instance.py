@@ -571,6 +571,15 @@ class Election:
                     log.info("fast_takeover_armed", instance=inst.name, peer=peer_ip,
                              within=inst.fsm.mai)
 
+    def sync_peer_dead(self, peer_ip: str) -> None:
+        """State sync found ``peer_ip``'s sync port refusing connections after its stream
+        closed: the process is gone (see Fsm.sync_peer_dead)."""
+        if not self.fast_takeover:
+            return
+        for inst in self.instances.values():
+            if inst.fsm is not None and not inst.fsm.stopped:
+                inst.call("sync_peer_dead", peer_ip)
+
     def sync_peer_seen(self, peer_ip: str) -> None:
         for inst in self.instances.values():
             if inst.fsm is not None and not inst.fsm.stopped:

@@ -131,7 +131,8 @@ def pair(request):
     tmp_path = Path(tempfile.mkdtemp(prefix="halb-hs-"))
     with hs_lock():
         yield from _pair(tmp_path)
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    if not os.environ.get("HALB_KEEP"):
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _pair(tmp_path):

@@ -444,3 +444,27 @@ def test_stream_loss_ignored_by_a_master():
     f = master_at(fsm(100, 0.1))
     f.sync_peer_lost(f.since, PEER_HIGH)
     assert f.fast_at is None
+
+
+def test_refused_sync_port_after_stream_loss_takes_over_at_once():
+    f = backup_of(PEER_HIGH)
+    lost = T0 + 0.11  # 10 ms after the last advert
+    f.sync_peer_lost(lost, PEER_HIGH)
+    acts = f.sync_peer_dead(lost + 0.002, PEER_HIGH)
+    assert f.state == MASTER and AddVips() in acts
+    assert any(isinstance(a, StateChange) and "refuses connections" in a.reason for a in acts)
+
+
+def test_refused_sync_port_is_ignored_once_an_advert_proved_the_master_alive():
+    f = backup_of(PEER_HIGH)
+    f.sync_peer_lost(T0 + 0.15, PEER_HIGH)
+    f.on_advert(T0 + 0.2, PEER_HIGH, 200, 0.1)  # alive after all (a restarted process?)
+    assert f.sync_peer_dead(T0 + 0.21, PEER_HIGH) == [] and f.state == BACKUP
+
+
+@pytest.mark.parametrize("peer", [PEER_LOW, ""])
+def test_refused_sync_port_of_another_peer_or_without_stream_loss_is_ignored(peer):
+    f = backup_of(PEER_HIGH)
+    assert f.sync_peer_dead(T0 + 0.15, PEER_HIGH) == []  # no stream loss reported first
+    f.sync_peer_lost(T0 + 0.15, PEER_HIGH)
+    assert f.sync_peer_dead(T0 + 0.16, peer) == [] and f.state == BACKUP
