@@ -207,8 +207,14 @@ class TableSender:
             e = snap[i]
             i += 1
             if i <= live:
-                if get(e.key) != e:  # a newer version (entries are immutable values)
+                # skip entries replaced, removed or expired since the snapshot began: their
+                # change follows in the log. An unlogged expiry bump (a busy entry touched
+                # within a quarter TTL) is the same logged version: send its current copy.
+                cur = get(e.key)
+                if cur is None or cur.updated != e.updated or cur.origin != e.origin \
+                        or cur.backend != e.backend:
                     continue
+                e = cur
                 ops.append(create)
             else:
                 ops.append(delete)

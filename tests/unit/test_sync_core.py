@@ -303,3 +303,22 @@ def test_columns_travel_intact_and_malformed_columns_are_protocol_errors():
     bad.backends[0] = 99
     with pytest.raises(ProtocolError, match="string index"):
         r.handle(pb.SyncBatch(kind=Kind.KIND_SNAPSHOT, table="sticky", epoch=5, entries=bad))
+
+
+def test_snapshot_sends_entries_touched_while_it_is_sent():
+    """A busy entry is touched on every use; a touch within a quarter TTL only moves its expiry
+    (no log record). The snapshot must still carry it, or the follower never learns it."""
+    clk = FakeClock(1000.0)
+    a, b = mk("a", clk), mk("b", clk)
+    for i in range(10):
+        a.put(f"k{i}", "w1", 100)
+    s = TableSender(a, "a", batch_size=4, max_backlog=1000)
+    r = TableReceiver(b, "a")
+    s.start(0, 0)
+    clk.advance(1)
+    for i in range(10):
+        a.touch(f"k{i}", 100)  # unlogged expiry bump
+    assert a.seq == 10
+    drain(s, r, clk.now())
+    assert sorted(e.key for e in b.entries()) == [f"k{i}" for i in range(10)]
+    assert all(e.expires == 1101.0 for e in b.entries())
