@@ -119,6 +119,28 @@ class _Rx:
         self.replay_bytes = 0
 
 
+class _Settings:
+    """A listener's settings that the per-request path reads, flattened into one object."""
+
+    __slots__ = ("max_line", "max_headers", "max_header_bytes", "max_conns", "t_header",
+                 "t_body", "t_idle", "t_server", "t_connect", "forwarded", "proto", "name")
+
+    def __init__(self, cfg: ListenerConfig, proto: str):
+        lim, t = cfg.limits, cfg.timeouts
+        self.max_line = lim.max_request_line
+        self.max_headers = lim.max_headers
+        self.max_header_bytes = lim.max_header_bytes
+        self.max_conns = lim.max_conns
+        self.t_header = t.header
+        self.t_body = t.body
+        self.t_idle = t.client_idle
+        self.t_server = t.server
+        self.t_connect = t.connect
+        self.forwarded = cfg.forwarded_headers
+        self.proto = proto
+        self.name = cfg.name
+
+
 class HttpListener:
     def __init__(self, cfg: ListenerConfig, node: "Node"):
         self.cfg = cfg
@@ -130,6 +152,7 @@ class HttpListener:
             from .tls import server_context
             self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls")
         self.proto = "https" if cfg.tls else "http"
+        self.settings = _Settings(cfg, self.proto)
         self.conns: set[ClientConn] = set()
         self.idle: dict[object, list[BackendConn]] = {}
         self.server: asyncio.AbstractServer | None = None
@@ -219,7 +242,7 @@ class HttpListener:
             lst.remove(bc)
 
 
-class BackendConn(asyncio.Protocol):
+class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
     __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "on_header", "reason", "keep",
@@ -381,10 +404,10 @@ class BackendConn(asyncio.Protocol):
             self.tr.abort()
 
 
-class ClientConn(asyncio.Protocol):
+class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One client connection: parses its requests and runs one exchange at a time."""
 
-    __slots__ = ("l", "node", "cfg", "loop", "tr", "parser", "client_ip", "accepted", "closed",
+    __slots__ = ("l", "node", "s", "loop", "tr", "parser", "client_ip", "accepted", "closed",
                  "eof", "paused", "in_head", "raw_head", "url", "hdrs", "hbytes", "rx", "queue",
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
@@ -394,7 +417,7 @@ class ClientConn(asyncio.Protocol):
     def __init__(self, lst: HttpListener):
         self.l = lst
         self.node = lst.node
-        self.cfg = lst.cfg
+        self.s = lst.settings
         self.loop = lst.loop
         self.tr: asyncio.Transport | None = None
         self.parser = None  # created on the first bytes: an idle connection costs less
@@ -447,7 +470,7 @@ class ClientConn(asyncio.Protocol):
     def connection_made(self, tr) -> None:
         self.tr = tr
         l = self.l
-        if len(l.conns) >= self.cfg.limits.max_conns or l.stopping:
+        if len(l.conns) >= self.s.max_conns or l.stopping:
             self.closed = True
             tr.abort()
             return
@@ -457,7 +480,7 @@ class ClientConn(asyncio.Protocol):
         self.client_ip = peer[0] if peer else ""
         tr.set_write_buffer_limits(HIGH_WATER)
         self.node.metrics.conn_open(l.name)
-        self._arm("head", self.cfg.timeouts.header)
+        self._arm("head", self.s.t_header)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -491,7 +514,7 @@ class ClientConn(asyncio.Protocol):
         if bc is not None:
             bc.pause_reading()
         if self.wtimer is None:
-            self.wtimer = self.loop.call_later(self.cfg.timeouts.client_idle, self._send_timeout)
+            self.wtimer = self.loop.call_later(self.s.t_idle, self._send_timeout)
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -521,7 +544,7 @@ class ClientConn(asyncio.Protocol):
         if self.closed or self.paused & _P_DONE:
             return
         if self.rx is None and (not self.tkind or self.tkind == "idle"):
-            self._arm("head", self.cfg.timeouts.header)  # a new head starts: it has a deadline
+            self._arm("head", self.s.t_header)  # a new head starts: it has a deadline
         was_head = self.in_head
         if self.rx is None and not self.in_head:
             # a new request starts at this read: check its request line on the raw bytes
@@ -552,8 +575,8 @@ class ClientConn(asyncio.Protocol):
             self._flush_up()
         if self.in_head:
             self.raw_head = self.raw_head + len(data) if was_head else len(data)
-            lim = self.cfg.limits
-            if self.raw_head > lim.max_header_bytes + lim.max_request_line:
+            s = self.s
+            if self.raw_head > s.max_header_bytes + s.max_line:
                 self._refuse(HttpError(431, "request head too large"))
                 return
         if self.cur is None and self.queue:
@@ -576,9 +599,12 @@ class ClientConn(asyncio.Protocol):
         n = len(data)
         while i + 1 < n and data[i] == 13 and data[i + 1] == 10:  # leading empty lines
             i += 2
-        end = data.find(b"\r\n", i, i + self.cfg.limits.max_request_line + 2)
+        end = data.find(b"\r\n", i, i + self.s.max_line + 2)
         if end < 0:
             return True  # incomplete line: llhttp and the length limit judge it
+        if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
+                and data.find(b"  ", i, end) < 0:
+            return True  # METHOD SP target SP version: llhttp checks the three parts
         if not _REQ_LINE_RE.match(data[i:end]):
             self._refuse(HttpError(400, "malformed request line"))
             return False
@@ -611,16 +637,16 @@ class ClientConn(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.cfg.limits.max_request_line:
+        if len(self.url) > self.s.max_line:
             raise HttpError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.hdrs.append((name, value))
         self.hbytes += len(name) + len(value) + 4
-        lim = self.cfg.limits
-        if len(self.hdrs) > lim.max_headers:
+        s = self.s
+        if len(self.hdrs) > s.max_headers:
             raise HttpError(431, "too many header fields")
-        if self.hbytes > lim.max_header_bytes:
+        if self.hbytes > s.max_header_bytes:
             raise HttpError(431, "header fields too large")
 
     def on_headers_complete(self) -> None:
@@ -636,7 +662,7 @@ class ClientConn(asyncio.Protocol):
         self.queue.append(rx)
         if req.has_body:
             self.rx = rx
-            self._arm("body", self.cfg.timeouts.body)
+            self._arm("body", self.s.t_body)
         else:
             self.rx = None
             self._cancel_timer()
@@ -648,7 +674,7 @@ class ClientConn(asyncio.Protocol):
         if rx.complete:  # trailer section bytes never come here; defensive
             return
         now = self.loop.time()
-        self.deadline = now + self.cfg.timeouts.body
+        self.deadline = now + self.s.t_body
         if rx.req.chunked:
             piece = b"%x\r\n%b\r\n" % (len(data), data)
         else:
@@ -712,7 +738,7 @@ class ClientConn(asyncio.Protocol):
             self.close()
             return
         if self.paused & ~_P_DONE:  # we stopped reading, not the client: wait on
-            self._arm(kind, self.cfg.timeouts.header if kind == "head" else self.cfg.timeouts.body)
+            self._arm(kind, self.s.t_header if kind == "head" else self.s.t_body)
             return
         self.tkind = ""
         if kind == "body":
@@ -814,7 +840,7 @@ class ClientConn(asyncio.Protocol):
         node = self.node
         router = self.l.router
         pool_name = router.route(req.host, req.path,
-                                 req.header_map() if router.needs_headers else None)
+                                 req if router.needs_headers else None)  # Request.get: lazy
         pool = node.pools.get(pool_name)
         self.pool = pool
         self.tried = set()
@@ -882,7 +908,7 @@ class ClientConn(asyncio.Protocol):
         try:
             _, bc = await asyncio.wait_for(
                 self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
-                self.cfg.timeouts.connect)
+                self.s.t_connect)
         except asyncio.CancelledError:
             return
         except asyncio.TimeoutError:
@@ -931,7 +957,7 @@ class ClientConn(asyncio.Protocol):
         self.acquired = True
         self.t0 = self.loop.time()
         req = rx.req
-        head = request_head(req, self.client_ip, self.l.proto, self.cfg.forwarded_headers,
+        head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
                             default_host="" if req.host else
                             (b.host if b.port == 80 else f"{b.host}:{b.port}"))
         if rx.body:
@@ -1055,9 +1081,9 @@ class ClientConn(asyncio.Protocol):
         if self.queue:
             self._start(self.queue[0])
         elif self.in_head:
-            self._arm("head", self.cfg.timeouts.header)
+            self._arm("head", self.s.t_header)
         elif self.rx is None and not self.closed:
-            self._arm("idle", self.cfg.timeouts.client_idle)
+            self._arm("idle", self.s.t_idle)
 
     def backend_failed(self, bc: BackendConn, kind: str) -> None:
         """The backend connection failed (closed, protocol error, timeout) mid-exchange."""

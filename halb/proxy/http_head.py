@@ -14,7 +14,6 @@ differently.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
 
@@ -24,6 +23,7 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"proxy-authorization"))
 # Request headers halb (re)writes itself when forwarded headers are on.
 _FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
+_REQ_SPECIAL_LENS = frozenset(len(n) for n in HOP_BY_HOP | _FWD)
 
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -47,24 +47,32 @@ def error_response(status: int, reason: str, *, close: bool = True) -> bytes:
             + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
 
 
-@dataclass(slots=True)
 class Request:
-    """A checked request head."""
+    """A checked request head (built by ``check_request``)."""
 
-    method: bytes
-    target: bytes  # origin-form (absolute-form is reduced to it)
-    version: str  # "1.0" | "1.1"
-    headers: list[tuple[bytes, bytes]]
-    host: str = ""  # Host header (or absolute-form authority), lower case, with port if given
-    path: str = "/"  # target path without the query, for routing
-    content_length: int | None = None
-    chunked: bool = False
-    conn_tokens: frozenset = frozenset()  # Connection header tokens, lower case
-    _map: dict | None = field(default=None, repr=False)
+    __slots__ = ("method", "target", "version", "headers", "host", "path", "content_length",
+                 "chunked", "has_body", "conn_tokens", "_map")
 
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+    def __init__(self, method: bytes, target: bytes, version: str,
+                 headers: list[tuple[bytes, bytes]], host: str = "", path: str = "/",
+                 content_length: int | None = None, chunked: bool = False,
+                 conn_tokens: frozenset = frozenset()):
+        self.method = method
+        self.target = target  # origin-form (absolute-form is reduced to it)
+        self.version = version  # "1.0" | "1.1"
+        self.headers = headers
+        self.host = host  # Host header (or absolute-form authority), lower case, with port
+        self.path = path  # target path without the query, for routing
+        self.content_length = content_length
+        self.chunked = chunked
+        self.has_body = chunked or bool(content_length)
+        self.conn_tokens = conn_tokens  # Connection header tokens, lower case
+        self._map = None
+
+    def __repr__(self) -> str:
+        return (f"Request(method={self.method!r}, target={self.target!r}, "
+                f"version={self.version!r}, host={self.host!r}, path={self.path!r}, "
+                f"content_length={self.content_length!r}, chunked={self.chunked!r})")
 
     def header_map(self) -> dict[str, list[str]]:
         """Lower-case header name -> list of values (latin-1 text); built once on demand."""
@@ -76,8 +84,25 @@ class Request:
             self._map = m
         return m
 
+    def get(self, name: str, default=None) -> list[str] | None:
+        """The values of header ``name`` (lower case), as ``header_map().get`` gives them, but
+        found by a scan of the (few) headers instead of building the map: the router asks for
+        one or two names per request."""
+        m = self._map
+        if m is not None:
+            return m.get(name, default)
+        bname = name.encode("latin-1")
+        ln = len(bname)
+        out = None
+        for n, v in self.headers:
+            if len(n) == ln and n.lower() == bname:
+                if out is None:
+                    out = []
+                out.append(v.decode("latin-1"))
+        return default if out is None else out
+
     def cookies(self) -> dict[str, str]:
-        return parse_cookies(self.header_map().get("cookie", ()))
+        return parse_cookies(self.get("cookie", ()))
 
 
 def parse_cookies(values) -> dict[str, str]:
@@ -101,6 +126,7 @@ def _split_tokens(v: bytes) -> list[bytes]:
 
 
 _PLAIN_CONN = frozenset((b"close", b"keep-alive", b""))
+_NO_TOKENS: frozenset = frozenset()
 
 
 def check_request(method: bytes, target: bytes, version: str,
@@ -121,23 +147,26 @@ def check_request(method: bytes, target: bytes, version: str,
         raise HttpError(400, f"unsupported HTTP version {version}")
     if method == b"CONNECT":
         raise HttpError(501, "CONNECT is not supported")
-    host_vals: list[bytes] = []
-    te_vals: list[bytes] = []
+    host: bytes | None = None
+    te_vals: list[bytes] | None = None
     cl: bytes | None = None
-    conn: list[bytes] = []
+    conn: list[bytes] | None = None
     for n, v in headers:
         ln = len(n)
         if ln == 4 and n.lower() == b"host":
-            host_vals.append(v)
+            if host is not None:
+                raise HttpError(400, "more than one Host header")
+            host = v.strip()
         elif ln == 17 and n.lower() == b"transfer-encoding":
+            if te_vals is None:
+                te_vals = []
             te_vals.append(v)
         elif ln == 14 and n.lower() == b"content-length":
             cl = v
         elif ln == 10 and n.lower() == b"connection":
+            if conn is None:
+                conn = []
             conn.extend(_split_tokens(v))
-    if len(host_vals) > 1:
-        raise HttpError(400, "more than one Host header")
-    host = host_vals[0].strip() if host_vals else None
     if host is None and version == "1.1":
         raise HttpError(400, "missing Host header")
     if host is not None and not _HOST_RE.match(host):
@@ -185,9 +214,9 @@ def check_request(method: bytes, target: bytes, version: str,
         raise HttpError(400, "malformed request target")
     q = target.find(b"?")
     path = (target if q < 0 else target[:q]).decode("latin-1")
-    return Request(method=method, target=target, version=version, headers=headers,
-                   host=host.decode("latin-1").lower() if host else "", path=path,
-                   content_length=length, chunked=chunked, conn_tokens=frozenset(conn))
+    return Request(method, target, version, headers,
+                   host.decode("latin-1").lower() if host else "", path,
+                   length, chunked, frozenset(conn) if conn else _NO_TOKENS)
 
 
 _FTOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -219,23 +248,26 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     ``X-Forwarded-Proto`` is replaced, and an RFC 7239 ``Forwarded`` element is appended.
     """
     drop = HOP_BY_HOP
+    lens = _REQ_SPECIAL_LENS
     if req.conn_tokens:
         extra = req.conn_tokens - _PLAIN_CONN
         if extra:
             drop = drop | extra
+            lens = None  # names of any length may go
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     fwd: list[bytes] = []
     for n, v in req.headers:
-        ln = n.lower()
-        if ln in drop:
-            continue
-        if forwarded and ln in _FWD:
-            if ln == b"x-forwarded-for":
-                xff.append(v)
-            elif ln == b"forwarded":
-                fwd.append(v)
-            continue
+        if lens is None or len(n) in lens:  # only names of these lengths can be special
+            ln = n.lower()
+            if ln in drop:
+                continue
+            if forwarded and ln in _FWD:
+                if ln == b"x-forwarded-for":
+                    xff.append(v)
+                elif ln == b"forwarded":
+                    fwd.append(v)
+                continue
         parts += (n, b": ", v, b"\r\n")
     if req.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
