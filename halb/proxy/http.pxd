@@ -1,6 +1,8 @@
 # C types for http.py when it is compiled with Cython (pure Python mode: the .py file stays
 # the source and runs as is without a compiler; this file only adds types). See halb/_ext.py.
 
+import cython
+
 from halb.proxy.http_head cimport Request, ResponseHead
 
 
@@ -36,6 +38,7 @@ cdef class ClientConn:
     cdef public object pending_error, tkind, wtimer, out, up, pool, b, connecting, tried
     cdef public object last_err, sticky_b, cookie_val, hkey
     cdef public _Settings s
+    cdef public list fwd
     cdef public _Rx cur
     cdef public BackendConn conn
     cdef public bint accepted, closed, eof, in_head, wpaused, acquired, reused, stale_retry
@@ -45,6 +48,8 @@ cdef class ClientConn:
     cdef public double deadline, t0
     cpdef flush(self)
     cdef _flush_up(self)
+    @cython.locals(i=Py_ssize_t, n=Py_ssize_t, lim=Py_ssize_t, stop=Py_ssize_t, j=Py_ssize_t,
+                   end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint)
     cdef bint _check_line(self, bytes data) except -1
     cdef _arm(self, str kind, double timeout)
     cdef _cancel_timer(self)

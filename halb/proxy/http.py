@@ -72,6 +72,11 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+try:
+    import cython  # compiled: C-level branches below (see halb/_ext.py)
+except ImportError:  # pragma: no cover - Cython absent at run time
+    from .. import _cyshim as cython
+
 from ..config import HASH_ALGORITHMS, ListenerConfig
 from ..log import get_logger
 from ..tables import sticky_key
@@ -412,7 +417,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
                  "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
-                 "resp_started", "resp_chunk", "resp_close", "status")
+                 "resp_started", "resp_chunk", "resp_close", "status", "fwd")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
@@ -464,6 +469,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.resp_chunk = False
         self.resp_close = False
         self.status = 0
+        self.fwd: list | None = None  # [Host, forwarded headers] reused by request_head
 
     # -- transport events -----------------------------------------------------------------
 
@@ -599,12 +605,37 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         n = len(data)
         while i + 1 < n and data[i] == 13 and data[i + 1] == 10:  # leading empty lines
             i += 2
-        end = data.find(b"\r\n", i, i + self.s.max_line + 2)
-        if end < 0:
-            return True  # incomplete line: llhttp and the length limit judge it
-        if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
-                and data.find(b"  ", i, end) < 0:
-            return True  # METHOD SP target SP version: llhttp checks the three parts
+        lim = i + self.s.max_line + 2
+        if cython.compiled:  # the same decisions in one pass over the bytes
+            stop = n if lim > n else lim
+            j = i
+            end = -1
+            sp = 0
+            prev = 0
+            dbl = False
+            while j < stop:
+                c = data[j]
+                if c == 13:
+                    if j + 1 < stop and data[j + 1] == 10:
+                        end = j
+                        break
+                elif c == 32:
+                    sp += 1
+                    if prev == 32:
+                        dbl = True
+                prev = c
+                j += 1
+            if end < 0:
+                return True
+            if sp == 2 and not dbl and data[i] != 32 and data[end - 1] != 32:
+                return True
+        else:
+            end = data.find(b"\r\n", i, lim)
+            if end < 0:
+                return True  # incomplete line: llhttp and the length limit judge it
+            if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
+                    and data.find(b"  ", i, end) < 0:
+                return True  # METHOD SP target SP version: llhttp checks the three parts
         if not _REQ_LINE_RE.match(data[i:end]):
             self._refuse(HttpError(400, "malformed request line"))
             return False
@@ -957,9 +988,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.acquired = True
         self.t0 = self.loop.time()
         req = rx.req
+        fwd = self.fwd
+        if fwd is None and self.s.forwarded:
+            fwd = self.fwd = [None, b""]  # this connection's forwarded headers, by Host
         head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
-                            default_host="" if req.host else
-                            (b.host if b.port == 80 else f"{b.host}:{b.port}"))
+                            "" if req.host else
+                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd)
         if rx.body:
             bc.tr.writelines([head, *rx.body])
             rx.body = []
@@ -1020,8 +1054,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
         if not self.closed:
-            self.out.append(rh.build(status, reason, chunk=chunk, close=close, set_cookie=set_cookie,
-                                     keep_alive=not close and req.version == "1.0"))
+            self.out.append(rh.build(status, reason, chunk, close, set_cookie,
+                                     not close and req.version == "1.0"))
         return head_only, close_delim
 
     def _record_sticky(self, mode: str, pool, b) -> None:

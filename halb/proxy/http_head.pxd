@@ -1,6 +1,13 @@
 # C types for http_head.py when it is compiled with Cython (pure Python mode: the .py file
 # stays the source; this file only adds types). See halb/_ext.py.
 
+import cython
+
+
+@cython.locals(k=Py_ssize_t, c=int)
+cdef bint _is(bytes name, bytes lower) except -1
+
+
 cdef class Request:
     cdef public bytes method, target
     cdef public str version, host, path
@@ -14,5 +21,5 @@ cdef class Request:
 cdef class ResponseHead:
     cdef public list parts, headers, conn_tokens
     cdef public object content_length
-    cdef public bint chunked
+    cdef public bint chunked, conn_extra
     cdef public Py_ssize_t nbytes, max_headers, max_bytes

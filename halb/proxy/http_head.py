@@ -17,6 +17,11 @@ import re
 from functools import lru_cache
 from http import HTTPStatus
 
+try:
+    import cython  # compiled: C-level branches below (see halb/_ext.py)
+except ImportError:  # pragma: no cover - Cython absent at run time
+    from .. import _cyshim as cython
+
 # Connection-specific headers (RFC 9110 7.6.1) that a proxy must not forward, lower case.
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
                         b"transfer-encoding", b"upgrade", b"trailer", b"proxy-authenticate",
@@ -119,6 +124,38 @@ def parse_cookies(values) -> dict[str, str]:
     return out
 
 
+def _is(name: bytes, lower: bytes) -> bool:
+    """``name.lower() == lower`` for a lower-case ASCII ``lower`` (C loop when compiled)."""
+    if cython.compiled:
+        if len(name) != len(lower):
+            return False
+        for k in range(len(lower)):
+            c = name[k]
+            if 65 <= c <= 90:
+                c += 32
+            if c != lower[k]:
+                return False
+        return True
+    return name.lower() == lower
+
+
+_HOSTS: dict = {}  # Host value -> its checked, decoded, lower-case form; bounded
+_HOSTS_MAX = 1024
+
+
+def _host_text(host: bytes) -> str | None:
+    """The Host value as halb keeps it, or None if it is not a valid ``host[:port]``."""
+    t = _HOSTS.get(host)
+    if t is None:
+        if not _HOST_RE.match(host):
+            return None
+        t = host.decode("latin-1").lower()
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        _HOSTS[host] = t
+    return t
+
+
 def _split_tokens(v: bytes) -> list[bytes]:
     if b"," not in v:
         return [v.strip().lower()]
@@ -153,24 +190,27 @@ def check_request(method: bytes, target: bytes, version: str,
     conn: list[bytes] | None = None
     for n, v in headers:
         ln = len(n)
-        if ln == 4 and n.lower() == b"host":
+        if ln == 4 and _is(n, b"host"):
             if host is not None:
                 raise HttpError(400, "more than one Host header")
             host = v.strip()
-        elif ln == 17 and n.lower() == b"transfer-encoding":
+        elif ln == 17 and _is(n, b"transfer-encoding"):
             if te_vals is None:
                 te_vals = []
             te_vals.append(v)
-        elif ln == 14 and n.lower() == b"content-length":
+        elif ln == 14 and _is(n, b"content-length"):
             cl = v
-        elif ln == 10 and n.lower() == b"connection":
+        elif ln == 10 and _is(n, b"connection"):
             if conn is None:
                 conn = []
             conn.extend(_split_tokens(v))
     if host is None and version == "1.1":
         raise HttpError(400, "missing Host header")
-    if host is not None and not _HOST_RE.match(host):
-        raise HttpError(400, "invalid Host header")
+    host_text = ""
+    if host is not None:
+        host_text = _host_text(host)
+        if host_text is None:
+            raise HttpError(400, "invalid Host header")
     chunked = False
     if te_vals:
         if version == "1.0":
@@ -189,7 +229,7 @@ def check_request(method: bytes, target: bytes, version: str,
             raise HttpError(400, "malformed Content-Length")
         length = int(cl)
     # request target
-    if target.startswith(b"/"):
+    if target[:1] == b"/":
         pass
     elif target == b"*":
         if method != b"OPTIONS":
@@ -206,6 +246,7 @@ def check_request(method: bytes, target: bytes, version: str,
             raise HttpError(400, "absolute-form target does not match the Host header")
         if host is None:
             host = authority
+            host_text = authority.decode("latin-1").lower()
             headers = headers + [(b"Host", authority)]
         target = rest[cut:] or b"/"
         if not target.startswith(b"/"):
@@ -214,8 +255,7 @@ def check_request(method: bytes, target: bytes, version: str,
         raise HttpError(400, "malformed request target")
     q = target.find(b"?")
     path = (target if q < 0 else target[:q]).decode("latin-1")
-    return Request(method, target, version, headers,
-                   host.decode("latin-1").lower() if host else "", path,
+    return Request(method, target, version, headers, host_text, path,
                    length, chunked, frozenset(conn) if conn else _NO_TOKENS)
 
 
@@ -239,13 +279,17 @@ def forwarded_element(client_ip: str, proto: str, host: str) -> str:
 
 
 def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
-                 default_host: str = "") -> bytes:
+                 default_host: str = "", cache: list | None = None) -> bytes:
     """The head sent to the backend (always HTTP/1.1, keep-alive).
 
     Drops hop-by-hop headers and those named in Connection; keeps Content-Length, re-adds
     ``Transfer-Encoding: chunked`` for chunked bodies (re-encoded by the proxy). With
     ``forwarded``: ``X-Forwarded-For`` gets the client appended to what came in (one header),
     ``X-Forwarded-Proto`` is replaced, and an RFC 7239 ``Forwarded`` element is appended.
+
+    ``cache`` (a connection's ``[host, tail]``) keeps the forwarded headers built for a request
+    that brought none of its own: the next request on the connection with the same Host reuses
+    them instead of building them again (they depend only on client, proto and Host).
     """
     drop = HOP_BY_HOP
     lens = _REQ_SPECIAL_LENS
@@ -274,12 +318,20 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     if not req.host and default_host:  # an HTTP/1.0 request without Host; HTTP/1.1 needs one
         parts += (b"Host: ", default_host.encode("latin-1"), b"\r\n")
     if forwarded:
-        ip = client_ip.encode()
-        xff.append(ip)
-        parts += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n",
-                  b"X-Forwarded-Proto: ", proto.encode(), b"\r\n")
-        fwd.append(forwarded_element(client_ip, proto, req.host).encode("latin-1"))
-        parts += (b"Forwarded: ", b", ".join(fwd), b"\r\n")
+        if not xff and not fwd and cache is not None and cache[0] == req.host:
+            parts.append(cache[1])
+        else:
+            ip = client_ip.encode()
+            own = not xff and not fwd
+            xff.append(ip)
+            fwd.append(forwarded_element(client_ip, proto, req.host).encode("latin-1"))
+            tail = b"".join((b"X-Forwarded-For: ", b", ".join(xff), b"\r\n",
+                             b"X-Forwarded-Proto: ", proto.encode(), b"\r\n",
+                             b"Forwarded: ", b", ".join(fwd), b"\r\n"))
+            if own and cache is not None:
+                cache[0] = req.host
+                cache[1] = tail
+            parts.append(tail)
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -299,8 +351,8 @@ class ResponseHead:
     ``HttpError(502)`` past ``max_headers`` or ``max_bytes``.
     """
 
-    __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "nbytes",
-                 "max_headers", "max_bytes")
+    __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "conn_extra",
+                 "nbytes", "max_headers", "max_bytes")
 
     def __init__(self, max_headers: int = 256, max_bytes: int = 65536):
         self.max_headers = max_headers
@@ -313,6 +365,7 @@ class ResponseHead:
         self.content_length: int | None = None
         self.chunked = False
         self.conn_tokens: list[bytes] = []
+        self.conn_extra = False  # Connection names headers other than close/keep-alive
         self.nbytes = 0
 
     def add(self, name: bytes, value: bytes) -> None:
@@ -321,26 +374,44 @@ class ResponseHead:
         self.nbytes += len(name) + len(value) + 4
         if self.nbytes > self.max_bytes or len(hs) > self.max_headers:
             raise HttpError(502, "backend response head too large")
-        if len(name) in _SPECIAL_LENS:
-            ln = name.lower()
-            if ln in _RESP_SPECIAL:
-                if ln == b"content-length":
-                    self.content_length = int(value) if value.strip().isdigit() else None
-                    self.parts += (name, b": ", value, b"\r\n")
-                elif ln == b"transfer-encoding":
-                    self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
-                elif ln == b"connection":
-                    self.conn_tokens += _split_tokens(value)
+        parts = self.parts
+        n = len(name)
+        if n in _SPECIAL_LENS:
+            if n == 14 and _is(name, b"content-length"):
+                v = value.strip()
+                self.content_length = int(v) if v.isdigit() else None
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
                 return
-        self.parts += (name, b": ", value, b"\r\n")
+            if n == 10 and _is(name, b"connection"):
+                if value == b"keep-alive" or value == b"close":  # the usual ones
+                    self.conn_tokens.append(value)
+                else:
+                    toks = _split_tokens(value)
+                    self.conn_tokens += toks
+                    for t in toks:
+                        if t not in _PLAIN_CONN:
+                            self.conn_extra = True
+                return
+            if n == 17 and _is(name, b"transfer-encoding"):
+                self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
+                return
+            if name.lower() in _RESP_SPECIAL:  # the other hop-by-hop headers
+                return
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
 
-    def build(self, status: int, reason: bytes, *, chunk: bool, close: bool,
+    def build(self, status: int, reason: bytes, chunk: bool, close: bool,
               set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
         """The head for the client: ``chunk`` adds ``Transfer-Encoding: chunked`` (the proxy
         re-encodes the body), ``close`` adds ``Connection: close``, ``keep_alive`` adds
         ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``."""
         parts = self.parts
-        if self.conn_tokens:
+        if self.conn_extra:
             extra = set(self.conn_tokens) - _PLAIN_CONN
             if extra:
                 drop = _RESP_SPECIAL | extra
@@ -349,17 +420,34 @@ class ResponseHead:
                     ln = n.lower()
                     if ln not in drop or ln == b"content-length":
                         parts += (n, b": ", v, b"\r\n")
-        tail = []
+        out = [_status_line(status, reason)]
+        out += parts
         if chunk:
-            tail.append(b"Transfer-Encoding: chunked\r\n")
+            out.append(b"Transfer-Encoding: chunked\r\n")
         if set_cookie:
-            tail += (b"Set-Cookie: ", set_cookie, b"\r\n")
+            out.append(b"Set-Cookie: ")
+            out.append(set_cookie)
+            out.append(b"\r\n")
         if close:
-            tail.append(b"Connection: close\r\n")
+            out.append(b"Connection: close\r\n")
         elif keep_alive:
-            tail.append(b"Connection: keep-alive\r\n")
-        return b"".join((b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode()),
-                         *parts, *tail, b"\r\n"))
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+
+_STATUS_LINES: dict = {}  # (status, reason) -> status line; bounded
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode())
+        if len(_STATUS_LINES) >= 1024:
+            _STATUS_LINES.clear()
+        _STATUS_LINES[key] = line
+    return line
 
 
 def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *,
@@ -369,8 +457,7 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     rh = ResponseHead()
     for n, v in headers:
         rh.add(n, v)
-    return rh.build(status, reason, chunk=chunk, close=close, set_cookie=set_cookie,
-                    keep_alive=keep_alive)
+    return rh.build(status, reason, chunk, close, set_cookie, keep_alive)
 
 
 def sticky_cookie(name: str, backend: str) -> bytes:
