@@ -11,6 +11,17 @@ cdef class _Settings:
     cdef public double t_header, t_body, t_idle, t_server, t_connect
     cdef public bint forwarded
     cdef public str proto, name
+    cdef public object metrics
+
+
+cdef class HttpListener:
+    cdef public object cfg, node, name, router, ssl, proto, conns, idle, server, loop, _sweeper
+    cdef public _Settings settings
+    cdef public bint stopping
+    cdef public double tick
+    cpdef BackendConn take_idle(self, object b)
+    cpdef put_idle(self, BackendConn bc)
+    cpdef drop_idle(self, BackendConn bc)
 
 
 cdef class _Rx:
@@ -22,7 +33,8 @@ cdef class _Rx:
 
 
 cdef class BackendConn:
-    cdef public object l, b, loop, tr, parser, on_header, reason
+    cdef public HttpListener l
+    cdef public object b, loop, tr, parser, on_header, reason
     cdef public ResponseHead rh
     cdef public ClientConn cc
     cdef public bint keep, msg_done, doubtful, interim, head_only, got_bytes, read_paused
@@ -34,8 +46,10 @@ cdef class BackendConn:
 
 
 cdef class ClientConn:
-    cdef public object l, node, loop, tr, parser, client_ip, url, hdrs, rx, queue
-    cdef public object pending_error, tkind, wtimer, out, up, pool, b, connecting, tried
+    cdef public HttpListener l
+    cdef public object node, loop, tr, parser, client_ip, url, hdrs, rx, queue
+    cdef public object pending_error, tkind, wtimer, out, up, pool, b, connecting
+    cdef public tuple tried
     cdef public object last_err, sticky_b, cookie_val, hkey
     cdef public _Settings s
     cdef public list fwd

@@ -106,7 +106,6 @@ _P_PIPE = 1  # a request is in flight and another one has been parsed
 _P_BUF = 2  # body bytes waiting for a backend connection
 _P_BACKEND = 4  # the backend's write buffer is full
 _P_DONE = 8  # an error answer is pending; read no more
-_NOTHING: frozenset = frozenset()
 
 
 class _Rx:
@@ -128,9 +127,10 @@ class _Settings:
     """A listener's settings that the per-request path reads, flattened into one object."""
 
     __slots__ = ("max_line", "max_headers", "max_header_bytes", "max_conns", "t_header",
-                 "t_body", "t_idle", "t_server", "t_connect", "forwarded", "proto", "name")
+                 "t_body", "t_idle", "t_server", "t_connect", "forwarded", "proto", "name",
+                 "metrics")
 
-    def __init__(self, cfg: ListenerConfig, proto: str):
+    def __init__(self, cfg: ListenerConfig, proto: str, metrics):
         lim, t = cfg.limits, cfg.timeouts
         self.max_line = lim.max_request_line
         self.max_headers = lim.max_headers
@@ -144,6 +144,7 @@ class _Settings:
         self.forwarded = cfg.forwarded_headers
         self.proto = proto
         self.name = cfg.name
+        self.metrics = metrics
 
 
 class HttpListener:
@@ -157,7 +158,7 @@ class HttpListener:
             from .tls import server_context
             self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls")
         self.proto = "https" if cfg.tls else "http"
-        self.settings = _Settings(cfg, self.proto)
+        self.settings = _Settings(cfg, self.proto, node.metrics)
         self.conns: set[ClientConn] = set()
         self.idle: dict[object, list[BackendConn]] = {}
         self.server: asyncio.AbstractServer | None = None
@@ -454,7 +455,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.b: "Backend | None" = None
         self.conn: BackendConn | None = None
         self.connecting: asyncio.Task | None = None
-        self.tried: set | frozenset = _NOTHING
+        self.tried: tuple = ()  # backends tried for the request in flight (a few at most)
         self.attempts = 0
         self.last_err = ""
         self.sticky_b = None
@@ -874,7 +875,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                                  req if router.needs_headers else None)  # Request.get: lazy
         pool = node.pools.get(pool_name)
         self.pool = pool
-        self.tried = set()
+        self.tried = ()
         self.attempts = 0
         self.last_err = ""
         self.sticky_b = None
@@ -914,7 +915,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.attempts == 0 and self.sticky_b is not None:
             b = self.sticky_b
         else:
-            b = pool.pick(self.hkey, exclude=self.tried)
+            b = pool.pick(self.hkey, self.tried)
         if b is None:
             if not self.tried:
                 self._answer_error(HttpError(503, f"no backend available in pool {pool.name}"))
@@ -924,7 +925,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 self._answer_error(HttpError(502, "backend failed"))
             return
         self.b = b
-        self.tried.add(b)
+        self.tried += (b,)
         self.attempts += 1
         bc = self.l.take_idle(b)
         if bc is not None:
@@ -966,7 +967,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def _backend_error(self, b, kind: str) -> None:
         now = self.node.clock.now()
         self.pool.report_result(b, False, now)
-        self.node.metrics.observe(b, None, True)
+        self.s.metrics.observe(b, None, True)
         log.debug("backend_error", listener=self.l.name, pool=self.pool.name, backend=b.name,
                   error=kind)
 
@@ -1010,7 +1011,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.acquired = False
             b = self.b
             self.pool.release(b, rt)
-            self.node.metrics.observe(b, rt, error)
+            self.s.metrics.observe(b, rt, error)
 
     # -- responses (called by BackendConn) ------------------------------------------------
 

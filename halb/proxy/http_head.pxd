@@ -23,3 +23,6 @@ cdef class ResponseHead:
     cdef public object content_length
     cdef public bint chunked, conn_extra
     cdef public Py_ssize_t nbytes, max_headers, max_bytes
+    cpdef reset(self)
+    cpdef bytes build(self, int status, bytes reason, bint chunk, bint close,
+                      object set_cookie=*, bint keep_alive=*)

@@ -312,7 +312,10 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
                 elif ln == b"forwarded":
                     fwd.append(v)
                 continue
-        parts += (n, b": ", v, b"\r\n")
+        parts.append(n)
+        parts.append(b": ")
+        parts.append(v)
+        parts.append(b"\r\n")
     if req.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if not req.host and default_host:  # an HTTP/1.0 request without Host; HTTP/1.1 needs one
@@ -360,7 +363,7 @@ class ResponseHead:
         self.reset()
 
     def reset(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes] = [b""]  # [status line, name, ": ", value, CRLF, ...]
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
         self.chunked = False
@@ -415,13 +418,13 @@ class ResponseHead:
             extra = set(self.conn_tokens) - _PLAIN_CONN
             if extra:
                 drop = _RESP_SPECIAL | extra
-                parts = []
+                parts = [b""]
                 for n, v in self.headers:
                     ln = n.lower()
                     if ln not in drop or ln == b"content-length":
                         parts += (n, b": ", v, b"\r\n")
-        out = [_status_line(status, reason)]
-        out += parts
+        out = parts[:]  # parts[0] is the status line's place (see reset)
+        out[0] = _status_line(status, reason)
         if chunk:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if set_cookie:
@@ -436,17 +439,17 @@ class ResponseHead:
         return b"".join(out)
 
 
-_STATUS_LINES: dict = {}  # (status, reason) -> status line; bounded
+_STATUS_LINES: dict = {}  # status -> (reason, status line): the last reason seen for it
 
 
 def _status_line(status: int, reason: bytes) -> bytes:
-    key = (status, reason)
-    line = _STATUS_LINES.get(key)
-    if line is None:
-        line = b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode())
-        if len(_STATUS_LINES) >= 1024:
-            _STATUS_LINES.clear()
-        _STATUS_LINES[key] = line
+    e = _STATUS_LINES.get(status)
+    if e is not None and e[0] == reason:
+        return e[1]
+    line = b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode())
+    if len(_STATUS_LINES) >= 1024:
+        _STATUS_LINES.clear()
+    _STATUS_LINES[status] = (reason, line)
     return line
 
 
