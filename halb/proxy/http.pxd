@@ -34,7 +34,9 @@ cdef class _Rx:
 
 cdef class BackendConn:
     cdef public HttpListener l
-    cdef public object b, loop, tr, parser, on_header, reason
+    cdef public object b, loop, tr, parser, reason
+    cdef public bytes hbuf
+    cdef public bint want
     cdef public ResponseHead rh
     cdef public ClientConn cc
     cdef public bint keep, msg_done, doubtful, interim, head_only, got_bytes, read_paused
@@ -53,6 +55,7 @@ cdef class ClientConn:
     cdef public object last_err, sticky_b, cookie_val, hkey
     cdef public _Settings s
     cdef public list fwd
+    cdef public str lver
     cdef public _Rx cur
     cdef public BackendConn conn
     cdef public bint accepted, closed, eof, in_head, wpaused, acquired, reused, stale_retry
@@ -65,6 +68,7 @@ cdef class ClientConn:
     @cython.locals(i=Py_ssize_t, n=Py_ssize_t, lim=Py_ssize_t, stop=Py_ssize_t, j=Py_ssize_t,
                    end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint)
     cdef bint _check_line(self, bytes data) except -1
+    cdef _note_version(self, bytes v)
     cdef _arm(self, str kind, double timeout)
     cdef _cancel_timer(self)
     cdef _cancel_timers(self)

@@ -98,6 +98,7 @@ POOL_IDLE_TIMEOUT = 30.0  # an idle pooled connection is closed after this
 MAX_PIPELINE = 128  # parsed requests waiting behind the one in flight (one read's worth)
 RESP_MAX_HEADERS = 256  # bounds on a backend's response head
 RESP_MAX_HEADER_BYTES = 64 * 1024
+RESP_HEAD_BUF = RESP_MAX_HEADER_BYTES + 1024  # response bytes gathered while its head is due
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
 _REQ_LINE_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/[0-9]\.[0-9]$")
 
@@ -251,7 +252,7 @@ class HttpListener:
 class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
-    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "on_header", "reason", "keep",
+    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "reason", "keep", "hbuf", "want",
                  "msg_done", "doubtful", "interim", "head_only", "got_bytes", "last", "idle_since",
                  "read_paused", "closed", "close_delimited")
 
@@ -262,8 +263,11 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         self.tr: asyncio.Transport | None = None
         self.cc: ClientConn | None = None
         self.rh = ResponseHead(RESP_MAX_HEADERS, RESP_MAX_HEADER_BYTES)
-        self.on_header = self.rh.add  # the parser calls the head builder directly
+        # No on_header callback: llhttp checks every header line without a Python call per
+        # header, and on_headers_complete hands the head's raw lines to the head builder.
         self.parser = httptools.HttpResponseParser(self)
+        self.want = False  # a response head is due: its bytes gather in hbuf
+        self.hbuf = b""
         self.reason = b""
         self.keep = False
         self.msg_done = False
@@ -301,6 +305,14 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             return
         self.got_bytes = True
         self.last = self.loop.time()
+        if self.want:  # the head's bytes, for on_headers_complete (bounded below)
+            hb = self.hbuf = data if not self.hbuf else self.hbuf + data
+            if len(hb) > RESP_HEAD_BUF and hb.find(b"\r\n\r\n") < 0:
+                self.doubtful = True
+                self.cc = None
+                self.close()
+                cc.backend_failed(self, "protocol")
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -341,7 +353,6 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
     def on_message_begin(self) -> None:
         if self.msg_done or self.cc is None:
             self.doubtful = True  # a second response nobody asked for
-        self.rh.reset()
         self.reason = b""
 
     def on_status(self, s: bytes) -> None:
@@ -350,15 +361,28 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         cc = self.cc
-        if cc is None or self.msg_done:
+        if cc is None or self.msg_done or not self.want:
             self.doubtful = True
+            self.want = False
+            self.hbuf = b""
             return
+        # llhttp has checked the whole head: it is the bytes up to the first empty line
+        # (after the CR LFs llhttp skips before a status line)
+        hb = self.hbuf
         if 100 <= status < 200:
             if status == 101:
                 raise HttpError(502, "backend switched protocols")
+            end = self.rh.head_end(hb)
+            if end < 0:
+                raise HttpError(502, "backend response head not found")
             self.interim = True
+            self.hbuf = hb[end:]  # the final response follows
             cc.resp_interim(status, self.reason)
             return
+        self.want = False
+        self.hbuf = b""
+        if self.rh.take_head(hb) < 0:
+            raise HttpError(502, "backend response head not found")
         self.keep = self.parser.should_keep_alive()
         head_only, self.close_delimited = cc.resp_head(self, status, self.reason, self.rh)
         if head_only:
@@ -418,7 +442,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
                  "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
-                 "resp_started", "resp_chunk", "resp_close", "status", "fwd")
+                 "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
@@ -471,6 +495,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.resp_close = False
         self.status = 0
         self.fwd: list | None = None  # [Host, forwarded headers] reused by request_head
+        self.lver: str | None = None  # version read off the request line (_check_line)
 
     # -- transport events -----------------------------------------------------------------
 
@@ -602,6 +627,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         up.clear()
 
     def _check_line(self, data: bytes) -> bool:
+        self.lver = None
         i = 0
         n = len(data)
         while i + 1 < n and data[i] == 13 and data[i + 1] == 10:  # leading empty lines
@@ -629,6 +655,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if end < 0:
                 return True
             if sp == 2 and not dbl and data[i] != 32 and data[end - 1] != 32:
+                self._note_version(data[end - 8:end])
                 return True
         else:
             end = data.find(b"\r\n", i, lim)
@@ -636,11 +663,21 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 return True  # incomplete line: llhttp and the length limit judge it
             if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
                     and data.find(b"  ", i, end) < 0:
+                self._note_version(data[end - 8:end])
                 return True  # METHOD SP target SP version: llhttp checks the three parts
         if not _REQ_LINE_RE.match(data[i:end]):
             self._refuse(HttpError(400, "malformed request line"))
             return False
         return True
+
+    def _note_version(self, v: bytes) -> None:
+        """The version of the request whose line starts this read, read off its line (llhttp's
+        get_http_version() formats a new string per request): used by the next head that
+        completes, which is that request's."""
+        if v == b"HTTP/1.1":
+            self.lver = "1.1"
+        elif v == b"HTTP/1.0":
+            self.lver = "1.0"
 
     def _upgrade(self, data: bytes, offset: int) -> None:
         rx = self.queue[-1] if self.queue else None
@@ -686,7 +723,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if len(self.queue) >= MAX_PIPELINE:
             raise HttpError(400, "too many pipelined requests")
         p = self.parser
-        req = check_request(p.get_method(), self.url, p.get_http_version(), self.hdrs)
+        version = self.lver
+        if version is None:
+            version = p.get_http_version()
+        else:
+            self.lver = None
+        req = check_request(p.get_method(), self.url, version, self.hdrs)
         keep = p.should_keep_alive() and b"close" not in req.conn_tokens
         rx = _Rx(req, keep)
         self.hdrs = []
@@ -982,6 +1024,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.sent_all = False
         self.status = 0
         bc.got_bytes = False
+        bc.want = True  # the response head is due from now on
+        bc.hbuf = b""
         bc.doubtful = False
         if self.wpaused:  # the client still has not taken the previous answer
             bc.pause_reading()

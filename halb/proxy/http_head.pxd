@@ -8,6 +8,10 @@ import cython
 cdef bint _is(bytes name, bytes lower) except -1
 
 
+@cython.locals(k=Py_ssize_t, c=int)
+cdef bint _is_at(bytes data, Py_ssize_t pos, bytes lower) except -1
+
+
 cdef class Request:
     cdef public bytes method, target
     cdef public str version, host, path
@@ -24,5 +28,13 @@ cdef class ResponseHead:
     cdef public bint chunked, conn_extra
     cdef public Py_ssize_t nbytes, max_headers, max_bytes
     cpdef reset(self)
+    @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, run=Py_ssize_t, count=Py_ssize_t,
+                   eol=Py_ssize_t, colon=Py_ssize_t, ln=Py_ssize_t, drop=bint, c=int,
+                   vs=Py_ssize_t, ve=Py_ssize_t, k=Py_ssize_t, d=int, cl=Py_ssize_t)
+    cpdef take(self, bytes block)
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t)
+    cpdef Py_ssize_t head_end(self, bytes data) except -2
+    @cython.locals(end=Py_ssize_t, i=Py_ssize_t)
+    cpdef Py_ssize_t take_head(self, bytes data) except -2
     cpdef bytes build(self, int status, bytes reason, bint chunk, bint close,
                       object set_cookie=*, bint keep_alive=*)

@@ -139,6 +139,21 @@ def _is(name: bytes, lower: bytes) -> bool:
     return name.lower() == lower
 
 
+def _is_at(data: bytes, pos: int, lower: bytes) -> bool:
+    """``data[pos:pos + len(lower)].lower() == lower`` without the slice when compiled."""
+    if cython.compiled:
+        if pos + len(lower) > len(data):
+            return False
+        for k in range(len(lower)):
+            c = data[pos + k]
+            if 65 <= c <= 90:
+                c += 32
+            if c != lower[k]:
+                return False
+        return True
+    return data[pos:pos + len(lower)].lower() == lower
+
+
 _HOSTS: dict = {}  # Host value -> its checked, decoded, lower-case form; bounded
 _HOSTS_MAX = 1024
 
@@ -344,14 +359,16 @@ _SPECIAL_LENS = frozenset(len(n) for n in _RESP_SPECIAL)
 
 
 class ResponseHead:
-    """A backend response head, gathered header by header as llhttp reports them, and the
-    head halb sends to the client built from it in one join.
+    """A backend response head and the head halb sends to the client, built from it in one
+    join.
 
-    ``add`` is the parser's ``on_header`` callback itself (one Python call per header): it
-    notes the framing headers (Content-Length, Transfer-Encoding, Connection), drops the
-    hop-by-hop ones and keeps the rest, already laid out for the outgoing head. Headers named
-    by Connection are dropped too (rare: ``build`` then lays the head out again). Raises
-    ``HttpError(502)`` past ``max_headers`` or ``max_bytes``.
+    The proxy hands it the head's header lines as they came on the wire (``take``), once
+    llhttp has parsed and checked the whole head: the lines to forward are kept as slices of
+    those bytes, the framing headers (Content-Length, Transfer-Encoding, Connection) are
+    noted and the hop-by-hop ones dropped. ``add`` does the same one header at a time (the
+    shape llhttp's per-header callback gives). Headers named by Connection are dropped too
+    (rare: ``build`` then lays the head out again). Both raise ``HttpError(502)`` past
+    ``max_headers`` or ``max_bytes``.
     """
 
     __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "conn_extra",
@@ -370,6 +387,125 @@ class ResponseHead:
         self.conn_tokens: list[bytes] = []
         self.conn_extra = False  # Connection names headers other than close/keep-alive
         self.nbytes = 0
+
+    def head_end(self, data: bytes) -> int:
+        """Where the head that starts ``data`` ends (just past its empty line), skipping the
+        CR LFs llhttp allows before a status line; -1 if ``data`` holds no whole head."""
+        n = len(data)
+        i = 0
+        while i + 1 < n and data[i] == 13 and data[i + 1] == 10:
+            i += 2
+        if cython.compiled:
+            while i + 3 < n:
+                if data[i] == 13 and data[i + 1] == 10 and data[i + 2] == 13 \
+                        and data[i + 3] == 10:
+                    return i + 4
+                i += 1
+            return -1
+        end = data.find(b"\r\n\r\n", i)
+        return end + 4 if end >= 0 else -1
+
+    def take_head(self, data: bytes) -> int:
+        """``take`` for the head that starts ``data`` (status line skipped); returns
+        ``head_end`` (-1, and nothing taken, if the head is not whole)."""
+        end = self.head_end(data)
+        if end < 0:
+            return -1
+        i = 0
+        while data[i] == 13 and data[i + 1] == 10:
+            i += 2
+        if cython.compiled:
+            while data[i] != 13:  # the status line's CR (the head holds CR LF CR LF)
+                i += 1
+        else:
+            i = data.find(b"\r", i)
+        self.take(data[i + 2:end - 2])
+        return end
+
+    def take(self, block: bytes) -> None:
+        """A head's header lines, each ending in CRLF, as llhttp accepted them (so each holds
+        a colon and no bare CR or LF); the status line and the final empty line excluded."""
+        self.reset()
+        n = len(block)
+        self.nbytes = n
+        if n > self.max_bytes:
+            raise HttpError(502, "backend response head too large")
+        parts = self.parts
+        pos = 0
+        run = 0  # start of the lines kept since the last dropped one
+        count = 0
+        while pos < n:
+            if cython.compiled:  # one pass: the line's CR (llhttp let none stand alone), colon
+                eol = pos
+                colon = -1
+                while eol < n:
+                    c = block[eol]
+                    if c == 13:
+                        break
+                    if c == 58 and colon < 0:
+                        colon = eol
+                    eol += 1
+            else:
+                eol = block.find(b"\r\n", pos)
+                if eol < 0:
+                    eol = n
+                colon = block.find(b":", pos, eol)
+            count += 1
+            ln = colon - pos
+            # only names of these lengths can be special (see _SPECIAL_LENS)
+            if colon > 0 and (ln == 14 or ln == 10 or ln == 17 or ln == 7 or ln == 2
+                              or ln == 16 or ln == 18 or ln == 19):
+                drop = True
+                vs = colon + 1  # the value, without the spaces around it
+                while vs < eol and (block[vs] == 32 or block[vs] == 9):
+                    vs += 1
+                ve = eol
+                while ve > vs and (block[ve - 1] == 32 or block[ve - 1] == 9):
+                    ve -= 1
+                if ln == 14 and _is_at(block, pos, b"content-length"):
+                    cl = -1
+                    if 0 < ve - vs <= 18:
+                        cl = 0
+                        for k in range(vs, ve):
+                            d = block[k] - 48
+                            if d < 0 or d > 9:
+                                cl = -1
+                                break
+                            cl = cl * 10 + d
+                    self.content_length = cl if cl >= 0 else None
+                    if ve - vs > 18:  # past what the C loop's integer holds
+                        v = block[vs:ve]
+                        self.content_length = int(v) if v.isdigit() else None
+                    drop = False
+                elif ln == 10 and _is_at(block, pos, b"connection"):
+                    if ve - vs == 10 and _is_at(block, vs, b"keep-alive"):
+                        self.conn_tokens.append(b"keep-alive")
+                    elif ve - vs == 5 and _is_at(block, vs, b"close"):
+                        self.conn_tokens.append(b"close")
+                    else:
+                        toks = _split_tokens(block[vs:ve])
+                        self.conn_tokens += toks
+                        for t in toks:
+                            if t not in _PLAIN_CONN:
+                                self.conn_extra = True
+                elif ln == 17 and _is_at(block, pos, b"transfer-encoding"):
+                    self.chunked = _split_tokens(block[colon + 1:eol])[-1:] == [b"chunked"]
+                elif block[pos:colon].lower() not in _RESP_SPECIAL:
+                    drop = False
+                if drop:
+                    if run < pos:
+                        parts.append(block[run:pos])
+                    run = eol + 2
+            pos = eol + 2
+        if count > self.max_headers:
+            raise HttpError(502, "backend response head too large")
+        if run < n:
+            parts.append(block[run:] if run else block)
+        if self.conn_extra:  # build lays the head out again: it needs the pairs
+            for line in block.split(b"\r\n"):
+                hname, sep, hvalue = line.partition(b":")
+                if sep:
+                    self.headers.append((hname, hvalue.strip()))
 
     def add(self, name: bytes, value: bytes) -> None:
         hs = self.headers

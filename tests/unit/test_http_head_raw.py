@@ -1,0 +1,102 @@
+"""The response head taken from its raw lines (``ResponseHead.take``/``take_head``, what the
+proxy uses) gives the same head, framing and errors as the per-header ``add`` path, and finds
+the head's end where llhttp does."""
+
+from __future__ import annotations
+
+import httptools
+import pytest
+
+from halb.proxy.http_head import HttpError, ResponseHead
+
+pytestmark = pytest.mark.unit
+
+HEADS = [
+    [(b"Server", b"nginx"), (b"Date", b"Sun, 22 Nov 2026 05:00:00 GMT"),
+     (b"Content-Type", b"text/plain"), (b"Content-Length", b"14"), (b"Connection", b"keep-alive")],
+    [(b"Connection", b"close"), (b"X-Empty", b"")],
+    [(b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"timeout=5"), (b"Set-Cookie", b"a=b")],
+    [(b"Connection", b"X-Hop, keep-alive"), (b"X-Hop", b"1"), (b"Y", b"2"), (b"Content-Length", b"0")],
+    [],
+    [(b"Proxy-Connection", b"x"), (b"TE", b"y"), (b"Trailer", b"z"), (b"Upgrade", b"h2c"),
+     (b"content-LENGTH", b"5")],
+    [(b"User-Agent", b"ua"), (b"Proxy-Authenticate", b"p"), (b"Proxy-Authorization", b"q"),
+     (b"Content-Length", b"123456789012345678901234")],  # longer than 18 digits
+    [(b"CONNECTION", b"Keep-Alive"), (b"Transfer-Encoding", b"gzip, chunked")],
+]
+BUILDS = [(200, b"OK", False, False, None, False), (200, b"OK", True, True, b"c=1", False),
+          (304, b"", False, False, None, True), (599, b"Odd", False, True, None, False)]
+
+
+def _lines(hs, sep=b": "):
+    return b"".join(n + sep + v + b"\r\n" for n, v in hs)
+
+
+@pytest.mark.parametrize("hs", HEADS)
+@pytest.mark.parametrize("sep", [b": ", b":", b":  "])
+def test_take_matches_add(hs, sep):
+    a = ResponseHead()
+    for n, v in hs:
+        a.add(n, v)
+    b = ResponseHead()
+    b.take(_lines(hs, sep))
+    assert (a.content_length, a.chunked, a.conn_tokens, a.conn_extra) == \
+        (b.content_length, b.chunked, b.conn_tokens, b.conn_extra)
+    for args in BUILDS:
+        got = b.build(*args)
+        if sep == b": ":
+            assert got == a.build(*args)
+        # whatever the spacing, the same headers go out (where llhttp takes the head)
+        assert _parsed(got) == _parsed(a.build(*args))
+
+
+def _parsed(head: bytes):
+    class P:
+        def __init__(self):
+            self.h = []
+
+        def on_header(self, n, v):
+            self.h.append((n.lower(), v))
+    p = P()
+    try:
+        httptools.HttpResponseParser(p).feed_data(head)
+    except httptools.HttpParserError as e:  # e.g. CL with TE chunked, CL overflow
+        return ("refused", str(e))
+    return p.h
+
+
+def test_take_head_finds_the_head_llhttp_finds():
+    body = b"hello"
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n"
+    for prefix in (b"", b"\r\n", b"\r\n\r\n"):
+        data = prefix + head + body
+        rh = ResponseHead()
+        end = rh.take_head(data)
+        assert data[end:] == body
+        assert rh.content_length == 5
+        assert rh.build(200, b"OK", False, False) == \
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n"
+    assert ResponseHead().head_end(head[:-2]) == -1  # not whole yet
+    rh = ResponseHead()
+    assert rh.take_head(b"HTTP/1.1 204 No Content\r\n\r\n") == 27
+    assert rh.build(204, b"No Content", False, False) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def test_interim_then_final_in_one_read():
+    data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    rh = ResponseHead()
+    end = rh.head_end(data)
+    assert data[:end] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    rest = data[end:]
+    assert rest[rh.take_head(rest):] == b"ok" and rh.content_length == 2
+
+
+def test_take_bounds():
+    rh = ResponseHead(max_headers=3, max_bytes=100)
+    with pytest.raises(HttpError) as e:
+        rh.take(_lines([(b"A", b"1")] * 4))
+    assert e.value.status == 502
+    with pytest.raises(HttpError):
+        rh.take(_lines([(b"A", b"x" * 120)]))
+    rh.take(_lines([(b"A", b"1")] * 3))  # at the bounds: fine
+    assert rh.build(200, b"OK", False, False).count(b"A: 1") == 3
