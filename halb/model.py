@@ -12,7 +12,7 @@ Pure code: every method that depends on time takes ``now``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 from .config import BackendConfig, PoolConfig
 
@@ -168,10 +168,12 @@ class Pool:
 
     # -- picking ------------------------------------------------------------------------------
 
-    def pick(self, key: bytes | None = None, *, exclude: frozenset | set = frozenset()) -> Backend | None:
+    def pick(self, key: bytes | None = None,
+             exclude: Collection[Backend] = frozenset()) -> Backend | None:
         """A backend for a new connection or request, or None when none can serve.
 
-        ``key`` feeds hashing algorithms; ``exclude`` holds backends already tried (redispatch).
+        ``key`` feeds hashing algorithms; ``exclude`` holds backends already tried (redispatch;
+        any container, positional so that the data plane's hot path avoids keyword parsing).
         """
         view = self.view
         if not view.backends:

@@ -72,6 +72,11 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+try:
+    import cython  # compiled: C-level branches below (see halb/_ext.py)
+except ImportError:  # pragma: no cover - Cython absent at run time
+    from .. import _cyshim as cython
+
 from ..config import HASH_ALGORITHMS, ListenerConfig
 from ..log import get_logger
 from ..tables import sticky_key
@@ -101,7 +106,6 @@ _P_PIPE = 1  # a request is in flight and another one has been parsed
 _P_BUF = 2  # body bytes waiting for a backend connection
 _P_BACKEND = 4  # the backend's write buffer is full
 _P_DONE = 8  # an error answer is pending; read no more
-_NOTHING: frozenset = frozenset()
 
 
 class _Rx:
@@ -119,6 +123,30 @@ class _Rx:
         self.replay_bytes = 0
 
 
+class _Settings:
+    """A listener's settings that the per-request path reads, flattened into one object."""
+
+    __slots__ = ("max_line", "max_headers", "max_header_bytes", "max_conns", "t_header",
+                 "t_body", "t_idle", "t_server", "t_connect", "forwarded", "proto", "name",
+                 "metrics")
+
+    def __init__(self, cfg: ListenerConfig, proto: str, metrics):
+        lim, t = cfg.limits, cfg.timeouts
+        self.max_line = lim.max_request_line
+        self.max_headers = lim.max_headers
+        self.max_header_bytes = lim.max_header_bytes
+        self.max_conns = lim.max_conns
+        self.t_header = t.header
+        self.t_body = t.body
+        self.t_idle = t.client_idle
+        self.t_server = t.server
+        self.t_connect = t.connect
+        self.forwarded = cfg.forwarded_headers
+        self.proto = proto
+        self.name = cfg.name
+        self.metrics = metrics
+
+
 class HttpListener:
     def __init__(self, cfg: ListenerConfig, node: "Node"):
         self.cfg = cfg
@@ -130,6 +158,7 @@ class HttpListener:
             from .tls import server_context
             self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls")
         self.proto = "https" if cfg.tls else "http"
+        self.settings = _Settings(cfg, self.proto, node.metrics)
         self.conns: set[ClientConn] = set()
         self.idle: dict[object, list[BackendConn]] = {}
         self.server: asyncio.AbstractServer | None = None
@@ -219,7 +248,7 @@ class HttpListener:
             lst.remove(bc)
 
 
-class BackendConn(asyncio.Protocol):
+class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
     __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "on_header", "reason", "keep",
@@ -381,20 +410,20 @@ class BackendConn(asyncio.Protocol):
             self.tr.abort()
 
 
-class ClientConn(asyncio.Protocol):
+class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One client connection: parses its requests and runs one exchange at a time."""
 
-    __slots__ = ("l", "node", "cfg", "loop", "tr", "parser", "client_ip", "accepted", "closed",
+    __slots__ = ("l", "node", "s", "loop", "tr", "parser", "client_ip", "accepted", "closed",
                  "eof", "paused", "in_head", "raw_head", "url", "hdrs", "hbytes", "rx", "queue",
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
                  "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
-                 "resp_started", "resp_chunk", "resp_close", "status")
+                 "resp_started", "resp_chunk", "resp_close", "status", "fwd")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
         self.node = lst.node
-        self.cfg = lst.cfg
+        self.s = lst.settings
         self.loop = lst.loop
         self.tr: asyncio.Transport | None = None
         self.parser = None  # created on the first bytes: an idle connection costs less
@@ -426,7 +455,7 @@ class ClientConn(asyncio.Protocol):
         self.b: "Backend | None" = None
         self.conn: BackendConn | None = None
         self.connecting: asyncio.Task | None = None
-        self.tried: set | frozenset = _NOTHING
+        self.tried: tuple = ()  # backends tried for the request in flight (a few at most)
         self.attempts = 0
         self.last_err = ""
         self.sticky_b = None
@@ -441,13 +470,14 @@ class ClientConn(asyncio.Protocol):
         self.resp_chunk = False
         self.resp_close = False
         self.status = 0
+        self.fwd: list | None = None  # [Host, forwarded headers] reused by request_head
 
     # -- transport events -----------------------------------------------------------------
 
     def connection_made(self, tr) -> None:
         self.tr = tr
         l = self.l
-        if len(l.conns) >= self.cfg.limits.max_conns or l.stopping:
+        if len(l.conns) >= self.s.max_conns or l.stopping:
             self.closed = True
             tr.abort()
             return
@@ -457,7 +487,7 @@ class ClientConn(asyncio.Protocol):
         self.client_ip = peer[0] if peer else ""
         tr.set_write_buffer_limits(HIGH_WATER)
         self.node.metrics.conn_open(l.name)
-        self._arm("head", self.cfg.timeouts.header)
+        self._arm("head", self.s.t_header)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -491,7 +521,7 @@ class ClientConn(asyncio.Protocol):
         if bc is not None:
             bc.pause_reading()
         if self.wtimer is None:
-            self.wtimer = self.loop.call_later(self.cfg.timeouts.client_idle, self._send_timeout)
+            self.wtimer = self.loop.call_later(self.s.t_idle, self._send_timeout)
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -521,7 +551,7 @@ class ClientConn(asyncio.Protocol):
         if self.closed or self.paused & _P_DONE:
             return
         if self.rx is None and (not self.tkind or self.tkind == "idle"):
-            self._arm("head", self.cfg.timeouts.header)  # a new head starts: it has a deadline
+            self._arm("head", self.s.t_header)  # a new head starts: it has a deadline
         was_head = self.in_head
         if self.rx is None and not self.in_head:
             # a new request starts at this read: check its request line on the raw bytes
@@ -552,8 +582,8 @@ class ClientConn(asyncio.Protocol):
             self._flush_up()
         if self.in_head:
             self.raw_head = self.raw_head + len(data) if was_head else len(data)
-            lim = self.cfg.limits
-            if self.raw_head > lim.max_header_bytes + lim.max_request_line:
+            s = self.s
+            if self.raw_head > s.max_header_bytes + s.max_line:
                 self._refuse(HttpError(431, "request head too large"))
                 return
         if self.cur is None and self.queue:
@@ -576,9 +606,37 @@ class ClientConn(asyncio.Protocol):
         n = len(data)
         while i + 1 < n and data[i] == 13 and data[i + 1] == 10:  # leading empty lines
             i += 2
-        end = data.find(b"\r\n", i, i + self.cfg.limits.max_request_line + 2)
-        if end < 0:
-            return True  # incomplete line: llhttp and the length limit judge it
+        lim = i + self.s.max_line + 2
+        if cython.compiled:  # the same decisions in one pass over the bytes
+            stop = n if lim > n else lim
+            j = i
+            end = -1
+            sp = 0
+            prev = 0
+            dbl = False
+            while j < stop:
+                c = data[j]
+                if c == 13:
+                    if j + 1 < stop and data[j + 1] == 10:
+                        end = j
+                        break
+                elif c == 32:
+                    sp += 1
+                    if prev == 32:
+                        dbl = True
+                prev = c
+                j += 1
+            if end < 0:
+                return True
+            if sp == 2 and not dbl and data[i] != 32 and data[end - 1] != 32:
+                return True
+        else:
+            end = data.find(b"\r\n", i, lim)
+            if end < 0:
+                return True  # incomplete line: llhttp and the length limit judge it
+            if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
+                    and data.find(b"  ", i, end) < 0:
+                return True  # METHOD SP target SP version: llhttp checks the three parts
         if not _REQ_LINE_RE.match(data[i:end]):
             self._refuse(HttpError(400, "malformed request line"))
             return False
@@ -611,16 +669,16 @@ class ClientConn(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.cfg.limits.max_request_line:
+        if len(self.url) > self.s.max_line:
             raise HttpError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.hdrs.append((name, value))
         self.hbytes += len(name) + len(value) + 4
-        lim = self.cfg.limits
-        if len(self.hdrs) > lim.max_headers:
+        s = self.s
+        if len(self.hdrs) > s.max_headers:
             raise HttpError(431, "too many header fields")
-        if self.hbytes > lim.max_header_bytes:
+        if self.hbytes > s.max_header_bytes:
             raise HttpError(431, "header fields too large")
 
     def on_headers_complete(self) -> None:
@@ -636,7 +694,7 @@ class ClientConn(asyncio.Protocol):
         self.queue.append(rx)
         if req.has_body:
             self.rx = rx
-            self._arm("body", self.cfg.timeouts.body)
+            self._arm("body", self.s.t_body)
         else:
             self.rx = None
             self._cancel_timer()
@@ -648,7 +706,7 @@ class ClientConn(asyncio.Protocol):
         if rx.complete:  # trailer section bytes never come here; defensive
             return
         now = self.loop.time()
-        self.deadline = now + self.cfg.timeouts.body
+        self.deadline = now + self.s.t_body
         if rx.req.chunked:
             piece = b"%x\r\n%b\r\n" % (len(data), data)
         else:
@@ -712,7 +770,7 @@ class ClientConn(asyncio.Protocol):
             self.close()
             return
         if self.paused & ~_P_DONE:  # we stopped reading, not the client: wait on
-            self._arm(kind, self.cfg.timeouts.header if kind == "head" else self.cfg.timeouts.body)
+            self._arm(kind, self.s.t_header if kind == "head" else self.s.t_body)
             return
         self.tkind = ""
         if kind == "body":
@@ -814,10 +872,10 @@ class ClientConn(asyncio.Protocol):
         node = self.node
         router = self.l.router
         pool_name = router.route(req.host, req.path,
-                                 req.header_map() if router.needs_headers else None)
+                                 req if router.needs_headers else None)  # Request.get: lazy
         pool = node.pools.get(pool_name)
         self.pool = pool
-        self.tried = set()
+        self.tried = ()
         self.attempts = 0
         self.last_err = ""
         self.sticky_b = None
@@ -857,7 +915,7 @@ class ClientConn(asyncio.Protocol):
         if self.attempts == 0 and self.sticky_b is not None:
             b = self.sticky_b
         else:
-            b = pool.pick(self.hkey, exclude=self.tried)
+            b = pool.pick(self.hkey, self.tried)
         if b is None:
             if not self.tried:
                 self._answer_error(HttpError(503, f"no backend available in pool {pool.name}"))
@@ -867,7 +925,7 @@ class ClientConn(asyncio.Protocol):
                 self._answer_error(HttpError(502, "backend failed"))
             return
         self.b = b
-        self.tried.add(b)
+        self.tried += (b,)
         self.attempts += 1
         bc = self.l.take_idle(b)
         if bc is not None:
@@ -882,7 +940,7 @@ class ClientConn(asyncio.Protocol):
         try:
             _, bc = await asyncio.wait_for(
                 self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
-                self.cfg.timeouts.connect)
+                self.s.t_connect)
         except asyncio.CancelledError:
             return
         except asyncio.TimeoutError:
@@ -909,7 +967,7 @@ class ClientConn(asyncio.Protocol):
     def _backend_error(self, b, kind: str) -> None:
         now = self.node.clock.now()
         self.pool.report_result(b, False, now)
-        self.node.metrics.observe(b, None, True)
+        self.s.metrics.observe(b, None, True)
         log.debug("backend_error", listener=self.l.name, pool=self.pool.name, backend=b.name,
                   error=kind)
 
@@ -931,9 +989,12 @@ class ClientConn(asyncio.Protocol):
         self.acquired = True
         self.t0 = self.loop.time()
         req = rx.req
-        head = request_head(req, self.client_ip, self.l.proto, self.cfg.forwarded_headers,
-                            default_host="" if req.host else
-                            (b.host if b.port == 80 else f"{b.host}:{b.port}"))
+        fwd = self.fwd
+        if fwd is None and self.s.forwarded:
+            fwd = self.fwd = [None, b""]  # this connection's forwarded headers, by Host
+        head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
+                            "" if req.host else
+                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd)
         if rx.body:
             bc.tr.writelines([head, *rx.body])
             rx.body = []
@@ -950,7 +1011,7 @@ class ClientConn(asyncio.Protocol):
             self.acquired = False
             b = self.b
             self.pool.release(b, rt)
-            self.node.metrics.observe(b, rt, error)
+            self.s.metrics.observe(b, rt, error)
 
     # -- responses (called by BackendConn) ------------------------------------------------
 
@@ -994,8 +1055,8 @@ class ClientConn(asyncio.Protocol):
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
         if not self.closed:
-            self.out.append(rh.build(status, reason, chunk=chunk, close=close, set_cookie=set_cookie,
-                                     keep_alive=not close and req.version == "1.0"))
+            self.out.append(rh.build(status, reason, chunk, close, set_cookie,
+                                     not close and req.version == "1.0"))
         return head_only, close_delim
 
     def _record_sticky(self, mode: str, pool, b) -> None:
@@ -1055,9 +1116,9 @@ class ClientConn(asyncio.Protocol):
         if self.queue:
             self._start(self.queue[0])
         elif self.in_head:
-            self._arm("head", self.cfg.timeouts.header)
+            self._arm("head", self.s.t_header)
         elif self.rx is None and not self.closed:
-            self._arm("idle", self.cfg.timeouts.client_idle)
+            self._arm("idle", self.s.t_idle)
 
     def backend_failed(self, bc: BackendConn, kind: str) -> None:
         """The backend connection failed (closed, protocol error, timeout) mid-exchange."""

@@ -14,9 +14,13 @@ differently.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
 from http import HTTPStatus
+
+try:
+    import cython  # compiled: C-level branches below (see halb/_ext.py)
+except ImportError:  # pragma: no cover - Cython absent at run time
+    from .. import _cyshim as cython
 
 # Connection-specific headers (RFC 9110 7.6.1) that a proxy must not forward, lower case.
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
@@ -24,6 +28,7 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"proxy-authorization"))
 # Request headers halb (re)writes itself when forwarded headers are on.
 _FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
+_REQ_SPECIAL_LENS = frozenset(len(n) for n in HOP_BY_HOP | _FWD)
 
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -47,24 +52,32 @@ def error_response(status: int, reason: str, *, close: bool = True) -> bytes:
             + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
 
 
-@dataclass(slots=True)
 class Request:
-    """A checked request head."""
+    """A checked request head (built by ``check_request``)."""
 
-    method: bytes
-    target: bytes  # origin-form (absolute-form is reduced to it)
-    version: str  # "1.0" | "1.1"
-    headers: list[tuple[bytes, bytes]]
-    host: str = ""  # Host header (or absolute-form authority), lower case, with port if given
-    path: str = "/"  # target path without the query, for routing
-    content_length: int | None = None
-    chunked: bool = False
-    conn_tokens: frozenset = frozenset()  # Connection header tokens, lower case
-    _map: dict | None = field(default=None, repr=False)
+    __slots__ = ("method", "target", "version", "headers", "host", "path", "content_length",
+                 "chunked", "has_body", "conn_tokens", "_map")
 
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+    def __init__(self, method: bytes, target: bytes, version: str,
+                 headers: list[tuple[bytes, bytes]], host: str = "", path: str = "/",
+                 content_length: int | None = None, chunked: bool = False,
+                 conn_tokens: frozenset = frozenset()):
+        self.method = method
+        self.target = target  # origin-form (absolute-form is reduced to it)
+        self.version = version  # "1.0" | "1.1"
+        self.headers = headers
+        self.host = host  # Host header (or absolute-form authority), lower case, with port
+        self.path = path  # target path without the query, for routing
+        self.content_length = content_length
+        self.chunked = chunked
+        self.has_body = chunked or bool(content_length)
+        self.conn_tokens = conn_tokens  # Connection header tokens, lower case
+        self._map = None
+
+    def __repr__(self) -> str:
+        return (f"Request(method={self.method!r}, target={self.target!r}, "
+                f"version={self.version!r}, host={self.host!r}, path={self.path!r}, "
+                f"content_length={self.content_length!r}, chunked={self.chunked!r})")
 
     def header_map(self) -> dict[str, list[str]]:
         """Lower-case header name -> list of values (latin-1 text); built once on demand."""
@@ -76,8 +89,25 @@ class Request:
             self._map = m
         return m
 
+    def get(self, name: str, default=None) -> list[str] | None:
+        """The values of header ``name`` (lower case), as ``header_map().get`` gives them, but
+        found by a scan of the (few) headers instead of building the map: the router asks for
+        one or two names per request."""
+        m = self._map
+        if m is not None:
+            return m.get(name, default)
+        bname = name.encode("latin-1")
+        ln = len(bname)
+        out = None
+        for n, v in self.headers:
+            if len(n) == ln and n.lower() == bname:
+                if out is None:
+                    out = []
+                out.append(v.decode("latin-1"))
+        return default if out is None else out
+
     def cookies(self) -> dict[str, str]:
-        return parse_cookies(self.header_map().get("cookie", ()))
+        return parse_cookies(self.get("cookie", ()))
 
 
 def parse_cookies(values) -> dict[str, str]:
@@ -94,6 +124,38 @@ def parse_cookies(values) -> dict[str, str]:
     return out
 
 
+def _is(name: bytes, lower: bytes) -> bool:
+    """``name.lower() == lower`` for a lower-case ASCII ``lower`` (C loop when compiled)."""
+    if cython.compiled:
+        if len(name) != len(lower):
+            return False
+        for k in range(len(lower)):
+            c = name[k]
+            if 65 <= c <= 90:
+                c += 32
+            if c != lower[k]:
+                return False
+        return True
+    return name.lower() == lower
+
+
+_HOSTS: dict = {}  # Host value -> its checked, decoded, lower-case form; bounded
+_HOSTS_MAX = 1024
+
+
+def _host_text(host: bytes) -> str | None:
+    """The Host value as halb keeps it, or None if it is not a valid ``host[:port]``."""
+    t = _HOSTS.get(host)
+    if t is None:
+        if not _HOST_RE.match(host):
+            return None
+        t = host.decode("latin-1").lower()
+        if len(_HOSTS) >= _HOSTS_MAX:
+            _HOSTS.clear()
+        _HOSTS[host] = t
+    return t
+
+
 def _split_tokens(v: bytes) -> list[bytes]:
     if b"," not in v:
         return [v.strip().lower()]
@@ -101,6 +163,7 @@ def _split_tokens(v: bytes) -> list[bytes]:
 
 
 _PLAIN_CONN = frozenset((b"close", b"keep-alive", b""))
+_NO_TOKENS: frozenset = frozenset()
 
 
 def check_request(method: bytes, target: bytes, version: str,
@@ -121,27 +184,33 @@ def check_request(method: bytes, target: bytes, version: str,
         raise HttpError(400, f"unsupported HTTP version {version}")
     if method == b"CONNECT":
         raise HttpError(501, "CONNECT is not supported")
-    host_vals: list[bytes] = []
-    te_vals: list[bytes] = []
+    host: bytes | None = None
+    te_vals: list[bytes] | None = None
     cl: bytes | None = None
-    conn: list[bytes] = []
+    conn: list[bytes] | None = None
     for n, v in headers:
         ln = len(n)
-        if ln == 4 and n.lower() == b"host":
-            host_vals.append(v)
-        elif ln == 17 and n.lower() == b"transfer-encoding":
+        if ln == 4 and _is(n, b"host"):
+            if host is not None:
+                raise HttpError(400, "more than one Host header")
+            host = v.strip()
+        elif ln == 17 and _is(n, b"transfer-encoding"):
+            if te_vals is None:
+                te_vals = []
             te_vals.append(v)
-        elif ln == 14 and n.lower() == b"content-length":
+        elif ln == 14 and _is(n, b"content-length"):
             cl = v
-        elif ln == 10 and n.lower() == b"connection":
+        elif ln == 10 and _is(n, b"connection"):
+            if conn is None:
+                conn = []
             conn.extend(_split_tokens(v))
-    if len(host_vals) > 1:
-        raise HttpError(400, "more than one Host header")
-    host = host_vals[0].strip() if host_vals else None
     if host is None and version == "1.1":
         raise HttpError(400, "missing Host header")
-    if host is not None and not _HOST_RE.match(host):
-        raise HttpError(400, "invalid Host header")
+    host_text = ""
+    if host is not None:
+        host_text = _host_text(host)
+        if host_text is None:
+            raise HttpError(400, "invalid Host header")
     chunked = False
     if te_vals:
         if version == "1.0":
@@ -160,7 +229,7 @@ def check_request(method: bytes, target: bytes, version: str,
             raise HttpError(400, "malformed Content-Length")
         length = int(cl)
     # request target
-    if target.startswith(b"/"):
+    if target[:1] == b"/":
         pass
     elif target == b"*":
         if method != b"OPTIONS":
@@ -177,6 +246,7 @@ def check_request(method: bytes, target: bytes, version: str,
             raise HttpError(400, "absolute-form target does not match the Host header")
         if host is None:
             host = authority
+            host_text = authority.decode("latin-1").lower()
             headers = headers + [(b"Host", authority)]
         target = rest[cut:] or b"/"
         if not target.startswith(b"/"):
@@ -185,9 +255,8 @@ def check_request(method: bytes, target: bytes, version: str,
         raise HttpError(400, "malformed request target")
     q = target.find(b"?")
     path = (target if q < 0 else target[:q]).decode("latin-1")
-    return Request(method=method, target=target, version=version, headers=headers,
-                   host=host.decode("latin-1").lower() if host else "", path=path,
-                   content_length=length, chunked=chunked, conn_tokens=frozenset(conn))
+    return Request(method, target, version, headers, host_text, path,
+                   length, chunked, frozenset(conn) if conn else _NO_TOKENS)
 
 
 _FTOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -210,44 +279,62 @@ def forwarded_element(client_ip: str, proto: str, host: str) -> str:
 
 
 def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
-                 default_host: str = "") -> bytes:
+                 default_host: str = "", cache: list | None = None) -> bytes:
     """The head sent to the backend (always HTTP/1.1, keep-alive).
 
     Drops hop-by-hop headers and those named in Connection; keeps Content-Length, re-adds
     ``Transfer-Encoding: chunked`` for chunked bodies (re-encoded by the proxy). With
     ``forwarded``: ``X-Forwarded-For`` gets the client appended to what came in (one header),
     ``X-Forwarded-Proto`` is replaced, and an RFC 7239 ``Forwarded`` element is appended.
+
+    ``cache`` (a connection's ``[host, tail]``) keeps the forwarded headers built for a request
+    that brought none of its own: the next request on the connection with the same Host reuses
+    them instead of building them again (they depend only on client, proto and Host).
     """
     drop = HOP_BY_HOP
+    lens = _REQ_SPECIAL_LENS
     if req.conn_tokens:
         extra = req.conn_tokens - _PLAIN_CONN
         if extra:
             drop = drop | extra
+            lens = None  # names of any length may go
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
     fwd: list[bytes] = []
     for n, v in req.headers:
-        ln = n.lower()
-        if ln in drop:
-            continue
-        if forwarded and ln in _FWD:
-            if ln == b"x-forwarded-for":
-                xff.append(v)
-            elif ln == b"forwarded":
-                fwd.append(v)
-            continue
-        parts += (n, b": ", v, b"\r\n")
+        if lens is None or len(n) in lens:  # only names of these lengths can be special
+            ln = n.lower()
+            if ln in drop:
+                continue
+            if forwarded and ln in _FWD:
+                if ln == b"x-forwarded-for":
+                    xff.append(v)
+                elif ln == b"forwarded":
+                    fwd.append(v)
+                continue
+        parts.append(n)
+        parts.append(b": ")
+        parts.append(v)
+        parts.append(b"\r\n")
     if req.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if not req.host and default_host:  # an HTTP/1.0 request without Host; HTTP/1.1 needs one
         parts += (b"Host: ", default_host.encode("latin-1"), b"\r\n")
     if forwarded:
-        ip = client_ip.encode()
-        xff.append(ip)
-        parts += (b"X-Forwarded-For: ", b", ".join(xff), b"\r\n",
-                  b"X-Forwarded-Proto: ", proto.encode(), b"\r\n")
-        fwd.append(forwarded_element(client_ip, proto, req.host).encode("latin-1"))
-        parts += (b"Forwarded: ", b", ".join(fwd), b"\r\n")
+        if not xff and not fwd and cache is not None and cache[0] == req.host:
+            parts.append(cache[1])
+        else:
+            ip = client_ip.encode()
+            own = not xff and not fwd
+            xff.append(ip)
+            fwd.append(forwarded_element(client_ip, proto, req.host).encode("latin-1"))
+            tail = b"".join((b"X-Forwarded-For: ", b", ".join(xff), b"\r\n",
+                             b"X-Forwarded-Proto: ", proto.encode(), b"\r\n",
+                             b"Forwarded: ", b", ".join(fwd), b"\r\n"))
+            if own and cache is not None:
+                cache[0] = req.host
+                cache[1] = tail
+            parts.append(tail)
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -267,8 +354,8 @@ class ResponseHead:
     ``HttpError(502)`` past ``max_headers`` or ``max_bytes``.
     """
 
-    __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "nbytes",
-                 "max_headers", "max_bytes")
+    __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "conn_extra",
+                 "nbytes", "max_headers", "max_bytes")
 
     def __init__(self, max_headers: int = 256, max_bytes: int = 65536):
         self.max_headers = max_headers
@@ -276,11 +363,12 @@ class ResponseHead:
         self.reset()
 
     def reset(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes] = [b""]  # [status line, name, ": ", value, CRLF, ...]
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
         self.chunked = False
         self.conn_tokens: list[bytes] = []
+        self.conn_extra = False  # Connection names headers other than close/keep-alive
         self.nbytes = 0
 
     def add(self, name: bytes, value: bytes) -> None:
@@ -289,45 +377,80 @@ class ResponseHead:
         self.nbytes += len(name) + len(value) + 4
         if self.nbytes > self.max_bytes or len(hs) > self.max_headers:
             raise HttpError(502, "backend response head too large")
-        if len(name) in _SPECIAL_LENS:
-            ln = name.lower()
-            if ln in _RESP_SPECIAL:
-                if ln == b"content-length":
-                    self.content_length = int(value) if value.strip().isdigit() else None
-                    self.parts += (name, b": ", value, b"\r\n")
-                elif ln == b"transfer-encoding":
-                    self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
-                elif ln == b"connection":
-                    self.conn_tokens += _split_tokens(value)
+        parts = self.parts
+        n = len(name)
+        if n in _SPECIAL_LENS:
+            if n == 14 and _is(name, b"content-length"):
+                v = value.strip()
+                self.content_length = int(v) if v.isdigit() else None
+                parts.append(name)
+                parts.append(b": ")
+                parts.append(value)
+                parts.append(b"\r\n")
                 return
-        self.parts += (name, b": ", value, b"\r\n")
+            if n == 10 and _is(name, b"connection"):
+                if value == b"keep-alive" or value == b"close":  # the usual ones
+                    self.conn_tokens.append(value)
+                else:
+                    toks = _split_tokens(value)
+                    self.conn_tokens += toks
+                    for t in toks:
+                        if t not in _PLAIN_CONN:
+                            self.conn_extra = True
+                return
+            if n == 17 and _is(name, b"transfer-encoding"):
+                self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
+                return
+            if name.lower() in _RESP_SPECIAL:  # the other hop-by-hop headers
+                return
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
 
-    def build(self, status: int, reason: bytes, *, chunk: bool, close: bool,
+    def build(self, status: int, reason: bytes, chunk: bool, close: bool,
               set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
         """The head for the client: ``chunk`` adds ``Transfer-Encoding: chunked`` (the proxy
         re-encodes the body), ``close`` adds ``Connection: close``, ``keep_alive`` adds
         ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``."""
         parts = self.parts
-        if self.conn_tokens:
+        if self.conn_extra:
             extra = set(self.conn_tokens) - _PLAIN_CONN
             if extra:
                 drop = _RESP_SPECIAL | extra
-                parts = []
+                parts = [b""]
                 for n, v in self.headers:
                     ln = n.lower()
                     if ln not in drop or ln == b"content-length":
                         parts += (n, b": ", v, b"\r\n")
-        tail = []
+        out = parts[:]  # parts[0] is the status line's place (see reset)
+        out[0] = _status_line(status, reason)
         if chunk:
-            tail.append(b"Transfer-Encoding: chunked\r\n")
+            out.append(b"Transfer-Encoding: chunked\r\n")
         if set_cookie:
-            tail += (b"Set-Cookie: ", set_cookie, b"\r\n")
+            out.append(b"Set-Cookie: ")
+            out.append(set_cookie)
+            out.append(b"\r\n")
         if close:
-            tail.append(b"Connection: close\r\n")
+            out.append(b"Connection: close\r\n")
         elif keep_alive:
-            tail.append(b"Connection: keep-alive\r\n")
-        return b"".join((b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode()),
-                         *parts, *tail, b"\r\n"))
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+
+_STATUS_LINES: dict = {}  # status -> (reason, status line): the last reason seen for it
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    e = _STATUS_LINES.get(status)
+    if e is not None and e[0] == reason:
+        return e[1]
+    line = b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "Unknown").encode())
+    if len(_STATUS_LINES) >= 1024:
+        _STATUS_LINES.clear()
+    _STATUS_LINES[status] = (reason, line)
+    return line
 
 
 def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *,
@@ -337,8 +460,7 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     rh = ResponseHead()
     for n, v in headers:
         rh.add(n, v)
-    return rh.build(status, reason, chunk=chunk, close=close, set_cookie=set_cookie,
-                    keep_alive=keep_alive)
+    return rh.build(status, reason, chunk, close, set_cookie, keep_alive)
 
 
 def sticky_cookie(name: str, backend: str) -> bytes:

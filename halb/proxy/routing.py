@@ -35,6 +35,9 @@ def split_host(host: str) -> tuple[str, str]:
     return host, ""
 
 
+_HOST_CACHE = 1024  # distinct Host values remembered split; the cache is emptied when full
+
+
 class _Route:
     __slots__ = ("pool", "host", "host_port", "wildcard", "prefix", "hname", "hvalue")
 
@@ -79,17 +82,24 @@ class Router:
     ``headers`` maps lower-case header names to the list of their values.
     """
 
-    __slots__ = ("routes", "default", "needs_headers")
+    __slots__ = ("routes", "default", "needs_headers", "_hosts")
 
     def __init__(self, routes: Sequence[RouteConfig], default: str):
         self.routes = tuple(_Route(r) for r in routes)
         self.default = default
         self.needs_headers = any(r.hname for r in self.routes)
+        self._hosts: dict[str, tuple[str, str]] = {}  # Host -> split_host(Host), bounded
 
     def route(self, host: str, path: str, headers: Mapping[str, Sequence[str]] | None = None) -> str:
         if not self.routes:
             return self.default
-        name, port = split_host(host) if host else ("", "")
+        hp = self._hosts.get(host)
+        if hp is None:
+            hp = split_host(host) if host else ("", "")
+            if len(self._hosts) >= _HOST_CACHE:
+                self._hosts.clear()
+            self._hosts[host] = hp
+        name, port = hp
         hdrs = headers or {}
         for r in self.routes:
             if r.matches(name, port, path, hdrs):

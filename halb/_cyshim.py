@@ -1,0 +1,13 @@
+"""Stands in for Cython's ``cython`` module where Cython is not installed.
+
+Modules that Cython compiles in pure-Python mode (see halb/_ext.py) may branch on
+``cython.compiled`` to use C-level loops when compiled; run as plain Python, the other branch
+is taken. Import it as::
+
+    try:
+        import cython
+    except ImportError:
+        from halb import _cyshim as cython
+"""
+
+compiled = False

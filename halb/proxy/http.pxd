@@ -1,0 +1,78 @@
+# C types for http.py when it is compiled with Cython (pure Python mode: the .py file stays
+# the source and runs as is without a compiler; this file only adds types). See halb/_ext.py.
+
+import cython
+
+from halb.proxy.http_head cimport Request, ResponseHead
+
+
+cdef class _Settings:
+    cdef public Py_ssize_t max_line, max_headers, max_header_bytes, max_conns
+    cdef public double t_header, t_body, t_idle, t_server, t_connect
+    cdef public bint forwarded
+    cdef public str proto, name
+    cdef public object metrics
+
+
+cdef class HttpListener:
+    cdef public object cfg, node, name, router, ssl, proto, conns, idle, server, loop, _sweeper
+    cdef public _Settings settings
+    cdef public bint stopping
+    cdef public double tick
+    cpdef BackendConn take_idle(self, object b)
+    cpdef put_idle(self, BackendConn bc)
+    cpdef drop_idle(self, BackendConn bc)
+
+
+cdef class _Rx:
+    cdef public Request req
+    cdef public bint keep_alive, complete
+    cdef public list body
+    cdef public Py_ssize_t buffered, replay_bytes
+    cdef public object replay
+
+
+cdef class BackendConn:
+    cdef public HttpListener l
+    cdef public object b, loop, tr, parser, on_header, reason
+    cdef public ResponseHead rh
+    cdef public ClientConn cc
+    cdef public bint keep, msg_done, doubtful, interim, head_only, got_bytes, read_paused
+    cdef public bint closed, close_delimited
+    cdef public double last, idle_since
+    cpdef pause_reading(self)
+    cpdef resume_reading(self)
+    cpdef close(self)
+
+
+cdef class ClientConn:
+    cdef public HttpListener l
+    cdef public object node, loop, tr, parser, client_ip, url, hdrs, rx, queue
+    cdef public object pending_error, tkind, wtimer, out, up, pool, b, connecting
+    cdef public tuple tried
+    cdef public object last_err, sticky_b, cookie_val, hkey
+    cdef public _Settings s
+    cdef public list fwd
+    cdef public _Rx cur
+    cdef public BackendConn conn
+    cdef public bint accepted, closed, eof, in_head, wpaused, acquired, reused, stale_retry
+    cdef public bint sent_all, resp_started, resp_chunk, resp_close
+    cdef public int paused, attempts, status
+    cdef public Py_ssize_t raw_head, hbytes
+    cdef public double deadline, t0
+    cpdef flush(self)
+    cdef _flush_up(self)
+    @cython.locals(i=Py_ssize_t, n=Py_ssize_t, lim=Py_ssize_t, stop=Py_ssize_t, j=Py_ssize_t,
+                   end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint)
+    cdef bint _check_line(self, bytes data) except -1
+    cdef _arm(self, str kind, double timeout)
+    cdef _cancel_timer(self)
+    cdef _cancel_timers(self)
+    cpdef pause(self, int why)
+    cpdef resume(self, int why)
+    cdef _start(self, _Rx rx)
+    cdef _attempt(self)
+    cdef _attach(self, BackendConn bc, bint reused)
+    cdef _release(self, object rt, bint error)
+    cpdef resp_done(self, BackendConn bc, bint reusable)
+    cdef _next(self)
