@@ -11,8 +11,20 @@ import asyncio
 import logging
 import sys
 
-from .. import __version__
+from .. import __version__, _ext
 from ..config import ConfigError, load
+
+
+class _Version(argparse.Action):
+    """`halbd 0.1.0 (L7 hot path: compiled)`; looked up only when asked, so that a normal start
+    decides (and warns about) the compiled modules after the JSON logging is set up."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"halbd {__version__} ({_ext.summary()})")
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="validate the config and exit")
     ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                     help="override node.log_level")
-    ap.add_argument("--version", action="version", version=f"halbd {__version__}")
+    ap.add_argument("--version", action=_Version, help="show the version, and whether the L7 hot "
+                    "path runs compiled, and exit")
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)

@@ -7,6 +7,11 @@ names), the build stage's own checks pass, the run stage's `setcap` (and its che
 to that venv, the entrypoint (`halbd`) and healthcheck (`halbctl`) commands exist there and run,
 and `halbd --check` passes on every config it copies.
 
+Compiled hot path: the build stage installs gcc and libc6-dev (checked to be installed here, the
+apt-get steps themselves are not run), so the wheel holds the compiled modules of
+halb._ext.COMPILED (with their .py and .pxd sources, and no generated .c or stray .so from the
+build context), and the image's halbd runs them compiled; the run stage has no compiler.
+
 Capabilities: with `venv --copies`, bin/python, bin/python3 and bin/python3.11 are three
 separate files and only the one `setcap` names carries cap_net_admin,cap_net_raw. So the
 interpreter each script's shebang names (resolved) must be that very file, and a non-root user
@@ -99,6 +104,14 @@ def test_structure(instrs):
     assert ("COPY", "--from=build /opt/halb /opt/halb") in run
     users = [a for i, a in run if i == "USER"]
     assert users and users[-1] not in ("root", "0"), "runs as a non-root user"
+    # the compiler is in the build stage, before the wheel is built, and not in the run stage
+    build_runs = [a for i, a in build if i == "RUN"]
+    wheel_at = next(n for n, a in enumerate(build_runs) if "pip wheel" in a)
+    apt = [set(shlex.split(c)[2:]) for a in build_runs[:wheel_at] for c in _shell_commands(a)
+           if c.startswith("apt-get install ")]
+    assert apt and {"gcc", "libc6-dev"} <= set().union(*apt), "build stage: gcc and libc6-dev"
+    run_apt = " ".join(a for i, a in run if i == "RUN" and "apt-get install" in a)
+    assert not re.search(r"\b(gcc|g\+\+|clang|build-essential)\b", run_apt), run_apt
     text = CONTAINERFILE.read_text()
     assert "NET_ADMIN" in text and "NET_RAW" in text, "capabilities are documented"
     assert "setcap cap_net_admin,cap_net_raw+ep /opt/halb/bin/python3.11" in text
@@ -122,6 +135,12 @@ def _sh(cmd: str, subst: dict[str, str], timeout: float = 60) -> subprocess.Comp
     for a, b in subst.items():
         cmd = cmd.replace(a, b)
     return subprocess.run(["sh", "-ec", cmd], capture_output=True, text=True, timeout=timeout)
+
+
+def _dpkg_installed(pkg: str) -> bool:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
+                       text=True, timeout=30)
+    return r.returncode == 0 and "install ok installed" in r.stdout
 
 
 def _need_libcap() -> None:
@@ -175,6 +194,10 @@ def _replay(instrs, tmp: Path) -> dict:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, target)
+    # build products a developer's tree may hold (an editable install builds in place; Cython
+    # run by hand writes .c files): none may reach the wheel
+    (ctx / "halb" / "proxy" / "http.c").write_text("/* stale generated C */\n")
+    (ctx / "halb" / "proxy" / "stale.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\0")
     wheels = tmp / "wheels"
     venv = tmp / "opt-halb"
     subst = {IMAGE_VENV: str(venv), "/wheels": str(wheels)}
@@ -182,7 +205,14 @@ def _replay(instrs, tmp: Path) -> dict:
     assert any(c.startswith("pip wheel ") for c in steps)
     installed = False
     for step in steps:
-        if step.startswith("pip wheel "):
+        if step.startswith("apt-get install "):
+            # the image's packages: present here too (./dev setup installs them), not installed
+            pkgs = [a for a in shlex.split(step)[2:] if not a.startswith("-")]
+            missing = [p for p in pkgs if not _dpkg_installed(p)]
+            assert not missing, f"the build stage installs {missing}: missing here (./dev setup)"
+        elif step.startswith(("apt-get update", "rm -rf /var/lib/apt/lists/")):
+            continue  # the image's package lists, not this machine's
+        elif step.startswith("pip wheel "):
             # build isolation would fetch setuptools from an index; the project venv has it
             r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                                 "--no-build-isolation", "--disable-pip-version-check",
@@ -242,7 +272,8 @@ def _replay(instrs, tmp: Path) -> dict:
 
 
 def _env(venv: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "HALB_NO_EXTENSIONS")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
     return env
 
@@ -256,6 +287,22 @@ def test_wheel_holds_the_package_and_both_commands(image_venv):
     assert not any(n.startswith(("tests/", "lab/")) for n in names)
     assert "halbd = halb.cli.halbd:main" in ep_text
     assert "halbctl = halb.cli.halbctl:main" in ep_text
+
+
+def test_wheel_holds_the_compiled_hot_path_and_its_sources(image_venv):
+    from halb._ext import COMPILED
+    with zipfile.ZipFile(image_venv["wheel"]) as z:
+        names = z.namelist()
+    assert not image_venv["wheel"].name.endswith("-none-any.whl"), "a pure-Python wheel"
+    for mod in COMPILED:
+        base = mod.replace(".", "/")
+        assert f"{base}.py" in names, f"{base}.py: the source (the fallback) is in the wheel"
+        assert [n for n in names if n.startswith(base + ".cpython-3") and n.endswith(".so")], \
+            f"{mod}: no compiled extension in the wheel (did setup.py fall back to pure Python?)"
+        if (ROOT / f"{base}.pxd").exists():
+            assert f"{base}.pxd" in names
+    assert not [n for n in names if n.endswith(".c")], "generated C in the wheel"
+    assert not [n for n in names if "stale" in n], "a .so from the build context in the wheel"
 
 
 def test_installed_halb_comes_from_the_wheel(image_venv):
@@ -303,6 +350,8 @@ def test_entrypoint_and_healthcheck_commands_run(instrs, image_venv):
     r = subprocess.run([str(halbd), "--version"], capture_output=True,
                        text=True, timeout=60, env=_env(venv), cwd="/")
     assert r.returncode == 0 and "halbd" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("(L7 hot path: compiled)"), r.stdout + r.stderr
+    assert not r.stderr, r.stderr
     r = subprocess.run([str(halbctl), "--help"], capture_output=True, text=True,
                        timeout=60, env=_env(venv), cwd="/")
     assert r.returncode == 0 and "status" in r.stdout, r.stdout + r.stderr

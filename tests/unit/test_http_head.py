@@ -10,7 +10,8 @@ from halb.proxy.http_head import (HttpError, check_request, error_response, forw
                                   parse_cookies, request_head, response_head, ResponseHead,
                                   sticky_cookie)
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("dual_module")]
+DUAL_MODULE = "halb.proxy.http_head"  # each test against the compiled module and its .py
 
 H = [(b"Host", b"a.test")]
 

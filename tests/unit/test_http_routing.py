@@ -7,7 +7,8 @@ import pytest
 from halb.config import HeaderMatch, RouteConfig
 from halb.proxy.routing import Router, split_host
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("dual_module")]
+DUAL_MODULE = "halb.proxy.routing"  # each test against the compiled module and its .py
 
 ROUTES = (
     RouteConfig(pool="api", host="api.example.com"),
