@@ -9,7 +9,8 @@ import pytest
 
 from halb.proxy.http_head import HttpError, ResponseHead
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("dual_module")]
+DUAL_MODULE = "halb.proxy.http_head"  # every test runs compiled and from source (conftest.py)
 
 HEADS = [
     [(b"Server", b"nginx"), (b"Date", b"Sun, 22 Nov 2026 05:00:00 GMT"),
