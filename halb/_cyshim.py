@@ -11,3 +11,10 @@ is taken. Import it as::
 """
 
 compiled = False
+
+
+def _keep(flag: bool):
+    return lambda f: f
+
+
+boundscheck = wraparound = _keep  # directives for the compiler; as Python they change nothing

@@ -38,6 +38,8 @@ import sys
 # The modules compiled by setup.py: the L7 proxy's per-request path. One list, read by
 # setup.py with ast, so keep it a literal tuple of strings.
 COMPILED = (
+    "halb.model",
+    "halb.balance",
     "halb.proxy.http",
     "halb.proxy.http_head",
     "halb.proxy.routing",

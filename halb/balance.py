@@ -83,7 +83,7 @@ class RoundRobin:
         if not n:
             return None
         i = self._next % n
-        for _ in range(n):
+        for k in range(n):
             b = bs[i]
             i += 1
             if i == n:

@@ -71,6 +71,22 @@ class Backend:
         return f"Backend({self.pool}/{self.name} {self.host}:{self.port})"
 
 
+def backend_acquire(b: Backend) -> None:
+    """A connection or request starts at ``b`` (``Pool.acquire``; the L7 proxy, compiled,
+    calls this directly as a C function, see model.pxd)."""
+    b.active += 1
+    b.inflight += 1
+    b.total += 1
+
+
+def backend_release(b: Backend, rt: float | None = None) -> None:
+    """It ended, after ``rt`` seconds if known (the response-time average leasttime uses)."""
+    b.active -= 1
+    b.inflight -= 1
+    if rt is not None:
+        b.ewma_rt = rt if b.ewma_rt == 0.0 else b.ewma_rt + EWMA_ALPHA * (rt - b.ewma_rt)
+
+
 @dataclass(frozen=True, slots=True)
 class PoolView:
     """What a balancer picks from: eligible backends and their effective weights (> 0).
@@ -185,16 +201,11 @@ class Pool:
 
     @staticmethod
     def acquire(b: Backend) -> None:
-        b.active += 1
-        b.inflight += 1
-        b.total += 1
+        backend_acquire(b)
 
     @staticmethod
     def release(b: Backend, rt: float | None = None) -> None:
-        b.active -= 1
-        b.inflight -= 1
-        if rt is not None:
-            b.ewma_rt = rt if b.ewma_rt == 0.0 else b.ewma_rt + EWMA_ALPHA * (rt - b.ewma_rt)
+        backend_release(b, rt)
 
     # -- state changes ------------------------------------------------------------------------
 

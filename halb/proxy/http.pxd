@@ -3,7 +3,8 @@
 
 import cython
 
-from halb.proxy.http_head cimport Request, ResponseHead
+from halb.model cimport Backend, backend_acquire, backend_release
+from halb.proxy.http_head cimport Request, ResponseHead, check_request, request_head
 
 
 cdef class _Settings:
@@ -50,7 +51,8 @@ cdef class BackendConn:
 cdef class ClientConn:
     cdef public HttpListener l
     cdef public object node, loop, tr, parser, client_ip, url, hdrs, rx, queue
-    cdef public object pending_error, tkind, wtimer, out, up, pool, b, connecting
+    cdef public object pending_error, tkind, wtimer, out, up, pool, connecting
+    cdef public Backend b
     cdef public tuple tried
     cdef public object last_err, sticky_b, cookie_val, hkey
     cdef public _Settings s

@@ -79,6 +79,7 @@ except ImportError:  # pragma: no cover - Cython absent at run time
 
 from ..config import HASH_ALGORITHMS, ListenerConfig
 from ..log import get_logger
+from ..model import backend_acquire, backend_release
 from ..tables import sticky_key
 from .http_head import (HttpError, ResponseHead, check_request, error_response, request_head,
                         sticky_cookie)
@@ -626,6 +627,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 bc.tr.writelines(up)
         up.clear()
 
+    @cython.boundscheck(False)  # indices stay within data (see the loop)
+    @cython.wraparound(False)
     def _check_line(self, data: bytes) -> bool:
         self.lver = None
         i = 0
@@ -1029,7 +1032,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         bc.doubtful = False
         if self.wpaused:  # the client still has not taken the previous answer
             bc.pause_reading()
-        self.pool.acquire(b)
+        backend_acquire(b)
         self.acquired = True
         self.t0 = self.loop.time()
         req = rx.req
@@ -1054,7 +1057,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.acquired:
             self.acquired = False
             b = self.b
-            self.pool.release(b, rt)
+            backend_release(b, rt)
             self.s.metrics.observe(b, rt, error)
 
     # -- responses (called by BackendConn) ------------------------------------------------

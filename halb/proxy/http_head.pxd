@@ -22,6 +22,11 @@ cdef class Request:
     cdef public object _map
 
 
+cpdef Request check_request(bytes method, bytes target, str version, list headers)
+cpdef bytes request_head(Request req, str client_ip, str proto, bint forwarded,
+                         str default_host=*, list cache=*)
+
+
 cdef class ResponseHead:
     cdef public list parts, headers, conn_tokens
     cdef public object content_length
@@ -32,7 +37,7 @@ cdef class ResponseHead:
                    eol=Py_ssize_t, colon=Py_ssize_t, ln=Py_ssize_t, drop=bint, c=int,
                    vs=Py_ssize_t, ve=Py_ssize_t, k=Py_ssize_t, d=int, cl=Py_ssize_t)
     cpdef take(self, bytes block)
-    @cython.locals(n=Py_ssize_t, i=Py_ssize_t)
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int)
     cpdef Py_ssize_t head_end(self, bytes data) except -2
     @cython.locals(end=Py_ssize_t, i=Py_ssize_t)
     cpdef Py_ssize_t take_head(self, bytes data) except -2

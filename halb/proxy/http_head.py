@@ -124,6 +124,8 @@ def parse_cookies(values) -> dict[str, str]:
     return out
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def _is(name: bytes, lower: bytes) -> bool:
     """``name.lower() == lower`` for a lower-case ASCII ``lower`` (C loop when compiled)."""
     if cython.compiled:
@@ -139,6 +141,8 @@ def _is(name: bytes, lower: bytes) -> bool:
     return name.lower() == lower
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def _is_at(data: bytes, pos: int, lower: bytes) -> bool:
     """``data[pos:pos + len(lower)].lower() == lower`` without the slice when compiled."""
     if cython.compiled:
@@ -230,8 +234,10 @@ def check_request(method: bytes, target: bytes, version: str,
     if te_vals:
         if version == "1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
-        codings = [t for v in te_vals for t in _split_tokens(v)]
-        if any(not t for t in codings):
+        codings: list[bytes] = []
+        for v in te_vals:
+            codings += _split_tokens(v)
+        if b"" in codings:
             raise HttpError(400, "malformed Transfer-Encoding")
         if codings != [b"chunked"]:
             raise HttpError(501, "unsupported Transfer-Encoding (only a single chunked)")
@@ -253,7 +259,11 @@ def check_request(method: bytes, target: bytes, version: str,
         rest = target.split(b"://", 1)[1]
         slash = rest.find(b"/")
         q = rest.find(b"?")
-        cut = min(x for x in (slash, q, len(rest)) if x >= 0)
+        cut = len(rest)
+        if 0 <= slash < cut:
+            cut = slash
+        if 0 <= q < cut:
+            cut = q
         authority = rest[:cut]
         if not authority or b"@" in authority or not _HOST_RE.match(authority):
             raise HttpError(400, "invalid authority in absolute-form target")
@@ -388,6 +398,8 @@ class ResponseHead:
         self.conn_extra = False  # Connection names headers other than close/keep-alive
         self.nbytes = 0
 
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def head_end(self, data: bytes) -> int:
         """Where the head that starts ``data`` ends (just past its empty line), skipping the
         CR LFs llhttp allows before a status line; -1 if ``data`` holds no whole head."""
@@ -397,10 +409,15 @@ class ResponseHead:
             i += 2
         if cython.compiled:
             while i + 3 < n:
-                if data[i] == 13 and data[i + 1] == 10 and data[i + 2] == 13 \
-                        and data[i + 3] == 10:
-                    return i + 4
-                i += 1
+                c = data[i + 3]
+                if c == 10:
+                    if data[i] == 13 and data[i + 1] == 10 and data[i + 2] == 13:
+                        return i + 4
+                    i += 1
+                elif c == 13:
+                    i += 1
+                else:  # no CR LF CR LF can hold data[i + 3]: skip past it
+                    i += 4
             return -1
         end = data.find(b"\r\n\r\n", i)
         return end + 4 if end >= 0 else -1
@@ -422,6 +439,8 @@ class ResponseHead:
         self.take(data[i + 2:end - 2])
         return end
 
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def take(self, block: bytes) -> None:
         """A head's header lines, each ending in CRLF, as llhttp accepted them (so each holds
         a colon and no bare CR or LF); the status line and the final empty line excluded."""
@@ -489,7 +508,8 @@ class ResponseHead:
                             if t not in _PLAIN_CONN:
                                 self.conn_extra = True
                 elif ln == 17 and _is_at(block, pos, b"transfer-encoding"):
-                    self.chunked = _split_tokens(block[colon + 1:eol])[-1:] == [b"chunked"]
+                    toks = _split_tokens(block[vs:ve])  # (no negative index: see the decorators)
+                    self.chunked = len(toks) > 0 and toks[len(toks) - 1] == b"chunked"
                 elif block[pos:colon].lower() not in _RESP_SPECIAL:
                     drop = False
                 if drop:

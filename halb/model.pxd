@@ -1,0 +1,16 @@
+# C types for model.py when it is compiled with Cython (pure Python mode: the .py file stays
+# the source; this file only adds types). See halb/_ext.py.
+
+cdef class Backend:
+    cdef public str pool, name, host
+    cdef public Py_ssize_t index, port, max_conns
+    cdef public Py_ssize_t active, inflight, total, failures, consecutive_failures
+    cdef public object cfg_weight, weight
+    cdef public bint backup, healthy, admin_drain
+    cdef public double ejected_until, up_since, ewma_rt
+    cpdef bint is_up(self, double now) except -1
+    cpdef bint is_full(self) except -1
+
+
+cpdef backend_acquire(Backend b)
+cpdef backend_release(Backend b, object rt=*)
