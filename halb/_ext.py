@@ -40,6 +40,7 @@ import sys
 COMPILED = (
     "halb.model",
     "halb.balance",
+    "halb.metrics",
     "halb.proxy.http",
     "halb.proxy.http_head",
     "halb.proxy.routing",

@@ -16,7 +16,7 @@ cdef class _Settings:
 
 
 cdef class HttpListener:
-    cdef public object cfg, node, name, router, ssl, proto, conns, idle, server, loop, _sweeper
+    cdef public object cfg, node, name, router, ssl, proto, conns, idle, server, loop, _sweeper, now
     cdef public _Settings settings
     cdef public bint stopping
     cdef public double tick

@@ -165,10 +165,12 @@ class HttpListener:
         self.idle: dict[object, list[BackendConn]] = {}
         self.server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.now = None  # the loop's clock (set by start)
         self.stopping = False
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time  # bound once: the per-request path calls it several times
         sock = listen_tcp(self.cfg.bind.host, self.cfg.bind.port)  # SO_REUSEADDR + IP_FREEBIND
         kw = {}
         if self.ssl is not None:
@@ -241,7 +243,7 @@ class HttpListener:
             bc.close()
             return
         bc.resume_reading()
-        bc.idle_since = self.loop.time()
+        bc.idle_since = self.now()
         lst.append(bc)
 
     def drop_idle(self, bc: "BackendConn") -> None:
@@ -305,7 +307,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             self.close()
             return
         self.got_bytes = True
-        self.last = self.loop.time()
+        self.last = self.l.now()
         if self.want:  # the head's bytes, for on_headers_complete (bounded below)
             hb = self.hbuf = data if not self.hbuf else self.hbuf + data
             if len(hb) > RESP_HEAD_BUF and hb.find(b"\r\n\r\n") < 0:
@@ -750,7 +752,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         rx = self.queue[-1]
         if rx.complete:  # trailer section bytes never come here; defensive
             return
-        now = self.loop.time()
+        now = self.l.now()
         self.deadline = now + self.s.t_body
         if rx.req.chunked:
             piece = b"%x\r\n%b\r\n" % (len(data), data)
@@ -794,7 +796,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
 
     def _arm(self, kind: str, timeout: float) -> None:
         self.tkind = kind
-        self.deadline = self.loop.time() + timeout
+        self.deadline = self.l.now() + timeout
 
     def _cancel_timer(self) -> None:
         self.tkind = ""
@@ -1034,7 +1036,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             bc.pause_reading()
         backend_acquire(b)
         self.acquired = True
-        self.t0 = self.loop.time()
+        self.t0 = self.l.now()
         req = rx.req
         fwd = self.fwd
         if fwd is None and self.s.forwarded:
@@ -1135,7 +1137,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.l.put_idle(bc)
         else:
             bc.close()
-        rt = self.loop.time() - self.t0
+        rt = self.l.now() - self.t0
         self._release(rt, self.status >= 500)
         if self.closed:
             return
