@@ -28,7 +28,7 @@ cdef class HttpListener:
 cdef class _Rx:
     cdef public Request req
     cdef public bint keep_alive, complete
-    cdef public list body
+    cdef public object body
     cdef public Py_ssize_t buffered, replay_bytes
     cdef public object replay
 

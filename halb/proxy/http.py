@@ -118,10 +118,11 @@ class _Rx:
     def __init__(self, req, keep_alive: bool):
         self.req = req
         self.keep_alive = keep_alive
-        self.body: list[bytes] = []  # framed body pieces not yet written to a backend
+        body = req.has_body  # a request without one allocates no lists
+        self.body: list[bytes] | None = [] if body else None  # framed pieces not yet sent
         self.buffered = 0
         self.complete = False  # the whole request has been received
-        self.replay: list[bytes] | None = []  # framed body kept for a retry (small bodies only)
+        self.replay: list[bytes] | None = [] if body else None  # kept for a retry (small only)
         self.replay_bytes = 0
 
 
@@ -715,10 +716,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             raise HttpError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.hdrs.append((name, value))
+        hs = self.hdrs
+        if hs is None:  # trailers (the head's list went to its Request)
+            hs = self.hdrs = []
+        hs.append((name, value))
         self.hbytes += len(name) + len(value) + 4
         s = self.s
-        if len(self.hdrs) > s.max_headers:
+        if len(hs) > s.max_headers:
             raise HttpError(431, "too many header fields")
         if self.hbytes > s.max_header_bytes:
             raise HttpError(431, "header fields too large")
@@ -734,9 +738,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         else:
             self.lver = None
         req = check_request(p.get_method(), self.url, version, self.hdrs)
+        self.hdrs = None
         keep = p.should_keep_alive() and b"close" not in req.conn_tokens
         rx = _Rx(req, keep)
-        self.hdrs = []
         self.hbytes = 0
         self.queue.append(rx)
         if req.has_body:

@@ -324,8 +324,8 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
             drop = drop | extra
             lens = None  # names of any length may go
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
-    xff: list[bytes] = []
-    fwd: list[bytes] = []
+    xff: list[bytes] | None = None  # incoming X-Forwarded-For / Forwarded values, if any
+    fwd: list[bytes] | None = None
     for n, v in req.headers:
         if lens is None or len(n) in lens:  # only names of these lengths can be special
             ln = n.lower()
@@ -333,8 +333,12 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
                 continue
             if forwarded and ln in _FWD:
                 if ln == b"x-forwarded-for":
+                    if xff is None:
+                        xff = []
                     xff.append(v)
                 elif ln == b"forwarded":
+                    if fwd is None:
+                        fwd = []
                     fwd.append(v)
                 continue
         parts.append(n)
@@ -346,12 +350,15 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     if not req.host and default_host:  # an HTTP/1.0 request without Host; HTTP/1.1 needs one
         parts += (b"Host: ", default_host.encode("latin-1"), b"\r\n")
     if forwarded:
-        if not xff and not fwd and cache is not None and cache[0] == req.host:
+        if xff is None and fwd is None and cache is not None and cache[0] == req.host:
             parts.append(cache[1])
         else:
-            ip = client_ip.encode()
-            own = not xff and not fwd
-            xff.append(ip)
+            own = xff is None and fwd is None
+            if xff is None:
+                xff = []
+            if fwd is None:
+                fwd = []
+            xff.append(client_ip.encode())
             fwd.append(forwarded_element(client_ip, proto, req.host).encode("latin-1"))
             tail = b"".join((b"X-Forwarded-For: ", b", ".join(xff), b"\r\n",
                              b"X-Forwarded-Proto: ", proto.encode(), b"\r\n",
