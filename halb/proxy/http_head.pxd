@@ -22,7 +22,10 @@ cdef class Request:
     cdef public object _map
 
 
+cdef str _host_text(bytes host)
+@cython.locals(r=Request)
 cpdef Request check_request(bytes method, bytes target, str version, list headers)
+@cython.locals(ln=Py_ssize_t, any_len=bint)
 cpdef bytes request_head(Request req, str client_ip, str proto, bint forwarded,
                          str default_host=*, list cache=*)
 

@@ -250,7 +250,7 @@ def check_request(method: bytes, target: bytes, version: str,
             raise HttpError(400, "malformed Content-Length")
         length = int(cl)
     # request target
-    if target[:1] == b"/":
+    if len(target) > 0 and target[0] == 47:  # "/": origin-form
         pass
     elif target == b"*":
         if method != b"OPTIONS":
@@ -280,8 +280,19 @@ def check_request(method: bytes, target: bytes, version: str,
         raise HttpError(400, "malformed request target")
     q = target.find(b"?")
     path = (target if q < 0 else target[:q]).decode("latin-1")
-    return Request(method, target, version, headers, host_text, path,
-                   length, chunked, frozenset(conn) if conn else _NO_TOKENS)
+    r = Request.__new__(Request)  # as Request(...), without its argument parsing
+    r.method = method
+    r.target = target
+    r.version = version
+    r.headers = headers
+    r.host = host_text
+    r.path = path
+    r.content_length = length
+    r.chunked = chunked
+    r.has_body = chunked or bool(length)
+    r.conn_tokens = frozenset(conn) if conn else _NO_TOKENS
+    r._map = None
+    return r
 
 
 _FTOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -317,26 +328,29 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     them instead of building them again (they depend only on client, proto and Host).
     """
     drop = HOP_BY_HOP
-    lens = _REQ_SPECIAL_LENS
+    any_len = False  # True: Connection names extra headers, of any length
     if req.conn_tokens:
         extra = req.conn_tokens - _PLAIN_CONN
         if extra:
             drop = drop | extra
-            lens = None  # names of any length may go
+            any_len = True
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] | None = None  # incoming X-Forwarded-For / Forwarded values, if any
     fwd: list[bytes] | None = None
     for n, v in req.headers:
-        if lens is None or len(n) in lens:  # only names of these lengths can be special
-            ln = n.lower()
-            if ln in drop:
+        ln = len(n)
+        # only names of these lengths can be special (_REQ_SPECIAL_LENS, written out for C)
+        if any_len or ln == 10 or ln == 17 or ln == 15 or ln == 9 or ln == 7 or ln == 2 \
+                or ln == 16 or ln == 18 or ln == 19:
+            lname = n.lower()
+            if lname in drop:
                 continue
-            if forwarded and ln in _FWD:
-                if ln == b"x-forwarded-for":
+            if forwarded and lname in _FWD:
+                if lname == b"x-forwarded-for":
                     if xff is None:
                         xff = []
                     xff.append(v)
-                elif ln == b"forwarded":
+                elif lname == b"forwarded":
                     if fwd is None:
                         fwd = []
                     fwd.append(v)
