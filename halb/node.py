@@ -125,8 +125,9 @@ class Node:
                 # in chunks: a burst of flows expiring together must not stall the loop (and
                 # with it the VRRP adverts) for seconds
                 while True:
-                    n = sum(t.expire(limit=EXPIRE_CHUNK) for t in self.tables)
-                    if n < EXPIRE_CHUNK:
+                    for t in self.tables:
+                        t.expire(limit=EXPIRE_CHUNK)
+                    if not any(t.expire_more for t in self.tables):
                         break
                     await asyncio.sleep(0)
                 self.metrics.tables(self.tables)

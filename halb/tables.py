@@ -100,6 +100,7 @@ class Table:
         # deleted keys -> (updated, origin, until): an older version of a deleted entry that
         # arrives late (through another peer) must not bring it back; bounded like the entries
         self._tombs: dict[str, tuple[float, str, float]] = {}
+        self.expire_more = False  # the last expire() stopped at its limit
         self.listeners: list[Callable[[Change], None]] = []
         self.stats = {"created": 0, "refreshed": 0, "deleted": 0, "expired": 0, "evicted": 0,
                       "applied": 0, "conflicts_lost": 0}
@@ -166,18 +167,24 @@ class Table:
         return True
 
     def expire(self, limit: int = 1_000_000) -> int:
-        """Removes expired entries (at most ``limit``); returns how many."""
+        """Removes expired entries; returns how many. Does at most ``limit`` steps of work
+        (heap pops, including the stale ones deleted entries leave behind, and purged
+        tombstones), so a caller can yield to the event loop between chunks: ``expire_more``
+        tells whether work was left."""
         now = self.clock.now()
         n = 0
+        work = 0
         h = self._heap
-        while h and h[0][0] <= now and n < limit:
+        while h and h[0][0] <= now and work < limit:
             exp, key = heapq.heappop(h)
+            work += 1
             t = self._entries.get(key)
             if t is not None and t[5] == exp:
                 self._remove(_new(Entry, t), _EXPIRE, from_heap=True)
                 n += 1
-        if self._tombs:
-            self._purge_tombs(now)
+        if self._tombs and work < limit:
+            work += self._purge_tombs(now, limit - work)
+        self.expire_more = work >= limit
         return n
 
     def clear(self) -> None:
@@ -327,15 +334,18 @@ class Table:
         if len(self._tombs) > self.max_entries:
             del self._tombs[next(iter(self._tombs))]
 
-    def _purge_tombs(self, now: float) -> None:
+    def _purge_tombs(self, now: float, limit: int) -> int:
         # insertion order is close to expiry order; a long-lived one at the front only delays
         # the purge of the ones behind it, the size bound still holds
         tombs = self._tombs
-        while tombs:
+        n = 0
+        while tombs and n < limit:
             k = next(iter(tombs))
             if tombs[k][2] > now:
                 break
             del tombs[k]
+            n += 1
+        return n
 
     def _evict_one(self) -> None:
         h = self._heap
