@@ -22,6 +22,8 @@ cdef class Request:
     cdef public object _map
 
 
+cdef _fill(Request r, bytes method, bytes target, str version, list headers, str host,
+           str path, object content_length, bint chunked, frozenset conn_tokens)
 cdef str _host_text(bytes host)
 @cython.locals(r=Request)
 cpdef Request check_request(bytes method, bytes target, str version, list headers)

@@ -62,17 +62,8 @@ class Request:
                  headers: list[tuple[bytes, bytes]], host: str = "", path: str = "/",
                  content_length: int | None = None, chunked: bool = False,
                  conn_tokens: frozenset = frozenset()):
-        self.method = method
-        self.target = target  # origin-form (absolute-form is reduced to it)
-        self.version = version  # "1.0" | "1.1"
-        self.headers = headers
-        self.host = host  # Host header (or absolute-form authority), lower case, with port
-        self.path = path  # target path without the query, for routing
-        self.content_length = content_length
-        self.chunked = chunked
-        self.has_body = chunked or bool(content_length)
-        self.conn_tokens = conn_tokens  # Connection header tokens, lower case
-        self._map = None
+        _fill(self, method, target, version, headers, host, path, content_length, chunked,
+              conn_tokens)
 
     def __repr__(self) -> str:
         return (f"Request(method={self.method!r}, target={self.target!r}, "
@@ -108,6 +99,22 @@ class Request:
 
     def cookies(self) -> dict[str, str]:
         return parse_cookies(self.get("cookie", ()))
+
+
+def _fill(r: Request, method: bytes, target: bytes, version: str,
+          headers: list[tuple[bytes, bytes]], host: str, path: str, content_length: int | None,
+          chunked: bool, conn_tokens: frozenset) -> None:
+    r.method = method
+    r.target = target  # origin-form (absolute-form is reduced to it)
+    r.version = version  # "1.0" | "1.1"
+    r.headers = headers
+    r.host = host  # Host header (or absolute-form authority), lower case, with port
+    r.path = path  # target path without the query, for routing
+    r.content_length = content_length
+    r.chunked = chunked
+    r.has_body = chunked or bool(content_length)
+    r.conn_tokens = conn_tokens  # Connection header tokens, lower case
+    r._map = None
 
 
 def parse_cookies(values) -> dict[str, str]:
@@ -281,17 +288,8 @@ def check_request(method: bytes, target: bytes, version: str,
     q = target.find(b"?")
     path = (target if q < 0 else target[:q]).decode("latin-1")
     r = Request.__new__(Request)  # as Request(...), without its argument parsing
-    r.method = method
-    r.target = target
-    r.version = version
-    r.headers = headers
-    r.host = host_text
-    r.path = path
-    r.content_length = length
-    r.chunked = chunked
-    r.has_body = chunked or bool(length)
-    r.conn_tokens = frozenset(conn) if conn else _NO_TOKENS
-    r._map = None
+    _fill(r, method, target, version, headers, host_text, path, length, chunked,
+          frozenset(conn) if conn else _NO_TOKENS)
     return r
 
 
