@@ -7,8 +7,8 @@ One ``ClientConn`` (asyncio Protocol) per client connection parses requests with
 paused). For each request: ``routing.Router`` picks the pool, stickiness (cookie insert or
 source IP, recorded in ``node.tables.sticky``) or the pool's balancer picks the backend, and
 an idle keep-alive ``BackendConn`` from the listener's per-backend pool (bounded,
-``POOL_MAX_IDLE``) or a new connection carries it. Heads are rebuilt from parsed fields
-(``http_head``); bodies stream through as they arrive, Content-Length as is, chunked
+``POOL_MAX_IDLE``) or a new connection carries it. Request heads are rebuilt from parsed
+fields, response heads from the backend's checked header lines (``http_head``); bodies stream through as they arrive, Content-Length as is, chunked
 re-encoded chunk by chunk; nothing buffers a whole body. Backpressure: a full write buffer on
 one side pauses reading on the other.
 

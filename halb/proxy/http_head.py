@@ -4,11 +4,16 @@ The byte-level parsing is llhttp's (via httptools, in its default strict mode); 
 adds the checks llhttp does not make and builds the heads halb sends on. See
 ``halb/proxy/http.py`` for which malformed classes llhttp rejects itself (measured).
 
-Heads are rebuilt from the parsed fields, never copied as raw bytes: the backend only ever
-sees a canonical ``METHOD SP target SP HTTP/1.1`` line, single-spaced ``Name: value``
+Request heads are rebuilt from the parsed fields, never copied as raw bytes: the backend only
+ever sees a canonical ``METHOD SP target SP HTTP/1.1`` line, single-spaced ``Name: value``
 headers and framing halb chose itself (Content-Length kept as parsed, chunked re-encoded).
 That is what keeps a lenient quirk of one client from reaching a backend that reads it
-differently.
+differently. Response heads get a new status line and framing lines of halb's own; their other
+header lines go to the client as the backend sent them (``ResponseHead.take``), but only after
+llhttp, in its strict mode, has accepted the whole head, and without the hop-by-hop ones.
+
+When compiled (halb/_ext.py), some functions take a ``cython.compiled`` branch: a C loop doing
+what the plain-Python branch beside it does with bytes methods.
 """
 
 from __future__ import annotations
