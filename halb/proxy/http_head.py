@@ -34,6 +34,9 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
 # Request headers halb (re)writes itself when forwarded headers are on.
 _FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
 _REQ_SPECIAL_LENS = frozenset(len(n) for n in HOP_BY_HOP | _FWD)
+# request_head tests these lengths written out (C comparisons when compiled): keep them in step
+if _REQ_SPECIAL_LENS != frozenset((2, 7, 9, 10, 15, 16, 17, 18, 19)):  # pragma: no cover
+    raise ImportError("request_head's written-out header-name lengths are out of date")
 
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -390,6 +393,9 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
 
 _RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
 _SPECIAL_LENS = frozenset(len(n) for n in _RESP_SPECIAL)
+# ResponseHead.take tests these lengths written out (C comparisons when compiled)
+if _SPECIAL_LENS != frozenset((2, 7, 10, 14, 16, 17, 18, 19)):  # pragma: no cover
+    raise ImportError("ResponseHead.take's written-out header-name lengths are out of date")
 
 
 class ResponseHead:
