@@ -2,7 +2,7 @@
 move with the machine's load (the wall-clock bench does), for comparing two builds of the L7
 path on this machine or any other.
 
-    python bench/l7_instructions.py [--requests 3000] [--no-extensions]
+    python bench/l7_instructions.py [--requests 3000] [--no-extensions] [--keep DIR]
 
 It starts two nginx backends and halbd (the bench's HTTP listener config: three routes,
 forwarded headers on, metrics on) with halbd under ``valgrind --tool=callgrind`` and
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/l7_instructions.py")
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--no-extensions", action="store_true")
+    ap.add_argument("--keep", metavar="DIR", help="copy callgrind's output files into DIR "
+                    "(for callgrind_annotate)")
     a = ap.parse_args(argv)
     a.requests = max(100, min(a.requests, 100_000))
     for tool in ("valgrind", "callgrind_control", "nginx"):
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         if not total:
             print("callgrind counted nothing", file=sys.stderr)
             return 1
+        if a.keep:
+            Path(a.keep).mkdir(parents=True, exist_ok=True)
+            for f in tmp.glob("callgrind.out*"):
+                shutil.copy(f, Path(a.keep) / f.name)
         mode = "HALB_NO_EXTENSIONS=1" if a.no_extensions else "as installed"
         print(f"halbd ({mode}): {total / a.requests:,.0f} user-space instructions per request "
               f"({a.requests} requests, {took:.1f} s under callgrind)")

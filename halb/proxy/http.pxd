@@ -5,6 +5,11 @@ import cython
 
 from halb.model cimport Backend, backend_acquire, backend_release
 from halb.proxy.http_head cimport Request, ResponseHead, check_request, request_head
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+
+@cython.locals(ts=timespec)
+cdef double _clock() noexcept
 
 
 cdef class _Settings:
@@ -16,7 +21,9 @@ cdef class _Settings:
 
 
 cdef class HttpListener:
-    cdef public object cfg, node, name, router, ssl, proto, conns, idle, server, loop, _sweeper, now
+    cdef public object cfg, node, name, router, ssl, proto, server, loop, _sweeper
+    cdef public set conns
+    cdef public dict idle
     cdef public _Settings settings
     cdef public bint stopping
     cdef public double tick
@@ -50,8 +57,11 @@ cdef class BackendConn:
 
 cdef class ClientConn:
     cdef public HttpListener l
-    cdef public object node, loop, tr, parser, client_ip, url, hdrs, rx, queue
-    cdef public object pending_error, tkind, wtimer, out, up, pool, connecting
+    cdef public object node, loop, tr, parser, pending_error, wtimer, pool, connecting
+    cdef public str client_ip, tkind
+    cdef public bytes url
+    cdef public list hdrs, queue, out, up
+    cdef public _Rx rx
     cdef public Backend b
     cdef public tuple tried
     cdef public object last_err, sticky_b, cookie_val, hkey
