@@ -18,3 +18,9 @@ def _keep(flag: bool):
 
 
 boundscheck = wraparound = _keep  # directives for the compiler; as Python they change nothing
+
+
+def cast(_type, value):
+    """``cython.cast(T, v)``: as Python, ``v`` itself."""
+    return value
+

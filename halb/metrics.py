@@ -289,56 +289,7 @@ class Metrics:
 
     def observe(self, backend: "Backend", rt: float | None, error: bool) -> None:
         """One request or connection finished at ``backend`` (rt in seconds, None if unknown)."""
-        try:
-            s = self._bk[backend]
-        except KeyError:
-            s = self._backend(backend)
-        s[0] += 1  # _REQ
-        if error:
-            s[1] += 1  # _ERR
-        if rt is None or not rt >= 0.0:  # (NaN is not >= 0)
-            return
-        s[2] += rt  # _SUM
-        # The bucket: the first bound >= rt, as Histogram.observe. A binary search written out
-        # over RT_BUCKETS (4-5 float comparisons, no call: half the cost of bisect_left here);
-        # s[3 + i] counts bucket i, s[18] the +Inf one. test_metrics checks it at every bound.
-        if rt <= 0.01:
-            if rt <= 0.001:
-                if rt <= 0.0005:
-                    s[3] += 1
-                else:
-                    s[4] += 1
-            elif rt <= 0.0025:
-                s[5] += 1
-            elif rt <= 0.005:
-                s[6] += 1
-            else:
-                s[7] += 1
-        elif rt <= 0.25:
-            if rt <= 0.025:
-                s[8] += 1
-            elif rt <= 0.05:
-                s[9] += 1
-            elif rt <= 0.1:
-                s[10] += 1
-            else:
-                s[11] += 1
-        elif rt <= 2.5:
-            if rt <= 0.5:
-                s[12] += 1
-            elif rt <= 1.0:
-                s[13] += 1
-            else:
-                s[14] += 1
-        elif rt <= 10.0:
-            if rt <= 5.0:
-                s[15] += 1
-            else:
-                s[16] += 1
-        elif rt <= 30.0:
-            s[17] += 1
-        else:
-            s[18] += 1
+        record(self._bk, self, backend, rt, error)
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -350,3 +301,60 @@ class Metrics:
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         return self.registry.get_sample_value(name, labels or {})
+
+
+def record(bk: dict, m: "Metrics", backend: "Backend", rt: float | None, error: bool) -> None:
+    """``Metrics.observe``: ``bk`` is ``m._bk``. The data plane calls it directly with its
+    listener's ``bk`` (compiled: a C call, the bucket search on a C double)."""
+    s = bk.get(backend)
+    if s is None:
+        s = m._backend(backend)
+    s[0] += 1  # _REQ
+    if error:
+        s[1] += 1  # _ERR
+    if rt is None:
+        return
+    r = rt
+    if not r >= 0.0:  # (NaN is not >= 0)
+        return
+    s[2] += r  # _SUM
+    # The bucket: the first bound >= rt, as Histogram.observe. A binary search written out
+    # over RT_BUCKETS (4-5 float comparisons, no call: half the cost of bisect_left here);
+    # s[3 + i] counts bucket i, s[18] the +Inf one. test_metrics checks it at every bound.
+    if r <= 0.01:
+        if r <= 0.001:
+            if r <= 0.0005:
+                s[3] += 1
+            else:
+                s[4] += 1
+        elif r <= 0.0025:
+            s[5] += 1
+        elif r <= 0.005:
+            s[6] += 1
+        else:
+            s[7] += 1
+    elif r <= 0.25:
+        if r <= 0.025:
+            s[8] += 1
+        elif r <= 0.05:
+            s[9] += 1
+        elif r <= 0.1:
+            s[10] += 1
+        else:
+            s[11] += 1
+    elif r <= 2.5:
+        if r <= 0.5:
+            s[12] += 1
+        elif r <= 1.0:
+            s[13] += 1
+        else:
+            s[14] += 1
+    elif r <= 10.0:
+        if r <= 5.0:
+            s[15] += 1
+        else:
+            s[16] += 1
+    elif r <= 30.0:
+        s[17] += 1
+    else:
+        s[18] += 1

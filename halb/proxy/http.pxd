@@ -3,6 +3,7 @@
 
 import cython
 
+from halb.metrics cimport record
 from halb.model cimport Backend, backend_acquire, backend_release
 from halb.proxy.http_head cimport Request, ResponseHead, check_request, request_head
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -18,6 +19,7 @@ cdef class _Settings:
     cdef public bint forwarded
     cdef public str proto, name
     cdef public object metrics
+    cdef public dict bk
 
 
 cdef class HttpListener:
@@ -42,7 +44,7 @@ cdef class _Rx:
 
 cdef class BackendConn:
     cdef public HttpListener l
-    cdef public object b, loop, tr, parser, reason
+    cdef public object b, loop, tr, parser
     cdef public bytes hbuf
     cdef public bint want
     cdef public ResponseHead rh

@@ -80,6 +80,7 @@ except ImportError:  # pragma: no cover - Cython absent at run time
 
 from ..config import HASH_ALGORITHMS, ListenerConfig
 from ..log import get_logger
+from ..metrics import record
 from ..model import backend_acquire, backend_release
 from ..tables import sticky_key
 from .http_head import (HttpError, ResponseHead, check_request, error_response, request_head,
@@ -142,7 +143,7 @@ class _Settings:
 
     __slots__ = ("max_line", "max_headers", "max_header_bytes", "max_conns", "t_header",
                  "t_body", "t_idle", "t_server", "t_connect", "forwarded", "proto", "name",
-                 "metrics")
+                 "metrics", "bk")
 
     def __init__(self, cfg: ListenerConfig, proto: str, metrics):
         lim, t = cfg.limits, cfg.timeouts
@@ -159,6 +160,7 @@ class _Settings:
         self.proto = proto
         self.name = cfg.name
         self.metrics = metrics
+        self.bk = metrics._bk  # metrics.record's per-backend counters (see _release)
 
 
 class HttpListener:
@@ -271,7 +273,7 @@ class HttpListener:
 class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
-    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "reason", "keep", "hbuf", "want",
+    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "keep", "hbuf", "want",
                  "msg_done", "doubtful", "interim", "head_only", "got_bytes", "last", "idle_since",
                  "read_paused", "closed", "close_delimited")
 
@@ -282,12 +284,12 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         self.tr: asyncio.Transport | None = None
         self.cc: ClientConn | None = None
         self.rh = ResponseHead(RESP_MAX_HEADERS, RESP_MAX_HEADER_BYTES)
-        # No on_header callback: llhttp checks every header line without a Python call per
-        # header, and on_headers_complete hands the head's raw lines to the head builder.
+        # No on_header or on_status callback: llhttp checks the status line and every header
+        # line without a Python call per piece, and on_headers_complete hands the head's raw
+        # bytes to the head builder (which reads the reason phrase off them too).
         self.parser = httptools.HttpResponseParser(self)
         self.want = False  # a response head is due: its bytes gather in hbuf
         self.hbuf = b""
-        self.reason = b""
         self.keep = False
         self.msg_done = False
         self.doubtful = False
@@ -372,10 +374,6 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
     def on_message_begin(self) -> None:
         if self.msg_done or self.cc is None:
             self.doubtful = True  # a second response nobody asked for
-        self.reason = b""
-
-    def on_status(self, s: bytes) -> None:
-        self.reason += s
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -396,14 +394,14 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
                 raise HttpError(502, "backend response head not found")
             self.interim = True
             self.hbuf = hb[end:]  # the final response follows
-            cc.resp_interim(status, self.reason)
+            cc.resp_interim(status, self.rh.status_reason(hb))
             return
         self.want = False
         self.hbuf = b""
         if self.rh.take_head(hb) < 0:
             raise HttpError(502, "backend response head not found")
         self.keep = self.parser.should_keep_alive()
-        head_only, self.close_delimited = cc.resp_head(self, status, self.reason, self.rh)
+        head_only, self.close_delimited = cc.resp_head(self, status, None, self.rh)
         if head_only:
             self.head_only = True
             self.msg_done = True
@@ -1033,7 +1031,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def _backend_error(self, b, kind: str) -> None:
         now = self.node.clock.now()
         self.pool.report_result(b, False, now)
-        self.s.metrics.observe(b, None, True)
+        record(self.s.bk, self.s.metrics, b, None, True)
         log.debug("backend_error", listener=self.l.name, pool=self.pool.name, backend=b.name,
                   error=kind)
 
@@ -1079,7 +1077,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.acquired = False
             b = self.b
             backend_release(b, rt)
-            self.s.metrics.observe(b, rt, error)
+            record(self.s.bk, self.s.metrics, b, rt, error)
 
     # -- responses (called by BackendConn) ------------------------------------------------
 

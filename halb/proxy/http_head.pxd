@@ -20,6 +20,7 @@ cdef class Request:
     cdef public bint chunked, has_body
     cdef public frozenset conn_tokens
     cdef public object _map
+    cpdef list values(self, bytes lname)
 
 
 cdef _fill(Request r, bytes method, bytes target, str version, list headers, str host,
@@ -27,7 +28,16 @@ cdef _fill(Request r, bytes method, bytes target, str version, list headers, str
 cdef str _host_text(bytes host)
 @cython.locals(r=Request)
 cpdef Request check_request(bytes method, bytes target, str version, list headers)
-@cython.locals(ln=Py_ssize_t, any_len=bint)
+cdef int _K_PLAIN, _K_HOP, _K_XFF, _K_XFP, _K_FWD
+@cython.locals(ln=Py_ssize_t)
+cdef int _req_kind(bytes n) except -1
+cdef bytes _status_line(int status, bytes reason)
+@cython.locals(sp=Py_ssize_t)
+cdef bytes _reason(bytes data, Py_ssize_t start, Py_ssize_t cr)
+cdef bytes _last_sline
+@cython.locals(sp=Py_ssize_t, n=Py_ssize_t, k=Py_ssize_t, last=bytes)
+cdef bytes _sline(bytes data, Py_ssize_t start, Py_ssize_t cr)
+@cython.locals(kind=int, any_len=bint)
 cpdef bytes request_head(Request req, str client_ip, str proto, bint forwarded,
                          str default_host=*, list cache=*)
 
@@ -37,6 +47,7 @@ cdef class ResponseHead:
     cdef public object content_length
     cdef public bint chunked, conn_extra
     cdef public Py_ssize_t nbytes, max_headers, max_bytes
+    cdef public bytes sline
     cpdef reset(self)
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, run=Py_ssize_t, count=Py_ssize_t,
                    eol=Py_ssize_t, colon=Py_ssize_t, ln=Py_ssize_t, drop=bint, c=int,
@@ -44,7 +55,7 @@ cdef class ResponseHead:
     cpdef take(self, bytes block)
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int)
     cpdef Py_ssize_t head_end(self, bytes data) except -2
-    @cython.locals(end=Py_ssize_t, i=Py_ssize_t)
+    @cython.locals(end=Py_ssize_t, i=Py_ssize_t, start=Py_ssize_t)
     cpdef Py_ssize_t take_head(self, bytes data) except -2
     cpdef bytes build(self, int status, bytes reason, bint chunk, bint close,
                       object set_cookie=*, bint keep_alive=*)

@@ -33,10 +33,47 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"proxy-authorization"))
 # Request headers halb (re)writes itself when forwarded headers are on.
 _FWD = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"))
-_REQ_SPECIAL_LENS = frozenset(len(n) for n in HOP_BY_HOP | _FWD)
-# request_head tests these lengths written out (C comparisons when compiled): keep them in step
-if _REQ_SPECIAL_LENS != frozenset((2, 7, 9, 10, 15, 16, 17, 18, 19)):  # pragma: no cover
-    raise ImportError("request_head's written-out header-name lengths are out of date")
+
+_K_PLAIN, _K_HOP, _K_XFF, _K_XFP, _K_FWD = 0, 1, 2, 3, 4  # what _req_kind says of a name
+
+
+def _req_kind(n: bytes) -> int:
+    """What a request header name is to ``request_head``: hop-by-hop (``_K_HOP``), one of the
+    forwarded headers (``_K_XFF``, ``_K_XFP``, ``_K_FWD``) or ordinary (``_K_PLAIN``); any
+    case. Dispatches on the length, then compares in C when compiled: no lower-case copy, no
+    hash (checked against HOP_BY_HOP and _FWD at import)."""
+    ln = len(n)
+    if ln == 10:
+        if _is(n, b"connection") or _is(n, b"keep-alive"):
+            return _K_HOP
+    elif ln == 17:
+        if _is(n, b"transfer-encoding"):
+            return _K_HOP
+        if _is(n, b"x-forwarded-proto"):
+            return _K_XFP
+    elif ln == 15:
+        if _is(n, b"x-forwarded-for"):
+            return _K_XFF
+    elif ln == 9:
+        if _is(n, b"forwarded"):
+            return _K_FWD
+    elif ln == 7:
+        if _is(n, b"upgrade") or _is(n, b"trailer"):
+            return _K_HOP
+    elif ln == 2:
+        if _is(n, b"te"):
+            return _K_HOP
+    elif ln == 16:
+        if _is(n, b"proxy-connection"):
+            return _K_HOP
+    elif ln == 18:
+        if _is(n, b"proxy-authenticate"):
+            return _K_HOP
+    elif ln == 19:
+        if _is(n, b"proxy-authorization"):
+            return _K_HOP
+    return _K_PLAIN
+
 
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -95,15 +132,19 @@ class Request:
         m = self._map
         if m is not None:
             return m.get(name, default)
-        bname = name.encode("latin-1")
-        ln = len(bname)
+        out = self.values(name.encode("latin-1"))
+        return default if out is None else out
+
+    def values(self, lname: bytes) -> list[str] | None:
+        """The values of the header named ``lname`` (lower-case bytes), None if absent: ``get``
+        for callers that hold the name as bytes (the router: a C scan when compiled)."""
         out = None
         for n, v in self.headers:
-            if len(n) == ln and n.lower() == bname:
+            if _is(n, lname):
                 if out is None:
                     out = []
                 out.append(v.decode("latin-1"))
-        return default if out is None else out
+        return out
 
     def cookies(self) -> dict[str, str]:
         return parse_cookies(self.get("cookie", ()))
@@ -175,10 +216,14 @@ def _is_at(data: bytes, pos: int, lower: bytes) -> bool:
 
 _HOSTS: dict = {}  # Host value -> its checked, decoded, lower-case form; bounded
 _HOSTS_MAX = 1024
+_last_host = [b"", ""]  # the last valid Host value and its form: most requests repeat it
 
 
 def _host_text(host: bytes) -> str | None:
     """The Host value as halb keeps it, or None if it is not a valid ``host[:port]``."""
+    last = _last_host
+    if host == last[0]:  # (a length test and a memcmp, where the dict would hash the value)
+        return last[1]
     t = _HOSTS.get(host)
     if t is None:
         if not _HOST_RE.match(host):
@@ -187,6 +232,8 @@ def _host_text(host: bytes) -> str | None:
         if len(_HOSTS) >= _HOSTS_MAX:
             _HOSTS.clear()
         _HOSTS[host] = t
+    last[0] = host
+    last[1] = t
     return t
 
 
@@ -344,23 +391,25 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
     xff: list[bytes] | None = None  # incoming X-Forwarded-For / Forwarded values, if any
     fwd: list[bytes] | None = None
     for n, v in req.headers:
-        ln = len(n)
-        # only names of these lengths can be special (_REQ_SPECIAL_LENS, written out for C)
-        if any_len or ln == 10 or ln == 17 or ln == 15 or ln == 9 or ln == 7 or ln == 2 \
-                or ln == 16 or ln == 18 or ln == 19:
+        if any_len:
             lname = n.lower()
             if lname in drop:
                 continue
-            if forwarded and lname in _FWD:
-                if lname == b"x-forwarded-for":
-                    if xff is None:
-                        xff = []
-                    xff.append(v)
-                elif lname == b"forwarded":
-                    if fwd is None:
-                        fwd = []
-                    fwd.append(v)
+            kind = _req_kind(lname)
+        else:
+            kind = _req_kind(n)
+            if kind == _K_HOP:
                 continue
+        if kind != _K_PLAIN and forwarded:  # halb writes these itself
+            if kind == _K_XFF:
+                if xff is None:
+                    xff = []
+                xff.append(v)
+            elif kind == _K_FWD:
+                if fwd is None:
+                    fwd = []
+                fwd.append(v)
+            continue
         parts.append(n)
         parts.append(b": ")
         parts.append(v)
@@ -412,19 +461,27 @@ class ResponseHead:
     """
 
     __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "conn_extra",
-                 "nbytes", "max_headers", "max_bytes")
+                 "nbytes", "max_headers", "max_bytes", "sline")
 
     def __init__(self, max_headers: int = 256, max_bytes: int = 65536):
         self.max_headers = max_headers
         self.max_bytes = max_bytes
+        self.parts: list[bytes] = [b""]  # [status line's place, header lines or runs of them]
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.conn_tokens: list[bytes] = []
+        self.sline = b""  # the status line for the client, from take_head's head
         self.reset()
 
     def reset(self) -> None:
-        self.parts: list[bytes] = [b""]  # [status line, name, ": ", value, CRLF, ...]
-        self.headers: list[tuple[bytes, bytes]] = []
+        """Ready for the next head (the lists are emptied, not made anew: build copies parts)."""
+        if len(self.parts) > 1:
+            del self.parts[1:]
+        if self.headers:
+            self.headers.clear()
+        if self.conn_tokens:
+            self.conn_tokens.clear()
         self.content_length: int | None = None
         self.chunked = False
-        self.conn_tokens: list[bytes] = []
         self.conn_extra = False  # Connection names headers other than close/keep-alive
         self.nbytes = 0
 
@@ -461,13 +518,25 @@ class ResponseHead:
         i = 0
         while data[i] == 13 and data[i + 1] == 10:
             i += 2
+        start = i
         if cython.compiled:
             while data[i] != 13:  # the status line's CR (the head holds CR LF CR LF)
                 i += 1
         else:
             i = data.find(b"\r", i)
+        self.sline = _sline(data, start, i)
         self.take(data[i + 2:end - 2])
         return end
+
+    def status_reason(self, data: bytes) -> bytes:
+        """The reason phrase of the status line that starts ``data`` (after the CR LFs llhttp
+        allows before it), which llhttp has accepted; b"" if it has none."""
+        n = len(data)
+        i = 0
+        while i + 1 < n and data[i] == 13 and data[i + 1] == 10:
+            i += 2
+        cr = data.find(b"\r", i)
+        return _reason(data, i, n if cr < 0 else cr)
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
@@ -594,11 +663,13 @@ class ResponseHead:
         parts.append(value)
         parts.append(b"\r\n")
 
-    def build(self, status: int, reason: bytes, chunk: bool, close: bool,
+    def build(self, status: int, reason: bytes | None, chunk: bool, close: bool,
               set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
         """The head for the client: ``chunk`` adds ``Transfer-Encoding: chunked`` (the proxy
         re-encodes the body), ``close`` adds ``Connection: close``, ``keep_alive`` adds
-        ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``."""
+        ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``.
+        ``reason`` None: the status line ``take_head`` read (status and reason as the backend
+        sent them, on HTTP/1.1)."""
         parts = self.parts
         if self.conn_extra:
             extra = set(self.conn_tokens) - _PLAIN_CONN
@@ -610,7 +681,7 @@ class ResponseHead:
                     if ln not in drop or ln == b"content-length":
                         parts += (n, b": ", v, b"\r\n")
         out = parts[:]  # parts[0] is the status line's place (see reset)
-        out[0] = _status_line(status, reason)
+        out[0] = self.sline if reason is None and self.sline else _status_line(status, reason)
         if chunk:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if set_cookie:
@@ -623,6 +694,51 @@ class ResponseHead:
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         return b"".join(out)
+
+
+def _reason(data: bytes, start: int, cr: int) -> bytes:
+    """The reason phrase of the status line ``data[start:cr]`` that llhttp accepted
+    (``HTTP/d.d SP 3DIGIT [SP reason]``); b"" if there is none."""
+    sp = data.find(b" ", start, cr)
+    if sp < 0 or sp + 4 >= cr:  # no reason: "HTTP/1.1 200"
+        return b""
+    return data[sp + 5:cr]
+
+
+_last_sline = b""  # the last status line _sline made: most responses repeat it
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def _sline(data: bytes, start: int, cr: int) -> bytes:
+    """The status line for the client from the one ``data[start:cr]`` that llhttp accepted
+    (``HTTP/d.d SP 3DIGIT [SP reason]``): ``HTTP/1.1``, the backend's status and reason. The
+    last one made is reused when it matches (compared in place: no slice)."""
+    global _last_sline
+    if cython.compiled:
+        sp = start
+        while sp < cr and data[sp] != 32:
+            sp += 1
+    else:
+        sp = data.find(b" ", start, cr)
+        if sp < 0:
+            sp = cr
+    if sp + 4 >= cr:  # no reason phrase: the standard one (or "Unknown")
+        return _status_line(int(data[sp + 1:sp + 4] or b"0"), b"")
+    last = _last_sline
+    n = cr - sp - 1  # "200 OK"
+    if len(last) == n + 11:
+        if cython.compiled:
+            k = 0
+            while k < n and last[9 + k] == data[sp + 1 + k]:
+                k += 1
+            if k == n:
+                return last
+        elif last[9:9 + n] == data[sp + 1:cr]:
+            return last
+    line = b"HTTP/1.1 " + data[sp + 1:cr] + b"\r\n"
+    _last_sline = line
+    return line
 
 
 _STATUS_LINES: dict = {}  # status -> (reason, status line): the last reason seen for it
@@ -652,3 +768,11 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
 def sticky_cookie(name: str, backend: str) -> bytes:
     """HAProxy ``cookie insert`` style: ``NAME=backend; path=/; HttpOnly``."""
     return f"{name}={backend}; path=/; HttpOnly".encode("latin-1")
+
+
+# _req_kind's written-out names must be the sets' (checked once, at import)
+if any(_req_kind(n) != _K_HOP for n in HOP_BY_HOP) or \
+        [_req_kind(n) for n in (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded")] != \
+        [_K_XFF, _K_XFP, _K_FWD] or _FWD != {b"x-forwarded-for", b"x-forwarded-proto",
+                                              b"forwarded"}:  # pragma: no cover
+    raise ImportError("http_head._req_kind is out of step with HOP_BY_HOP and _FWD")

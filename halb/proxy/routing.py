@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+try:
+    import cython  # compiled: see halb/_ext.py
+except ImportError:  # pragma: no cover - Cython absent at run time
+    from .. import _cyshim as cython
+
 from ..config import RouteConfig
+from .http_head import Request
 
 
 def split_host(host: str) -> tuple[str, str]:
@@ -39,7 +45,7 @@ _HOST_CACHE = 1024  # distinct Host values remembered split; the cache is emptie
 
 
 class _Route:
-    __slots__ = ("pool", "host", "host_port", "wildcard", "prefix", "hname", "hvalue")
+    __slots__ = ("pool", "host", "host_port", "wildcard", "prefix", "hname", "hvalue", "hname_b")
 
     def __init__(self, rc: RouteConfig):
         self.pool = rc.pool
@@ -54,6 +60,7 @@ class _Route:
         self.host_port = port
         self.prefix = rc.path_prefix
         self.hname = rc.header.name.lower() if rc.header else ""
+        self.hname_b = self.hname.encode("latin-1")
         self.hvalue = rc.header.value if rc.header else ""
 
     def matches(self, host: str, port: str, path: str, headers: Mapping[str, Sequence[str]]) -> bool:
@@ -68,7 +75,10 @@ class _Route:
         if self.prefix and not path.startswith(self.prefix):
             return False
         if self.hname:
-            vals = headers.get(self.hname)
+            if isinstance(headers, Request):  # the proxy's: scanned for the name as bytes
+                vals = cython.cast(Request, headers).values(self.hname_b)
+            else:
+                vals = headers.get(self.hname)
             if not vals:
                 return False
             if self.hvalue and self.hvalue not in vals:
