@@ -473,13 +473,12 @@ class ResponseHead:
         self.reset()
 
     def reset(self) -> None:
-        """Ready for the next head (the lists are emptied, not made anew: build copies parts)."""
-        if len(self.parts) > 1:
-            del self.parts[1:]
-        if self.headers:
-            self.headers.clear()
+        """Ready for the next head."""
+        self.parts = [b""]
+        if self.headers:  # (kept when empty: only Connection-named headers fill it)
+            self.headers = []
         if self.conn_tokens:
-            self.conn_tokens.clear()
+            self.conn_tokens = []
         self.content_length: int | None = None
         self.chunked = False
         self.conn_extra = False  # Connection names headers other than close/keep-alive
