@@ -2,6 +2,36 @@
 # stays the source; this file only adds types). See halb/_ext.py.
 
 import cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcpy
+
+
+cdef inline Py_ssize_t _find(bytes data, Py_ssize_t start, Py_ssize_t end, int c) noexcept:
+    """``data.find(bytes([c]), start, end)`` by memchr (-1 if absent); the compiled branches'
+    byte search. The caller keeps 0 <= start and end <= len(data)."""
+    cdef const char* base = PyBytes_AS_STRING(data)
+    cdef const void* p
+    if start >= end:
+        return -1
+    p = memchr(base + start, c, <size_t>(end - start))
+    if p == NULL:
+        return -1
+    return <const char*>p - base
+
+
+cdef inline bytes _alloc(Py_ssize_t n):
+    """A new bytes object of ``n`` bytes for _put to fill before anyone else sees it."""
+    return PyBytes_FromStringAndSize(NULL, n)
+
+
+cdef inline Py_ssize_t _put(bytes out, Py_ssize_t pos, bytes piece) noexcept:
+    """Copies ``piece`` into ``out`` (new, from _alloc) at ``pos``; the position after it, or
+    -1 (nothing written) if it would not fit or ``pos`` is already -1."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(piece)
+    if pos < 0 or pos + n > PyBytes_GET_SIZE(out):
+        return -1
+    memcpy(PyBytes_AS_STRING(out) + pos, PyBytes_AS_STRING(piece), n)
+    return pos + n
 
 
 @cython.locals(k=Py_ssize_t, c=int)
@@ -37,7 +67,12 @@ cdef bytes _reason(bytes data, Py_ssize_t start, Py_ssize_t cr)
 cdef bytes _last_sline
 @cython.locals(sp=Py_ssize_t, n=Py_ssize_t, k=Py_ssize_t, last=bytes)
 cdef bytes _sline(bytes data, Py_ssize_t start, Py_ssize_t cr)
-@cython.locals(kind=int, any_len=bint)
+cdef bytes _TE_LINE
+@cython.locals(lname=bytes)
+cdef int _kind(bytes n, bint any_len, frozenset drop) except -1
+@cython.locals(kind=int, any_len=bint, size=Py_ssize_t, total=Py_ssize_t, pos=Py_ssize_t,
+               method=bytes, target=bytes, te=bytes, host_line=bytes, tail=bytes, out=bytes,
+               headers=list)
 cpdef bytes request_head(Request req, str client_ip, str proto, bint forwarded,
                          str default_host=*, list cache=*)
 
@@ -49,10 +84,11 @@ cdef class ResponseHead:
     cdef public Py_ssize_t nbytes, max_headers, max_bytes
     cdef public bytes sline
     cpdef reset(self)
-    @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, run=Py_ssize_t, count=Py_ssize_t,
+    cpdef take(self, bytes block)
+    @cython.locals(pos=Py_ssize_t, run=Py_ssize_t, count=Py_ssize_t,
                    eol=Py_ssize_t, colon=Py_ssize_t, ln=Py_ssize_t, drop=bint, c=int,
                    vs=Py_ssize_t, ve=Py_ssize_t, k=Py_ssize_t, d=int, cl=Py_ssize_t)
-    cpdef take(self, bytes block)
+    cpdef take_range(self, bytes block, Py_ssize_t start, Py_ssize_t n)
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int)
     cpdef Py_ssize_t head_end(self, bytes data) except -2
     @cython.locals(end=Py_ssize_t, i=Py_ssize_t, start=Py_ssize_t)

@@ -387,19 +387,14 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
         if extra:
             drop = drop | extra
             any_len = True
-    parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] | None = None  # incoming X-Forwarded-For / Forwarded values, if any
     fwd: list[bytes] | None = None
-    for n, v in req.headers:
-        if any_len:
-            lname = n.lower()
-            if lname in drop:
-                continue
-            kind = _req_kind(lname)
-        else:
-            kind = _req_kind(n)
-            if kind == _K_HOP:
-                continue
+    size = 0  # of the header lines sent on
+    headers = req.headers
+    for n, v in headers:
+        kind = _kind(n, any_len, drop)
+        if kind == _K_HOP:
+            continue
         if kind != _K_PLAIN and forwarded:  # halb writes these itself
             if kind == _K_XFF:
                 if xff is None:
@@ -410,17 +405,14 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
                     fwd = []
                 fwd.append(v)
             continue
-        parts.append(n)
-        parts.append(b": ")
-        parts.append(v)
-        parts.append(b"\r\n")
-    if req.chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        size += len(n) + len(v) + 4
+    host_line = b""
     if not req.host and default_host:  # an HTTP/1.0 request without Host; HTTP/1.1 needs one
-        parts += (b"Host: ", default_host.encode("latin-1"), b"\r\n")
+        host_line = b"Host: " + default_host.encode("latin-1") + b"\r\n"
+    tail = b""
     if forwarded:
         if xff is None and fwd is None and cache is not None and cache[0] == req.host:
-            parts.append(cache[1])
+            tail = cache[1]
         else:
             own = xff is None and fwd is None
             if xff is None:
@@ -435,9 +427,53 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
             if own and cache is not None:
                 cache[0] = req.host
                 cache[1] = tail
-            parts.append(tail)
-    parts.append(b"\r\n")
+    te = _TE_LINE if req.chunked else b""
+    method = req.method
+    target = req.target
+    if cython.compiled:  # the head written into one bytes object of the size counted above
+        total = len(method) + len(target) + 12 + size + len(te) + len(host_line) + len(tail) + 2
+        out = _alloc(total)  # noqa: F821 - http_head.pxd's inline helpers (_alloc, _put)
+        pos = _put(out, 0, method)  # noqa: F821
+        pos = _put(out, pos, b" ")  # noqa: F821
+        pos = _put(out, pos, target)  # noqa: F821
+        pos = _put(out, pos, b" HTTP/1.1\r\n")  # noqa: F821
+        for n, v in headers:  # the same decisions as above
+            kind = _kind(n, any_len, drop)
+            if kind == _K_HOP or (kind != _K_PLAIN and forwarded):
+                continue
+            pos = _put(out, pos, n)  # noqa: F821
+            pos = _put(out, pos, b": ")  # noqa: F821
+            pos = _put(out, pos, v)  # noqa: F821
+            pos = _put(out, pos, b"\r\n")  # noqa: F821
+        pos = _put(out, pos, te)  # noqa: F821
+        pos = _put(out, pos, host_line)  # noqa: F821
+        pos = _put(out, pos, tail)  # noqa: F821
+        pos = _put(out, pos, b"\r\n")  # noqa: F821
+        if pos != total:  # (_put never writes past the end: it returns -1 instead)
+            raise RuntimeError("request_head: the head's size was miscounted")
+        return out
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for n, v in headers:
+        kind = _kind(n, any_len, drop)
+        if kind == _K_HOP or (kind != _K_PLAIN and forwarded):
+            continue
+        parts += (n, b": ", v, b"\r\n")
+    parts += (te, host_line, tail, b"\r\n")
     return b"".join(parts)
+
+
+_TE_LINE = b"Transfer-Encoding: chunked\r\n"
+
+
+def _kind(n: bytes, any_len: bool, drop: frozenset) -> int:
+    """``_req_kind`` for request_head, where Connection may name more headers to drop
+    (``any_len``: then ``drop`` holds them with the hop-by-hop ones; they come out _K_HOP)."""
+    if any_len:
+        lname = n.lower()
+        if lname in drop:
+            return _K_HOP
+        return _req_kind(lname)
+    return _req_kind(n)
 
 
 _RESP_SPECIAL = HOP_BY_HOP | {b"content-length"}
@@ -493,18 +529,14 @@ class ResponseHead:
         i = 0
         while i + 1 < n and data[i] == 13 and data[i + 1] == 10:
             i += 2
-        if cython.compiled:
-            while i + 3 < n:
-                c = data[i + 3]
-                if c == 10:
-                    if data[i] == 13 and data[i + 1] == 10 and data[i + 2] == 13:
-                        return i + 4
-                    i += 1
-                elif c == 13:
-                    i += 1
-                else:  # no CR LF CR LF can hold data[i + 3]: skip past it
-                    i += 4
-            return -1
+        if cython.compiled:  # from CR to CR (memchr) until one starts CR LF CR LF
+            while True:
+                i = _find(data, i, n, 13)  # noqa: F821 - http_head.pxd's inline helper
+                if i < 0 or i + 3 >= n:
+                    return -1
+                if data[i + 1] == 10 and data[i + 2] == 13 and data[i + 3] == 10:
+                    return i + 4
+                i += 1
         end = data.find(b"\r\n\r\n", i)
         return end + 4 if end >= 0 else -1
 
@@ -519,12 +551,11 @@ class ResponseHead:
             i += 2
         start = i
         if cython.compiled:
-            while data[i] != 13:  # the status line's CR (the head holds CR LF CR LF)
-                i += 1
+            i = _find(data, i, end, 13)  # noqa: F821 - the status line's CR (the head has one)
         else:
             i = data.find(b"\r", i)
         self.sline = _sline(data, start, i)
-        self.take(data[i + 2:end - 2])
+        self.take_range(data, i + 2, end - 2)
         return end
 
     def status_reason(self, data: bytes) -> bytes:
@@ -542,26 +573,26 @@ class ResponseHead:
     def take(self, block: bytes) -> None:
         """A head's header lines, each ending in CRLF, as llhttp accepted them (so each holds
         a colon and no bare CR or LF); the status line and the final empty line excluded."""
+        self.take_range(block, 0, len(block))
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def take_range(self, block: bytes, start: int, n: int) -> None:
+        """``take(block[start:n])`` without copying the lines out first."""
         self.reset()
-        n = len(block)
-        self.nbytes = n
-        if n > self.max_bytes:
+        self.nbytes = n - start
+        if n - start > self.max_bytes:
             raise HttpError(502, "backend response head too large")
         parts = self.parts
-        pos = 0
-        run = 0  # start of the lines kept since the last dropped one
+        pos = start
+        run = start  # start of the lines kept since the last dropped one
         count = 0
         while pos < n:
-            if cython.compiled:  # one pass: the line's CR (llhttp let none stand alone), colon
-                eol = pos
-                colon = -1
-                while eol < n:
-                    c = block[eol]
-                    if c == 13:
-                        break
-                    if c == 58 and colon < 0:
-                        colon = eol
-                    eol += 1
+            if cython.compiled:  # the line's CR (llhttp let none stand alone), its colon
+                eol = _find(block, pos, n, 13)  # noqa: F821 - http_head.pxd's inline helper
+                if eol < 0:
+                    eol = n
+                colon = _find(block, pos, eol, 58)  # noqa: F821
             else:
                 eol = block.find(b"\r\n", pos)
                 if eol < 0:
@@ -570,7 +601,7 @@ class ResponseHead:
             count += 1
             ln = colon - pos
             # only names of these lengths can be special (see _SPECIAL_LENS)
-            if colon > 0 and (ln == 14 or ln == 10 or ln == 17 or ln == 7 or ln == 2
+            if colon > pos and (ln == 14 or ln == 10 or ln == 17 or ln == 7 or ln == 2
                               or ln == 16 or ln == 18 or ln == 19):
                 drop = True
                 vs = colon + 1  # the value, without the spaces around it
@@ -618,9 +649,9 @@ class ResponseHead:
         if count > self.max_headers:
             raise HttpError(502, "backend response head too large")
         if run < n:
-            parts.append(block[run:] if run else block)
+            parts.append(block if run == 0 and n == len(block) else block[run:n])
         if self.conn_extra:  # build lays the head out again: it needs the pairs
-            for line in block.split(b"\r\n"):
+            for line in block[start:n].split(b"\r\n"):
                 hname, sep, hvalue = line.partition(b":")
                 if sep:
                     self.headers.append((hname, hvalue.strip()))
