@@ -83,6 +83,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK, int(fields[12]) / CLK
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE
@@ -337,12 +344,16 @@ def parse_wrk(out: str) -> dict:
 def l7(pid: int, port: int, duration: int, conns: int) -> dict:
     url = f"http://127.0.0.1:{port}/"
     run(["wrk", "-t1", "-c8", "-d1s", url], 30)  # warm up (backend connections, caches)
-    c0 = cpu_seconds(pid)
+    u0, s0 = cpu_split(pid)
     out = run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url], duration + 60)
-    c1 = cpu_seconds(pid)
+    u1, s1 = cpu_split(pid)
     r = parse_wrk(out)
-    r["cpu_s"] = c1 - c0
-    r["cpu_us_per_req"] = (c1 - c0) * 1e6 / r["requests"] if r["requests"] else float("nan")
+    n = r["requests"]
+    r["cpu_s"] = (u1 - u0) + (s1 - s0)
+    r["cpu_us_per_req"] = r["cpu_s"] * 1e6 / n if n else float("nan")
+    # the user-space and kernel shares: where the proxies differ
+    r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
+    r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
     return r
 
 
@@ -611,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             for w in order if "l7" in only else ():
                 x = l7(running[w].pid, ports[w]["http"], a.duration, a.conns)
                 log(f"  {w:7s} L7 {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
-                    f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
+                    f"{x['cpu_us_per_req']:.1f} us CPU/req = {x['user_us_per_req']:.1f} user + "
+                    f"{x['sys_us_per_req']:.1f} sys (errors {x['socket_errors']}, "
                     f"non-2xx {x['non2xx']})")
                 record(w, "l7", x)
             for w in order if "l4" in only else ():
@@ -704,6 +716,15 @@ def report(res: dict) -> str:
             ("L7 CPU us/request", f"{l['l7']['cpu_us_per_req']:.1f}",
              f"{h['l7']['cpu_us_per_req']:.1f}",
              ratio(l["l7"]["cpu_us_per_req"], h["l7"]["cpu_us_per_req"]), ""),
+            ("L7 CPU us/request in user space / in the kernel",
+             f"{l['l7'].get('user_us_per_req', float('nan')):.1f} / "
+             f"{l['l7'].get('sys_us_per_req', float('nan')):.1f}",
+             f"{h['l7'].get('user_us_per_req', float('nan')):.1f} / "
+             f"{h['l7'].get('sys_us_per_req', float('nan')):.1f}",
+             ratio(l["l7"].get("user_us_per_req", float("nan")),
+                   h["l7"].get("user_us_per_req", float("nan"))) + " / "
+             + ratio(l["l7"].get("sys_us_per_req", float("nan")),
+                     h["l7"].get("sys_us_per_req", float("nan"))), ""),
             ("L7 requests per proxy CPU-second (1e6 / CPU us per request)",
              f"{1e6 / l['l7']['cpu_us_per_req']:.0f}", f"{1e6 / h['l7']['cpu_us_per_req']:.0f}",
              ratio(h["l7"]["cpu_us_per_req"], l["l7"]["cpu_us_per_req"]), ""),

@@ -77,12 +77,14 @@ cdef class ClientConn:
     cdef public int paused, attempts, status
     cdef public Py_ssize_t raw_head, hbytes
     cdef public double deadline, t0
+    @cython.locals(n=Py_ssize_t)
     cpdef flush(self)
     cdef _flush_up(self)
     @cython.locals(i=Py_ssize_t, n=Py_ssize_t, lim=Py_ssize_t, stop=Py_ssize_t, j=Py_ssize_t,
                    end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint)
     cdef bint _check_line(self, bytes data) except -1
-    cdef _note_version(self, bytes v)
+    @cython.locals(minor=int)
+    cdef _note_version(self, bytes data, Py_ssize_t at)
     cdef _arm(self, str kind, double timeout)
     cdef _cancel_timer(self)
     cdef _cancel_timers(self)

@@ -578,8 +578,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         out = self.out
         if out:
             if not self.closed:
-                if len(out) == 1:
+                n = len(out)
+                if n == 1:
                     self.tr.write(out[0])
+                elif n == 2 and len(out[1]) <= 16384:  # a head and a small body: one buffer
+                    self.tr.write(out[0] + out[1])
                 else:
                     self.tr.writelines(out)
             out.clear()
@@ -674,7 +677,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if end < 0:
                 return True
             if sp == 2 and not dbl and data[i] != 32 and data[end - 1] != 32:
-                self._note_version(data[end - 8:end])
+                self._note_version(data, end - 8)
                 return True
         else:
             end = data.find(b"\r\n", i, lim)
@@ -682,21 +685,25 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 return True  # incomplete line: llhttp and the length limit judge it
             if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
                     and data.find(b"  ", i, end) < 0:
-                self._note_version(data[end - 8:end])
+                self._note_version(data, end - 8)
                 return True  # METHOD SP target SP version: llhttp checks the three parts
         if not _REQ_LINE_RE.match(data[i:end]):
             self._refuse(HttpError(400, "malformed request line"))
             return False
         return True
 
-    def _note_version(self, v: bytes) -> None:
-        """The version of the request whose line starts this read, read off its line (llhttp's
-        get_http_version() formats a new string per request): used by the next head that
-        completes, which is that request's."""
-        if v == b"HTTP/1.1":
-            self.lver = "1.1"
-        elif v == b"HTTP/1.0":
-            self.lver = "1.0"
+    def _note_version(self, data: bytes, at: int) -> None:
+        """The version of the request whose line starts this read, read off its line at ``at``
+        (llhttp's get_http_version() formats a new string per request): used by the next head
+        that completes, which is that request's."""
+        if at >= 0 and len(data) >= at + 8 and data[at] == 72 and data[at + 1] == 84 \
+                and data[at + 2] == 84 and data[at + 3] == 80 and data[at + 4] == 47 \
+                and data[at + 5] == 49 and data[at + 6] == 46:  # "HTTP/1."
+            minor = data[at + 7]
+            if minor == 49:  # "1"
+                self.lver = "1.1"
+            elif minor == 48:  # "0"
+                self.lver = "1.0"
 
     def _upgrade(self, data: bytes, offset: int) -> None:
         rx = self.queue[-1] if self.queue else None

@@ -244,6 +244,7 @@ def _split_tokens(v: bytes) -> list[bytes]:
 
 
 _PLAIN_CONN = frozenset((b"close", b"keep-alive", b""))
+_last_path = [None, ""]  # the last request target and its path (check_request)
 _NO_TOKENS: frozenset = frozenset()
 
 
@@ -340,8 +341,14 @@ def check_request(method: bytes, target: bytes, version: str,
             target = b"/" + target
     else:
         raise HttpError(400, "malformed request target")
-    q = target.find(b"?")
-    path = (target if q < 0 else target[:q]).decode("latin-1")
+    last = _last_path
+    if target == last[0]:  # the same target as the last request (a memcmp): same path
+        path = last[1]
+    else:
+        q = target.find(b"?")
+        path = (target if q < 0 else target[:q]).decode("latin-1")
+        last[0] = target
+        last[1] = path
     r = Request.__new__(Request)  # as Request(...), without its argument parsing
     _fill(r, method, target, version, headers, host_text, path, length, chunked,
           frozenset(conn) if conn else _NO_TOKENS)
