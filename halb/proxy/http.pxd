@@ -94,7 +94,7 @@ cdef class ClientConn:
     cdef _attempt(self)
     cdef _attach(self, BackendConn bc, bint reused)
     cdef _release(self, object rt, bint error)
-    cpdef tuple resp_head(self, BackendConn bc, int status, bytes reason, ResponseHead rh)
+    cpdef tuple resp_head(self, BackendConn bc, int status, ResponseHead rh)
     cpdef resp_body(self, bytes data)
     cpdef resp_done(self, BackendConn bc, bint reusable)
     cdef _next(self)

@@ -401,7 +401,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         if self.rh.take_head(hb) < 0:
             raise HttpError(502, "backend response head not found")
         self.keep = self.parser.should_keep_alive()
-        head_only, self.close_delimited = cc.resp_head(self, status, None, self.rh)
+        head_only, self.close_delimited = cc.resp_head(self, status, self.rh)
         if head_only:
             self.head_only = True
             self.msg_done = True
@@ -1092,9 +1092,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.cur is not None and self.cur.req.version == "1.1" and not self.closed:
             self.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
 
-    def resp_head(self, bc: BackendConn, status: int, reason: bytes,
-                  rh: ResponseHead) -> tuple[bool, bool]:
-        """Sends the response head on; returns (head only, close-delimited body)."""
+    def resp_head(self, bc: BackendConn, status: int, rh: ResponseHead) -> tuple[bool, bool]:
+        """Sends the response head on (its status line as ``rh.take_head`` read it); returns
+        (head only, close-delimited body)."""
         rx = self.cur
         req = rx.req
         b = self.b
@@ -1128,7 +1128,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
         if not self.closed:
-            self.out.append(rh.build(status, reason, chunk, close, set_cookie,
+            self.out.append(rh.build(status, None, chunk, close, set_cookie,
                                      not close and req.version == "1.0"))
         return head_only, close_delim
 
