@@ -27,8 +27,13 @@ cdef class HttpListener:
     cdef public set conns
     cdef public dict idle
     cdef public _Settings settings
-    cdef public bint stopping
+    cdef public bint stopping, ob_armed
     cdef public double tick
+    cdef public list ob_c, ob_b
+    cpdef defer_c(self, ClientConn cc)
+    cpdef defer_b(self, BackendConn bc)
+    @cython.locals(bc=BackendConn, cc=ClientConn, lb=list, lc=list)
+    cpdef send_all(self)
     cpdef BackendConn take_idle(self, object b)
     cpdef put_idle(self, BackendConn bc)
     cpdef drop_idle(self, BackendConn bc)
@@ -50,8 +55,10 @@ cdef class BackendConn:
     cdef public ResponseHead rh
     cdef public ClientConn cc
     cdef public bint keep, msg_done, doubtful, interim, head_only, got_bytes, read_paused
-    cdef public bint closed, close_delimited
+    cdef public bint closed, close_delimited, queued
     cdef public double last, idle_since
+    cdef public list out
+    cpdef send_now(self)
     cpdef pause_reading(self)
     cpdef resume_reading(self)
     cpdef close(self)
@@ -73,12 +80,14 @@ cdef class ClientConn:
     cdef public _Rx cur
     cdef public BackendConn conn
     cdef public bint accepted, closed, eof, in_head, wpaused, acquired, reused, stale_retry
-    cdef public bint sent_all, resp_started, resp_chunk, resp_close
+    cdef public bint sent_all, resp_started, resp_chunk, resp_close, queued
     cdef public int paused, attempts, status
     cdef public Py_ssize_t raw_head, hbytes
     cdef public double deadline, t0
-    @cython.locals(n=Py_ssize_t)
     cpdef flush(self)
+    cpdef put(self, bytes data)
+    @cython.locals(n=Py_ssize_t)
+    cpdef send_now(self)
     cdef _flush_up(self)
     @cython.locals(i=Py_ssize_t, n=Py_ssize_t, lim=Py_ssize_t, stop=Py_ssize_t, j=Py_ssize_t,
                    end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint)

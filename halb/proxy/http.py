@@ -180,6 +180,14 @@ class HttpListener:
         self.server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
+        # Write coalescing, as HAProxy does: what one loop turn's reads produce (requests for
+        # backends, answers for clients) is written once those reads are all handled, at the
+        # start of the next turn. The peers (clients, backends) then wake once per burst of
+        # writes instead of once per write: on a 2-core VM, where a wake-up is an IPI, that
+        # measured about 0.8 us of kernel time per request (bench/RESULTS.md).
+        self.ob_c: list[ClientConn] = []  # connections with bytes in .out, in queuing order
+        self.ob_b: list[BackendConn] = []
+        self.ob_armed = False
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -239,6 +247,34 @@ class HttpListener:
                 pass
         log.info("listener_stopped", listener=self.name)
 
+    # -- write coalescing -----------------------------------------------------------------
+
+    def defer_c(self, cc: "ClientConn") -> None:
+        self.ob_c.append(cc)
+        if not self.ob_armed:
+            self.ob_armed = True
+            self.loop.call_soon(self.send_all)
+
+    def defer_b(self, bc: "BackendConn") -> None:
+        self.ob_b.append(bc)
+        if not self.ob_armed:
+            self.ob_armed = True
+            self.loop.call_soon(self.send_all)
+
+    def send_all(self) -> None:
+        """Writes what the last loop turn queued (``call_soon``: it runs before the next poll)."""
+        self.ob_armed = False
+        lb = self.ob_b
+        if lb:
+            self.ob_b = []
+            for bc in lb:
+                bc.send_now()
+        lc = self.ob_c
+        if lc:
+            self.ob_c = []
+            for cc in lc:
+                cc.send_now()
+
     # -- backend connection pool ----------------------------------------------------------
 
     def take_idle(self, b) -> "BackendConn | None":
@@ -275,7 +311,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
 
     __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "keep", "hbuf", "want",
                  "msg_done", "doubtful", "interim", "head_only", "got_bytes", "last", "idle_since",
-                 "read_paused", "closed", "close_delimited")
+                 "read_paused", "closed", "close_delimited", "out", "queued")
 
     def __init__(self, lst: HttpListener, b):
         self.l = lst
@@ -301,6 +337,8 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         self.read_paused = False
         self.closed = False
         self.close_delimited = False
+        self.out: list[bytes] = []  # request bytes for the backend, written by send_now
+        self.queued = False  # in the listener's write queue (HttpListener.send_all)
 
     # -- transport events -----------------------------------------------------------------
 
@@ -357,6 +395,17 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
                 self.parser = httptools.HttpResponseParser(self)
             self.cc = None
             cc.resp_done(self, self.keep and not self.doubtful)
+
+    def send_now(self) -> None:
+        self.queued = False
+        out = self.out
+        if out:
+            if not self.closed:
+                if len(out) == 1:
+                    self.tr.write(out[0])
+                else:
+                    self.tr.writelines(out)
+            out.clear()
 
     def pause_writing(self) -> None:
         if self.cc is not None:
@@ -459,7 +508,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
                  "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
-                 "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver")
+                 "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver", "queued")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
@@ -513,6 +562,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.status = 0
         self.fwd: list | None = None  # [Host, forwarded headers] reused by request_head
         self.lver: str | None = None  # version read off the request line (_check_line)
+        self.queued = False  # in the listener's write queue (HttpListener.send_all)
 
     # -- transport events -----------------------------------------------------------------
 
@@ -575,6 +625,20 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             bc.resume_reading()
 
     def flush(self) -> None:
+        """Queues what ``out`` holds: the listener writes it at the end of this loop turn."""
+        if self.out and not self.queued:
+            self.queued = True
+            self.l.defer_c(self)
+
+    def put(self, data: bytes) -> None:
+        """Queues bytes for the client after whatever ``out`` already holds."""
+        if self.out is None:
+            self.out = []
+        self.out.append(data)
+        self.flush()
+
+    def send_now(self) -> None:
+        self.queued = False
         out = self.out
         if out:
             if not self.closed:
@@ -640,10 +704,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         bc = self.conn
         if bc is not None and not bc.closed:
-            if len(up) == 1:
-                bc.tr.write(up[0])
-            else:
-                bc.tr.writelines(up)
+            bc.out += up
+            if not bc.queued:
+                bc.queued = True
+                self.l.defer_b(bc)
         up.clear()
 
     @cython.boundscheck(False)  # indices stay within data (see the loop)
@@ -908,11 +972,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.paused |= _P_DONE
         self._cancel_timer()
         if self.tr is not None and not self.closed:
-            self.tr.write(error_response(err.status, err.reason))
+            self.put(error_response(err.status, err.reason))
             self.close()
 
     def close(self) -> None:
         if self.tr is not None and not self.closed:
+            if self.queued:
+                self.send_now()  # what is queued goes first; tr.close() then flushes it
             self.closed = True
             self._cancel_timers()
             self.tr.close()
@@ -1068,13 +1134,15 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
                             "" if req.host else
                             (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd)
+        bc.out.append(head)
         if rx.body:
-            bc.tr.writelines([head, *rx.body])
+            bc.out += rx.body
             rx.body = []
             rx.buffered = 0
             self.resume(_P_BUF)
-        else:
-            bc.tr.write(head)
+        if not bc.queued:
+            bc.queued = True
+            self.l.defer_b(bc)
         if rx.complete:
             self.sent_all = True
         bc.last = self.t0
@@ -1166,7 +1234,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.closed:
             return
         if self.resp_chunk:
-            self.tr.write(b"0\r\n\r\n")
+            self.put(b"0\r\n\r\n")
         self._next()
 
     def _next(self) -> None:
@@ -1238,6 +1306,6 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         keep = rx is not None and rx.complete and rx.keep_alive and not self.eof \
             and self.pending_error is None and not self.l.stopping
-        self.tr.write(error_response(err.status, err.reason, close=not keep))
+        self.put(error_response(err.status, err.reason, close=not keep))
         self.resp_close = not keep
         self._next()
