@@ -14,3 +14,13 @@ cdef class Backend:
 
 cpdef backend_acquire(Backend b)
 cpdef backend_release(Backend b, object rt=*)
+
+
+cdef class Pool:
+    cdef public object cfg, balancer, on_change, view
+    cdef public str name, sticky_mode, sticky_cookie
+    cdef public list backends
+    cdef public dict by_name
+    cdef public bint _hashing, _ramping, on_5xx
+    cdef public Py_ssize_t retries
+    cpdef Backend pick(self, object key=*, object exclude=*)

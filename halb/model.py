@@ -123,6 +123,11 @@ class Pool:
         self.balancer = balancer
         self.on_change = on_change
         self._hashing = cfg.algorithm in ("source", "maglev")
+        # the config facts the L7 path reads per request, flat (compiled: C fields)
+        self.sticky_mode = cfg.sticky.mode
+        self.sticky_cookie = cfg.sticky.cookie
+        self.on_5xx = cfg.passive.on_5xx
+        self.retries = cfg.retries
         self.view = EMPTY_VIEW
         self._ramping = False
         self.refresh(0.0)

@@ -4,8 +4,11 @@
 import cython
 
 from halb.metrics cimport record
-from halb.model cimport Backend, backend_acquire, backend_release
-from halb.proxy.http_head cimport Request, ResponseHead, check_request, request_head
+from halb.proxy.routing cimport Router
+from halb.model cimport Backend, Pool, backend_acquire, backend_release
+from halb.proxy.http_head cimport (Request, ResponseFramer, ResponseHead, check_request,
+                                   request_head, _F_DONE, EV_BODY, EV_DONE, EV_HEAD,
+                                   EV_INTERIM, EV_NEED)
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 
@@ -23,7 +26,9 @@ cdef class _Settings:
 
 
 cdef class HttpListener:
-    cdef public object cfg, node, name, router, ssl, proto, server, loop, _sweeper
+    cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper
+    cdef public Router router
+    cdef public dict pools
     cdef public set conns
     cdef public dict idle
     cdef public _Settings settings
@@ -49,12 +54,11 @@ cdef class _Rx:
 
 cdef class BackendConn:
     cdef public HttpListener l
-    cdef public object b, loop, tr, parser
-    cdef public bytes hbuf
-    cdef public bint want
+    cdef public object b, loop, tr
+    cdef public ResponseFramer fr
     cdef public ResponseHead rh
     cdef public ClientConn cc
-    cdef public bint keep, msg_done, doubtful, interim, head_only, got_bytes, read_paused
+    cdef public bint keep, msg_done, doubtful, got_bytes, read_paused
     cdef public bint closed, close_delimited, queued
     cdef public double last, idle_since
     cdef public list out
@@ -66,7 +70,8 @@ cdef class BackendConn:
 
 cdef class ClientConn:
     cdef public HttpListener l
-    cdef public object node, loop, tr, parser, pending_error, wtimer, pool, connecting
+    cdef public object node, loop, tr, parser, pending_error, wtimer, connecting
+    cdef public Pool pool
     cdef public str client_ip, tkind
     cdef public bytes url
     cdef public list hdrs, queue, out, up
@@ -99,10 +104,13 @@ cdef class ClientConn:
     cdef _cancel_timers(self)
     cpdef pause(self, int why)
     cpdef resume(self, int why)
+    @cython.locals(router=Router, pool=Pool)
     cdef _start(self, _Rx rx)
+    @cython.locals(pool=Pool)
     cdef _attempt(self)
     cdef _attach(self, BackendConn bc, bint reused)
     cdef _release(self, object rt, bint error)
+    @cython.locals(pool=Pool)
     cpdef tuple resp_head(self, BackendConn bc, int status, ResponseHead rh)
     cpdef resp_body(self, bytes data)
     cpdef resp_done(self, BackendConn bc, bint reusable)

@@ -8,9 +8,16 @@ paused). For each request: ``routing.Router`` picks the pool, stickiness (cookie
 source IP, recorded in ``node.tables.sticky``) or the pool's balancer picks the backend, and
 an idle keep-alive ``BackendConn`` from the listener's per-backend pool (bounded,
 ``POOL_MAX_IDLE``) or a new connection carries it. Request heads are rebuilt from parsed
-fields, response heads from the backend's checked header lines (``http_head``); bodies stream through as they arrive, Content-Length as is, chunked
-re-encoded chunk by chunk; nothing buffers a whole body. Backpressure: a full write buffer on
-one side pauses reading on the other.
+fields, response heads from the backend's header lines once ``http_head.ResponseFramer`` has
+checked them strictly (it also frames the response body: see its docstring); bodies stream
+through as they arrive, Content-Length as is, chunked re-encoded chunk by chunk; nothing
+buffers a whole body. Backpressure: a full write buffer on one side pauses reading on the
+other.
+
+Writes are coalesced per loop turn, as HAProxy does: what the reads of one turn produce
+(requests for backends, answers for clients) waits in the connections' ``out`` lists and the
+listener writes it all at the start of the next turn (``HttpListener.send_all``, one
+``call_soon``), so that the peers wake once per burst rather than once per write.
 
 A backend connection goes back to the pool only after a complete, well-framed response to a
 fully sent request with keep-alive on both ends and nothing extra on the wire; anything
@@ -78,13 +85,16 @@ try:
 except ImportError:  # pragma: no cover - Cython absent at run time
     from .. import _cyshim as cython
 
-from ..config import HASH_ALGORITHMS, ListenerConfig
+from ..config import ListenerConfig
 from ..log import get_logger
 from ..metrics import record
 from ..model import backend_acquire, backend_release
 from ..tables import sticky_key
-from .http_head import (HttpError, ResponseHead, check_request, error_response, request_head,
-                        sticky_cookie)
+from .http_head import (HttpError, ResponseFramer, ResponseHead, check_request, error_response,
+                        request_head, sticky_cookie)
+
+if not cython.compiled:  # compiled, these are C constants cimported from http_head.pxd
+    from .http_head import _F_DONE, EV_BODY, EV_DONE, EV_HEAD, EV_INTERIM, EV_NEED
 from .routing import Router
 from .sockets import listen_tcp
 
@@ -169,6 +179,7 @@ class HttpListener:
         self.node = node
         self.name = cfg.name
         self.router = Router(cfg.routes, cfg.pool)
+        self.pools = node.pools  # (the node's dict: pools live as long as the node)
         self.ssl = None
         if cfg.tls:
             from .tls import server_context
@@ -309,9 +320,9 @@ class HttpListener:
 class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One keep-alive connection to a backend; parses its responses and hands them up."""
 
-    __slots__ = ("l", "b", "loop", "tr", "cc", "parser", "rh", "keep", "hbuf", "want",
-                 "msg_done", "doubtful", "interim", "head_only", "got_bytes", "last", "idle_since",
-                 "read_paused", "closed", "close_delimited", "out", "queued")
+    __slots__ = ("l", "b", "loop", "tr", "cc", "fr", "rh", "keep", "msg_done", "doubtful",
+                 "got_bytes", "last", "idle_since", "read_paused", "closed", "close_delimited",
+                 "out", "queued")
 
     def __init__(self, lst: HttpListener, b):
         self.l = lst
@@ -320,17 +331,13 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         self.tr: asyncio.Transport | None = None
         self.cc: ClientConn | None = None
         self.rh = ResponseHead(RESP_MAX_HEADERS, RESP_MAX_HEADER_BYTES)
-        # No on_header or on_status callback: llhttp checks the status line and every header
-        # line without a Python call per piece, and on_headers_complete hands the head's raw
-        # bytes to the head builder (which reads the reason phrase off them too).
-        self.parser = httptools.HttpResponseParser(self)
-        self.want = False  # a response head is due: its bytes gather in hbuf
-        self.hbuf = b""
+        # The responses' framing and strict checks (ResponseFramer, sans I/O): one pass over
+        # each head, no Python call per piece; the head's header lines go to the client from
+        # the raw bytes (ResponseHead.take_range).
+        self.fr = ResponseFramer(self.rh, RESP_HEAD_BUF)
         self.keep = False
         self.msg_done = False
         self.doubtful = False
-        self.interim = False
-        self.head_only = False
         self.got_bytes = False
         self.last = 0.0  # last activity while serving an exchange (loop time)
         self.idle_since = 0.0
@@ -357,6 +364,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             else:
                 cc.backend_failed(self, "closed")
 
+    @cython.locals(ev=cython.int, fr=ResponseFramer)
     def data_received(self, data: bytes) -> None:
         cc = self.cc
         if cc is None:  # an idle connection must stay silent
@@ -364,35 +372,47 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             return
         self.got_bytes = True
         self.last = _clock()
-        if self.want:  # the head's bytes, for on_headers_complete (bounded below)
-            hb = self.hbuf = data if not self.hbuf else self.hbuf + data
-            if len(hb) > RESP_HEAD_BUF and hb.find(b"\r\n\r\n") < 0:
-                self.doubtful = True
-                self.cc = None
-                self.close()
-                cc.backend_failed(self, "protocol")
-                return
+        fr = self.fr
+        fr.feed(data)
+        err = ""
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            cc.flush()
-            if self.msg_done:  # garbage after a complete response: answer stands, conn goes
-                self.doubtful = True
-            else:
-                log.debug("backend_protocol_error", backend=self.b.name, error=str(e))
-                self.doubtful = True
-                self.cc = None
-                self.close()
-                cc.backend_failed(self, "protocol")
-                return
-        else:
-            if cc.out:
-                cc.flush()  # one write for everything this read produced (head and body)
+            while True:
+                ev = fr.next()
+                if ev == EV_BODY:
+                    cc.resp_body(fr.piece)
+                elif ev == EV_NEED:
+                    break
+                elif ev == EV_HEAD:
+                    self.keep = fr.keep
+                    head_only, self.close_delimited = cc.resp_head(self, fr.status, self.rh)
+                    if head_only and fr.state != _F_DONE:  # (the framer decides alike)
+                        self.doubtful = True
+                        fr.state = _F_DONE
+                elif ev == EV_DONE:
+                    if fr.pos < len(fr.buf):
+                        self.doubtful = True  # bytes after the response: nobody asked for them
+                    self.close_delimited = False
+                    self.msg_done = True
+                    break
+                elif ev == EV_INTERIM:
+                    cc.resp_interim(fr.status, fr.reason)
+                else:
+                    err = fr.error
+                    break
+        except HttpError as e:  # pragma: no cover - resp_head and resp_body raise none today
+            err = e.reason
+        if err:
+            log.debug("backend_protocol_error", backend=self.b.name, error=err)
+            cc.flush()  # (what this read produced before the error goes first)
+            self.doubtful = True
+            self.cc = None
+            self.close()
+            cc.backend_failed(self, "protocol")
+            return
+        if cc.out:
+            cc.flush()  # one write for everything this read produced (head and body)
         if self.msg_done:
             self.msg_done = False
-            if self.head_only:
-                self.head_only = False
-                self.parser = httptools.HttpResponseParser(self)
             self.cc = None
             cc.resp_done(self, self.keep and not self.doubtful)
 
@@ -417,58 +437,6 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
 
     def eof_received(self):
         return False
-
-    # -- parser callbacks -----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.msg_done or self.cc is None:
-            self.doubtful = True  # a second response nobody asked for
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        cc = self.cc
-        if cc is None or self.msg_done or not self.want:
-            self.doubtful = True
-            self.want = False
-            self.hbuf = b""
-            return
-        # llhttp has checked the whole head: it is the bytes up to the first empty line
-        # (after the CR LFs llhttp skips before a status line)
-        hb = self.hbuf
-        if 100 <= status < 200:
-            if status == 101:
-                raise HttpError(502, "backend switched protocols")
-            end = self.rh.head_end(hb)
-            if end < 0:
-                raise HttpError(502, "backend response head not found")
-            self.interim = True
-            self.hbuf = hb[end:]  # the final response follows
-            cc.resp_interim(status, self.rh.status_reason(hb))
-            return
-        self.want = False
-        self.hbuf = b""
-        if self.rh.take_head(hb) < 0:
-            raise HttpError(502, "backend response head not found")
-        self.keep = self.parser.should_keep_alive()
-        head_only, self.close_delimited = cc.resp_head(self, status, self.rh)
-        if head_only:
-            self.head_only = True
-            self.msg_done = True
-
-    def on_body(self, data: bytes) -> None:
-        if self.msg_done or self.cc is None:
-            self.doubtful = True
-            return
-        self.cc.resp_body(data)
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
-        if self.head_only:
-            return
-        self.close_delimited = False
-        self.msg_done = True
 
     # -- timers and state -----------------------------------------------------------------
 
@@ -1010,7 +978,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         router = self.l.router
         pool_name = router.route(req.host, req.path,
                                  req if router.needs_headers else None)  # Request.get: lazy
-        pool = node.pools.get(pool_name)
+        pool = self.l.pools.get(pool_name)
         self.pool = pool
         self.tried = ()
         self.attempts = 0
@@ -1022,10 +990,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if pool is None:  # config validation makes this unreachable; stay safe
             self._answer_error(HttpError(503, f"no pool {pool_name!r}"))
             return
-        pc = pool.cfg
-        mode = pc.sticky.mode
+        mode = pool.sticky_mode
         if mode == "cookie":
-            val = req.cookies().get(pc.sticky.cookie)
+            val = req.cookies().get(pool.sticky_cookie)
             self.cookie_val = val or ""
             if val:
                 b = pool.by_name.get(val)
@@ -1039,7 +1006,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 b = pool.by_name.get(e.backend)
                 if b is not None and b.is_up(node.clock.now()) and not b.is_full():
                     self.sticky_b = b
-        if pc.algorithm in HASH_ALGORITHMS:
+        if pool._hashing:  # (the algorithm is one of HASH_ALGORITHMS)
+            pc = pool.cfg
             from ..balance import hash_key_for
             cookies = req.cookies() if pc.hash_key.startswith("cookie:") else None
             headers = ({k: ", ".join(v) for k, v in req.header_map().items()}
@@ -1093,7 +1061,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if bc is None:
             self.last_err = err
             self._backend_error(b, err)
-            if self.attempts <= self.pool.cfg.retries:
+            if self.attempts <= self.pool.retries:
                 self._attempt()
             else:
                 self._answer_error(HttpError(504, "backend connect timeout") if err == "timeout"
@@ -1119,15 +1087,15 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.sent_all = False
         self.status = 0
         bc.got_bytes = False
-        bc.want = True  # the response head is due from now on
-        bc.hbuf = b""
+        req = rx.req
+        bc.fr.start(req.method == b"HEAD")  # the response head is due from now on
+        bc.close_delimited = False
         bc.doubtful = False
         if self.wpaused:  # the client still has not taken the previous answer
             bc.pause_reading()
         backend_acquire(b)
         self.acquired = True
         self.t0 = _clock()
-        req = rx.req
         fwd = self.fwd
         if fwd is None and self.s.forwarded:
             fwd = self.fwd = [None, b""]  # this connection's forwarded headers, by Host
@@ -1167,10 +1135,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         req = rx.req
         b = self.b
         pool = self.pool
-        pc = pool.cfg
         self.status = status
         self.resp_started = True
-        if status >= 500 and pc.passive.on_5xx:
+        if status >= 500 and pool.on_5xx:
             pool.report_result(b, False, self.node.clock.now())
         elif b.consecutive_failures:
             pool.report_result(b, True, self.node.clock.now())
@@ -1190,11 +1157,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.resp_chunk = chunk
         self.resp_close = close
         set_cookie = None
-        mode = pc.sticky.mode
+        mode = pool.sticky_mode
         if mode != "none":
             self._record_sticky(mode, pool, b)
             if mode == "cookie" and self.cookie_val != b.name:
-                set_cookie = sticky_cookie(pc.sticky.cookie, b.name)
+                set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
         if not self.closed:
             self.out.append(rh.build(status, None, chunk, close, set_cookie,
                                      not close and req.version == "1.0"))
@@ -1274,6 +1241,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.resp_started:
             self._release(None, True)
             self._backend_error(b, kind)
+            if self.queued:
+                self.send_now()  # the part that came, then the break
             self.abort()  # an answer is half sent: the client must see the break
             return
         replayable = (rx.req.method in IDEMPOTENT and rx.complete
@@ -1289,7 +1258,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.last_err = "timeout" if kind == "timeout" else "failed"
         self._release(None, True)
         self._backend_error(b, kind)
-        if replayable and self.attempts <= self.pool.cfg.retries:
+        if replayable and self.attempts <= self.pool.retries:
             rx.body = list(rx.replay or ())
             self._attempt()
             return

@@ -80,7 +80,7 @@ cpdef bytes request_head(Request req, str client_ip, str proto, bint forwarded,
 cdef class ResponseHead:
     cdef public list parts, headers, conn_tokens
     cdef public object content_length
-    cdef public bint chunked, conn_extra
+    cdef public bint chunked, conn_extra, cl_bad, has_te
     cdef public Py_ssize_t nbytes, max_headers, max_bytes
     cdef public bytes sline
     cpdef reset(self)
@@ -95,3 +95,40 @@ cdef class ResponseHead:
     cpdef Py_ssize_t take_head(self, bytes data) except -2
     cpdef bytes build(self, int status, bytes reason, bint chunk, bint close,
                       object set_cookie=*, bint keep_alive=*)
+
+cdef bytes _TCHAR, _FCHAR, _HEXVAL
+cdef Py_ssize_t CHUNK_LINE_MAX
+cdef int EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR
+cdef int _F_HEAD, _F_LEN, _F_CSIZE, _F_CDATA, _F_CEND, _F_TRAIL, _F_EOF, _F_DONE
+
+
+cdef class ResponseFramer:
+    cdef public ResponseHead rh
+    cdef public bytes buf, piece, reason
+    cdef public str error
+    cdef public Py_ssize_t pos, max_head, tbytes
+    cdef public long long left
+    cdef public int state, status
+    cdef public bint keep, head_req
+    cpdef start(self, bint head_req)
+    cpdef feed(self, bytes data)
+    cdef int _fail(self, str why) except -1
+    cdef int _wait(self, Py_ssize_t have) except -1
+    cdef int _line_wait(self, Py_ssize_t have) except -2
+    @cython.locals(n=Py_ssize_t, st=int, pos=Py_ssize_t, take=Py_ssize_t, r=int)
+    cpdef int next(self) except -1
+    @cython.locals(stop=Py_ssize_t, size=cython.longlong, i=Py_ssize_t, v=int, digits=Py_ssize_t,
+                   c=int)
+    cdef int _chunk_size(self, bytes buf, Py_ssize_t pos, Py_ssize_t n) except -2
+    @cython.locals(end=Py_ssize_t)
+    cdef int _trailer_line(self, bytes buf, Py_ssize_t pos, Py_ssize_t n) except -2
+    @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, minor=int, status=int, k=Py_ssize_t, d=int,
+                   hs=Py_ssize_t, i=Py_ssize_t, e=Py_ssize_t, bad=int, hend=Py_ssize_t,
+                   rh=ResponseHead, keep=bint, toks=list)
+    cdef int _head(self, bytes buf, Py_ssize_t n) except -1
+
+
+@cython.locals(cr=Py_ssize_t, lf=Py_ssize_t)
+cdef Py_ssize_t _line_end(bytes buf, Py_ssize_t pos, Py_ssize_t n) except -3
+@cython.locals(c=int, i=Py_ssize_t)
+cdef int _header_line_error(bytes buf, Py_ssize_t pos, Py_ssize_t end) except -1

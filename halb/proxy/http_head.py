@@ -1,8 +1,10 @@
 """HTTP/1.1 message heads: strict checks and rewriting. Pure functions, no I/O, no clock.
 
-The byte-level parsing is llhttp's (via httptools, in its default strict mode); this module
-adds the checks llhttp does not make and builds the heads halb sends on. See
-``halb/proxy/http.py`` for which malformed classes llhttp rejects itself (measured).
+The byte-level parsing of requests is llhttp's (via httptools, in its default strict mode);
+this module adds the checks llhttp does not make and builds the heads halb sends on. See
+``halb/proxy/http.py`` for which malformed classes llhttp rejects itself (measured). Backend
+responses are framed and checked here (``ResponseFramer``: one pass over each head, no Python
+call per piece), to the same strictness, tested against llhttp (tests/unit/test_http_framer.py).
 
 Request heads are rebuilt from the parsed fields, never copied as raw bytes: the backend only
 ever sees a canonical ``METHOD SP target SP HTTP/1.1`` line, single-spaced ``Name: value``
@@ -10,7 +12,7 @@ headers and framing halb chose itself (Content-Length kept as parsed, chunked re
 That is what keeps a lenient quirk of one client from reaching a backend that reads it
 differently. Response heads get a new status line and framing lines of halb's own; their other
 header lines go to the client as the backend sent them (``ResponseHead.take``), but only after
-llhttp, in its strict mode, has accepted the whole head, and without the hop-by-hop ones.
+``ResponseFramer`` has accepted the whole head, and without the hop-by-hop ones.
 
 When compiled (halb/_ext.py), some functions take a ``cython.compiled`` branch: a C loop doing
 what the plain-Python branch beside it does with bytes methods.
@@ -504,7 +506,7 @@ class ResponseHead:
     """
 
     __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "conn_extra",
-                 "nbytes", "max_headers", "max_bytes", "sline")
+                 "nbytes", "max_headers", "max_bytes", "sline", "cl_bad", "has_te")
 
     def __init__(self, max_headers: int = 256, max_bytes: int = 65536):
         self.max_headers = max_headers
@@ -526,6 +528,8 @@ class ResponseHead:
         self.chunked = False
         self.conn_extra = False  # Connection names headers other than close/keep-alive
         self.nbytes = 0
+        self.cl_bad = False  # a Content-Length not all digits, or two that differ
+        self.has_te = False  # a Transfer-Encoding header, whatever its codings
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
@@ -627,10 +631,12 @@ class ResponseHead:
                                 cl = -1
                                 break
                             cl = cl * 10 + d
-                    self.content_length = cl if cl >= 0 else None
-                    if ve - vs > 18:  # past what the C loop's integer holds
-                        v = block[vs:ve]
-                        self.content_length = int(v) if v.isdigit() else None
+                    # more than 18 digits (an exabyte) counts as malformed, as do two
+                    # Content-Lengths that differ (two equal ones are one, RFC 9110 8.6)
+                    if cl < 0 or (self.content_length is not None and self.content_length != cl):
+                        self.cl_bad = True
+                    else:
+                        self.content_length = cl
                     drop = False
                 elif ln == 10 and _is_at(block, pos, b"connection"):
                     if ve - vs == 10 and _is_at(block, vs, b"keep-alive"):
@@ -646,6 +652,7 @@ class ResponseHead:
                 elif ln == 17 and _is_at(block, pos, b"transfer-encoding"):
                     toks = _split_tokens(block[vs:ve])  # (no negative index: see the decorators)
                     self.chunked = len(toks) > 0 and toks[len(toks) - 1] == b"chunked"
+                    self.has_te = True
                 elif block[pos:colon].lower() not in _RESP_SPECIAL:
                     drop = False
                 if drop:
@@ -674,7 +681,11 @@ class ResponseHead:
         if n in _SPECIAL_LENS:
             if n == 14 and _is(name, b"content-length"):
                 v = value.strip()
-                self.content_length = int(v) if v.isdigit() else None
+                cl = int(v) if v.isdigit() and len(v) <= 18 else -1
+                if cl < 0 or (self.content_length is not None and self.content_length != cl):
+                    self.cl_bad = True
+                else:
+                    self.content_length = cl
                 parts.append(name)
                 parts.append(b": ")
                 parts.append(value)
@@ -692,6 +703,7 @@ class ResponseHead:
                 return
             if n == 17 and _is(name, b"transfer-encoding"):
                 self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
+                self.has_te = True
                 return
             if name.lower() in _RESP_SPECIAL:  # the other hop-by-hop headers
                 return
@@ -731,6 +743,381 @@ class ResponseHead:
             out.append(b"Connection: keep-alive\r\n")
         out.append(b"\r\n")
         return b"".join(out)
+
+
+# -- response framing ---------------------------------------------------------------------------
+
+# bytes allowed in a header name (RFC 9110 5.6.2 tchar) and in a field value or reason phrase
+# (VCHAR, SP, HTAB, obs-text): 1 where allowed, one byte per octet value
+_TCHAR = bytes(1 if (chr(c).isalnum() and c < 128) or chr(c) in "!#$%&'*+-.^_`|~" else 0
+               for c in range(256))
+_FCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
+_HEXVAL = bytes(c - 48 if 48 <= c <= 57 else c - 87 if 97 <= c <= 102 else c - 55 if 65 <= c <= 70
+                else 255 for c in range(256))
+CHUNK_LINE_MAX = 4096  # a chunk-size line with its extensions
+
+# what ResponseFramer.next() found
+EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR = 0, 1, 2, 3, 4, 5
+# where it is in a response
+_F_HEAD, _F_LEN, _F_CSIZE, _F_CDATA, _F_CEND, _F_TRAIL, _F_EOF, _F_DONE = 0, 1, 2, 3, 4, 5, 6, 7
+
+
+
+class FR:
+    """ResponseFramer's events and two of its states as Python attributes, for Python callers
+    (compiled, the EV_* and _F_* names are C constants that only cimporting modules see)."""
+
+    NEED, INTERIM, HEAD, BODY, DONE, ERROR = EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR
+    S_EOF, S_DONE = _F_EOF, _F_DONE
+
+
+class ResponseFramer:
+    """The framing of a backend's responses on one connection, sans I/O: ``feed`` it the bytes
+    read, then call ``next`` until it says ``EV_NEED``.
+
+    What llhttp did for halb on this side, in one pass over each head and no Python call per
+    piece: a strict status line (``HTTP/1.0`` or ``HTTP/1.1``, three digits, a reason without
+    control bytes) and strict header lines (a token, a colon right after it, a value without
+    control bytes, CR LF; no obs-fold, no bare CR or LF), then the body's framing by RFC 9112 6.3:
+    none for a HEAD request, 1xx, 204 and 304; chunked when Transfer-Encoding ends in chunked;
+    until close when it names other codings; else Content-Length; else until close. Both
+    Content-Length and Transfer-Encoding, a Content-Length not all digits or two that differ,
+    a bad chunk size or a chunk not followed by CR LF are errors (``error`` says which): the
+    proxy answers 502 (or cuts a response already started) and drops the connection. Interim
+    (1xx) responses come out as ``EV_INTERIM`` before the final one; 101 is an error (halb does
+    not switch protocols). Every wait for bytes is bounded: ``max_head`` for a head or the
+    trailers, ``CHUNK_LINE_MAX`` for a chunk-size line.
+
+    After ``EV_HEAD``: ``status``, ``keep`` (the connection may carry another exchange when this
+    one ends: HTTP/1.1 without ``Connection: close``, HTTP/1.0 with ``keep-alive``, and the body
+    not delimited by the close) and ``rh`` (the head, see ``ResponseHead``). After ``EV_BODY``:
+    ``piece``, body bytes as they came (chunked framing removed). After ``EV_DONE``: bytes
+    beyond the response, if any, are at ``buf[pos:]`` (a backend sending what nobody asked for).
+    """
+
+    __slots__ = ("rh", "buf", "pos", "state", "left", "status", "keep", "head_req", "piece",
+                 "error", "reason", "max_head", "tbytes")
+
+    def __init__(self, rh: ResponseHead, max_head: int):
+        self.rh = rh
+        self.max_head = max_head
+        self.buf = b""
+        self.pos = 0
+        self.state = _F_DONE
+        self.left = 0
+        self.status = 0
+        self.keep = False
+        self.head_req = False
+        self.piece = b""
+        self.error = ""
+        self.reason = b""
+        self.tbytes = 0
+
+    def start(self, head_req: bool) -> None:
+        """A new exchange: the next bytes are the response to it (``head_req``: to a HEAD)."""
+        self.state = _F_HEAD
+        self.buf = b""
+        self.pos = 0
+        self.head_req = head_req
+        self.error = ""
+
+    def feed(self, data: bytes) -> None:
+        if self.pos < len(self.buf):  # an unfinished head or chunk line waits in buf
+            self.buf = self.buf[self.pos:] + data
+        else:
+            self.buf = data
+        self.pos = 0
+
+    def _wait(self, have: int) -> int:
+        """EV_NEED while the ``have`` bytes of an unfinished head are within bounds."""
+        if have > self.max_head:
+            return self._fail("response head too large")
+        return EV_NEED
+
+    def _fail(self, why: str) -> int:
+        self.error = why
+        self.state = _F_DONE
+        self.pos = len(self.buf)
+        return EV_ERROR
+
+    @cython.boundscheck(False)  # every index is checked against n (see the loops)
+    @cython.wraparound(False)
+    def next(self) -> int:
+        buf = self.buf
+        n = len(buf)
+        while True:
+            st = self.state
+            pos = self.pos
+            if st == _F_LEN or st == _F_CDATA:
+                if pos >= n:
+                    return EV_NEED
+                take = n - pos
+                if take > self.left:
+                    take = self.left
+                if pos == 0 and take == n:
+                    self.piece = buf
+                elif cython.compiled:  # the slice without the generic slicing call
+                    self.piece = PyBytes_FromStringAndSize(  # noqa: F821 - cimported
+                        PyBytes_AS_STRING(buf) + pos, take)  # noqa: F821
+                else:
+                    self.piece = buf[pos:pos + take]
+                self.pos = pos + take
+                self.left -= take
+                if self.left == 0:
+                    self.state = _F_DONE if st == _F_LEN else _F_CEND
+                return EV_BODY
+            if st == _F_HEAD:
+                return self._head(buf, n)
+            if st == _F_CEND:  # the CR LF after a chunk's data
+                if pos + 2 > n:
+                    if pos < n and buf[pos] != 13:
+                        return self._fail("chunk not followed by CR LF")
+                    return EV_NEED
+                if buf[pos] != 13 or buf[pos + 1] != 10:
+                    return self._fail("chunk not followed by CR LF")
+                self.pos = pos + 2
+                self.state = _F_CSIZE
+                continue
+            if st == _F_CSIZE:
+                r = self._chunk_size(buf, pos, n)
+                if r <= 0:
+                    return EV_NEED if r == 0 else EV_ERROR
+                continue
+            if st == _F_TRAIL:
+                r = self._trailer_line(buf, pos, n)
+                if r <= 0:
+                    return EV_NEED if r == 0 else EV_ERROR
+                continue
+            if st == _F_EOF:
+                if pos >= n:
+                    return EV_NEED
+                self.piece = buf if pos == 0 else buf[pos:]
+                self.pos = n
+                return EV_BODY
+            return EV_DONE
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def _chunk_size(self, buf: bytes, pos: int, n: int) -> int:
+        """A chunk-size line at ``pos``: 1 when taken, 0 when incomplete, -1 (error set) when
+        malformed: hex digits (at most 15), then optionally ``;`` extensions (which are
+        dropped) after optional blanks, then CR LF."""
+        stop = pos + CHUNK_LINE_MAX
+        if stop > n:
+            stop = n
+        size = 0
+        i = pos
+        while i < stop and i - pos < 16:  # (16 digits are one too many: no overflow)
+            v = _HEXVAL[buf[i]]
+            if v == 255:
+                break
+            size = size * 16 + v
+            i += 1
+        digits = i - pos
+        if i == stop and digits < 16:
+            return self._line_wait(n - pos)
+        if digits == 0 or digits > 15:
+            self._fail("invalid chunk size")
+            return -1
+        c = buf[i]
+        if c == 32 or c == 9 or c == 59:  # BWS ";" chunk-ext: any field bytes up to CR
+            while i < stop and (buf[i] == 32 or buf[i] == 9):
+                i += 1
+            if i < stop and buf[i] != 59:
+                self._fail("invalid chunk size")
+                return -1
+            while i < stop and _FCHAR[buf[i]]:
+                i += 1
+            if i == stop:
+                return self._line_wait(n - pos)
+        if buf[i] != 13:
+            self._fail("invalid chunk size")
+            return -1
+        if i + 1 >= n:
+            return 0
+        if buf[i + 1] != 10:
+            self._fail("invalid chunk size")
+            return -1
+        self.pos = i + 2
+        if size == 0:
+            self.state = _F_TRAIL
+            self.tbytes = 0
+        else:
+            self.state = _F_CDATA
+            self.left = size
+        return 1
+
+    def _line_wait(self, have: int) -> int:
+        """0 (wait) while the ``have`` bytes of an unfinished chunk-size line are within
+        bounds, else -1 (error set)."""
+        if have >= CHUNK_LINE_MAX:
+            self._fail("chunk-size line too long")
+            return -1
+        return 0
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def _trailer_line(self, buf: bytes, pos: int, n: int) -> int:
+        """One line of the trailer section (checked like a header line, then dropped) or its
+        final empty line: 1 when taken, 0 when incomplete, -1 (error set) when malformed."""
+        if pos + 2 > n:
+            if pos < n and buf[pos] == 10:
+                self._fail("bare LF in trailers")
+                return -1
+            return 0
+        if buf[pos] == 13:
+            if buf[pos + 1] != 10:
+                self._fail("bare CR in trailers")
+                return -1
+            self.pos = pos + 2
+            self.state = _F_DONE
+            return 1
+        end = _line_end(buf, pos, n)
+        if end == -1:
+            if n - pos + self.tbytes > self.max_head:
+                self._fail("trailer section too large")
+                return -1
+            return 0
+        if end < 0 or _header_line_error(buf, pos, end):
+            self._fail("malformed trailer line")
+            return -1
+        self.tbytes += end + 2 - pos
+        if self.tbytes > self.max_head:
+            self._fail("trailer section too large")
+            return -1
+        self.pos = end + 2
+        return 1
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def _head(self, buf: bytes, n: int) -> int:
+        pos = self.pos
+        while pos + 1 < n and buf[pos] == 13 and buf[pos + 1] == 10:  # CR LFs before a head
+            pos += 2
+        self.pos = pos
+        # the status line
+        end = _line_end(buf, pos, n)
+        if end == -1:
+            return self._wait(n - pos)
+        if end < 0:
+            return self._fail("bare CR or LF in the status line")
+        if end - pos < 12 or buf[pos] != 72 or buf[pos + 1] != 84 or buf[pos + 2] != 84 \
+                or buf[pos + 3] != 80 or buf[pos + 4] != 47 or buf[pos + 5] != 49 \
+                or buf[pos + 6] != 46 or (buf[pos + 7] != 48 and buf[pos + 7] != 49) \
+                or buf[pos + 8] != 32:
+            return self._fail("malformed status line")
+        minor = buf[pos + 7] - 48
+        status = 0
+        for k in range(pos + 9, pos + 12):
+            d = buf[k] - 48
+            if d < 0 or d > 9:
+                return self._fail("malformed status line")
+            status = status * 10 + d
+        if status < 100 or (end > pos + 12 and buf[pos + 12] != 32):
+            return self._fail("malformed status line")
+        for k in range(pos + 12, end):
+            if not _FCHAR[buf[k]]:
+                return self._fail("malformed status line")
+        # the header lines, up to the empty one
+        hs = end + 2
+        i = hs
+        while True:
+            if i + 2 > n:
+                return self._wait(n - pos)
+            if buf[i] == 13:
+                if buf[i + 1] != 10:
+                    return self._fail("bare CR in the response head")
+                break
+            e = _line_end(buf, i, n)
+            if e == -1:
+                return self._wait(n - pos)
+            if e < 0:
+                return self._fail("bare CR or LF in the response head")
+            bad = _header_line_error(buf, i, e)
+            if bad:
+                return self._fail("obsolete line folding in the response head" if bad == 2
+                                  else "malformed header line in the response head")
+            i = e + 2
+        hend = i + 2  # just past the head's empty line
+        if hend - pos > self.max_head:
+            return self._fail("response head too large")
+        self.pos = hend
+        self.status = status
+        if status < 200:
+            if status == 101:
+                return self._fail("backend switched protocols")
+            self.reason = _reason(buf, pos, end)
+            return EV_INTERIM  # the final response follows (state stays _F_HEAD)
+        rh = self.rh
+        try:
+            rh.take_range(buf, hs, i)
+        except HttpError as err:
+            return self._fail(err.reason)
+        rh.sline = _sline(buf, pos, end)
+        if rh.cl_bad:
+            return self._fail("invalid Content-Length")
+        if rh.has_te and rh.content_length is not None:
+            return self._fail("both Content-Length and Transfer-Encoding")
+        toks = rh.conn_tokens
+        if minor == 1:
+            keep = b"close" not in toks
+        else:
+            keep = b"keep-alive" in toks and b"close" not in toks
+        if self.head_req or status == 204 or status == 304:
+            self.state = _F_DONE
+        elif rh.chunked:
+            self.state = _F_CSIZE
+        elif rh.has_te or rh.content_length is None:
+            self.state = _F_EOF  # the body runs until the backend closes
+            keep = False
+        elif rh.content_length == 0:
+            self.state = _F_DONE
+        else:
+            self.state = _F_LEN
+            self.left = rh.content_length
+        self.keep = keep
+        return EV_HEAD
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def _line_end(buf: bytes, pos: int, n: int) -> int:
+    """Where the line at ``pos`` ends (its CR, followed by LF); -1 if ``buf`` does not hold
+    all of it yet, -2 if it holds a bare CR or a LF without CR."""
+    if cython.compiled:
+        cr = _find(buf, pos, n, 13)  # noqa: F821 - http_head.pxd's inline helper
+        lf = _find(buf, pos, n if cr < 0 else cr, 10)  # noqa: F821
+    else:
+        cr = buf.find(b"\r", pos, n)
+        lf = buf.find(b"\n", pos, n if cr < 0 else cr)
+    if lf >= 0:
+        return -2
+    if cr < 0 or cr + 1 >= n:
+        return -1
+    if buf[cr + 1] != 10:
+        return -2
+    return cr
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def _header_line_error(buf: bytes, pos: int, end: int) -> int:
+    """0 if ``buf[pos:end]`` is a good header line (``token ":" OWS value OWS``, the value
+    without control bytes), 2 if it starts with a blank (obs-fold), else 1."""
+    c = buf[pos]
+    if c == 32 or c == 9:
+        return 2
+    i = pos
+    while i < end and _TCHAR[buf[i]]:
+        i += 1
+    if i == pos or i == end or buf[i] != 58:
+        return 1
+    i += 1
+    while i < end:
+        if not _FCHAR[buf[i]]:
+            return 1
+        i += 1
+    return 0
 
 
 def _reason(data: bytes, start: int, cr: int) -> bytes:

@@ -350,3 +350,64 @@ pool = "p"
         srv.close()
 
     asyncio.run(main())
+
+
+# Responses a backend must not send: each is answered 502 to the client (nothing of it is
+# forwarded), its connection is dropped, and the next request gets a fresh connection.
+BAD_RESPONSES = {
+    "/cl-te": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "/cl-differ": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "/cl-junk": b"HTTP/1.1 200 OK\r\nContent-Length: 3x\r\n\r\nabc",
+    "/bare-lf": b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 3\r\n\r\nabc",
+    "/nul": b"HTTP/1.1 200 OK\r\nX-A: 1\x002\r\nContent-Length: 3\r\n\r\nabc",
+    "/fold": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n 2\r\nContent-Length: 3\r\n\r\nabc",
+    "/status": b"HTTP/1.1 2OO OK\r\nContent-Length: 3\r\n\r\nabc",
+    "/version": b"HTTP/2.0 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    "/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+    "/not-http": b"garbage\r\n\r\n",
+}
+
+
+def test_malformed_responses_get_502_and_their_connection_is_dropped(tmp_path):
+    def answer(path, method, no, k):
+        return BAD_RESPONSES.get(path) or ok(f"{path} on conn {no}".encode())
+    be = Scripted(answer)
+
+    async def run(port, node):
+        st, body = await request(port, "GET", "/first")
+        assert (st, body) == (200, b"/first on conn 1")
+        for path in BAD_RESPONSES:
+            conns = be.conns
+            st, body = await request(port, "POST", path, b"x")  # not retried: seen once
+            assert st == 502 and b"backend failed" in body, (path, st, body)
+            st, body = await request(port, "GET", "/after")
+            assert (st, body) == (200, f"/after on conn {conns + 1}".encode()), path
+        seen = [line for _, line in be.requests]
+        assert all(seen.count(f"POST {p} HTTP/1.1") == 1 for p in BAD_RESPONSES)
+        b = node.pools["p"].backends[0]
+        assert b.active == 0 and b.inflight == 0
+
+    asyncio.run(with_node(tmp_path, be, run))
+
+
+def test_bad_chunking_after_the_head_cuts_the_client_off(tmp_path):
+    """Broken chunked framing once the head went out: the client sees its response cut (no
+    clean end), the backend connection is dropped, the next request is served fresh."""
+    def answer(path, method, no, k):
+        if path == "/badchunk":
+            return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\nzz\r\nnever\r\n0\r\n\r\n")
+        return ok(f"{path} on conn {no}".encode())
+    be = Scripted(answer)
+
+    async def run(port, node):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /badchunk HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw = await asyncio.wait_for(r.read(), 5)  # read to the close
+        w.close()
+        assert raw.startswith(b"HTTP/1.1 200 ") and b"never" not in raw
+        assert not raw.endswith(b"0\r\n\r\n")  # no clean end: the client knows it is cut
+        st, body = await request(port, "GET", "/after")
+        assert (st, body) == (200, b"/after on conn 2")
+
+    asyncio.run(with_node(tmp_path, be, run))
