@@ -100,6 +100,7 @@ class Table:
         # deleted keys -> (updated, origin, until): an older version of a deleted entry that
         # arrives late (through another peer) must not bring it back; bounded like the entries
         self._tombs: dict[str, tuple[float, str, float]] = {}
+        self._tomb_holes = 0  # keys purged from _tombs since it was last rebuilt
         self.expire_more = False  # the last expire() stopped at its limit
         self.listeners: list[Callable[[Change], None]] = []
         self.stats = {"created": 0, "refreshed": 0, "deleted": 0, "expired": 0, "evicted": 0,
@@ -333,19 +334,29 @@ class Table:
         self._tombs[key] = (updated, origin, until)
         if len(self._tombs) > self.max_entries:
             del self._tombs[next(iter(self._tombs))]
+            self._tomb_holes += 1
+            if self._tomb_holes > 4096 and self._tomb_holes > len(self._tombs):
+                self._tombs = dict(self._tombs)  # (see _purge_tombs)
+                self._tomb_holes = 0
 
     def _purge_tombs(self, now: float, limit: int) -> int:
         # insertion order is close to expiry order; a long-lived one at the front only delays
         # the purge of the ones behind it, the size bound still holds
         tombs = self._tombs
-        n = 0
-        while tombs and n < limit:
-            k = next(iter(tombs))
-            if tombs[k][2] > now:
+        dead = []
+        for k, t in tombs.items():  # one pass (next(iter()) per key rescans the freed slots)
+            if t[2] > now or len(dead) >= limit:
                 break
+            dead.append(k)
+        for k in dead:
             del tombs[k]
-            n += 1
-        return n
+        self._tomb_holes += len(dead)
+        if self._tomb_holes > 4096 and self._tomb_holes > len(tombs):
+            # a dict keeps the slots of deleted keys until it grows: iterating from the front
+            # walks them all, so after many purges it is rebuilt compact
+            self._tombs = dict(tombs)
+            self._tomb_holes = 0
+        return len(dead)
 
     def _evict_one(self) -> None:
         h = self._heap

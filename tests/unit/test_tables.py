@@ -180,6 +180,31 @@ def test_tombstones_are_bounded_and_purged():
     assert len(t._tombs) == 0
 
 
+def test_tombstones_purged_in_chunks_in_expiry_order_and_compacted():
+    # a burst of short flows leaves tombstones that expire together: purged a chunk per call,
+    # oldest first, the ones not yet due kept, the dict rebuilt once many keys left it
+    clk = FakeClock(1000.0)
+    t = table(node="a", clock=clk, max_entries=100_000)
+    for i in range(20_000):
+        t.put(f"k{i}", "w", 10 + i * 0.001)
+        t.delete(f"k{i}")
+    clk.advance(24.9995)  # k0..k14999 due (expiry 10..24.999 s), the rest not yet
+    calls = 0
+    while True:
+        t.expire(limit=256)
+        calls += 1
+        if not t.expire_more:
+            break
+    assert calls >= 15_000 // 256
+    assert len(t._tombs) == 5_000 and next(iter(t._tombs)) == "k15000"
+    # rebuilt on the way: the freed slots never outnumber both 4096 and the live keys
+    assert t._tomb_holes <= max(4096, len(t._tombs)) < 15_000
+    clk.advance(20)
+    while t.expire(limit=256) or t.expire_more:
+        pass
+    assert not t._tombs
+
+
 def test_remote_expiry_of_an_older_version_does_not_remove_a_refreshed_entry():
     """The peer expired its copy (TTL from an older refresh) while ours was refreshed since."""
     clk = FakeClock(1000.0)
