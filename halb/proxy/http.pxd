@@ -62,6 +62,7 @@ cdef class BackendConn:
     cdef public bint closed, close_delimited, queued
     cdef public double last, idle_since
     cdef public list out
+    cdef queue(self)
     cpdef send_now(self)
     cpdef pause_reading(self)
     cpdef resume_reading(self)

@@ -419,6 +419,12 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             self.cc = None
             cc.resp_done(self, self.keep and not self.doubtful)
 
+    def queue(self) -> None:
+        """``out`` holds request bytes: the listener writes them at the end of this turn."""
+        if not self.queued:
+            self.queued = True
+            self.l.defer_b(self)
+
     def send_now(self) -> None:
         self.queued = False
         out = self.out
@@ -676,9 +682,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         bc = self.conn
         if bc is not None and not bc.closed:
             bc.out += up
-            if not bc.queued:
-                bc.queued = True
-                self.l.defer_b(bc)
+            bc.queue()
         up.clear()
 
     @cython.boundscheck(False)  # indices stay within data (see the loop)
@@ -1111,9 +1115,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             rx.body = []
             rx.buffered = 0
             self.resume(_P_BUF)
-        if not bc.queued:
-            bc.queued = True
-            self.l.defer_b(bc)
+        bc.queue()
         if rx.complete:
             self.sent_all = True
         bc.last = self.t0
@@ -1132,7 +1134,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
 
     def resp_head(self, bc: BackendConn, status: int, rh: ResponseHead) -> tuple[bool, bool]:
-        """Sends the response head on (its status line as ``rh.take_head`` read it); returns
+        """Sends the response head on (its status line as the framer read it); returns
         (head only, close-delimited body)."""
         rx = self.cur
         req = rx.req

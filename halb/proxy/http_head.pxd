@@ -89,10 +89,6 @@ cdef class ResponseHead:
                    eol=Py_ssize_t, colon=Py_ssize_t, ln=Py_ssize_t, drop=bint, c=int,
                    vs=Py_ssize_t, ve=Py_ssize_t, k=Py_ssize_t, d=int, cl=Py_ssize_t)
     cpdef take_range(self, bytes block, Py_ssize_t start, Py_ssize_t n)
-    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, c=int)
-    cpdef Py_ssize_t head_end(self, bytes data) except -2
-    @cython.locals(end=Py_ssize_t, i=Py_ssize_t, start=Py_ssize_t)
-    cpdef Py_ssize_t take_head(self, bytes data) except -2
     cpdef bytes build(self, int status, bytes reason, bint chunk, bint close,
                       object set_cookie=*, bint keep_alive=*)
 

@@ -496,11 +496,11 @@ class ResponseHead:
     """A backend response head and the head halb sends to the client, built from it in one
     join.
 
-    The proxy hands it the head's header lines as they came on the wire (``take``), once
-    llhttp has parsed and checked the whole head: the lines to forward are kept as slices of
+    The proxy hands it the head's header lines as they came on the wire (``take_range``),
+    once ``ResponseFramer`` has checked the whole head: the lines to forward are kept as slices of
     those bytes, the framing headers (Content-Length, Transfer-Encoding, Connection) are
     noted and the hop-by-hop ones dropped. ``add`` does the same one header at a time (the
-    shape llhttp's per-header callback gives). Headers named by Connection are dropped too
+    shape a per-header parser callback gives). Headers named by Connection are dropped too
     (rare: ``build`` then lays the head out again). Both raise ``HttpError(502)`` past
     ``max_headers`` or ``max_bytes``.
     """
@@ -533,57 +533,10 @@ class ResponseHead:
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
-    def head_end(self, data: bytes) -> int:
-        """Where the head that starts ``data`` ends (just past its empty line), skipping the
-        CR LFs llhttp allows before a status line; -1 if ``data`` holds no whole head."""
-        n = len(data)
-        i = 0
-        while i + 1 < n and data[i] == 13 and data[i + 1] == 10:
-            i += 2
-        if cython.compiled:  # from CR to CR (memchr) until one starts CR LF CR LF
-            while True:
-                i = _find(data, i, n, 13)  # noqa: F821 - http_head.pxd's inline helper
-                if i < 0 or i + 3 >= n:
-                    return -1
-                if data[i + 1] == 10 and data[i + 2] == 13 and data[i + 3] == 10:
-                    return i + 4
-                i += 1
-        end = data.find(b"\r\n\r\n", i)
-        return end + 4 if end >= 0 else -1
-
-    def take_head(self, data: bytes) -> int:
-        """``take`` for the head that starts ``data`` (status line skipped); returns
-        ``head_end`` (-1, and nothing taken, if the head is not whole)."""
-        end = self.head_end(data)
-        if end < 0:
-            return -1
-        i = 0
-        while data[i] == 13 and data[i + 1] == 10:
-            i += 2
-        start = i
-        if cython.compiled:
-            i = _find(data, i, end, 13)  # noqa: F821 - the status line's CR (the head has one)
-        else:
-            i = data.find(b"\r", i)
-        self.sline = _sline(data, start, i)
-        self.take_range(data, i + 2, end - 2)
-        return end
-
-    def status_reason(self, data: bytes) -> bytes:
-        """The reason phrase of the status line that starts ``data`` (after the CR LFs llhttp
-        allows before it), which llhttp has accepted; b"" if it has none."""
-        n = len(data)
-        i = 0
-        while i + 1 < n and data[i] == 13 and data[i + 1] == 10:
-            i += 2
-        cr = data.find(b"\r", i)
-        return _reason(data, i, n if cr < 0 else cr)
-
-    @cython.boundscheck(False)
-    @cython.wraparound(False)
     def take(self, block: bytes) -> None:
-        """A head's header lines, each ending in CRLF, as llhttp accepted them (so each holds
-        a colon and no bare CR or LF); the status line and the final empty line excluded."""
+        """A head's header lines, each ending in CRLF, as ResponseFramer accepted them (so
+        each holds a colon and no bare CR or LF); the status line and the final empty line
+        excluded."""
         self.take_range(block, 0, len(block))
 
     @cython.boundscheck(False)
@@ -599,7 +552,7 @@ class ResponseHead:
         run = start  # start of the lines kept since the last dropped one
         count = 0
         while pos < n:
-            if cython.compiled:  # the line's CR (llhttp let none stand alone), its colon
+            if cython.compiled:  # the line's CR (the framer let none stand alone), its colon
                 eol = _find(block, pos, n, 13)  # noqa: F821 - http_head.pxd's inline helper
                 if eol < 0:
                     eol = n
@@ -717,8 +670,8 @@ class ResponseHead:
         """The head for the client: ``chunk`` adds ``Transfer-Encoding: chunked`` (the proxy
         re-encodes the body), ``close`` adds ``Connection: close``, ``keep_alive`` adds
         ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``.
-        ``reason`` None: the status line ``take_head`` read (status and reason as the backend
-        sent them, on HTTP/1.1)."""
+        ``reason`` None: the status line ``ResponseFramer`` read into ``sline`` (status and
+        reason as the backend sent them, on HTTP/1.1)."""
         parts = self.parts
         if self.conn_extra:
             extra = set(self.conn_tokens) - _PLAIN_CONN

@@ -1,6 +1,7 @@
 """Backend response heads that arrive in pieces, after CR LFs, behind an interim answer or too
-large: the proxy takes the head from its raw bytes once llhttp has checked it (no Python call
-per header), so every way a head can be cut across reads must come out whole and right."""
+large: the proxy takes the head from its raw bytes once ResponseFramer has checked it (no
+Python call per header), so every way a head can be cut across reads must come out whole and
+right."""
 
 from __future__ import annotations
 

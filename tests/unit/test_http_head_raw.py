@@ -1,6 +1,7 @@
-"""The response head taken from its raw lines (``ResponseHead.take``/``take_head``, what the
-proxy uses) gives the same head, framing and errors as the per-header ``add`` path, and finds
-the head's end where llhttp does."""
+"""The response head taken from its raw lines (``ResponseHead.take``, what the proxy uses after
+ResponseFramer checked them) gives the same head, framing and errors as the per-header ``add``
+path. Finding the head's end (after CR LFs, behind interim answers) is ResponseFramer's, tested
+in test_http_framer.py."""
 
 from __future__ import annotations
 
@@ -64,32 +65,6 @@ def _parsed(head: bytes):
     except httptools.HttpParserError as e:  # e.g. CL with TE chunked, CL overflow
         return ("refused", str(e))
     return p.h
-
-
-def test_take_head_finds_the_head_llhttp_finds():
-    body = b"hello"
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n"
-    for prefix in (b"", b"\r\n", b"\r\n\r\n"):
-        data = prefix + head + body
-        rh = ResponseHead()
-        end = rh.take_head(data)
-        assert data[end:] == body
-        assert rh.content_length == 5
-        assert rh.build(200, b"OK", False, False) == \
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\n"
-    assert ResponseHead().head_end(head[:-2]) == -1  # not whole yet
-    rh = ResponseHead()
-    assert rh.take_head(b"HTTP/1.1 204 No Content\r\n\r\n") == 27
-    assert rh.build(204, b"No Content", False, False) == b"HTTP/1.1 204 No Content\r\n\r\n"
-
-
-def test_interim_then_final_in_one_read():
-    data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    rh = ResponseHead()
-    end = rh.head_end(data)
-    assert data[:end] == b"HTTP/1.1 100 Continue\r\n\r\n"
-    rest = data[end:]
-    assert rest[rh.take_head(rest):] == b"ok" and rh.content_length == 2
 
 
 def test_take_bounds():
