@@ -29,10 +29,9 @@ from .tables import Tables
 
 TICK = 0.25  # pool ticks (slow start, passive ejection end) and table expiry
 EXPIRE_CHUNK = 256  # table entries (or stale heap items, tombstones) per expire() call
-# Expiry work between two yields to the event loop. A chunk of 2000 took 5-10 ms, and after a
-# burst of short connections (100,000 flows in 10 s) the sweeps that followed showed up as
-# 5-50 ms p99 spikes on the L7 proxy (bench/RESULTS.md); 1 ms of work per loop turn keeps
-# a backlog of 100,000 entries to about 1.5 s of background work.
+# Expiry work between two yields to the event loop: a chunk of 2000 took 5-10 ms, a stall
+# every proxy on the node feels; 1 ms of work per loop turn keeps a backlog of 100,000
+# entries to about 1.5 s of background work.
 EXPIRE_BUDGET = 0.001
 
 

@@ -334,10 +334,7 @@ class Table:
         self._tombs[key] = (updated, origin, until)
         if len(self._tombs) > self.max_entries:
             del self._tombs[next(iter(self._tombs))]
-            self._tomb_holes += 1
-            if self._tomb_holes > 4096 and self._tomb_holes > len(self._tombs):
-                self._tombs = dict(self._tombs)  # (see _purge_tombs)
-                self._tomb_holes = 0
+            self._tombs_removed(1)
 
     def _purge_tombs(self, now: float, limit: int) -> int:
         # insertion order is close to expiry order; a long-lived one at the front only delays
@@ -350,13 +347,16 @@ class Table:
             dead.append(k)
         for k in dead:
             del tombs[k]
-        self._tomb_holes += len(dead)
-        if self._tomb_holes > 4096 and self._tomb_holes > len(tombs):
-            # a dict keeps the slots of deleted keys until it grows: iterating from the front
-            # walks them all, so after many purges it is rebuilt compact
-            self._tombs = dict(tombs)
-            self._tomb_holes = 0
+        self._tombs_removed(len(dead))
         return len(dead)
+
+    def _tombs_removed(self, n: int) -> None:
+        # a dict keeps the slots of deleted keys until it grows, and iterating from the front
+        # walks them all: once they outnumber both 4096 and the live keys, it is rebuilt compact
+        self._tomb_holes += n
+        if self._tomb_holes > 4096 and self._tomb_holes > len(self._tombs):
+            self._tombs = dict(self._tombs)
+            self._tomb_holes = 0
 
     def _evict_one(self) -> None:
         h = self._heap
