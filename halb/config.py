@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 ALGORITHMS = ("roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev")
 HASH_ALGORITHMS = ("source", "maglev")
 MODES = ("tcp", "udp", "http")
+RELAYS = ("auto", "splice", "copy")
 HEALTH_TYPES = ("none", "tcp", "http")
 STICKY_MODES = ("none", "cookie", "source")
 CHECKSUM_MODES = ("rfc9568", "keepalived")
@@ -200,6 +201,7 @@ class ListenerConfig:
     tls: ListenerTLS | None = None
     forwarded_headers: bool = True  # X-Forwarded-For/-Proto and Forwarded (http)
     proxy_protocol: bool = False  # PROXY v2 towards backends (tcp)
+    relay: str = "auto"  # tcp: "auto" (copy, splice while the node is busy), "splice", "copy"
     udp_flow_timeout: float = 30.0
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -693,6 +695,7 @@ def _listener(r: _Reader) -> ListenerConfig:
         tls = ListenerTLS(certificates=tuple(certs))
     fwd = r.get("forwarded_headers", bool, True)
     pp = r.get("proxy_protocol", bool, False)
+    relay = r.choice("relay", RELAYS, "auto")
     uft = r.duration("udp_flow_timeout", 30.0, lo=0.01, hi=86400)
     t = r.table("timeouts")
     timeouts = _timeouts(t) if t else TimeoutsConfig()
@@ -706,8 +709,11 @@ def _listener(r: _Reader) -> ListenerConfig:
             r.error(f"tls needs mode = \"http\" (mode is {mode!r})", "tls")
     if mode != "tcp" and pp:
         r.error(f"proxy_protocol needs mode = \"tcp\" (mode is {mode!r})", "proxy_protocol")
+    if mode != "tcp" and "relay" in r.data:
+        r.error(f"relay needs mode = \"tcp\" (mode is {mode!r})", "relay")
     return ListenerConfig(name=name, mode=mode, bind=bind or Endpoint("invalid", 1), pool=pool,
                           routes=tuple(routes), tls=tls, forwarded_headers=fwd, proxy_protocol=pp,
+                          relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits)
 
 

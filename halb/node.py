@@ -24,10 +24,12 @@ from typing import Any
 from . import log as hlog
 from .clock import Clock, MonotonicClock, WallClock
 from .config import Config
+from .cpu import cpu_capacity
 from .model import Pool, PoolView
 from .tables import Tables
 
 TICK = 0.25  # pool ticks (slow start, passive ejection end) and table expiry
+CAPACITY_TICKS = 40  # the CPU quota is re-read every 10 s
 EXPIRE_CHUNK = 256  # table entries (or stale heap items, tombstones) per expire() call
 # Expiry work between two yields to the event loop: a chunk of 2000 took 5-10 ms, a stall
 # every proxy on the node feels; 1 ms of work per loop turn keeps a backlog of 100,000
@@ -52,6 +54,11 @@ class Node:
         flow_max = max((lc.limits.max_flows for lc in cfg.listeners), default=65_536) * 4
         self.tables = Tables(self.name, self.wall, sticky_max=sticky_max, flow_max=flow_max,
                              log_size=max(cfg.sync.max_backlog if cfg.sync else 0, 100_000))
+        from .proxy.tcp import SpliceGate
+
+        self.splice_gate = SpliceGate()  # relay = "auto" TCP listeners splice while it is open
+        self.cpu_capacity = 1.0  # of one core: the cgroup quota, re-read by the ticker
+        self._ticks = 0
         self.parts: list[Any] = []  # started in order, stopped in reverse
         self._build_parts()
         self._tasks: list[asyncio.Task] = []
@@ -132,6 +139,13 @@ class Node:
                 # every tick it stays small (a few ms at most under that churn), and the middle
                 # generation is collected when due, before it grows as large.
                 gc.collect(1 if gc.get_count()[1] >= gc.get_threshold()[1] else 0)
+                self._ticks += 1
+                if self._ticks % CAPACITY_TICKS == 1:  # a quota can change at run time
+                    self.cpu_capacity = cpu_capacity()
+                gate = self.splice_gate
+                if gate.sample(time.process_time(), time.monotonic(), self.cpu_capacity):
+                    self.log.info("l4_relay_method", method="splice" if gate.splice else "copy",
+                                  busy=round(gate.busy, 2), capacity=self.cpu_capacity)
                 now = self.clock.now()
                 for pool in self.pools.values():
                     pool.tick(now)

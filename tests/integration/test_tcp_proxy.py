@@ -132,9 +132,9 @@ def pp_reader(c: socket.socket):
     return hdr
 
 
-@pytest.fixture(scope="module", params=["splice", "copy"])
+@pytest.fixture(scope="module", params=["auto", "splice", "copy"])
 def lb(request):
-    """One halbd with a listener per behaviour; run once per relay (splice, copy fallback)."""
+    """One halbd with a listener per behaviour; run once per relay method (config `relay`)."""
     state = Path(tempfile.mkdtemp(prefix="l4t"))
     bk = Backends(BACKENDS, http=False, tcp=True, logdir=state)
     greet = ThreadServer(greeter)
@@ -204,6 +204,7 @@ name = "{name}"
 mode = "tcp"
 bind = "127.0.0.1:{ports[name]}"
 pool = "{pool}"
+relay = "{request.param}"
 {extra}
 ''' for name, pool, extra in [
         ("rr", "rr", ""), ("redis", "redis", ""), ("noretry", "noretry", ""),
@@ -212,7 +213,7 @@ pool = "{pool}"
         ("maxc", "single", "[listeners.limits]\nmax_conns = 2"), ("big", "single", ""),
         ("slow", "slow", '[listeners.timeouts]\nconnect = "300ms"'), ("sink", "sink", "")])
     path = write_config(state, cfg)
-    node = Halbd(path, env={"HALB_L4_RELAY": request.param})
+    node = Halbd(path)
     try:
         for p in ports.values():
             node.wait_port(p)

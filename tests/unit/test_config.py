@@ -79,6 +79,7 @@ def test_minimal_config_defaults():
     assert cfg.pools[0].algorithm == "roundrobin"
     assert cfg.pools[0].backends[0].name == "127.0.0.1:9001"
     assert cfg.listeners[0].limits.max_header_bytes == 16384
+    assert cfg.listeners[0].relay == "auto"
     assert cfg.control_socket == "/run/halb/lb1.sock"
     assert cfg.vrrp == () and cfg.sync is None
     assert cfg.pools[0].health.expect_status == tuple(range(200, 400))  # HAProxy: 2xx and 3xx
@@ -160,6 +161,10 @@ BAD = [
     ("routes-on-tcp",
      BASE.replace('mode = "http"', 'mode = "tcp"') + '  [[listeners.routes]]\n  pool = "web"\n  path_prefix = "/a"\n',
      ["listeners[0].routes: routes need mode = \"http\" (mode is 'tcp')"]),
+    ("relay-on-http", BASE.replace('mode = "http"', 'mode = "http"\nrelay = "splice"'),
+     ["listeners[0].relay: relay needs mode = \"tcp\" (mode is 'http')"]),
+    ("bad-relay", BASE.replace('mode = "http"', 'mode = "tcp"\nrelay = "sendfile"'),
+     ["listeners[0].relay: unknown value 'sendfile' (expected one of: auto, splice, copy)"]),
     ("missing-node", BASE.replace('[node]\nname = "lb1"\n', ''), ["node: is required"]),
     ("bad-node-name", BASE.replace('name = "lb1"', 'name = "lb 1"'),
      ["node.name: invalid name 'lb 1' (letters, digits, '_', '.', '-'; at most 63)"]),
