@@ -10,7 +10,9 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
                                      always, option forwardfor and the two other forwarding
                                      headers halb adds, so both send the backends the same)
     L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
-    L4  Gbit/s                       iperf3 -t <dur> (HAProxy: mode tcp, option splice-auto)
+    L4  Gbit/s                       iperf3 -t <dur> (HAProxy: mode tcp, option splice-auto;
+                                     halb: relay = "auto"); for reference also with splicing
+                                     forced in both (halb relay = "splice")
     L4  CPU seconds per GB relayed
     memory per idle client connection, L7 and L4: RSS delta / N with N connections held
 
@@ -309,6 +311,13 @@ name = "tcp"
 mode = "tcp"
 bind = "127.0.0.1:{tcp}"
 pool = "iperf"
+
+[[listeners]]
+name = "tcpsplice"
+mode = "tcp"
+bind = "127.0.0.1:{tcpsplice}"
+pool = "iperf"
+relay = "splice"
 
 [[listeners]]
 name = "udp"
@@ -637,11 +646,12 @@ def main(argv: list[str] | None = None) -> int:
                 x = l4(running[w].pid, ports[w]["tcp"], a.duration)
                 log(f"  {w:7s} L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
                 record(w, "l4", x)
-                if w == "haproxy":  # for reference: splicing forced on
-                    x = l4(running[w].pid, ports[w]["tcpsplice"], a.duration)
-                    log(f"  {w:7s} L4 (forced splice) {x['gbps']:.2f} Gbit/s "
-                        f"{x['cpu_s_per_gb']:.3f} CPU s/GB")
-                    record(w, "l4_forced", x)
+                # for reference: splicing forced on (HAProxy splice-request/-response, halb
+                # relay = "splice")
+                x = l4(running[w].pid, ports[w]["tcpsplice"], a.duration)
+                log(f"  {w:7s} L4 (forced splice) {x['gbps']:.2f} Gbit/s "
+                    f"{x['cpu_s_per_gb']:.3f} CPU s/GB")
+                record(w, "l4_forced", x)
             for w in order if "l4conn" in only else ():
                 x = l4conn(running[w].pid, ports[w]["tcpidle"], a.duration, a.conns)
                 log(f"  {w:7s} L4 {x['rps']:.0f} new conn/s p99 {x['p99_ms']:.2f} ms "
@@ -754,15 +764,15 @@ def report(res: dict) -> str:
              f"{8 / l['l4']['cpu_s_per_gb']:.1f}", f"{8 / h['l4']['cpu_s_per_gb']:.1f}",
              ratio(h["l4"]["cpu_s_per_gb"], l["l4"]["cpu_s_per_gb"]), ""),
         ]
-        f = h.get("l4_forced")
-        if f:
+        f, lf = h.get("l4_forced"), l.get("l4_forced")
+        if f and lf:
             rows += [
-                ("(reference) L4 Gbit/s, HAProxy with splice-request/response forced",
-                 f"{l['l4']['gbps']:.2f}", f"{f['gbps']:.2f}", ratio(l["l4"]["gbps"], f["gbps"]),
-                 ""),
-                ("(reference) L4 CPU s per GB, HAProxy splice forced",
-                 f"{l['l4']['cpu_s_per_gb']:.3f}", f"{f['cpu_s_per_gb']:.3f}",
-                 ratio(l["l4"]["cpu_s_per_gb"], f["cpu_s_per_gb"]), ""),
+                ("(reference) L4 Gbit/s, splice forced (halb relay = \"splice\", HAProxy "
+                 "splice-request/-response)",
+                 f"{lf['gbps']:.2f}", f"{f['gbps']:.2f}", ratio(lf["gbps"], f["gbps"]), ""),
+                ("(reference) L4 CPU s per GB, splice forced",
+                 f"{lf['cpu_s_per_gb']:.3f}", f"{f['cpu_s_per_gb']:.3f}",
+                 ratio(lf["cpu_s_per_gb"], f["cpu_s_per_gb"]), ""),
             ]
     if "l4conn" in h and "l4conn" in l:
         rows += [
