@@ -220,7 +220,7 @@ class _Dir:
     """
 
     __slots__ = ("conn", "src", "dst", "sfd", "dfd", "pipe", "pending", "left", "done",
-                 "nbytes", "rd", "wr")
+                 "nbytes", "rd")
 
     def __init__(self, conn: "_Conn", src: socket.socket, dst: socket.socket):
         self.conn = conn
@@ -231,8 +231,7 @@ class _Dir:
         self.left = b""
         self.done = False
         self.nbytes = 0
-        self.rd = self.on_readable
-        self.wr = self.on_writable
+        self.rd = self.on_readable  # made once: idle connections are many, stalls are few
 
     def on_readable(self) -> None:
         conn = self.conn
@@ -316,7 +315,7 @@ class _Dir:
     def _stall(self, conn: "_Conn") -> None:
         loop = conn.loop
         loop.remove_reader(self.sfd)
-        loop.add_writer(self.dfd, self.wr)
+        loop.add_writer(self.dfd, self.on_writable)
 
     def on_writable(self) -> None:
         conn = self.conn
@@ -360,7 +359,7 @@ class _Dir:
             PipePool.discard(self.pipe)  # may still hold bytes
             self.pipe = None
         self.left = b""
-        self.rd = self.wr = self.conn = None  # break reference cycles: freed at once
+        self.rd = self.conn = None  # break reference cycles: freed at once, not by the GC
 
 
 # ---------------------------------------------------------------------------------------------
