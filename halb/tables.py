@@ -9,6 +9,9 @@ the greater ``origin`` node name), so every node converges on the same table.
 Bounds: ``max_entries`` (the entry expiring soonest is evicted, logged as EXPIRE) and
 ``log_size`` (a reader further behind than the log gets ``None`` from ``changes_since`` and
 must take a snapshot). Refreshes of a busy entry are logged at most once per quarter TTL.
+Deleted keys leave tombstones (bounded like the entries) so that an older version arriving
+late from a peer cannot bring an entry back; a table that has no peers
+(``tombstones=False``, a node without ``[sync]``) keeps none.
 
 Pure code: no I/O; time comes from the injected clock.
 """
@@ -84,7 +87,7 @@ def _view(t: tuple) -> Entry:
 class Table:
     def __init__(self, name: str, *, node: str, clock: Clock | None = None,
                  max_entries: int = 100_000, log_size: int = 100_000,
-                 epoch: int | None = None):
+                 epoch: int | None = None, tombstones: bool = True):
         if max_entries < 1 or log_size < 1:
             raise ValueError("max_entries and log_size must be positive")
         self.name = name
@@ -101,6 +104,7 @@ class Table:
         # arrives late (through another peer) must not bring it back; bounded like the entries
         self._tombs: dict[str, tuple[float, str, float]] = {}
         self._tomb_holes = 0  # keys purged from _tombs since it was last rebuilt
+        self.keep_tombs = tombstones
         self.expire_more = False  # the last expire() stopped at its limit
         self.listeners: list[Callable[[Change], None]] = []
         self.stats = {"created": 0, "refreshed": 0, "deleted": 0, "expired": 0, "evicted": 0,
@@ -328,6 +332,8 @@ class Table:
         self.stats["deleted" if op == _DELETE else "expired"] += 1
 
     def _tomb(self, key: str, updated: float, origin: str, until: float) -> None:
+        if not self.keep_tombs:
+            return
         t = self._tombs.pop(key, None)
         if t is not None and (t[0], t[1]) > (updated, origin):
             updated, origin, until = t[0], t[1], max(t[2], until)
@@ -382,10 +388,11 @@ class Tables:
     """The node's two replicated tables."""
 
     def __init__(self, node: str, clock: Clock | None = None, *, sticky_max: int = 100_000,
-                 flow_max: int = 262_144, log_size: int = 200_000):
+                 flow_max: int = 262_144, log_size: int = 200_000, tombstones: bool = True):
         self.sticky = Table("sticky", node=node, clock=clock, max_entries=sticky_max,
-                            log_size=log_size)
-        self.flow = Table("flow", node=node, clock=clock, max_entries=flow_max, log_size=log_size)
+                            log_size=log_size, tombstones=tombstones)
+        self.flow = Table("flow", node=node, clock=clock, max_entries=flow_max, log_size=log_size,
+                          tombstones=tombstones)
 
     def __iter__(self) -> Iterator[Table]:
         return iter((self.sticky, self.flow))

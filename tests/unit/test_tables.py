@@ -180,6 +180,24 @@ def test_tombstones_are_bounded_and_purged():
     assert len(t._tombs) == 0
 
 
+def test_a_table_without_peers_keeps_no_tombstones():
+    clk = FakeClock(1000.0)
+    t = table(node="a", clock=clk, tombstones=False, log_size=8)
+    for i in range(30):
+        t.put(f"k{i}", "w", 50)
+        t.delete(f"k{i}")
+    assert not t._tombs and t.tombstones() == []
+    assert len(t) == 0 and t.stats["deleted"] == 30
+    # the log is still there, as short as asked: the last 8 changes, numbered on
+    assert [(c.seq, c.op, c.entry.key) for c in t.changes_since(56)] == [
+        (57, Op.CREATE, "k28"), (58, Op.DELETE, "k28"), (59, Op.CREATE, "k29"),
+        (60, Op.DELETE, "k29")]
+    assert t.changes_since(0) is None  # a reader that far behind needs a snapshot
+    # an entry deleted here comes back if re-created: nothing remembers the deletion
+    t.put("k1", "v", 50)
+    assert t.get("k1").backend == "v"
+
+
 def test_tombstones_purged_in_chunks_in_expiry_order_and_compacted():
     # a burst of short flows leaves tombstones that expire together: purged a chunk per call,
     # oldest first, the ones not yet due kept, the dict rebuilt once many keys left it
