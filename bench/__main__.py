@@ -247,6 +247,9 @@ backend be_nginx_tcp
     server n2 127.0.0.1:{n2}
 """
 
+BACKEND_PORTS = ("n1", "n2", "iperf")  # the fields of the config templates below
+PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics")
+
 HALB_CONF = """
 [node]
 name = "bench"
@@ -577,9 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
     procs = Procs(tmp)
-    P = {k: free_port() for k in ("n1", "n2", "iperf")}
-    ports = {w: {k: free_port() for k in ("http", "tcp", "tcpidle", "tcpsplice", "metrics")}
-             for w in ("haproxy", "halb")}
+    P = {k: free_port() for k in BACKEND_PORTS}
+    ports = {w: {k: free_port() for k in PROXY_PORTS} for w in ("haproxy", "halb")}
     results: dict = {"machine": machine(), "args": vars(a), "load_before": loadavg(),
                      "haproxy": {}, "halb": {}}
     log(f"machine: {results['machine']['nproc']} x {results['machine']['cpu']}; "

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.__main__ import HALB_CONF, NGINX_CONF, PY, ROOT, free_port, wait_port  # noqa: E402
+from bench.__main__ import (HALB_CONF, NGINX_CONF, PROXY_PORTS, PY, ROOT, free_port,  # noqa: E402
+                            wait_port)
 
 
 def load(port: int, n: int, conns: int = 8) -> None:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(port, proc=procs[-1])
-        ports = {k: free_port() for k in ("http", "tcp", "tcpidle", "metrics", "iperf")}
+        ports = {k: free_port() for k in PROXY_PORTS + ("iperf",)}
         (tmp / "halb-state").mkdir()
         conf = HALB_CONF.format(dir=tmp, **backends, **ports)
         (tmp / "halb.toml").write_text(conf)
