@@ -65,6 +65,15 @@ class Node:
         from .proxy.tcp import SpliceGate
 
         self.splice_gate = SpliceGate()  # relay = "auto" TCP listeners splice while it is open
+        gate = self.splice_gate
+        from prometheus_client import Gauge
+
+        Gauge("halb_l4_relay_splicing", "1 while relay = \"auto\" TCP listeners splice (the "
+              "node is busy), 0 while they copy", registry=self.metrics.registry
+              ).set_function(lambda: 1.0 if gate.splice else 0.0)
+        Gauge("halb_cpu_busy_ratio", "CPU the process used over the last 250 ms, as a fraction "
+              "of what it may use (one core or the cgroup quota)", registry=self.metrics.registry
+              ).set_function(lambda: gate.busy)
         self.cpu_capacity = 1.0  # of one core: the cgroup quota, re-read by the ticker
         self._ticks = 0
         self.parts: list[Any] = []  # started in order, stopped in reverse

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from halb.config import loads
 from halb.node import Node
@@ -189,6 +190,11 @@ def test_cpu_load_opens_the_gate_and_idling_closes_it(backends, state):
                 await asyncio.sleep(0.05)
             assert gate.splice, f"the gate stayed closed at {gate.busy:.2f} of a core"
             assert lst.stats()["splicing"] is True
+            scraped = generate_latest(node.metrics.registry).decode()
+            assert "halb_l4_relay_splicing 1.0" in scraped
+            busy = next(float(ln.split()[1]) for ln in scraped.splitlines()
+                        if ln.startswith("halb_cpu_busy_ratio "))
+            assert busy >= 0.9
             # a connection relayed now splices
             a, b, n = await echo_roundtrip(port, 4 << 20, False)
             assert n == 4 << 20 and a == b and lst.pipes.created > 0
@@ -198,6 +204,7 @@ def test_cpu_load_opens_the_gate_and_idling_closes_it(backends, state):
             while gate.splice and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert not gate.splice, f"the gate stayed open at {gate.busy:.2f} of a core"
+            assert "halb_l4_relay_splicing 0.0" in generate_latest(node.metrics.registry).decode()
             assert gate.changes >= 2
         finally:
             await node.stop()
