@@ -1,13 +1,14 @@
 """How much CPU this process may use: the cgroup CPU quota, read from the cgroup file system.
 
-halbd's event loop runs on one thread, so it can use at most one core; a container or a
-systemd unit may allow less (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` and
-``cpu.cfs_period_us`` in cgroup v1). :func:`cpu_capacity` returns the smaller of the two, as a
-fraction of one core: the TCP relay's splice gate compares the CPU it sees used against it,
-so a node limited to 40% of a core counts as busy at 40%.
+A container or a systemd unit may hold halbd to part of a core or to a few cores (``cpu.max``
+in cgroup v2, ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` in cgroup v1).
+:func:`cpu_quota` returns it in cores, or None when there is none: the TCP relay's splice gate
+compares the process's CPU time against it, so a node limited to 40% of a core counts as busy
+at 40%.
 
 Every cgroup on the way from the process's own up to the root can hold a quota; the
-tightest counts. Files that are missing or unreadable mean no limit (1.0).
+tightest counts. Files that are missing or unreadable mean no limit. A process outside its
+cgroup namespace's root (a path starting ``/..``) cannot see its own cgroup: no limit either.
 """
 
 from __future__ import annotations
@@ -74,19 +75,21 @@ def _quota_v1(mount: str, path: str) -> float | None:
     return best
 
 
-def cpu_capacity(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> float:
-    """The CPU this process may use, as a fraction of one core, in (0, 1]."""
+def cpu_quota(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> float | None:
+    """The CPU this process may use, in cores (0.4, 2.0, ...); None without a quota."""
     try:
         with open(proc_cgroup, encoding="ascii", errors="replace") as f:
             lines = f.read(1 << 16).splitlines()
     except OSError:
-        return 1.0
+        return None
     quotas = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, path = parts
+        if path.startswith("/.."):  # outside our namespace's view: the files are not ours
+            continue
         if controllers == "":  # cgroup v2 (unified); mounted at the root or at root/unified
             for mount in (root, os.path.join(root, "unified")):
                 if os.path.exists(os.path.join(mount, "cgroup.controllers")):
@@ -102,4 +105,4 @@ def cpu_capacity(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> flo
                     if q is not None:
                         quotas.append(q)
                     break
-    return min([1.0, *quotas])
+    return min(quotas) if quotas else None

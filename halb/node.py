@@ -24,13 +24,13 @@ from typing import Any
 from . import log as hlog
 from .clock import Clock, MonotonicClock, WallClock
 from .config import Config
-from .cpu import cpu_capacity
+from .cpu import cpu_quota
 from .model import Pool, PoolView
 from .tables import Tables
 
 TICK = 0.25  # pool ticks (slow start, passive ejection end) and table expiry
 STANDALONE_LOG = 4096  # table change log kept by a node without [sync]
-CAPACITY_TICKS = 40  # the CPU quota is re-read every 10 s
+QUOTA_TICKS = 40  # the CPU quota is re-read every 10 s
 EXPIRE_CHUNK = 256  # table entries (or stale heap items, tombstones) per expire() call
 # Expiry work between two yields to the event loop: a chunk of 2000 took 5-10 ms, a stall
 # every proxy on the node feels; 1 ms of work per loop turn keeps a backlog of 100,000
@@ -69,12 +69,13 @@ class Node:
         from prometheus_client import Gauge
 
         Gauge("halb_l4_relay_splicing", "1 while relay = \"auto\" TCP listeners splice (the "
-              "node is busy), 0 while they copy", registry=self.metrics.registry
-              ).set_function(lambda: 1.0 if gate.splice else 0.0)
-        Gauge("halb_cpu_busy_ratio", "CPU the process used over the last 250 ms, as a fraction "
-              "of what it may use (one core or the cgroup quota)", registry=self.metrics.registry
-              ).set_function(lambda: gate.busy)
-        self.cpu_capacity = 1.0  # of one core: the cgroup quota, re-read by the ticker
+              "node is busy), 0 while they copy; a listener whose sockets refused splice "
+              "copies regardless (halb_l4_events splice_unavailable)",
+              registry=self.metrics.registry).set_function(lambda: 1.0 if gate.splice else 0.0)
+        Gauge("halb_cpu_busy_ratio", "CPU used over the last 250 ms: the event loop thread's, "
+              "of one core, or the process's, of its cgroup quota, whichever is larger",
+              registry=self.metrics.registry).set_function(lambda: gate.busy)
+        self.cpu_quota: float | None = None  # cores (cgroup quota), re-read by the ticker
         self._ticks = 0
         self.parts: list[Any] = []  # started in order, stopped in reverse
         self._build_parts()
@@ -157,12 +158,14 @@ class Node:
                 # generation is collected when due, before it grows as large.
                 gc.collect(1 if gc.get_count()[1] >= gc.get_threshold()[1] else 0)
                 self._ticks += 1
-                if self._ticks % CAPACITY_TICKS == 1:  # a quota can change at run time
-                    self.cpu_capacity = cpu_capacity()
+                if self._ticks % QUOTA_TICKS == 1:  # a quota can change at run time
+                    self.cpu_quota = cpu_quota()
                 gate = self.splice_gate
-                if gate.sample(time.process_time(), time.monotonic(), self.cpu_capacity):
+                # thread_time: this (the event loop's) thread, where every relay runs
+                if gate.sample(time.thread_time(), time.process_time(), time.monotonic(),
+                               self.cpu_quota):
                     self.log.info("l4_relay_method", method="splice" if gate.splice else "copy",
-                                  busy=round(gate.busy, 2), capacity=self.cpu_capacity)
+                                  busy=round(gate.busy, 2), quota=self.cpu_quota)
                 now = self.clock.now()
                 for pool in self.pools.values():
                     pool.tick(now)

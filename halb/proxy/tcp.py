@@ -67,6 +67,10 @@ ACCEPT_BURST = 64
 MAX_FREE_PIPES = 256
 STOP_GRACE = 2.0  # seconds stop() lets open connections finish before closing them
 _ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# splice(2) refused by these sockets (EINVAL), the kernel (ENOSYS, EOPNOTSUPP) or a sandbox's
+# system call filter (EPERM): the listener copies from then on. Under relay = "auto" this first
+# shows when the node gets busy, so it must not cost the connection.
+_NO_SPLICE_ERRNOS = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,13 +171,15 @@ class SpliceGate:
     byte; with halbd held to 40% of a core, splice 1.22x the Gbit/s of copy). HAProxy's
     ``splice-auto`` copies in the first case too.
 
-    ``busy`` is the CPU the process used over the last sample, as a fraction of what it may
-    use (one core, or less under a cgroup quota: ``halb.cpu.cpu_capacity``). The gate opens
-    at ``high`` or more and closes again at ``low`` or less; the gap is wider than what
-    splicing saves, so it does not flap.
+    ``busy`` is how short the relay is of CPU over the last sample: the CPU time of the event
+    loop's thread as a fraction of one core (the relays run there, the control plane's threads
+    do not count), or, under a cgroup quota (``halb.cpu.cpu_quota``, in cores), the whole
+    process's CPU time as a fraction of the quota, whichever is larger. The gate opens at
+    ``high`` or more and closes again at ``low`` or less; the gap is wider than what splicing
+    saves, so it does not flap.
     """
 
-    __slots__ = ("high", "low", "splice", "busy", "_cpu", "_wall", "changes")
+    __slots__ = ("high", "low", "splice", "busy", "_loop", "_proc", "_wall", "changes")
 
     def __init__(self, high: float = 0.9, low: float = 0.6):
         if not 0.0 < low < high:
@@ -181,18 +187,23 @@ class SpliceGate:
         self.high, self.low = high, low
         self.splice = False
         self.busy = 0.0
-        self._cpu = self._wall = None
+        self._loop = self._proc = self._wall = None
         self.changes = 0
 
-    def sample(self, cpu_s: float, wall_s: float, capacity: float = 1.0) -> bool:
-        """Feeds the process's CPU time, a monotonic clock and the CPU the process may use
-        (cores); returns True if ``splice`` changed."""
-        if self._wall is None or wall_s <= self._wall or capacity <= 0:
-            self._cpu, self._wall = cpu_s, wall_s
+    def sample(self, loop_cpu_s: float, process_cpu_s: float, wall_s: float,
+               quota: float | None = None) -> bool:
+        """Feeds the event loop thread's and the process's CPU time, a monotonic clock and the
+        cgroup quota in cores (None: none); returns True if ``splice`` changed."""
+        if self._wall is None or wall_s <= self._wall:
+            self._loop, self._proc, self._wall = loop_cpu_s, process_cpu_s, wall_s
             return False
-        self.busy = max(0.0, cpu_s - self._cpu) / (wall_s - self._wall) / capacity
-        self._cpu, self._wall = cpu_s, wall_s
-        want = self.busy >= self.high if not self.splice else self.busy > self.low
+        span = wall_s - self._wall
+        busy = max(0.0, loop_cpu_s - self._loop) / span
+        if quota is not None and quota > 0:
+            busy = max(busy, max(0.0, process_cpu_s - self._proc) / (span * quota))
+        self.busy = busy
+        self._loop, self._proc, self._wall = loop_cpu_s, process_cpu_s, wall_s
+        want = busy >= self.high if not self.splice else busy > self.low
         if want != self.splice:
             self.splice = want
             self.changes += 1
@@ -252,7 +263,7 @@ class _Dir:
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno == errno.EINVAL:  # these sockets cannot splice: the pipe is empty
+                if e.errno in _NO_SPLICE_ERRNOS:  # splice refused here: the pipe is empty
                     self.pipe = None
                     pipes.put(pipe)
                     conn.lst.splice_failed(e)
@@ -735,6 +746,7 @@ class TcpListener:
         """splice(2) refused these sockets: this listener copies from now on."""
         self.relay = "copy"
         self.gate = _Fixed(False)
+        self.event("splice_unavailable")
         _log.warning("splice_unavailable", listener=self.name, error=str(exc))
 
     def _sweep(self) -> None:
