@@ -37,42 +37,30 @@ def _ancestors(path: str) -> list[str]:
     return out
 
 
-def _quota_v2(root: str, path: str) -> float | None:
-    best = None
-    for p in _ancestors(path):
-        text = _read(os.path.join(root, p.lstrip("/"), "cpu.max"))
-        if not text:
-            continue
-        parts = text.split()
-        if len(parts) != 2 or parts[0] == "max":
-            continue
-        try:
-            q = int(parts[0]) / int(parts[1])
-        except (ValueError, ZeroDivisionError):
-            continue
-        if q > 0 and (best is None or q < best):
-            best = q
-    return best
+def _ratio(quota: str | None, period: str | None) -> float | None:
+    """quota / period in cores from the two numbers' text; None for no quota or bad text."""
+    try:
+        q, p = int(quota or ""), int(period or "")
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None  # v1 says -1 for none
 
 
-def _quota_v1(mount: str, path: str) -> float | None:
-    best = None
-    for p in _ancestors(path):
-        d = os.path.join(mount, p.lstrip("/"))
-        quota, period = _read(os.path.join(d, "cpu.cfs_quota_us")), \
-            _read(os.path.join(d, "cpu.cfs_period_us"))
-        if not quota or not period:
-            continue
-        try:
-            qi, pi = int(quota), int(period)
-        except ValueError:
-            continue
-        if qi <= 0 or pi <= 0:  # -1: no quota
-            continue
-        q = qi / pi
-        if best is None or q < best:
-            best = q
-    return best
+def _v2(d: str) -> float | None:
+    parts = (_read(os.path.join(d, "cpu.max")) or "").split()  # "max 100000" or "40000 100000"
+    return _ratio(*parts) if len(parts) == 2 else None
+
+
+def _v1(d: str) -> float | None:
+    return _ratio(_read(os.path.join(d, "cpu.cfs_quota_us")),
+                  _read(os.path.join(d, "cpu.cfs_period_us")))
+
+
+def _tightest(mount: str, path: str, quota_of) -> float | None:
+    """The smallest quota on the way from ``path``'s cgroup up to the root."""
+    quotas = [q for q in (quota_of(os.path.join(mount, p.lstrip("/"))) for p in _ancestors(path))
+              if q is not None]
+    return min(quotas) if quotas else None
 
 
 def cpu_quota(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> float | None:
@@ -93,7 +81,7 @@ def cpu_quota(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> float 
         if controllers == "":  # cgroup v2 (unified); mounted at the root or at root/unified
             for mount in (root, os.path.join(root, "unified")):
                 if os.path.exists(os.path.join(mount, "cgroup.controllers")):
-                    q = _quota_v2(mount, path)
+                    q = _tightest(mount, path, _v2)
                     if q is not None:
                         quotas.append(q)
                     break
@@ -101,7 +89,7 @@ def cpu_quota(root: str = CGROUP_ROOT, proc_cgroup: str = PROC_CGROUP) -> float 
             for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu"):
                 mount = os.path.join(root, name)
                 if os.path.isdir(mount):
-                    q = _quota_v1(mount, path)
+                    q = _tightest(mount, path, _v1)
                     if q is not None:
                         quotas.append(q)
                     break
