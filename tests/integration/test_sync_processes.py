@@ -3,7 +3,8 @@
 A feeder node ``f`` (halb.sync.standalone.SyncNode, a full sync peer on a real gRPC port, in a
 thread of this process) writes 100,000 sticky entries; halbd processes ``a`` and ``b`` and the
 feeder form a full mesh. ``a`` learns all of them; ``b`` starts and ``a`` is killed with
-SIGKILL while it streams its snapshot to ``b``; the feeder keeps writing and deleting while
+SIGKILL while it streams its snapshot to ``b`` (over a relay held to 1 MB/s, so the kill lands
+mid-snapshot however fast the machine is); the feeder keeps writing and deleting while
 ``a`` is dead; ``a`` restarts (a new epoch) and every node converges on exactly the feeder's
 table: no entry lost, none extra, every backend and version the same. What a process holds
 is read over the Sync protocol itself (halb.sync.client.fetch_tables).
@@ -62,6 +63,47 @@ class LoopThread:
         self.t.join(5)
 
 
+class SlowLink:
+    """A TCP relay whose far-to-near direction is held to ``rate`` bytes/s (None: no limit),
+    so that "kill the sender while it streams its snapshot" does not race the snapshot: at
+    full loopback speed 100k entries cross in well under a second."""
+
+    def __init__(self, target_port: int, rate: float | None):
+        self.target = target_port
+        self.rate = rate
+        self.port = 0
+        self.server = None
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, cr, cw):
+        try:
+            fr, fw = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.target), 5)
+        except (OSError, asyncio.TimeoutError):
+            cw.close()
+            return
+        await asyncio.gather(self._pump(cr, fw, False), self._pump(fr, cw, True),
+                             return_exceptions=True)
+
+    async def _pump(self, r, w, slow):
+        try:
+            while True:
+                data = await r.read(16384)
+                if not data:
+                    break
+                w.write(data)
+                await w.drain()
+                if slow and self.rate:
+                    await asyncio.sleep(len(data) / self.rate)
+        finally:
+            w.close()
+
+    async def stop(self):
+        self.server.close()
+
+
 def halbd_config(tmp, name, port, peers):
     ps = "".join(f'[[sync.peers]]\nname = "{n}"\naddress = "127.0.0.1:{p}"\n' for n, p in peers)
     return write_config(tmp, f'''
@@ -94,8 +136,10 @@ def test_100k_entries_replicate_and_survive_kill_9_of_the_sender(own_tmp):
                                  peers=(SyncPeer("a", Endpoint("127.0.0.1", pa)),
                                         SyncPeer("b", Endpoint("127.0.0.1", pb))),
                                  batch_size=1024))
+    link = SlowLink(pa, rate=1_000_000)
+    lt.run(link.start())
     ca = halbd_config(tmp_path, "a", pa, [("f", pf), ("b", pb)])
-    cb = halbd_config(tmp_path, "b", pb, [("f", pf), ("a", pa)])
+    cb = halbd_config(tmp_path, "b", pb, [("f", pf), ("a", link.port)])
     a = b = None
 
     def put(start, n, ttl=3600.0):
@@ -123,12 +167,14 @@ def test_100k_entries_replicate_and_survive_kill_9_of_the_sender(own_tmp):
         got = tables_of(pa)
         assert len(got) == N, f"a holds {len(got)} of {N} entries"
 
-        b = Halbd(cb)
+        b = Halbd(cb)  # reaches a through the slow link: 1 MB/s, several seconds for 100k
         wait_for(lambda: logged(b, "sync_connected", "a"), 30, what="b connects to a")
+        time.sleep(0.5)  # well into the snapshot
         a.signal(signal.SIGKILL)  # mid-stream: a is sending b its 100k snapshot
         a.p.wait(5)
         wait_for(lambda: logged(b, "sync_disconnected", "a"), 10, what="b sees a's stream close")
         assert not logged(b, "sync_learned", "a"), "a finished its snapshot before the kill"
+        link.rate = None  # the restarted a reaches b at full speed
 
         # while a is dead: new entries, deletions and backend changes at the feeder
         lt.call(put, N, 2000)
@@ -170,6 +216,7 @@ def test_100k_entries_replicate_and_survive_kill_9_of_the_sender(own_tmp):
             if p is not None:
                 p.close()
         lt.run(f.stop())
+        lt.run(link.stop())
         lt.close()
 
 
