@@ -297,6 +297,16 @@ class Metrics:
         """Remembers the node's tables; their sizes are read at scrape time."""
         self._tables = tables
 
+    def splice_gate(self, gate: Any) -> None:
+        """Gauges of the node's SpliceGate (halb.proxy.tcp), read at scrape time."""
+        Gauge("halb_l4_relay_splicing", "1 while relay = \"auto\" TCP listeners splice (the "
+              "node is busy), 0 while they copy; a listener whose sockets refused splice "
+              "copies regardless (halb_l4_events splice_unavailable)",
+              registry=self.registry).set_function(lambda: 1.0 if gate.splice else 0.0)
+        Gauge("halb_cpu_busy_ratio", "CPU used over the last 250 ms: the event loop thread's, "
+              "of one core, or the process's, of its cgroup quota, whichever is larger",
+              registry=self.registry).set_function(lambda: gate.busy)
+
     # -- helpers for tests and halbctl --------------------------------------------------------
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:

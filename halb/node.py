@@ -65,16 +65,7 @@ class Node:
         from .proxy.tcp import SpliceGate
 
         self.splice_gate = SpliceGate()  # relay = "auto" TCP listeners splice while it is open
-        gate = self.splice_gate
-        from prometheus_client import Gauge
-
-        Gauge("halb_l4_relay_splicing", "1 while relay = \"auto\" TCP listeners splice (the "
-              "node is busy), 0 while they copy; a listener whose sockets refused splice "
-              "copies regardless (halb_l4_events splice_unavailable)",
-              registry=self.metrics.registry).set_function(lambda: 1.0 if gate.splice else 0.0)
-        Gauge("halb_cpu_busy_ratio", "CPU used over the last 250 ms: the event loop thread's, "
-              "of one core, or the process's, of its cgroup quota, whichever is larger",
-              registry=self.metrics.registry).set_function(lambda: gate.busy)
+        self.metrics.splice_gate(self.splice_gate)
         self.cpu_quota: float | None = None  # cores (cgroup quota), re-read by the ticker
         self._ticks = 0
         self.parts: list[Any] = []  # started in order, stopped in reverse
