@@ -12,6 +12,7 @@ Durations are written as numbers of seconds (``2``, ``0.1``) or strings with a u
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -211,7 +212,10 @@ class ListenerConfig:
 class GarpConfig:
     count: int = 3
     spacing: float = 0.01
-    refresh: float = 0.0  # 0: no periodic refresh
+    # periodic gratuitous ARP while master (0: off). On by default: if a client missed every
+    # burst (a frame lost while two masters met), its ARP cache is corrected within this
+    # instead of when the entry ages out (30-60 s on Linux); one frame per VIP per period.
+    refresh: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ class SyncConfig:
     batch_size: int = 512
     max_backlog: int = 100_000  # a peer further behind than this gets a snapshot
     fast_takeover: bool = True  # closed sync stream + one silent advert interval -> take over
+    insecure: bool = False  # explicitly allowed: no [sync.tls] (plaintext, unauthenticated)
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,9 @@ class Config:
     vrrp: tuple[VrrpConfig, ...] = ()
     sync: SyncConfig | None = None
     source: str = ""  # file the config was read from
+    # what is valid but likely to hurt (e.g. a split brain with keepalived): halbd --check
+    # prints them, halbd logs them at start
+    warnings: tuple[Problem, ...] = ()
 
     def pool(self, name: str) -> PoolConfig:
         for p in self.pools:
@@ -490,7 +498,22 @@ def _tls_files(r: _Reader, *, need_ca: bool) -> TLSFiles:
     key = r.get("key", str, "", required=True)
     ca = r.get("ca", str, "", required=need_ca)
     r.done()
+    for k, path in (("cert", cert), ("key", key), ("ca", ca)):
+        _file_problem(r, k, path)
     return TLSFiles(cert=cert, key=key, ca=ca)
+
+
+def _file_problem(r: _Reader, key: str, path: str | None) -> None:
+    """A named file that cannot be read is an error at check time, not at the first handshake."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.exists():
+        r.error(f"no such file {path!r}", key)
+    elif not p.is_file():
+        r.error(f"{path!r} is not a file", key)
+    elif not os.access(p, os.R_OK):
+        r.error(f"{path!r} is not readable", key)
 
 
 def _health(r: _Reader) -> HealthConfig:
@@ -688,6 +711,8 @@ def _listener(r: _Reader) -> ListenerConfig:
             key = cr.get("key", str, "", required=True)
             names = tuple(n.lower() for n in cr.strings("server_names"))
             cr.done()
+            _file_problem(cr, "cert", cert)
+            _file_problem(cr, "key", key)
             certs.append(TLSCertificate(cert=cert, key=key, server_names=names))
         if not certs:
             tr.error("needs at least one [[certificates]] entry", "certificates")
@@ -787,7 +812,7 @@ def _vrrp(r: _Reader) -> VrrpConfig:
     if g:
         garp = GarpConfig(count=g.int_in("count", 0, 100, 3),
                           spacing=g.duration("spacing", 0.01, hi=10),
-                          refresh=g.duration("refresh", 0.0, hi=86400))
+                          refresh=g.duration("refresh", GarpConfig.refresh, hi=86400))
         g.done()
     track = tuple(_track(t) for t in r.tables("track"))
     r.done()
@@ -814,9 +839,16 @@ def _sync(r: _Reader) -> SyncConfig:
     batch = r.int_in("batch_size", 1, 65536, 512)
     backlog = r.int_in("max_backlog", 100, 100_000_000, 100_000)
     fast = r.get("fast_takeover", bool, True)
+    insecure = r.get("insecure", bool, False)
     r.done()
+    if tls is None and not insecure:
+        r.error("needs [sync.tls] (mutual TLS: ca, cert, key; `halbctl pki init` makes them), or "
+                "insecure = true to replicate in plaintext with unauthenticated peers", "tls")
+    if tls is not None and insecure:
+        r.error("insecure = true with [sync.tls]: choose one", "insecure")
     return SyncConfig(listen=listen or Endpoint("invalid", 1), peers=tuple(peers), tls=tls,
-                      batch_size=batch, max_backlog=backlog, fast_takeover=fast)
+                      batch_size=batch, max_backlog=backlog, fast_takeover=fast,
+                      insecure=bool(insecure))
 
 
 def _control(r: _Reader) -> ControlConfig:
@@ -895,8 +927,29 @@ def parse(data: dict, source: str = "") -> Config:
     top.done()
     if problems:
         raise ConfigError(problems)
+    warnings = []
+    for vr, v in zip(vrs, vrrp):
+        if not vr.has("checksum"):
+            warnings.append(Problem(vr.sub("checksum"), (
+                f"not set, so \"rfc9568\" (no pseudo-header); keepalived checksums VRRPv3 "
+                f"with one and drops such adverts (and halb drops its), so a keepalived node in "
+                f"vrid {v.vrid} and this one would both be master: set checksum = "
+                f"\"keepalived\" where keepalived shares the vrid, or checksum = \"rfc9568\" "
+                f"to say every peer is halb")))
+        if v.garp.refresh == 0:
+            warnings.append(Problem(vr.sub("garp.refresh"), (
+                "0 turns periodic gratuitous ARP off: a client that missed the takeover "
+                "bursts keeps the old node's MAC until its ARP entry ages out (30-60 s)")))
+        if v.unicast_peers and any(p == v.source_address for p in v.unicast_peers):
+            warnings.append(Problem(vr.sub("unicast_peers"),
+                                    f"lists this node's own source_address {v.source_address}"))
+    if sync is not None and sync.insecure:
+        warnings.append(Problem("sync.insecure", (
+            "true: tables travel in plaintext and any host that reaches sync.listen can feed "
+            "this node's tables (use [sync.tls] outside a lab)")))
     return Config(node=node, pools=tuple(pools), listeners=tuple(listeners), metrics=metrics,
-                  control=control, vrrp=tuple(vrrp), sync=sync, source=source)
+                  control=control, vrrp=tuple(vrrp), sync=sync, source=source,
+                  warnings=tuple(warnings))
 
 
 def loads(text: str, source: str = "<string>") -> Config:

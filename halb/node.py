@@ -110,6 +110,8 @@ class Node:
     async def start(self) -> None:
         """Starts every part in order; if one fails, the ones started are stopped again (a
         master sends priority 0 and removes its VIPs) and the error is raised."""
+        for w in self.cfg.warnings:
+            self.log.warning("config_warning", key=w.path, reason=w.reason)
         if self.cfg.metrics.address:
             self.metrics.serve(self.cfg.metrics.address)
         for pool in self.pools.values():

@@ -203,7 +203,9 @@ class Topology:
         peers = [h for h in self.lb_hosts if h.name != lb_name]
         if peers:
             lines += ["[sync]", f"listen = {q(f'{me.address.ip}:{SYNC_PORT}')}"]
-            if pki_dir is not None:
+            if pki_dir is None:
+                lines.append("insecure = true")
+            else:
                 lines += ["[sync.tls]", f"cert = {q(f'{pki_dir}/{lb_name}.pem')}",
                           f"key = {q(f'{pki_dir}/{lb_name}.key')}", f"ca = {q(f'{pki_dir}/ca.pem')}"]
             for p in peers:

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in e.problems:
             print(f"halbd: {args.config}: {p}", file=sys.stderr)
         return 1
+    for w in cfg.warnings:
+        print(f"halbd: {args.config}: warning: {w}", file=sys.stderr)
     if args.check:
         print(f"{args.config}: ok (node {cfg.node.name!r}, {len(cfg.listeners)} listeners, "
               f"{len(cfg.pools)} pools, {len(cfg.vrrp)} vrrp instances)")

@@ -25,7 +25,14 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., config: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt", "state_seconds")
+    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt", "state_seconds", "checksum", "invalid_adverts", "invalid_sources")
+    class InvalidAdvertsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VRID_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +44,9 @@ class Instance(_message.Message):
     ADVERT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     PREEMPT_FIELD_NUMBER: _ClassVar[int]
     STATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    INVALID_ADVERTS_FIELD_NUMBER: _ClassVar[int]
+    INVALID_SOURCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     vrid: int
     interface: str
@@ -48,10 +58,41 @@ class Instance(_message.Message):
     advert_interval: float
     preempt: bool
     state_seconds: float
-    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ..., state_seconds: _Optional[float] = ...) -> None: ...
+    checksum: str
+    invalid_adverts: _containers.ScalarMap[str, int]
+    invalid_sources: _containers.RepeatedCompositeFieldContainer[InvalidSource]
+    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ..., state_seconds: _Optional[float] = ..., checksum: _Optional[str] = ..., invalid_adverts: _Optional[_Mapping[str, int]] = ..., invalid_sources: _Optional[_Iterable[_Union[InvalidSource, _Mapping]]] = ...) -> None: ...
+
+class InvalidSource(_message.Message):
+    __slots__ = ("source", "reason", "count", "detail")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    reason: str
+    count: int
+    detail: str
+    def __init__(self, source: _Optional[str] = ..., reason: _Optional[str] = ..., count: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("direction", "reason", "remote", "count", "detail", "last_seconds_ago")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    LAST_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    direction: str
+    reason: str
+    remote: str
+    count: int
+    detail: str
+    last_seconds_ago: float
+    def __init__(self, direction: _Optional[str] = ..., reason: _Optional[str] = ..., remote: _Optional[str] = ..., count: _Optional[int] = ..., detail: _Optional[str] = ..., last_seconds_ago: _Optional[float] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("name", "address", "connected", "state", "lag_entries", "lag_seconds", "acked_seq", "epoch", "last_error", "refused", "sent_entries", "received_entries", "snapshots_sent", "resumes")
+    __slots__ = ("name", "address", "connected", "state", "lag_entries", "lag_seconds", "acked_seq", "epoch", "last_error", "refused", "sent_entries", "received_entries", "snapshots_sent", "resumes", "refused_in", "refused_out", "refusals")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +107,9 @@ class Peer(_message.Message):
     RECEIVED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_SENT_FIELD_NUMBER: _ClassVar[int]
     RESUMES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_IN_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_OUT_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     connected: bool
@@ -80,7 +124,10 @@ class Peer(_message.Message):
     received_entries: int
     snapshots_sent: int
     resumes: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ..., sent_entries: _Optional[int] = ..., received_entries: _Optional[int] = ..., snapshots_sent: _Optional[int] = ..., resumes: _Optional[int] = ...) -> None: ...
+    refused_in: int
+    refused_out: int
+    refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ..., sent_entries: _Optional[int] = ..., received_entries: _Optional[int] = ..., snapshots_sent: _Optional[int] = ..., resumes: _Optional[int] = ..., refused_in: _Optional[int] = ..., refused_out: _Optional[int] = ..., refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
     __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds")
@@ -145,7 +192,7 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., max_entries: _Optional[int] = ..., seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready")
+    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready", "control_refusals")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ELECTION_ENABLED_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +201,7 @@ class StatusReply(_message.Message):
     POOLS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     SYNC_READY_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_REFUSALS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     election_enabled: bool
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
@@ -162,7 +210,8 @@ class StatusReply(_message.Message):
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     sync_ready: bool
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ...) -> None: ...
+    control_refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ..., control_refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
 
 class BackendRef(_message.Message):
     __slots__ = ("pool", "backend")

@@ -49,8 +49,9 @@ MAX_INTERVAL_CS = 4095
 
 # every reason an advert can be refused (metric label values)
 REASONS = ("short", "not_ipv4", "protocol", "ttl", "version", "type", "vrid", "length",
-           "checksum", "interval", "addresses", "auth_missing", "auth_mac", "auth_replay",
-           "unknown_peer", "parse")
+           "checksum", "checksum_mode", "interval", "addresses", "auth_missing", "auth_mac",
+           "auth_replay", "unknown_peer", "own_address", "parse")
+CHECKSUM_MODES = ("rfc9568", "keepalived")
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +243,13 @@ class Decoder:
                 return Invalid("auth_missing", src)
             return Invalid("length", f"{len(payload)} bytes for {count} addresses from {src}")
         if vrrp_checksum(payload, src, dst, mode) != 0:  # a correct message sums to zero
+            other = CHECKSUM_MODES[1] if mode == CHECKSUM_MODES[0] else CHECKSUM_MODES[0]
+            if vrrp_checksum(payload, src, dst, other) == 0:
+                # a sound advert summed the other way: a peer (keepalived?) with the other
+                # setting. Still refused (accepting one way only would not end a split brain:
+                # the peer drops ours), but named as what it is
+                return Invalid("checksum_mode", f"from {src}: its checksum is of the {other!r} "
+                                                f"kind, this instance has checksum = {mode!r}")
             return Invalid("checksum", f"from {src} ({mode})")
         interval_cs = struct.unpack_from("!H", payload, 4)[0] & 0x0FFF
         if interval_cs == 0:

@@ -24,6 +24,13 @@ Rules beyond the RFC, as keepalived does them:
   an owner (255) keeps 255.
 - ``preempt_delay``: a backup with preempt on preempts a live lower-priority master only once it
   has been running ``preempt_delay`` seconds and has seen that lower master for as long.
+- Split brain heals fast (keepalived's "received advert with lower priority, forcing new
+  election"): halb announces VIPs from the node's own MAC, so after two masters meet again the
+  clients' ARP caches may point at the one that yields. A master that hears a lower-priority
+  master answers at once with its own advert and a gratuitous ARP burst (bursts at most once
+  per ``LOWER_GARP_EVERY`` while the same lower master keeps talking), and a master that yields to
+  a higher one first sends one last advert at its own priority, so the winner hears that
+  there were two masters even when its own advert was the first to cross the healed link.
 - Preempt holds: while ``set_preempt_hold(True)`` (state sync still learning tables) or after a
   graceful ``handover`` (until this router next becomes master because no master is left), a
   backup does not preempt a live master of lower priority; with no master at all it still
@@ -39,6 +46,7 @@ INIT, BACKUP, MASTER, FAULT = "init", "backup", "master", "fault"
 OWNER = 255
 RESIGN = 0
 FAST_MARGIN = 0.25  # fast takeover: allowance for a late advert, in Master_Adver_Intervals
+LOWER_GARP_EVERY = 1.0  # seconds: gratuitous ARP bursts answering a lower master, at most
 
 
 # -- actions --------------------------------------------------------------------------------------
@@ -133,6 +141,8 @@ class Fsm:
     hold_handover: bool = False
     started_at: float | None = None
     lower_since: float | None = None  # first advert of the current lower-priority master
+    lower_garp: float | None = None  # master: last GARP burst answering a lower master
+    lower_rx: float | None = None  # master: last advert heard from a lower master
     transitions: int = 0
     stopped: bool = False
     _notified_priority: int = field(default=-1, repr=False)
@@ -311,12 +321,23 @@ class Fsm:
             return [SendAdvert(self.priority, self.p.interval)]
         mine = self.priority
         if priority > mine or (priority == mine and _addr_key(src) > _addr_key(self.p.address)):
-            acts: list = []
+            # yield, but first one last advert at our priority: the winner then knows there
+            # were two masters and re-announces the VIPs to clients that followed us
+            acts: list = [SendAdvert(mine, self.p.interval)]
             self.lower_since = None
             acts += self._to_backup(now, f"higher priority master {src} ({priority})", mai=interval,
                                     master=src, master_priority=priority)
             return acts
-        return []  # discard
+        # a second, lower master: it yields when it hears us; clients may have followed its
+        # gratuitous ARPs, so announce ours now (the RFC discards: it assumes a virtual MAC)
+        self.advert_at = now + self.p.interval
+        acts = [SendAdvert(mine, self.p.interval)]
+        new_episode = self.lower_rx is None or now - self.lower_rx > 3 * self.p.interval
+        self.lower_rx = now
+        if new_episode or self.lower_garp is None or now - self.lower_garp >= LOWER_GARP_EVERY:
+            self.lower_garp = now
+            acts.append(Garp(True))
+        return acts
 
     def on_timer(self, now: float) -> list:
         acts: list = []

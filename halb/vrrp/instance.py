@@ -47,6 +47,7 @@ from . import codec
 from .fsm import (BACKUP, FAULT, INIT, MASTER, AddVips, Fsm, Garp, Notify, Params, RemoveVips,
                   SendAdvert, StateChange)
 from .garp import GarpSender, frames as garp_frames
+from . import sockdiag
 from .netlink import AddrSocket, LinkError, Netlink
 from .track import Tracker, combine, make_tracker
 
@@ -58,6 +59,7 @@ NOTIFY_TIMEOUT = 10.0
 NOTIFY_QUEUE = 32
 NOTIFY_OUTPUT = 4096
 INVALID_LOG_EVERY = 10.0  # seconds between log lines per (channel, reason)
+MAX_SOURCES = 256  # (source, reason) pairs of refused adverts kept per instance, and log keys
 OWN_IFACE_CHECK = 1.0  # the instance's own interface is always tracked (weight 0)
 
 log = hlog.get_logger("vrrp")
@@ -81,6 +83,9 @@ class Metrics:
                             registry=registry)
         self.received = Counter("halb_vrrp_adverts_received", "Valid adverts received",
                                 ["instance"], registry=registry)
+        self.stale_sockets = Counter("halb_vrrp_stale_sockets_destroyed", "TCP sockets left on "
+                                     "a VIP (by an earlier run or term) aborted around a VIP "
+                                     "change", ["instance"], registry=registry)
 
 
 class Channel:
@@ -137,11 +142,13 @@ class Channel:
             self._rate_log("send_failed", interface=self.ifname, dst=dst, error=str(e))
             return False
 
-    def _rate_log(self, key: str, **fields) -> None:
+    def _rate_log(self, key: str, event_name: str = "", **fields) -> None:
         now = time.monotonic()
         if now - self._log_at.get(key, -1e9) >= INVALID_LOG_EVERY:
+            if len(self._log_at) >= MAX_SOURCES:
+                self._log_at.clear()
             self._log_at[key] = now
-            log.warning(key, **fields)
+            log.warning(event_name or key, **fields)
 
     def _readable(self) -> None:
         sock = self.sock
@@ -162,19 +169,41 @@ class Channel:
 
     def _packet(self, data: bytes) -> None:
         if len(data) >= 20 and socket.inet_ntoa(data[12:16]) in self.own:
-            return  # our own advert (unicast to ourselves, or looped back)
+            # our own address as the source: multicast loop is off and nothing should unicast
+            # to us, so this is a forgery (or a duplicate address): counted, never used
+            ihl = (data[0] & 0x0F) * 4
+            vrid = data[ihl + 1] if len(data) > ihl + 1 else None
+            self._invalid(vrid, codec.Invalid("own_address", f"from {socket.inet_ntoa(data[12:16])}"),
+                          socket.inet_ntoa(data[12:16]))
+            return
         r = self.decoder.decode(data)
         if isinstance(r, codec.Invalid):
             vrid, _ = self.decoder.last_invalid or (None, r)
-            inst = self.by_vrid.get(vrid) if vrid is not None else None
-            label = inst.name if inst else f"iface:{self.ifname}"
-            self.election.metrics.invalid.labels(label, r.reason).inc()
-            self._rate_log(f"invalid_advert:{r.reason}", interface=self.ifname, instance=label,
-                           reason=r.reason, detail=r.detail)
+            src = socket.inet_ntoa(data[12:16]) if len(data) >= 20 else ""
+            self._invalid(vrid, r, src)
             return
         inst = self.by_vrid.get(r.vrid)
         if inst is not None:
             inst.on_advert(r)
+
+    def _invalid(self, vrid: int | None, r: codec.Invalid, src: str) -> None:
+        inst = self.by_vrid.get(vrid) if vrid is not None else None
+        label = inst.name if inst else f"iface:{self.ifname}"
+        self.election.metrics.invalid.labels(label, r.reason).inc()
+        if inst is not None:
+            inst.count_invalid(src, r)
+        if r.reason == "checksum_mode" and inst is not None:
+            theirs = "keepalived" if inst.cfg.checksum == "rfc9568" else "rfc9568"
+            self._rate_log(f"checksum_mismatch:{src}", interface=self.ifname, instance=label,
+                           source=src, ours=inst.cfg.checksum, theirs=theirs,
+                           hint=f"the peer {src} computes VRRP checksums the {theirs!r} way and "
+                                f"drops our adverts too (both nodes will be master): set "
+                                f"checksum = \"{theirs}\" in [[vrrp]] {inst.name!r} "
+                                f"(keepalived needs \"keepalived\")",
+                           event_name="vrrp_checksum_mismatch")
+            return
+        self._rate_log(f"invalid_advert:{r.reason}", interface=self.ifname, instance=label,
+                       reason=r.reason, detail=r.detail)
 
 
 class Instance:
@@ -201,6 +230,19 @@ class Instance:
         self._garp_handles: list[asyncio.TimerHandle] = []
         self._notify_q: asyncio.Queue | None = None
         self.ifindex = 0
+        self.invalid: dict[str, int] = {}  # reason -> adverts refused
+        self.invalid_sources: dict[tuple[str, str], list] = {}  # (source, reason) -> [n, detail]
+
+    def count_invalid(self, src: str, r: codec.Invalid) -> None:
+        self.invalid[r.reason] = self.invalid.get(r.reason, 0) + 1
+        k = (src, r.reason)
+        e = self.invalid_sources.get(k)
+        if e is None:
+            if len(self.invalid_sources) >= MAX_SOURCES:  # a spoofing flood: keep the totals
+                return
+            e = self.invalid_sources[k] = [0, ""]
+        e[0] += 1
+        e[1] = r.detail
 
     # -- set up ---------------------------------------------------------------------------------
 
@@ -337,7 +379,11 @@ class Instance:
 
     def _vip_op(self, add: bool) -> None:
         """Adds or removes the VIPs now (one netlink request each, ~0.1 ms), so the gratuitous
-        ARPs that follow announce addresses that are already in place."""
+        ARPs that follow announce addresses that are already in place. Stale TCP sockets on
+        the VIPs (orphans of an earlier run or an earlier term as master) are destroyed just
+        before the VIPs are added and just after they are removed (``sockdiag``)."""
+        if add:
+            self._destroy_stale("before_add")
         try:
             changed = self.election.addrs.change(add, self.ifindex, self.cfg.vips)
         except LinkError as e:
@@ -346,6 +392,25 @@ class Instance:
         if changed:
             log.info("vips_added" if add else "vips_removed", instance=self.name,
                      interface=self.cfg.interface, vips=changed)
+        if not add:
+            self._destroy_stale("after_remove")
+
+    def _destroy_stale(self, when: str) -> None:
+        el = self.election
+        if el.sockdiag_broken:
+            return
+        try:
+            done, gone = sockdiag.destroy(self.vip_strs)
+        except OSError as e:  # no sock_diag destroy here: say so once, never fail the takeover
+            el.sockdiag_broken = True
+            log.warning("stale_sockets_unavailable", instance=self.name, error=str(e),
+                        hint="CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN are needed; stale "
+                             "connections on the VIPs then age out (tcp_fin_timeout)")
+            return
+        if done:
+            el.metrics.stale_sockets.labels(self.name).inc(done)
+            log.info("stale_sockets_destroyed", instance=self.name, when=when, sockets=done,
+                     vips=list(self.vip_strs))
 
     def _send_garp(self, burst: bool) -> None:
         if not self._frames:
@@ -452,6 +517,10 @@ class Instance:
             "advert_interval": f.interval if f else self.cfg.advert_interval,
             "preempt": self.cfg.preempt,
             "since": max(0.0, now - f.since) if f and f.since else 0.0,
+            "checksum": self.cfg.checksum,
+            "invalid_adverts": dict(self.invalid),
+            "invalid_sources": [{"source": s, "reason": r, "count": n, "detail": d}
+                                for (s, r), (n, d) in sorted(self.invalid_sources.items())],
         }
 
 
@@ -496,6 +565,7 @@ class Election:
         self.channels: dict[str, Channel] = {}
         self.netlink: Netlink | None = None
         self.addrs = AddrSocket()
+        self.sockdiag_broken = False
         self._hold = False
         self._started = False
         sync = getattr(getattr(node, "cfg", None), "sync", None)

@@ -56,6 +56,7 @@ bind = "127.0.0.1:{http_port}"
 pool = "web"
 [sync]
 listen = "127.0.0.1:{sync_port}"
+insecure = true
 {ps}''', name=f"{name}.toml")
 
 

@@ -121,6 +121,7 @@ address = "127.0.0.1:9"
 [sync]
 listen = "127.0.0.1:{port}"
 batch_size = 1024
+insecure = true
 {ps}''', name=f"{name}.toml")
 
 

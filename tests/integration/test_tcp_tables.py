@@ -266,6 +266,7 @@ def test_a_node_without_sync_keeps_a_short_log_and_no_tombstones(backends, state
 [sync]
 listen = "127.0.0.1:{free_port()}"
 max_backlog = 500000
+insecure = true
 [[sync.peers]]
 name = "n2"
 address = "127.0.0.1:{free_port()}"

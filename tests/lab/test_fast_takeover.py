@@ -76,6 +76,7 @@ advert_interval = "{int(adv * 1000)}ms"
 
 [sync]
 listen = "{me}:{SYNC_PORT}"
+insecure = true
   [[sync.peers]]
   name = "{peer_name}"
   address = "{peer_ip}:{SYNC_PORT}"

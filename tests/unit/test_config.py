@@ -187,8 +187,24 @@ BAD = [
             '\n[[vrrp]]\nname = "b"\ninterface = "eth0"\nvrid = 5\npriority = 90\nvips = ["198.18.0.101"]\n',
      ["vrrp[1].vrid: vrid 5 on eth0 is already used by vrrp[0]"]),
     ("sync-self-peer",
-     BASE + '\n[sync]\nlisten = "127.0.0.1:7400"\n  [[sync.peers]]\n  name = "lb1"\n  address = "127.0.0.1:7401"\n',
+     BASE + '\n[sync]\nlisten = "127.0.0.1:7400"\ninsecure = true\n  [[sync.peers]]\n  name = "lb1"\n  address = "127.0.0.1:7401"\n',
      ["sync.peers: lists this node ('lb1') as its own peer"]),
+    ("sync-without-tls",
+     BASE + '\n[sync]\nlisten = "127.0.0.1:7400"\n  [[sync.peers]]\n  name = "lb2"\n  address = "127.0.0.1:7401"\n',
+     ["sync.tls: needs [sync.tls] (mutual TLS: ca, cert, key; `halbctl pki init` makes them), or "
+      "insecure = true to replicate in plaintext with unauthenticated peers"]),
+    ("sync-tls-missing-files",
+     BASE + '\n[sync]\nlisten = "127.0.0.1:7400"\n  [sync.tls]\n  ca = "/nonexistent/ca.pem"\n'
+            '  cert = "/nonexistent/lb1.pem"\n  key = "/nonexistent/lb1.key"\n',
+     ["sync.tls.cert: no such file '/nonexistent/lb1.pem'",
+      "sync.tls.key: no such file '/nonexistent/lb1.key'",
+      "sync.tls.ca: no such file '/nonexistent/ca.pem'"]),
+    ("listener-tls-missing-file",
+     BASE + '\n[[listeners]]\nname = "w"\nmode = "http"\nbind = "127.0.0.1:8443"\npool = "web"\n'
+            '  [listeners.tls]\n  [[listeners.tls.certificates]]\n  cert = "/nonexistent/w.pem"\n'
+            '  key = "/nonexistent/w.key"\n',
+     ["listeners[1].tls.certificates[0].cert: no such file '/nonexistent/w.pem'",
+      "listeners[1].tls.certificates[0].key: no such file '/nonexistent/w.key'"]),
     ("control-tcp-needs-tls", BASE + '\n[control]\naddress = "127.0.0.1:7001"\n',
      ["control.address: a TCP control address needs [control.tls] (mutual TLS)"]),
     ("invalid-toml", BASE + "\n[[pools]\n", None),
@@ -229,3 +245,33 @@ def test_endpoints():
     for bad in ("::1:80x", "host:", ":80", "a b:80", "h:0"):
         with pytest.raises(ValueError):
             parse_endpoint(bad)
+
+
+VRRP = '\n[[vrrp]]\nname = "vi1"\ninterface = "eth0"\nvrid = 51\npriority = 100\nvips = ["198.18.0.100/32"]\n'
+
+
+def test_warnings_name_what_is_likely_to_split_brain():
+    cfg = loads(BASE + VRRP)
+    w = {p.path: p.reason for p in cfg.warnings}
+    assert set(w) == {"vrrp[0].checksum"}
+    assert "keepalived" in w["vrrp[0].checksum"] and "vrid 51" in w["vrrp[0].checksum"]
+    assert cfg.vrrp[0].garp.refresh == 10.0  # periodic gratuitous ARP on by default
+    # said explicitly: no warning (either way)
+    for mode in ("rfc9568", "keepalived"):
+        assert loads(BASE + VRRP + f'checksum = "{mode}"\n').warnings == ()
+    off = loads(BASE + VRRP + 'checksum = "keepalived"\n  [vrrp.garp]\n  refresh = 0\n')
+    assert [p.path for p in off.warnings] == ["vrrp[0].garp.refresh"]
+    insecure = loads(BASE + '\n[sync]\nlisten = "127.0.0.1:7400"\ninsecure = true\n'
+                            '  [[sync.peers]]\n  name = "lb2"\n  address = "127.0.0.1:7401"\n')
+    assert [p.path for p in insecure.warnings] == ["sync.insecure"]
+    assert insecure.sync.insecure and insecure.sync.tls is None
+
+
+def test_halbd_check_prints_warnings_and_still_exits_0(tmp_path):
+    f = tmp_path / "ka.toml"
+    f.write_text(BASE + VRRP)
+    r = subprocess.run([sys.executable, "-m", "halb.cli.halbd", "--check", str(f)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"halbd: {f}: warning: vrrp[0].checksum: not set" in r.stderr
+    assert "ok" in r.stdout

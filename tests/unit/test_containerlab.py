@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from halb.config import load
+from halb.config import loads
 from lab import clab
 
 pytestmark = pytest.mark.unit
@@ -68,17 +68,20 @@ def test_lb_configs_are_generated_from_the_lab_topology_and_load(topo):
         path = TOPO_FILE.parent / cfg_bind[0].split(":", 1)[0]
         assert path.read_text() == clab.config_text(h.name), \
             f"{path} is stale: run `python -m lab configs`"
-        cfg = load(path)
+        # the certificates the config names are inside the bound pki directory; the config
+        # checks that they exist, so it is loaded with that directory where the host has it
+        pki_bind = [b for b in node["binds"] if b.split(":")[1] == clab.PKI_DIR]
+        assert len(pki_bind) == 1
+        host_pki = TOPO_FILE.parent / pki_bind[0].split(":", 1)[0]
+        text = path.read_text()
+        assert f'"{clab.PKI_DIR}/ca.pem"' in text
+        cfg = loads(text.replace(f'"{clab.PKI_DIR}/', f'"{host_pki}/'), str(path))
         assert cfg.node.name == h.name
         assert cfg.control_socket == clab.CONTROL_SOCKET  # what the image's HEALTHCHECK asks
         assert [v.interface for v in cfg.vrrp] == ["eth1"]
         assert [str(v.vips[0].ip) for v in cfg.vrrp] == clab.TOPOLOGY.vips
-        # the certificates the config names are inside the bound pki directory
-        pki_bind = [b for b in node["binds"] if b.split(":")[1] == clab.PKI_DIR]
-        assert len(pki_bind) == 1
-        host_pki = TOPO_FILE.parent / pki_bind[0].split(":", 1)[0]
         for f in (cfg.sync.tls.cert, cfg.sync.tls.key, cfg.sync.tls.ca):
-            assert f.startswith(clab.PKI_DIR + "/")
+            assert f.startswith(f"{host_pki}/")
             assert (host_pki / Path(f).name).is_file(), f"{host_pki / Path(f).name} missing"
 
 

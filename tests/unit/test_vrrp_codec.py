@@ -134,7 +134,7 @@ INVALID = [
     ("length", lambda: bytes(IP(src=SRC, dst=DST, ttl=255, proto=112) / (pkt()[20:] + b"\0\0\0\0"))),
     ("length", lambda: with_checksum(_set(pkt(), 23, b"\x03"), "rfc9568")),  # count says 3
     ("checksum", lambda: _set(pkt(), 26, b"\x12\x34")),
-    ("checksum", lambda: pkt(mode="keepalived")),  # other setting
+    ("checksum_mode", lambda: pkt(mode="keepalived")),  # the other setting, named
     ("interval", lambda: with_checksum(_set(pkt(), 24, b"\x00\x00"), "rfc9568")),
     ("addresses", lambda: pkt(addresses=["198.18.40.100", "198.18.40.150"])),
 ]
@@ -163,7 +163,7 @@ def test_owner_may_send_other_addresses():
 
 
 def test_keepalived_setting_rejects_rfc9568_checksum():
-    assert dec("keepalived").decode(pkt(mode="rfc9568")).reason == "checksum"
+    assert dec("keepalived").decode(pkt(mode="rfc9568")).reason == "checksum_mode"
     assert isinstance(dec("keepalived").decode(pkt(mode="keepalived")), Advert)
 
 

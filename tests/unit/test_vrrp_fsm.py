@@ -193,8 +193,8 @@ def test_master_stalled_sends_one_advert_not_a_burst():
 @pytest.mark.parametrize("adv_prio,src,steps_down", [
     (150, PEER_LOW, True),     # higher priority
     (100, PEER_HIGH, True),    # equal priority, higher address
-    (100, PEER_LOW, False),    # equal priority, lower address: discarded
-    (50, PEER_HIGH, False),    # lower priority: discarded
+    (100, PEER_LOW, False),    # equal priority, lower address: we stay and re-announce
+    (50, PEER_HIGH, False),    # lower priority: we stay and re-announce
 ])
 def test_master_advert_rules(adv_prio, src, steps_down):
     f = master_at(fsm(100, 1.0))
@@ -206,8 +206,59 @@ def test_master_advert_rules(adv_prio, src, steps_down):
         assert f.advert_at is None
         assert f.mai == 0.5 and f.master == src
         assert f.down_at == pytest.approx(now + master_down_interval(100, 0.5))
+        # the last word, at our own priority, before the VIPs go: the winner re-announces
+        assert acts[0] == SendAdvert(100, 1.0)
+        assert acts.index(SendAdvert(100, 1.0)) < acts.index(RemoveVips())
     else:
-        assert f.state == MASTER and acts == []
+        assert f.state == MASTER
+        assert acts == [SendAdvert(100, 1.0), Garp(True)]
+        assert f.advert_at == now + 1.0
+
+
+def test_split_brain_heal_either_order_leaves_clients_pointed_at_the_winner():
+    """Two masters meet again (partition healed, a frozen master resumed). Whichever advert
+    crosses first, the winner ends with a gratuitous ARP burst after the loser's last advert,
+    so clients that followed the loser's ARPs come back within one exchange."""
+    for first in ("winner", "loser"):
+        win = Fsm(Params(vrid=40, priority=200, interval=0.1, address=PEER_HIGH))
+        lose = Fsm(Params(vrid=40, priority=100, interval=0.1, address=ME))
+        master_at(win)
+        master_at(lose)
+        now = max(win.since, lose.since) + 1.0
+        wire = []  # (to, src, priority) adverts in flight
+        if first == "winner":
+            wire.append((lose, PEER_HIGH, 200))
+        else:
+            wire.append((win, ME, 100))
+        garps = []
+        for _ in range(10):
+            if not wire:
+                break
+            to, src, prio = wire.pop(0)
+            acts = to.on_advert(now, src, prio, 0.1)
+            for a in acts:
+                if isinstance(a, SendAdvert) and a.priority:
+                    other = lose if to is win else win
+                    wire.append((other, to.p.address, a.priority))
+                if isinstance(a, Garp):
+                    garps.append(to)
+            now += 0.001
+        assert win.state == MASTER and lose.state == BACKUP, first
+        assert garps and garps[-1] is win, first
+        assert lose not in garps
+
+
+def test_lower_master_garp_bursts_are_rate_limited_but_adverts_are_not():
+    f = master_at(fsm(200, 0.1))
+    t = f.since + 1.0
+    assert Garp(True) in f.on_advert(t, PEER_LOW, 100, 0.1)
+    # the same lower master keeps talking (it cannot hear us): adverts, no burst every time
+    for i in range(1, 9):
+        acts = f.on_advert(t + i * 0.1, PEER_LOW, 100, 0.1)
+        assert acts == [SendAdvert(200, 0.1)], i
+    assert Garp(True) in f.on_advert(t + 1.0, PEER_LOW, 100, 0.1)  # a second later: again
+    # a new episode (no lower advert for over 3 intervals) bursts at once
+    assert Garp(True) in f.on_advert(t + 1.5, PEER_LOW, 100, 0.1)
 
 
 def test_master_hearing_priority_zero_sends_advert_at_once():
