@@ -13,6 +13,7 @@ runs the same scenarios and asserts the checks; both write ``chaos-report.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from . import netns as nx
+from . import probe
 from .demo import Traffic, VipWatch, analyze
-from .lab import Lab, LabError, clean, wait_until
+from .lab import PY, ROOT, Lab, LabError, clean, wait_until
 from .topology import HTTP_PORT, Topology
 
 CHAOS = Topology(prefix="hc", subnet="198.18.70.0/24")
@@ -459,6 +461,168 @@ def failover_loop(topo: Topology, out: Path, cycles: int = 10) -> Result:
     return r
 
 
+class Prober:
+    """lab.probe in the client namespace: a new connection to the VIP every 5 ms (and, with
+    ``keepalive``, fixed-source-port keep-alive clients), one JSON line per probe."""
+
+    def __init__(self, lab: Lab, path: Path, seconds: float, *, interval: float = 0.005,
+                 keepalive: int = 0):
+        self.path = path
+        argv = [PY, "-m", "lab.probe", "--target", f"{lab.topo.vips[0]}:{HTTP_PORT}",
+                "--seconds", str(seconds), "--interval", str(interval),
+                "--keepalive", str(keepalive), "--out", str(path)]
+        self.p = nx.popen_in(lab.topo.client_hosts[0].netns, argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        line = self.p.stdout.readline()
+        if not line.startswith('{"event": "started"'):
+            self.kill()
+            raise LabError(f"lab.probe did not start: {line!r} {self.p.stderr.read()[-1000:]}")
+
+    def stop(self, timeout: float = 15.0) -> list[dict]:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return probe.read(self.path)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait(10)
+
+
+def _single_holder(sc: "Scenario", node: str, after: float, timeout: float,
+                   alone: bool = True) -> bool:
+    """Waits until ``node`` holds the VIP (``alone``: and no other node does)."""
+    def seen(h):
+        return h == (node,) if alone else node in h
+    try:
+        wait_until(lambda: sc.watch.first_time(seen, after) is not None,
+                   timeout, f"{node} holding the VIP", interval=0.01)
+        return True
+    except LabError:
+        return False
+
+
+def split_brain(topo: Topology, out: Path, reps: int = 10, cut: float = 2.0) -> Result:
+    """Two masters meet again, ``reps`` times each way: the primary frozen (SIGSTOP) for
+    ``cut`` seconds then resumed, and the LB nodes partitioned for ``cut`` seconds then healed.
+    What counts is the client: a new connection to the VIP every 5 ms, and the time from the
+    resume (heal) to the first answer after the last failed probe."""
+    r = Result("split_brain", f"split brain healed, {reps}x SIGSTOP {cut:g} s + SIGCONT and "
+               f"{reps}x partition {cut:g} s + heal: client recovery")
+    old, new, vip = _pair(topo)
+    bound = (topo.advert_interval + 0.050) * 1000
+    budget = reps * 2 * (cut + 6.0) + 10
+    with Scenario(topo, out, r.name, budget) as sc:
+        pr = Prober(sc.lab, out / f"chaos-{r.name}-probes.jsonl", budget)
+        moments: list[tuple[str, int, float]] = []  # (kind, rep, resume/heal time)
+        errors = []
+        try:
+            time.sleep(1.0)
+            for kind in ("sigstop", "partition"):
+                for i in range(reps):
+                    t0 = time.monotonic()
+                    if kind == "sigstop":
+                        sc.lab.kill_lb(old, signal.SIGSTOP)
+                    else:
+                        _nft_partition(sc.lab, old, new, True)
+                    if not _single_holder(sc, new, t0, cut + 2.0, alone=False):
+                        errors.append(f"{kind} {i}: {new} never took the VIP")
+                    time.sleep(max(0.0, cut - (time.monotonic() - t0)))
+                    t1 = time.monotonic()
+                    if kind == "sigstop":
+                        sc.lab.send_signal(old, signal.SIGCONT)
+                    else:
+                        _nft_partition(sc.lab, old, new, False)
+                    moments.append((kind, i, t1))
+                    if not _single_holder(sc, old, t1, 5.0):
+                        errors.append(f"{kind} {i}: {old} did not end alone with the VIP")
+                    time.sleep(1.5)  # steady again before the next round
+        finally:
+            with contextlib.suppress(Exception):
+                _nft_partition(sc.lab, old, new, False)
+            with contextlib.suppress(Exception):
+                sc.lab.send_signal(old, signal.SIGCONT)
+            ev = pr.stop()
+        rec = {k: [] for k in ("sigstop", "partition")}
+        failed = {k: 0 for k in rec}
+        for kind, i, t1 in moments:
+            x = probe.recovery(ev, t1, window=1.4)
+            rec[kind].append(x["recovery_ms"] if x["recovery_ms"] is not None else float("inf"))
+            failed[kind] += x["failed"]
+        for kind in rec:
+            v = rec[kind]
+            r.figures[f"{kind}_client_recovery_ms_median"] = statistics.median(v) if v else None
+            r.figures[f"{kind}_client_recovery_ms_max"] = max(v) if v else None
+            r.figures[f"{kind}_client_recovery_ms_all"] = [round(x, 1) for x in v]
+            r.figures[f"{kind}_failed_probes_after"] = failed[kind]
+        r.figures["probes"] = len(ev)
+        r.figures["double_master_s"] = sc.lab.double_master_seconds("vi1", 0, time.monotonic())
+        r.check(f"{2 * reps} rounds done", not errors and len(moments) == 2 * reps, "; ".join(errors))
+        r.check("probes ran all along (a new connection every 5 ms)", len(ev) >= 100 * budget / 4,
+                f"{len(ev)} probes")
+        for kind, word in (("sigstop", "SIGCONT"), ("partition", "healing")):
+            v = rec[kind]
+            r.check(f"after {word}, clients served again within one advert interval + 50 ms "
+                    f"({bound:.0f} ms), every time", len(v) == reps and max(v) <= bound,
+                    f"recovery ms {[round(x, 1) for x in v]}")
+    return r
+
+
+def preempt_stale(topo: Topology, out: Path, rounds: int = 3) -> Result:
+    """kill -9 of the primary under fixed-source-port keep-alive clients, restart, preempt
+    back: the restarted node's kernel still holds the old connections' sockets (TIME_WAIT,
+    FIN_WAIT) for those 4-tuples; unless they are destroyed before it takes the VIP, the
+    clients' next requests stall for their whole timeout."""
+    r = Result("preempt_stale", f"kill -9, restart and preempt x{rounds} under 32 keep-alive "
+               "clients with fixed source ports: no request stalls on a stale socket")
+    old, new, vip = _pair(topo)
+    budget = rounds * 14.0 + 10
+    with Scenario(topo, out, r.name, budget) as sc:
+        pr = Prober(sc.lab, out / f"chaos-{r.name}-probes.jsonl", budget, interval=0,
+                    keepalive=32)
+        preempts, errors = [], []
+        try:
+            time.sleep(1.0)
+            for i in range(rounds):
+                kill_t = sc.lab.kill_lb(old)
+                if not _single_holder(sc, new, kill_t, 5.0):
+                    errors.append(f"round {i}: {new} never took the VIP")
+                    break
+                time.sleep(1.0)
+                restart_t = time.monotonic()
+                sc.lab.start_lb(old)
+                back = _wait_holder(sc, old, restart_t, 15.0)
+                if back is None:
+                    errors.append(f"round {i}: {old} never took the VIP back")
+                    break
+                preempts.append(back)
+                time.sleep(3.0)
+        finally:
+            ev = pr.stop()
+        destroyed = sum(rec.get("sockets", 0) for n in (old, new)
+                        for _, rec in sc.lab.log_events(n, "stale_sockets_destroyed"))
+        stalls, failed = [], 0
+        for t in preempts:
+            win = [e for e in ev if e["k"] == "keep" and t - 0.5 <= e["t"] <= t + 2.5]
+            failed += sum(1 for e in win if not e["ok"])
+            stalls += [e for e in win if not e["ok"] and e["ms"] >= 500]
+        r.figures = {"preempts": len(preempts), "keepalive_clients": 32,
+                     "requests": sum(1 for e in ev if e["k"] == "keep"),
+                     "failed_around_preempt": failed, "stalled_requests": len(stalls),
+                     "stale_sockets_destroyed": destroyed}
+        r.check(f"{rounds} preempts done", not errors and len(preempts) == rounds, "; ".join(errors))
+        r.check("no request stalled (>= 500 ms, the 1 s timeout) around a preempt",
+                not stalls, f"{len(stalls)} stalled, e.g. {stalls[:3]}")
+        r.check("keep-alive clients ran", r.figures["requests"] >= 32 * 10, str(r.figures["requests"]))
+    return r
+
+
 def _keepalived_conf(topo: Topology, node: str) -> str:
     inst = topo.instances[0]
     return (f"global_defs {{\n  router_id {node}\n  vrrp_version 3\n}}\n"
@@ -563,6 +727,7 @@ def _wait_answer(tr: Traffic, node: str, after: float, timeout: float) -> bool:
 SCENARIOS: dict[str, Callable[[Topology, Path], Result]] = {
     "kill9": kill9, "sigstop": sigstop, "partition": partition, "backend_kill": backend_kill,
     "preempt_restart": preempt_restart, "loop": failover_loop, "keepalived": keepalived_baseline,
+    "split_brain": split_brain, "preempt_stale": preempt_stale,
 }
 
 
@@ -613,7 +778,14 @@ def write_report(results: list[Result], out: Path, topo: Topology) -> tuple[Path
                # after SIGCONT / after healing: the part that is not the expected reaction
                "double_master_after_recovery_ms": sum(
                    r.figures.get(k) or 0 for r in results
-                   for k in ("double_master_after_sigcont_ms", "single_master_after_heal_ms"))}
+                   for k in ("double_master_after_sigcont_ms", "single_master_after_heal_ms")),
+               # what a client sees after two masters meet again (split_brain scenario)
+               "client_recovery_ms_max": max(
+                   (r.figures.get(k) for r in results
+                    for k in ("sigstop_client_recovery_ms_max", "partition_client_recovery_ms_max")
+                    if r.figures.get(k) is not None), default=None),
+               "stalled_requests_after_preempt": sum(
+                   r.figures.get("stalled_requests") or 0 for r in results)}
     data = {"topology": {"subnet": topo.subnet, "lbs": topo.lbs, "backends": topo.backends,
                          "advert_interval_ms": topo.advert_interval * 1000,
                          "master_down_interval_ms": _mdi(topo, _pair(topo)[1]) * 1000},
@@ -635,6 +807,10 @@ def write_report(results: list[Result], out: Path, topo: Topology) -> tuple[Path
              f"{summary['double_master_s']:.2f} s, nearly all of it while the primary was frozen or "
              f"cut off (a second master is then the expected reaction); after SIGCONT and after "
              f"healing together {summary['double_master_after_recovery_ms']:.0f} ms.", "",
+             f"**Client recovery after a split brain heals** (a new connection to the VIP every "
+             f"5 ms; from SIGCONT or healing to the first answer after the last failed probe): "
+             f"max {_fmt(summary['client_recovery_ms_max'])} ms. Requests stalled on a stale "
+             f"socket after a preempt: {summary['stalled_requests_after_preempt']}.", "",
              ]
     ka = next((r for r in results if r.name == "keepalived" and r.figures.get("takeover_ms_median")), None)
     if ka:

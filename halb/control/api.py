@@ -128,7 +128,21 @@ def instance_msg(d: Any) -> pb.Instance:
         base_priority=_uint(_field(d, "base_priority", _field(d, "priority"))),
         vips=[str(v) for v in vips], master=_text(_field(d, "master")),
         advert_interval=_float(_field(d, "advert_interval")),
-        preempt=bool(_field(d, "preempt", False)), state_seconds=_float(_field(d, "since")))
+        preempt=bool(_field(d, "preempt", False)), state_seconds=_float(_field(d, "since")),
+        checksum=_text(_field(d, "checksum")),
+        invalid_adverts={str(k): _uint(v) for k, v in (_field(d, "invalid_adverts", {}) or {}).items()},
+        invalid_sources=[pb.InvalidSource(source=_text(_field(x, "source")),
+                                          reason=_text(_field(x, "reason")),
+                                          count=_uint(_field(x, "count")),
+                                          detail=_text(_field(x, "detail")))
+                         for x in (_field(d, "invalid_sources", ()) or ())])
+
+
+def refusal_msg(x: Any) -> pb.Refusal:
+    return pb.Refusal(direction=_text(_field(x, "direction")), reason=_text(_field(x, "reason")),
+                      remote=_text(_field(x, "remote")), count=_uint(_field(x, "count")),
+                      detail=_text(_field(x, "detail")),
+                      last_seconds_ago=_float(_field(x, "last_seconds_ago")))
 
 
 def peer_msg(d: Any) -> pb.Peer:
@@ -140,7 +154,9 @@ def peer_msg(d: Any) -> pb.Peer:
         last_error=_text(_field(d, "last_error")), refused=_uint(_field(d, "refused")),
         sent_entries=_uint(_field(d, "sent_entries")),
         received_entries=_uint(_field(d, "received_entries")),
-        snapshots_sent=_uint(_field(d, "snapshots_sent")), resumes=_uint(_field(d, "resumes")))
+        snapshots_sent=_uint(_field(d, "snapshots_sent")), resumes=_uint(_field(d, "resumes")),
+        refused_in=_uint(_field(d, "refused_in")), refused_out=_uint(_field(d, "refused_out")),
+        refusals=[refusal_msg(x) for x in (_field(d, "refusals", ()) or ())])
 
 
 def entry_msg(e: Any) -> pb.TableEntry:
