@@ -35,6 +35,7 @@ from ..tables import Table
 from ..v1 import sync_pb2 as pb
 from ..v1 import sync_pb2_grpc as pbg
 from . import security
+from .tlsfront import TLSFront
 from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
 
 WINDOW = 8  # unacknowledged batches in flight per follower stream
@@ -47,6 +48,7 @@ UNKNOWN = "(unknown)"
 PROBE_TIMEOUT = 0.25  # the connect that tells a dead peer process from a live one
 PROBE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04)  # waits before each probe connect
 PROBE_HOLD = 0.02  # an accepted probe that stays open this long shows a live listener
+MAX_REFUSAL_KEYS = 64  # (direction, reason, remote host) kept per peer
 
 
 def _common_options() -> list[tuple[str, Any]]:
@@ -76,6 +78,22 @@ def _channel_options(peer_name: str, tls: bool) -> list[tuple[str, Any]]:
     if tls:
         opts.append(("grpc.ssl_target_name_override", peer_name))
     return opts
+
+
+def classify_out(msg: str) -> str | None:
+    """The reason a connection we made to a peer was refused, from gRPC's error text; None
+    when it was not a refusal (nothing listening, a timeout, a cut link)."""
+    if "PERMISSION_DENIED" in msg:
+        return "refused_by_peer"
+    if "Hostname Verification" in msg or "Peer name" in msg or "No match found for server name" in msg:
+        return "tls_name_mismatch"
+    if "CERTIFICATE_VERIFY_FAILED" in msg:
+        return "tls_expired" if "expired" in msg else "tls_unknown_ca"
+    if "ALERT" in msg.upper() and "andshake" in msg:
+        return "tls_rejected_by_peer"
+    if "andshake" in msg or "TSI_" in msg or "WRONG_VERSION" in msg:
+        return "tls_handshake_failed"
+    return None
 
 
 def _describe(e: BaseException) -> str:
@@ -120,7 +138,34 @@ class Peer:
         self.sent_batches = 0
         self.snapshots_sent = 0
         self.resumes = 0
-        self.refused = 0
+        self.refused_in = 0  # its connections to us
+        self.refused_out = 0  # ours to it
+        self.refusals: dict[tuple[str, str, str], list] = {}  # -> [count, detail, monotonic]
+
+    @property
+    def refused(self) -> int:
+        return self.refused_in + self.refused_out
+
+    def refusal(self, direction: str, reason: str, remote: str, detail: str) -> None:
+        if direction == "in":
+            self.refused_in += 1
+        else:
+            self.refused_out += 1
+        k = (direction, reason, remote.rpartition(":")[0] if remote.count(":") == 1 else remote)
+        e = self.refusals.get(k)
+        if e is None:
+            if len(self.refusals) >= MAX_REFUSAL_KEYS:
+                self.refusals.pop(next(iter(self.refusals)))
+            e = self.refusals[k] = [0, "", 0.0]
+        e[0] += 1
+        e[1] = detail
+        e[2] = time.monotonic()
+
+    def refusal_list(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"direction": d, "reason": r, "remote": h, "count": n, "detail": det,
+                 "last_seconds_ago": round(now - t, 3)}
+                for (d, r, h), (n, det, t) in self.refusals.items()]
 
 
 class _Stream:
@@ -182,7 +227,17 @@ class _Collector:
             c["applied_entries"].add_metric(lab, sum(r.applied for r in p.rx.values()))
             c["snapshots_sent"].add_metric(lab, p.snapshots_sent)
             c["snapshots_received"].add_metric(lab, sum(r.snapshots for r in p.rx.values()))
-        c["refused"].add_metric([UNKNOWN], svc.refused_unknown)
+        c["refused"].add_metric([UNKNOWN], svc.unknown.refused)
+        rf = CounterMetricFamily("halb_sync_refusals", "Refused connections and TLS handshakes, "
+                                 "by peer, direction (in: to our sync port; out: ours to the "
+                                 "peer) and reason", labels=["peer", "direction", "reason"])
+        for p in list(svc.peers.values()) + [svc.unknown]:
+            agg: dict[tuple[str, str], int] = {}
+            for (d, rsn, _h), (n, _det, _t) in p.refusals.items():
+                agg[(d, rsn)] = agg.get((d, rsn), 0) + n
+            for (d, rsn), n in agg.items():
+                rf.add_metric([p.name, d, rsn], n)
+        yield rf
         ready = GaugeMetricFamily("halb_sync_ready", "1 once the tables were learned from the peers")
         ready.add_metric([], 1 if svc.ready else 0)
         yield from g.values()
@@ -198,7 +253,9 @@ class SyncService:
         self.tables: list[Table] = list(node.tables)
         self.log = hlog.get_logger("sync")
         self.peers: dict[str, Peer] = {p.name: Peer(p, self.tables) for p in cfg.peers}
-        self.refused_unknown = 0
+        # refusals that name no configured peer (connections from other addresses)
+        self.unknown = Peer(SyncPeer(UNKNOWN, cfg.listen), [])
+        self._front: TLSFront | None = None
         self.ready = not self.peers
         self.port = 0
         self._tls: security.TLSMaterial | None = None
@@ -228,17 +285,23 @@ class SyncService:
         pbg.add_SyncServicer_to_server(_Servicer(self), server)
         addr = str(self.cfg.listen)
         try:
-            if self._tls:
-                port = server.add_secure_port(addr, security.server_credentials(self._tls))
-            else:
-                port = server.add_insecure_port(addr)
+            # with TLS, gRPC listens in plaintext on loopback behind the TLS front (tlsfront)
+            port = server.add_insecure_port("127.0.0.1:0" if self._tls else addr)
         except RuntimeError as e:
             raise OSError(f"sync.listen {addr}: cannot listen: {e}") from None
         if not port:
             raise OSError(f"sync.listen {addr}: cannot listen (address in use or not local)")
-        self.port = port
         await server.start()
         self._server = server
+        if self._tls and self.cfg.tls:
+            self._front = TLSFront(self.cfg.tls, self._refused_in)
+            try:
+                port = await self._front.start(self.cfg.listen.host, self.cfg.listen.port, port)
+            except OSError as e:
+                await server.stop(grace=None)
+                self._server = None
+                raise OSError(f"sync.listen {addr}: cannot listen: {e.strerror or e}") from None
+        self.port = port
         reg = getattr(getattr(self.node, "metrics", None), "registry", None)
         if reg is not None:
             self._collector = _Collector(self)
@@ -266,6 +329,9 @@ class SyncService:
         for st in list(self._streams):
             st.closed = True
             st.wake.set()
+        if self._front is not None:
+            await self._front.stop()
+            self._front = None
         if self._server is not None:
             await self._server.stop(grace=0.2)
             self._server = None
@@ -294,6 +360,9 @@ class SyncService:
                 "epoch": p.rx[self.tables[0].name].epoch,
                 "last_error": p.last_error,
                 "refused": p.refused,
+                "refused_in": p.refused_in,
+                "refused_out": p.refused_out,
+                "refusals": p.refusal_list(),
                 "tables": {t.name: {"acked_seq": p.out[t.name].seq if p.out[t.name].epoch == t.epoch else 0,
                                     "lag_entries": p.out[t.name].lag(t),
                                     "peer_epoch": p.rx[t.name].epoch,
@@ -305,11 +374,13 @@ class SyncService:
                 "snapshots_sent": p.snapshots_sent,
                 "resumes": p.resumes,
             })
-        if self.refused_unknown:
+        u = self.unknown
+        if u.refused:
             out.append({"name": UNKNOWN, "address": "", "connected": False, "state": "down",
                         "lag_entries": 0, "lag_seconds": 0.0, "acked_seq": 0, "epoch": 0,
                         "last_error": "connections from nodes not in sync.peers",
-                        "refused": self.refused_unknown})
+                        "refused": u.refused, "refused_in": u.refused_in, "refused_out": 0,
+                        "refusals": u.refusal_list()})
         return out
 
     # -- helpers ------------------------------------------------------------------------------
@@ -434,14 +505,44 @@ class SyncService:
 
     # -- sender side: a peer follows our tables -----------------------------------------------
 
-    def _identity_problem(self, name: str, context) -> str:
+    @property
+    def refused_unknown(self) -> int:
+        return self.unknown.refused
+
+    def _remote(self, context) -> str:
+        if self._front is not None:
+            ident = self._front.identity(context.peer())
+            if ident is not None:
+                return ident[0]
+        return context.peer()
+
+    def _refused_in(self, remote: str, reason: str, detail: str, name: str | None = None) -> None:
+        """A connection to our sync port refused: counted for the configured peer its hello
+        names (``name``; "" when the name is not to be trusted), or, for a refused TLS
+        handshake (``name`` None: no hello yet), the peer whose address it comes from; else
+        for (unknown). Logged in halb's format."""
+        host = remote.rpartition(":")[0].removeprefix("ipv4:").strip("[]")
+        if name is None:
+            p = next((x for x in self.peers.values() if x.host == host), self.unknown)
+        else:
+            p = self.peers.get(name, self.unknown) if name else self.unknown
+        p.refusal("in", reason, remote, detail)
+        self.log.warning("sync_refused", direction="in", peer=p.name, remote=remote,
+                         follower=name or None, reason=reason, detail=detail)
+
+    def _identity_problem(self, name: str, context) -> tuple[str, str]:
+        if self._front is not None:
+            ident = self._front.identity(context.peer())
+            if ident is None:
+                return "not_via_tls", "a plaintext connection to the internal port"
         if name not in self.peers:
-            return f"node {name!r} is not in sync.peers"
-        if self._tls is not None:
-            names = security.peer_names(context)
+            return "not_a_peer", f"node {name!r} is not in sync.peers"
+        if self._front is not None:
+            names = ident[1]
             if name not in names:
-                return f"hello names {name!r} but the certificate names {sorted(names)}"
-        return ""
+                return "identity_mismatch", (f"hello names {name!r} but the certificate names "
+                                             f"{sorted(names)}")
+        return "", ""
 
     async def _serve(self, context) -> None:
         try:
@@ -454,15 +555,12 @@ class SyncService:
                                 "the first message must be a hello naming the node")
             return
         hello = first.hello
-        problem = self._identity_problem(hello.node, context)
+        reason, problem = self._identity_problem(hello.node, context)
         if problem:
-            p = self.peers.get(hello.node)
-            if p is not None:
-                p.refused += 1
-            else:
-                self.refused_unknown += 1
-            self.log.warning("sync_refused", follower=hello.node, remote=context.peer(),
-                             reason=problem)
+            # a good certificate but the wrong node (or a node we do not know): counted for
+            # the node the hello names when it is a peer, never for one it merely claims
+            named = hello.node if reason != "identity_mismatch" else ""
+            self._refused_in(self._remote(context), reason, problem, named)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
             return
         await self._stream_to(self.peers[hello.node], hello, context)
@@ -481,7 +579,7 @@ class SyncService:
         st = _Stream()
         self._streams.add(st)
         p.streams += 1
-        self.log.info("sync_follower", peer=p.name, remote=context.peer(), tables=how)
+        self.log.info("sync_follower", peer=p.name, remote=self._remote(context), tables=how)
         reader = asyncio.create_task(self._read_acks(p, context, senders, st))
         try:
             await context.write(pb.SyncBatch(kind=Kind.KIND_WELCOME, node=self.name,
@@ -582,8 +680,12 @@ class SyncService:
                 self._not_connected(p, f"no answer from {p.address} within {CONNECT_TIMEOUT}s")
             except (aio.AioRpcError, aio.UsageError, grpc.RpcError) as e:
                 msg = _describe(e)
-                if "CERTIFICATE_VERIFY_FAILED" in msg or "Peer name" in msg:
-                    p.refused += 1
+                reason = classify_out(msg)
+                if reason is not None:
+                    p.refusal("out", reason, p.address, msg[-300:])
+                    if msg != p.last_error:
+                        self.log.warning("sync_refused", direction="out", peer=p.name,
+                                         remote=p.address, reason=reason, detail=msg[-300:])
                 self._not_connected(p, msg)
             if first is aio.EOF:
                 self._not_connected(p, "stream closed before the welcome")

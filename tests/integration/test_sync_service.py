@@ -447,3 +447,57 @@ def test_bad_followers_are_refused_and_the_server_keeps_serving():
             await b.stop()
             await a.stop()
     asyncio.run(main())
+
+
+def test_tls_refusals_are_counted_by_direction_and_reason(certs, tmp_path):
+    """A follower with a certificate from a foreign CA (it trusts ours) is refused in the
+    handshake on our port: counted as an inbound refusal for the peer it comes from, with
+    the reason, in status and metrics. A sync server with a certificate of the right CA but
+    the wrong name is an outbound refusal. A port probe that sends nothing is no refusal."""
+    from prometheus_client import generate_latest
+
+    good, other = certs
+    both = tmp_path / "both-ca.pem"  # the foreign follower trusts our CA too
+    both.write_bytes(open(good["ca"]["cert"], "rb").read() + open(other["ca"]["cert"], "rb").read())
+
+    async def main():
+        pa, pf, pw = free_port(), free_port(), free_port()
+        a = SyncNode("a", cfg(pa, [("b", pw)], tls=tls(good, "a")))
+        foreign = SyncNode("b", cfg(pf, [("a", pa)], tls=TLSFiles(
+            cert=other["nodes"]["b"]["cert"], key=other["nodes"]["b"]["key"], ca=str(both))))
+        # listens where a expects b, with a good certificate that names mallory
+        wrong = SyncNode("mallory", cfg(pw, [("x", free_port())], tls=tls(good, "mallory")))
+        for n in (a, foreign, wrong):
+            await n.start()
+        try:
+            def refusals(direction):
+                st = {s["name"]: s for s in a.sync.status()}
+                return {x["reason"]: x["count"] for x in st["b"]["refusals"]
+                        if x["direction"] == direction}
+            await until(lambda: refusals("in").get("tls_unknown_ca", 0) >= 1, 10, "inbound")
+            await until(lambda: refusals("out").get("tls_name_mismatch", 0) >= 1, 10, "outbound")
+            st = {s["name"]: s for s in a.sync.status()}["b"]
+            assert st["refused_in"] >= 1 and st["refused_out"] >= 1
+            assert st["refused"] == st["refused_in"] + st["refused_out"]
+            assert set(refusals("in")) <= {"tls_unknown_ca", "tls_aborted_by_client"}
+            x = next(x for x in st["refusals"] if x["reason"] == "tls_unknown_ca")
+            assert x["remote"] == "127.0.0.1" and "sync.tls.ca" in x["detail"]
+            assert not foreign.sync.peers["a"].connected and len(foreign.tables.sticky) == 0
+            # a port probe (what a peer's crash detection does) sends nothing: no refusal
+            z = SyncNode("z", cfg(free_port(), [("q", free_port())], tls=tls(good, "a")))
+            await z.start()
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", z.sync.port)
+                w.close()
+                await asyncio.sleep(0.3)
+                assert z.sync.peers["q"].refused == 0 and z.sync.refused_unknown == 0, \
+                    z.sync.peers["q"].refusal_list()
+            finally:
+                await z.stop()
+            text = generate_latest(a.metrics.registry).decode()
+            assert 'halb_sync_refusals_total{direction="in",peer="b",reason="tls_unknown_ca"}' in text
+            assert 'halb_sync_refusals_total{direction="out",peer="b",reason="tls_name_mismatch"}' in text
+        finally:
+            for n in (wrong, foreign, a):
+                await n.stop()
+    asyncio.run(main())
