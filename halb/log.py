@@ -77,3 +77,58 @@ def setup(node: str, level: str = "info", stream=None) -> None:
     root.addHandler(h)
     root.setLevel(getattr(logging, level.upper()))
     root.propagate = False
+
+
+_NATIVE_RE = None
+
+
+def _native_line(line: str) -> tuple[int, str, str]:
+    """(level, source, message) of a native (absl/glog) log line such as
+    ``E1204 21:14:29.440309    2758 ssl_transport_security.cc:3238] No match found ...``."""
+    global _NATIVE_RE
+    if _NATIVE_RE is None:
+        import re
+        _NATIVE_RE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]]+)\] ?(.*)$")
+    m = _NATIVE_RE.match(line)
+    if not m:
+        return logging.WARNING, "", line
+    lvl = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+    return lvl[m.group(1)], m.group(2), m.group(3)
+
+
+def capture_native_stderr() -> None:
+    """Routes what native code (gRPC's C core) writes to file descriptor 2 into this log, one
+    JSON object per line (part "grpc", event "native_log"), so that halbd's stderr stays
+    machine-readable. Python's own records keep going to the original stderr."""
+    import os
+    import threading
+    orig = os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+    out = os.fdopen(orig, "w", buffering=1, encoding="utf-8", errors="replace")
+    sys.stderr = out
+    for h in logging.getLogger("halb").handlers:
+        if isinstance(h, logging.StreamHandler):
+            h.setStream(out)
+    glog = get_logger("grpc")
+
+    def pump() -> None:
+        with os.fdopen(r, "rb", buffering=0) as f:
+            buf = b""
+            while True:
+                chunk = f.read(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    raw, buf = buf.split(b"\n", 1)
+                    line = raw.decode("utf-8", "replace").rstrip()
+                    if line:
+                        level, src, msg = _native_line(line[:4000])
+                        glog._emit(level, "native_log", {"source": src, "message": msg})
+                if len(buf) > 65536:  # no newline in sight: emit what there is
+                    glog._emit(logging.WARNING, "native_log",
+                               {"message": buf[:4000].decode("utf-8", "replace")})
+                    buf = b""
+    threading.Thread(target=pump, name="halb-native-stderr", daemon=True).start()

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..node import Node
 
     log.setup(cfg.node.name, args.log_level or cfg.node.log_level)
+    log.capture_native_stderr()  # gRPC's C core logs to fd 2: into halb's JSON lines too
     try:
         import uvloop
         uvloop.install()

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -395,3 +396,72 @@ def test_node_stopped_last(node):
     assert not os.path.exists(node.sock), "halbd removes its control socket when it stops"
     code, _, err = halbctl_process("--config", str(node.cfg), "status")
     assert code == 2 and "does not exist" in err and "is halbd running" in err
+
+
+def test_refusals_show_in_status_json_and_stderr_stays_json(tmp_path):
+    """lb1's peer lb2 is played by two impostors: a follower with a certificate from another
+    CA dials lb1 (an inbound refusal), and at lb2's address a server with a good certificate
+    that names another node answers (an outbound refusal). Both are counted by reason in
+    `halbctl status --json`; lb1's stderr is one JSON object per line throughout."""
+    for d, nodes in (("pki", ["lb1", "lb9"]), ("other", ["lb2"])):
+        code, _, err = halbctl("pki", "init", "--out", str(tmp_path / d), *nodes,
+                               *[f"--ip={n}=127.0.0.1" for n in nodes])
+        assert code == 0, err
+    ports = {n: free_port() for n in ("lb1", "lb2", "x")}
+    sock = str(tmp_path / "lb1.sock")
+
+    def node(name, me, peer, peer_port, pki, ca=None):
+        return write_config(tmp_path, f"""
+[node]
+name = "{name}"
+[control]
+socket = "{tmp_path / f'{name}-{me}.sock'}"
+[[pools]]
+name = "p"
+[[pools.backends]]
+address = "127.0.0.1:9"
+[sync]
+listen = "127.0.0.1:{ports[me]}"
+[[sync.peers]]
+name = "{peer}"
+address = "127.0.0.1:{peer_port}"
+[sync.tls]
+cert = "{tmp_path / pki / f'{name}.pem'}"
+key = "{tmp_path / pki / f'{name}.key'}"
+ca = "{ca or tmp_path / pki / 'ca.pem'}"
+""", name=f"{name}-{me}.toml")
+    both = tmp_path / "both.pem"
+    both.write_bytes((tmp_path / "pki" / "ca.pem").read_bytes() + (tmp_path / "other" / "ca.pem").read_bytes())
+    lb1 = node("lb1", "lb1", "lb2", ports["lb2"], "pki")
+    lb1 = Path(str(lb1))
+    lb1.write_text(lb1.read_text().replace(f'socket = "{tmp_path / "lb1-lb1.sock"}"', f'socket = "{sock}"'))
+    foreign = node("lb2", "x", "lb1", ports["lb1"], "other", ca=both)   # dials lb1
+    wrong = node("lb9", "lb2", "lb1", free_port(), "pki")               # answers as lb9
+    with Halbd(lb1) as a, Halbd(foreign), Halbd(wrong):
+        def refusals():
+            d = status_json(sock)
+            p = d and next((p for p in d["peers"] if p["name"] == "lb2"), None)
+            if not p:
+                return None
+            got = {(r["direction"], r["reason"]) for r in p.get("refusals", [])}
+            return p if {("in", "tls_unknown_ca"), ("out", "tls_name_mismatch")} <= got else None
+        p = wait_for(refusals, 20, interval=0.3, what="both refusals in lb1's status")
+        assert int(p["refused_in"]) >= 1 and int(p["refused_out"]) >= 1
+        code, out, err = halbctl("--socket", sock, "status", "--json")
+        assert code == 0, err
+        st = json.loads(out)
+        peer = next(x for x in st["peers"] if x["name"] == "lb2")
+        assert int(peer["refused"]) == int(peer["refused_in"]) + int(peer["refused_out"])
+        time.sleep(0.5)
+        lines = [ln for ln in a.output().splitlines() if ln.strip()]
+        assert lines
+        bad = []
+        for ln in lines:
+            try:
+                json.loads(ln)
+            except ValueError:
+                bad.append(ln)
+        assert not bad, bad[:5]
+        recs = [json.loads(ln) for ln in lines]
+        assert any(r["event"] == "sync_refused" and r.get("direction") == "in"
+                   and r.get("reason") == "tls_unknown_ca" for r in recs)
