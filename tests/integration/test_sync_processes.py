@@ -231,6 +231,7 @@ def test_bad_sync_tls_files_and_taken_port_stop_halbd_with_a_clear_message(own_t
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     base = halbd_config(own_tmp, "a", free_port(), [("b", free_port())]).read_text()
+    base = base.replace("insecure = true\n", "")
     bad_tls = write_config(own_tmp, base + f'''[sync.tls]
 ca = "{own_tmp}/missing-ca.pem"
 cert = "{own_tmp}/a.toml"
@@ -239,7 +240,16 @@ key = "{own_tmp}/a.toml"
     r = subprocess.run([sys.executable, "-m", "halb.cli.halbd", str(bad_tls)], capture_output=True,
                        text=True, timeout=30, env=env, cwd=str(ROOT))
     assert r.returncode == 1
-    assert f"sync.tls.ca: cannot read '{own_tmp}/missing-ca.pem'" in r.stderr, r.stderr
+    assert f"sync.tls.ca: no such file '{own_tmp}/missing-ca.pem'" in r.stderr, r.stderr
+    # a file that exists but is no PEM: caught at start, naming the key and the file
+    worse = write_config(own_tmp, base + f'''[sync.tls]
+ca = "{own_tmp}/a.toml"
+cert = "{own_tmp}/a.toml"
+key = "{own_tmp}/a.toml"
+''', name="tls2.toml")
+    r = subprocess.run([sys.executable, "-m", "halb.cli.halbd", str(worse)], capture_output=True,
+                       text=True, timeout=30, env=env, cwd=str(ROOT))
+    assert r.returncode == 1 and "sync.tls.ca:" in r.stderr and "not a PEM file" in r.stderr, r.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
