@@ -24,3 +24,12 @@ def cast(_type, value):
     """``cython.cast(T, v)``: as Python, ``v`` itself."""
     return value
 
+
+
+def locals(**_types):  # noqa: A001 - Cython's name
+    """``@cython.locals(x=cython.int)``: C types for the compiler; as Python, nothing."""
+    return lambda f: f
+
+
+# C type names used in ``cython.locals`` and ``cython.cast``: as Python, plain ``int``
+int = int  # noqa: A001
