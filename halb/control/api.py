@@ -177,6 +177,7 @@ class ControlAPI:
         self.started = started  # node.clock time the node was built
         self._keys: dict[str, _Keys] = {}  # table name -> its one cached sorted key list
         self._sorting: dict[str, tuple[Any, str, asyncio.Future]] = {}  # table name -> sort under way
+        self.refusals: Any = None  # the control server's RefusalLog (TLS on control.address)
 
     def _now(self) -> float:
         return self.node.clock.now()
@@ -213,7 +214,9 @@ class ControlAPI:
             sync_ready=bool(getattr(getattr(node, "sync", None), "ready", True)),
             peers=self.sync_status(),
             pools=[pool_msg(p, now) for p in node.pools.values()],
-            tables=tables)
+            tables=tables,
+            control_refusals=[refusal_msg(x) for x in
+                              (self.refusals.as_list() if self.refusals is not None else ())])
 
     def _backend(self, pool_name: str, backend_name: str) -> tuple[Pool, Backend]:
         _name(pool_name, "pool")

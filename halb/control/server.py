@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import os
 import socket
+import ssl
 import stat
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from .. import log as hlog
+from ..tlsfront import RefusalLog, TLSFront
 from ..config import ControlConfig
 from ..v1 import control_pb2 as pb
 from ..v1 import control_pb2_grpc as pb_grpc
@@ -136,7 +138,15 @@ class ControlServer:
         self.server: aio.Server | None = None
         self.health: HealthServicer | None = None
         self.tcp_port: int | None = None
+        self.front: TLSFront | None = None
+        self.refusals = RefusalLog()  # TLS handshakes refused on control.address
+        self.api.refusals = self.refusals
         self._counter = self._make_counter()
+        self._collector = None
+
+    def _refused(self, remote: str, reason: str, detail: str) -> None:
+        self.refusals.add("in", reason, remote, detail)
+        self.log.warning("control_refused", remote=remote, reason=reason, detail=detail)
 
     def _make_counter(self):
         reg = getattr(getattr(self.node, "metrics", None), "registry", None)
@@ -149,18 +159,6 @@ class ControlServer:
         except ValueError:  # already registered in this registry (a second server in one process)
             return None
 
-    def _tls_credentials(self) -> grpc.ServerCredentials:
-        tls = self.cfg.tls
-        assert tls is not None
-        try:
-            key = Path(tls.key).read_bytes()
-            cert = Path(tls.cert).read_bytes()
-            ca = Path(tls.ca).read_bytes()
-        except OSError as e:
-            raise OSError(f"control.tls: cannot read {e.filename}: {e.strerror}") from None
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                           require_client_auth=True)
-
     async def start(self) -> None:
         opts = [("grpc.max_receive_message_length", 64 << 10),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -172,7 +170,6 @@ class ControlServer:
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        creds = self._tls_credentials() if self.cfg.address is not None else None
         path = self.socket_path
         prepare_socket_path(path)
         old = os.umask(0o177)  # the socket is created 0600: only its owner may connect
@@ -183,16 +180,20 @@ class ControlServer:
             os.umask(old)
         try:
             os.chmod(path, 0o600)
-            if creds is not None:
+            await server.start()
+            if self.cfg.address is not None and self.cfg.tls is not None:
+                # TCP with mutual TLS: halb's TLS front (every refused handshake is counted
+                # and logged with the remote address) relays to the unix socket
                 addr = str(self.cfg.address)
                 try:
-                    port = server.add_secure_port(addr, creds)
-                except RuntimeError as e:  # grpc reports a failed bind this way
-                    raise OSError(f"cannot listen on control address {addr}: {e}") from None
-                if port == 0:
-                    raise OSError(f"cannot listen on control address {addr}")
-                self.tcp_port = port
-            await server.start()
+                    self.front = TLSFront(self.cfg.tls, self._refused, part="control")
+                    self.tcp_port = await self.front.start(self.cfg.address.host,
+                                                           self.cfg.address.port, path)
+                except (OSError, ssl.SSLError) as e:
+                    self.front = None
+                    raise OSError(f"cannot listen on control address {addr}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+                self._register_metrics()
         except BaseException:
             await server.stop(None)
             with contextlib.suppress(OSError):
@@ -204,7 +205,37 @@ class ControlServer:
         self.log.info("control_listening", socket=path,
                       address=str(self.cfg.address) if self.cfg.address else "")
 
+    def _register_metrics(self) -> None:
+        reg = getattr(getattr(self.node, "metrics", None), "registry", None)
+        if reg is None:
+            return
+        refusals = self.refusals
+
+        class _Collector:
+            def describe(self):
+                return []
+
+            def collect(self):
+                from prometheus_client.core import CounterMetricFamily
+                f = CounterMetricFamily("halb_control_refusals", "TLS handshakes refused on "
+                                        "control.address, by reason", labels=["reason"])
+                for (_d, rsn), n in refusals.by_reason().items():
+                    f.add_metric([rsn], n)
+                yield f
+        self._collector = _Collector()
+        try:
+            reg.register(self._collector)
+        except ValueError:
+            self._collector = None
+
     async def stop(self) -> None:
+        if self.front is not None:
+            await self.front.stop()
+            self.front = None
+        if self._collector is not None:
+            with contextlib.suppress(KeyError):
+                self.node.metrics.registry.unregister(self._collector)
+            self._collector = None
         server, self.server = self.server, None
         if server is None:
             return

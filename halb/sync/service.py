@@ -35,7 +35,7 @@ from ..tables import Table
 from ..v1 import sync_pb2 as pb
 from ..v1 import sync_pb2_grpc as pbg
 from . import security
-from .tlsfront import TLSFront
+from ..tlsfront import RefusalLog, TLSFront
 from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
 
 WINDOW = 8  # unacknowledged batches in flight per follower stream
@@ -48,7 +48,6 @@ UNKNOWN = "(unknown)"
 PROBE_TIMEOUT = 0.25  # the connect that tells a dead peer process from a live one
 PROBE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04)  # waits before each probe connect
 PROBE_HOLD = 0.02  # an accepted probe that stays open this long shows a live listener
-MAX_REFUSAL_KEYS = 64  # (direction, reason, remote host) kept per peer
 
 
 def _common_options() -> list[tuple[str, Any]]:
@@ -138,34 +137,14 @@ class Peer:
         self.sent_batches = 0
         self.snapshots_sent = 0
         self.resumes = 0
-        self.refused_in = 0  # its connections to us
-        self.refused_out = 0  # ours to it
-        self.refusals: dict[tuple[str, str, str], list] = {}  # -> [count, detail, monotonic]
+        self.refusals = RefusalLog()  # its connections to us ("in"), ours to it ("out")
 
     @property
     def refused(self) -> int:
-        return self.refused_in + self.refused_out
+        return self.refusals.total
 
     def refusal(self, direction: str, reason: str, remote: str, detail: str) -> None:
-        if direction == "in":
-            self.refused_in += 1
-        else:
-            self.refused_out += 1
-        k = (direction, reason, remote.rpartition(":")[0] if remote.count(":") == 1 else remote)
-        e = self.refusals.get(k)
-        if e is None:
-            if len(self.refusals) >= MAX_REFUSAL_KEYS:
-                self.refusals.pop(next(iter(self.refusals)))
-            e = self.refusals[k] = [0, "", 0.0]
-        e[0] += 1
-        e[1] = detail
-        e[2] = time.monotonic()
-
-    def refusal_list(self) -> list[dict]:
-        now = time.monotonic()
-        return [{"direction": d, "reason": r, "remote": h, "count": n, "detail": det,
-                 "last_seconds_ago": round(now - t, 3)}
-                for (d, r, h), (n, det, t) in self.refusals.items()]
+        self.refusals.add(direction, reason, remote, detail)
 
 
 class _Stream:
@@ -232,10 +211,7 @@ class _Collector:
                                  "by peer, direction (in: to our sync port; out: ours to the "
                                  "peer) and reason", labels=["peer", "direction", "reason"])
         for p in list(svc.peers.values()) + [svc.unknown]:
-            agg: dict[tuple[str, str], int] = {}
-            for (d, rsn, _h), (n, _det, _t) in p.refusals.items():
-                agg[(d, rsn)] = agg.get((d, rsn), 0) + n
-            for (d, rsn), n in agg.items():
+            for (d, rsn), n in p.refusals.by_reason().items():
                 rf.add_metric([p.name, d, rsn], n)
         yield rf
         ready = GaugeMetricFamily("halb_sync_ready", "1 once the tables were learned from the peers")
@@ -360,9 +336,9 @@ class SyncService:
                 "epoch": p.rx[self.tables[0].name].epoch,
                 "last_error": p.last_error,
                 "refused": p.refused,
-                "refused_in": p.refused_in,
-                "refused_out": p.refused_out,
-                "refusals": p.refusal_list(),
+                "refused_in": p.refusals.refused_in,
+                "refused_out": p.refusals.refused_out,
+                "refusals": p.refusals.as_list(),
                 "tables": {t.name: {"acked_seq": p.out[t.name].seq if p.out[t.name].epoch == t.epoch else 0,
                                     "lag_entries": p.out[t.name].lag(t),
                                     "peer_epoch": p.rx[t.name].epoch,
@@ -379,8 +355,8 @@ class SyncService:
             out.append({"name": UNKNOWN, "address": "", "connected": False, "state": "down",
                         "lag_entries": 0, "lag_seconds": 0.0, "acked_seq": 0, "epoch": 0,
                         "last_error": "connections from nodes not in sync.peers",
-                        "refused": u.refused, "refused_in": u.refused_in, "refused_out": 0,
-                        "refusals": u.refusal_list()})
+                        "refused": u.refused, "refused_in": u.refusals.refused_in,
+                        "refused_out": 0, "refusals": u.refusals.as_list()})
         return out
 
     # -- helpers ------------------------------------------------------------------------------

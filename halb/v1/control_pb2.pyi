@@ -192,7 +192,7 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., max_entries: _Optional[int] = ..., seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready")
+    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready", "control_refusals")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ELECTION_ENABLED_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class StatusReply(_message.Message):
     POOLS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     SYNC_READY_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_REFUSALS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     election_enabled: bool
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
@@ -209,7 +210,8 @@ class StatusReply(_message.Message):
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     sync_ready: bool
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ...) -> None: ...
+    control_refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ..., control_refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
 
 class BackendRef(_message.Message):
     __slots__ = ("pool", "backend")

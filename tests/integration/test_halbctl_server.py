@@ -647,3 +647,69 @@ def test_other_users_cannot_use_the_socket(node):
             assert code == 2 and "permission denied on control socket" in err, err
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_control_tls_refusals_are_counted_and_good_clients_served(tmp_path):
+    """control.address with [control.tls]: an admin certificate from the cluster CA is served;
+    one from a foreign CA is refused in the handshake, counted by reason in the status reply
+    (control_refusals) and in halb_control_refusals_total, and logged as control_refused."""
+    import subprocess
+    import sys
+
+    from prometheus_client import generate_latest
+
+    from halb import pki
+    from halb.config import loads as _loads
+    from tests.helpers import ROOT, free_port
+    good = pki.generate(tmp_path / "good", ["lb1", "admin"], ips={"lb1": ["127.0.0.1"]})
+    other = pki.generate(tmp_path / "other", ["admin"])
+    port = free_port()
+    cfg = _loads(f"""
+[node]
+name = "lb1"
+state_dir = "{tmp_path}"
+[[pools]]
+name = "p"
+[[pools.backends]]
+address = "127.0.0.1:9"
+[control]
+socket = "{tmp_path / 'c.sock'}"
+address = "127.0.0.1:{port}"
+[control.tls]
+cert = "{good['nodes']['lb1']['cert']}"
+key = "{good['nodes']['lb1']['key']}"
+ca = "{good['ca']['cert']}"
+""")
+    node = StandIn(cfg)
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+    node.metrics = SimpleNamespace(registry=CollectorRegistry())
+
+    def ctl(res):
+        return subprocess.run([sys.executable, "-m", "halb.cli.halbctl", "--address",
+                               f"127.0.0.1:{port}", "--ca", good["ca"]["cert"], "--cert",
+                               res["nodes"]["admin"]["cert"], "--key", res["nodes"]["admin"]["key"],
+                               "--timeout", "3", "status", "--json"],
+                              capture_output=True, text=True, timeout=20, cwd=str(ROOT),
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    async def main():
+        srv = ControlServer(cfg.control, node)
+        await srv.start()
+        try:
+            loop = asyncio.get_running_loop()
+            bad = await loop.run_in_executor(None, ctl, other)
+            assert bad.returncode == 2, bad.stderr
+            ok = await loop.run_in_executor(None, ctl, good)
+            assert ok.returncode == 0, ok.stderr
+            st = json.loads(ok.stdout)
+            reasons = {r["reason"] for r in st["control_refusals"]}
+            assert "tls_unknown_ca" in reasons, st["control_refusals"]
+            assert all(r["direction"] == "in" and r["remote"] == "127.0.0.1"
+                       for r in st["control_refusals"])
+            text = generate_latest(node.metrics.registry).decode()
+            assert 'halb_control_refusals_total{reason="tls_unknown_ca"}' in text
+        finally:
+            await srv.stop()
+    asyncio.run(main())

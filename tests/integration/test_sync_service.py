@@ -491,7 +491,7 @@ def test_tls_refusals_are_counted_by_direction_and_reason(certs, tmp_path):
                 w.close()
                 await asyncio.sleep(0.3)
                 assert z.sync.peers["q"].refused == 0 and z.sync.refused_unknown == 0, \
-                    z.sync.peers["q"].refusal_list()
+                    z.sync.peers["q"].refusals.as_list()
             finally:
                 await z.stop()
             text = generate_latest(a.metrics.registry).decode()
