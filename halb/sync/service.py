@@ -42,6 +42,10 @@ WINDOW = 8  # unacknowledged batches in flight per follower stream
 HELLO_TIMEOUT = 5.0  # a follower must say hello within this
 CONNECT_TIMEOUT = 3.0  # dial + TLS + welcome
 MAX_BACKOFF = 2.0  # reconnect backoff cap (seconds, random exponential with jitter)
+# ... while the peer's host answers "connection refused" (up, but no halbd listening: it is
+# restarting): an attempt costs one SYN and its RST, so retry often and the link is back
+# within this of the restarted peer's listener, not after the full backoff
+REFUSED_BACKOFF = 0.1
 HARD_HOLD = 60.0  # never hold preemption longer than this, even for a slow snapshot
 KEEPALIVE_MS = 5000  # HTTP/2 pings on idle links; a silent peer is dropped after ~2x this
 UNKNOWN = "(unknown)"
@@ -99,6 +103,19 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, aio.AioRpcError):
         return f"{e.code().name}: {e.details()}"
     return str(e) or type(e).__name__
+
+
+_exp_wait = wait_random_exponential(multiplier=0.05, max=MAX_BACKOFF)
+
+
+def _reconnect_wait(retry_state) -> float:
+    """Random exponential backoff up to MAX_BACKOFF; at most REFUSED_BACKOFF while the
+    peer's port refuses connections (see REFUSED_BACKOFF)."""
+    w = _exp_wait(retry_state)
+    exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    if exc is not None and "onnection refused" in str(exc):
+        return min(w, REFUSED_BACKOFF)
+    return w
 
 
 class _NotConnected(Exception):
@@ -621,7 +638,7 @@ class SyncService:
         while True:
             try:
                 async for attempt in AsyncRetrying(
-                        wait=wait_random_exponential(multiplier=0.05, max=MAX_BACKOFF),
+                        wait=_reconnect_wait,
                         retry=retry_if_exception_type(_NotConnected), reraise=True):
                     with attempt:
                         await self._follow(p)

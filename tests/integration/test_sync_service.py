@@ -501,3 +501,35 @@ def test_tls_refusals_are_counted_by_direction_and_reason(certs, tmp_path):
             for n in (wrong, foreign, a):
                 await n.stop()
     asyncio.run(main())
+
+
+def test_link_to_a_restarted_peer_is_back_promptly():
+    """While a peer's port refuses connections (its host is up, halbd is restarting) the
+    follower retries every REFUSED_BACKOFF, not after the growing backoff (up to MAX_BACKOFF
+    = 2 s): the link is back within a fraction of a second of the restarted listener, every
+    time. Three restarts after 3 s of refusals each (long enough for the exponential backoff
+    to reach its cap)."""
+    from halb.sync.service import MAX_BACKOFF, REFUSED_BACKOFF
+
+    async def main():
+        pa, pb = free_port(), free_port()
+        b = SyncNode("b", cfg(pb, [("a", pa)]))
+        await b.start()
+        delays = []
+        try:
+            for i in range(3):
+                await asyncio.sleep(3.0)  # refused all along: attempts pile up
+                assert not b.sync.status()[0]["connected"]
+                a = SyncNode("a", cfg(pa, [("b", pb)]))
+                await a.start()
+                t0 = time.monotonic()
+                await until(lambda: b.sync.status()[0]["connected"], 5, "link to a")
+                delays.append(time.monotonic() - t0)
+                await a.stop()
+                await until(lambda: not b.sync.status()[0]["connected"], 5, "link down")
+        finally:
+            await b.stop()
+        print(f"link back after {[round(d * 1000) for d in delays]} ms")
+        assert max(delays) < REFUSED_BACKOFF + 0.4 < MAX_BACKOFF, delays
+
+    asyncio.run(main())
