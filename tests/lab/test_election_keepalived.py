@@ -157,3 +157,49 @@ def test_keepalived_master_halbd_backup_failover_both_ways(lab):
     assert VIP in lab.vips("hvlb2")
     assert not w.both, f"both held the VIP at {w.both}"
     no_invalid(h)
+
+
+def test_mismatched_checksum_with_keepalived_is_counted_logged_and_warned(lab):
+    """The trap the default invites: halbd left at checksum = "rfc9568" (not set) beside a
+    keepalived in the same VRID. Each side drops the other's adverts, so both hold the VIP;
+    halb must say so: `halbd --check` warns before the start, and the running node counts the
+    keepalived adverts as `checksum_mode` per source (status --json, metrics) and logs
+    `vrrp_checksum_mismatch` naming the setting to change."""
+    import json
+    import subprocess
+
+    from lab import netns as nx
+    from tests.lab.conftest import LB2, PY
+
+    text = "\n".join(line for line in halb_cfg("lb1", 200).splitlines()
+                     if not line.startswith("checksum"))
+    path = lab.tmp / "mismatch.toml"
+    path.write_text(text)
+    chk = subprocess.run([PY, "-m", "halb.cli.halbd", "--check", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert chk.returncode == 0, chk.stderr
+    assert "warning: vrrp[0].checksum" in chk.stderr and "keepalived" in chk.stderr, chk.stderr
+
+    ka = start_keepalived(lab, "hvlb2", "lb2", 100, ADV)
+    wait_ka(ka, "master")
+    h = lab.halbd("hvlb1", text, "lb1-mismatch")
+    wait_state(h, "master", timeout=15)
+    from tests.helpers import wait_for
+    logged = wait_for(lambda: events(h, "vrrp_checksum_mismatch"), 5, what="mismatch logged")
+    rec = logged[0]
+    assert rec["source"] == LB2 and rec["ours"] == "rfc9568" and rec["theirs"] == "keepalived"
+    assert 'checksum = \\"keepalived\\"' in json.dumps(rec["hint"]), rec
+    def status():
+        out = nx.run_in("hvlb1", [PY, "-m", "halb.cli.halbctl", "--socket",
+                                  "/tmp/halb-lab-lb1-40.sock", "status", "--json"],
+                        timeout=30).stdout
+        return json.loads(out)["instances"][0]
+    wait_for(lambda: status()["invalid_adverts"].get("checksum_mode", 0) >= 5, 10,
+             interval=0.2, what="five keepalived adverts counted as checksum_mode")
+    inst = status()
+    src = [s for s in inst["invalid_sources"] if s["source"] == LB2]
+    assert src and src[0]["reason"] == "checksum_mode" and src[0]["count"] >= 5, inst
+    # what the mismatch does (why it is worth the warning): both think they are master
+    assert ka_state(ka) == "master" and state_of(h) == "master"
+    assert sorted(lab.holder(VIP)) == ["hvlb1", "hvlb2"]
+    assert len(events(h, "vrrp_checksum_mismatch")) == 1  # once per 10 s per source, no flood
