@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable
 
 ALGORITHMS = ("roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev")
 HASH_ALGORITHMS = ("source", "maglev")
-MODES = ("tcp", "udp", "http")
+MODES = ("tcp", "udp", "http", "nat")
+NAT_PROTOCOLS = ("tcp", "udp")
+NAT_HASHES = ("client_ip", "client_ip_port")
 RELAYS = ("auto", "splice", "copy")
 HEALTH_TYPES = ("none", "tcp", "http")
 STICKY_MODES = ("none", "cookie", "source")
@@ -206,6 +208,10 @@ class ListenerConfig:
     udp_flow_timeout: float = 30.0
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # mode = "nat": the kernel forwards (nftables DNAT, halb.nat); tcp or udp, and which part
+    # of the client's address the consistent hash reads
+    protocol: str = "tcp"
+    hash: str = "client_ip"  # client_ip | client_ip_port
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,10 @@ class VrrpConfig:
     notify: str = ""
     garp: GarpConfig = field(default_factory=GarpConfig)
     track: tuple[TrackConfig, ...] = ()
+    # addresses that move with this instance but are not listed in its adverts (keepalived's
+    # virtual_ipaddress_excluded), each on its own interface ("" = the instance's): e.g. the
+    # back-side gateway address that NAT listeners' backends route their replies through
+    excluded_vips: tuple[tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,6 +279,19 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class NatConfig:
+    table: str = "halb"  # the nftables table (family ip) halbd owns whole
+    replicate: bool = True  # conntrack entries of NAT listeners travel over [sync]
+    reconcile_interval: float = 30.0  # kernel conntrack <-> the nat table, both ways
+    entry_ttl: float = 3600.0  # a nat table entry lives this long past its last refresh
+    max_entries: int = 262_144
+    # the consistent-hash table of every NAT listener (a prime; the same on every node): the
+    # kernel's map holds one element per slot, so it is smaller than a proxy pool's Maglev
+    # table (65537): 4093 slots apply in ~30 ms and spread 40 backends within 1%
+    hash_slots: int = 4093
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     pools: tuple[PoolConfig, ...]
@@ -277,6 +300,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     vrrp: tuple[VrrpConfig, ...] = ()
     sync: SyncConfig | None = None
+    nat: NatConfig = field(default_factory=NatConfig)
     source: str = ""  # file the config was read from
     # what is valid but likely to hurt (e.g. a split brain with keepalived): halbd --check
     # prints them, halbd logs them at start
@@ -726,7 +750,20 @@ def _listener(r: _Reader) -> ListenerConfig:
     timeouts = _timeouts(t) if t else TimeoutsConfig()
     lr = r.table("limits")
     limits = _limits(lr) if lr else LimitsConfig()
+    protocol = r.choice("protocol", NAT_PROTOCOLS, "tcp")
+    nat_hash = r.choice("hash", NAT_HASHES, "client_ip")
     r.done()
+    if mode != "nat":
+        for k in ("protocol", "hash"):
+            if k in r.data:
+                r.error(f"{k} needs mode = \"nat\" (mode is {mode!r})", k)
+    elif bind is not None:
+        try:
+            a = ipaddress.ip_address(bind.host)
+            if a.version != 4 or a.is_unspecified:
+                raise ValueError
+        except ValueError:
+            r.error(f"a nat listener binds one IPv4 address (its VIP), not {bind.host!r}", "bind")
     if mode != "http":
         if routes:
             r.error(f"routes need mode = \"http\" (mode is {mode!r})", "routes")
@@ -739,7 +776,8 @@ def _listener(r: _Reader) -> ListenerConfig:
     return ListenerConfig(name=name, mode=mode, bind=bind or Endpoint("invalid", 1), pool=pool,
                           routes=tuple(routes), tls=tls, forwarded_headers=fwd, proxy_protocol=pp,
                           relay=relay,
-                          udp_flow_timeout=uft, timeouts=timeouts, limits=limits)
+                          udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
+                          protocol=protocol, hash=nat_hash)
 
 
 def _vip(v: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -815,13 +853,33 @@ def _vrrp(r: _Reader) -> VrrpConfig:
                           refresh=g.duration("refresh", GarpConfig.refresh, hi=86400))
         g.done()
     track = tuple(_track(t) for t in r.tables("track"))
+    excluded = []
+    for i, v in enumerate(r.strings("excluded_vips")):
+        m = re.match(r"^\s*(\S+)(?:\s+dev\s+(\S+))?\s*$", v)
+        if not m:
+            r.problems.append(Problem(f"{r.sub('excluded_vips')}[{i}]",
+                                      f"expected \"ADDRESS/LEN\" or \"ADDRESS/LEN dev IFNAME\", "
+                                      f"got {v!r}"))
+            continue
+        try:
+            vip = _vip(m.group(1))
+        except ValueError as e:
+            r.problems.append(Problem(f"{r.sub('excluded_vips')}[{i}]", str(e)))
+            continue
+        dev = m.group(2) or ""
+        if vip.version != 4:
+            r.problems.append(Problem(f"{r.sub('excluded_vips')}[{i}]",
+                                      "IPv6 addresses are not supported here yet"))
+            continue
+        excluded.append((vip, dev if dev != iface else ""))
     r.done()
     if prio == 255 and preempt is False:
         r.error("the address owner (priority 255) always preempts", "preempt")
     return VrrpConfig(name=name, interface=iface, vrid=vrid, priority=prio, vips=tuple(vips),
                       advert_interval=adv, preempt=preempt, preempt_delay=pdelay,
                       unicast_peers=tuple(peers), source_address=src, checksum=checksum,
-                      auth_key=auth, notify=notify, garp=garp, track=track)
+                      auth_key=auth, notify=notify, garp=garp, track=track,
+                      excluded_vips=tuple(excluded))
 
 
 def _sync(r: _Reader) -> SyncConfig:
@@ -849,6 +907,29 @@ def _sync(r: _Reader) -> SyncConfig:
     return SyncConfig(listen=listen or Endpoint("invalid", 1), peers=tuple(peers), tls=tls,
                       batch_size=batch, max_backlog=backlog, fast_takeover=fast,
                       insecure=bool(insecure))
+
+
+def _nat(r: _Reader) -> NatConfig:
+    table = r.get("table", str, "halb")
+    if table is not None and not re.match(r"^[A-Za-z][A-Za-z0-9_]{0,31}$", table):
+        r.error(f"invalid nftables table name {table!r} (letters, digits, _; at most 32)", "table")
+    vals = dict(
+        table=table or "halb",
+        replicate=r.get("replicate", bool, True),
+        reconcile_interval=r.duration("reconcile_interval", NatConfig.reconcile_interval,
+                                      lo=1.0, hi=3600),
+        entry_ttl=r.duration("entry_ttl", NatConfig.entry_ttl, lo=60.0, hi=7 * 86400),
+        max_entries=r.int_in("max_entries", 16, 10_000_000, NatConfig.max_entries),
+        hash_slots=r.int_in("hash_slots", 3, 65537, NatConfig.hash_slots),
+    )
+    r.done()
+    if not _is_prime(vals["hash_slots"]):
+        r.error(f"{vals['hash_slots']} is not a prime (Maglev needs one: e.g. 251, 1021, "
+                f"4093, 16381, 65521)", "hash_slots")
+    if vals["entry_ttl"] < 4 * vals["reconcile_interval"]:
+        r.error(f"must be at least 4 x reconcile_interval ({_fmt_s(vals['reconcile_interval'])}): "
+                f"live connections are refreshed by the reconcile pass", "entry_ttl")
+    return NatConfig(**vals)
 
 
 def _control(r: _Reader) -> ControlConfig:
@@ -890,7 +971,19 @@ def parse(data: dict, source: str = "") -> Config:
         for j, rt in enumerate(l.routes):
             if rt.pool and rt.pool not in pool_names:
                 problems.append(Problem(f"{lr.sub('routes')}[{j}].pool", f"unknown pool {rt.pool!r}"))
-        proto = "udp" if l.mode == "udp" else "tcp"
+        proto = l.protocol if l.mode == "nat" else ("udp" if l.mode == "udp" else "tcp")
+        if l.mode == "nat" and l.pool in pool_names:
+            pc = next(p for p in pools if p.name == l.pool)
+            if pc.algorithm != "maglev":
+                lr.error(f"pool {l.pool!r} has algorithm = {pc.algorithm!r}: a nat listener "
+                         f"balances in the kernel by consistent hash, so its pool needs "
+                         f"algorithm = \"maglev\" (every node then picks the same backend)",
+                         "pool")
+            if pc.sticky.mode != "none":
+                lr.error(f"pool {l.pool!r} has sticky.mode = {pc.sticky.mode!r}: a nat "
+                         f"listener keeps clients by consistent hash and replicated conntrack "
+                         f"entries; set sticky.mode = \"none\" or use a tcp/udp listener",
+                         "pool")
         k = (proto, l.bind)
         if l.bind.host != "invalid" and k in binds:
             lr.error(f"{l.bind} is already bound by listeners[{binds[k]}]", "bind")
@@ -922,6 +1015,8 @@ def parse(data: dict, source: str = "") -> Config:
                 problems.append(Problem(f"{vr.sub('track')}[{j}].pool", f"unknown pool {t.pool!r}"))
     s = top.table("sync")
     sync = _sync(s) if s else None
+    nt = top.table("nat")
+    nat = _nat(nt) if nt else NatConfig()
     if sync and node.name and any(p.name == node.name for p in sync.peers):
         problems.append(Problem("sync.peers", f"lists this node ({node.name!r}) as its own peer"))
     top.done()
@@ -943,12 +1038,18 @@ def parse(data: dict, source: str = "") -> Config:
         if v.unicast_peers and any(p == v.source_address for p in v.unicast_peers):
             warnings.append(Problem(vr.sub("unicast_peers"),
                                     f"lists this node's own source_address {v.source_address}"))
+    held = {str(a.ip) for vc in vrrp for a in vc.vips}
+    for lr, l in zip(lrs, listeners):
+        if l.mode == "nat" and vrrp and l.bind.host not in held:
+            warnings.append(Problem(lr.sub("bind"), (
+                f"{l.bind.host} is not a VIP of any [[vrrp]] instance: its connections are "
+                f"replicated only while this node holds the address some other way")))
     if sync is not None and sync.insecure:
         warnings.append(Problem("sync.insecure", (
             "true: tables travel in plaintext and any host that reaches sync.listen can feed "
             "this node's tables (use [sync.tls] outside a lab)")))
     return Config(node=node, pools=tuple(pools), listeners=tuple(listeners), metrics=metrics,
-                  control=control, vrrp=tuple(vrrp), sync=sync, source=source,
+                  control=control, vrrp=tuple(vrrp), sync=sync, nat=nat, source=source,
                   warnings=tuple(warnings))
 
 

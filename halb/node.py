@@ -61,7 +61,7 @@ class Node:
         else:
             log_size, tombs = STANDALONE_LOG, False
         self.tables = Tables(self.name, self.wall, sticky_max=sticky_max, flow_max=flow_max,
-                             log_size=log_size, tombstones=tombs)
+                             log_size=log_size, tombstones=tombs, nat_max=cfg.nat.max_entries)
         from .proxy.tcp import SpliceGate
 
         self.splice_gate = SpliceGate()  # relay = "auto" TCP listeners splice while it is open
@@ -81,13 +81,26 @@ class Node:
 
         self.health = [HealthChecker(pool, self.clock, self.metrics)
                        for pool in self.pools.values() if pool.cfg.health.type != "none"]
-        self.listeners = [make_listener(lc, self) for lc in self.cfg.listeners]
+        self.listeners = [make_listener(lc, self) for lc in self.cfg.listeners
+                          if lc.mode != "nat"]
         self.parts.extend(self.health)
         self.parts.extend(self.listeners)
+        self.nat = None
+        nat_listeners = [lc for lc in self.cfg.listeners if lc.mode == "nat"]
+        if nat_listeners:  # the kernel forwards these: rules in place before any VIP is taken
+            from .nat.service import NatService
+            self.nat = NatService(
+                nat_listeners, self.pools, self.tables.nat, self.cfg.nat,
+                registry=self.metrics.registry,
+                sync_ports=(self.cfg.sync.listen.port,) if self.cfg.sync else (),
+                elected_vips={str(v.ip) for vc in self.cfg.vrrp for v in vc.vips})
+            self.parts.append(self.nat)
         self.election = None
         if self.cfg.vrrp:
             from .vrrp.instance import Election
             self.election = Election(self.cfg.vrrp, self)
+            if self.nat is not None:
+                self.election.vip_hooks.append(self.nat)
             self.parts.append(self.election)
         self.sync = None
         if self.cfg.sync:
@@ -104,6 +117,9 @@ class Node:
         m = getattr(self, "metrics", None)
         if m is not None:
             m.pool_view(pool, view, self.clock.now())
+        nat = getattr(self, "nat", None)
+        if nat is not None:
+            nat.pool_changed(pool, view)
 
     # -- life cycle ---------------------------------------------------------------------------
 

@@ -107,6 +107,10 @@ class Table:
         self.keep_tombs = tombstones
         self.expire_more = False  # the last expire() stopped at its limit
         self.listeners: list[Callable[[Change], None]] = []
+        # called with (op, entry) for every change a peer's version made here (``apply``
+        # returned True), logged or not: a part that mirrors the table elsewhere (the kernel
+        # NAT mode's conntrack entries) hears about remote writes this way
+        self.on_apply: list[Callable[[int, Entry], None]] = []
         self.stats = {"created": 0, "refreshed": 0, "deleted": 0, "expired": 0, "evicted": 0,
                       "applied": 0, "conflicts_lost": 0}
 
@@ -263,6 +267,8 @@ class Table:
                 return False
             self._remove(local, op, origin=entry.origin, updated=entry.updated, log=log)
             self.stats["applied"] += 1
+            for fn in self.on_apply:
+                fn(op, entry)
             return True
         if entry.expires <= now:
             return False
@@ -284,6 +290,8 @@ class Table:
         if log:
             self._log_change(op if local is None or op == _REFRESH else _CREATE, e)
         self.stats["applied"] += 1
+        for fn in self.on_apply:
+            fn(op, e)
         return True
 
     # -- internals ----------------------------------------------------------------------------
@@ -385,27 +393,31 @@ class Table:
 
 
 class Tables:
-    """The node's two replicated tables."""
+    """The node's replicated tables: sticky sessions, the proxies' flows, and the kernel NAT
+    mode's conntrack entries (``nat``: one entry per NAT'ed connection, see halb.nat)."""
+
+    NAMES = ("sticky", "flow", "nat")
 
     def __init__(self, node: str, clock: Clock | None = None, *, sticky_max: int = 100_000,
-                 flow_max: int = 262_144, log_size: int = 200_000, tombstones: bool = True):
+                 flow_max: int = 262_144, log_size: int = 200_000, tombstones: bool = True,
+                 nat_max: int = 262_144):
         self.sticky = Table("sticky", node=node, clock=clock, max_entries=sticky_max,
                             log_size=log_size, tombstones=tombstones)
         self.flow = Table("flow", node=node, clock=clock, max_entries=flow_max, log_size=log_size,
                           tombstones=tombstones)
+        self.nat = Table("nat", node=node, clock=clock, max_entries=nat_max, log_size=log_size,
+                         tombstones=tombstones)
 
     def __iter__(self) -> Iterator[Table]:
-        return iter((self.sticky, self.flow))
+        return iter((self.sticky, self.flow, self.nat))
 
     def by_name(self, name: str) -> Table:
-        if name == "sticky":
-            return self.sticky
-        if name == "flow":
-            return self.flow
+        if name in self.NAMES:
+            return getattr(self, name)
         raise KeyError(name)
 
     def expire(self) -> int:
-        return self.sticky.expire() + self.flow.expire()
+        return sum(t.expire() for t in self)
 
 
 def sticky_key(kind: str, pool: str, value: str) -> str:
@@ -415,6 +427,11 @@ def sticky_key(kind: str, pool: str, value: str) -> str:
 
 def flow_key(listener: str, proto: str, client: str) -> str:
     return f"{listener}/{proto}/{client}"
+
+
+def nat_key(listener: str, proto: str, client: str, port: int) -> str:
+    """Key of a nat entry: one connection (client "ip:port" to the listener's VIP at ``port``)."""
+    return f"{listener}/{proto}/{client}/{port}"
 
 
 def entries_from(changes: Iterable[Change]) -> list[Entry]:

@@ -724,10 +724,115 @@ def _wait_answer(tr: Traffic, node: str, after: float, timeout: float) -> bool:
     return False
 
 
+# -- the kernel NAT mode (lab.natlab: its own two LANs, prefix "hq") ---------------------------
+
+NAT_PREFIX = "hq"
+NAT_MEDIAN_GAP_MS = 250.0
+
+
+def _nat_gaps(results: list[dict], t: float, window: float = 2.5) -> list[float]:
+    out = []
+    for c in results:
+        g = [ms for start, ms in c["gaps"] if t - window <= start <= t + 0.05]
+        out.append(max(g, default=0.0))
+    return out
+
+
+def _nat_scenario(name: str, title: str, out: Path, act: Callable, *, seconds: float) -> Result:
+    """A NAT lab (lb1 master, lb2 backup and synced), 50 TCP connections and 16 UDP flows
+    echoing every 50 ms, ``act(lab)`` returning the moments to measure gaps at; every
+    connection must survive on its backend."""
+    from .natlab import NatLab
+
+    r = Result(name, title)
+    d = out / f"{name}-lab"
+    d.mkdir(parents=True, exist_ok=True)
+    with NatLab(d, prefix=NAT_PREFIX) as lab:
+        lab.start("lb1")
+        lab.wait_state("lb1", "master")
+        lab.start("lb2")
+        lab.wait_state("lb2", "backup")
+        lab.wait_synced("lb2")
+        probe = lab.probe(seconds=seconds)
+        time.sleep(2.0)
+        moments = act(lab)
+        res = probe.results()
+    broken = [c for c in res if c["error"]]
+    moved = [c for c in res if len(c["backends"]) > 1]
+    per = [_nat_gaps(res, t) for t in moments]
+    medians = [statistics.median(g) for g in per]
+    udp = [c for c in res if c["kind"] == "udp"]
+    r.figures = {"connections": sum(1 for c in res if c["kind"] == "tcp"), "udp_flows": len(udp),
+                 "events": len(moments), "broken": len(broken), "moved_backend": len(moved),
+                 "median_gap_ms": [round(m, 1) for m in medians],
+                 "worst_gap_ms": [round(max(g), 1) for g in per],
+                 "udp_lost": sum(c["lost"] for c in udp),
+                 "udp_sent": sum(c["sent"] for c in udp)}
+    r.check("every TCP connection and UDP flow lives on", len(res) == 66 and not broken,
+            f"{len(broken)} broken: {[c['error'] for c in broken][:5]}")
+    r.check("every connection stays on its backend", not moved,
+            f"{len(moved)} moved: {[c['backends'] for c in moved][:5]}")
+    return r
+
+
+def nat_kill9(topo: Topology, out: Path, rounds: int = 3) -> Result:
+    def act(lab):
+        kills = []
+        for _ in range(rounds):
+            m = lab.master()
+            other = "lb2" if m == "lb1" else "lb1"
+            kills.append(time.monotonic())
+            lab.kill(m)
+            lab.wait_state(other, "master", timeout=5)
+            time.sleep(0.5)
+            lab.start(m)
+            lab.wait_state(m, "backup")
+            lab.wait_synced(m)
+            time.sleep(max(0.0, kills[-1] + 3.0 - time.monotonic()))
+        return kills
+    r = _nat_scenario("nat_kill9", f"NAT listeners: kill -9 of the master, {rounds}x alternating",
+                      out, act, seconds=3.0 + rounds * 3.0 + 2.0)
+    med = r.figures.get("median_gap_ms") or [float("inf")]
+    r.check(f"median gap per connection at a takeover <= {NAT_MEDIAN_GAP_MS:.0f} ms",
+            statistics.median(med) <= NAT_MEDIAN_GAP_MS, f"{med} ms")
+    return r
+
+
+def nat_sigstop(topo: Topology, out: Path, freeze: float = 2.0) -> Result:
+    def act(lab):
+        t = [time.monotonic()]
+        lab.freeze("lb1")
+        lab.wait_state("lb2", "master", timeout=5)
+        time.sleep(max(0.0, t[0] + freeze - time.monotonic()))
+        t.append(time.monotonic())
+        lab.freeze("lb1", on=False)
+        lab.wait(lambda: lab.nodes["lb2"].state() == "backup", 5, "lb2 backup after SIGCONT")
+        time.sleep(2.0)
+        return t
+    return _nat_scenario("nat_sigstop", f"NAT listeners: master frozen (SIGSTOP) {freeze:g} s, "
+                         "then SIGCONT (it takes the VIPs back)", out, act, seconds=9.0)
+
+
+def nat_partition(topo: Topology, out: Path, cut: float = 2.0) -> Result:
+    def act(lab):
+        t = [time.monotonic()]
+        lab.partition(True)
+        lab.wait_state("lb2", "master", timeout=5)
+        time.sleep(max(0.0, t[0] + cut - time.monotonic()))
+        t.append(time.monotonic())
+        lab.partition(False)
+        lab.wait(lambda: lab.nodes["lb2"].state() == "backup", 5, "lb2 backup after heal")
+        time.sleep(2.0)
+        return t
+    return _nat_scenario("nat_partition", f"NAT listeners: the LB nodes partitioned {cut:g} s "
+                         "(both master), then healed", out, act, seconds=9.0)
+
+
 SCENARIOS: dict[str, Callable[[Topology, Path], Result]] = {
     "kill9": kill9, "sigstop": sigstop, "partition": partition, "backend_kill": backend_kill,
     "preempt_restart": preempt_restart, "loop": failover_loop, "keepalived": keepalived_baseline,
     "split_brain": split_brain, "preempt_stale": preempt_stale,
+    "nat_kill9": nat_kill9, "nat_sigstop": nat_sigstop, "nat_partition": nat_partition,
 }
 
 

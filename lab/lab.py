@@ -79,6 +79,22 @@ def ns_call(ns: str, fn: Callable[..., Any], *args, timeout: float = 10.0) -> An
     return box.get("v")
 
 
+def log_events(text: str, event: str) -> list[dict]:
+    """The records of ``event`` in a halbd log (one JSON object per line; other lines, such
+    as a --check warning printed before logging starts, are passed over)."""
+    out = []
+    for line in text.splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if d.get("event") == event:
+            out.append(d)
+    return out
+
+
 def http_get(host: str, port: int, path: str = "/", timeout: float = 1.0,
              headers: dict | None = None) -> tuple[int, dict, bytes]:
     """One HTTP/1.1 GET (Connection: close), for probes; (status, headers, body)."""

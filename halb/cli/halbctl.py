@@ -8,7 +8,7 @@
     enable POOL BACKEND [--json]             end a drain
     weight POOL BACKEND N [--json]           set the admin weight (0..256; 0 drains)
     failover INSTANCE [--json]               hand a master instance over to a backup
-    tables [sticky|flow] [--prefix P] [--limit N] [--json]
+    tables [sticky|flow|nat] [--prefix P] [--limit N] [--json]
     watch [--interval S] [--count N]         status, refreshed live
     pki init --out DIR NODE [NODE...] [--ip NODE=IP ...]   CA and node certificates for a lab
 
@@ -369,7 +369,7 @@ def dump_table(client: Client, table: str, prefix: str, limit: int) -> tuple[lis
 
 def cmd_tables(args, client: Client) -> int:
     from rich.table import Table
-    names = [args.table] if args.table else ["sticky", "flow"]
+    names = [args.table] if args.table else ["sticky", "flow", "nat"]
     out: dict[str, Any] = {}
     for name in names:
         entries, total = dump_table(client, name, args.prefix, args.limit)
@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_failover)
 
     p = sub.add_parser("tables", parents=[common], help="entries of the sticky and flow tables")
-    p.add_argument("table", nargs="?", choices=("sticky", "flow"))
+    p.add_argument("table", nargs="?", choices=("sticky", "flow", "nat"))
     p.add_argument("--prefix", default="", help="only keys starting with this")
     p.add_argument("--limit", type=_count(1, MAX_LIMIT), default=100,
                    help="at most this many entries per table (default 100)")

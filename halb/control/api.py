@@ -335,7 +335,7 @@ class ControlAPI:
         try:
             table = self.node.tables.by_name(req.table)
         except KeyError:
-            raise _missing(f"no such table {req.table!r} (tables: sticky, flow)") from None
+            raise _missing(f"no such table {req.table!r} (tables: sticky, flow, nat)") from None
         size = req.page_size or DEFAULT_PAGE
         if size > MAX_PAGE:
             raise _bad(f"page_size {size} too large (at most {MAX_PAGE})")

@@ -20,7 +20,7 @@ Kind = pb.SyncBatch.Kind
 MAX_BATCH_BYTES = 1 << 20  # a batch is cut at ~1 MiB, well under the 4 MiB message limit
 MAX_MESSAGE_BYTES = 4 << 20
 SCAN_FACTOR = 8  # changes of other origins scanned per batch, as a multiple of batch_size
-TABLE_NAMES = ("sticky", "flow")
+TABLE_NAMES = ("sticky", "flow", "nat")
 _OPMAP = {int(o): o for o in Op}
 
 

@@ -7,6 +7,10 @@
     election.handover(name)                 # graceful: priority 0, step down, hold (see below)
     election.sync_peer_lost(ip) / sync_peer_seen(ip)   # state sync stream closed / opened
     election.set_preempt_hold(True|False)   # state sync: do not preempt while learning tables
+    election.vip_hooks.append(h)            # h.before_vips_added(instance, vips) and
+                                            # h.after_vips_removed(instance, vips), in the
+                                            # event loop, synchronously (the kernel NAT mode
+                                            # commits its pending conntrack entries first)
 
 One ``Channel`` per interface owns a raw socket (protocol 112, bound to the device, TTL 255,
 multicast on 224.0.0.18 with loop off, or unicast to ``unicast_peers``) and the ``Decoder`` for
@@ -230,6 +234,13 @@ class Instance:
         self._garp_handles: list[asyncio.TimerHandle] = []
         self._notify_q: asyncio.Queue | None = None
         self.ifindex = 0
+        # excluded VIPs (not in adverts, moved with this instance): interface -> addresses
+        self.extra: dict[str, list] = {}
+        for vip, dev in cfg.excluded_vips:
+            self.extra.setdefault(dev or cfg.interface, []).append(vip)
+        self.extra_index: dict[str, int] = {}
+        self.extra_garp: dict[str, tuple[GarpSender, list[bytes]]] = {}
+        self.all_vip_strs = self.vip_strs + tuple(str(v.ip) for v, _ in cfg.excluded_vips)
         self.invalid: dict[str, int] = {}  # reason -> adverts refused
         self.invalid_sources: dict[tuple[str, str], list] = {}  # (source, reason) -> [n, detail]
 
@@ -264,9 +275,23 @@ class Instance:
         key = cfg.auth_key.encode() if cfg.auth_key else b""
         self.signer = codec.Signer(cfg.vrid, self.vip_strs, self.address, cfg.checksum, key)
         self._frames = garp_frames(self.mac, self.vip_strs) if self.mac else []
+        for dev, vips in self.extra.items():
+            xs = st if dev == cfg.interface else await netlink.link(dev)
+            if not xs["exists"]:
+                raise OSError(f"vrrp instance {cfg.name!r}: no interface {dev!r} "
+                              f"(excluded_vips)")
+            self.extra_index[dev] = xs["index"]
+            if dev == cfg.interface:
+                self._frames += garp_frames(self.mac, [str(v.ip) for v in vips]) if self.mac else []
+            elif xs["mac"]:
+                self.extra_garp[dev] = (GarpSender(dev),
+                                        garp_frames(xs["mac"], [str(v.ip) for v in vips]))
         for add in (True, False):  # encode the netlink requests now, not during a takeover
             for v in cfg.vips:
                 self.election.addrs.prepare(add, self.ifindex, v)
+            for dev, vips in self.extra.items():
+                for v in vips:
+                    self.election.addrs.prepare(add, self.extra_index[dev], v)
         self.fsm = Fsm(Params(vrid=cfg.vrid, priority=cfg.priority, interval=cfg.advert_interval,
                               address=self.address, preempt=cfg.preempt,
                               preempt_delay=cfg.preempt_delay, garp_refresh=cfg.garp.refresh))
@@ -383,17 +408,32 @@ class Instance:
         the VIPs (orphans of an earlier run or an earlier term as master) are destroyed just
         before the VIPs are added and just after they are removed (``sockdiag``)."""
         if add:
+            for h in self.election.vip_hooks:
+                try:
+                    h.before_vips_added(self.name, self.all_vip_strs)
+                except Exception:  # noqa: BLE001 - a hook never delays or stops a takeover
+                    log.exception("vip_hook_failed", instance=self.name, when="before_add")
             self._destroy_stale("before_add")
-        try:
-            changed = self.election.addrs.change(add, self.ifindex, self.cfg.vips)
-        except LinkError as e:
-            log.error("vip_failed", instance=self.name, op="add" if add else "remove", error=str(e))
-            return
-        if changed:
-            log.info("vips_added" if add else "vips_removed", instance=self.name,
-                     interface=self.cfg.interface, vips=changed)
+        groups = [(self.cfg.interface, self.ifindex, self.cfg.vips)]
+        groups += [(dev, self.extra_index[dev], vips) for dev, vips in self.extra.items()
+                   if dev in self.extra_index]
+        for dev, ifindex, vips in groups:  # front and back addresses move as one group
+            try:
+                changed = self.election.addrs.change(add, ifindex, vips)
+            except LinkError as e:
+                log.error("vip_failed", instance=self.name, op="add" if add else "remove",
+                          interface=dev, error=str(e))
+                continue
+            if changed:
+                log.info("vips_added" if add else "vips_removed", instance=self.name,
+                         interface=dev, vips=changed)
         if not add:
             self._destroy_stale("after_remove")
+            for h in self.election.vip_hooks:
+                try:
+                    h.after_vips_removed(self.name, self.all_vip_strs)
+                except Exception:  # noqa: BLE001
+                    log.exception("vip_hook_failed", instance=self.name, when="after_remove")
 
     def _destroy_stale(self, when: str) -> None:
         el = self.election
@@ -419,6 +459,8 @@ class Instance:
         if self.cfg.garp.count == 0 and burst:
             return
         self.garp.send(self._frames)
+        for g, fr in self.extra_garp.values():
+            g.send(fr)
         loop = asyncio.get_running_loop()
         self._garp_handles = [h for h in self._garp_handles if not h.cancelled()]
         for i in range(1, count):
@@ -428,6 +470,8 @@ class Instance:
     def _garp_again(self) -> None:
         if self.fsm is not None and self.fsm.state == MASTER:
             self.garp.send(self._frames)
+            for g, fr in self.extra_garp.values():
+                g.send(fr)
 
     def _state_changed(self, a: StateChange) -> None:
         m = self.election.metrics
@@ -495,6 +539,8 @@ class Instance:
                 await t
         self._tasks.clear()
         self.garp.close()
+        for g, _ in self.extra_garp.values():
+            g.close()
 
     async def _drain_notify(self) -> None:
         while self._notify_q is not None and not self._notify_q.empty():
@@ -512,7 +558,8 @@ class Instance:
             "state": f.state if f else INIT,
             "priority": f.priority if f else self.cfg.priority,
             "base_priority": self.cfg.priority,
-            "vips": [str(v) for v in self.cfg.vips],
+            "vips": [str(v) for v in self.cfg.vips]
+                    + [f"{v} dev {dev or self.cfg.interface}" for v, dev in self.cfg.excluded_vips],
             "master": f.master if f else "",
             "advert_interval": f.interval if f else self.cfg.advert_interval,
             "preempt": self.cfg.preempt,
@@ -566,6 +613,7 @@ class Election:
         self.netlink: Netlink | None = None
         self.addrs = AddrSocket()
         self.sockdiag_broken = False
+        self.vip_hooks: list[Any] = []  # see the module docstring
         self._hold = False
         self._started = False
         sync = getattr(getattr(node, "cfg", None), "sync", None)

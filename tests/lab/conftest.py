@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from lab import netns as nx
+from lab.lab import log_events
 from tests.helpers import Halbd, Proc, wait_for
 
 PREFIX = "hv"
@@ -195,17 +196,7 @@ def pytest_runtest_makereport(item, call):
 
 def events(proc: Proc, event: str) -> list[dict]:
     """The JSON log records ``event`` from a halbd's log."""
-    out = []
-    for line in proc.output().splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue
-        if d.get("event") == event:
-            out.append(d)
-    return out
+    return log_events(proc.output(), event)
 
 
 def state_of(proc: Proc, instance: str = "vi") -> str:

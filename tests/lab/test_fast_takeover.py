@@ -35,6 +35,7 @@ import pytest
 
 from halb.vrrp.fsm import master_down_interval
 from lab import netns as nx
+from lab.lab import log_events
 from tests.helpers import Halbd, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]
@@ -84,16 +85,7 @@ insecure = true
 
 
 def events(proc, event):
-    out = []
-    for line in proc.output().splitlines():
-        if f'"{event}"' in line:
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            if d.get("event") == event:
-                out.append(d)
-    return out
+    return log_events(proc.output(), event)
 
 
 def wall(rec) -> float:

@@ -123,7 +123,7 @@ BAD = [
                   '  [[pools.backends]]\n  address = "127.0.0.1:9001"\n  backup = "yes"'),
      ["pools[0].backends[0].backup: expected a boolean, got string"]),
     ("bad-mode", BASE.replace('mode = "http"', 'mode = "sctp"'),
-     ["listeners[0].mode: unknown value 'sctp' (expected one of: tcp, udp, http)"]),
+     ["listeners[0].mode: unknown value 'sctp' (expected one of: tcp, udp, http, nat)"]),
     ("bad-duration",
      BASE.replace('name = "web"\n', 'name = "web"\n  [pools.health]\n  type = "tcp"\n  interval = "fast"\n', 1),
      ["pools[0].health.interval: expected a duration such as 2, 0.5, \"100ms\" or \"2s\", got 'fast'"]),
@@ -224,7 +224,7 @@ def test_all_problems_reported_at_once():
     text = BASE.replace('address = "127.0.0.1:9002"', 'address = "127.0.0.1:99999"').replace(
         'mode = "http"', 'mode = "sctp"')
     assert problems(text) == ["pools[0].backends[1].address: port 99999 out of range",
-                              "listeners[0].mode: unknown value 'sctp' (expected one of: tcp, udp, http)"]
+                              "listeners[0].mode: unknown value 'sctp' (expected one of: tcp, udp, http, nat)"]
 
 
 @pytest.mark.parametrize("text,seconds", [(2, 2.0), (0.5, 0.5), ("100ms", 0.1), ("2s", 2.0),
@@ -275,3 +275,77 @@ def test_halbd_check_prints_warnings_and_still_exits_0(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"halbd: {f}: warning: vrrp[0].checksum: not set" in r.stderr
     assert "ok" in r.stdout
+
+
+NAT = """
+[node]
+name = "lb1"
+
+[[pools]]
+name = "p"
+algorithm = "maglev"
+  [[pools.backends]]
+  address = "198.18.1.21:8080"
+
+[[listeners]]
+name = "n"
+mode = "nat"
+bind = "198.18.0.100:80"
+pool = "p"
+"""
+
+
+def test_nat_listener_and_section():
+    cfg = loads(NAT + 'protocol = "udp"\nhash = "client_ip_port"\n'
+                '[nat]\nreplicate = false\nhash_slots = 251\nreconcile_interval = "10s"\n')
+    lc = cfg.listeners[0]
+    assert (lc.mode, lc.protocol, lc.hash) == ("nat", "udp", "client_ip_port")
+    assert cfg.nat.replicate is False and cfg.nat.hash_slots == 251
+    assert cfg.nat.reconcile_interval == 10.0 and cfg.nat.table == "halb"
+    assert loads(NAT).listeners[0].protocol == "tcp" and loads(NAT).nat.hash_slots == 4093
+
+
+@pytest.mark.parametrize("text,expected", [
+    (NAT.replace('algorithm = "maglev"', 'algorithm = "leastconn"'),
+     "listeners[0].pool: pool 'p' has algorithm = 'leastconn': a nat listener balances in the "
+     "kernel by consistent hash, so its pool needs algorithm = \"maglev\""),
+    (NAT.replace('algorithm = "maglev"', 'algorithm = "maglev"\n  [pools.sticky]\n  mode = "source"'),
+     "listeners[0].pool: pool 'p' has sticky.mode = 'source'"),
+    (NAT.replace('bind = "198.18.0.100:80"', 'bind = "0.0.0.0:80"'),
+     "listeners[0].bind: a nat listener binds one IPv4 address (its VIP), not '0.0.0.0'"),
+    (NAT.replace('bind = "198.18.0.100:80"', 'bind = "lb.example:80"'),
+     "listeners[0].bind: a nat listener binds one IPv4 address"),
+    (NAT.replace('mode = "nat"', 'mode = "tcp"\nprotocol = "udp"'),
+     "listeners[0].protocol: protocol needs mode = \"nat\" (mode is 'tcp')"),
+    (NAT + 'protocol = "sctp"\n', "listeners[0].protocol: unknown value 'sctp'"),
+    (NAT + '[nat]\nhash_slots = 4096\n', "nat.hash_slots: 4096 is not a prime"),
+    (NAT + '[nat]\ntable = "my table"\n', "nat.table: invalid nftables table name 'my table'"),
+    (NAT + '[nat]\nentry_ttl = "60s"\n', "nat.entry_ttl: must be at least 4 x reconcile_interval"),
+    (NAT + '[nat]\nreplicat = true\n', "nat.replicat: unknown key"),
+])
+def test_bad_nat_config_names_the_key(text, expected):
+    got = problems(text)
+    assert any(g.startswith(expected) for g in got), got
+
+
+def test_excluded_vips():
+    base = NAT + """
+[[vrrp]]
+name = "v"
+interface = "eth0"
+vrid = 7
+priority = 100
+checksum = "rfc9568"
+vips = ["198.18.0.100/24"]
+"""
+    cfg = loads(base + 'excluded_vips = ["198.18.1.1/24 dev eth1", "198.18.0.7", "198.18.2.1/24 dev eth0"]\n')
+    ex = [(str(v), d) for v, d in cfg.vrrp[0].excluded_vips]
+    assert ex == [("198.18.1.1/24", "eth1"), ("198.18.0.7/32", ""), ("198.18.2.1/24", "")]
+    assert not cfg.warnings
+    bad = problems(base + 'excluded_vips = ["198.18.1.1/24 dev", "198.18.1.x", "198.18.1.1 dev a b"]\n')
+    assert bad[0].startswith("vrrp[0].excluded_vips[0]: expected \"ADDRESS/LEN\" or")
+    assert bad[1] == "vrrp[0].excluded_vips[1]: invalid address '198.18.1.x'"
+    assert bad[2].startswith("vrrp[0].excluded_vips[2]: expected")
+    # a nat listener on an address no instance moves: a warning, not an error
+    cfg = loads(base.replace('vips = ["198.18.0.100/24"]', 'vips = ["198.18.0.101/24"]'))
+    assert [w.path for w in cfg.warnings] == ["listeners[0].bind"]

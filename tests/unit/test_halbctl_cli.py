@@ -79,7 +79,7 @@ def test_tcp_needs_all_tls_files():
     (("frobnicate",), "invalid choice"),
     (("drain", "web"), "required: backend"),
     (("weight", "web", "web1", "x"), "not a whole number"),
-    (("tables", "nat"), "invalid choice"),
+    (("tables", "conntrack"), "invalid choice"),
     (("tables", "--limit", "0"), "out of range"),
     (("tables", "--limit", "1000001"), "out of range"),
     (("watch", "--interval", "0"), "out of range"),
@@ -196,7 +196,7 @@ def test_status_reflects_pool_state_and_effective_weights():
     web.report_result(a, False, n.clock.now())
     assert c.status().pools[0].backends[0].failures == 1
     sizes = {t.name: t.size for t in c.status().tables}
-    assert sizes == {"sticky": 1, "flow": 0}
+    assert sizes == {"sticky": 1, "flow": 0, "nat": 0}
 
 
 def test_admin_calls_and_their_errors():

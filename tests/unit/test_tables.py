@@ -3,7 +3,7 @@
 import pytest
 
 from halb.clock import FakeClock
-from halb.tables import Change, Entry, Op, Table, Tables, flow_key, sticky_key
+from halb.tables import Change, Entry, Op, Table, Tables, flow_key, nat_key, sticky_key
 
 pytestmark = pytest.mark.unit
 
@@ -284,11 +284,13 @@ def test_active_active_convergence_in_any_order():
 
 
 def test_tables_and_keys():
-    ts = Tables("n", FakeClock(0.0), sticky_max=5, flow_max=7)
-    assert [t.name for t in ts] == ["sticky", "flow"]
+    ts = Tables("n", FakeClock(0.0), sticky_max=5, flow_max=7, nat_max=9)
+    assert [t.name for t in ts] == ["sticky", "flow", "nat"]
     assert ts.by_name("flow").max_entries == 7 and ts.sticky.epoch != ts.flow.epoch
+    assert ts.by_name("nat").max_entries == 9
     with pytest.raises(KeyError):
-        ts.by_name("nat")
+        ts.by_name("conntrack")
+    assert nat_key("www", "tcp", "198.18.0.5:40000", 80) == "www/tcp/198.18.0.5:40000/80"
     assert sticky_key("cookie", "web", "v") == "cookie/web/v"
     assert flow_key("l", "udp", "1.2.3.4:5") == "l/udp/1.2.3.4:5"
     with pytest.raises(ValueError):

@@ -1,0 +1,1 @@
+"""Kernel NAT mode."""

@@ -1,0 +1,298 @@
+"""The socket edge of ctnetlink: a NETLINK_NETFILTER socket, and two blocking helpers on it.
+
+``CtSocket`` is non-blocking and thin: ``read()`` hands datagrams to ``halb.nat.ctnl``'s
+parser, ``send_batch()`` packs encoded messages into as few datagrams as it can. An asyncio
+edge watches ``fileno()``. ``inject()`` (install flows, used at takeover) and ``dump()``
+(list the kernel's entries) are synchronous and bounded by a deadline; run them on a socket
+that has joined no multicast group (they would swallow its events).
+
+The socket lives in the network namespace of the thread that creates it.
+
+Bounds: one receive buffer of ``RECV_SIZE`` bytes per socket (a netlink datagram from the
+kernel is at most 32 KiB: dump parts are capped there, events are one entry each); a send
+datagram holds at most ``MAX_SEND`` bytes; ``read()`` takes at most ``max_datagrams`` per call;
+``inject`` and ``dump`` stop at their deadline, ``dump`` also at ``max_entries``.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from typing import Iterable, NamedTuple
+
+from . import ctnl
+from .ctnl import AF_INET, Event, Flow, Message, NlAck, NlDone, NlError
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_NO_ENOBUFS = 5
+NETLINK_CAP_ACK = 10
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+GROUP_NEW = 1 << (ctnl.NFNLGRP_CONNTRACK_NEW - 1)
+GROUP_UPDATE = 1 << (ctnl.NFNLGRP_CONNTRACK_UPDATE - 1)
+GROUP_DESTROY = 1 << (ctnl.NFNLGRP_CONNTRACK_DESTROY - 1)
+GROUPS_ALL = GROUP_NEW | GROUP_UPDATE | GROUP_DESTROY
+
+RECV_SIZE = 64 << 10
+MAX_SEND = 64 << 10
+_SEQ_MASK = 0xFFFFFFFF
+
+
+class CtSocket:
+    """A NETLINK_NETFILTER socket. Non-blocking; the caller (an asyncio edge) watches fileno().
+
+    ``groups``: a bitmask of GROUP_NEW | GROUP_UPDATE | GROUP_DESTROY (0: requests only).
+    Buffer sizes are forced past the sysctl limits (SO_*BUFFORCE, root) when ``force_bufs``,
+    else (or when that is refused) asked for with SO_*BUF and capped by the kernel.
+    NETLINK_NO_ENOBUFS stays off: a full receive buffer must be reported (``overruns``), as
+    the events lost then leave the reader out of step with the kernel.
+    """
+
+    def __init__(self, *, groups: int = 0, rcvbuf: int = 8 << 20, sndbuf: int = 4 << 20,
+                 force_bufs: bool = True) -> None:
+        self.groups = groups
+        self.overruns = 0
+        self._parser = ctnl.Parser()
+        self._seq = 0
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self._sock = socket.socket(socket.AF_NETLINK,
+                                   socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                   NETLINK_NETFILTER)
+        try:
+            self._set_buf(SO_RCVBUFFORCE if force_bufs else None, socket.SO_RCVBUF, rcvbuf)
+            self._set_buf(SO_SNDBUFFORCE if force_bufs else None, socket.SO_SNDBUF, sndbuf)
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 0)
+            # errors echo only the failed request's header, not the whole request: a failed
+            # batch of creates then costs the receive buffer 36 bytes a message, not 250
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            self._sock.bind((0, groups))
+            self.portid: int = self._sock.getsockname()[0]
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _set_buf(self, forced: int | None, plain: int, size: int) -> None:
+        if forced is not None:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, forced, size)
+                return
+            except PermissionError:
+                pass  # no CAP_NET_ADMIN: take what the sysctl limit allows
+        self._sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+    @property
+    def bad(self) -> int:
+        """Malformed messages seen (and skipped) so far."""
+        return self._parser.bad
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def next_seq(self, count: int = 1) -> int:
+        """Reserves ``count`` consecutive sequence numbers (modulo 2**32); returns the first."""
+        first = (self._seq + 1) & _SEQ_MASK
+        self._seq = (self._seq + count) & _SEQ_MASK
+        return first
+
+    def read(self, max_datagrams: int = 64) -> list[Message]:
+        """Drains what is readable now, up to ``max_datagrams`` datagrams. On ENOBUFS (the
+        kernel dropped messages for a full receive buffer) counts an overrun and returns what
+        it has: the caller must resynchronise (dump)."""
+        out: list[Message] = []
+        recv_into, view, parse_into = self._sock.recv_into, self._view, self._parser.parse_into
+        for _ in range(max_datagrams):
+            try:
+                n = recv_into(self._buf, RECV_SIZE, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1
+                break
+            if n > RECV_SIZE:  # cut short (cannot happen with kernel datagrams): count it
+                self._parser.bad += 1
+                n = RECV_SIZE
+            parse_into(view[:n], out)
+        return out
+
+    def send_batch(self, msgs: list[bytes]) -> int:
+        """Sends ``msgs`` packed into datagrams of up to MAX_SEND bytes (the kernel processes
+        every message of a datagram, in order, before send returns). Returns how many were
+        sent: fewer than ``len(msgs)`` only when the socket would block (EAGAIN), in which
+        case the caller sends the rest later (after POLLOUT)."""
+        sent = 0
+        i, n = 0, len(msgs)
+        send = self._sock.send
+        while i < n:
+            j, size = i, 0
+            while j < n and (j == i or size + len(msgs[j]) <= MAX_SEND):
+                size += len(msgs[j])
+                j += 1
+            try:
+                send(b"".join(msgs[i:j]) if j - i > 1 else msgs[i])
+            except BlockingIOError:
+                return sent
+            sent += j - i
+            i = j
+        return sent
+
+    def wait(self, events: int, timeout: float) -> bool:
+        """Blocks until the socket is ready for ``events`` (select.POLLIN / POLLOUT) or
+        ``timeout`` seconds pass; True if ready."""
+        p = select.poll()
+        p.register(self._sock, events)
+        return bool(p.poll(max(0, int(timeout * 1000))))
+
+    def close(self) -> None:
+        self._view.release()
+        self._sock.close()
+
+    def __enter__(self) -> CtSocket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InjectResult(NamedTuple):
+    sent: int  # creates sent
+    ok: int  # creates sent that the kernel did not refuse
+    errors: dict[int, int]  # errno -> count; EINVAL also for flows that could not be encoded
+    failed: list[tuple[Flow, int]]  # the first MAX_FAILED refused flows and their errno
+    overruns: int  # receive-buffer overruns meanwhile: refusals may have gone unreported
+    seconds: float
+
+
+MAX_FAILED = 64
+
+
+class _Tally:
+    """The answers to one inject: refusals by errno, and whether the final marker came."""
+
+    def __init__(self, todo: list[Flow], base: int, marker: int) -> None:
+        self.todo, self.base, self.marker = todo, base, marker
+        self.errors: dict[int, int] = {}
+        self.failed: list[tuple[Flow, int]] = []
+        self.done = False
+
+    def refuse(self, flow: Flow, err: int) -> None:
+        self.errors[err] = self.errors.get(err, 0) + 1
+        if len(self.failed) < MAX_FAILED:
+            self.failed.append((flow, err))
+
+    def take(self, answers: list[Message]) -> None:
+        for m in answers:
+            if type(m) is NlError:
+                k = (m.seq - self.base) & _SEQ_MASK
+                if k < len(self.todo):
+                    self.refuse(self.todo[k], m.errno)
+                elif m.seq == self.marker:
+                    self.done = True  # cannot happen (a NOOP is always acked), but it ends
+            elif type(m) is NlAck and m.seq == self.marker:
+                self.done = True
+
+
+def inject(sock: CtSocket, flows: Iterable[Flow], *, timeout: int, mark: int = 0,
+           batch: int = 128, deadline: float = 30.0) -> InjectResult:
+    """Creates ``flows`` in the kernel (``ctnl.encode_create``, ``timeout`` seconds, ``mark``).
+
+    ``batch`` creates go in one datagram, without per-message ACK: the kernel answers only
+    the refusals. It processes a datagram before send() returns, so the answers are drained
+    after each one, before they can fill the receive buffer. A final marker (an acked
+    NLMSG_NOOP) closes the run: its ack comes after every answer to what preceded it. A
+    flow that cannot be encoded is counted as EINVAL, not sent, and does not stop the rest.
+    Raises TimeoutError after ``deadline`` seconds, ValueError on a socket in groups.
+    """
+    if sock.groups:
+        raise ValueError("inject on a socket that receives events would swallow them")
+    start = time.monotonic()
+    end = start + deadline
+    todo = list(flows)
+    n = len(todo)
+    base = sock.next_seq(n + 1)
+    tally = _Tally(todo, base, (base + n) & _SEQ_MASK)
+    overruns0 = sock.overruns
+    sent = 0
+    for i in range(0, n, batch):
+        msgs = []
+        for k in range(i, min(i + batch, n)):
+            try:
+                msgs.append(ctnl.encode_create(todo[k], seq=(base + k) & _SEQ_MASK,
+                                               timeout=timeout, mark=mark))
+            except ValueError:
+                tally.refuse(todo[k], errno.EINVAL)
+        _send_all(sock, msgs, end)
+        sent += len(msgs)
+        tally.take(sock.read(1 << 16))
+    _send_all(sock, [ctnl.encode_marker(seq=tally.marker)], end)
+    while not tally.done:
+        answers = sock.read(1 << 16)
+        tally.take(answers)
+        if tally.done or answers:
+            continue
+        if sock.overruns != overruns0:
+            break  # the queue is empty and the marker's ack was among what was lost
+        if not sock.wait(select.POLLIN, end - time.monotonic()):
+            raise TimeoutError(f"inject: no ack for the final marker after {n} creates")
+    refused = sum(tally.errors.values())
+    unencodable = n - sent
+    return InjectResult(sent, sent - (refused - unencodable), tally.errors, tally.failed,
+                        sock.overruns - overruns0, time.monotonic() - start)
+
+
+def _send_all(sock: CtSocket, msgs: list[bytes], end: float) -> None:
+    while msgs:
+        k = sock.send_batch(msgs)
+        msgs = msgs[k:]
+        if msgs and not sock.wait(select.POLLOUT, end - time.monotonic()):
+            raise TimeoutError(f"inject: {len(msgs)} messages unsent at the deadline")
+
+
+def dump(sock: CtSocket | None = None, *, family: int = AF_INET, mark: int | None = None,
+         max_entries: int = 1_000_000, timeout: float = 5.0) -> list[Event]:
+    """The kernel's conntrack entries of ``family`` (and ``mark``, if given), as "dump"
+    events. Opens (and closes) its own socket unless given one without groups. Raises
+    OSError for a kernel error, TimeoutError after ``timeout`` seconds, OverflowError for
+    more than ``max_entries`` entries (after draining the rest, so the socket stays usable)."""
+    if sock is not None and sock.groups:
+        raise ValueError("dump on a socket that receives events would swallow them")
+    own = sock is None
+    s = CtSocket(rcvbuf=1 << 20, sndbuf=1 << 16) if own else sock
+    try:
+        return _dump(s, family, mark, max_entries, time.monotonic() + timeout)
+    finally:
+        if own:
+            s.close()
+
+
+def _dump(s: CtSocket, family: int, mark: int | None, max_entries: int,
+          end: float) -> list[Event]:
+    seq = s.next_seq()
+    if s.send_batch([ctnl.encode_dump(seq=seq, family=family, mark=mark)]) != 1:
+        raise BlockingIOError(errno.EAGAIN, "dump request not sent")
+    out: list[Event] = []
+    too_many = False
+    while True:
+        left = end - time.monotonic()
+        if left <= 0 or not s.wait(select.POLLIN, left):
+            raise TimeoutError(f"dump: no end after {len(out)} entries")
+        for m in s.read():
+            if type(m) is Event:
+                if m.kind != "dump":
+                    continue
+                if len(out) < max_entries:
+                    out.append(m)
+                else:
+                    too_many = True
+            elif type(m) is NlDone and m.seq == seq:
+                if too_many:
+                    raise OverflowError(f"dump: more than {max_entries} entries")
+                return out
+            elif type(m) is NlError and m.seq == seq:
+                raise OSError(m.errno, f"conntrack dump: {errno.errorcode.get(m.errno, '?')}")
