@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out", help="directory for failover.png and the timeline")
     p.add_argument("--before", type=float, default=3.0, help="seconds of traffic before the kill")
     p.add_argument("--after", type=float, default=3.0, help="seconds of traffic after the kill")
+    p.add_argument("--no-nat", action="store_true",
+                   help="skip the second part (kernel NAT mode: a stream that survives the kill)")
     p = sub.add_parser("chaos", help="the chaos scenarios; writes chaos-report.json/.md")
     topo_args(p, prefix="hc", subnet="198.18.70.0/24")
     p.add_argument("--out", default="out")
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "demo":
             from .demo import run_demo
-            return run_demo(_topology(a), out_dir=a.out, before=a.before, after=a.after)
+            return run_demo(_topology(a), out_dir=a.out, before=a.before, after=a.after,
+                            nat=not a.no_nat)
         if a.cmd == "chaos":
             from .chaos import run_all
             return run_all(_topology(a), out_dir=a.out, only=a.only)

@@ -8,15 +8,24 @@ failed in between, and how many sticky clients kept their backend. Writes
 ``<out>/failover.png`` (requests per 10 ms by serving node and by backend, kill marked) and
 ``<out>/failover.json``, then tears the lab down.
 
+Then the kernel NAT part (``run_nat_demo``) on a lab of its own (``lab.natlab``, prefix
+``hd``): a long-lived stream (4 TCP connections and 2 UDP flows echoing every 20 ms) through
+the ``mode = "nat"`` listeners, kill -9 of the master 2.5 s into it, and its timeline: when
+the standby became master, how many replicated conntrack entries its kernel had, and per
+connection the last echo before the kill and the first after it, on the same socket and the
+same backend. Its figures go into ``failover.json`` under "nat" and ``failover-nat.png``.
+
 Which node served a request is not guessed: the backends echo the address the request came
 from, and each LB node connects to the backends from its own address.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -372,7 +381,17 @@ def _holders_text(lab: Lab) -> str:
                      for v, hs in held.items())
 
 
-def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: float = 3.0) -> int:
+def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: float = 3.0,
+             nat: bool = True) -> int:
+    """The whole demo: the proxy listeners on the default lab, then (``nat``) the kernel NAT
+    part on its own lab (``run_nat_demo``). 0 if both failovers did what they should."""
+    rc = _run_proxy_demo(topo, out_dir, before, after)
+    if nat:
+        rc = max(rc, _run_nat_part(out_dir))
+    return rc
+
+
+def _run_proxy_demo(topo: Topology, out_dir: str, before: float, after: float) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lab = Lab(topo)
@@ -466,3 +485,372 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
         left = lab.leftovers()
         _say(f"\n== lab torn down ({len(removed)} items removed"
              + (f"; STILL PRESENT: {left})" if left else "; nothing left behind)"))
+
+
+# -- the kernel NAT part ------------------------------------------------------------------------
+#
+# Its own lab (lab.natlab: namespaces hd*, front LAN 198.18.44.0/24, back LAN 198.18.45.0/24),
+# so it never meets the proxy lab above. No proxy in the path: each node's kernel forwards
+# (nftables DNAT), halbd programs it and replicates the master's conntrack entries into the
+# standby's kernel. The stream is lab.natprobe with --gap-ms 0: every interval between two
+# answers is listed, so each echo's CLOCK_MONOTONIC time is known.
+
+NAT_PREFIX = "hd"
+NAT_TCP_CONNS = 4
+NAT_UDP_FLOWS = 2
+NAT_INTERVAL = 0.02  # seconds between echoes, per connection and per flow
+NAT_SECONDS = 6.0  # the stream's length
+NAT_KILL_AFTER = 2.5  # seconds into the stream
+
+
+def _log_mono(rec: dict, offset: float) -> float | None:
+    """A halbd log record's CLOCK_MONOTONIC time (its wall-clock ``ts`` mapped with ``offset``
+    = time.time() - time.monotonic() on this same host)."""
+    import datetime as dt
+    try:
+        wall = dt.datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=dt.UTC).timestamp()
+    except (KeyError, ValueError):
+        return None
+    return wall - offset
+
+
+def _echo_times(conn: dict) -> list[float]:
+    """Every answer's CLOCK_MONOTONIC time, from a lab.natprobe result run with --gap-ms 0
+    (its ``gaps`` then list every interval between two answers: (start, length ms))."""
+    g = conn.get("gaps") or []
+    if not g:
+        return []
+    return [g[0][0]] + [start + ms / 1000 for start, ms in g]
+
+
+def _client_ports(lab, vip: str, port: int) -> list[int]:
+    """Local ports of the client's established TCP sockets to ``vip:port`` (ss in its netns)."""
+    import re
+    r = nx.run_in(lab.ns["cl"], ["ss", "-tnH", "state", "established", "dst", f"{vip}:{port}"],
+                  check=False, timeout=10)
+    return sorted({int(m) for m in re.findall(r"\s\S+:(\d+)\s+" + re.escape(vip) + ":",
+                                              " " + r.stdout)})
+
+
+def _conntrack_backends(lab, node: str, vip: str, port: int, backends: dict[str, str]
+                        ) -> dict[int, str]:
+    """Client port -> backend name of the TCP entries to ``vip:port`` in ``node``'s kernel."""
+    import re
+    r = nx.run_in(lab.ns[node], ["conntrack", "-L", "-p", "tcp", "-d", vip], check=False,
+                  timeout=10)
+    out = {}
+    for line in r.stdout.splitlines():
+        m = re.search(r"sport=(\d+) dport=" + str(port) + r"\s.*?\bsrc=(\S+)", line)
+        if m:
+            out[int(m.group(1))] = backends.get(m.group(2), m.group(2))
+    return out
+
+
+def _wait_started(log: Path, proc: subprocess.Popen, timeout: float) -> float:
+    """lab.natprobe's ``{"started": t}`` line (its CLOCK_MONOTONIC start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith('{"started"'):
+                    return float(json.loads(line)["started"])
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    raise LabError(f"the NAT stream client did not start: {log.read_text(errors='replace')[-2000:]}")
+
+
+def _plot_nat(rows: list[dict], fig_path: Path, window: tuple[float, float], marks: dict) -> None:
+    """One row per TCP connection / UDP flow, one tick per echo; the kill and the takeover
+    marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.6))
+    labels = []
+    for y, r in enumerate(rows):
+        xs = [t for t in r["echo_times"] if window[0] <= t <= window[1]]
+        ax.scatter(xs, [y] * len(xs), marker="|", s=60, linewidths=1,
+                   color="tab:blue" if r["kind"] == "tcp" else "tab:orange")
+        labels.append(f"{r['kind'].upper()} {r['i']} -> {'/'.join(r['backends']) or '?'}")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylim(-0.7, len(rows) + 0.1)
+    ax.axvline(0, color="black", linestyle="--", linewidth=1)
+    ax.text(0, len(rows) - 0.05, "kill -9 " + marks["old"] + " ", va="top", ha="right",
+            fontsize=9)
+    if marks.get("master") is not None:
+        ax.axvline(marks["master"], color="green", linestyle=":", linewidth=1)
+        ax.text(marks["master"], len(rows) - 0.05, " " + marks["new"] + " master", va="top",
+                fontsize=9, color="green")
+    ax.set_xlim(*window)
+    ax.set_title(f"kernel NAT mode: one tick per echo on long-lived connections through the "
+                 f"VIP (the same sockets throughout); {marks['new']} master after "
+                 + (f"{marks['master'] * 1000:.0f} ms" if marks.get("master") is not None
+                    else "(never)"), fontsize=10)
+    ax.set_xlabel("seconds since kill -9 of the master")
+    fig.tight_layout()
+    fig_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(fig_path, dpi=110)
+    plt.close(fig)
+
+
+def run_nat_demo(out_dir: str | Path = "out", *, seconds: float = NAT_SECONDS,
+                 kill_after: float = NAT_KILL_AFTER, tcp_conns: int = NAT_TCP_CONNS,
+                 udp_flows: int = NAT_UDP_FLOWS, interval: float = NAT_INTERVAL,
+                 prefix: str = NAT_PREFIX, plot_png: bool = True) -> dict:
+    """The kernel NAT part of the demo: a NatLab (lb1 master, lb2 backup and synced), a
+    long-lived stream through the NAT listeners (``tcp_conns`` TCP connections to www and
+    ``udp_flows`` UDP flows to dns, one echo each ``interval``), kill -9 of the master
+    ``kill_after`` seconds into it, and the timeline: when the standby became master, how many
+    replicated conntrack entries its kernel had, and per connection the last echo before the
+    kill and the first after it, on the same connection and backend. Prints it, merges the
+    figures into ``<out>/failover.json`` under "nat", draws ``<out>/failover-nat.png``, and
+    returns them (``ok``: every connection and flow lived on, on one backend). The lab (its
+    files in ``<out>/nat-lab``) is torn down in any case; a lab that does not come up or a
+    standby that never takes over raises."""
+    from . import natlab
+    from .natlab import NatLab, Probe
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = out / "nat-lab"
+    shutil.rmtree(d, ignore_errors=True)  # halbd logs are appended to: no old run's events
+    d.mkdir(parents=True)
+    vip, tport, uport = natlab.VIP, natlab.TCP_PORT, natlab.UDP_PORT
+    be_ip = {f"{natlab.BACK}.{h}": n for n, h in natlab.BES.items()}
+    old, new = "lb1", "lb2"
+    _say(f"\n== kernel NAT mode: lab {prefix!r} (front {natlab.FRONT}.0/24, back "
+         f"{natlab.BACK}.0/24), NAT listeners www TCP {vip}:{tport} and dns UDP {vip}:{uport} "
+         f"-> be1, be2; no proxy in the path: the kernel forwards, halbd programs it and "
+         f"replicates conntrack entries to the standby's kernel")
+    t0 = time.monotonic()
+    res: dict = {}
+    try:
+        with NatLab(d, prefix=prefix) as lab:
+            lab.start(old)
+            lab.wait_state(old, "master")
+            lab.start(new)
+            lab.wait_state(new, "backup")
+            lab.wait_synced(new)
+            lab.wait(lambda: lab.holders() == [old], 5, f"the VIP on {old} alone")
+            _say(f"   up in {time.monotonic() - t0:.1f} s: {old} master, {new} backup and synced; "
+                 f"VRRP adverts every {lab.interval}")
+            _say(f"   stream from {lab.ns['cl']}: {tcp_conns} TCP connections (each opened once, "
+                 f"one echo every {interval * 1000:g} ms) and {udp_flows} UDP flows, "
+                 f"{seconds:g} s; kill -9 of {old} {kill_after:g} s into it")
+            stream_out = d / "stream.json"
+            p, plog = lab.spawn(lab.ns["cl"], [
+                PY, "-m", "lab.natprobe", "--tcp", f"{vip}:{tport}", "--tcp-conns",
+                str(tcp_conns), "--udp", f"{vip}:{uport}", "--udp-flows", str(udp_flows),
+                "--interval", str(interval), "--seconds", str(seconds), "--gap-ms", "0",
+                "--reply-timeout", "5", "--out", str(stream_out)], "stream")
+            started = _wait_started(plog, p, 15.0)
+            time.sleep(max(0.0, started + min(1.0, kill_after / 2) - time.monotonic()))
+            entries_before = lab.nat_entries(new)
+            ports_before = _client_ports(lab, vip, tport)
+            ct_old = _conntrack_backends(lab, old, vip, tport, be_ip)
+            _say(f"   before the kill: the client's TCP sockets {ports_before}; {old}'s conntrack "
+                 f"sends them to " + ", ".join(f":{p_} -> {b}" for p_, b in sorted(ct_old.items()))
+                 + f"; {new} (standby) holds {entries_before} replicated NAT entries")
+            time.sleep(max(0.0, started + kill_after - time.monotonic()))
+            pid = lab.nodes[old].proc.pid
+            offset = time.time() - time.monotonic()
+            kill_t = time.monotonic()
+            lab.kill(old)
+            _say(f"\n== kill -9 halbd on {old} (pid {pid}) at t=0")
+            lab.wait_state(new, "master", timeout=5)
+            time.sleep(max(0.0, kill_t + min(1.5, (seconds - kill_after) / 2) - time.monotonic()))
+            ports_after = _client_ports(lab, vip, tport)
+            ct_new = _conntrack_backends(lab, new, vip, tport, be_ip)
+            conns = Probe(lab, stream_out, p).results(timeout=seconds + 20)
+            metrics = lab.metrics(new)
+            node = lab.nodes[new]
+
+            def first(event: str, **match) -> tuple[float | None, dict]:
+                for rec in node.events(event):
+                    if all(rec.get(k) == v for k, v in match.items()):
+                        t = _log_mono(rec, offset)
+                        return (None if t is None else (t - kill_t) * 1000), rec
+                return None, {}
+
+            master_ms, _ = first("vrrp_state", new="master")
+            takeover_ms, takeover = first("nat_takeover")
+            vips_ms, _ = first("vips_added")
+            fwd = {}
+            for k, v in metrics.items():
+                if k.startswith("halb_nat_backend_packets"):
+                    for lst in ("www", "dns"):
+                        if f'listener="{lst}"' in k:
+                            fwd[lst] = fwd.get(lst, 0) + int(v)
+
+            ref_ms = next((m for m in (vips_ms, master_ms) if m is not None), 0.0)
+            ref_t = kill_t + ref_ms / 1000  # the takeover: the VIPs on the standby
+            rows = []
+            for c in conns:
+                ts = _echo_times(c)
+                bef = [t for t in ts if t < kill_t]
+                aft = [t for t in ts if t >= kill_t]
+                last_ms = (bef[-1] - kill_t) * 1000 if bef else None
+                first_ms = (aft[0] - kill_t) * 1000 if aft else None
+                broken = bool(c["error"]) or not bef or not aft
+                # the two echoes on either side of the moment the standby held the VIPs
+                pause = next(((b - a, a, b) for a, b in itertools.pairwise(ts)
+                              if a <= ref_t <= b), None)
+                rows.append({"kind": c["kind"], "i": c["i"], "backends": c["backends"],
+                             "replies": c["replies"], "sent": c["sent"], "lost": c["lost"],
+                             "error": c["error"], "max_gap_ms": c["max_gap_ms"],
+                             "last_before_ms": None if last_ms is None else round(last_ms, 1),
+                             "first_after_ms": None if first_ms is None else round(first_ms, 1),
+                             "gap_ms": (round(first_ms - last_ms, 1)
+                                        if last_ms is not None and first_ms is not None else None),
+                             "pause_ms": None if pause is None else round(pause[0] * 1000, 1),
+                             "pause_from_ms": (None if pause is None
+                                               else round((pause[1] - kill_t) * 1000, 1)),
+                             "pause_to_ms": (None if pause is None
+                                             else round((pause[2] - kill_t) * 1000, 1)),
+                             "broken": broken, "same_backend": len(c["backends"]) == 1,
+                             "echo_times": [round(t - kill_t, 4) for t in ts]})
+            tcp = [r for r in rows if r["kind"] == "tcp"]
+            udp = [r for r in rows if r["kind"] == "udp"]
+            broken = [r for r in rows if r["broken"]]
+            moved = [r for r in rows if not r["same_backend"]]
+            longest = max((r["max_gap_ms"] for r in rows), default=0.0)
+            firsts = [r["first_after_ms"] for r in tcp if r["first_after_ms"] is not None]
+            same_sockets = bool(ports_before) and ports_before == ports_after
+            res = {
+                "prefix": prefix, "vip": vip, "tcp_listener": f"{vip}:{tport}",
+                "udp_listener": f"{vip}:{uport}", "old": old, "new": new, "killed_pid": pid,
+                "interval_ms": interval * 1000, "seconds": seconds, "kill_after_s": kill_after,
+                "standby_entries_before_kill": entries_before,
+                "became_master_ms": master_ms, "nat_takeover_ms": takeover_ms,
+                "takeover_entries": takeover.get("entries"),
+                "takeover_flushed": takeover.get("flushed"),
+                "takeover_flush_ms": takeover.get("ms"), "vips_added_ms": vips_ms,
+                "first_tcp_echo_after_ms": min(firsts) if firsts else None,
+                "takeover_ref_ms": ref_ms,
+                "client_ports_before": ports_before, "client_ports_after": ports_after,
+                "same_sockets": same_sockets,
+                "conntrack_old": {str(k): v for k, v in sorted(ct_old.items())},
+                "conntrack_new": {str(k): v for k, v in sorted(ct_new.items())},
+                "new_master_forwarded_packets": fwd,
+                "tcp_conns": len(tcp), "udp_flows": len(udp), "broken": len(broken),
+                "moved": len(moved), "longest_gap_ms": longest,
+                "udp_lost": sum(r["lost"] for r in udp), "udp_sent": sum(r["sent"] for r in udp),
+                "conns": rows,
+            }
+            res["ok"] = (master_ms is not None and len(tcp) == tcp_conns
+                         and len(udp) == udp_flows and not broken and not moved)
+
+            timeline = []
+            if master_ms is not None:
+                timeline.append((master_ms, f"{new} became master"))
+            if takeover_ms is not None:
+                timeline.append((takeover_ms, (f"{new}'s kernel had {takeover.get('entries')} "
+                                               "replicated conntrack entries (nat_takeover, "
+                                               "before the VIPs go up)")))
+            if vips_ms is not None:
+                timeline.append((vips_ms, (f"{new} holds the VIP {vip} and the backends' "
+                                           f"gateway {natlab.GW}")))
+            if firsts:
+                timeline.append((min(firsts), "the first TCP echo after the kill"))
+            def across(r: dict) -> str:
+                if r["pause_ms"] is None:
+                    return ""
+                return (f"; across the takeover ({ref_ms:+.1f} ms) echoes at "
+                        f"{r['pause_from_ms']:+.1f} and {r['pause_to_ms']:+.1f} ms, "
+                        f"{r['pause_ms']:.1f} ms apart")
+
+            lines = []
+            _say("\n== NAT timeline (ms after the kill)")
+            if master_ms is None:
+                _say(f"   {new} never became master")
+            for ms, text in sorted(timeline):
+                line = f"   {ms:8.1f}  {text}"
+                lines.append(line)
+                _say(line)
+            for r in tcp:
+                if r["broken"]:
+                    line = (f"   connection {r['i']}: BROKEN ({r['error'] or 'no echo after the kill'})"
+                            f", backends {r['backends']}")
+                else:
+                    line = (f"   connection {r['i']}: last echo before the kill at "
+                            f"{r['last_before_ms']:+.1f} ms, first echo after at "
+                            f"{r['first_after_ms']:+.1f} ms" + across(r) + ", same connection, "
+                            + (f"same backend {r['backends'][0]}" if r["same_backend"]
+                               else f"MOVED between backends {r['backends']}"))
+                lines.append(line)
+                _say(line)
+            for r in udp:
+                if r["broken"]:
+                    line = f"   UDP flow {r['i']}: BROKEN (no answer after the kill)"
+                else:
+                    line = (f"   UDP flow {r['i']}: last answer before the kill at "
+                            f"{r['last_before_ms']:+.1f} ms, first answer after at "
+                            f"{r['first_after_ms']:+.1f} ms" + across(r) + ", same flow, "
+                            + (f"same backend {r['backends'][0]}" if r["same_backend"]
+                               else f"MOVED between backends {r['backends']}")
+                            + f" ({r['lost']} of {r['sent']} datagrams lost)")
+                lines.append(line)
+                _say(line)
+            _say(f"   (kill -9 ends halbd, not {old}'s kernel: it forwards on until {new} adds "
+                 f"the VIPs and sends gratuitous ARPs; from then on {new}'s kernel carries the "
+                 f"same connections with the replicated entries)")
+            held = [p_ for p_ in ports_before if p_ in ct_new]
+            _say(f"   the client's TCP sockets after the kill: {ports_after} ("
+                 + ("the same ones" if same_sockets else "NOT the same ones")
+                 + f"); {new}'s conntrack holds {len(held)} of them ("
+                 + ", ".join(f":{p_} -> {ct_new[p_]}" for p_ in held) + ")")
+            if fwd:
+                _say(f"   {new}'s kernel forwarded " + ", ".join(f"{v} {k}" for k, v in
+                                                             sorted(fwd.items()))
+                     + " packets to the backends since it took over (halb_nat_backend_packets)")
+            tcp_worst = max((r["max_gap_ms"] for r in tcp), default=0.0)
+            if tcp_worst >= 150:
+                _say("   (a TCP gap of ~200 ms and more is the client's retransmission timer: "
+                     "the segment in flight at the takeover is resent after the RTO, at least "
+                     "200 ms on Linux)")
+            summary = (f"NAT stream: {len(tcp)} TCP connections and {len(udp)} UDP flows, "
+                       f"{len(broken)} broken, longest gap {longest:.0f} ms, "
+                       + ("every one on its backend" if not moved
+                          else f"{len(moved)} MOVED to another backend"))
+            lines.append(summary)
+            res["timeline"] = lines
+            _say(f"\n== {summary}")
+            _say(f"   (without replication, [nat] replicate = false, the same kill resets the TCP "
+                 f"connections: {new}'s kernel tracks TCP strictly and has no entry for them; "
+                 f"tests/lab/test_nat.py shows it)")
+            fj = out / "failover.json"
+            try:
+                doc = json.loads(fj.read_text())
+            except (OSError, ValueError):
+                doc = {}
+            doc["nat"] = res
+            fj.write_text(json.dumps(doc, indent=1))
+            written = [fj]
+            if plot_png:
+                png = out / "failover-nat.png"
+                _plot_nat(rows, png, (-min(kill_after, 1.0), min(seconds - kill_after, 2.0)),
+                          {"old": old, "new": new,
+                           "master": None if master_ms is None else master_ms / 1000})
+                written.insert(0, png)
+            _say(f"\n== wrote {' and '.join(str(w) for w in written)} (\"nat\"); "
+                 f"NAT lab files in {d}")
+    finally:
+        left = [n for n in nx.list_ns() if n.startswith(prefix)]
+        _say("\n== NAT lab torn down" + (f"; STILL PRESENT: {left}" if left
+                                          else "; nothing left behind"))
+    return res
+
+
+def _run_nat_part(out_dir: str) -> int:
+    try:
+        res = run_nat_demo(out_dir)
+    except (LabError, TimeoutError, AssertionError, OSError, ValueError,
+            subprocess.SubprocessError) as e:
+        _say(f"!! the NAT part failed: {e}")
+        return 1
+    return 0 if res.get("ok") else 1

@@ -11,7 +11,8 @@ scenarios run on.
 Both VIPs belong to one VRRP instance, so they move together; the backends' default route is
 the back VIP, so replies return through whichever node holds it (LVS-NAT's "gateway" mode:
 no SNAT, the backends see the client's address). NAT listeners: ``www`` TCP VIP:80 -> :7000
-and ``dns`` UDP VIP:53 -> :7053 on both backends, Maglev pools with TCP health checks. The LB
+(hashing the client's address and port, so the one client's connections spread over both
+backends) and ``dns`` UDP VIP:53 -> :7053 on both backends, Maglev pools with TCP health checks. The LB
 namespaces forward (``net.ipv4.ip_forward = 1``, set in those namespaces only) and track TCP
 strictly (``nf_conntrack_tcp_loose = 0``: a mid-stream packet without a conntrack entry is
 invalid, as in a hardened firewall), so a takeover without replicated entries resets the
@@ -54,7 +55,7 @@ METRICS_PORT = 9100
 
 
 def node_config(name: str, *, prefix: str, state_dir: str, priority: int, interval: str,
-                replicate: bool = True, preempt: bool = False) -> str:
+                replicate: bool = True, preempt: bool = False, extra: str = "") -> str:
     me = LBS[name]
     peer = next(n for n in LBS if n != name)
     backends = "".join(f"""
@@ -105,12 +106,14 @@ protocol = "tcp"
 bind = "{VIP}:{BULK_PORT}"
 pool = "bulk"
 
+{extra}
 [[listeners]]
 name = "www"
 mode = "nat"
 protocol = "tcp"
 bind = "{VIP}:{TCP_PORT}"
 pool = "tcp"
+hash = "client_ip_port"  # one client address, many connections: spread them
 
 [[listeners]]
 name = "dns"
@@ -177,11 +180,12 @@ class Probe:
 
 class NatLab:
     def __init__(self, tmp: Path, *, prefix: str = "hn", interval: str = "50ms",
-                 replicate: bool = True):
+                 replicate: bool = True, extra_config: str = ""):
         self.tmp = Path(tmp)
         self.prefix = prefix
         self.interval = interval
         self.replicate = replicate
+        self.extra_config = extra_config  # more pools and listeners (TOML) for every node
         self.nodes: dict[str, Node] = {}
         self.procs: list[subprocess.Popen] = []
         self._runs = 0
@@ -233,7 +237,7 @@ class NatLab:
         cfg = self.tmp / f"{name}.toml"
         cfg.write_text(node_config(name, prefix=self.prefix, state_dir=str(self.tmp),
                                    priority=prio, interval=self.interval,
-                                   replicate=self.replicate))
+                                   replicate=self.replicate, extra=self.extra_config))
         p, log = self.spawn(self.ns[name], [PY, "-m", "halb.cli.halbd", str(cfg)],
                             f"{name}-{self._runs}")
         node = Node(name, self.ns[name], p, log)
@@ -314,10 +318,14 @@ class NatLab:
 
     def nat_entries(self, name: str) -> int:
         """halbctl tables nat --json on a node: entries in its nat table."""
-        r = nx.run_in(self.ns[name], [PY, "-m", "halb.cli.halbctl", "--socket",
-                                      f"{self.tmp}/{self.prefix}-{name}.sock", "tables", "nat",
-                                      "--json", "--limit", "100000"], timeout=30)
-        return json.loads(r.stdout)["nat"]["total"]
+        out = self.halbctl(name, "tables", "nat", "--json", "--limit", "100000")
+        return json.loads(out)["nat"]["total"]
+
+    def halbctl(self, name: str, *args: str) -> str:
+        """halbctl ARGS against the node's control socket, run in its namespace."""
+        return nx.run_in(self.ns[name], [PY, "-m", "halb.cli.halbctl", "--socket",
+                                         f"{self.tmp}/{self.prefix}-{name}.sock", *args],
+                         timeout=30).stdout
 
     def metrics(self, name: str) -> dict[str, float]:
         """The node's Prometheus samples ``name{labels}`` -> value (fetched in its namespace)."""

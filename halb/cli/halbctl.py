@@ -270,6 +270,19 @@ def render_status(st) -> Any:
     for tb in st.tables:
         t.add_row(tb.name, str(tb.size), str(tb.max_entries), str(tb.seq))
     parts.append(t)
+    if st.HasField("nat"):
+        n = st.nat
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(n.inject_errors.items())) or "none"
+        t = Table(title=f"kernel NAT (nftables table {n.table}; replication "
+                  f"{'on' if n.replicate else '[yellow]off[/]'}; injected {n.injected}, "
+                  f"refreshed {n.refreshed}, removed {n.removed}, refused: {errs}; events lost "
+                  f"{n.events_lost})", title_justify="left")
+        for col in ("listener", "protocol", "vip", "pool", "held here", "backends in map"):
+            t.add_column(col)
+        for x in n.listeners:
+            t.add_row(x.name, x.protocol, f"{x.vip}:{x.port}", x.pool,
+                      "[green]yes[/]" if x.held else "no", str(x.backends_in_map))
+        parts.append(t)
     return Group(*parts)
 
 

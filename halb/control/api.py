@@ -216,7 +216,25 @@ class ControlAPI:
             pools=[pool_msg(p, now) for p in node.pools.values()],
             tables=tables,
             control_refusals=[refusal_msg(x) for x in
-                              (self.refusals.as_list() if self.refusals is not None else ())])
+                              (self.refusals.as_list() if self.refusals is not None else ())],
+            nat=self.nat_status())
+
+    def nat_status(self) -> pb.NatStatus | None:
+        nat = getattr(self.node, "nat", None)
+        if nat is None:
+            return None
+        d = nat.status()
+        c, core = d["counts"], d["core"]
+        return pb.NatStatus(
+            table=d["table"], replicate=d["replicate"],
+            listeners=[pb.NatListener(name=x["name"], protocol=x["proto"], vip=x["vip"],
+                                      port=x["port"], pool=x["pool"], held=x["held"],
+                                      backends_in_map=x["backends_in_map"])
+                       for x in d["listeners"]],
+            injected=c["injected"], refreshed=c["refreshed"], removed=c["removed"],
+            inject_errors={k: _uint(v) for k, v in d["inject_errors"].items()},
+            events_lost=c["overruns"], reconciles=c["reconciles"],
+            recorded=core["recorded"], ended=core["ended"])
 
     def _backend(self, pool_name: str, backend_name: str) -> tuple[Pool, Backend]:
         _name(pool_name, "pool")

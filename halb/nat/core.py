@@ -165,10 +165,12 @@ class NatCore:
 
     # -- reconcile ---------------------------------------------------------------------------
 
-    def reconcile(self, kernel: Iterable[Flow]) -> list[Inject | Remove]:
+    def reconcile(self, kernel: Iterable[Flow], since: float = float("inf")) -> list[Inject | Remove]:
         """Compares the kernel's conntrack entries (of any listener; others are passed over)
         with the nat table and closes the gaps as the module docstring says. Table writes are
-        done here; kernel writes are returned."""
+        done here; kernel writes are returned. ``since``: the table clock's time when the
+        kernel's dump began; an entry written at or after it may be missing from the dump only
+        because it is newer, and is left alone."""
         ops: list[Inject | Remove] = []
         seen: set[str] = set()
         unknown_now: set[tuple] = set()
@@ -198,6 +200,8 @@ class NatCore:
             if s is None:
                 continue
             if self.holds(s.vip):
+                if e.updated >= since:
+                    continue  # recorded while the dump ran
                 self.table.delete(e.key)  # the connection is over (its destroy event was lost)
                 self.stats["ended"] += 1
             else:

@@ -368,9 +368,10 @@ class NatService:
             if not self.cfg.replicate:
                 continue
             try:
+                since = self.table.clock.now()
                 evs = await loop.run_in_executor(None, self._dump)
                 self._drain_errors()
-                ops = self.core.reconcile(e.flow for e in evs if e.flow is not None)
+                ops = self.core.reconcile((e.flow for e in evs if e.flow is not None), since)
                 for op in ops:
                     self._queue(op)
                 self.counts["reconciles"] += 1

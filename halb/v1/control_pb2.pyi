@@ -192,7 +192,7 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., max_entries: _Optional[int] = ..., seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready", "control_refusals")
+    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready", "control_refusals", "nat")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ELECTION_ENABLED_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class StatusReply(_message.Message):
     TABLES_FIELD_NUMBER: _ClassVar[int]
     SYNC_READY_FIELD_NUMBER: _ClassVar[int]
     CONTROL_REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    NAT_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     election_enabled: bool
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
@@ -211,7 +212,59 @@ class StatusReply(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     sync_ready: bool
     control_refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ..., control_refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
+    nat: NatStatus
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ..., control_refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., nat: _Optional[_Union[NatStatus, _Mapping]] = ...) -> None: ...
+
+class NatListener(_message.Message):
+    __slots__ = ("name", "protocol", "vip", "port", "pool", "held", "backends_in_map")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_IN_MAP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    protocol: str
+    vip: str
+    port: int
+    pool: str
+    held: bool
+    backends_in_map: int
+    def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., pool: _Optional[str] = ..., held: _Optional[bool] = ..., backends_in_map: _Optional[int] = ...) -> None: ...
+
+class NatStatus(_message.Message):
+    __slots__ = ("table", "replicate", "listeners", "injected", "refreshed", "removed", "inject_errors", "events_lost", "reconciles", "recorded", "ended")
+    class InjectErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    INJECTED_FIELD_NUMBER: _ClassVar[int]
+    REFRESHED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    INJECT_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_LOST_FIELD_NUMBER: _ClassVar[int]
+    RECONCILES_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    replicate: bool
+    listeners: _containers.RepeatedCompositeFieldContainer[NatListener]
+    injected: int
+    refreshed: int
+    removed: int
+    inject_errors: _containers.ScalarMap[str, int]
+    events_lost: int
+    reconciles: int
+    recorded: int
+    ended: int
+    def __init__(self, table: _Optional[str] = ..., replicate: _Optional[bool] = ..., listeners: _Optional[_Iterable[_Union[NatListener, _Mapping]]] = ..., injected: _Optional[int] = ..., refreshed: _Optional[int] = ..., removed: _Optional[int] = ..., inject_errors: _Optional[_Mapping[str, int]] = ..., events_lost: _Optional[int] = ..., reconciles: _Optional[int] = ..., recorded: _Optional[int] = ..., ended: _Optional[int] = ...) -> None: ...
 
 class BackendRef(_message.Message):
     __slots__ = ("pool", "backend")

@@ -178,7 +178,7 @@ def test_status_table_and_json(node):
     assert d["node"]["name"] == "lb1" and d["node"]["pid"] == node.halbd.pid
     assert d["node"]["config"] == str(node.cfg) and d["node"]["uptime_seconds"] > 0
     assert {p["name"] for p in d["pools"]} == {"web", "stick"}
-    assert {t["name"] for t in d["tables"]} == {"sticky", "flow"}
+    assert {t["name"] for t in d["tables"]} == {"sticky", "flow", "nat"}
     assert not d["election_enabled"] and d["instances"] == []
 
 

@@ -326,7 +326,9 @@ def test_tables_paged(running, node, sock, capsys):
     assert d["flow"]["total"] == 0
     code, out, _ = ctl(capsys, sock, "tables", "flow")
     assert code == 0 and "dns/udp/10.1.0.1:5353" in out and "1 of 1" in out
-    code, _, err = ctl(capsys, sock, "tables", "nat")
+    code, out, _ = ctl(capsys, sock, "tables", "nat")
+    assert code == 0 and "nat: 0 of 0 entries" in out
+    code, _, err = ctl(capsys, sock, "tables", "conntrack")
     assert code == 1 and "invalid choice" in err
     code, _, err = ctl(capsys, sock, "tables", "--limit", "0")
     assert code == 1 and "out of range" in err
@@ -382,7 +384,8 @@ def test_dump_table_errors_from_the_api(running, sock):
     with grpc.insecure_channel(f"unix:{sock}") as ch:
         stub = pb_grpc.ControlStub(ch)
         for req, code, needle in (
-                (pb.DumpTableRequest(table="nat"), grpc.StatusCode.NOT_FOUND, "no such table 'nat'"),
+                (pb.DumpTableRequest(table="conntrack"), grpc.StatusCode.NOT_FOUND,
+                 "no such table 'conntrack' (tables: sticky, flow, nat)"),
                 (pb.DumpTableRequest(table="sticky", page_size=1001), grpc.StatusCode.INVALID_ARGUMENT,
                  "page_size 1001 too large"),
                 (pb.DumpTableRequest(table="sticky", page_token="zz"), grpc.StatusCode.INVALID_ARGUMENT,

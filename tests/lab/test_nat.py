@@ -112,8 +112,17 @@ def test_connections_survive_ten_kills_on_the_same_backend(natlab_):
     assert all(c["replies"] >= 50 for c in results), [c["replies"] for c in results]
     assert statistics.median(r["medians"]) <= MEDIAN_GAP_MS, r["medians"]
     # the tables held what the kernel held: the standby's nat table and conntrack
-    standby = "lb2" if lab.master() == "lb1" else "lb1"
+    master = lab.master()
+    standby = "lb2" if master == "lb1" else "lb1"
     assert lab.nat_entries(standby) >= 50, lab.conntrack(standby)
+    # halbctl status: who holds each NAT listener, what replication wrote
+    st = {n: json.loads(lab.halbctl(n, "status", "--json"))["nat"] for n in ("lb1", "lb2")}
+    assert [x["held"] for x in st[master]["listeners"]] == [True] * 3, st[master]
+    assert not any(x.get("held") for x in st[standby]["listeners"]), st[standby]
+    assert all(x["backends_in_map"] == 2 for x in st[standby]["listeners"])
+    assert int(st[standby]["injected"]) + int(st[standby]["refreshed"]) >= 50, st[standby]
+    text = lab.halbctl(standby, "status")
+    assert "kernel NAT (nftables table halb_hn; replication on" in text, text
     for n in ("lb1", "lb2"):  # no kernel write refused, no event lost, on either node
         m = lab.metrics(n)
         errs = {k: v for k, v in m.items() if k.startswith("halb_nat_inject_errors")}
@@ -195,3 +204,28 @@ def test_a_bulk_transfer_goes_on_at_its_rate_after_a_takeover(natlab_):
     print(f"lb2 forwarded {through / 1e9:.1f} GB of the transfer")
     assert through > 1e9, through
     assert statistics.median(after) >= 0.7 * statistics.median(before), (before, after)
+
+
+def test_drain_moves_new_connections_and_keeps_established_ones(natlab_):
+    """halbctl drain rewrites only the map slots of the drained backend (one nftables
+    transaction): established connections on it go on (their conntrack entry holds the
+    backend), new ones go elsewhere; enable brings it back."""
+    lab = natlab_
+    settle(lab)
+    probe = lab.probe(seconds=7.0, tcp_conns=30, udp_flows=0)
+    time.sleep(2.0)
+    lab.halbctl("lb1", "drain", "tcp", "be1")
+    lab.wait(lambda: lab.nodes["lb1"].events("nat_slots_updated"), 5, "slots rewritten")
+    upd = lab.nodes["lb1"].events("nat_slots_updated")[-1]
+    assert upd["listener"] == "www" and upd["backends"] == ["be2"], upd
+    fresh = lab.probe(seconds=1.0, tcp_conns=20, udp_flows=0).results()
+    assert {c["backends"][0] for c in fresh if c["backends"]} == {"be2"}, fresh
+    assert not [c for c in fresh if c["error"]], fresh
+    res = probe.results()
+    on_be1 = [c for c in res if c["backends"] == ["be1"]]
+    print(f"\ndrain: {len(on_be1)} of 30 established connections were on be1 and went on; "
+          f"slots moved {upd['moved']} of {upd['size']} in {upd['ms']} ms")
+    assert on_be1 and not [c for c in res if c["error"]], res
+    lab.halbctl("lb1", "enable", "tcp", "be1")
+    lab.wait(lambda: len(lab.nodes["lb1"].events("nat_slots_updated")) >= 2, 5, "slots back")
+    assert lab.nodes["lb1"].events("nat_slots_updated")[-1]["backends"] == ["be1", "be2"]

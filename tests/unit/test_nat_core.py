@@ -132,3 +132,16 @@ def test_reconcile_on_a_standby_injects_missing_and_removes_unknown_after_two_pa
     ops = w.core.reconcile(kernel)
     assert Remove(flow(sport=9)) in ops and Inject(flow(sport=2)) in ops
     assert len(w.table) == 2  # a standby's reconcile never writes the table
+
+
+def test_reconcile_leaves_entries_recorded_while_the_dump_ran():
+    """The dump runs in a thread: a connection recorded after it began is missing from it only
+    because it is newer, and must not be deleted (its standby copy would go with it)."""
+    w = World()
+    w.core.on_event(ev("update", flow(sport=1)))
+    since = w.clock.advance(1.0)
+    w.core.on_event(ev("update", flow(sport=2)))  # during the dump
+    w.core.reconcile([flow(sport=1)], since)
+    assert len(w.table) == 2
+    w.core.reconcile([flow(sport=1)], w.clock.advance(1.0))  # the next pass: really gone
+    assert [e.client for e in w.table.entries()] == ["198.18.0.5:1"]
