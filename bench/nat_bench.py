@@ -73,7 +73,7 @@ hash = "client_ip_port"
 HAPROXY = """
 global
     nbthread 1
-    maxconn 20000
+    maxconn 7000
 defaults
     mode tcp
     timeout connect 5s
@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--after", type=int, default=8,
+                    help="also measure new connections/s with [nat] replicate_after_packets = "
+                         "AFTER (0: skip)")
     ap.add_argument("--haproxy", default=shutil.which("haproxy") or "haproxy",
                     help="the haproxy binary (e.g. ../shared/tools/haproxy-3.5)")
     a = ap.parse_args(argv)
@@ -166,6 +169,13 @@ def main(argv=None) -> int:
             ap.error(f"{tool} is not installed (./dev bench installs it)")
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="halb-nat-bench-"))
+    try:
+        return _run(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(a, tmp: Path) -> int:
     log(f"machine busy before the run: {busy_elsewhere(1.0):.2f} cores; lab in {tmp}")
     res: dict = {"args": vars(a), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "runs": {"gbps": {}, "conns": {}}}
@@ -215,7 +225,6 @@ def main(argv=None) -> int:
                     f" us/conn, errors {r['socket_errors']}")
         time.sleep(2.0)  # the last batches replicated and injected
         n1, n2 = lab.metrics("lb1"), lab.metrics("lb2")
-
         def delta(m0, m, k):
             return m.get(k, 0.0) - m0.get(k, 0.0)
         nat_conns = sum(r["requests"] for r in res["runs"]["conns"]["nat"])
@@ -228,7 +237,26 @@ def main(argv=None) -> int:
                                      if k.startswith("halb_nat_inject_errors")),
             "lb1_table": lab.nat_entries("lb1"), "lb2_table": lab.nat_entries("lb2"),
         }
-    shutil.rmtree(tmp, ignore_errors=True)
+        # the same with [nat] replicate_after_packets = N: short connections skip replication
+        if a.after:
+            for n in ("lb2", "lb1"):
+                lab.kill(n)
+            lab.nat_options = f"replicate_after_packets = {a.after}"
+            lab.start("lb1")
+            lab.wait_state("lb1", "master")
+            lab.start("lb2")
+            lab.wait_state("lb2", "backup")
+            lab.wait_synced("lb2")
+            pids = {"lb1_halbd": halbd_pid(lab, "lb1"), "lb2_halbd": halbd_pid(lab, "lb2"),
+                    "haproxy": hp.pid}
+            for rnd in range(a.rounds):
+                r = wrk_close(lab, urls["nat"], a.duration, a.conns, pids)
+                res["runs"]["conns"].setdefault(f"nat_after{a.after}", []).append(r)
+                log(f"round {rnd + 1} nat, replicate_after_packets = {a.after}: "
+                    f"{r['rps']:.0f} conn/s, machine {r['machine_cpu_us_per_conn']:.1f} us/conn, "
+                    f"halbd lb1 {r['lb1_halbd_cpu_us_per_conn']:.1f} lb2 "
+                    f"{r['lb2_halbd_cpu_us_per_conn']:.1f} us/conn")
+
     med = {}
     for kind, key in (("gbps", "gbps"), ("gbps", "machine_cpu_s_per_gb"),
                       ("conns", "rps"), ("conns", "machine_cpu_us_per_conn")):
@@ -246,6 +274,13 @@ def main(argv=None) -> int:
         "nat/haproxy machine CPU per connection": ratio("nat.machine_cpu_us_per_conn",
                                                         "haproxy.machine_cpu_us_per_conn"),
     }
+    if a.after:
+        k = f"nat_after{a.after}"
+        res["ratios"][f"nat (replicate_after_packets = {a.after})/haproxy new connections/s"] = \
+            ratio(f"{k}.rps", "haproxy.rps")
+        res["ratios"][f"nat (replicate_after_packets = {a.after})/haproxy machine CPU per "
+                      "connection"] = ratio(f"{k}.machine_cpu_us_per_conn",
+                                            "haproxy.machine_cpu_us_per_conn")
     (OUT / "nat-latest.json").write_text(json.dumps(res, indent=1))
     lines = ["# kernel NAT mode: halb vs the direct path vs HAProxy (mode tcp)", "",
              f"{res['started']}, {a.rounds} rounds of {a.duration} s, wrk -c{a.conns}, "
@@ -254,6 +289,10 @@ def main(argv=None) -> int:
     for p in ("nat", "direct", "haproxy"):
         lines.append(f"| {p} | {med[p + '.gbps']:.2f} | {med[p + '.machine_cpu_s_per_gb']:.2f} | "
                      f"{med[p + '.rps']:.0f} | {med[p + '.machine_cpu_us_per_conn']:.1f} |")
+    if a.after:
+        p = f"nat_after{a.after}"
+        lines.append(f"| nat, replicate_after_packets = {a.after} | | | {med[p + '.rps']:.0f} | "
+                     f"{med[p + '.machine_cpu_us_per_conn']:.1f} |")
     lines += ["", "| ratio | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in res["ratios"].items()]
     rep = res["replication"]

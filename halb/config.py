@@ -289,6 +289,10 @@ class NatConfig:
     # kernel's map holds one element per slot, so it is smaller than a proxy pool's Maglev
     # table (65537): 4093 slots apply in ~30 ms and spread 40 backends within 1%
     hash_slots: int = 4093
+    # 0: replicate every connection once established; N: only once the client has sent N
+    # packets (IPVS's sync_threshold): connections shorter than that cost no replication
+    # (needs net.netfilter.nf_conntrack_acct = 1)
+    replicate_after_packets: int = 0
 
 
 @dataclass(frozen=True)
@@ -921,6 +925,7 @@ def _nat(r: _Reader) -> NatConfig:
         entry_ttl=r.duration("entry_ttl", NatConfig.entry_ttl, lo=60.0, hi=7 * 86400),
         max_entries=r.int_in("max_entries", 16, 10_000_000, NatConfig.max_entries),
         hash_slots=r.int_in("hash_slots", 3, 65537, NatConfig.hash_slots),
+        replicate_after_packets=r.int_in("replicate_after_packets", 0, 1_000_000, 0),
     )
     r.done()
     if not _is_prime(vals["hash_slots"]):

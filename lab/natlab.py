@@ -55,7 +55,8 @@ METRICS_PORT = 9100
 
 
 def node_config(name: str, *, prefix: str, state_dir: str, priority: int, interval: str,
-                replicate: bool = True, preempt: bool = False, extra: str = "") -> str:
+                replicate: bool = True, preempt: bool = False, extra: str = "",
+                nat_options: str = "") -> str:
     me = LBS[name]
     peer = next(n for n in LBS if n != name)
     backends = "".join(f"""
@@ -125,6 +126,7 @@ pool = "udp"
 [nat]
 table = "halb_{prefix}"
 replicate = {"true" if replicate else "false"}
+{nat_options}
 
 [[vrrp]]
 name = "front"
@@ -180,12 +182,13 @@ class Probe:
 
 class NatLab:
     def __init__(self, tmp: Path, *, prefix: str = "hn", interval: str = "50ms",
-                 replicate: bool = True, extra_config: str = ""):
+                 replicate: bool = True, extra_config: str = "", nat_options: str = ""):
         self.tmp = Path(tmp)
         self.prefix = prefix
         self.interval = interval
         self.replicate = replicate
         self.extra_config = extra_config  # more pools and listeners (TOML) for every node
+        self.nat_options = nat_options  # more keys of [nat]
         self.nodes: dict[str, Node] = {}
         self.procs: list[subprocess.Popen] = []
         self._runs = 0
@@ -218,6 +221,7 @@ class NatLab:
                               "add rule ip halb_probe c ct state new; delete table ip halb_probe"])
         nx.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0, ns=ns)
         nx.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1, ns=ns)
+        nx.sysctl("net.netfilter.nf_conntrack_acct", 1, ns=ns)  # [nat] replicate_after_packets
 
     def spawn(self, ns: str, argv: list[str], tag: str) -> tuple[subprocess.Popen, Path]:
         log = self.tmp / f"{tag}.log"
@@ -237,7 +241,8 @@ class NatLab:
         cfg = self.tmp / f"{name}.toml"
         cfg.write_text(node_config(name, prefix=self.prefix, state_dir=str(self.tmp),
                                    priority=prio, interval=self.interval,
-                                   replicate=self.replicate, extra=self.extra_config))
+                                   replicate=self.replicate, extra=self.extra_config,
+                                   nat_options=self.nat_options))
         p, log = self.spawn(self.ns[name], [PY, "-m", "halb.cli.halbd", str(cfg)],
                             f"{name}-{self._runs}")
         node = Node(name, self.ns[name], p, log)

@@ -234,7 +234,8 @@ class ControlAPI:
             injected=c["injected"], refreshed=c["refreshed"], removed=c["removed"],
             inject_errors={k: _uint(v) for k, v in d["inject_errors"].items()},
             events_lost=c["overruns"], reconciles=c["reconciles"],
-            recorded=core["recorded"], ended=core["ended"])
+            recorded=core["recorded"], ended=core["ended"],
+            replicate_after_packets=d["replicate_after_packets"])
 
     def _backend(self, pool_name: str, backend_name: str) -> tuple[Pool, Backend]:
         _name(pool_name, "pool")

@@ -68,7 +68,8 @@ class NatCore:
     their last refresh."""
 
     def __init__(self, services: Iterable[Service], table: Table, holds: Callable[[str], bool],
-                 *, ttl: float, own_portids: Callable[[], Iterable[int]] = tuple):
+                 *, ttl: float, own_portids: Callable[[], Iterable[int]] = tuple,
+                 report_mark: int = 0):
         self.services = {s.name: s for s in services}
         self._by_dst = {(PROTO_NUM[s.proto], s.vip, s.port): s for s in self.services.values()}
         self._by_addr = {s.name: s.by_address() for s in self.services.values()}
@@ -76,6 +77,9 @@ class NatCore:
         self.holds = holds
         self.ttl = ttl
         self.own_portids = own_portids
+        # with [nat] replicate_after_packets the kernel marks a connection with this bit once
+        # it qualifies; reconcile adds only such connections (0: every established one)
+        self.report_mark = report_mark
         self._unknown_seen: set[tuple] = set()  # standby: kernel tuples unknown last pass
         self.stats = {"events": 0, "ignored": 0, "own_echo": 0, "recorded": 0, "ended": 0,
                       "unknown_backend": 0, "unknown_listener": 0}
@@ -104,7 +108,7 @@ class NatCore:
             if self.table.delete(key):
                 self.stats["ended"] += 1
             return
-        if s.proto == "tcp" and not ev.status & IPS_ASSURED:
+        if not self.qualifies(ev):
             self.stats["ignored"] += 1  # a handshake not completed yet: the assured event follows
             return
         self._record(s, f, key)
@@ -165,24 +169,35 @@ class NatCore:
 
     # -- reconcile ---------------------------------------------------------------------------
 
-    def reconcile(self, kernel: Iterable[Flow], since: float = float("inf")) -> list[Inject | Remove]:
-        """Compares the kernel's conntrack entries (of any listener; others are passed over)
-        with the nat table and closes the gaps as the module docstring says. Table writes are
-        done here; kernel writes are returned. ``since``: the table clock's time when the
-        kernel's dump began; an entry written at or after it may be missing from the dump only
-        because it is newer, and is left alone."""
+    def qualifies(self, ev: Event) -> bool:
+        """Whether a connection of the holder's kernel belongs in the nat table: established
+        (TCP), and reported by the kernel's packet threshold when one is set."""
+        f = ev.flow
+        if f is not None and f.proto == IPPROTO_TCP and not ev.status & IPS_ASSURED:
+            return False
+        return not self.report_mark or bool(ev.mark & self.report_mark)
+
+    def reconcile(self, kernel: Iterable[Event], since: float = float("inf")) -> list[Inject | Remove]:
+        """Compares the kernel's conntrack entries (dump events; entries of other listeners
+        are passed over) with the nat table and closes the gaps as the module docstring says.
+        Table writes are done here; kernel writes are returned. ``since``: the table clock's
+        time when the kernel's dump began; an entry written at or after it may be missing
+        from the dump only because it is newer, and is left alone."""
         ops: list[Inject | Remove] = []
         seen: set[str] = set()
         unknown_now: set[tuple] = set()
-        for f in kernel:
-            s = self.service_of(f)
+        for ev in kernel:
+            f = ev.flow
+            s = self.service_of(f) if f is not None else None
             if s is None:
                 continue
             key = self.key_of(s, f)
             seen.add(key)
             e = self.table.get(key)
             if self.holds(s.vip):
-                if e is None or self._by_addr[s.name].get((f.nat_dst, f.nat_dport)) != e.backend:
+                if not self.qualifies(ev):
+                    seen.discard(key)
+                elif e is None or self._by_addr[s.name].get((f.nat_dst, f.nat_dport)) != e.backend:
                     self._record(s, f, key)  # an event was lost (or a backend changed)
                 else:
                     self.table.touch(key, self.ttl)  # live: refresh (and the standbys' copies)

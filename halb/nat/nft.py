@@ -133,6 +133,10 @@ class NatService:
     slots: tuple[int, ...]
     backends: tuple[NatBackend, ...]
     ct_events: tuple[str, ...] | None = None
+    # 0: report a connection once established (TCP) or started (UDP); N > 0: once the client
+    # has sent N packets (IPVS's sync_threshold), so short connections report nothing at all
+    # (see ``events_rules``). Needs conntrack accounting (net.netfilter.nf_conntrack_acct = 1).
+    report_after_packets: int = 0
 
     @property
     def events(self) -> tuple[str, ...]:
@@ -349,6 +353,30 @@ def events_rule_expr(s: NatService) -> list[dict]:
                                              "value": ev[0] if len(ev) == 1 else ev}}]
 
 
+REPORT_MARK = 0x80000000  # the ct mark bit that reports a connection (report_after_packets)
+
+
+def events_rules(s: NatService) -> list[list[dict]]:
+    """The events chain's rules of one listener. With ``report_after_packets`` = N > 0 a new
+    connection reports nothing (``ct event set 0``); at the client's N-th packet its event
+    mask becomes {mark, destroy} and the REPORT_MARK bit is set in its ct mark, which the
+    kernel reports as one [UPDATE] (the slot in the mark's low bits was only needed for the
+    first packet's DNAT), and its end as one [DESTROY]. A connection shorter than N packets
+    never costs an event."""
+    n = s.report_after_packets
+    if n <= 0:
+        return [events_rule_expr(s)]
+    at_n = _match({"ct": {"key": "packets", "dir": "original"}}, n)
+    return [
+        _listener_match(s) + [_match(_ct("state"), "new", "in"),
+                              {"mangle": {"key": _ct("event"), "value": 0}}],
+        _listener_match(s) + [at_n, {"mangle": {"key": _ct("event"),
+                                                "value": ["mark", "destroy"]}}],
+        _listener_match(s) + [at_n, {"mangle": {"key": _ct("mark"), "value": {
+            "|": [_ct("mark"), REPORT_MARK]}}}],
+    ]
+
+
 def _counter_rules(s: NatService) -> list[list[dict]]:
     """Per backend: packets of the listener's connections to it (original direction, after
     DNAT) and from it (reply direction)."""
@@ -490,7 +518,7 @@ def build(rs: NatRuleset, *, previous: NatRuleset | None = None, fresh: bool = F
                 cmds.append(_rule(t, chain, [_match(_payload("tcp", field), p),
                                              {"notrack": None}]))
     for s in rs.services:
-        cmds.append(_rule(t, CHAIN_EVENTS, events_rule_expr(s)))
+        cmds += [_rule(t, CHAIN_EVENTS, r) for r in events_rules(s)]
     for chain in (CHAIN_PREROUTING, CHAIN_OUTPUT):
         for s in rs.services:
             cmds.append(_rule(t, chain, dnat_rule_expr(s)))

@@ -41,8 +41,8 @@ from .. import log as hlog
 from ..config import ListenerConfig, NatConfig
 from ..tables import Table
 from . import ctnl, nft, nftapply
-from .core import Inject, NatCore, Remove, Service
-from .ctsock import CtSocket, dump
+from .core import PROTO_NUM, Inject, NatCore, Remove, Service
+from .ctsock import CtSocket, attach_filter, dump
 
 log = hlog.get_logger("nat")
 
@@ -55,6 +55,15 @@ AFTER_CHANGE = 1.0  # reconcile this long after a takeover or a demotion
 DUMP_TIMEOUT = 10.0
 SEQ_MASK = 0xFFFFFFFF
 FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
+ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
+
+
+def _sysctl(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def seed_of(name: str) -> int:
@@ -92,6 +101,7 @@ class NatService:
         self._tasks: list[asyncio.Task] = []
         self._reconcile_soon: asyncio.Event | None = None  # made in start() (needs a loop)
         self._applied = False
+        self.report_after = cfg.replicate_after_packets
         self.counts = {"injected": 0, "refreshed": 0, "inject_errors": 0, "removed": 0, "overruns": 0,
                        "reconciles": 0, "reconcile_failed": 0, "rules_applied": 0,
                        "rules_failed": 0, "dropped_pending": 0}
@@ -113,23 +123,35 @@ class NatService:
 
     async def start(self) -> None:
         self._reconcile_soon = asyncio.Event()
-        try:
-            with open(FORWARD_SYSCTL) as f:
-                fwd = f.read().strip()
-        except OSError:
-            fwd = "?"
+        fwd = _sysctl(FORWARD_SYSCTL)
         if fwd != "1":
             log.error("nat_forwarding_off", sysctl="net.ipv4.ip_forward", value=fwd,
                       hint="NAT listeners forward packets: set net.ipv4.ip_forward = 1")
+        if self.report_after and _sysctl(ACCT_SYSCTL) != "1":
+            log.error("nat_accounting_off", sysctl="net.netfilter.nf_conntrack_acct",
+                      value=_sysctl(ACCT_SYSCTL), replicate_after_packets=self.report_after,
+                      hint="[nat] replicate_after_packets counts packets with conntrack "
+                           "accounting: set the sysctl to 1; until then every connection is "
+                           "replicated once established")
+            self.report_after = 0
         for s in self.services:
             pool = self.pools[s.pool]
             self.slots[s.name] = self._slots_for(s, pool.view)
+        self.core.report_mark = nft.REPORT_MARK if self.report_after else 0
         self._apply_rules()
-        self.inject_sock = CtSocket()
-        self.events = CtSocket(groups=GROUPS)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.events.fileno(), self._readable)
-        self._tasks.append(asyncio.create_task(self._reconciler(), name="nat-reconcile"))
+        if self.cfg.replicate:  # without replication the kernel's events are nobody's business
+            self.inject_sock = CtSocket()
+            self.events = CtSocket(groups=GROUPS)
+            try:  # only our listeners' events reach us, and none that our own writes caused
+                attach_filter(self.events,
+                              [(PROTO_NUM[s.proto], s.vip, s.port) for s in self.services],
+                              drop_portids=[self.inject_sock.portid])
+            except (OSError, ValueError) as e:
+                log.warning("nat_event_filter_unavailable", error=str(e),
+                            hint="every conntrack event of this namespace is parsed in halbd")
+            loop.add_reader(self.events.fileno(), self._readable)
+            self._tasks.append(asyncio.create_task(self._reconciler(), name="nat-reconcile"))
         log.info("nat_started", table=self.cfg.table, replicate=self.cfg.replicate,
                  listeners=[f"{s.name} {s.proto} {s.vip}:{s.port} -> {s.pool}"
                             for s in self.services])
@@ -169,7 +191,8 @@ class NatService:
             name=s.name, proto=s.proto, vip=s.vip, port=s.port, port_end=s.port,
             hash_fields="src_port" if lc.hash == "client_ip_port" else "src",
             seed=seed_of(s.name), slots=self.slots[s.name],
-            backends=tuple(nft.NatBackend(n, a, p) for n, (a, p) in s.backends.items()))
+            backends=tuple(nft.NatBackend(n, a, p) for n, (a, p) in s.backends.items()),
+            report_after_packets=self.report_after if self.cfg.replicate else 0)
 
     def ruleset(self) -> "nft.NatRuleset":
         return nft.NatRuleset(
@@ -371,7 +394,7 @@ class NatService:
                 since = self.table.clock.now()
                 evs = await loop.run_in_executor(None, self._dump)
                 self._drain_errors()
-                ops = self.core.reconcile((e.flow for e in evs if e.flow is not None), since)
+                ops = self.core.reconcile(evs, since)
                 for op in ops:
                     self._queue(op)
                 self.counts["reconciles"] += 1
@@ -394,6 +417,7 @@ class NatService:
         return {
             "table": self.cfg.table,
             "replicate": self.cfg.replicate,
+            "replicate_after_packets": self.report_after,
             "listeners": [{"name": s.name, "proto": s.proto, "vip": s.vip, "port": s.port,
                            "pool": s.pool, "held": self.holds(s.vip),
                            "backends_in_map": len({i for i in self.slots.get(s.name, ()) if i >= 0})}

@@ -40,6 +40,12 @@ from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceive
 
 WINDOW = 8  # unacknowledged batches in flight per follower stream
 HELLO_TIMEOUT = 5.0  # a follower must say hello within this
+# Under a stream of changes the sender waits until this long after its last batch before it
+# builds the next, so batches fill up instead of carrying one or two entries each (each gRPC
+# message and its ack cost tens of microseconds of Python on both sides: at 5,000 new NAT
+# connections/s, 10,000 changes/s, one-entry batches cost each node more CPU than the kernel's
+# forwarding). The first change after a quiet spell goes out at once.
+COALESCE = 0.001
 CONNECT_TIMEOUT = 3.0  # dial + TLS + welcome
 MAX_BACKOFF = 2.0  # reconnect backoff cap (seconds, random exponential with jitter)
 # ... while the peer's host answers "connection refused" (up, but no halbd listening: it is
@@ -578,6 +584,8 @@ class SyncService:
             await context.write(pb.SyncBatch(kind=Kind.KIND_WELCOME, node=self.name,
                                              sent=self._now()))
             order = list(senders.values())
+            loop = asyncio.get_running_loop()
+            last_write = 0.0
             while not st.closed:
                 st.wake.clear()
                 for s in order:
@@ -590,12 +598,16 @@ class SyncService:
                         if b.kind == Kind.KIND_SNAPSHOT_BEGIN:
                             p.snapshots_sent += 1
                         await context.write(b)
+                        last_write = loop.time()
                         p.sent_batches += 1
                         p.sent_entries += len(b.entries.keys)
                         p.sent_bytes += b.ByteSize()
                 if st.closed:
                     break
                 await st.wake.wait()
+                wait = last_write + COALESCE - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
         finally:
             reader.cancel()
             self._streams.discard(st)

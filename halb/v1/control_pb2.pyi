@@ -234,7 +234,7 @@ class NatListener(_message.Message):
     def __init__(self, name: _Optional[str] = ..., protocol: _Optional[str] = ..., vip: _Optional[str] = ..., port: _Optional[int] = ..., pool: _Optional[str] = ..., held: _Optional[bool] = ..., backends_in_map: _Optional[int] = ...) -> None: ...
 
 class NatStatus(_message.Message):
-    __slots__ = ("table", "replicate", "listeners", "injected", "refreshed", "removed", "inject_errors", "events_lost", "reconciles", "recorded", "ended")
+    __slots__ = ("table", "replicate", "listeners", "injected", "refreshed", "removed", "inject_errors", "events_lost", "reconciles", "recorded", "ended", "replicate_after_packets")
     class InjectErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class NatStatus(_message.Message):
     RECONCILES_FIELD_NUMBER: _ClassVar[int]
     RECORDED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_AFTER_PACKETS_FIELD_NUMBER: _ClassVar[int]
     table: str
     replicate: bool
     listeners: _containers.RepeatedCompositeFieldContainer[NatListener]
@@ -264,7 +265,8 @@ class NatStatus(_message.Message):
     reconciles: int
     recorded: int
     ended: int
-    def __init__(self, table: _Optional[str] = ..., replicate: _Optional[bool] = ..., listeners: _Optional[_Iterable[_Union[NatListener, _Mapping]]] = ..., injected: _Optional[int] = ..., refreshed: _Optional[int] = ..., removed: _Optional[int] = ..., inject_errors: _Optional[_Mapping[str, int]] = ..., events_lost: _Optional[int] = ..., reconciles: _Optional[int] = ..., recorded: _Optional[int] = ..., ended: _Optional[int] = ...) -> None: ...
+    replicate_after_packets: int
+    def __init__(self, table: _Optional[str] = ..., replicate: _Optional[bool] = ..., listeners: _Optional[_Iterable[_Union[NatListener, _Mapping]]] = ..., injected: _Optional[int] = ..., refreshed: _Optional[int] = ..., removed: _Optional[int] = ..., inject_errors: _Optional[_Mapping[str, int]] = ..., events_lost: _Optional[int] = ..., reconciles: _Optional[int] = ..., recorded: _Optional[int] = ..., ended: _Optional[int] = ..., replicate_after_packets: _Optional[int] = ...) -> None: ...
 
 class BackendRef(_message.Message):
     __slots__ = ("pool", "backend")

@@ -27,7 +27,7 @@ import pytest
 
 from halb.nat import ctnl
 from halb.nat.ctnl import Event, Flow, NlAck, NlError
-from halb.nat.ctsock import (GROUP_NEW, GROUPS_ALL, CtSocket, dump, inject)
+from halb.nat.ctsock import (GROUP_NEW, GROUPS_ALL, CtSocket, attach_filter, dump, inject)
 from lab.lab import ns_call as _ns_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -413,3 +413,26 @@ def test_dump_returns_the_injected_entries(ns, socks):
     assert len(dump(s)) == 600
     with pytest.raises(ValueError):
         dump(ct_socket(ns, socks, groups=GROUP_NEW))
+
+
+def test_event_filter_keeps_only_the_listeners_and_drops_our_own(ns, socks):
+    """The BPF filter on the event socket: events of other destinations, ports or protocols,
+    and those our own injecting socket caused, never reach user space."""
+    ev = ct_socket(ns, socks, groups=GROUPS_ALL)
+    inj, own = ct_socket(ns, socks), ct_socket(ns, socks)
+    n = attach_filter(ev, [(6, VIP, 80), (17, VIP, 53)], drop_portids=[own.portid])
+    assert n > 10
+    keep = Flow(6, "198.18.50.1", 1001, VIP, 80, BACKENDS[0], 8080)
+    keep_udp = Flow(17, "198.18.50.1", 1002, VIP, 53, BACKENDS[0], 53)
+    others = [Flow(6, "198.18.50.1", 1003, VIP, 81, BACKENDS[0], 8080),         # port
+              Flow(17, "198.18.50.1", 1004, VIP, 80, BACKENDS[0], 8080),        # protocol
+              Flow(6, "198.18.50.1", 1005, "198.18.60.101", 80, BACKENDS[0], 8080)]  # address
+    assert inject(inj, others + [keep, keep_udp], timeout=60).ok == 5
+    assert inject(own, [Flow(6, "198.18.50.1", 1006, VIP, 80, BACKENDS[1], 8080)],
+                  timeout=60).ok == 1
+    marker = Flow(6, "198.18.50.9", 9999, VIP, 80, BACKENDS[1], 8080)
+    assert inject(inj, [marker], timeout=60).ok == 1
+    seen = []
+    read_until(ev, lambda e: seen.append(e) or e.flow == marker)
+    assert [e.flow for e in seen if e.kind == "new"] == [keep, keep_udp, marker], seen
+    assert ev.bad == 0 and ev.overruns == 0

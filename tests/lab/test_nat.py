@@ -35,7 +35,9 @@ def natlab_(request):
     with lab_lock():
         lab = None
         try:
-            lab = NatLab(tmp, replicate=getattr(request, "param", True))
+            param = getattr(request, "param", True)
+            opts = param if isinstance(param, dict) else {"replicate": param}
+            lab = NatLab(tmp, **opts)
             yield lab
         finally:
             if lab is not None:
@@ -229,3 +231,41 @@ def test_drain_moves_new_connections_and_keeps_established_ones(natlab_):
     lab.halbctl("lb1", "enable", "tcp", "be1")
     lab.wait(lambda: len(lab.nodes["lb1"].events("nat_slots_updated")) >= 2, 5, "slots back")
     assert lab.nodes["lb1"].events("nat_slots_updated")[-1]["backends"] == ["be1", "be2"]
+
+
+SHORT = r"""
+import socket, sys
+n = 0
+for i in range(int(sys.argv[2])):
+    s = socket.create_connection((sys.argv[1], 80), timeout=5)
+    s.sendall(b"WHO\n")
+    if s.recv(100):
+        n += 1
+    s.close()
+print(n)
+"""
+
+
+@pytest.mark.parametrize("natlab_", [{"nat_options": "replicate_after_packets = 8"}],
+                         indirect=True, ids=["after_8_packets"])
+def test_replicate_after_packets_skips_short_connections_and_keeps_long_ones(natlab_):
+    """[nat] replicate_after_packets = 8 (IPVS's sync_threshold): 200 one-request connections
+    write nothing to the nat table, the long-lived ones are replicated once the client has
+    sent 8 packets, and survive a kill -9 as before."""
+    lab = natlab_
+    settle(lab)
+    probe = lab.probe(seconds=7.0, tcp_conns=20, udp_flows=4)
+    out = nx.run_in(lab.ns["cl"], [natlab.PY, "-c", SHORT, natlab.VIP, "200"], timeout=60).stdout
+    assert out.strip() == "200"
+    time.sleep(1.0)
+    on_standby = lab.nat_entries("lb2")
+    print(f"\nafter 200 short connections and 24 long ones: {on_standby} nat entries on lb2")
+    assert on_standby == 24, on_standby
+    st = json.loads(lab.halbctl("lb1", "status", "--json"))["nat"]
+    assert st["replicate_after_packets"] == 8, st
+    kill = time.monotonic()
+    lab.kill("lb1")
+    lab.wait_state("lb2", "master", timeout=5)
+    res = probe.results()
+    r = report("replicate_after_packets = 8, kill -9", res, [kill])
+    assert not r["broken"], r["broken"][:5]

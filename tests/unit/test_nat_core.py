@@ -112,7 +112,7 @@ def test_reconcile_on_the_holder_adds_lost_entries_refreshes_and_drops_ended():
     w.clock.advance(1000.0)  # past a quarter of the TTL: a touch is logged (and replicated)
     seq = w.table.seq
     # the kernel has 1 (alive), 3 (its event was lost), and not 2 (its destroy was lost)
-    ops = w.core.reconcile([flow(sport=1), flow(sport=3, be="198.18.1.22")])
+    ops = w.core.reconcile([ev("dump", flow(sport=1)), ev("dump", flow(sport=3, be="198.18.1.22"))])
     assert ops == []
     keys = {e.key: e for e in w.table.entries()}
     assert set(keys) == {nat_key("www", "tcp", f"198.18.0.5:{p}", 80) for p in (1, 3)}
@@ -126,7 +126,7 @@ def test_reconcile_on_a_standby_injects_missing_and_removes_unknown_after_two_pa
     w = World(holds=False)
     w.table.apply(Op.CREATE, _entry("lb2", sport=1))
     w.table.apply(Op.CREATE, _entry("lb2", sport=2))
-    kernel = [flow(sport=1), flow(sport=9)]  # 2 missing (inject), 9 unknown (remove later)
+    kernel = [ev("dump", flow(sport=1)), ev("dump", flow(sport=9))]  # 2 missing, 9 unknown
     ops = w.core.reconcile(kernel)
     assert ops == [Inject(flow(sport=2))]
     ops = w.core.reconcile(kernel)
@@ -141,7 +141,23 @@ def test_reconcile_leaves_entries_recorded_while_the_dump_ran():
     w.core.on_event(ev("update", flow(sport=1)))
     since = w.clock.advance(1.0)
     w.core.on_event(ev("update", flow(sport=2)))  # during the dump
-    w.core.reconcile([flow(sport=1)], since)
+    w.core.reconcile([ev("dump", flow(sport=1))], since)
     assert len(w.table) == 2
-    w.core.reconcile([flow(sport=1)], w.clock.advance(1.0))  # the next pass: really gone
+    w.core.reconcile([ev("dump", flow(sport=1))], w.clock.advance(1.0))  # next pass: gone
     assert [e.client for e in w.table.entries()] == ["198.18.0.5:1"]
+
+
+def test_only_qualifying_connections_are_recorded_with_a_packet_threshold():
+    """replicate_after_packets: the kernel sets the report bit in the ct mark at the N-th
+    packet; neither an event nor reconcile records a connection without it, nor an
+    unestablished TCP one in any case."""
+    w = World()
+    w.core.report_mark = 0x80000000
+    w.core.on_event(ev("update", flow(sport=1)))  # no bit: not yet
+    w.core.reconcile([ev("dump", flow(sport=2)),
+                      Event("dump", flow(sport=3), IPS_CONFIRMED, 0, 100, 0x80000000, 2)])
+    assert len(w.table) == 0
+    marked = Event("update", flow(sport=4), ESTABLISHED, 0, 100, 0x80000001, 3)
+    w.core.on_event(marked)
+    w.core.reconcile([marked._replace(kind="dump", flow=flow(sport=5)), marked])
+    assert sorted(e.client for e in w.table.entries()) == ["198.18.0.5:4", "198.18.0.5:5"]

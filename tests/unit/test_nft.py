@@ -386,3 +386,27 @@ def test_counters_of_a_listing():
                   "comment": "named", "expr": [{"counter": "be_web_b1"}]}},
     ]}
     assert counters_of(listing) == {"be_web_b1": (7, 420), "x": (2, 80)}
+
+
+
+def test_events_rules_report_after_n_packets():
+    """replicate_after_packets: a new connection reports nothing; the client's N-th packet
+    turns on {mark, destroy} and sets the report bit in the ct mark (one [UPDATE])."""
+    from dataclasses import replace
+    from halb.nat import nft as n
+    base = n.NatService(name="www", proto="tcp", vip="198.18.0.100", port=80, port_end=80,
+                        hash_fields="src", seed=1, slots=(0, 0, 0),
+                        backends=(n.NatBackend("a", "198.18.1.1", 8080),))
+    assert n.events_rules(base) == [n.events_rule_expr(base)]
+    rules = n.events_rules(replace(base, report_after_packets=8))
+    assert len(rules) == 3
+    assert rules[0][-1] == {"mangle": {"key": {"ct": {"key": "event"}}, "value": 0}}
+    at8 = {"match": {"op": "==", "left": {"ct": {"key": "packets", "dir": "original"}},
+                     "right": 8}}
+    assert at8 in rules[1] and at8 in rules[2]
+    assert rules[1][-1]["mangle"]["value"] == ["mark", "destroy"]
+    assert rules[2][-1]["mangle"]["value"] == {"|": [{"ct": {"key": "mark"}}, n.REPORT_MARK]}
+    doc = n.build(n.NatRuleset(table="t", services=(replace(base, report_after_packets=8),)))
+    events = [c["add"]["rule"] for c in doc["nftables"]
+              if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "events"]
+    assert len(events) == 3
