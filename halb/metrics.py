@@ -298,7 +298,7 @@ class Metrics:
         self._tables = tables
 
     def splice_gate(self, gate: Any) -> None:
-        """Gauges of the node's SpliceGate (halb.proxy.tcp), read at scrape time."""
+        """Gauges of the node's SpliceGate (halb.splicegate), read at scrape time."""
         Gauge("halb_l4_relay_splicing", "1 while relay = \"auto\" TCP listeners splice (the "
               "node is busy), 0 while they copy; a listener whose sockets refused splice "
               "copies regardless (halb_l4_events splice_unavailable)",

@@ -62,7 +62,7 @@ class Node:
             log_size, tombs = STANDALONE_LOG, False
         self.tables = Tables(self.name, self.wall, sticky_max=sticky_max, flow_max=flow_max,
                              log_size=log_size, tombstones=tombs, nat_max=cfg.nat.max_entries)
-        from .proxy.tcp import SpliceGate
+        from .splicegate import SpliceGate
 
         self.splice_gate = SpliceGate()  # relay = "auto" TCP listeners splice while it is open
         self.metrics.splice_gate(self.splice_gate)
@@ -97,18 +97,29 @@ class Node:
             self.parts.append(self.nat)
         self.election = None
         if self.cfg.vrrp:
-            from .vrrp.instance import Election
-            self.election = Election(self.cfg.vrrp, self)
+            from .vrrp.election import Election
+            sync_cfg = self.cfg.sync
+            self.election = Election(
+                self.cfg.vrrp, clock=self.clock, registry=self.metrics.registry, pools=self.pools,
+                fast_takeover=sync_cfg.fast_takeover if sync_cfg is not None else True)
             if self.nat is not None:
                 self.election.vip_hooks.append(self.nat)
             self.parts.append(self.election)
         self.sync = None
         if self.cfg.sync:
             from .sync.service import SyncService
-            self.sync = SyncService(self.cfg.sync, self)
+            self.sync = SyncService(
+                self.cfg.sync, name=self.name, tables=self.tables, wall=self.wall,
+                registry=self.metrics.registry, election=self.election,
+                advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
             self.parts.insert(0, self.sync)
+        from .control.api import ControlTargets
         from .control.server import ControlServer
-        self.control = ControlServer(self.cfg.control, self)
+        self.control = ControlServer(
+            self.cfg.control, registry=self.metrics.registry,
+            targets=ControlTargets(name=self.name, config=self.cfg, pools=self.pools,
+                                   tables=self.tables, clock=self.clock, election=self.election,
+                                   sync=self.sync, nat=self.nat))
         # first: a second halbd started by mistake with the same config fails on the live
         # control socket before its election or listeners touch anything
         self.parts.insert(0, self.control)

@@ -59,9 +59,6 @@ class Entry(NamedTuple):
     def wins_over(self, other: "Entry") -> bool:
         return (self.updated, self.origin) > (other.updated, other.origin)
 
-    def copy(self) -> "Entry":
-        return self  # immutable: a copy is the entry itself
-
 
 # module constants as plain ints: an enum member lookup costs more than the rest of a table
 # operation, and a Change holding an enum member (an object the GC tracks) would stay tracked.
@@ -239,15 +236,13 @@ class Table:
         return [Entry(k, "", "", upd, upd, until, origin)
                 for k, (upd, origin, until) in self._tombs.items() if until > now]
 
-    def apply(self, op: Op, entry: Entry, *, log: bool = True, owned: bool = False) -> bool:
+    def apply(self, op: Op, entry: Entry, *, log: bool = True) -> bool:
         """Applies a change received from a peer; True if it changed this table.
 
         The change is logged here too (with its origin kept) unless ``log`` is False. State
         sync passes False: in its full mesh every node hears each change from its origin, it
         ships only its own changes, and remote changes flooding the bounded log would push
         this node's own changes out of its followers' reach (and cost twice the time).
-        ``owned`` is kept for callers written when entries were mutable; entries are immutable
-        versions now, so nothing is ever copied defensively.
         """
         now = self.clock.now()
         local = self._entries.get(entry.key)

@@ -2,11 +2,13 @@
 carries out admin calls, raising ``ControlError`` (a gRPC status code and a message naming
 the problem) for bad requests.
 
-The node's parts are reached only through the interfaces they publish:
-``node.pools`` (``halb.model.Pool``), ``node.tables`` (``halb.tables.Tables``),
-``node.election`` (``status()`` -> list of instance dicts, ``handover(name)`` raising
-KeyError / ValueError) and ``node.sync`` (``status()`` -> list of peer dicts); either of the
-last two may be None. Time comes from the node's clocks.
+The composition root hands it the node's parts in one ``ControlTargets``, never the node, and
+they are reached only through the interfaces they publish: ``pools`` (``halb.model.Pool``),
+``tables`` (``halb.tables.Tables``), ``election`` (``status()`` -> list of instance dicts,
+``handover(name)`` raising KeyError / ValueError), ``sync`` (``status()`` -> list of peer
+dicts, ``ready``) and ``nat`` (``status()`` -> dict); each of the last three may be None. Time
+comes from the node's monotonic clock (``clock``); ``config`` gives the file the config was
+read from (and the control socket's path to the server).
 """
 
 from __future__ import annotations
@@ -18,14 +20,23 @@ import inspect
 import os
 import random
 import time
+from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
 
 import grpc
 
 from .. import __version__
 from ..model import Backend, Pool
 from ..v1 import control_pb2 as pb
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..clock import Clock
+    from ..config import Config
+    from ..nat.service import NatService
+    from ..sync.service import SyncService
+    from ..tables import Tables
+    from ..vrrp.election import Election
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -169,58 +180,71 @@ def entry_msg(e: Any) -> pb.TableEntry:
 # The calls
 
 
+@dataclass(frozen=True, eq=False)
+class ControlTargets:
+    """What the control part reads and acts on: the parts of one node, not the node."""
+
+    name: str  # the node's name
+    config: Config  # ``source`` (status) and ``control_socket`` (the server)
+    pools: Mapping[str, Pool]
+    tables: Tables
+    clock: Clock  # monotonic
+    election: Election | None = None
+    sync: SyncService | None = None
+    nat: NatService | None = None
+
+
 class ControlAPI:
     """The control calls over one node; every method raises ControlError for a bad request."""
 
-    def __init__(self, node: Any, started: float):
-        self.node = node
-        self.started = started  # node.clock time the node was built
+    def __init__(self, targets: ControlTargets, started: float):
+        self.targets = targets
+        self.started = started  # clock time the node was built
         self._keys: dict[str, _Keys] = {}  # table name -> its one cached sorted key list
         self._sorting: dict[str, tuple[Any, str, asyncio.Future]] = {}  # table name -> sort under way
         self.refusals: Any = None  # the control server's RefusalLog (TLS on control.address)
 
     def _now(self) -> float:
-        return self.node.clock.now()
+        return self.targets.clock.now()
 
     # -- reading ------------------------------------------------------------------------------
 
     def election_status(self) -> list[pb.Instance]:
-        el = getattr(self.node, "election", None)
+        el = self.targets.election
         if el is None:
             return []
         return [instance_msg(d) for d in (el.status() or ())]
 
     def sync_status(self) -> list[pb.Peer]:
-        sy = getattr(self.node, "sync", None)
+        sy = self.targets.sync
         if sy is None:
             return []
         return [peer_msg(d) for d in (sy.status() or ())]
 
     def status(self) -> pb.StatusReply:
-        node = self.node
+        tg = self.targets
         now = self._now()
-        cfg = node.cfg
         tables = []
-        for t in node.tables:
+        for t in tg.tables:
             tables.append(pb.TableInfo(name=t.name, size=len(t), max_entries=t.max_entries,
                                        seq=t.seq, epoch=_uint(getattr(t, "epoch", 0))))
         return pb.StatusReply(
-            node=pb.NodeInfo(name=node.name, version=__version__,
+            node=pb.NodeInfo(name=tg.name, version=__version__,
                              uptime_seconds=max(0.0, now - self.started), pid=os.getpid(),
-                             config=cfg.source),
-            election_enabled=getattr(node, "election", None) is not None,
+                             config=tg.config.source),
+            election_enabled=tg.election is not None,
             instances=self.election_status(),
-            sync_enabled=getattr(node, "sync", None) is not None,
-            sync_ready=bool(getattr(getattr(node, "sync", None), "ready", True)),
+            sync_enabled=tg.sync is not None,
+            sync_ready=bool(getattr(tg.sync, "ready", True)),
             peers=self.sync_status(),
-            pools=[pool_msg(p, now) for p in node.pools.values()],
+            pools=[pool_msg(p, now) for p in tg.pools.values()],
             tables=tables,
             control_refusals=[refusal_msg(x) for x in
                               (self.refusals.as_list() if self.refusals is not None else ())],
             nat=self.nat_status())
 
     def nat_status(self) -> pb.NatStatus | None:
-        nat = getattr(self.node, "nat", None)
+        nat = self.targets.nat
         if nat is None:
             return None
         d = nat.status()
@@ -240,9 +264,10 @@ class ControlAPI:
     def _backend(self, pool_name: str, backend_name: str) -> tuple[Pool, Backend]:
         _name(pool_name, "pool")
         _name(backend_name, "backend")
-        pool = self.node.pools.get(pool_name)
+        pools = self.targets.pools
+        pool = pools.get(pool_name)
         if pool is None:
-            raise _missing(f"no such pool {pool_name!r} (pools: {_names(self.node.pools)})")
+            raise _missing(f"no such pool {pool_name!r} (pools: {_names(pools)})")
         b = pool.by_name.get(backend_name)
         if b is None:
             raise _missing(f"no such backend {backend_name!r} in pool {pool_name!r} "
@@ -270,7 +295,7 @@ class ControlAPI:
 
     async def failover(self, instance: str) -> pb.Instance:
         _name(instance, "instance")
-        el = getattr(self.node, "election", None)
+        el = self.targets.election
         if el is None:
             raise _missing(f"no such instance {instance!r}: this node runs no election "
                            "(no [[vrrp]] in its config)")
@@ -352,7 +377,7 @@ class ControlAPI:
         """One page of entries sorted by key. The page token is the last key returned, so an
         entry added or removed between pages never makes a later page skip or repeat one."""
         try:
-            table = self.node.tables.by_name(req.table)
+            table = self.targets.tables.by_name(req.table)
         except KeyError:
             raise _missing(f"no such table {req.table!r} (tables: sticky, flow, nat)") from None
         size = req.page_size or DEFAULT_PAGE
@@ -380,7 +405,7 @@ class ControlAPI:
 
 
 class _Keys(NamedTuple):
-    at: float  # node clock time the list was made
+    at: float  # clock time the list was made
     table: Any
     prefix: str
     keys: "SortedKeys"

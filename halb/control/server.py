@@ -8,6 +8,11 @@ running process still answers on is left alone and the start fails with a clear 
 The calls themselves live in ``halb.control.api``; this module is the thin gRPC edge: it maps
 ``ControlError`` to a gRPC status and any unexpected exception to INTERNAL (logged), so one
 bad request never takes the node down.
+
+Built by the composition root as ``ControlServer(cfg.control, targets=ControlTargets(...),
+registry=registry)``: ``targets`` are the node's parts the calls read and act on (see
+``halb.control.api.ControlTargets``; the socket path is ``targets.config.control_socket``),
+``registry`` the metrics registry for ``halb_control_*`` (None: no metrics).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Callable
 
 import grpc
 from grpc import aio
+from prometheus_client import CollectorRegistry, Counter
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -32,7 +38,7 @@ from ..tlsfront import RefusalLog, TLSFront
 from ..config import ControlConfig
 from ..v1 import control_pb2 as pb
 from ..v1 import control_pb2_grpc as pb_grpc
-from .api import ControlAPI, ControlError
+from .api import ControlAPI, ControlError, ControlTargets
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Control"].full_name  # "halb.v1.Control"
 MAX_MESSAGE = 4 << 20  # a page of 1000 entries is ~200 KB; requests are tiny
@@ -127,14 +133,17 @@ def prepare_socket_path(path: str) -> None:
 
 
 class ControlServer:
-    """``ControlServer(cfg, node)``: a node part with ``async start()`` / ``async stop()``."""
+    """``ControlServer(cfg, targets=..., registry=...)``: a node part with ``async start()`` /
+    ``async stop()``."""
 
-    def __init__(self, cfg: ControlConfig, node: Any):
+    def __init__(self, cfg: ControlConfig, *, targets: ControlTargets,
+                 registry: CollectorRegistry | None = None):
         self.cfg = cfg
-        self.node = node
+        self.targets = targets
+        self.registry = registry
         self.log = hlog.get_logger("control")
-        self.socket_path = node.cfg.control_socket
-        self.api = ControlAPI(node, node.clock.now())
+        self.socket_path = targets.config.control_socket
+        self.api = ControlAPI(targets, targets.clock.now())
         self.server: aio.Server | None = None
         self.health: HealthServicer | None = None
         self.tcp_port: int | None = None
@@ -149,13 +158,11 @@ class ControlServer:
         self.log.warning("control_refused", remote=remote, reason=reason, detail=detail)
 
     def _make_counter(self):
-        reg = getattr(getattr(self.node, "metrics", None), "registry", None)
-        if reg is None:
+        if self.registry is None:
             return None
-        from prometheus_client import Counter
         try:
             return Counter("halb_control_requests", "Control API calls by method and result",
-                           ["method", "code"], registry=reg)
+                           ["method", "code"], registry=self.registry)
         except ValueError:  # already registered in this registry (a second server in one process)
             return None
 
@@ -206,7 +213,7 @@ class ControlServer:
                       address=str(self.cfg.address) if self.cfg.address else "")
 
     def _register_metrics(self) -> None:
-        reg = getattr(getattr(self.node, "metrics", None), "registry", None)
+        reg = self.registry
         if reg is None:
             return
         refusals = self.refusals
@@ -232,9 +239,9 @@ class ControlServer:
         if self.front is not None:
             await self.front.stop()
             self.front = None
-        if self._collector is not None:
+        if self._collector is not None and self.registry is not None:
             with contextlib.suppress(KeyError):
-                self.node.metrics.registry.unregister(self._collector)
+                self.registry.unregister(self._collector)
             self._collector = None
         server, self.server = self.server, None
         if server is None:

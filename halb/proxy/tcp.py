@@ -10,8 +10,9 @@ task or stream per connection. Each readiness event moves bytes one of two ways:
   only while it has bytes in flight, so an idle connection costs two sockets and no pipes.
 
 ``relay = "auto"`` (the default, like HAProxy's ``option splice-auto``) copies while the node
-has CPU to spare and splices while it is busy (``SpliceGate``: the node's ticker samples the
-process's CPU time four times a second); ``"splice"`` and ``"copy"`` fix the method. A listener
+has CPU to spare and splices while it is busy (``halb.splicegate.SpliceGate``: the node's
+ticker samples the process's CPU time four times a second); ``"splice"`` and ``"copy"`` fix the
+method. A listener
 whose sockets refuse splice(2) copies from then on.
 
 Backpressure: when the destination cannot take more, the direction stops reading its source
@@ -40,7 +41,6 @@ import errno
 import os
 import socket
 import time
-import weakref
 from typing import TYPE_CHECKING
 
 from .. import log as hlog
@@ -49,6 +49,7 @@ from ..model import Pool
 from ..tables import flow_key, sticky_key
 from . import proxyproto
 from .sockets import format_addr, listen_tcp, raise_nofile
+from .l4stats import l4_counters
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerConfig
@@ -100,24 +101,6 @@ class RateLimitedLog:
         self.log.warning(event, **fields)
 
 
-_counters: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def l4_counters(registry) -> tuple:
-    """(events, bytes) counters of the L4 listeners, created once per registry."""
-    c = _counters.get(registry)
-    if c is None:
-        from prometheus_client import Counter
-
-        events = Counter("halb_l4_events", "L4 listener events (no_backend, connect_failed, "
-                         "redispatched, idle_timeout, max_conns, flows_dropped, ...)",
-                         ["listener", "event"], registry=registry)
-        nbytes = Counter("halb_l4_bytes", "Bytes relayed by L4 listeners",
-                         ["listener", "direction"], registry=registry)
-        c = _counters[registry] = (events, nbytes)
-    return c
-
-
 class PipePool:
     """A free list of non-blocking pipe pairs of ``size`` bytes; only empty pipes go back."""
 
@@ -160,55 +143,6 @@ class PipePool:
 
 # ---------------------------------------------------------------------------------------------
 # Relay directions
-
-
-class SpliceGate:
-    """Whether ``relay = "auto"`` listeners splice right now: pure logic, fed CPU samples.
-
-    Splicing spares the proxy the two copies of every byte, so it pays when the node's CPU is
-    what limits the relay. While the CPU has room, copying through a small buffer moved more
-    (measured on loopback with iperf3: copy 1.29x the Gbit/s of splice at 1.1x its CPU per
-    byte; with halbd held to 40% of a core, splice 1.22x the Gbit/s of copy). HAProxy's
-    ``splice-auto`` copies in the first case too.
-
-    ``busy`` is how short the relay is of CPU over the last sample: the CPU time of the event
-    loop's thread as a fraction of one core (the relays run there, the control plane's threads
-    do not count), or, under a cgroup quota (``halb.cpu.cpu_quota``, in cores), the whole
-    process's CPU time as a fraction of the quota, whichever is larger. The gate opens at
-    ``high`` or more and closes again at ``low`` or less; the gap is wider than what splicing
-    saves, so it does not flap.
-    """
-
-    __slots__ = ("high", "low", "splice", "busy", "_loop", "_proc", "_wall", "changes")
-
-    def __init__(self, high: float = 0.9, low: float = 0.6):
-        if not 0.0 < low < high:
-            raise ValueError(f"SpliceGate needs 0 < low < high (low={low}, high={high})")
-        self.high, self.low = high, low
-        self.splice = False
-        self.busy = 0.0
-        self._loop = self._proc = self._wall = None
-        self.changes = 0
-
-    def sample(self, loop_cpu_s: float, process_cpu_s: float, wall_s: float,
-               quota: float | None = None) -> bool:
-        """Feeds the event loop thread's and the process's CPU time, a monotonic clock and the
-        cgroup quota in cores (None: none); returns True if ``splice`` changed."""
-        if self._wall is None or wall_s <= self._wall:
-            self._loop, self._proc, self._wall = loop_cpu_s, process_cpu_s, wall_s
-            return False
-        span = wall_s - self._wall
-        busy = max(0.0, loop_cpu_s - self._loop) / span
-        if quota is not None and quota > 0:
-            busy = max(busy, max(0.0, process_cpu_s - self._proc) / (span * quota))
-        self.busy = busy
-        self._loop, self._proc, self._wall = loop_cpu_s, process_cpu_s, wall_s
-        want = busy >= self.high if not self.splice else busy > self.low
-        if want != self.splice:
-            self.splice = want
-            self.changes += 1
-            return True
-        return False
 
 
 class _Fixed:

@@ -30,7 +30,8 @@ from ..balance import hash_key_for
 from ..model import Pool
 from ..tables import flow_key, sticky_key
 from .sockets import bind_udp, format_addr, raise_nofile
-from .tcp import RateLimitedLog, l4_counters
+from .l4stats import l4_counters
+from .tcp import RateLimitedLog
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerConfig

@@ -3,6 +3,7 @@
 Pieces
     ``service.SyncService``   the node part (Sync server + one follower link per peer), built by
                               ``halb.node``; ``status()`` and ``ready`` for the control API
+    ``hooks.ElectionHooks``   what it calls on the election (preempt hold, peer lost/dead/seen)
     ``core``                  the pure sender/receiver logic (snapshot or resume, batches, acks)
     ``security``              mutual TLS from ``[sync.tls]`` and the peer-name check
     ``client.fetch_tables``   a one-shot snapshot read of a node (tests, benchmarks)

@@ -265,7 +265,7 @@ class TableReceiver:
                                     f"expected {self.epoch}")
             if b.seq < self.seq:
                 raise ProtocolError(f"{self.table.name}: sequence went back from {self.seq} to {b.seq}")
-            n = self._apply(b.entries, None)
+            n = self._apply(b.entries)
             self.seq = b.seq
             self.learned = True
             return n
@@ -278,7 +278,7 @@ class TableReceiver:
         if k == Kind.KIND_SNAPSHOT:
             if not self.in_snapshot or b.epoch != self._snap_epoch:
                 raise ProtocolError(f"{self.table.name}: snapshot data outside a snapshot")
-            return self._apply(b.entries, None)  # CREATE, or DELETE for recent deletions
+            return self._apply(b.entries)  # CREATE, or DELETE for recent deletions
         if k == Kind.KIND_SNAPSHOT_END:
             if not self.in_snapshot or b.epoch != self._snap_epoch or b.seq != self._snap_seq:
                 raise ProtocolError(f"{self.table.name}: snapshot end does not match its begin")
@@ -289,7 +289,7 @@ class TableReceiver:
             return 0
         raise ProtocolError(f"unexpected batch kind {k}")
 
-    def _apply(self, m: pb.SyncEntries, force_op: Op | None) -> int:
+    def _apply(self, m: pb.SyncEntries) -> int:
         if not m.keys:
             return 0
         ops, keys, backends, pools, created, updated, expires, origins, clients, listeners, \
@@ -301,11 +301,11 @@ class TableReceiver:
         for op, k, b, p, c, u, x, o, cl, li, pr in zip(ops, keys, backends, pools, created,
                                                         updated, expires, origins, clients,
                                                         listeners, protos):
-            op = force_op or opmap.get(op)
+            op = opmap.get(op)
             if op is None or not k or not o or not (isfinite(c) and isfinite(u) and isfinite(x)):
                 self.invalid += 1
                 continue
-            if apply(op, Entry(k, b, p, c, u, x, o, cl, li, pr), log=False, owned=True):
+            if apply(op, Entry(k, b, p, c, u, x, o, cl, li, pr), log=False):
                 n += 1
         self.applied += n
         return n

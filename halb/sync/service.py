@@ -2,16 +2,23 @@
 (we receive theirs). The protocol is described in ``proto/halb/v1/sync.proto``; the decisions
 (snapshot or resume, batching, applying) live in the pure ``halb.sync.core``.
 
-Built by the composition root as ``SyncService(cfg.sync, node)``; it uses ``node.name``,
-``node.tables``, ``node.wall``, ``node.metrics.registry``, ``node.election`` (may be None)
-and ``node.cfg.vrrp`` (advert intervals, for the start-up hold).
+Built by the composition root (and by ``halb.sync.standalone.SyncNode``) as::
+
+    SyncService(cfg.sync, name=node_name, tables=tables, wall=wall_clock, registry=registry,
+                election=election_or_None, advert_interval=longest_vrrp_advert_interval)
+
+``tables`` are the replicated tables (``halb.tables.Tables`` or a list of ``Table``), ``wall``
+the wall clock they are written with, ``registry`` the metrics registry (``halb_sync_*``;
+None: no metrics), ``election`` what it tells the election (``hooks.ElectionHooks``) and
+``advert_interval`` the longest VRRP advert interval (it bounds the start-up hold).
 
 - Memory: a sender never queues per follower; it reads its bounded change log at the
   follower's cursor and keeps at most ``WINDOW`` unacknowledged batches in flight. A follower
   further behind than ``sync.max_backlog`` (or than the log) gets a snapshot instead.
 - Fast crash detection: a follower link is one long-lived stream; when it ends (the peer's
   kernel closed the connection, or keepalive gave up) the link calls
-  ``election.sync_peer_lost(peer_host)`` at once, and ``sync_peer_seen`` on reconnect.
+  ``election.sync_peer_lost(peer_host)`` at once (and ``sync_peer_dead`` when a probe finds
+  the peer's sync port refusing connections), and ``sync_peer_seen`` on reconnect.
 - Start: ``election.set_preempt_hold(True)`` until a snapshot from every reachable peer has
   been applied (or 3 advert intervals + 2 s passed with the remaining peers unreachable).
 - Reconnects back off with jitter (tenacity), reset after a link that was up.
@@ -21,22 +28,24 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 
 import grpc
 from grpc import aio
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from .. import log as hlog
+from ..clock import Clock
 from ..config import SyncConfig, SyncPeer
-from ..tables import Table
+from ..tables import Table, Tables
 from ..v1 import sync_pb2 as pb
 from ..v1 import sync_pb2_grpc as pbg
 from . import security
 from ..tlsfront import RefusalLog, TLSFront
 from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
+from .hooks import ElectionHooks
 
 WINDOW = 8  # unacknowledged batches in flight per follower stream
 HELLO_TIMEOUT = 5.0  # a follower must say hello within this
@@ -245,11 +254,16 @@ class _Collector:
 
 
 class SyncService:
-    def __init__(self, cfg: SyncConfig, node: Any):
+    def __init__(self, cfg: SyncConfig, *, name: str, tables: list[Table] | Tables, wall: Clock,
+                 registry: CollectorRegistry | None, election: ElectionHooks | None,
+                 advert_interval: float):
         self.cfg = cfg
-        self.node = node
-        self.name: str = node.name
-        self.tables: list[Table] = list(node.tables)
+        self.name = name
+        self.tables: list[Table] = list(tables)
+        self.wall = wall
+        self.registry = registry
+        self.election = election
+        self.advert_interval = advert_interval
         self.log = hlog.get_logger("sync")
         self.peers: dict[str, Peer] = {p.name: Peer(p, self.tables) for p in cfg.peers}
         # refusals that name no configured peer (connections from other addresses)
@@ -301,10 +315,9 @@ class SyncService:
                 self._server = None
                 raise OSError(f"sync.listen {addr}: cannot listen: {e.strerror or e}") from None
         self.port = port
-        reg = getattr(getattr(self.node, "metrics", None), "registry", None)
-        if reg is not None:
+        if self.registry is not None:
             self._collector = _Collector(self)
-            reg.register(self._collector)
+            self.registry.register(self._collector)
         if self.peers:
             self._hold(True)
         for p in self.peers.values():
@@ -334,9 +347,9 @@ class SyncService:
         if self._server is not None:
             await self._server.stop(grace=0.2)
             self._server = None
-        if self._collector is not None:
+        if self._collector is not None and self.registry is not None:
             try:
-                self.node.metrics.registry.unregister(self._collector)
+                self.registry.unregister(self._collector)
             except KeyError:
                 pass
             self._collector = None
@@ -385,7 +398,7 @@ class SyncService:
     # -- helpers ------------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return self.tables[0].clock.now() if self.tables else time.time()
+        return self.wall.now()
 
     def _lag(self, p: Peer) -> int:
         return sum(p.out[t.name].lag(t) for t in self.tables)
@@ -407,8 +420,8 @@ class SyncService:
         for st in self._streams:
             st.wake.set()
 
-    def _election(self):
-        return None if self._stopping else getattr(self.node, "election", None)
+    def _election(self) -> ElectionHooks | None:
+        return None if self._stopping else self.election
 
     def _hold(self, hold: bool) -> None:
         el = self._election()
@@ -435,7 +448,7 @@ class SyncService:
         except Exception:
             self.log.exception("election_notify_failed", peer=p.name, up=up)
 
-    async def _probe(self, p: Peer, el) -> None:
+    async def _probe(self, p: Peer, el: ElectionHooks) -> None:
         """Connects to the peer's sync port right after its stream closed. Refused (RST)
         means its kernel is up and no halbd listens: the process is gone, and the election
         may take over at once. A dying process's kernel closes its streams a moment before its
@@ -475,9 +488,7 @@ class SyncService:
     async def _learn(self) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        vrrp = getattr(getattr(self.node, "cfg", None), "vrrp", ()) or ()
-        adv = max((v.advert_interval for v in vrrp), default=1.0)
-        soft = 3 * adv + 2.0
+        soft = 3 * self.advert_interval + 2.0
         reason = "learned"
         while True:
             pending = [p for p in self.peers.values() if not p.learned]

@@ -1,16 +1,8 @@
 """The election's async edge: raw IP protocol 112 sockets, timers and actions around the pure FSM.
 
-    election = Election(cfg.vrrp, node)     # built by halb.node
-    await election.start() / await election.stop()
-    election.status() -> [ {name, vrid, interface, state, priority, base_priority, vips,
-                            master, advert_interval, preempt, since}, ... ]
-    election.handover(name)                 # graceful: priority 0, step down, hold (see below)
-    election.sync_peer_lost(ip) / sync_peer_seen(ip)   # state sync stream closed / opened
-    election.set_preempt_hold(True|False)   # state sync: do not preempt while learning tables
-    election.vip_hooks.append(h)            # h.before_vips_added(instance, vips) and
-                                            # h.after_vips_removed(instance, vips), in the
-                                            # event loop, synchronously (the kernel NAT mode
-                                            # commits its pending conntrack entries first)
+``halb.vrrp.election.Election`` builds one ``Instance`` per ``[[vrrp]]`` section and one
+``Channel`` per interface, and hands them itself: they use its clock, pools (tracking), metrics
+(``VrrpMetrics``), address socket, VIP hooks and preempt hold.
 
 One ``Channel`` per interface owns a raw socket (protocol 112, bound to the device, TTL 255,
 multicast on 224.0.0.18 with loop off, or unicast to ``unicast_peers``) and the ``Decoder`` for
@@ -21,14 +13,6 @@ worker thread), gratuitous ARP bursts and refreshes (scapy frames, packet socket
 logs and metrics, and the notify command (``CMD INSTANCE <name> <MASTER|BACKUP|FAULT> <prio>``,
 keepalived's arguments; run in order per instance, each bounded by NOTIFY_TIMEOUT, its output
 logged).
-
-Graceful handover (``handover(name)``, also what the control API exposes): the master sends
-priority 0 (backups take over after Skew_Time), removes its VIPs and becomes backup with a
-*handover hold*: it does not preempt the new master, even with a higher priority and preempt
-on, until there is no master at all (it then takes over as usual, which ends the hold) or the
-daemon restarts. So an operator can drain a node and it stays drained.
-
-Shutdown (SIGTERM): a master sends priority 0 and removes its VIPs before the process exits.
 """
 
 from __future__ import annotations
@@ -41,9 +25,7 @@ import signal
 import socket
 import struct
 import time
-from typing import Any
-
-from prometheus_client import Counter, Gauge
+from typing import TYPE_CHECKING, Any
 
 from .. import log as hlog
 from ..config import TrackConfig, VrrpConfig
@@ -54,6 +36,9 @@ from .garp import GarpSender, frames as garp_frames
 from . import sockdiag
 from .netlink import AddrSocket, LinkError, Netlink
 from .track import Tracker, combine, make_tracker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .election import Election
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IP_MULTICAST_ALL = 49  # linux/in.h: 0 = only groups joined on this socket
@@ -68,28 +53,6 @@ OWN_IFACE_CHECK = 1.0  # the instance's own interface is always tracked (weight 
 
 log = hlog.get_logger("vrrp")
 STATES = (INIT, BACKUP, MASTER, FAULT)
-
-
-class Metrics:
-    """The election's families in the node's registry."""
-
-    def __init__(self, registry):
-        self.state = Gauge("halb_vrrp_state", "1 for the instance's current state",
-                           ["instance", "state"], registry=registry)
-        self.priority = Gauge("halb_vrrp_priority", "Effective priority (with tracking)",
-                              ["instance"], registry=registry)
-        self.transitions = Counter("halb_vrrp_transitions", "State changes", ["instance", "to"],
-                                   registry=registry)
-        self.invalid = Counter("halb_vrrp_invalid_adverts", "Adverts dropped, by reason "
-                               "(instance is iface:<name> when the VRID is unknown)",
-                               ["instance", "reason"], registry=registry)
-        self.sent = Counter("halb_vrrp_adverts_sent", "Adverts sent", ["instance"],
-                            registry=registry)
-        self.received = Counter("halb_vrrp_adverts_received", "Valid adverts received",
-                                ["instance"], registry=registry)
-        self.stale_sockets = Counter("halb_vrrp_stale_sockets_destroyed", "TCP sockets left on "
-                                     "a VIP (by an earlier run or term) aborted around a VIP "
-                                     "change", ["instance"], registry=registry)
 
 
 class Channel:
@@ -217,8 +180,7 @@ class Instance:
         self.cfg = cfg
         self.name = cfg.name
         self.election = election
-        self.node = election.node
-        self.clock = election.node.clock
+        self.clock = election.clock
         self.fsm: Fsm | None = None
         self.channel: Channel | None = None
         self.address = ""
@@ -301,7 +263,8 @@ class Instance:
         tcs = [own_iface] + [t for t in cfg.track
                              if not (t.type == "interface" and t.interface == cfg.interface
                                      and t.weight == 0)]
-        self.trackers = [make_tracker(t, self.node, netlink) for t in tcs]
+        self.trackers = [make_tracker(t, pools=self.election.pools, clock=self.clock,
+                                      netlink=netlink) for t in tcs]
         # first verdicts before the FSM starts, so a node never briefly claims a VIP it
         # should not (scripts are bounded by their timeouts)
         await asyncio.gather(*(t.poll() for t in self.trackers))
@@ -599,113 +562,3 @@ async def run_notify(command: str, name: str, state: str, priority: int) -> int 
     log.info("notify", instance=name, state=state, priority=priority, exit=rc,
              output=out.decode(errors="replace").strip()[:NOTIFY_OUTPUT])
     return rc
-
-
-class Election:
-    """Every VRRP instance of the node (see the module docstring for the public calls)."""
-
-    def __init__(self, cfgs: tuple[VrrpConfig, ...], node):
-        self.cfgs = tuple(cfgs)
-        self.node = node
-        self.metrics = Metrics(node.metrics.registry)
-        self.instances: dict[str, Instance] = {c.name: Instance(c, self) for c in self.cfgs}
-        self.channels: dict[str, Channel] = {}
-        self.netlink: Netlink | None = None
-        self.addrs = AddrSocket()
-        self.sockdiag_broken = False
-        self.vip_hooks: list[Any] = []  # see the module docstring
-        self._hold = False
-        self._started = False
-        sync = getattr(getattr(node, "cfg", None), "sync", None)
-        self.fast_takeover = bool(sync.fast_takeover) if sync is not None else True
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.netlink = Netlink()
-        try:
-            for inst in self.instances.values():
-                await inst.prepare(self.netlink, self._hold)
-            for inst in self.instances.values():
-                ch = self.channels.get(inst.cfg.interface)
-                if ch is None:
-                    ch = self.channels[inst.cfg.interface] = Channel(inst.cfg.interface,
-                                                                     inst.ifindex, self)
-                ch.by_vrid[inst.cfg.vrid] = inst
-                ch.own.add(inst.address)
-                key = inst.cfg.auth_key.encode() if inst.cfg.auth_key else b""
-                ch.decoder.add(inst.cfg.vrid, inst.vip_strs, inst.cfg.checksum, key,
-                               inst.cfg.unicast_peers or None)
-                inst.channel = ch
-            for ch in self.channels.values():
-                multicast = any(not i.cfg.unicast_peers for i in ch.by_vrid.values())
-                ch.open(loop, multicast)
-        except (LinkError, OSError):
-            await self._close()
-            raise
-        self._started = True
-        for inst in self.instances.values():
-            inst.start()
-        log.info("election_started", instances=[
-            {"name": i.name, "vrid": i.cfg.vrid, "interface": i.cfg.interface,
-             "address": i.address, "priority": i.cfg.priority} for i in self.instances.values()])
-
-    async def stop(self) -> None:
-        if self._started:
-            await asyncio.gather(*(i.stop() for i in self.instances.values()),
-                                 return_exceptions=True)
-            self._started = False
-            log.info("election_stopped")
-        await self._close()
-
-    async def _close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for ch in self.channels.values():
-            ch.close(loop)
-        if self.netlink is not None:
-            self.netlink.close()
-        self.addrs.close()
-
-    # -- public calls -------------------------------------------------------------------------
-
-    def status(self) -> list[dict]:
-        return [i.status() for i in self.instances.values()]
-
-    def handover(self, name: str) -> None:
-        """Graceful handover of instance ``name``: KeyError if unknown, ValueError if not master."""
-        inst = self.instances[name]
-        if inst.fsm is None or inst.fsm.state != MASTER:
-            raise ValueError(f"instance {name!r} is not master "
-                             f"(state {inst.fsm.state if inst.fsm else INIT})")
-        inst.call("handover")
-        log.info("handover", instance=name)
-
-    def sync_peer_lost(self, peer_ip: str) -> None:
-        if not self.fast_takeover:
-            return
-        for inst in self.instances.values():
-            if inst.fsm is not None and not inst.fsm.stopped:
-                inst.call("sync_peer_lost", peer_ip)
-                if inst.fsm.fast_at is not None:
-                    log.info("fast_takeover_armed", instance=inst.name, peer=peer_ip,
-                             within=inst.fsm.mai)
-
-    def sync_peer_dead(self, peer_ip: str) -> None:
-        """State sync found ``peer_ip``'s sync port refusing connections after its stream
-        closed: the process is gone (see Fsm.sync_peer_dead)."""
-        if not self.fast_takeover:
-            return
-        for inst in self.instances.values():
-            if inst.fsm is not None and not inst.fsm.stopped:
-                inst.call("sync_peer_dead", peer_ip)
-
-    def sync_peer_seen(self, peer_ip: str) -> None:
-        for inst in self.instances.values():
-            if inst.fsm is not None and not inst.fsm.stopped:
-                inst.call("sync_peer_seen", peer_ip)
-
-    def set_preempt_hold(self, hold: bool) -> None:
-        self._hold = bool(hold)
-        for inst in self.instances.values():
-            if inst.fsm is not None:
-                inst.call("set_preempt_hold", self._hold)
-        log.info("preempt_hold", hold=self._hold)

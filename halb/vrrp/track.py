@@ -9,8 +9,9 @@ once. The verdicts of one instance's trackers combine (``combine``) into:
   trackers that have failed (keepalived's rule), added to the configured priority by the FSM.
 
 Kinds: ``interface`` (link admin up with carrier, via netlink), ``pool`` (at least ``min_up``
-non-backup backends up in ``node.pools[pool]``), ``script`` (a shell command exits 0 within
-``timeout``; it runs without blocking the loop and is killed on timeout).
+non-backup backends up in ``pools[pool]``, the node's pools the election is given), ``script``
+(a shell command exits 0 within ``timeout``; it runs without blocking the loop and is killed on
+timeout).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ import asyncio
 import os
 import signal
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping
 
 from ..config import TrackConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..clock import Clock
+    from ..model import Pool
 
 
 @dataclass
@@ -125,8 +130,11 @@ class Tracker:
         return self.verdict.observe(ok, detail)
 
 
-def make_tracker(cfg: TrackConfig, node, netlink) -> Tracker:
-    """Builds the check for one ``[[vrrp.track]]`` entry."""
+def make_tracker(cfg: TrackConfig, *, pools: Mapping[str, Pool], clock: Clock,
+                 netlink: Any) -> Tracker:
+    """Builds the check for one ``[[vrrp.track]]`` entry: ``pools`` (name -> Pool) and the
+    monotonic ``clock`` for type pool, ``netlink`` (``halb.vrrp.netlink.Netlink``) for type
+    interface."""
     if cfg.type == "interface":
         async def check_iface() -> tuple[bool, str]:
             st = await netlink.link(cfg.interface)
@@ -136,8 +144,8 @@ def make_tracker(cfg: TrackConfig, node, netlink) -> Tracker:
         return Tracker(cfg, check_iface)
     if cfg.type == "pool":
         async def check_pool() -> tuple[bool, str]:
-            pool = node.pools[cfg.pool]
-            n = pool.up_count(node.clock.now())
+            pool = pools[cfg.pool]
+            n = pool.up_count(clock.now())
             return n >= cfg.min_up, f"{n} up, need {cfg.min_up}"
         return Tracker(cfg, check_pool)
     if cfg.type == "script":

@@ -1,7 +1,7 @@
-"""halbctl against the control server running in this process over a stand-in node.
+"""halbctl against the control server running in this process over the parts of a node.
 
-The stand-in has real pools (halb.model), real tables (halb.tables) and scripted election and
-sync parts, so every control call and every error path of the gRPC edge is exercised here,
+The server is given real pools (halb.model), real tables (halb.tables) and scripted election
+and sync parts, so every control call and every error path of the gRPC edge is exercised here,
 including those that need an elected master (failover) or sync peers. The same commands run
 against real halbd processes in test_halbctl.py.
 """
@@ -21,6 +21,7 @@ import pytest
 from halb.cli import halbctl
 from halb.clock import MonotonicClock, WallClock
 from halb.config import ConfigError, loads
+from halb.control.api import ControlTargets
 from halb.control.server import ControlServer
 from halb.model import Pool
 from halb.tables import Tables, sticky_key, flow_key
@@ -79,27 +80,23 @@ class Broken:
         raise RuntimeError("boom")
 
 
-class StandIn:
-    def __init__(self, cfg, election=None, sync=None):
-        self.cfg = cfg
-        self.name = cfg.node.name
-        self.clock = MonotonicClock()
-        self.wall = WallClock()
-        self.pools = {pc.name: Pool(pc, FirstUp()) for pc in cfg.pools}
-        self.tables = Tables(self.name, self.wall, sticky_max=5000, flow_max=5000)
-        self.election = election
-        self.sync = sync
+def parts(cfg, election=None, sync=None) -> ControlTargets:
+    """What the control server reads and acts on, built from ``cfg`` like a node's."""
+    name = cfg.node.name
+    return ControlTargets(name=name, config=cfg,
+                          pools={pc.name: Pool(pc, FirstUp()) for pc in cfg.pools},
+                          tables=Tables(name, WallClock(), sticky_max=5000, flow_max=5000),
+                          clock=MonotonicClock(), election=election, sync=sync)
 
 
 class Running:
     """The control server on its own event loop thread."""
 
-    def __init__(self, node):
-        self.node = node
+    def __init__(self, targets: ControlTargets):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = ControlServer(node.cfg.control, node)
+        self.server = ControlServer(targets.config.control, targets=targets)
 
     def run(self, coro, timeout=10):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -150,7 +147,8 @@ def sock(tmp_path):
 
 @pytest.fixture
 def node(sock):
-    return StandIn(loads(CONFIG.format(sock=sock)), election=Election(), sync=Sync())
+    """The node's parts the control server is given (``ControlTargets``)."""
+    return parts(loads(CONFIG.format(sock=sock)), election=Election(), sync=Sync())
 
 
 @pytest.fixture
@@ -176,7 +174,7 @@ def test_socket_is_private_and_replaces_a_stale_one(node, sock, tmp_path):
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600
         # a second server on the same live socket refuses to steal it
-        other = ControlServer(node.cfg.control, node)
+        other = ControlServer(node.config.control, targets=node)
         with pytest.raises(OSError, match="in use"):
             asyncio.run(other.start())
     assert not os.path.exists(sock), "socket file removed at stop"
@@ -186,7 +184,7 @@ def test_refuses_to_remove_a_file_that_is_not_a_socket(node, sock):
     os.makedirs(os.path.dirname(sock))
     open(sock, "w").close()
     with pytest.raises(OSError, match="not a socket"):
-        asyncio.run(ControlServer(node.cfg.control, node).start())
+        asyncio.run(ControlServer(node.config.control, targets=node).start())
     assert os.path.isfile(sock)
 
 
@@ -297,7 +295,7 @@ def test_failover(running, node, sock, capsys):
 
 
 def test_failover_without_election(sock, capsys):
-    node = StandIn(loads(CONFIG.format(sock=sock)))
+    node = parts(loads(CONFIG.format(sock=sock)))
     with Running(node):
         code, _, err = ctl(capsys, sock, "failover", "vi1")
         assert code == 1 and "runs no election" in err
@@ -402,7 +400,7 @@ def test_dump_table_errors_from_the_api(running, sock):
 
 
 def test_a_failing_part_gives_internal_not_a_dead_node(sock, capsys):
-    node = StandIn(loads(CONFIG.format(sock=sock)), sync=Broken())
+    node = parts(loads(CONFIG.format(sock=sock)), sync=Broken())
     with Running(node):
         code, _, err = ctl(capsys, sock, "status")
         assert code == 3 and "INTERNAL" in err and "boom" in err
@@ -490,7 +488,7 @@ cert = "{pki / 'lb1.pem'}"
 key = "{pki / 'lb1.key'}"
 ca = "{pki / 'ca.pem'}"
 """)
-    node = StandIn(cfg)
+    node = parts(cfg)
     tls = ["--address", f"127.0.0.1:{port}", "--ca", str(pki / "ca.pem")]
     with Running(node):
         code, out, err = ctl(capsys, sock, *tls, "--cert", str(pki / "admin.pem"),
@@ -539,7 +537,7 @@ ca = "{made['ca']['cert']}"
 """)
     try:
         with pytest.raises(OSError, match=f"cannot listen on control address 127.0.0.1:{port}"):
-            asyncio.run(ControlServer(cfg.control, StandIn(cfg)).start())
+            asyncio.run(ControlServer(cfg.control, targets=parts(cfg)).start())
         assert not os.path.exists(sock), "the unix socket is not left behind"
         # a certificate file that is missing is a config error naming the key
         with pytest.raises(ConfigError, match="control.tls.cert: no such file .*missing.pem"):
@@ -621,7 +619,7 @@ def test_other_users_cannot_use_the_socket(node):
     try:
         os.chmod(d, 0o755)  # the directory is open: only the socket's own mode protects it
         path = os.path.join(d, "lb1.sock")
-        with Running(StandIn(loads(CONFIG.format(sock=path)))):
+        with Running(parts(loads(CONFIG.format(sock=path)))):
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # child: no gRPC use before the permission check fails
@@ -683,11 +681,8 @@ cert = "{good['nodes']['lb1']['cert']}"
 key = "{good['nodes']['lb1']['key']}"
 ca = "{good['ca']['cert']}"
 """)
-    node = StandIn(cfg)
-    from types import SimpleNamespace
-
     from prometheus_client import CollectorRegistry
-    node.metrics = SimpleNamespace(registry=CollectorRegistry())
+    registry = CollectorRegistry()
 
     def ctl(res):
         return subprocess.run([sys.executable, "-m", "halb.cli.halbctl", "--address",
@@ -698,7 +693,7 @@ ca = "{good['ca']['cert']}"
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
     async def main():
-        srv = ControlServer(cfg.control, node)
+        srv = ControlServer(cfg.control, targets=parts(cfg), registry=registry)
         await srv.start()
         try:
             loop = asyncio.get_running_loop()
@@ -711,7 +706,7 @@ ca = "{good['ca']['cert']}"
             assert "tls_unknown_ca" in reasons, st["control_refusals"]
             assert all(r["direction"] == "in" and r["remote"] == "127.0.0.1"
                        for r in st["control_refusals"])
-            text = generate_latest(node.metrics.registry).decode()
+            text = generate_latest(registry).decode()
             assert 'halb_control_refusals_total{reason="tls_unknown_ca"}' in text
         finally:
             await srv.stop()

@@ -33,6 +33,9 @@ class Election:
     def sync_peer_lost(self, peer: str) -> None:
         self.calls.append((time.monotonic(), "lost", peer))
 
+    def sync_peer_dead(self, peer: str) -> None:
+        self.calls.append((time.monotonic(), "dead", peer))
+
     def sync_peer_seen(self, peer: str) -> None:
         self.calls.append((time.monotonic(), "seen", peer))
 
@@ -145,8 +148,8 @@ def test_resume_from_acked_cursor_after_a_broken_stream():
             assert b.sync.status()[0]["connected"] and b.sync.peers["a"].connects == 2
             from prometheus_client import generate_latest
             await until(lambda: a.sync.status()[0]["lag_entries"] == 0, what="acks after resume")
-            ma = generate_latest(a.metrics.registry).decode()
-            mb = generate_latest(b.metrics.registry).decode()
+            ma = generate_latest(a.registry).decode()
+            mb = generate_latest(b.registry).decode()
             assert 'halb_sync_lag_entries{peer="b"} 0.0' in ma
             assert 'halb_sync_sent_entries_total{peer="b"} 8001.0' in ma  # 5000 + 3000 + 1 delete
             assert 'halb_sync_snapshots_sent_total{peer="b"} 3.0' in ma
@@ -494,7 +497,7 @@ def test_tls_refusals_are_counted_by_direction_and_reason(certs, tmp_path):
                     z.sync.peers["q"].refusals.as_list()
             finally:
                 await z.stop()
-            text = generate_latest(a.metrics.registry).decode()
+            text = generate_latest(a.registry).decode()
             assert 'halb_sync_refusals_total{direction="in",peer="b",reason="tls_unknown_ca"}' in text
             assert 'halb_sync_refusals_total{direction="out",peer="b",reason="tls_name_mismatch"}' in text
         finally:

@@ -25,19 +25,12 @@ sys.path.insert(0, sys.argv[1])
 from halb.clock import MonotonicClock
 from halb.config import load
 from halb.metrics import Metrics
-from halb.vrrp.instance import Election
+from halb.vrrp.election import Election
 
 cfg = load(sys.argv[2])
 scenario = sys.argv[3]
 peer_pid = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-
-
-class Node:
-    pass
-
-
-node = Node()
-node.cfg, node.pools, node.clock, node.metrics = cfg, {}, MonotonicClock(), Metrics(cfg.node.name)
+metrics = Metrics(cfg.node.name)
 out = {}
 
 
@@ -56,7 +49,8 @@ def st():
 
 async def main():
     global e
-    e = Election(cfg.vrrp, node)
+    e = Election(cfg.vrrp, clock=MonotonicClock(), registry=metrics.registry, pools={},
+                 fast_takeover=cfg.sync.fast_takeover if cfg.sync else True)
     if scenario == "hold":
         e.set_preempt_hold(True)
     await e.start()

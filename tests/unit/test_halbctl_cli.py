@@ -16,7 +16,7 @@ import pytest
 from halb.cli import halbctl
 from halb.config import loads
 from halb.control import api
-from halb.control.api import ControlAPI, ControlError
+from halb.control.api import ControlAPI, ControlError, ControlTargets
 from halb.clock import FakeClock
 from halb.model import Pool
 from halb.tables import Tables, sticky_key
@@ -164,20 +164,15 @@ weight = 6
 """
 
 
-class Node:
-    def __init__(self):
-        self.cfg = loads(CFG)
-        self.name = "lb1"
-        self.clock = FakeClock(100.0)
-        self.wall = FakeClock(1_700_000_000.0)
-        self.pools = {p.name: Pool(p, Rr()) for p in self.cfg.pools}
-        self.tables = Tables("lb1", self.wall)
-        self.election = None
-        self.sync = None
+def targets() -> ControlTargets:
+    """A node's parts without election or sync, on a fake clock."""
+    cfg = loads(CFG)
+    return ControlTargets(name="lb1", config=cfg, pools={p.name: Pool(p, Rr()) for p in cfg.pools},
+                          tables=Tables("lb1", FakeClock(1_700_000_000.0)), clock=FakeClock(100.0))
 
 
 def test_status_reflects_pool_state_and_effective_weights():
-    n = Node()
+    n = targets()
     c = ControlAPI(n, started=40.0)
     web = n.pools["web"]
     a, b = web.by_name["a"], web.by_name["b"]
@@ -200,7 +195,7 @@ def test_status_reflects_pool_state_and_effective_weights():
 
 
 def test_admin_calls_and_their_errors():
-    n = Node()
+    n = targets()
     c = ControlAPI(n, 0.0)
     assert c.drain("web", "a", True).state == "drain"
     assert n.pools["web"].pick().name == "b"
@@ -238,7 +233,7 @@ def dump_all(c, table, size, prefix="", between=None):
 
 
 def test_dump_table_pages_and_tokens():
-    n = Node()
+    n = targets()
     c = ControlAPI(n, 0.0)
     for i in range(25):
         n.tables.flow.put(f"l/udp/10.0.0.{i:02d}:53", "a", 30, pool="web")
@@ -259,7 +254,7 @@ def test_dump_table_pages_and_tokens():
 
 
 def test_paging_neither_skips_nor_repeats_when_the_table_changes_between_pages():
-    n = Node()
+    n = targets()
     c = ControlAPI(n, 0.0)
     t = n.tables.sticky
     for i in range(100):
@@ -302,7 +297,7 @@ def test_sort_keys_sorts_in_chunks_of_bounded_size():
 
 
 def test_one_sorted_key_list_per_table_and_one_sort_at_a_time(monkeypatch):
-    n = Node()
+    n = targets()
     c = ControlAPI(n, 0.0)
     for i in range(50):
         n.tables.sticky.put(f"src/web/{i:03d}", "a", 60, pool="web")
@@ -339,7 +334,7 @@ def test_one_sorted_key_list_per_table_and_one_sort_at_a_time(monkeypatch):
 def test_dumping_a_large_table_keeps_the_event_loop_running():
     """A dump of 200,000 entries: the loop's longest pause while the first page is made must
     be small next to what sorting the keys in one go takes (as the node did before)."""
-    n = Node()
+    n = targets()
     t = n.tables.flow
     rnd = random.Random(3)
     for i in range(200_000):

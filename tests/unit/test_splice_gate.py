@@ -2,7 +2,7 @@
 
 import pytest
 
-from halb.proxy.tcp import SpliceGate
+from halb.splicegate import SpliceGate
 
 pytestmark = pytest.mark.unit
 

@@ -271,7 +271,7 @@ def test_snapshot_carries_deletions_so_a_stale_third_party_copy_dies():
     f, b = mk("f", clk), mk("b", clk)
     f.put("gone", "w", 100)
     f.put("kept", "w", 100)
-    b.apply(Op.CREATE, f.get("gone").copy())  # the stale copy, learned elsewhere
+    b.apply(Op.CREATE, f.get("gone"))  # the stale copy, learned elsewhere
     clk.advance(1)
     f.delete("gone")
     s = TableSender(f, "f", batch_size=10, max_backlog=100)

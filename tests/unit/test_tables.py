@@ -297,10 +297,10 @@ def test_tables_and_keys():
         Table("x", node="n", max_entries=0)
 
 
-def test_apply_owned_stores_the_given_entry_and_log_false_logs_nothing():
+def test_apply_stores_the_given_entry_and_log_false_logs_nothing():
     t = table(node="b")
     e = Entry("k", "w", "", 1000.0, 1000.0, 1100.0, "a")
-    assert t.apply(Op.CREATE, e, log=False, owned=True)
+    assert t.apply(Op.CREATE, e, log=False)
     assert t.get("k") == e and t.seq == 0 and t.changes_since(0) == []
     assert t.apply(Op.DELETE, Entry("k", "w", "", 1000.0, 1001.0, 1100.0, "a"), log=False)
     assert "k" not in t and t.seq == 0
@@ -316,7 +316,7 @@ def test_eviction_on_a_peer_does_not_remove_the_entry_here():
     here = table(node="a", clock=clk)
     for k, ttl in (("x", 10), ("y", 20), ("z", 30)):
         e = here.put(k, "w", ttl)
-        small.apply(Op.CREATE, e.copy())
+        small.apply(Op.CREATE, e)
     evicted = [c for c in small.changes_since(0) if c.op == Op.EXPIRE]
     assert [c.entry.key for c in evicted] == ["x"]
     assert not here.apply(Op.EXPIRE, evicted[0].entry) and "x" in here

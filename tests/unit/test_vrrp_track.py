@@ -10,6 +10,7 @@ import struct
 import pytest
 from scapy.layers.l2 import ARP, Ether
 
+from halb.clock import FakeClock
 from halb.config import TrackConfig
 from halb.vrrp.garp import frames
 from halb.vrrp.instance import run_notify
@@ -63,24 +64,14 @@ class _Pool:
         return self.n
 
 
-class _Node:
-    def __init__(self, n):
-        self.pools = {"web": _Pool(n)}
-
-        class C:
-            @staticmethod
-            def now():
-                return 5.0
-        self.clock = C()
-
-
 def test_pool_tracker_min_up():
-    node = _Node(1)
-    t = make_tracker(TrackConfig(type="pool", pool="web", min_up=2, weight=-50), node, None)
+    pools = {"web": _Pool(1)}
+    t = make_tracker(TrackConfig(type="pool", pool="web", min_up=2, weight=-50), pools=pools,
+                     clock=FakeClock(5.0), netlink=None)
     assert isinstance(t, Tracker)
     asyncio.run(t.poll())
     assert t.ok is False and "1 up, need 2" in t.verdict.detail
-    node.pools["web"].n = 2
+    pools["web"].n = 2
     assert asyncio.run(t.poll()) is True and t.ok is True
 
 
@@ -94,7 +85,8 @@ def test_interface_tracker_uses_link_state():
                 return dict(self.st)
             return f()
     nl = NL()
-    t = make_tracker(TrackConfig(type="interface", interface="eth1", fall=2), _Node(1), nl)
+    t = make_tracker(TrackConfig(type="interface", interface="eth1", fall=2), pools={},
+                     clock=FakeClock(5.0), netlink=nl)
     asyncio.run(t.poll())
     assert t.ok is True
     nl.st["up"] = False
