@@ -239,6 +239,17 @@ class TrackConfig:
 
 
 @dataclass(frozen=True)
+class AuthHmacConfig:
+    """keepalived's ``auth_hmac`` block (``halb.vrrp.authhmac``): the same keys, ids, modes."""
+
+    keys: tuple[tuple[int, bytes], ...] = field(repr=False)  # (id, key bytes); secrets
+    active_key: int = 1
+    mode: str = "enforce"  # "permissive", "receive-only"
+    anti_replay: str = "time"  # or "monotonic"
+    time_window: int = 5  # seconds (time mode)
+
+
+@dataclass(frozen=True)
 class VrrpConfig:
     name: str
     interface: str
@@ -252,6 +263,7 @@ class VrrpConfig:
     source_address: str = ""
     checksum: str = "rfc9568"
     auth_key: str = ""
+    auth_hmac: AuthHmacConfig | None = None
     notify: str = ""
     garp: GarpConfig = field(default_factory=GarpConfig)
     track: tuple[TrackConfig, ...] = ()
@@ -813,6 +825,69 @@ def _track(r: _Reader) -> TrackConfig:
                        command=command, interval=interval, timeout=timeout, rise=rise, fall=fall)
 
 
+def _hmac_key(r: _Reader, kid: str, value: str) -> bytes | None:
+    """A key value as keepalived reads it: ``hex:...``, ASCII text, or ``file:PATH`` holding
+    either (one trailing line end dropped)."""
+    from .vrrp.authhmac import KEY_MAX, KEY_MIN, decode_key
+
+    where = f"keys.{kid}"
+    if value.startswith("file:"):
+        path = value[5:]
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4 + 2 * KEY_MAX + 9)
+        except OSError as e:
+            r.error(f"cannot read key file {path!r}: {e.strerror or e}", where)
+            return None
+        if len(data) > 4 + 2 * KEY_MAX + 8:
+            r.error(f"key file {path!r} is too large for a key", where)
+            return None
+        value = data.rstrip(b"\r\n").decode("latin-1")
+    try:
+        key = decode_key(value)
+    except ValueError as e:
+        r.error(str(e), where)
+        return None
+    if not KEY_MIN <= len(key) <= KEY_MAX:
+        r.error(f"is {len(key)} bytes; a key is {KEY_MIN} to {KEY_MAX} bytes (e.g. "
+                f"\"hex:\" and the output of `openssl rand -hex 32`)", where)
+        return None
+    return key
+
+
+def _auth_hmac(r: _Reader, advert_interval: float) -> AuthHmacConfig:
+    from .vrrp.authhmac import ANTI_REPLAY, MODES, WINDOW_MAX, WINDOW_MIN, default_window
+
+    raw = r.get("keys", dict, {}, required=True) or {}
+    keys: list[tuple[int, bytes]] = []
+    for kid, value in raw.items():
+        if not (str(kid).isdigit() and 1 <= int(kid) <= 255):
+            r.error(f"key id {kid!r} must be a number from 1 to 255 (keys = {{ \"1\" = ... }})",
+                    "keys")
+            continue
+        if not isinstance(value, str):
+            r.error(f"expected a string (\"hex:...\", text or \"file:PATH\"), got "
+                    f"{_tname(value)}", f"keys.{kid}")
+            continue
+        key = _hmac_key(r, str(kid), value)
+        if key is not None:
+            keys.append((int(kid), key))
+    if r.has("keys") and isinstance(raw, dict) and not raw:
+        r.error("needs at least one key", "keys")
+    # one key: it signs; several (a rotation): say which
+    active = r.int_in("active_key", 1, 255, int(next(iter(raw))) if len(raw) == 1 and
+                      str(next(iter(raw))).isdigit() else 1, required=len(raw) > 1)
+    if raw and str(active) not in {str(k) for k in raw}:
+        r.error(f"{active} is not one of the keys ({', '.join(str(k) for k in raw)})",
+                "active_key")
+    mode = r.choice("mode", MODES, "enforce")
+    anti = r.choice("anti_replay", ANTI_REPLAY, "time")
+    window = r.int_in("time_window", WINDOW_MIN, WINDOW_MAX, default_window(advert_interval))
+    r.done()
+    return AuthHmacConfig(keys=tuple(keys), active_key=active, mode=mode, anti_replay=anti,
+                          time_window=window)
+
+
 def _vrrp(r: _Reader) -> VrrpConfig:
     name = r.name()
     iface = r.get("interface", str, "", required=True)
@@ -848,6 +923,11 @@ def _vrrp(r: _Reader) -> VrrpConfig:
     auth = r.get("auth_key", str, "")
     if r.has("auth_key") and auth is not None and len(auth) < 8:
         r.error("too short (at least 8 characters)", "auth_key")
+    ah = r.table("auth_hmac")
+    auth_hmac = _auth_hmac(ah, adv) if ah else None
+    if auth_hmac is not None and auth:
+        r.error("and auth_key cannot both be set: auth_key is halb's own trailer, auth_hmac "
+                "keepalived's (use auth_hmac where keepalived shares the vrid)", "auth_hmac")
     notify = r.get("notify", str, "")
     g = r.table("garp")
     garp = GarpConfig()
@@ -882,7 +962,7 @@ def _vrrp(r: _Reader) -> VrrpConfig:
     return VrrpConfig(name=name, interface=iface, vrid=vrid, priority=prio, vips=tuple(vips),
                       advert_interval=adv, preempt=preempt, preempt_delay=pdelay,
                       unicast_peers=tuple(peers), source_address=src, checksum=checksum,
-                      auth_key=auth, notify=notify, garp=garp, track=track,
+                      auth_key=auth, auth_hmac=auth_hmac, notify=notify, garp=garp, track=track,
                       excluded_vips=tuple(excluded))
 
 
@@ -1040,6 +1120,26 @@ def parse(data: dict, source: str = "") -> Config:
             warnings.append(Problem(vr.sub("garp.refresh"), (
                 "0 turns periodic gratuitous ARP off: a client that missed the takeover "
                 "bursts keeps the old node's MAC until its ARP entry ages out (30-60 s)")))
+        if v.unicast_peers and not (v.auth_key or v.auth_hmac):
+            warnings.append(Problem(vr.sub("unicast_peers"), (
+                "without authentication: over unicast anyone who can land a packet here with a "
+                "peer's source address can demote the master or force an election (add "
+                "[vrrp.auth_hmac], which keepalived 2.4 speaks too)")))
+        if v.auth_hmac is not None and v.auth_hmac.mode != "enforce":
+            warnings.append(Problem(vr.sub("auth_hmac.mode"), (
+                f"\"{v.auth_hmac.mode}\": adverts without a trailer are still accepted (a "
+                f"rollout step; set \"enforce\" once every node signs)")))
+        ah_raw = vr.data.get("auth_hmac") if isinstance(vr.data, dict) else None
+        for kid, value in ((ah_raw or {}).get("keys") or {}).items():
+            if isinstance(value, str) and value.startswith("file:"):
+                try:
+                    mode = os.stat(value[5:]).st_mode
+                except OSError:
+                    continue
+                if mode & 0o077:
+                    warnings.append(Problem(vr.sub(f"auth_hmac.keys.{kid}"), (
+                        f"key file {value[5:]!r} can be read by group or others (mode "
+                        f"{mode & 0o777:o}; keep it 0600)")))
         if v.unicast_peers and any(p == v.source_address for p in v.unicast_peers):
             warnings.append(Problem(vr.sub("unicast_peers"),
                                     f"lists this node's own source_address {v.source_address}"))

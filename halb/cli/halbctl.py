@@ -239,12 +239,14 @@ def render_status(st) -> Any:
     if st.election_enabled:
         t = Table(title="election", title_justify="left")
         for col in ("instance", "vrid", "interface", "state", "for", "priority", "base",
-                    "vips", "master", "advert"):
+                    "vips", "master", "advert", "auth", "refused adverts"):
             t.add_column(col)
         for i in st.instances:
+            refused = ", ".join(f"{k} {v}" for k, v in sorted(i.invalid_adverts.items(),
+                                                              key=lambda kv: -kv[1]) if v)
             t.add_row(i.name, str(i.vrid), i.interface, _styled(i.state), _dur(i.state_seconds),
                       str(i.priority), str(i.base_priority), " ".join(i.vips), i.master or "-",
-                      f"{i.advert_interval:g}s")
+                      f"{i.advert_interval:g}s", i.auth or "-", refused or "-")
         parts.append(t)
     else:
         parts.append(Text("election: not configured"))

@@ -140,7 +140,7 @@ def instance_msg(d: Any) -> pb.Instance:
         vips=[str(v) for v in vips], master=_text(_field(d, "master")),
         advert_interval=_float(_field(d, "advert_interval")),
         preempt=bool(_field(d, "preempt", False)), state_seconds=_float(_field(d, "since")),
-        checksum=_text(_field(d, "checksum")),
+        checksum=_text(_field(d, "checksum")), auth=_text(_field(d, "auth")),
         invalid_adverts={str(k): _uint(v) for k, v in (_field(d, "invalid_adverts", {}) or {}).items()},
         invalid_sources=[pb.InvalidSource(source=_text(_field(x, "source")),
                                           reason=_text(_field(x, "reason")),

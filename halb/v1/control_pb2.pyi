@@ -25,7 +25,7 @@ class NodeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., config: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt", "state_seconds", "checksum", "invalid_adverts", "invalid_sources")
+    __slots__ = ("name", "vrid", "interface", "state", "priority", "base_priority", "vips", "master", "advert_interval", "preempt", "state_seconds", "checksum", "invalid_adverts", "invalid_sources", "auth")
     class InvalidAdvertsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class Instance(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     INVALID_ADVERTS_FIELD_NUMBER: _ClassVar[int]
     INVALID_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     vrid: int
     interface: str
@@ -61,7 +62,8 @@ class Instance(_message.Message):
     checksum: str
     invalid_adverts: _containers.ScalarMap[str, int]
     invalid_sources: _containers.RepeatedCompositeFieldContainer[InvalidSource]
-    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ..., state_seconds: _Optional[float] = ..., checksum: _Optional[str] = ..., invalid_adverts: _Optional[_Mapping[str, int]] = ..., invalid_sources: _Optional[_Iterable[_Union[InvalidSource, _Mapping]]] = ...) -> None: ...
+    auth: str
+    def __init__(self, name: _Optional[str] = ..., vrid: _Optional[int] = ..., interface: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., base_priority: _Optional[int] = ..., vips: _Optional[_Iterable[str]] = ..., master: _Optional[str] = ..., advert_interval: _Optional[float] = ..., preempt: _Optional[bool] = ..., state_seconds: _Optional[float] = ..., checksum: _Optional[str] = ..., invalid_adverts: _Optional[_Mapping[str, int]] = ..., invalid_sources: _Optional[_Iterable[_Union[InvalidSource, _Mapping]]] = ..., auth: _Optional[str] = ...) -> None: ...
 
 class InvalidSource(_message.Message):
     __slots__ = ("source", "reason", "count", "detail")

@@ -19,6 +19,9 @@ The checksum then covers the VRRP message and the trailer, so any IP-level recei
 consistent datagram. A receiver with a key refuses adverts without the trailer, with a bad MAC
 or with a counter not greater than the last one accepted from that source.
 
+keepalived's ``auth_hmac`` trailer (28 bytes, ``halb.vrrp.authhmac``; the VRRP checksum covers
+the message alone) is the other, interoperable choice: an instance has one or the other.
+
 The receive path (``Decoder.decode``) runs the cheap checks on raw bytes first (size, TTL,
 protocol, version/type, known VRID, length, checksum, MAC, replay) and only then hands the
 packet to scapy; an invalid packet gives ``Invalid(reason)`` and is never an exception.
@@ -39,6 +42,9 @@ from typing import Callable, Iterable
 from scapy.layers.inet import IP, checksum
 from scapy.layers.vrrp import VRRPv3
 
+from .authhmac import TRAILER as HMAC_TRAILER
+from .authhmac import HmacAuth
+
 PROTO = 112
 GROUP = "224.0.0.18"
 TTL = 255
@@ -50,7 +56,8 @@ MAX_INTERVAL_CS = 4095
 # every reason an advert can be refused (metric label values)
 REASONS = ("short", "not_ipv4", "protocol", "ttl", "version", "type", "vrid", "length",
            "checksum", "checksum_mode", "interval", "addresses", "auth_missing", "auth_mac",
-           "auth_replay", "unknown_peer", "own_address", "parse")
+           "auth_replay", "auth_malformed", "auth_stale", "auth_unknown_key", "unknown_peer",
+           "own_address", "parse")
 CHECKSUM_MODES = ("rfc9568", "keepalived")
 
 
@@ -139,8 +146,9 @@ class Signer:
     """Builds adverts for one instance, caching the scapy build per (priority, interval, dst)."""
 
     def __init__(self, vrid: int, addresses: Iterable[str], src: str, mode: str, key: bytes = b"",
-                 now_ns: Callable[[], int] = time.time_ns):
+                 now_ns: Callable[[], int] = time.time_ns, hmac_auth: HmacAuth | None = None):
         self.vrid = vrid
+        self.hmac_auth = hmac_auth  # keepalived's auth_hmac (signs unless receive-only)
         self.addresses = tuple(addresses)
         self.src = src
         self.mode = mode
@@ -159,6 +167,10 @@ class Signer:
             base = build_payload(vrid=self.vrid, priority=priority, interval=cs / 100,
                                  addresses=self.addresses, src=self.src, dst=dst, mode=self.mode)
             self._cache[k] = base
+        ah = self.hmac_auth
+        if ah is not None:
+            # the checksum (in base) covers the message alone; the HMAC reads it as zero
+            return base + ah.trailer(base, self.src, self.vrid) if ah.signs else base
         if not self.key:
             return base
         counter = max(self._now_ns(), self._last + 1)
@@ -171,7 +183,8 @@ class Signer:
 class Decoder:
     """Validates received IPv4 packets for the VRIDs of one interface.
 
-    ``vrids`` maps VRID -> (expected addresses tuple, checksum mode, key bytes, peers or None).
+    ``vrids`` maps VRID -> (expected addresses tuple, checksum mode, key bytes, peers or None,
+    keepalived auth_hmac or None).
     ``decode(packet)`` returns an ``Advert`` or an ``Invalid``; it never raises.
     """
 
@@ -179,7 +192,8 @@ class Decoder:
     MAX_PARSED = 256  # parsed adverts remembered (a steady master needs one)
 
     def __init__(self):
-        self.vrids: dict[int, tuple[tuple[str, ...], str, bytes, frozenset[str] | None]] = {}
+        self.vrids: dict[int, tuple[tuple[str, ...], str, bytes, frozenset[str] | None,
+                                    HmacAuth | None]] = {}
         self._last_counter: dict[tuple[int, str], int] = {}
         self.invalid: collections.Counter[str] = collections.Counter()  # reason -> count
         self.last_invalid: tuple[int | None, Invalid] | None = None  # (known VRID, why)
@@ -187,9 +201,11 @@ class Decoder:
         self._parsed: dict[tuple[str, str, bytes], Advert | Invalid] = {}
 
     def add(self, vrid: int, addresses: Iterable[str], mode: str, key: bytes = b"",
-            peers: Iterable[str] | None = None) -> None:
+            peers: Iterable[str] | None = None, hmac_auth: HmacAuth | None = None) -> None:
+        if key and hmac_auth is not None:
+            raise ValueError("an instance has halb's auth_key or auth_hmac, not both")
         self.vrids[vrid] = (tuple(addresses), mode, key,
-                            frozenset(peers) if peers is not None else None)
+                            frozenset(peers) if peers is not None else None, hmac_auth)
 
     def decode(self, packet: bytes) -> Advert | Invalid:
         self._vrid = None
@@ -233,24 +249,20 @@ class Decoder:
         if conf is None:
             return Invalid("vrid", f"{vrid} from {src}")
         self._vrid = vrid
-        expected, mode, key, peers = conf
+        expected, mode, key, peers, ah = conf
         if peers is not None and src not in peers:
             return Invalid("unknown_peer", src)
         count = payload[3]
+        if ah is not None:
+            return self._decode_hmac(packet, payload, total, expected, mode, ah, src, dst, ttl)
         want = 8 + 4 * count + (AUTH_TRAILER if key else 0)
         if len(payload) != want:
             if key and len(payload) == want - AUTH_TRAILER:
                 return Invalid("auth_missing", src)
             return Invalid("length", f"{len(payload)} bytes for {count} addresses from {src}")
-        if vrrp_checksum(payload, src, dst, mode) != 0:  # a correct message sums to zero
-            other = CHECKSUM_MODES[1] if mode == CHECKSUM_MODES[0] else CHECKSUM_MODES[0]
-            if vrrp_checksum(payload, src, dst, other) == 0:
-                # a sound advert summed the other way: a peer (keepalived?) with the other
-                # setting. Still refused (accepting one way only would not end a split brain:
-                # the peer drops ours), but named as what it is
-                return Invalid("checksum_mode", f"from {src}: its checksum is of the {other!r} "
-                                                f"kind, this instance has checksum = {mode!r}")
-            return Invalid("checksum", f"from {src} ({mode})")
+        bad = self._checksum(payload, src, dst, mode)
+        if bad is not None:
+            return bad
         interval_cs = struct.unpack_from("!H", payload, 4)[0] & 0x0FFF
         if interval_cs == 0:
             return Invalid("interval", f"0 from {src}")
@@ -267,19 +279,65 @@ class Decoder:
             if last is None and len(self._last_counter) >= self.MAX_SENDERS:
                 self._last_counter.pop(next(iter(self._last_counter)))
             self._last_counter[k] = counter
+        r = self._cached_parse(packet, total, payload[:8 + 4 * count], expected, src, dst, ttl)
+        if counter is not None and isinstance(r, Advert):
+            r = dataclasses.replace(r, counter=counter)
+        return r
+
+    @staticmethod
+    def _checksum(message: bytes, src: str, dst: str, mode: str) -> Invalid | None:
+        if vrrp_checksum(message, src, dst, mode) == 0:  # a correct message sums to zero
+            return None
+        other = CHECKSUM_MODES[1] if mode == CHECKSUM_MODES[0] else CHECKSUM_MODES[0]
+        if vrrp_checksum(message, src, dst, other) == 0:
+            # a sound advert summed the other way: a peer (keepalived?) with the other
+            # setting. Still refused (accepting one way only would not end a split brain:
+            # the peer drops ours), but named as what it is
+            return Invalid("checksum_mode", f"from {src}: its checksum is of the {other!r} "
+                                            f"kind, this instance has checksum = {mode!r}")
+        return Invalid("checksum", f"from {src} ({mode})")
+
+    def _decode_hmac(self, packet: bytes, payload: bytes, total: int, expected: tuple[str, ...],
+                     mode: str, ah: HmacAuth, src: str, dst: str, ttl: int) -> Advert | Invalid:
+        """The rest of the checks for an instance with keepalived's auth_hmac: the trailer is
+        optional on the wire (its length tells), the checksum covers the message alone."""
+        end = 8 + 4 * payload[3]
+        n = len(payload)
+        if n not in (end, end + HMAC_TRAILER):
+            return Invalid("length", f"{n} bytes for {payload[3]} addresses from {src}")
+        message = payload[:end]
+        bad = self._checksum(message, src, dst, mode)
+        if bad is not None:
+            return bad
+        if struct.unpack_from("!H", payload, 4)[0] & 0x0FFF == 0:
+            return Invalid("interval", f"0 from {src}")
+        if n == end:
+            if not ah.accepts_unsigned:
+                return Invalid("auth_missing", f"from {src} (auth_hmac mode = \"enforce\")")
+        else:
+            why = ah.check(message, payload[end:], src, payload[1])
+            if why is not None:
+                detail = f"from {src}"
+                if why == "auth_stale":
+                    detail += f": clock skew {ah.last_skew} s outside time_window {ah.window} s"
+                elif why == "auth_unknown_key":
+                    detail += f": key id {payload[end + 1]}"
+                return Invalid(why, detail)
+        return self._cached_parse(packet, total, message, expected, src, dst, ttl)
+
+    def _cached_parse(self, packet: bytes, total: int, message: bytes, expected: tuple[str, ...],
+                      src: str, dst: str, ttl: int) -> Advert | Invalid:
         # the cheap checks passed: let scapy parse the packet. A master sends the same advert
         # again and again, so the verdict is kept per (source, destination, message): a
-        # steady stream costs no parsing at all (the authentication trailer, checked above,
+        # steady stream costs no parsing at all (an authentication trailer, checked before,
         # is not part of the key)
-        key = (src, dst, payload[:8 + 4 * count])
+        key = (src, dst, message)
         r = self._parsed.get(key)
         if r is None:
             r = self._parse(packet[:total], expected, src, dst, ttl)
             if len(self._parsed) >= self.MAX_PARSED:
                 self._parsed.clear()
             self._parsed[key] = r
-        if counter is not None and isinstance(r, Advert):
-            r = dataclasses.replace(r, counter=counter)
         return r
 
     @staticmethod

@@ -87,7 +87,7 @@ class Election:
                 ch.own.add(inst.address)
                 key = inst.cfg.auth_key.encode() if inst.cfg.auth_key else b""
                 ch.decoder.add(inst.cfg.vrid, inst.vip_strs, inst.cfg.checksum, key,
-                               inst.cfg.unicast_peers or None)
+                               inst.cfg.unicast_peers or None, hmac_auth=inst.hmac_auth)
                 inst.channel = ch
             for ch in self.channels.values():
                 multicast = any(not i.cfg.unicast_peers for i in ch.by_vrid.values())

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .. import log as hlog
 from ..config import TrackConfig, VrrpConfig
 from . import codec
+from .authhmac import HmacAuth
 from .fsm import (BACKUP, FAULT, INIT, MASTER, AddVips, Fsm, Garp, Notify, Params, RemoveVips,
                   SendAdvert, StateChange)
 from .garp import GarpSender, frames as garp_frames
@@ -185,6 +186,7 @@ class Instance:
         self.channel: Channel | None = None
         self.address = ""
         self.signer: codec.Signer | None = None
+        self.hmac_auth: HmacAuth | None = None  # keepalived's auth_hmac, shared with the decoder
         self.dsts: tuple[str, ...] = tuple(cfg.unicast_peers) or (codec.GROUP,)
         self.vip_strs = tuple(str(v.ip) for v in cfg.vips)
         self.trackers: list[Tracker] = []
@@ -235,7 +237,12 @@ class Instance:
             raise OSError(f"vrrp instance {cfg.name!r}: no IPv4 address on {cfg.interface!r} "
                           "to send adverts from (set source_address)")
         key = cfg.auth_key.encode() if cfg.auth_key else b""
-        self.signer = codec.Signer(cfg.vrid, self.vip_strs, self.address, cfg.checksum, key)
+        ah = cfg.auth_hmac
+        self.hmac_auth = None if ah is None else HmacAuth(
+            dict(ah.keys), ah.active_key, mode=ah.mode, anti_replay=ah.anti_replay,
+            time_window=ah.time_window)
+        self.signer = codec.Signer(cfg.vrid, self.vip_strs, self.address, cfg.checksum, key,
+                                   hmac_auth=self.hmac_auth)
         self._frames = garp_frames(self.mac, self.vip_strs) if self.mac else []
         for dev, vips in self.extra.items():
             xs = st if dev == cfg.interface else await netlink.link(dev)
@@ -528,6 +535,8 @@ class Instance:
             "preempt": self.cfg.preempt,
             "since": max(0.0, now - f.since) if f and f.since else 0.0,
             "checksum": self.cfg.checksum,
+            "auth": (f"auth_hmac {self.cfg.auth_hmac.mode} key {self.cfg.auth_hmac.active_key}"
+                     if self.cfg.auth_hmac else "auth_key" if self.cfg.auth_key else ""),
             "invalid_adverts": dict(self.invalid),
             "invalid_sources": [{"source": s, "reason": r, "count": n, "detail": d}
                                 for (s, r), (n, d) in sorted(self.invalid_sources.items())],

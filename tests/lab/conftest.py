@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -247,6 +248,37 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+class VipWatch:
+    """Samples who holds ``vip`` every 10 ms in a thread; records any moment with two holders
+    (``both``), the number of looks and the longest time between two looks (an overlap shorter
+    than that could be missed)."""
+
+    def __init__(self, lab: Lab, vip: str):
+        self.lab, self.vip = lab, vip
+        self.both: list[float] = []
+        self.samples = 0
+        self.max_gap = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        last = time.monotonic()
+        while not self._stop.is_set():
+            h = self.lab.holder(self.vip)
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+            self.samples += 1
+            if len(h) > 1:
+                self.both.append(now)
+            time.sleep(0.01)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(5)
 
 
 class Probe:

@@ -38,7 +38,13 @@ from tests.lab.conftest import (PY, VIP_PORT, Lab, Probe, config, lab_lock,  # n
 VIP = "198.18.40.100"
 
 
-def keepalived_conf(name: str, priority: int, interval: float) -> str:
+def keepalived_conf(name: str, priority: int, interval: float, *, unicast: tuple[str, str] = (),
+                    extra: str = "") -> str:
+    """keepalived's config for the lab's VRID 40 (``unicast``: (own address, peer); ``extra``:
+    lines for the instance, e.g. an ``auth_hmac`` block)."""
+    if unicast:
+        extra = (f"    unicast_src_ip {unicast[0]}\n    unicast_peer {{\n        {unicast[1]}\n"
+                 f"    }}\n") + extra
     return f"""
 global_defs {{
     router_id {name}
@@ -52,7 +58,7 @@ vrrp_instance vi {{
     virtual_router_id 40
     priority {priority}
     advert_int {interval}
-    virtual_ipaddress {{
+{extra}    virtual_ipaddress {{
         {VIP}/24
     }}
 }}

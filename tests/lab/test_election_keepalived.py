@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import threading
 import time
 
 import pytest
 
 from halb.vrrp.fsm import master_down_interval, skew_time
-from tests.lab.conftest import config, events, state_of, wait_state
+from tests.lab.conftest import VipWatch, config, events, state_of, wait_state
 from tests.lab.measure_takeover import start_keepalived
 
 pytestmark = pytest.mark.lab
@@ -26,35 +25,6 @@ SLACK = 0.150
 @pytest.fixture(autouse=True)
 def _need_keepalived():
     assert shutil.which("keepalived"), "keepalived is installed by ./dev (APT_BASE)"
-
-
-class Watch:
-    """Samples who holds the VIP every 10 ms in a thread; records any moment with two."""
-
-    def __init__(self, lab):
-        self.lab = lab
-        self.both: list[float] = []
-        self.samples = 0
-        self.max_gap = 0.0  # longest time between two looks: overlaps shorter could be missed
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        last = time.monotonic()
-        while not self._stop.is_set():
-            h = self.lab.holder(VIP)
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-            self.samples += 1
-            if len(h) > 1:
-                self.both.append(time.monotonic())
-            time.sleep(0.01)
-
-    def stop(self):
-        self._stop.set()
-        self._t.join(5)
 
 
 def ka_state(proc) -> str:
@@ -93,7 +63,7 @@ def test_halbd_master_keepalived_backup_failover_both_ways(lab):
     wait_state(h, "master", timeout=15)
     wait_ka(ka, "backup", timeout=5)
     lab.wait_holder(VIP, "hvlb1")
-    w = Watch(lab)
+    w = VipWatch(lab, VIP)
     time.sleep(1.0)  # ten adverts: both stay where they are
     assert state_of(h) == "master" and ka_state(ka) == "backup"
     # halbd crashes: keepalived takes over within its Master_Down_Interval
@@ -132,7 +102,7 @@ def test_keepalived_master_halbd_backup_failover_both_ways(lab):
     wait_ka(ka, "master", timeout=10)
     wait_state(h, "backup", timeout=5)
     lab.wait_holder(VIP, "hvlb1")
-    w = Watch(lab)
+    w = VipWatch(lab, VIP)
     time.sleep(1.0)
     assert state_of(h) == "backup" and h.alive()
     # keepalived stops gracefully: halbd takes over after Skew_Time
@@ -194,8 +164,17 @@ def test_mismatched_checksum_with_keepalived_is_counted_logged_and_warned(lab):
                                   "/tmp/halb-lab-lb1-40.sock", "status", "--json"],
                         timeout=30).stdout
         return json.loads(out)["instances"][0]
-    wait_for(lambda: status()["invalid_adverts"].get("checksum_mode", 0) >= 5, 10,
-             interval=0.2, what="five keepalived adverts counted as checksum_mode")
+    seen: list = []
+
+    def counted():
+        seen[:] = [status()]
+        return seen[0]["invalid_adverts"].get("checksum_mode", 0) >= 5
+    try:
+        wait_for(counted, 20, interval=0.2, what="five keepalived adverts counted as checksum_mode")
+    except TimeoutError as e:  # say what was seen: the status and both sides' view
+        raise AssertionError(f"{e}\nlast status: {seen[:1]}\nkeepalived: {ka_state(ka)}, "
+                             f"halbd: {state_of(h)}\nkeepalived log:\n{ka.output()[-3000:]}"
+                             f"\nhalbd log:\n{h.output()[-3000:]}") from None
     inst = status()
     src = [s for s in inst["invalid_sources"] if s["source"] == LB2]
     assert src and src[0]["reason"] == "checksum_mode" and src[0]["count"] >= 5, inst
