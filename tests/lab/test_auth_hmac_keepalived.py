@@ -1,7 +1,8 @@
 """halbd and keepalived 2.4 in one VRID over unicast, authenticated with keepalived's auth_hmac.
 
 keepalived 2.4 (with auth_hmac) is not in Debian 12 (2.2.7): the binary is looked up in
-``$HALB_KEEPALIVED_HMAC``, then ``../shared/tools/keepalived-2.4.3`` beside the checkout. The
+``$HALB_KEEPALIVED_HMAC``, then ``../shared/tools/keepalived-2.4.3`` beside the checkout (or
+under /work). The
 tests are skipped, naming what they looked for, where neither exists.
 
 - one master at a time, kill -9 failover both ways, client outage measured from the client;
@@ -43,7 +44,8 @@ WRONG = "hex:" + bytes(range(100, 132)).hex()
 
 def keepalived_binary() -> str | None:
     for cand in (os.environ.get("HALB_KEEPALIVED_HMAC", ""),
-                 str(ROOT.parent / "shared" / "tools" / "keepalived-2.4.3")):
+                 str(ROOT.parent / "shared" / "tools" / "keepalived-2.4.3"),
+                 "/work/shared/tools/keepalived-2.4.3"):
         if cand and os.access(cand, os.X_OK):
             return cand
     return None
