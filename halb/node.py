@@ -26,6 +26,7 @@ from .clock import Clock, MonotonicClock, WallClock
 from .config import Config
 from .cpu import cpu_quota
 from .model import Pool, PoolView
+from .sdnotify import Notifier
 from .tables import Tables
 
 TICK = 0.25  # pool ticks (slow start, passive ejection end) and table expiry
@@ -220,9 +221,24 @@ class Node:
         # out of every later collection so GC pauses scale with traffic state only
         gc.collect()
         gc.freeze()
+        sd = Notifier()  # systemd Type=notify: ready now, watchdog from this loop
+        if sd.enabled:
+            sd.ready(f"serving {len(self.cfg.listeners)} listeners, "
+                     f"{len(self.cfg.vrrp)} vrrp instances")
+            if sd.watchdog_interval:
+                self._tasks.append(asyncio.create_task(self._watchdog(sd), name="sd-watchdog"))
         await self._stop.wait()
         self.log.info("node_stopping", graceful=getattr(self, "_graceful", True))
+        sd.stopping("stopping")
         await self.stop()
+        sd.close()
+
+    async def _watchdog(self, sd: "Notifier") -> None:
+        """Pings systemd's watchdog from the event loop: a loop that stops turning (a stuck
+        handler) stops the pings, and systemd restarts the unit."""
+        while True:
+            sd.watchdog()
+            await asyncio.sleep(sd.watchdog_interval or 1.0)
 
     async def stop(self) -> None:
         for t in self._tasks:
