@@ -13,7 +13,8 @@ halb._ext.COMPILED (with their .py and .pxd sources, and no generated .c or stra
 build context), and the image's halbd runs them compiled; the run stage has no compiler.
 
 Capabilities: with `venv --copies`, bin/python, bin/python3 and bin/python3.11 are three
-separate files and only the one `setcap` names carries cap_net_admin,cap_net_raw. So the
+separate files and only the one `setcap` names carries cap_net_admin,cap_net_bind_service,
+cap_net_raw. So the
 interpreter each script's shebang names (resolved) must be that very file, and a non-root user
 running it must end up holding both capabilities (checked with setpriv, as the containerlab
 topology runs halbd). Needs `setcap`/`getcap` (Debian libcap2-bin, installed by ./dev).
@@ -40,8 +41,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "Containerfile"
 IMAGE_VENV = "/opt/halb"
-CAPS = "cap_net_admin,cap_net_raw=ep"  # getcap's spelling of what setcap sets
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+CAPS = "cap_net_bind_service,cap_net_admin,cap_net_raw=ep"  # getcap's spelling of what setcap sets
+CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW = 10, 12, 13
 
 
 def parse(text: str) -> list[tuple[str, str]]:
@@ -114,7 +115,10 @@ def test_structure(instrs):
     assert not re.search(r"\b(gcc|g\+\+|clang|build-essential)\b", run_apt), run_apt
     text = CONTAINERFILE.read_text()
     assert "NET_ADMIN" in text and "NET_RAW" in text, "capabilities are documented"
-    assert "setcap cap_net_admin,cap_net_raw+ep /opt/halb/bin/python3.11" in text
+    assert "setcap cap_net_admin,cap_net_bind_service,cap_net_raw+ep /opt/halb/bin/python3.11" in text
+    # iproute2 needs libcap2-bin in bookworm: purging it removed `ip` from the image
+    assert "purge" not in text and "autoremove" not in text
+    assert "--format docker" in text  # OCI images drop HEALTHCHECK
 
 
 def _copies(stage_instrs) -> list[tuple[list[str], str]]:
@@ -444,6 +448,7 @@ def test_a_non_root_user_running_halbd_holds_net_admin_and_net_raw(image_venv):
 
     eff = caps_as_nobody(venv / "bin" / "halbd")
     assert eff >> CAP_NET_ADMIN & 1 and eff >> CAP_NET_RAW & 1, f"CapEff {eff:#x}"
+    assert eff >> CAP_NET_BIND_SERVICE & 1, f"CapEff {eff:#x}: ports below 1024 under podman"
     # the broken layout: the same user gets neither
     old = _old_layout(image_venv, "old-layout-run")
     (old.parent).chmod(0o755)
