@@ -20,7 +20,10 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPO_FILE = ROOT / "lab" / "halb.clab.yml"
-SCHEMA = ROOT.parent / "shared/data/containerlab/clab.schema.json"
+# containerlab's own schema, beside the checkout (../shared), or under /work for a clone elsewhere
+SCHEMA = next((p for p in (ROOT.parent / "shared/data/containerlab/clab.schema.json",
+                           Path("/work/shared/data/containerlab/clab.schema.json")) if p.exists()),
+              ROOT.parent / "shared/data/containerlab/clab.schema.json")
 
 
 @pytest.fixture(scope="module")
