@@ -737,22 +737,28 @@ class SyncService:
         self.log.info("sync_connected", peer=p.name, address=p.address)
         why = "stream closed by the peer"
         rx = p.rx
-        acked = {"want": 0}
+        acked = {"want": 0, "done": 0, "waiting": False}
         ack_ev = asyncio.Event()
+        loop = asyncio.get_running_loop()
 
         async def acker():  # acks off the read path; a backlog of them collapses into one
-            done = 0
             while True:
                 await ack_ev.wait()
                 ack_ev.clear()
-                if acked["want"] - done < ACK_EVERY:
-                    await asyncio.sleep(ACK_DELAY)  # the next batches share this ack
+                if acked["want"] - acked["done"] < ACK_EVERY:
+                    # the next batches share this ack: woken by ACK_DELAY, or by the reader
+                    # once half the window is unacknowledged
+                    acked["waiting"] = True
+                    h = loop.call_later(ACK_DELAY, ack_ev.set)
+                    await ack_ev.wait()
                     ack_ev.clear()
+                    h.cancel()
+                    acked["waiting"] = False
                 n = acked["want"]
-                if n > done:
+                if n > acked["done"]:
                     await call.write(pb.FollowRequest(ack=pb.SyncAck(
                         batch=n, cursors=[x.cursor() for x in rx.values()])))
-                    done = n
+                    acked["done"] = n
         ack_task = asyncio.create_task(acker())
         try:
             while True:
@@ -770,7 +776,8 @@ class SyncService:
                 snap = any(x.in_snapshot for x in rx.values())
                 p.state = "snapshot" if snap else "streaming"
                 acked["want"] = b.batch
-                ack_ev.set()
+                if not acked["waiting"] or b.batch - acked["done"] >= ACK_EVERY:
+                    ack_ev.set()
                 if ack_task.done():  # its write failed: the stream is gone
                     ack_task.result()
                 if not p.learned and all(x.learned for x in rx.values()):
