@@ -132,6 +132,10 @@ _P_BACKEND = 4  # the backend's write buffer is full
 _P_DONE = 8  # an error answer is pending; read no more
 
 
+# methods whose request content has no defined meaning (RFC 9110 9.3.1, 9.3.2): a body on
+# them is forwarded, but the backend connection is not reused after it
+_NO_BODY_METHODS = frozenset((b"GET", b"HEAD"))
+
 class _Rx:
     """A request whose head has been parsed: its body state while it is received/sent."""
 
@@ -1201,7 +1205,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def resp_done(self, bc: BackendConn, reusable: bool) -> None:
         rx = self.cur
         self.conn = None
-        if reusable and self.sent_all and rx is not None and rx.complete and not self.closed:
+        # a GET or HEAD that carried a body never leaves its backend connection for another
+        # request: a backend that ignores such a body would read it as the next request (CL.0)
+        if reusable and self.sent_all and rx is not None and rx.complete and not self.closed \
+                and not (rx.req.has_body and rx.req.method in _NO_BODY_METHODS):
             self.l.put_idle(bc)
         else:
             bc.close()

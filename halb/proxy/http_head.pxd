@@ -36,6 +36,8 @@ cdef inline Py_ssize_t _put(bytes out, Py_ssize_t pos, bytes piece) noexcept:
 
 @cython.locals(k=Py_ssize_t, c=int)
 cdef bint _is(bytes name, bytes lower) except -1
+@cython.locals(c=int)
+cdef bint _framing_lookalike(bytes name) except -1
 
 
 @cython.locals(k=Py_ssize_t, c=int)

@@ -288,6 +288,9 @@ def check_request(method: bytes, target: bytes, version: str,
             if conn is None:
                 conn = []
             conn.extend(_split_tokens(v))
+        elif ln >= 13 and _framing_lookalike(n):
+            raise HttpError(400, f"header {n.decode('latin-1')!r} imitates Content-Length or "
+                                 f"Transfer-Encoding")
     if host is None and version == "1.1":
         raise HttpError(400, "missing Host header")
     host_text = ""
@@ -355,6 +358,18 @@ def check_request(method: bytes, target: bytes, version: str,
     _fill(r, method, target, version, headers, host_text, path, length, chunked,
           frozenset(conn) if conn else _NO_TOKENS)
     return r
+
+
+def _framing_lookalike(name: bytes) -> bool:
+    """A header name that is not Content-Length or Transfer-Encoding but folds to one of them
+    once case, ``-`` and ``_`` are ignored (``Transfer_Encoding``, ``Content__Length``,
+    ``Transfer---Encoding``): a backend that maps ``-`` and ``_`` alike (CGI, WSGI:
+    ``HTTP_TRANSFER_ENCODING``) would frame the request by it while halb does not."""
+    c = name[0] | 0x20
+    if c != 99 and c != 116:  # "c", "t": the rest cannot fold to either name
+        return False
+    folded = name.lower().replace(b"-", b"").replace(b"_", b"")
+    return folded == b"contentlength" or folded == b"transferencoding"
 
 
 _FTOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

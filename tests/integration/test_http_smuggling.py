@@ -33,6 +33,7 @@ class Recorder:
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.data = bytearray()
+        self.conns: list[dict] = []  # per backend connection: its bytes, and whether it ended
         self.lock = threading.Lock()
         self.stop = False
         self.t = threading.Thread(target=self._accept, daemon=True)
@@ -49,6 +50,15 @@ class Recorder:
     def _serve(self, c):
         c.settimeout(0.5)
         buf = b""
+        me = {"data": bytearray(), "closed": False}
+        with self.lock:
+            self.conns.append(me)
+        try:
+            self._loop(c, buf, me)
+        finally:
+            me["closed"] = True
+
+    def _loop(self, c, buf, me):
         with c:
             while not self.stop:
                 try:
@@ -61,6 +71,7 @@ class Recorder:
                     return
                 with self.lock:
                     self.data += d
+                    me["data"] += d
                 buf += d
                 while b"\r\n\r\n" in buf:
                     _, buf = buf.split(b"\r\n\r\n", 1)
@@ -86,6 +97,13 @@ CH = b"Transfer-Encoding: chunked\r\n"
 CORPUS: dict[str, tuple[bytes, tuple[int, ...]]] = {
     # Content-Length / Transfer-Encoding smuggling
     "cl_and_te": (POST + b"Content-Length: 6\r\n" + CH + b"\r\n0\r\n\r\nX", (400,)),
+    # names that fold to a framing header once "-" and "_" are alike (CGI/WSGI backends)
+    "te_underscore": (POST + b"Transfer_Encoding: chunked\r\n\r\n0\r\n\r\n", (400,)),
+    "cl_underscore": (POST + b"Content_Length: 3\r\n\r\nabc", (400,)),
+    "te_three_dashes": (POST + b"Transfer---Encoding: chunked\r\n\r\n0\r\n\r\n", (400,)),
+    "te_three_underscores": (POST + b"Transfer___Encoding: chunked\r\n\r\n0\r\n\r\n",
+                             (400,)),
+    "cl_mixed_fold": (GET + b"content-_LENGTH: 3\r\n\r\nabc", (400,)),
     "te_and_cl": (POST + CH + b"Content-Length: 6\r\n\r\n0\r\n\r\nX", (400,)),
     "cl_duplicate_same": (POST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", (400,)),
     "cl_duplicate_diff": (POST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", (400,)),
@@ -302,3 +320,47 @@ def test_pipeline_depth_is_bounded(node):
     got = rec.take()
     assert got.count(b"GET /q") == 128 and b"GET /q127 " in got and b"GET /q128 " not in got
     assert h.alive()
+
+
+def test_ordinary_underscore_headers_still_pass(node):
+    port, rec, h = node
+    rec.take()
+    resp, _ = exchange(port, b"GET /u HTTP/1.1\r\nHost: a.test\r\nMy_Custom_Header: 1\r\n"
+                             b"Content_Type_X: 2\r\nConnection: close\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.1 200 "), resp[:200]
+    got = rec.take()
+    assert b"My_Custom_Header: 1\r\n" in got and b"Content_Type_X: 2\r\n" in got
+
+
+def test_get_with_a_body_never_shares_its_backend_connection(node):
+    """A GET with a body is forwarded, body and all, but its backend connection is
+    closed after the response instead of going back to the pool: a backend that ignores the
+    body would read it as the start of the next request (CL.0). A GET without a body leaves its
+    connection pooled (the control)."""
+    port, rec, h = node
+
+    def conn_with(marker: bytes) -> dict:
+        with rec.lock:
+            return next(c for c in rec.conns if marker in c["data"])
+
+    def ask(data: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(data)
+            buf = b""
+            while b"\r\n\r\nok" not in buf:
+                chunk = s.recv(65536)
+                assert chunk, buf
+                buf += chunk
+            assert buf.startswith(b"HTTP/1.1 200 "), buf[:200]
+
+    ask(b"GET /withbody HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello")
+    ask(b"GET /plain HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not conn_with(b"/withbody")["closed"]:
+        time.sleep(0.02)
+    wb = conn_with(b"/withbody")
+    assert wb["closed"] and wb["data"].endswith(b"hello"), wb  # forwarded, then closed
+    plain = conn_with(b"/plain")
+    assert plain is not wb and b"hello" not in plain["data"]  # a fresh connection for it
+    time.sleep(0.3)
+    assert not plain["closed"]  # the control: kept for reuse
