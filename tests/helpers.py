@@ -22,6 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago (TCP and UDP). One ``free_port`` call
+    after another can hand out the same number twice (each is released before the next is
+    picked): a "dead" backend's port then becomes a listener's, and is not dead."""
+    out: list[int] = []
+    while len(out) < n:
+        p = free_port(host=host)
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (TCP and UDP both free when kind is STREAM)."""
     for _ in range(50):

@@ -23,7 +23,7 @@ import pytest
 
 from halb.cli.halbctl import main as halbctl_main
 
-from tests.helpers import (PY, ROOT, Backends, Halbd, free_port, http_get, wait_for,
+from tests.helpers import (PY, ROOT, Backends, Halbd, free_port, free_ports, http_get, wait_for,
                            write_config)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -88,7 +88,7 @@ def node(tmp_path_factory):
         n = N()
         n.tmp, n.pki = tmp, pki
         n.sock = str(tmp / "run" / "lb1.sock")
-        n.front, n.stick, n.ctl_port = free_port(), free_port(), free_port()
+        n.front, n.stick, n.ctl_port = free_ports(3)
         n.metrics = free_port()
         n.cfg = write_config(tmp, f"""
 [node]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import Backends, Halbd, free_port, write_config
+from tests.helpers import Backends, Halbd, free_port, free_ports, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def node(tmp_path_factory):
         fillers.append(f)
     time.sleep(0.1)
     with Backends(["web1"], logdir=d) as bk:
-        lim, cap = free_port(), free_port()
+        lim, cap = free_ports(2)
         cfg = write_config(d, f'''
 [node]
 name = "lb1"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lab.backend import pattern
-from tests.helpers import Backends, Halbd, free_port, http_get, wait_for, write_config
+from tests.helpers import Backends, Halbd, free_port, free_ports, http_get, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def env():
     e.certs = {n: _make_cert(d, n) for n in ("default.test", "b.test")}
     with Backends(WEB + OTHER, logdir=d) as bk:
         e.bk = bk
-        e.port, e.tls_port = free_port(), free_port()
+        e.port, e.tls_port = free_ports(2)
 
         def backends(names):
             return "\n".join(f'[[pools.backends]]\nname = "{n}"\naddress = "{bk.http[n]}"\n'
@@ -318,7 +318,7 @@ def test_pipelined_requests_answered_in_order(env):
 
 def test_no_backend_answers_503(env, tmp_path):
     # a separate node whose only backend is a closed port: the pool never has a backend up
-    port, dead = free_port(), free_port()
+    port, dead = free_ports(2)  # distinct: the dead port must not be the listener's
     cfg = write_config(tmp_path, f'''
 [node]
 name = "lb2"

@@ -16,7 +16,7 @@ from halb import pki
 from halb.config import Endpoint, SyncConfig, SyncPeer, TLSFiles
 from halb.sync.standalone import SyncNode
 from halb.tables import sticky_key
-from tests.helpers import free_port
+from tests.helpers import free_port, free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -123,7 +123,7 @@ def put_many(node, n, prefix="c", ttl=600.0, start=0):
 
 def test_resume_from_acked_cursor_after_a_broken_stream():
     async def main():
-        pa, pb = free_port(), free_port()
+        pa, pb = free_ports(2)
         relay = Relay(pa)
         await relay.start()
         a = SyncNode("a", cfg(pa, [("b", pb)], batch_size=256))
@@ -165,7 +165,7 @@ def test_resume_from_acked_cursor_after_a_broken_stream():
 
 def test_closed_stream_is_reported_at_once_and_start_holds_preemption():
     async def main():
-        pa, pb = free_port(), free_port()
+        pa, pb = free_ports(2)
         relay = Relay(pa)
         await relay.start()
         el = Election()
@@ -205,7 +205,7 @@ def test_silent_peer_is_dropped_by_keepalive(caplog):
     caplog.set_level(logging.WARNING, logger="halb")
 
     async def main():
-        pa, pb = free_port(), free_port()
+        pa, pb = free_ports(2)
         relay = Relay(pa)
         await relay.start()
         el = Election()
@@ -256,7 +256,7 @@ def test_unreachable_peer_releases_the_hold_after_the_bounded_wait():
 
 def test_expiry_replicates():
     async def main():
-        pa, pb = free_port(), free_port()
+        pa, pb = free_ports(2)
         a = SyncNode("a", cfg(pa, [("b", pb)]))
         b = SyncNode("b", cfg(pb, [("a", pa)]))
         await a.start()
@@ -281,7 +281,7 @@ def test_active_active_writes_converge():
     """Two writers on overlapping keys (creates, backend changes, deletes) at the same time,
     plus a third node following both: all three converge on the same table."""
     async def main():
-        pa, pb, pc = free_port(), free_port(), free_port()
+        pa, pb, pc = free_ports(3)
         a = SyncNode("a", cfg(pa, [("b", pb), ("c", pc)], batch_size=64))
         b = SyncNode("b", cfg(pb, [("a", pa), ("c", pc)], batch_size=64))
         c = SyncNode("c", cfg(pc, [("a", pa), ("b", pb)], batch_size=64))
@@ -343,7 +343,7 @@ def test_mutual_tls_replicates_between_named_peers(certs):
     good, _ = certs
 
     async def main():
-        pa, pb = free_port(), free_port()
+        pa, pb = free_ports(2)
         a = SyncNode("a", cfg(pa, [("b", pb)], tls=tls(good, "a")))
         b = SyncNode("b", cfg(pb, [("a", pa)], tls=tls(good, "b")))
         put_many(a, 300)
@@ -364,7 +364,7 @@ def test_wrong_certificates_are_refused_and_counted(certs):
     good, other = certs
 
     async def main():
-        pa, pb, pm, pr = free_port(), free_port(), free_port(), free_port()
+        pa, pb, pm, pr = free_ports(4)
         # a expects peer b at pr, where a rogue "b" with a certificate from another CA listens
         a = SyncNode("a", cfg(pa, [("b", pr)], tls=tls(good, "a")))
         rogue = SyncNode("b", cfg(pr, [("a", pa)], tls=tls(other, "b")))
@@ -404,7 +404,7 @@ def test_bad_followers_are_refused_and_the_server_keeps_serving():
     from halb.v1 import sync_pb2 as pb
 
     async def main():
-        pa, pb_port = free_port(), free_port()
+        pa, pb_port = free_ports(2)
         a = SyncNode("a", cfg(pa, [("b", pb_port)]))
         b = SyncNode("b", cfg(pb_port, [("a", pa)]))
         put_many(a, 100)
@@ -464,7 +464,7 @@ def test_tls_refusals_are_counted_by_direction_and_reason(certs, tmp_path):
     both.write_bytes(open(good["ca"]["cert"], "rb").read() + open(other["ca"]["cert"], "rb").read())
 
     async def main():
-        pa, pf, pw = free_port(), free_port(), free_port()
+        pa, pf, pw = free_ports(3)
         a = SyncNode("a", cfg(pa, [("b", pw)], tls=tls(good, "a")))
         foreign = SyncNode("b", cfg(pf, [("a", pa)], tls=TLSFiles(
             cert=other["nodes"]["b"]["cert"], key=other["nodes"]["b"]["key"], ca=str(both))))
@@ -515,7 +515,7 @@ def test_link_to_a_restarted_peer_is_back_promptly():
     from halb.sync.service import MAX_BACKOFF, REFUSED_BACKOFF
 
     async def main():
-        pa, pb = free_port(), free_port()
+        pa, pb = free_ports(2)
         b = SyncNode("b", cfg(pb, [("a", pa)]))
         await b.start()
         delays = []

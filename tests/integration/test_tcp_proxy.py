@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from halb.proxy import proxyproto
-from tests.helpers import Backends, Halbd, free_port, http_get, wait_for, write_config
+from tests.helpers import Backends, Halbd, free_ports, http_get, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,10 @@ def lb(request):
     greet = ThreadServer(greeter)
     ppsrv = ThreadServer(pp_reader)
     sink = ThreadServer(slow_sink)
-    dead = free_port()
+    names = ("rr", "redis", "noretry", "sticky", "greet", "pp", "idle", "maxc", "big", "slow",
+             "sink")
+    # distinct: a "dead" port handed out again as a listener's would not be dead
+    dead, mport, *lports = free_ports(len(names) + 2)
     # a "black hole": a listener whose accept queue is full, so SYNs to it go unanswered
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
@@ -151,9 +154,7 @@ def lb(request):
         f.setblocking(False)
         f.connect_ex(hole.getsockname())
         fill.append(f)
-    ports = {n: free_port() for n in ("rr", "redis", "noretry", "sticky", "greet", "pp", "idle",
-                                       "maxc", "big", "slow", "sink")}
-    mport = free_port()
+    ports = dict(zip(names, lports))
 
     def backends(names):
         return "".join(f'[[pools.backends]]\nname = "{n}"\naddress = "{a}"\n' for n, a in names)
