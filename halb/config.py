@@ -203,6 +203,7 @@ class ListenerConfig:
     routes: tuple[RouteConfig, ...] = ()
     tls: ListenerTLS | None = None
     forwarded_headers: bool = True  # X-Forwarded-For/-Proto and Forwarded (http)
+    via: str = "halb"  # http: the Via pseudonym ("Via: 1.1 halb"); "" sends none
     proxy_protocol: bool = False  # PROXY v2 towards backends (tcp)
     relay: str = "auto"  # tcp: "auto" (copy, splice while the node is busy), "splice", "copy"
     udp_flow_timeout: float = 30.0
@@ -759,6 +760,10 @@ def _listener(r: _Reader) -> ListenerConfig:
         tr.done()
         tls = ListenerTLS(certificates=tuple(certs))
     fwd = r.get("forwarded_headers", bool, True)
+    via = r.get("via", str, "halb")
+    if via and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}", via):
+        r.error(f"must be a token (letters, digits, -._~ and the like, at most 64), "
+                f"or \"\" for no Via; got {via!r}", "via")
     pp = r.get("proxy_protocol", bool, False)
     relay = r.choice("relay", RELAYS, "auto")
     uft = r.duration("udp_flow_timeout", 30.0, lo=0.01, hi=86400)
@@ -785,12 +790,15 @@ def _listener(r: _Reader) -> ListenerConfig:
             r.error(f"routes need mode = \"http\" (mode is {mode!r})", "routes")
         if tls:
             r.error(f"tls needs mode = \"http\" (mode is {mode!r})", "tls")
+    if mode != "http" and "via" in r.data:
+        r.error(f"via needs mode = \"http\" (mode is {mode!r})", "via")
     if mode != "tcp" and pp:
         r.error(f"proxy_protocol needs mode = \"tcp\" (mode is {mode!r})", "proxy_protocol")
     if mode != "tcp" and "relay" in r.data:
         r.error(f"relay needs mode = \"tcp\" (mode is {mode!r})", "relay")
     return ListenerConfig(name=name, mode=mode, bind=bind or Endpoint("invalid", 1), pool=pool,
-                          routes=tuple(routes), tls=tls, forwarded_headers=fwd, proxy_protocol=pp,
+                          routes=tuple(routes), tls=tls, forwarded_headers=fwd, via=via,
+                          proxy_protocol=pp,
                           relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
                           protocol=protocol, hash=nat_hash)

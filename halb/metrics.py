@@ -213,6 +213,11 @@ class Metrics:
         self._tables: "Tables | None" = None
         r.register(_PoolCollector(self))
         r.register(_TableCollector(self))
+        self._upgrades = Counter("halb_http_upgrades", "HTTP connections switched to another "
+                                 "protocol (101) and relayed as a tunnel",
+                                 ["listener", "protocol"], registry=r)
+        self._tunnels = Gauge("halb_http_tunnels_active", "Tunnels (after a 101) open",
+                              ["listener"], registry=r)
         self._server = None
         self._thread = None
 
@@ -275,6 +280,14 @@ class Metrics:
         except KeyError:
             s = self._listener(listener_name)
         s[1] -= 1  # _OPEN
+
+    def tunnel_open(self, listener_name: str, protocol: str) -> None:
+        """An HTTP connection became a tunnel (``protocol``: websocket or other)."""
+        self._upgrades.labels(listener_name, protocol).inc()
+        self._tunnels.labels(listener_name).inc()
+
+    def tunnel_close(self, listener_name: str) -> None:
+        self._tunnels.labels(listener_name).dec()
 
     # -- backends -----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from halb.proxy.routing cimport Router
 from halb.model cimport Backend, Pool, backend_acquire, backend_release
 from halb.proxy.http_head cimport (Request, ResponseFramer, ResponseHead, check_request,
                                    request_head, _F_DONE, EV_BODY, EV_DONE, EV_HEAD,
-                                   EV_INTERIM, EV_NEED)
+                                   EV_INTERIM, EV_NEED, EV_SWITCH)
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 
@@ -18,11 +18,12 @@ cdef double _clock() noexcept
 
 cdef class _Settings:
     cdef public Py_ssize_t max_line, max_headers, max_header_bytes, max_conns
-    cdef public double t_header, t_body, t_idle, t_server, t_connect
+    cdef public double t_header, t_body, t_idle, t_server, t_connect, t_tunnel
     cdef public bint forwarded
     cdef public str proto, name
     cdef public object metrics
     cdef public dict bk
+    cdef public bytes via10, via11
 
 
 cdef class HttpListener:
@@ -59,7 +60,7 @@ cdef class BackendConn:
     cdef public ResponseHead rh
     cdef public ClientConn cc
     cdef public bint keep, msg_done, doubtful, got_bytes, read_paused
-    cdef public bint closed, close_delimited, queued
+    cdef public bint closed, close_delimited, queued, tun
     cdef public double last, idle_since
     cdef public list out
     cdef queue(self)
@@ -86,7 +87,10 @@ cdef class ClientConn:
     cdef public _Rx cur
     cdef public BackendConn conn
     cdef public bint accepted, closed, eof, in_head, wpaused, acquired, reused, stale_retry
-    cdef public bint sent_all, resp_started, resp_chunk, resp_close, queued
+    cdef public bint sent_all, resp_started, resp_chunk, resp_close, queued, tunnel, synth
+    cdef public object held, skip, raw_target
+    cdef public int shut
+    cdef public Py_ssize_t hi_start, hi_end
     cdef public int paused, attempts, status
     cdef public Py_ssize_t raw_head, hbytes
     cdef public double deadline, t0
@@ -96,7 +100,7 @@ cdef class ClientConn:
     cpdef send_now(self)
     cdef _flush_up(self)
     @cython.locals(i=Py_ssize_t, n=Py_ssize_t, lim=Py_ssize_t, stop=Py_ssize_t, j=Py_ssize_t,
-                   end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint)
+                   end=Py_ssize_t, sp=Py_ssize_t, c=int, prev=int, dbl=bint, hi=bint)
     cdef bint _check_line(self, bytes data) except -1
     @cython.locals(minor=int)
     cdef _note_version(self, bytes data, Py_ssize_t at)

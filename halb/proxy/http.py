@@ -91,10 +91,10 @@ from ..metrics import record
 from ..model import backend_acquire, backend_release
 from ..tables import sticky_key
 from .http_head import (HttpError, ResponseFramer, ResponseHead, check_request, error_response,
-                        request_head, sticky_cookie)
+                        request_head, sticky_cookie, trailer_lines)
 
 if not cython.compiled:  # compiled, these are C constants cimported from http_head.pxd
-    from .http_head import _F_DONE, EV_BODY, EV_DONE, EV_HEAD, EV_INTERIM, EV_NEED
+    from .http_head import _F_DONE, EV_BODY, EV_DONE, EV_HEAD, EV_INTERIM, EV_NEED, EV_SWITCH
 from .routing import Router
 from .sockets import listen_tcp
 
@@ -130,6 +130,11 @@ _P_PIPE = 1  # a request is in flight and another one has been parsed
 _P_BUF = 2  # body bytes waiting for a backend connection
 _P_BACKEND = 4  # the backend's write buffer is full
 _P_DONE = 8  # an error answer is pending; read no more
+_P_UPG = 16  # an upgrade offer waits for its answer: the bytes after it are held
+
+# request-target bytes >= 0x80 (raw UTF-8, which llhttp refuses) stand in as "x" while llhttp
+# parses the line; the target goes on as it came (ClientConn._mask_target)
+_MASK_HIGH = bytes(c if c < 128 else 0x78 for c in range(256))
 
 
 # methods whose request content has no defined meaning (RFC 9110 9.3.1, 9.3.2): a body on
@@ -156,8 +161,8 @@ class _Settings:
     """A listener's settings that the per-request path reads, flattened into one object."""
 
     __slots__ = ("max_line", "max_headers", "max_header_bytes", "max_conns", "t_header",
-                 "t_body", "t_idle", "t_server", "t_connect", "forwarded", "proto", "name",
-                 "metrics", "bk")
+                 "t_body", "t_idle", "t_server", "t_connect", "t_tunnel", "forwarded", "proto",
+                 "name", "metrics", "bk", "via10", "via11")
 
     def __init__(self, cfg: ListenerConfig, proto: str, metrics):
         lim, t = cfg.limits, cfg.timeouts
@@ -170,7 +175,13 @@ class _Settings:
         self.t_idle = t.client_idle
         self.t_server = t.server
         self.t_connect = t.connect
+        self.t_tunnel = t.tunnel
         self.forwarded = cfg.forwarded_headers
+        # Via (RFC 9110 7.6.3): "Via: <received protocol> <pseudonym>" on what halb forwards,
+        # the protocol being the one the message came in with (HTTP/1.0 or 1.1)
+        via = getattr(cfg, "via", "halb")
+        self.via10 = b"Via: 1.0 %b\r\n" % via.encode() if via else b""
+        self.via11 = b"Via: 1.1 %b\r\n" % via.encode() if via else b""
         self.proto = proto
         self.name = cfg.name
         self.metrics = metrics
@@ -230,7 +241,8 @@ class HttpListener:
                     if c.tkind and now >= c.deadline:
                         c._timeout(c.tkind)
                     bc = c.conn
-                    if bc is not None and bc.cc is c and now - bc.last >= server_to:
+                    if bc is not None and bc.cc is c and not c.tunnel \
+                            and now - bc.last >= server_to:
                         bc.server_timeout()
                 for lst in self.idle.values():
                     while lst and now - lst[0].idle_since >= POOL_IDLE_TIMEOUT:
@@ -333,7 +345,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
 
     __slots__ = ("l", "b", "loop", "tr", "cc", "fr", "rh", "keep", "msg_done", "doubtful",
                  "got_bytes", "last", "idle_since", "read_paused", "closed", "close_delimited",
-                 "out", "queued")
+                 "out", "queued", "tun")
 
     def __init__(self, lst: HttpListener, b):
         self.l = lst
@@ -357,6 +369,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         self.close_delimited = False
         self.out: list[bytes] = []  # request bytes for the backend, written by send_now
         self.queued = False  # in the listener's write queue (HttpListener.send_all)
+        self.tun = False  # a tunnel after a 101: bytes pass through both ways as they come
 
     # -- transport events -----------------------------------------------------------------
 
@@ -370,7 +383,9 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         cc = self.cc
         if cc is not None:
             self.cc = None
-            if self.close_delimited and not self.doubtful:
+            if self.tun:
+                cc.tun_end("backend closed")
+            elif self.close_delimited and not self.doubtful:
                 cc.resp_done(self, False)
             else:
                 cc.backend_failed(self, "closed")
@@ -380,6 +395,9 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         cc = self.cc
         if cc is None:  # an idle connection must stay silent
             self.close()
+            return
+        if self.tun:
+            cc.tun_down(data)
             return
         self.got_bytes = True
         self.last = _clock()
@@ -406,7 +424,12 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
                     self.msg_done = True
                     break
                 elif ev == EV_INTERIM:
-                    cc.resp_interim(fr.status, fr.reason)
+                    cc.resp_interim(fr.status, self.rh, fr.minor)
+                elif ev == EV_SWITCH:
+                    rest = fr.buf[fr.pos:]
+                    fr.pos = len(fr.buf)
+                    cc.resp_switch(self, rest)
+                    return
                 else:
                     err = fr.error
                     break
@@ -453,6 +476,8 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             self.cc.resume(_P_BACKEND)
 
     def eof_received(self):
+        if self.tun and self.cc is not None:
+            return self.cc.tun_eof(False)
         return False
 
     # -- timers and state -----------------------------------------------------------------
@@ -484,6 +509,13 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
             self.closed = True
             self.tr.abort()
 
+    def close_soft(self) -> None:
+        """Closes once what is buffered for the backend is written (the end of a tunnel)."""
+        self.doubtful = True
+        if self.tr is not None and not self.closed:
+            self.closed = True
+            self.tr.close()
+
 
 class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One client connection: parses its requests and runs one exchange at a time."""
@@ -493,7 +525,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
                  "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
-                 "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver", "queued")
+                 "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver", "queued",
+                 "tunnel", "held", "shut", "skip", "synth", "raw_target", "hi_start", "hi_end")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
@@ -548,6 +581,16 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.fwd: list | None = None  # [Host, forwarded headers] reused by request_head
         self.lver: str | None = None  # version read off the request line (_check_line)
         self.queued = False  # in the listener's write queue (HttpListener.send_all)
+        # upgrades (RFC 9110 7.8): after a 101 the connection is a tunnel to the backend
+        self.tunnel = False
+        self.held: bytes | None = None  # bytes after an upgrade offer, until its answer
+        self.shut = 0  # a tunnel's half-closes: 1 the client's, 2 the backend's
+        self.skip: _Rx | None = None  # an upgrade offer with a body (read as a plain request)
+        self.synth = False  # a stand-in head is being fed to a new parser (_upgrade)
+        # a request target with bytes >= 0x80: as it came (llhttp parses a masked copy)
+        self.raw_target: bytes | None = None
+        self.hi_start = 0
+        self.hi_end = 0  # > 0: the line at data[hi_start:hi_end] has such bytes
 
     # -- transport events -----------------------------------------------------------------
 
@@ -581,10 +624,21 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             bc = self.conn
             self.conn = None
             bc.cc = None
-            bc.close()
+            if self.tunnel:
+                bc.close_soft()  # what the client sent last still goes to the backend
+            else:
+                bc.close()
+        if self.tunnel:
+            self.tunnel = False
+            self.node.metrics.tunnel_close(self.l.name)
+            if self.acquired:  # (counted as a request at the 101: only the backend's use ends)
+                self.acquired = False
+                backend_release(self.b, None)
         self._release(None, False)
 
     def eof_received(self):
+        if self.tunnel:
+            return self.tun_eof(True)
         self.eof = True
         if self.in_head or self.rx is not None:
             return False  # a request cut short can never complete: close (and drop its exchange)
@@ -598,7 +652,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if bc is not None:
             bc.pause_reading()
         if self.wtimer is None:
-            self.wtimer = self.loop.call_later(self.s.t_idle, self._send_timeout)
+            self.wtimer = self.loop.call_later(self.s.t_tunnel if self.tunnel else self.s.t_idle,
+                                               self._send_timeout)
 
     def resume_writing(self) -> None:
         self.wpaused = False
@@ -642,6 +697,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            self.tun_up(data)
+            return
         if self.closed or self.paused & _P_DONE:
             return
         if self.rx is None and (not self.tkind or self.tkind == "idle"):
@@ -651,6 +709,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             # a new request starts at this read: check its request line on the raw bytes
             if not self._check_line(data):
                 return
+            if self.hi_end:
+                data = self._mask_target(data)
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpRequestParser(self)
@@ -709,6 +769,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             sp = 0
             prev = 0
             dbl = False
+            hi = False
             while j < stop:
                 c = data[j]
                 if c == 13:
@@ -719,10 +780,15 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                     sp += 1
                     if prev == 32:
                         dbl = True
+                elif c >= 128:
+                    hi = True
                 prev = c
                 j += 1
             if end < 0:
                 return True
+            if hi:
+                self.hi_start = i
+                self.hi_end = end
             if sp == 2 and not dbl and data[i] != 32 and data[end - 1] != 32:
                 self._note_version(data, end - 8)
                 return True
@@ -730,6 +796,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             end = data.find(b"\r\n", i, lim)
             if end < 0:
                 return True  # incomplete line: llhttp and the length limit judge it
+            if not data.isascii() and not data[i:end].isascii():
+                self.hi_start = i
+                self.hi_end = end
             if data.count(b" ", i, end) == 2 and data[i] != 32 and data[end - 1] != 32 \
                     and data.find(b"  ", i, end) < 0:
                 self._note_version(data, end - 8)
@@ -752,17 +821,68 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             elif minor == 48:  # "0"
                 self.lver = "1.0"
 
+    def _mask_target(self, data: bytes) -> bytes:
+        """The request line at ``data[hi_start:hi_end]`` has bytes >= 0x80 (raw UTF-8, say),
+        which llhttp refuses in a target though they carry no framing risk (nginx forwards
+        them): llhttp is given the line with those bytes as "x" and the request keeps its
+        target as it came (``raw_target``, taken by the next head to complete: this one's).
+        High bytes in the method or version are left for llhttp to refuse."""
+        i = self.hi_start
+        end = self.hi_end
+        self.hi_end = 0
+        sp1 = data.find(b" ", i, end)
+        sp2 = data.rfind(b" ", i, end)
+        if sp1 < 0 or sp2 <= sp1:
+            return data
+        target = data[sp1 + 1:sp2]
+        if target.isascii() or not data[i:sp1].isascii() or not data[sp2:end].isascii():
+            return data
+        self.raw_target = target
+        return data[:sp1 + 1] + target.translate(_MASK_HIGH) + data[sp2:]
+
     def _upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after a request with ``Connection: upgrade`` and ``Upgrade``."""
+        rest = data[offset:]
+        skip = self.skip
+        if skip is not None:
+            # An upgrade offer on a request with a body is an ordinary request (RFC 9110 7.8:
+            # a server may ignore Upgrade); llhttp skipped its body, so a new parser reads it,
+            # primed with a stand-in head of the same framing (its callbacks are ignored).
+            self.skip = None
+            req = skip.req
+            parser = self.parser = httptools.HttpRequestParser(self)
+            self.synth = True
+            if req.chunked:
+                head = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            else:
+                head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (
+                    req.content_length or 0)
+            try:
+                parser.feed_data(head)
+            finally:
+                self.synth = False
+            if self.cur is None and self.queue:
+                self._start(self.queue[0])
+            if rest and not self.closed:
+                self.data_received(rest)
+            return
         rx = self.queue[-1] if self.queue else None
-        if rx is None or not rx.complete or rx.req.has_body:
-            # llhttp skipped the body of an upgrade request: it must never be sent on
+        if rx is None or not rx.complete:
             if rx is not None and rx is not self.cur:
                 self.queue.pop()
-            self._refuse(HttpError(501, "protocol upgrade is not supported"))
+            self._refuse(HttpError(400, "malformed upgrade request"))
             return
-        # an upgrade offer (h2c, websocket) on a body-less request: served as plain HTTP/1.1
-        # (Upgrade and the Connection tokens are hop-by-hop and never forwarded), reading on.
-        rest = data[offset:]
+        if rx.req.upgrade:
+            # an offer halb carries: what follows is either the new protocol's first bytes or,
+            # if the backend declines, the next request; held (one read at most, reading
+            # paused) until the answer says which
+            self.held = rest
+            self.pause(_P_UPG)
+            if self.cur is None and self.queue:
+                self._start(self.queue[0])
+            return
+        # an offer halb does not carry (h2c, HTTP/1.0): served as plain HTTP/1.1 (Upgrade and
+        # the Connection tokens are hop-by-hop and not forwarded), reading on
         if self.cur is None and self.queue:
             self._start(self.queue[0])
         if rest and not self.closed:
@@ -771,6 +891,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     # -- parser callbacks (request) -------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.synth:
+            return
         self.in_head = True
         self.url = b""
         self.hdrs = []
@@ -778,11 +900,15 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.raw_head = 0
 
     def on_url(self, url: bytes) -> None:
+        if self.synth:
+            return
         self.url += url
         if len(self.url) > self.s.max_line:
             raise HttpError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.synth:
+            return
         hs = self.hdrs
         if hs is None:  # trailers (the head's list went to its Request)
             hs = self.hdrs = []
@@ -795,6 +921,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             raise HttpError(431, "header fields too large")
 
     def on_headers_complete(self) -> None:
+        if self.synth:
+            return
         self.in_head = False
         if len(self.queue) >= MAX_PIPELINE:
             raise HttpError(400, "too many pipelined requests")
@@ -804,7 +932,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             version = p.get_http_version()
         else:
             self.lver = None
-        req = check_request(p.get_method(), self.url, version, self.hdrs)
+        url = self.url
+        if self.raw_target is not None:
+            url = self.raw_target
+            self.raw_target = None
+        req = check_request(p.get_method(), url, version, self.hdrs)
         self.hdrs = None
         keep = p.should_keep_alive() and b"close" not in req.conn_tokens
         rx = _Rx(req, keep)
@@ -813,6 +945,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if req.has_body:
             self.rx = rx
             self._arm("body", self.s.t_body)
+            if p.should_upgrade():
+                self.skip = rx  # llhttp will skip this body and stop (see _upgrade)
         else:
             self.rx = None
             self._cancel_timer()
@@ -846,17 +980,20 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
 
     def on_message_complete(self) -> None:
         rx = self.queue[-1] if self.queue else None
-        if rx is None:
+        if rx is None or rx is self.skip:
             return
         rx.complete = True
-        self.hdrs = []  # trailers are dropped
         if rx.req.chunked:
+            last = b"0\r\n\r\n"
+            if self.hdrs:  # trailers: forwarded, less those that must not be trailers
+                last = b"0\r\n" + trailer_lines(self.hdrs) + b"\r\n"
             if rx.replay is not None:
-                rx.replay.append(b"0\r\n\r\n")
+                rx.replay.append(last)
             if rx is self.cur and self.conn is not None:
-                self.up.append(b"0\r\n\r\n")
+                self.up.append(last)
             else:
-                rx.body.append(b"0\r\n\r\n")
+                rx.body.append(last)
+        self.hdrs = []
         if rx is self.cur and self.conn is not None:
             self.sent_all = True
         if self.rx is rx:
@@ -886,6 +1023,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if kind == "idle":
             self.tkind = ""
             self.close()
+            return
+        if kind == "tunnel":
+            self.tkind = ""
+            log.debug("tunnel_timeout", listener=self.l.name, client=self.client_ip)
+            self.tun_end("timeout")
             return
         if self.paused & ~_P_DONE:  # we stopped reading, not the client: wait on
             self._arm(kind, self.s.t_header if kind == "head" else self.s.t_body)
@@ -975,7 +1117,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
 
     def shutdown(self) -> None:
         """Listener stop: idle connections close now, busy ones after their answer."""
-        if self.cur is None and not self.queue:
+        if self.tunnel:
+            self.tun_end("stopping")
+        elif self.cur is None and not self.queue:
             self.close()
         else:
             self.resp_close = True
@@ -1103,7 +1247,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.status = 0
         bc.got_bytes = False
         req = rx.req
-        bc.fr.start(req.method == b"HEAD")  # the response head is due from now on
+        bc.fr.start(req.method == b"HEAD", len(req.upgrade) > 0)  # the response head is due
         bc.close_delimited = False
         bc.doubtful = False
         if self.wpaused:  # the client still has not taken the previous answer
@@ -1116,7 +1260,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             fwd = self.fwd = [None, b""]  # this connection's forwarded headers, by Host
         head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
                             "" if req.host else
-                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd)
+                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd,
+                            self.s.via11 if req.version == "1.1" else self.s.via10)
         bc.out.append(head)
         if rx.body:
             bc.out += rx.body
@@ -1137,9 +1282,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
 
     # -- responses (called by BackendConn) ------------------------------------------------
 
-    def resp_interim(self, status: int, reason: bytes) -> None:
+    def resp_interim(self, status: int, rh: ResponseHead, minor: int) -> None:
+        """A 1xx other than 101 (100 Continue, 103 Early Hints...): forwarded with its fields
+        to an HTTP/1.1 client (an HTTP/1.0 one gets none, RFC 9110 15.2)."""
         if self.cur is not None and self.cur.req.version == "1.1" and not self.closed:
-            self.out.append(b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason or b"Continue"))
+            self.out.append(rh.build(status, None, False, False, None, False,
+                                     self.s.via11 if minor == 1 else self.s.via10))
 
     def resp_head(self, bc: BackendConn, status: int, rh: ResponseHead) -> tuple[bool, bool]:
         """Sends the response head on (its status line as the framer read it); returns
@@ -1177,7 +1325,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
         if not self.closed:
             self.out.append(rh.build(status, None, chunk, close, set_cookie,
-                                     not close and req.version == "1.0"))
+                                     not close and req.version == "1.0",
+                                     self.s.via11 if bc.fr.minor == 1 else self.s.via10))
         return head_only, close_delim
 
     def _record_sticky(self, mode: str, pool, b) -> None:
@@ -1217,7 +1366,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.closed:
             return
         if self.resp_chunk:
-            self.put(b"0\r\n\r\n")
+            tl = bc.fr.trailers
+            self.put(b"0\r\n" + trailer_lines(None, tl) + b"\r\n" if tl else b"0\r\n\r\n")
         self._next()
 
     def _next(self) -> None:
@@ -1243,6 +1393,14 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._arm("head", self.s.t_header)
         elif self.rx is None and not self.closed:
             self._arm("idle", self.s.t_idle)
+        if self.paused & _P_UPG and rx is not None and rx.req.upgrade:
+            # the backend declined the upgrade (or none could answer): the bytes held after
+            # the offer are the next request
+            held = self.held
+            self.held = None
+            self.resume(_P_UPG)
+            if held and not self.closed:
+                self.data_received(held)
 
     def backend_failed(self, bc: BackendConn, kind: str) -> None:
         """The backend connection failed (closed, protocol error, timeout) mid-exchange."""
@@ -1294,3 +1452,93 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.put(error_response(err.status, err.reason, close=not keep))
         self.resp_close = not keep
         self._next()
+
+    # -- tunnels (after a 101) ------------------------------------------------------------
+
+    def resp_switch(self, bc: BackendConn, rest: bytes) -> None:
+        """The backend accepted the upgrade offer (101): the 101 goes to the client, then the
+        connection is a tunnel, bytes relayed both ways as they come (with backpressure:
+        a full write buffer on one side pauses reading on the other), idle for at most the
+        listener's ``timeouts.tunnel``. ``rest``: the new protocol's first bytes."""
+        rx = self.cur
+        b = self.b
+        self.status = 101
+        self.resp_started = True
+        self.tunnel = True
+        bc.tun = True
+        rh = bc.rh
+        extra = b"Connection: upgrade\r\nUpgrade: " + rh.upgrade + b"\r\n" + (
+            self.s.via11 if bc.fr.minor == 1 else self.s.via10)
+        self.out.append(rh.build(101, None, False, False, None, False, extra))
+        if rest:
+            self.out.append(rest)
+        self.flush()
+        rt = _clock() - self.t0
+        # the exchange counts as a request now; the backend stays in use (leastconn) until
+        # the tunnel ends (_release then)
+        record(self.s.bk, self.s.metrics, b, rt, False)
+        if self.pool.sticky_mode != "none":
+            self._record_sticky(self.pool.sticky_mode, self.pool, b)
+        proto = rh.upgrade.split(b",")[0].strip().lower()
+        self.node.metrics.tunnel_open(self.l.name,
+                                      "websocket" if proto == b"websocket" else "other")
+        log.debug("tunnel_open", listener=self.l.name, client=self.client_ip,
+                  backend=b.name, upgrade=rh.upgrade.decode("latin-1"))
+        held = self.held
+        self.held = None
+        if held:
+            bc.out.append(held)
+            bc.queue()
+        if rx is not None and self.queue and self.queue[0] is rx:
+            del self.queue[0]
+        self._arm("tunnel", self.s.t_tunnel)
+        self.paused &= ~_P_PIPE
+        self.resume(_P_UPG)
+
+    def tun_up(self, data: bytes) -> None:
+        """Client bytes in a tunnel."""
+        bc = self.conn
+        if bc is None or bc.closed:
+            return
+        bc.tr.write(data)
+        self.deadline = _clock() + self.s.t_tunnel
+
+    def tun_down(self, data: bytes) -> None:
+        """Backend bytes in a tunnel."""
+        if self.closed:
+            return
+        if self.queued:
+            self.send_now()  # the 101 and what came with it go first
+        self.tr.write(data)
+        self.deadline = _clock() + self.s.t_tunnel
+
+    def tun_eof(self, from_client: bool):
+        """One side of a tunnel finished sending: the half-close is passed on (TCP); once
+        both have, or where the other side cannot half-close (TLS), both close after what is
+        buffered is written. The return value is ``eof_received``'s."""
+        self.shut |= 1 if from_client else 2
+        bc = self.conn
+        if self.shut == 3 or bc is None or bc.closed:
+            self.tun_end("closed")
+            return False
+        other = bc.tr if from_client else self.tr
+        if self.queued and not from_client:
+            self.send_now()
+        if other.can_write_eof():
+            other.write_eof()
+            return True
+        self.tun_end("closed")
+        return False
+
+    def tun_end(self, why: str) -> None:
+        """The tunnel is over (closed, timeout, backend gone, listener stopping): both sides
+        close once what is buffered is written."""
+        if not self.tunnel:
+            return
+        bc = self.conn
+        self.conn = None
+        if bc is not None:
+            bc.cc = None
+            bc.close_soft()
+        log.debug("tunnel_closed", listener=self.l.name, client=self.client_ip, reason=why)
+        self.close()

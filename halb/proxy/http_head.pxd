@@ -52,6 +52,8 @@ cdef class Request:
     cdef public bint chunked, has_body
     cdef public frozenset conn_tokens
     cdef public object _map
+    cdef public bytes upgrade
+    cdef public frozenset ws_names
     cpdef list values(self, bytes lname)
 
 
@@ -76,7 +78,7 @@ cdef int _kind(bytes n, bint any_len, frozenset drop) except -1
                method=bytes, target=bytes, te=bytes, host_line=bytes, tail=bytes, out=bytes,
                headers=list)
 cpdef bytes request_head(Request req, str client_ip, str proto, bint forwarded,
-                         str default_host=*, list cache=*)
+                         str default_host=*, list cache=*, bytes via=*)
 
 
 cdef class ResponseHead:
@@ -84,7 +86,7 @@ cdef class ResponseHead:
     cdef public object content_length
     cdef public bint chunked, conn_extra, cl_bad, has_te
     cdef public Py_ssize_t nbytes, max_headers, max_bytes
-    cdef public bytes sline
+    cdef public bytes sline, upgrade
     cpdef reset(self)
     cpdef take(self, bytes block)
     @cython.locals(pos=Py_ssize_t, run=Py_ssize_t, count=Py_ssize_t,
@@ -92,11 +94,11 @@ cdef class ResponseHead:
                    vs=Py_ssize_t, ve=Py_ssize_t, k=Py_ssize_t, d=int, cl=Py_ssize_t)
     cpdef take_range(self, bytes block, Py_ssize_t start, Py_ssize_t n)
     cpdef bytes build(self, int status, bytes reason, bint chunk, bint close,
-                      object set_cookie=*, bint keep_alive=*)
+                      object set_cookie=*, bint keep_alive=*, bytes lines=*)
 
 cdef bytes _TCHAR, _FCHAR, _HEXVAL
 cdef Py_ssize_t CHUNK_LINE_MAX
-cdef int EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR
+cdef int EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR, EV_SWITCH
 cdef int _F_HEAD, _F_LEN, _F_CSIZE, _F_CDATA, _F_CEND, _F_TRAIL, _F_EOF, _F_DONE
 
 
@@ -106,9 +108,10 @@ cdef class ResponseFramer:
     cdef public str error
     cdef public Py_ssize_t pos, max_head, tbytes
     cdef public long long left
-    cdef public int state, status
-    cdef public bint keep, head_req
-    cpdef start(self, bint head_req)
+    cdef public int state, status, minor
+    cdef public bint keep, head_req, upgrade
+    cdef public object trailers
+    cpdef start(self, bint head_req, bint upgrade=*)
     cpdef feed(self, bytes data)
     cdef int _fail(self, str why) except -1
     cdef int _wait(self, Py_ssize_t have) except -1

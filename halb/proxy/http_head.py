@@ -103,7 +103,7 @@ class Request:
     """A checked request head (built by ``check_request``)."""
 
     __slots__ = ("method", "target", "version", "headers", "host", "path", "content_length",
-                 "chunked", "has_body", "conn_tokens", "_map")
+                 "chunked", "has_body", "conn_tokens", "_map", "upgrade", "ws_names")
 
     def __init__(self, method: bytes, target: bytes, version: str,
                  headers: list[tuple[bytes, bytes]], host: str = "", path: str = "/",
@@ -166,6 +166,8 @@ def _fill(r: Request, method: bytes, target: bytes, version: str,
     r.has_body = chunked or bool(content_length)
     r.conn_tokens = conn_tokens  # Connection header tokens, lower case
     r._map = None
+    r.upgrade = b""  # a usable upgrade offer: the Upgrade value forwarded (check_request)
+    r.ws_names = _NO_TOKENS  # Sec-WebSocket-* names present (lower case)
 
 
 def parse_cookies(values) -> dict[str, str]:
@@ -250,6 +252,20 @@ _last_path = [None, ""]  # the last request target and its path (check_request)
 _NO_TOKENS: frozenset = frozenset()
 
 
+def upgrade_offer(values: list[bytes], conn: list[bytes] | None, version: str,
+                  has_body: bool) -> bytes:
+    """The Upgrade value halb forwards for a request's upgrade offer (RFC 9110 7.8), or b"" if
+    the offer is not one halb carries: it needs HTTP/1.1, ``upgrade`` among the Connection
+    tokens and no body (an offer on a request with a body is forwarded as an ordinary request,
+    Upgrade being hop-by-hop); ``h2c`` is taken out of the list (HTTP/2 is not tunnelled: halb
+    routes each request)."""
+    if version != "1.1" or not conn or b"upgrade" not in conn or has_body:
+        return b""
+    keep = [t.strip() for v in values for t in v.split(b",")]
+    keep = [t for t in keep if t and not t.lower().startswith(b"h2c")]
+    return b", ".join(keep)
+
+
 def check_request(method: bytes, target: bytes, version: str,
                   headers: list[tuple[bytes, bytes]]) -> Request:
     """Applies the checks llhttp leaves to us; returns the ``Request`` or raises ``HttpError``.
@@ -272,6 +288,8 @@ def check_request(method: bytes, target: bytes, version: str,
     te_vals: list[bytes] | None = None
     cl: bytes | None = None
     conn: list[bytes] | None = None
+    upg: list[bytes] | None = None
+    ws: list[bytes] | None = None
     for n, v in headers:
         ln = len(n)
         if ln == 4 and _is(n, b"host"):
@@ -288,9 +306,18 @@ def check_request(method: bytes, target: bytes, version: str,
             if conn is None:
                 conn = []
             conn.extend(_split_tokens(v))
-        elif ln >= 13 and _framing_lookalike(n):
-            raise HttpError(400, f"header {n.decode('latin-1')!r} imitates Content-Length or "
-                                 f"Transfer-Encoding")
+        elif ln == 7 and _is(n, b"upgrade"):
+            if upg is None:
+                upg = []
+            upg.append(v)
+        elif ln >= 13:
+            if _framing_lookalike(n):
+                raise HttpError(400, f"header {n.decode('latin-1')!r} imitates Content-Length "
+                                     f"or Transfer-Encoding")
+            if ln >= 15 and (n[0] | 0x20) == 115 and _is_at(n, 0, b"sec-websocket-"):
+                if ws is None:
+                    ws = []
+                ws.append(n.lower())
     if host is None and version == "1.1":
         raise HttpError(400, "missing Host header")
     host_text = ""
@@ -357,6 +384,10 @@ def check_request(method: bytes, target: bytes, version: str,
     r = Request.__new__(Request)  # as Request(...), without its argument parsing
     _fill(r, method, target, version, headers, host_text, path, length, chunked,
           frozenset(conn) if conn else _NO_TOKENS)
+    if upg is not None:
+        r.upgrade = upgrade_offer(upg, conn, version, r.has_body)
+    if ws is not None:
+        r.ws_names = frozenset(ws)
     return r
 
 
@@ -392,13 +423,17 @@ def forwarded_element(client_ip: str, proto: str, host: str) -> str:
 
 
 def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
-                 default_host: str = "", cache: list | None = None) -> bytes:
+                 default_host: str = "", cache: list | None = None, via: bytes = b"") -> bytes:
     """The head sent to the backend (always HTTP/1.1, keep-alive).
 
     Drops hop-by-hop headers and those named in Connection; keeps Content-Length, re-adds
     ``Transfer-Encoding: chunked`` for chunked bodies (re-encoded by the proxy). With
     ``forwarded``: ``X-Forwarded-For`` gets the client appended to what came in (one header),
     ``X-Forwarded-Proto`` is replaced, and an RFC 7239 ``Forwarded`` element is appended.
+    ``via``: header lines added as they are (the listener's ``Via: 1.1 halb``), after the
+    request's own (a Via line after the others appends to the list, RFC 9110 7.6.3).
+    An upgrade offer halb carries (``req.upgrade``) goes on as ``Connection: upgrade`` and its
+    ``Upgrade``; ``Sec-WebSocket-*`` headers go only with such an offer.
 
     ``cache`` (a connection's ``[host, tail]``) keeps the forwarded headers built for a request
     that brought none of its own: the next request on the connection with the same Host reuses
@@ -411,6 +446,9 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
         if extra:
             drop = drop | extra
             any_len = True
+    if req.ws_names and not req.upgrade:  # WebSocket headers without the offer they belong to
+        drop = drop | req.ws_names
+        any_len = True
     xff: list[bytes] | None = None  # incoming X-Forwarded-For / Forwarded values, if any
     fwd: list[bytes] | None = None
     size = 0  # of the header lines sent on
@@ -452,6 +490,10 @@ def request_head(req: Request, client_ip: str, proto: str, forwarded: bool,
                 cache[0] = req.host
                 cache[1] = tail
     te = _TE_LINE if req.chunked else b""
+    if req.upgrade:
+        te = te + b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
+    if via:
+        te = te + via
     method = req.method
     target = req.target
     if cython.compiled:  # the head written into one bytes object of the size counted above
@@ -521,7 +563,7 @@ class ResponseHead:
     """
 
     __slots__ = ("parts", "headers", "content_length", "chunked", "conn_tokens", "conn_extra",
-                 "nbytes", "max_headers", "max_bytes", "sline", "cl_bad", "has_te")
+                 "nbytes", "max_headers", "max_bytes", "sline", "cl_bad", "has_te", "upgrade")
 
     def __init__(self, max_headers: int = 256, max_bytes: int = 65536):
         self.max_headers = max_headers
@@ -545,6 +587,7 @@ class ResponseHead:
         self.nbytes = 0
         self.cl_bad = False  # a Content-Length not all digits, or two that differ
         self.has_te = False  # a Transfer-Encoding header, whatever its codings
+        self.upgrade = b""  # the Upgrade value (a 101's protocol), which is hop-by-hop
 
     @cython.boundscheck(False)
     @cython.wraparound(False)
@@ -621,6 +664,8 @@ class ResponseHead:
                     toks = _split_tokens(block[vs:ve])  # (no negative index: see the decorators)
                     self.chunked = len(toks) > 0 and toks[len(toks) - 1] == b"chunked"
                     self.has_te = True
+                elif ln == 7 and _is_at(block, pos, b"upgrade"):
+                    self.upgrade = block[vs:ve]
                 elif block[pos:colon].lower() not in _RESP_SPECIAL:
                     drop = False
                 if drop:
@@ -673,6 +718,9 @@ class ResponseHead:
                 self.chunked = _split_tokens(value)[-1:] == [b"chunked"]
                 self.has_te = True
                 return
+            if n == 7 and _is(name, b"upgrade"):
+                self.upgrade = value.strip()
+                return
             if name.lower() in _RESP_SPECIAL:  # the other hop-by-hop headers
                 return
         parts.append(name)
@@ -681,10 +729,12 @@ class ResponseHead:
         parts.append(b"\r\n")
 
     def build(self, status: int, reason: bytes | None, chunk: bool, close: bool,
-              set_cookie: bytes | None = None, keep_alive: bool = False) -> bytes:
+              set_cookie: bytes | None = None, keep_alive: bool = False,
+              lines: bytes = b"") -> bytes:
         """The head for the client: ``chunk`` adds ``Transfer-Encoding: chunked`` (the proxy
         re-encodes the body), ``close`` adds ``Connection: close``, ``keep_alive`` adds
-        ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``.
+        ``Connection: keep-alive`` (HTTP/1.0 clients), ``set_cookie`` one ``Set-Cookie``,
+        ``lines``: header lines added as they are (Via; a 101's Connection and Upgrade).
         ``reason`` None: the status line ``ResponseFramer`` read into ``sline`` (status and
         reason as the backend sent them, on HTTP/1.1)."""
         parts = self.parts
@@ -709,6 +759,8 @@ class ResponseHead:
             out.append(b"Connection: close\r\n")
         elif keep_alive:
             out.append(b"Connection: keep-alive\r\n")
+        if lines:
+            out.append(lines)
         out.append(b"\r\n")
         return b"".join(out)
 
@@ -725,7 +777,7 @@ _HEXVAL = bytes(c - 48 if 48 <= c <= 57 else c - 87 if 97 <= c <= 102 else c - 5
 CHUNK_LINE_MAX = 4096  # a chunk-size line with its extensions
 
 # what ResponseFramer.next() found
-EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR = 0, 1, 2, 3, 4, 5
+EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR, EV_SWITCH = 0, 1, 2, 3, 4, 5, 6
 # where it is in a response
 _F_HEAD, _F_LEN, _F_CSIZE, _F_CDATA, _F_CEND, _F_TRAIL, _F_EOF, _F_DONE = 0, 1, 2, 3, 4, 5, 6, 7
 
@@ -735,7 +787,8 @@ class FR:
     """ResponseFramer's events and two of its states as Python attributes, for Python callers
     (compiled, the EV_* and _F_* names are C constants that only cimporting modules see)."""
 
-    NEED, INTERIM, HEAD, BODY, DONE, ERROR = EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY, EV_DONE, EV_ERROR
+    NEED, INTERIM, HEAD, BODY, DONE, ERROR, SWITCH = (EV_NEED, EV_INTERIM, EV_HEAD, EV_BODY,
+                                                      EV_DONE, EV_ERROR, EV_SWITCH)
     S_EOF, S_DONE = _F_EOF, _F_DONE
 
 
@@ -752,19 +805,23 @@ class ResponseFramer:
     Content-Length and Transfer-Encoding, a Content-Length not all digits or two that differ,
     a bad chunk size or a chunk not followed by CR LF are errors (``error`` says which): the
     proxy answers 502 (or cuts a response already started) and drops the connection. Interim
-    (1xx) responses come out as ``EV_INTERIM`` before the final one; 101 is an error (halb does
-    not switch protocols). Every wait for bytes is bounded: ``max_head`` for a head or the
-    trailers, ``CHUNK_LINE_MAX`` for a chunk-size line.
+    (1xx) responses come out as ``EV_INTERIM`` before the final one, their fields in ``rh``;
+    101 comes out as ``EV_SWITCH`` (its head in ``rh``, the other protocol's first bytes at
+    ``buf[pos:]``) when ``start`` was told the request offered an upgrade, and is an error
+    otherwise. A chunked body's trailer lines are kept in ``trailers`` (checked like header
+    lines; None when there were none). Every wait for bytes is bounded: ``max_head`` for a head
+    or the trailers, ``CHUNK_LINE_MAX`` for a chunk-size line.
 
     After ``EV_HEAD``: ``status``, ``keep`` (the connection may carry another exchange when this
     one ends: HTTP/1.1 without ``Connection: close``, HTTP/1.0 with ``keep-alive``, and the body
     not delimited by the close) and ``rh`` (the head, see ``ResponseHead``). After ``EV_BODY``:
     ``piece``, body bytes as they came (chunked framing removed). After ``EV_DONE``: bytes
     beyond the response, if any, are at ``buf[pos:]`` (a backend sending what nobody asked for).
+    ``minor``: the HTTP minor version of the last head (for Via).
     """
 
     __slots__ = ("rh", "buf", "pos", "state", "left", "status", "keep", "head_req", "piece",
-                 "error", "reason", "max_head", "tbytes")
+                 "error", "reason", "max_head", "tbytes", "minor", "upgrade", "trailers")
 
     def __init__(self, rh: ResponseHead, max_head: int):
         self.rh = rh
@@ -780,14 +837,21 @@ class ResponseFramer:
         self.error = ""
         self.reason = b""
         self.tbytes = 0
+        self.minor = 1
+        self.upgrade = False
+        self.trailers: list[bytes] | None = None
 
-    def start(self, head_req: bool) -> None:
-        """A new exchange: the next bytes are the response to it (``head_req``: to a HEAD)."""
+    def start(self, head_req: bool, upgrade: bool = False) -> None:
+        """A new exchange: the next bytes are the response to it (``head_req``: to a HEAD;
+        ``upgrade``: the request offered an upgrade, so a 101 may switch protocols)."""
         self.state = _F_HEAD
         self.buf = b""
         self.pos = 0
         self.head_req = head_req
+        self.upgrade = upgrade
         self.error = ""
+        if self.trailers is not None:
+            self.trailers = None
 
     def feed(self, data: bytes) -> None:
         if self.pos < len(self.buf):  # an unfinished head or chunk line waits in buf
@@ -910,6 +974,7 @@ class ResponseFramer:
         if size == 0:
             self.state = _F_TRAIL
             self.tbytes = 0
+            self.trailers = None
         else:
             self.state = _F_CDATA
             self.left = size
@@ -926,8 +991,9 @@ class ResponseFramer:
     @cython.boundscheck(False)
     @cython.wraparound(False)
     def _trailer_line(self, buf: bytes, pos: int, n: int) -> int:
-        """One line of the trailer section (checked like a header line, then dropped) or its
-        final empty line: 1 when taken, 0 when incomplete, -1 (error set) when malformed."""
+        """One line of the trailer section (checked like a header line, kept in ``trailers``)
+        or its final empty line: 1 when taken, 0 when incomplete, -1 (error set) when
+        malformed."""
         if pos + 2 > n:
             if pos < n and buf[pos] == 10:
                 self._fail("bare LF in trailers")
@@ -953,6 +1019,9 @@ class ResponseFramer:
         if self.tbytes > self.max_head:
             self._fail("trailer section too large")
             return -1
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append(buf[pos:end + 2])
         self.pos = end + 2
         return 1
 
@@ -1011,12 +1080,23 @@ class ResponseFramer:
             return self._fail("response head too large")
         self.pos = hend
         self.status = status
-        if status < 200:
-            if status == 101:
-                return self._fail("backend switched protocols")
-            self.reason = _reason(buf, pos, end)
-            return EV_INTERIM  # the final response follows (state stays _F_HEAD)
+        self.minor = minor
         rh = self.rh
+        if status < 200:
+            if status == 101 and not self.upgrade:
+                return self._fail("backend switched protocols without an upgrade offer")
+            self.reason = _reason(buf, pos, end)
+            try:
+                rh.take_range(buf, hs, i)  # the interim response's fields (103's Link...)
+            except HttpError as err:
+                return self._fail(err.reason)
+            rh.sline = _sline(buf, pos, end)
+            if status == 101:
+                if not rh.upgrade:
+                    return self._fail("101 without Upgrade")
+                self.state = _F_DONE  # the rest is the other protocol's (buf[pos:])
+                return EV_SWITCH
+            return EV_INTERIM  # the final response follows (state stays _F_HEAD)
         try:
             rh.take_range(buf, hs, i)
         except HttpError as err:
@@ -1155,6 +1235,32 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     for n, v in headers:
         rh.add(n, v)
     return rh.build(status, reason, chunk, close, set_cookie, keep_alive)
+
+
+# fields that never go on in a trailer section: framing, routing, hop-by-hop (RFC 9110 6.5.1)
+_NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type",
+                                 b"content-encoding", b"content-range", b"authorization",
+                                 b"set-cookie", b"cookie", b"cache-control", b"expect"}
+
+
+def trailer_lines(pairs: list[tuple[bytes, bytes]] | None = None,
+                  lines: list[bytes] | None = None) -> bytes:
+    """The trailer section halb forwards after a chunked body's last chunk: from parsed
+    ``pairs`` (a request's, from llhttp) or from checked raw ``lines`` (a response's, from
+    ResponseFramer), without the fields that must not be trailers (framing, routing,
+    authentication, hop-by-hop, and names that imitate the framing ones)."""
+    out = []
+    if pairs:
+        for n, v in pairs:
+            ln = n.lower()
+            if ln not in _NOT_IN_TRAILERS and not _framing_lookalike(n):
+                out.append(b"%b: %b\r\n" % (n, v))
+    if lines:
+        for line in lines:
+            n = line.split(b":", 1)[0]
+            if n.lower() not in _NOT_IN_TRAILERS and not _framing_lookalike(n):
+                out.append(line)
+    return b"".join(out)
 
 
 def sticky_cookie(name: str, backend: str) -> bytes:

@@ -289,7 +289,7 @@ pool = "p"
             r, w = await asyncio.open_connection("127.0.0.1", port)
             w.write(b"PUT /interim HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
             first = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
-            assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+            assert first == b"HTTP/1.1 100 Continue\r\nVia: 1.1 halb\r\n\r\n"
             w.write(b"data")
             head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 201 ")

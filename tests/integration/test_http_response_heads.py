@@ -61,12 +61,12 @@ def test_response_head_in_pieces(tmp_path, prefix, step):
         raw = await raw_request(port)
         head, _, body = raw.partition(b"\r\n\r\n")
         if prefix.startswith(b"HTTP/1.1 100"):  # the interim answer is passed on first
-            assert head == b"HTTP/1.1 100 Continue"
+            assert head == b"HTTP/1.1 100 Continue\r\nVia: 1.1 halb"
             head, _, body = body.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         assert lines[0] == b"HTTP/1.1 200 OK"
         names = [ln.split(b":")[0].lower() for ln in lines[1:]]
-        assert names == [b"server", b"content-type", b"content-length", b"connection"]
+        assert names == [b"server", b"content-type", b"content-length", b"connection", b"via"]
         assert b"Connection: close" in lines  # ours; the backend's hop-by-hop lines are gone
         assert body == b"hello world"
     asyncio.run(with_node(tmp_path, Dribbler(prefix + HEAD, step), go))

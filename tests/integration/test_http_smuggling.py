@@ -165,8 +165,6 @@ CORPUS: dict[str, tuple[bytes, tuple[int, ...]]] = {
     "absolute_form_host_mismatch": (b"GET http://b.test/g HTTP/1.1\r\n" + H + b"\r\n", (400,)),
     "absolute_form_userinfo": (b"GET http://u@a.test/g HTTP/1.1\r\n" + H + b"\r\n", (400,)),
     "connect_method": (b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", (400, 501)),
-    "upgrade_with_body": (POST + b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
-                          b"Content-Length: 3\r\n\r\nabc", (501,)),
     # limits (listener: max_headers 20, max_header_bytes 2048, max_request_line 1024)
     "too_many_headers": (GET + b"".join(b"X-%d: v\r\n" % i for i in range(25)) + b"\r\n", (431,)),
     "header_too_large": (GET + b"X-Big: " + b"v" * 3000 + b"\r\n\r\n", (431,)),

@@ -163,6 +163,11 @@ BAD = [
      ["listeners[0].routes: routes need mode = \"http\" (mode is 'tcp')"]),
     ("relay-on-http", BASE.replace('mode = "http"', 'mode = "http"\nrelay = "splice"'),
      ["listeners[0].relay: relay needs mode = \"tcp\" (mode is 'http')"]),
+    ("via-on-tcp", BASE.replace('mode = "http"', 'mode = "tcp"\nvia = "edge"'),
+     ["listeners[0].via: via needs mode = \"http\" (mode is 'tcp')"]),
+    ("bad-via", BASE.replace('mode = "http"', 'mode = "http"\nvia = "two words"'),
+     ["listeners[0].via: must be a token (letters, digits, -._~ and the like, at most 64), "
+      "or \"\" for no Via; got 'two words'"]),
     ("bad-relay", BASE.replace('mode = "http"', 'mode = "tcp"\nrelay = "sendfile"'),
      ["listeners[0].relay: unknown value 'sendfile' (expected one of: auto, splice, copy)"]),
     ("missing-node", BASE.replace('[node]\nname = "lb1"\n', ''), ["node: is required"]),

@@ -219,3 +219,62 @@ def test_large_bodies_stream_in_pieces():
         b"%x\r\n%b\r\n" % (len(body[i:i + 70000]), body[i:i + 70000])
         for i in range(0, len(body), 70000)) + b"0\r\n\r\n"
     assert frame(chunked, 65536) == [(200, body, True)]
+
+
+def _events(fr: ResponseFramer, raw: bytes, step: int) -> list:
+    out = []
+    for i in range(0, len(raw), step):
+        fr.feed(raw[i:i + step])
+        while True:
+            ev = fr.next()
+            if ev == FR.NEED:
+                break
+            out.append(ev)
+            if ev in (FR.DONE, FR.ERROR, FR.SWITCH):
+                return out
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 5, 10 ** 6])
+def test_interim_responses_keep_their_fields(step):
+    fr = ResponseFramer(ResponseHead(), 65536)
+    fr.start(False)
+    raw = (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x\r\n\r\n"
+           b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    fr.feed(raw[:raw.index(b"HTTP/1.1 200")])
+    assert fr.next() == FR.INTERIM
+    head = fr.rh.build(fr.status, None, False, False, None, False, b"Via: 1.1 halb\r\n")
+    assert head == (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                    b"Via: 1.1 halb\r\n\r\n")
+    assert _events(fr, raw[raw.index(b"HTTP/1.1 200"):], step) == [FR.HEAD, FR.DONE]
+
+
+@pytest.mark.parametrize("step", [1, 3, 10 ** 6])
+def test_101_switches_only_after_an_offer(step):
+    raw = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi")
+    fr = ResponseFramer(ResponseHead(), 65536)
+    fr.start(False, True)
+    assert _events(fr, raw, step)[-1] == FR.SWITCH
+    assert fr.rh.upgrade == b"websocket"
+    head = fr.rh.build(101, None, False, False)
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+    assert b"Upgrade" not in head and b"Connection" not in head  # hop-by-hop: the proxy adds
+    if step == 10 ** 6:
+        assert fr.buf[fr.pos:] == b"\x81\x02hi"  # the new protocol's first bytes
+    fr.start(False)  # no offer: a 101 is refused
+    assert _events(fr, raw, step)[-1] == FR.ERROR and "upgrade" in fr.error
+    fr.start(False, True)  # a 101 that names no protocol is refused too
+    assert _events(fr, b"HTTP/1.1 101 Switching Protocols\r\n\r\n", step)[-1] == FR.ERROR
+
+
+@pytest.mark.parametrize("step", [1, 4, 10 ** 6])
+def test_trailer_lines_are_kept(step):
+    fr = ResponseFramer(ResponseHead(), 65536)
+    fr.start(False)
+    assert _events(fr, GOOD["chunked-trailers"], step)[-1] == FR.DONE
+    assert fr.trailers == [b"X-Sum: 1\r\n", b"X-Other: 2\r\n"]
+    fr.start(False)
+    assert fr.trailers is None
+    assert _events(fr, GOOD["chunked"], step)[-1] == FR.DONE
+    assert fr.trailers is None

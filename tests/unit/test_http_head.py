@@ -221,3 +221,52 @@ def test_error_response_is_complete_and_closes():
     assert f"Content-Length: {len(body)}".encode() in head
     assert b"too many header fields" in body
     assert b"Connection" not in error_response(503, "x", close=False).split(b"\r\n\r\n")[0]
+
+
+# -- upgrade offers, Via, trailers (issue 17) -----------------------------------------------
+
+
+def _req(head: bytes):
+    from halb.proxy.http_head import check_request
+    lines = head.split(b"\r\n")
+    method, target, version = lines[0].split(b" ")
+    hdrs = [tuple(x.strip() for x in ln.split(b":", 1)) for ln in lines[1:] if ln]
+    return check_request(method, target, version.decode()[5:], hdrs)
+
+
+@pytest.mark.parametrize("head,offer", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket", b"websocket"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, upgrade\r\nUpgrade: foo/2, bar",
+     b"foo/2, bar"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c", b""),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c, websocket",
+     b"websocket"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket", b""),  # not named by Connection
+    (b"GET / HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket", b""),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: foo\r\nContent-Length: 1",
+     b""),  # a body: an ordinary request
+])
+def test_upgrade_offers(head, offer):
+    assert _req(head).upgrade == offer
+
+
+def test_request_head_carries_the_offer_and_websocket_headers_only_with_it():
+    from halb.proxy.http_head import request_head
+    ws = (b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13")
+    out = request_head(_req(ws), "198.18.0.9", "http", False, "", None, b"Via: 1.1 halb\r\n")
+    assert out == (b"GET /c HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: k\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+                   b"Via: 1.1 halb\r\n\r\n")
+    lone = b"GET /c HTTP/1.1\r\nHost: a\r\nSec-WebSocket-Key: k\r\nX: y"
+    out = request_head(_req(lone), "198.18.0.9", "http", False)
+    assert out == b"GET /c HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n"
+
+
+def test_trailer_lines_leave_out_what_must_not_be_a_trailer():
+    from halb.proxy.http_head import trailer_lines
+    pairs = [(b"X-Sum", b"1"), (b"Content-Length", b"5"), (b"Host", b"x"),
+             (b"Transfer_Encoding", b"chunked"), (b"Server-Timing", b"a;dur=1")]
+    assert trailer_lines(pairs) == b"X-Sum: 1\r\nServer-Timing: a;dur=1\r\n"
+    lines = [b"X-Sum: 1\r\n", b"Connection: close\r\n", b"Set-Cookie: a=b\r\n"]
+    assert trailer_lines(None, lines) == b"X-Sum: 1\r\n"
