@@ -255,6 +255,11 @@ class Metrics:
         with self._lock:
             self._pools[pool.name] = snap
 
+    def pool_removed(self, pool_name: str) -> None:
+        """A reload removed the pool: its live gauges go (its counters stay)."""
+        with self._lock:
+            self._pools.pop(pool_name, None)
+
     def health_change(self, pool_name: str, backend_name: str, up: bool) -> None:
         self._transitions.labels(pool_name, backend_name, "up" if up else "down").inc()
 

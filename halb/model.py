@@ -132,6 +132,45 @@ class Pool:
         self._ramping = False
         self.refresh(0.0)
 
+    def reconfigure(self, cfg: PoolConfig, now: float) -> list[Backend]:
+        """A reload changed this pool's config: applied in place (listeners hold this object).
+        Backends kept by name and address keep their ``Backend`` (health, counters, open
+        connections, a runtime drain); a runtime weight survives unless the config changed
+        that backend's weight (HAProxy's server-state-file rule). A backend whose address
+        changed, and a new one, start as new backends, up until checked otherwise (HAProxy's
+        ``init-state up``). Returns the backends that left (their connections finish)."""
+        old = self.by_name
+        backends = []
+        for i, bc in enumerate(cfg.backends):
+            b = old.get(bc.name)
+            if b is not None and b.host == bc.address.host and b.port == bc.address.port:
+                if b.cfg_weight != bc.weight:
+                    b.weight = bc.weight
+                b.cfg_weight = bc.weight
+                b.max_conns = bc.max_conns
+                b.backup = bc.backup
+                b.index = i
+            else:
+                b = Backend(cfg.name, i, bc, healthy=True)
+                b.up_since = now
+            backends.append(b)
+        kept = {id(b) for b in backends}
+        gone = [b for b in self.backends if id(b) not in kept]
+        if (cfg.algorithm, cfg.hash_key, cfg.maglev_table_size) != (
+                self.cfg.algorithm, self.cfg.hash_key, self.cfg.maglev_table_size):
+            from .balance import make_balancer
+            self.balancer = make_balancer(cfg)
+        self.cfg = cfg
+        self.backends = backends
+        self.by_name = {b.name: b for b in backends}
+        self._hashing = cfg.algorithm in ("source", "maglev")
+        self.sticky_mode = cfg.sticky.mode
+        self.sticky_cookie = cfg.sticky.cookie
+        self.on_5xx = cfg.passive.on_5xx
+        self.retries = cfg.retries
+        self.refresh(now)
+        return gone
+
     # -- view ---------------------------------------------------------------------------------
 
     def _effective_weight(self, b: Backend, now: float) -> int:

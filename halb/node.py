@@ -73,6 +73,8 @@ class Node:
         self._build_parts()
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._draining: set[asyncio.Task] = set()  # listeners a reload removed, draining
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -120,7 +122,10 @@ class Node:
             self.cfg.control, registry=self.metrics.registry,
             targets=ControlTargets(name=self.name, config=self.cfg, pools=self.pools,
                                    tables=self.tables, clock=self.clock, election=self.election,
-                                   sync=self.sync, nat=self.nat))
+                                   sync=self.sync, nat=self.nat,
+                                   reload=self.reload_file
+                                   if self.cfg.source and not self.cfg.source.startswith("<")
+                                   else None))
         # first: a second halbd started by mistake with the same config fails on the live
         # control socket before its election or listeners touch anything
         self.parts.insert(0, self.control)
@@ -207,6 +212,132 @@ class Node:
             except Exception:  # a bug here must not stop the node
                 self.log.exception("tick_failed")
 
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self, new: Config) -> "ReloadResult":
+        """Applies a new config in place (SIGHUP, ``halbctl reload``); see halb/reload.py for
+        what may change. The config has been parsed and validated already (``load``: a
+        ConfigError changes nothing). Refused changes, or a new listener that cannot bind,
+        change nothing either; otherwise pools, backends and listeners change in place and
+        every change is logged. One reload at a time."""
+        from .reload import plan as make_plan
+
+        async with self._reload_lock:
+            p = make_plan(self.cfg, new)
+            if not p.ok:
+                errors = [f"{k}: {why}" for k, why in p.refused]
+                self.log.error("reload_refused", config=new.source, errors=errors)
+                return ReloadResult(False, [], errors)
+            if p.empty:
+                self.cfg = new
+                self.control.targets.config = new
+                self.log.info("reload_done", config=new.source, changes=[])
+                return ReloadResult(True, [], [])
+            now = self.clock.now()
+            from .health import HealthChecker
+            from .proxy import make_listener
+
+            # 1. what can fail first: new pools (a rollback deletes them), new listeners and
+            # their sockets (a listener replacing another takes over its socket)
+            added_pools = []
+            for pc in p.pools_added:
+                pool = Pool(pc, on_change=self._pool_changed)
+                pool.refresh(now)
+                self.pools[pc.name] = pool
+                added_pools.append(pool)
+            by_name = {lst.cfg.name: lst for lst in self.listeners}
+            replaced = {name: by_name[name] for name, how in
+                        ((lc.name, how) for lc, how in p.listeners_changed) if how == "new socket"}
+            new_lst = []
+            try:
+                for lc in p.listeners_added + [lc for lc, how in p.listeners_changed
+                                               if how == "new socket"]:
+                    lst = make_listener(lc, self)
+                    old = replaced.get(lc.name) or by_name.get(p.handover.get(lc.name, ""))
+                    if old is not None:
+                        lst.handover = old.take_socket()
+                    await lst.start()
+                    new_lst.append(lst)
+            except Exception as e:
+                for lst in new_lst:
+                    await _quietly(lst.stop(), self.log)
+                for pool in added_pools:
+                    del self.pools[pool.name]
+                err = f"listener {lc.name!r} ({lc.mode} on {lc.bind}): {e}"
+                self.log.error("reload_failed", config=new.source, error=err)
+                return ReloadResult(False, [], [err])
+            # 2. pools: changed in place; health checks follow
+            for pool in added_pools:
+                if pool.cfg.health.type != "none":
+                    hc = HealthChecker(pool, self.clock, self.metrics)
+                    self.health.append(hc)
+                    self.parts.append(hc)
+                    await hc.start()
+            for pc in p.pools_changed:
+                pool = self.pools[pc.name]
+                old_cfg = pool.cfg
+                pool.reconfigure(pc, now)
+                if old_cfg.health != pc.health or [
+                        (b.name, b.address) for b in old_cfg.backends] != [
+                        (b.name, b.address) for b in pc.backends]:
+                    await self._restart_health(pool)
+            # 3. listeners: changed in place, new ones in, old ones out (they drain)
+            changed_pools = {pc.name for pc in p.pools_changed}
+            for lc, how in p.listeners_changed:
+                if how == "in place":
+                    by_name[lc.name].reconfigure(lc)
+            for lst in self.listeners:
+                if lst.cfg.mode in ("tcp", "udp") and lst.cfg.pool in changed_pools \
+                        and hasattr(lst, "refresh_pool"):
+                    lst.refresh_pool()
+            gone = [by_name[n] for n in p.listeners_removed] + list(replaced.values())
+            keep = [lst for lst in self.listeners if lst not in gone]
+            self.listeners = keep + new_lst
+            self.parts = [x for x in self.parts if x not in gone] + new_lst
+            for lst in gone:  # they stop accepting at once and drain in the background
+                t = asyncio.get_running_loop().create_task(_quietly(lst.stop(), self.log))
+                self._draining.add(t)
+                t.add_done_callback(self._draining.discard)
+            # 4. pools no longer named anywhere
+            for name in p.pools_removed:
+                pool = self.pools.pop(name)
+                for hc in [h for h in self.health if h.pool is pool]:
+                    await _quietly(hc.stop(), self.log)
+                    self.health.remove(hc)
+                    self.parts.remove(hc)
+                self.metrics.pool_removed(name)
+            self.cfg = new
+            self.control.targets.config = new
+            for line in p.changes:
+                self.log.info("reload_change", change=line)
+            self.log.info("reload_done", config=new.source, changes=len(p.changes))
+            return ReloadResult(True, p.changes, [])
+
+    async def _restart_health(self, pool: Pool) -> None:
+        from .health import HealthChecker
+
+        for hc in [h for h in self.health if h.pool is pool]:
+            await _quietly(hc.stop(), self.log)
+            self.health.remove(hc)
+            self.parts.remove(hc)
+        if pool.cfg.health.type != "none":
+            hc = HealthChecker(pool, self.clock, self.metrics)
+            self.health.append(hc)
+            self.parts.append(hc)
+            await hc.start()
+
+    async def reload_file(self) -> "ReloadResult":
+        """Reads the config file the node was started from again and reloads it."""
+        from .config import ConfigError, load
+
+        try:
+            new = load(self.cfg.source)
+        except ConfigError as e:
+            errors = [str(pr) for pr in e.problems]
+            self.log.error("reload_invalid", config=self.cfg.source, errors=errors)
+            return ReloadResult(False, [], errors)
+        return await self.reload(new)
+
     def request_stop(self, graceful: bool = True) -> None:
         self._graceful = graceful
         self._stop.set()
@@ -216,6 +347,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start waits
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_file()))
         await self.start()
         # what start-up built (modules, config, parts) lives as long as the process: keep it
         # out of every later collection so GC pauses scale with traffic state only
@@ -243,6 +375,8 @@ class Node:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self._draining:
+            await asyncio.gather(*list(self._draining), return_exceptions=True)
         # the election first: a master sends priority 0 before any other part stops, so the
         # backup's Skew_Time starts at once (Election.stop is idempotent: the loop skips it)
         if self.election is not None:
@@ -257,6 +391,28 @@ class Node:
                 self.log.exception("part_stop_failed", part=type(part).__name__)
         self.metrics.close()
         self.log.info("node_stopped")
+
+
+class ReloadResult:
+    """What a reload did: ``ok``; ``changes`` (one line each); ``errors`` (why it changed
+    nothing: config problems with their key paths, refused keys, a listener that cannot bind)."""
+
+    __slots__ = ("ok", "changes", "errors")
+
+    def __init__(self, ok: bool, changes: list[str], errors: list[str]):
+        self.ok = ok
+        self.changes = changes
+        self.errors = errors
+
+    def __repr__(self) -> str:
+        return f"ReloadResult(ok={self.ok}, changes={self.changes}, errors={self.errors})"
+
+
+async def _quietly(aw, log) -> None:
+    try:
+        await aw
+    except Exception:
+        log.exception("part_stop_failed")
 
 
 def _describe(part: Any) -> str:

@@ -8,6 +8,7 @@
     enable POOL BACKEND [--json]             end a drain
     weight POOL BACKEND N [--json]           set the admin weight (0..256; 0 drains)
     failover INSTANCE [--json]               hand a master instance over to a backup
+    reload [--json]                          read the config file again, apply the changes
     tables [sticky|flow|nat] [--prefix P] [--limit N] [--json]
     watch [--interval S] [--count N]         status, refreshed live
     pki init --out DIR NODE [NODE...] [--ip NODE=IP ...]   CA and node certificates for a lab
@@ -365,6 +366,22 @@ def cmd_failover(args, client: Client) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args, client: Client) -> int:
+    r = client.call("Reload", client.pb.ReloadRequest())
+    if args.json:
+        _print_json(to_dict(r))
+    elif r.ok:
+        print(f"reloaded {r.config}: " + (f"{len(r.changes)} changes" if r.changes
+                                          else "nothing changed"))
+        for line in r.changes:
+            print(f"  {line}")
+    else:
+        print(f"reload of {r.config} refused; nothing changed:", file=sys.stderr)
+        for line in r.errors:
+            print(f"  {line}", file=sys.stderr)
+    return EXIT_OK if r.ok else EXIT_USAGE
+
+
 def dump_table(client: Client, table: str, prefix: str, limit: int) -> tuple[list, int]:
     """Up to ``limit`` entries of one table (paged, PAGE at a time) and the total matching."""
     entries: list = []
@@ -590,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("instance")
     p.add_argument("--json", action="store_true", help="the instance afterwards, as JSON")
     p.set_defaults(fn=cmd_failover)
+
+    p = sub.add_parser("reload", parents=[common],
+                       help="read the node's config file again and apply the changes")
+    p.add_argument("--json", action="store_true", help="the changes (or errors) as JSON")
+    p.set_defaults(fn=cmd_reload)
 
     p = sub.add_parser("tables", parents=[common], help="entries of the sticky and flow tables")
     p.add_argument("table", nargs="?", choices=("sticky", "flow", "nat"))

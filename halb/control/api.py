@@ -22,7 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import grpc
 
@@ -180,9 +180,10 @@ def entry_msg(e: Any) -> pb.TableEntry:
 # The calls
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ControlTargets:
-    """What the control part reads and acts on: the parts of one node, not the node."""
+    """What the control part reads and acts on: the parts of one node, not the node.
+    ``config`` is replaced when a reload applies a new one (the rest stays)."""
 
     name: str  # the node's name
     config: Config  # ``source`` (status) and ``control_socket`` (the server)
@@ -192,6 +193,8 @@ class ControlTargets:
     election: Election | None = None
     sync: SyncService | None = None
     nat: NatService | None = None
+    # reads the config file again and applies it (Node.reload_file): a ReloadResult
+    reload: Callable[[], Awaitable[Any]] | None = None
 
 
 class ControlAPI:
@@ -292,6 +295,14 @@ class ControlAPI:
         except ValueError as e:
             raise _bad(str(e)) from None
         return backend_msg(pool, b, now)
+
+    async def reload(self) -> pb.ReloadReply:
+        fn = self.targets.reload
+        if fn is None:
+            raise _refused("this node cannot reload (no config file)")
+        r = await fn()
+        return pb.ReloadReply(ok=r.ok, changes=r.changes, errors=r.errors,
+                              config=self.targets.config.source)
 
     async def failover(self, instance: str) -> pb.Instance:
         _name(instance, "instance")

@@ -97,6 +97,11 @@ class _Servicer(pb_grpc.ControlServicer):
         self.log.info("failover_requested", instance=i.name, state=i.state)
         return pb.FailoverReply(instance=i)
 
+    async def Reload(self, request, context):
+        r = await self._call("Reload", context, self.api.reload)
+        self.log.info("reload_requested", ok=r.ok, changes=len(r.changes), errors=len(r.errors))
+        return r
+
     async def DumpTable(self, request, context):
         return await self._call("DumpTable", context, lambda: self.api.dump_table(request))
 

@@ -27,7 +27,7 @@ cdef class _Settings:
 
 
 cdef class HttpListener:
-    cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper
+    cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper, handover
     cdef public Router router
     cdef public dict pools
     cdef public set conns

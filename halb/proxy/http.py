@@ -74,6 +74,7 @@ and checked, and a body error in a request already under way closes that backend
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING
@@ -214,10 +215,28 @@ class HttpListener:
         self.ob_c: list[ClientConn] = []  # connections with bytes in .out, in queuing order
         self.ob_b: list[BackendConn] = []
         self.ob_armed = False
+        self.handover = None  # a listening socket taken over from the listener this replaces
+
+    def reconfigure(self, cfg: ListenerConfig) -> None:
+        """A reload changed this listener's routes, timeouts, limits, headers or default pool
+        (same bind, same TLS): applied in place. The socket and the open connections stay;
+        a connection keeps the settings it started with, new ones get the new ones."""
+        self.cfg = cfg
+        self.router = Router(cfg.routes, cfg.pool)
+        self.settings = _Settings(cfg, self.proto, self.node.metrics)
+        t = cfg.timeouts
+        self.tick = max(0.02, min(0.25, min(t.header, t.client_idle, t.body, t.server) / 5))
+
+    def take_socket(self):
+        """A duplicate of the listening socket, for the listener that replaces this one: the
+        kernel's accept queue stays with the socket while both exist."""
+        import socket as _socket
+        return _socket.socket(fileno=os.dup(self.server.sockets[0].fileno()))
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        sock = listen_tcp(self.cfg.bind.host, self.cfg.bind.port)  # SO_REUSEADDR + IP_FREEBIND
+        sock = self.handover or listen_tcp(self.cfg.bind.host, self.cfg.bind.port)
+        self.handover = None
         kw = {}
         if self.ssl is not None:
             kw["ssl"] = self.ssl
@@ -232,9 +251,9 @@ class HttpListener:
     async def _sweep(self) -> None:
         """Timeouts without a timer per request: every ``tick`` the connections' deadlines
         (header, body gap, keep-alive idle, backend inactivity, pooled idle) are checked."""
-        server_to = self.cfg.timeouts.server
         while True:
             await asyncio.sleep(self.tick)
+            server_to = self.cfg.timeouts.server
             now = _clock()
             try:
                 for c in list(self.conns):

@@ -554,6 +554,38 @@ class TcpListener:
         self.bytes_out = nbytes.labels(self.name, "out")
         self.nbytes_in = self.nbytes_out = 0
         self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
+        self.handover: socket.socket | None = None  # a listening socket taken over (reload)
+
+    def refresh_pool(self) -> None:
+        """The pool's config changed (reload): the facts cached from it, again."""
+        self.retries = self.pool.cfg.retries
+        self.hashing = hash_key_for(self.pool.cfg, "0.0.0.0") is not None
+        self.sticky_src = self.pool.cfg.sticky.mode == "source"
+        if self.loop is not None:
+            self.loop.create_task(self._resolve_all())
+
+    def reconfigure(self, cfg: "ListenerConfig") -> None:
+        """A reload changed this listener's settings (same bind): applied in place; the socket
+        and the open connections stay."""
+        self.cfg = cfg
+        self.pool = self.node.pools[cfg.pool]
+        self.connect_timeout = cfg.timeouts.connect
+        self.tunnel = cfg.timeouts.tunnel
+        self.max_conns = cfg.limits.max_conns
+        raise_nofile(2 * self.max_conns + 1024)
+        self.relay = cfg.relay if HAVE_SPLICE else "copy"
+        self.gate = self.node.splice_gate if self.relay == "auto" else _Fixed(self.relay == "splice")
+        self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
+        self.refresh_pool()
+
+    async def _resolve_all(self) -> None:
+        for b in list(self.pool.backends):
+            if b not in self._addrs:
+                await self._resolve(b)
+
+    def take_socket(self) -> socket.socket:
+        """A duplicate of the listening socket, for the listener that replaces this one."""
+        return self.sock.dup()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -562,7 +594,8 @@ class TcpListener:
         raise_nofile(2 * self.max_conns + 1024)
         for b in self.pool.backends:
             await self._resolve(b)
-        self.sock = listen_tcp(self.cfg.bind.host, self.cfg.bind.port)
+        self.sock = self.handover or listen_tcp(self.cfg.bind.host, self.cfg.bind.port)
+        self.handover = None
         loop.add_reader(self.sock.fileno(), self._on_accept)
         self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
         _log.info("listener_started", listener=self.name, bind=str(self.cfg.bind), mode="tcp",

@@ -197,6 +197,35 @@ class UdpListener:
             self.wildcard = False
         self.family = socket.AF_INET
 
+    def refresh_pool(self) -> None:
+        """The pool's config changed (reload): the facts cached from it, again."""
+        self.hashing = hash_key_for(self.pool.cfg, "0.0.0.0") is not None
+        self.sticky_src = self.pool.cfg.sticky.mode == "source"
+        if self.loop is not None:
+            self.loop.create_task(self._resolve_all())
+
+    def reconfigure(self, cfg: "ListenerConfig") -> None:
+        """A reload changed this listener's settings (same bind): applied in place; the socket
+        and the flows stay."""
+        self.cfg = cfg
+        self.pool = self.node.pools[cfg.pool]
+        self.timeout = cfg.udp_flow_timeout
+        self.max_flows = cfg.limits.max_flows
+        raise_nofile(self.max_flows + 1024)
+        self.sweep_interval = min(1.0, max(0.02, self.timeout / 4))
+        self.refresh_pool()
+
+    async def _resolve_all(self) -> None:
+        for b in list(self.pool.backends):
+            if b in self._addrs:
+                continue
+            try:
+                infos = await self.loop.getaddrinfo(b.host, b.port, type=socket.SOCK_DGRAM)
+                self._addrs[b] = (infos[0][0], infos[0][4])
+            except (OSError, IndexError) as e:
+                _log.warning("backend_resolve_failed", pool=self.pool.name, backend=b.name,
+                             host=b.host, error=str(e))
+
     # -- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:

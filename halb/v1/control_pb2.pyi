@@ -306,6 +306,22 @@ class FailoverReply(_message.Message):
     instance: Instance
     def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
 
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadReply(_message.Message):
+    __slots__ = ("ok", "changes", "errors", "config")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    config: str
+    def __init__(self, ok: _Optional[bool] = ..., changes: _Optional[_Iterable[str]] = ..., errors: _Optional[_Iterable[str]] = ..., config: _Optional[str] = ...) -> None: ...
+
 class DumpTableRequest(_message.Message):
     __slots__ = ("table", "prefix", "page_size", "page_token")
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class ControlStub:
                 request_serializer=halb_dot_v1_dot_control__pb2.DumpTableRequest.SerializeToString,
                 response_deserializer=halb_dot_v1_dot_control__pb2.DumpTableReply.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/halb.v1.Control/Reload',
+                request_serializer=halb_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.ReloadReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -111,6 +116,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Reads the node's config file again and applies the difference in place (what SIGHUP
+        does). An invalid config, or a change that needs a restart, changes nothing: the reply
+        says why (ok = false, one error per problem, with its key path).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +157,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.DumpTable,
                     request_deserializer=halb_dot_v1_dot_control__pb2.DumpTableRequest.FromString,
                     response_serializer=halb_dot_v1_dot_control__pb2.DumpTableReply.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.ReloadRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.ReloadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +326,33 @@ class Control:
             '/halb.v1.Control/DumpTable',
             halb_dot_v1_dot_control__pb2.DumpTableRequest.SerializeToString,
             halb_dot_v1_dot_control__pb2.DumpTableReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/Reload',
+            halb_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.ReloadReply.FromString,
             options,
             channel_credentials,
             insecure,
