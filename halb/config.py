@@ -74,6 +74,10 @@ class NodeConfig:
     name: str
     log_level: str = "info"
     state_dir: str = "/run/halb"
+    # the sticky and flow tables saved to <state_dir>/<name>.tables.json every save_interval
+    # and on stop, loaded at start (halb.tablestore)
+    save_tables: bool = True
+    save_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -530,8 +534,11 @@ def _node(r: _Reader) -> NodeConfig:
     name = r.name()
     level = r.choice("log_level", LOG_LEVELS, "info")
     state_dir = r.get("state_dir", str, "/run/halb")
+    save = r.get("save_tables", bool, True)
+    interval = r.duration("save_interval", 30.0, lo=1.0, hi=86400.0)
     r.done()
-    return NodeConfig(name=name, log_level=level, state_dir=state_dir)
+    return NodeConfig(name=name, log_level=level, state_dir=state_dir, save_tables=save,
+                      save_interval=interval)
 
 
 def _tls_files(r: _Reader, *, need_ca: bool) -> TLSFiles:

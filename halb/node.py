@@ -75,6 +75,8 @@ class Node:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()  # listeners a reload removed, draining
+        self._saving: asyncio.Task | None = None  # a periodic table save under way
+        self._started = False  # every part started (only then are the tables worth saving)
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -149,6 +151,8 @@ class Node:
             self.metrics.serve(self.cfg.metrics.address)
         for pool in self.pools.values():
             pool.refresh(self.clock.now())
+        if self.cfg.node.save_tables:
+            self._load_tables()  # before the data plane and sync start: peers' newer win
         started: list[Any] = []
         try:
             for part in self.parts:
@@ -167,6 +171,7 @@ class Node:
             if err is not e:
                 raise err from e
             raise
+        self._started = True
         self._tasks.append(asyncio.create_task(self._ticker(), name="node-ticker"))
         self.log.info("node_started", pid=os.getpid(), config=self.cfg.source,
                       listeners=[str(lc.bind) for lc in self.cfg.listeners])
@@ -209,8 +214,49 @@ class Node:
                         break
                     await asyncio.sleep(0)
                 self.metrics.tables(self.tables)
+                nc = self.cfg.node
+                if nc.save_tables and self._ticks % max(1, round(nc.save_interval / TICK)) == 0 \
+                        and self._saving is None:
+                    self._saving = asyncio.get_running_loop().create_task(self._save_tables())
             except Exception:  # a bug here must not stop the node
                 self.log.exception("tick_failed")
+
+    # -- tables across restarts (halb.tablestore) ---------------------------------------------
+
+    def _tables_path(self):
+        from . import tablestore
+        return tablestore.path_for(self.cfg.node.state_dir, self.name)
+
+    def _load_tables(self) -> None:
+        from . import tablestore
+        path = self._tables_path()
+        try:
+            loaded = tablestore.load(path)
+        except (OSError, ValueError) as e:
+            self.log.error("tables_load_failed", file=str(path), error=str(e))
+            return
+        if loaded is None:
+            return
+        took = tablestore.apply(self.tables, loaded)
+        self.log.info("tables_loaded", file=str(path), entries=took,
+                      in_file=tablestore.counts(loaded))
+
+    async def _save_tables(self) -> None:
+        """A snapshot on the loop (a copy of tuples), encoded and written in a thread."""
+        from . import tablestore
+        try:
+            snap = tablestore.snapshot(self.tables)
+            path = self._tables_path()
+            await asyncio.to_thread(self._write_tables, path, snap)
+        except Exception as e:  # a full disk must not stop the node
+            self.log.error("tables_save_failed", file=str(self._tables_path()), error=str(e))
+        finally:
+            self._saving = None
+
+    def _write_tables(self, path, snap) -> None:
+        from . import tablestore
+        os.makedirs(path.parent, exist_ok=True)
+        tablestore.save(path, tablestore.encode(self.name, self.wall.now(), snap))
 
     # -- reload -------------------------------------------------------------------------------
 
@@ -389,6 +435,18 @@ class Node:
                 await part.stop()
             except Exception:
                 self.log.exception("part_stop_failed", part=type(part).__name__)
+        if self._saving is not None:
+            await asyncio.gather(self._saving, return_exceptions=True)
+        if self.cfg.node.save_tables and self._started:
+            from . import tablestore
+            path = self._tables_path()
+            try:
+                snap = tablestore.snapshot(self.tables)
+                self._write_tables(path, snap)
+                self.log.info("tables_saved", file=str(path),
+                              entries={k: len(v) for k, v in snap.items()})
+            except Exception as e:
+                self.log.error("tables_save_failed", file=str(path), error=str(e))
         self.metrics.close()
         self.log.info("node_stopped")
 
