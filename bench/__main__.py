@@ -10,13 +10,17 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
                                      always, option forwardfor and the two other forwarding
                                      headers halb adds, so both send the backends the same)
     L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
+    L7 with access logs (l7log)      the same, on a second pair of proxies whose access logs
+                                     go to a file: HAProxy option httplog + "log stdout format
+                                     raw" with its stdout in a file, halb [access_log] file:
+                                     (the l7 case has them off on both sides)
     L4  Gbit/s                       iperf3 -t <dur> (HAProxy: mode tcp, option splice-auto;
                                      halb: relay = "auto"); for reference also with splicing
                                      forced in both (halb relay = "splice")
     L4  CPU seconds per GB relayed
     memory per idle client connection, L7 and L4: RSS delta / N with N connections held
 
-Options: --duration S (per run, default 10), --idle N (default 5000), --only l7,l4,mem,
+Options: --duration S (per run, default 10), --idle N (default 5000), --only l7,l7log,l4,mem,
 --no-profile (skip the py-spy record of halbd during an extra L7 and L4 run),
 --rounds R (default 3: each measurement alternates between the two proxies R times, both
 proxies running side by side, and the median run of each is reported; latency percentiles
@@ -259,6 +263,11 @@ state_dir = "{dir}/halb-state"
 [metrics]
 address = "127.0.0.1:{metrics}"
 
+# off here, as in HAProxy's config above (no "log"): the l7log case runs a second pair of
+# proxies with their access logs on (HALB_LOG_CONF, HAPROXY_LOG_CONF)
+[access_log]
+enabled = false
+
 [[pools]]
 name = "web"
 [[pools.backends]]
@@ -335,6 +344,86 @@ bind = "127.0.0.1:{tcpidle}"
 pool = "nginx-tcp"
 """
 
+# The l7log case: the L7 frontend alone, the same work as above plus one access log line per
+# request to a file. HAProxy: option httplog, "log stdout format raw" (its stdout is the file,
+# one write(2) per line); halb: [access_log] to a file (its writer thread, batched writes).
+HAPROXY_LOG_CONF = """
+global
+    nbthread 1
+    maxconn 7000
+    tune.maxaccept 64
+    log stdout format raw local0
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-request 120s
+    timeout http-keep-alive 120s
+frontend fe_http
+    bind 127.0.0.1:{http}
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header Forwarded 'for=%[src];proto=http;host="%[req.hdr(host)]"'
+    default_backend be_web
+backend be_web
+    balance roundrobin
+    http-reuse always
+    server n1 127.0.0.1:{n1}
+    server n2 127.0.0.1:{n2}
+"""
+
+HALB_LOG_CONF = """
+[node]
+name = "bench-log"
+log_level = "warning"
+state_dir = "{dir}/halb-log-state"
+
+[metrics]
+address = "127.0.0.1:{metrics}"
+
+[access_log]
+destination = "file:{dir}/halb-access.log"
+format = "text"
+
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "n1"
+address = "127.0.0.1:{n1}"
+[[pools.backends]]
+name = "n2"
+address = "127.0.0.1:{n2}"
+
+[[pools]]
+name = "api"
+[[pools.backends]]
+name = "a1"
+address = "127.0.0.1:{n1}"
+
+[[listeners]]
+name = "http"
+mode = "http"
+bind = "127.0.0.1:{http}"
+pool = "web"
+forwarded_headers = true
+[[listeners.routes]]
+host = "api.bench.test"
+pool = "api"
+[[listeners.routes]]
+path_prefix = "/api/"
+pool = "api"
+[[listeners.routes]]
+pool = "api"
+[listeners.routes.header]
+name = "X-Bench-Api"
+[listeners.timeouts]
+client_idle = "120s"
+header = "120s"
+"""
+
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
@@ -362,11 +451,13 @@ def parse_wrk(out: str) -> dict:
 
 def l7(pid: int, port: int, duration: int, conns: int) -> dict:
     url = f"http://127.0.0.1:{port}/"
-    run(["wrk", "-t1", "-c8", "-d1s", url], 30)  # warm up (backend connections, caches)
+    # warm up (backend connections, caches)
+    warm = parse_wrk(run(["wrk", "-t1", "-c8", "-d1s", url], 30))
     u0, s0 = cpu_split(pid)
     out = run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url], duration + 60)
     u1, s1 = cpu_split(pid)
     r = parse_wrk(out)
+    r["warmup_requests"] = warm["requests"]
     n = r["requests"]
     r["cpu_s"] = (u1 - u0) + (s1 - s0)
     r["cpu_us_per_req"] = r["cpu_s"] * 1e6 / n if n else float("nan")
@@ -374,6 +465,27 @@ def l7(pid: int, port: int, duration: int, conns: int) -> dict:
     r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
     r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
     return r
+
+
+def _count_lines(path: Path, needle: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            nb = needle.encode()
+            return sum(1 for line in f if nb in line)
+    except OSError:
+        return -1
+
+
+def _scrape(port: int, name: str) -> float:
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return float("nan")
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return float("nan")
 
 
 def l4conn(pid: int, port: int, duration: int, conns: int) -> dict:
@@ -551,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l4,l4conn,udp,mem",
-                    help="comma list of l7, l4, l4conn, udp, mem")
+    ap.add_argument("--only", default="l7,l7log,l4,l4conn,udp,mem",
+                    help="comma list of l7, l7log (L7 with access logs to a file on both "
+                    "sides), l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating runs per proxy and measurement; the median is kept (1..7)")
     ap.add_argument("--nice", type=int, default=-10,
@@ -581,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
     procs = Procs(tmp)
     P = {k: free_port() for k in BACKEND_PORTS}
-    ports = {w: {k: free_port() for k in PROXY_PORTS} for w in ("haproxy", "halb")}
+    ports = {w: {k: free_port() for k in PROXY_PORTS}
+             for w in ("haproxy", "halb", "haproxy-log", "halb-log")}
     results: dict = {"machine": machine(), "args": vars(a), "load_before": loadavg(),
                      "haproxy": {}, "halb": {}}
     log(f"machine: {results['machine']['nproc']} x {results['machine']['cpu']}; "
@@ -615,13 +729,25 @@ def main(argv: list[str] | None = None) -> int:
         lconf = tmp / "halb.toml"
         (tmp / "halb-state").mkdir()
         lconf.write_text(HALB_CONF.format(dir=tmp, **P, **ports["halb"]))
+        # the l7log pair: HAProxy's stdout (its log) goes to haproxy-access.log (Procs.start)
+        hlconf = tmp / "haproxy-log.cfg"
+        hlconf.write_text(HAPROXY_LOG_CONF.format(**P, **ports["haproxy-log"]))
+        llconf = tmp / "halb-log.toml"
+        (tmp / "halb-log-state").mkdir()
+        llconf.write_text(HALB_LOG_CONF.format(dir=tmp, **P, **ports["halb-log"]))
 
         def start_proxy(which: str) -> subprocess.Popen:
             if which == "haproxy":
                 p = procs.start("haproxy", ["haproxy", "-db", "-f", str(hconf)], PROXY_CORE)
-            else:
+            elif which == "halb":
                 p = procs.start("halbd", [PY, "-m", "halb.cli.halbd", str(lconf)], PROXY_CORE)
-            for k in ("http", "tcp", "tcpidle"):
+            elif which == "haproxy-log":
+                p = procs.start("haproxy-access", ["haproxy", "-db", "-f", str(hlconf)],
+                                PROXY_CORE)
+            else:
+                p = procs.start("halbd-log", [PY, "-m", "halb.cli.halbd", str(llconf)],
+                                PROXY_CORE)
+            for k in ("http", "tcp", "tcpidle") if which in ("haproxy", "halb") else ("http",):
                 wait_port(ports[which][k], proc=p)
             time.sleep(0.5)
             return p
@@ -634,6 +760,10 @@ def main(argv: list[str] | None = None) -> int:
         # shared machine hits both alike. The summary takes each measurement's median run.
         for w in ("haproxy", "halb"):
             running[w] = start_proxy(w)
+        if "l7log" in only:
+            for w in ("haproxy-log", "halb-log"):
+                running[w] = start_proxy(w)
+        served_log = {"haproxy": 0, "halb": 0}  # requests the l7log proxies answered
         for rnd in range(a.rounds):
             order = ("haproxy", "halb") if rnd % 2 == 0 else ("halb", "haproxy")
             log(f"round {rnd + 1}/{a.rounds}")
@@ -644,6 +774,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['sys_us_per_req']:.1f} sys (errors {x['socket_errors']}, "
                     f"non-2xx {x['non2xx']})")
                 record(w, "l7", x)
+            for w in order if "l7log" in only else ():
+                x = l7(running[w + "-log"].pid, ports[w + "-log"]["http"], a.duration, a.conns)
+                served_log[w] += x["requests"] + x.get("warmup_requests", 0)
+                log(f"  {w:7s} L7 access log to a file: {x['rps']:.0f} req/s p99 "
+                    f"{x['p99_ms']:.2f} ms {x['cpu_us_per_req']:.1f} us CPU/req = "
+                    f"{x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
+                    f"(errors {x['socket_errors']}, non-2xx {x['non2xx']})")
+                record(w, "l7log", x)
             for w in order if "l4" in only else ():
                 x = l4(running[w].pid, ports[w]["tcp"], a.duration)
                 log(f"  {w:7s} L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
@@ -666,6 +804,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"{x['dgrams_per_s']:.0f} datagrams/s lost {x['lost_percent']:.1f}% "
                         f"{x['cpu_us_per_dgram']:.2f} us CPU/dgram")
                     record("halb", key, x)
+        if "l7log" in only:  # the same work on both sides: a line per request, in a file
+            time.sleep(0.5)  # (halb's writer flushes every 100 ms)
+            results["l7log_files"] = logged = {
+                "haproxy": _count_lines(tmp / "haproxy-access.log", " fe_http be_web/"),
+                "halb": _count_lines(tmp / "halb-access.log", " http web/"),
+                "halb_dropped": _scrape(ports["halb-log"]["metrics"],
+                                        "halb_access_log_dropped_total"),
+                "served": served_log}
+            log(f"  access log lines: halb {logged['halb']} (dropped "
+                f"{logged['halb_dropped']}), HAProxy {logged['haproxy']}; requests answered "
+                f"(wrk's count, without those in flight at the end): halb "
+                f"{served_log['halb']}, HAProxy {served_log['haproxy']}")
         if a.profile:
             pid, hp = running["halb"].pid, ports["halb"]
             d = min(a.duration, 10)
@@ -706,14 +856,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     for w in ("haproxy", "halb"):
         r = results[w]
-        for key, metric in (("l7", "rps"), ("l4", "gbps"), ("l4_forced", "gbps"),
-                            ("l4conn", "rps"), ("udp", "dgrams_per_s"),
+        for key, metric in (("l7", "rps"), ("l7log", "rps"), ("l4", "gbps"),
+                            ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
             runs = r.get(key + "_runs")
             if runs:
                 r[key] = median_run(runs, metric)
                 r[key]["range"] = (min(x[metric] for x in runs), max(x[metric] for x in runs))
-                if key == "l7":  # each percentile's own median over the runs: on a shared
+                if key in ("l7", "l7log"):  # each percentile's own median over the runs: on a shared
                     # machine p99 varies far more from run to run than the rate does
                     for pk in ("p50_ms", "p99_ms"):
                         r[key][pk + "_of_median_run"] = r[key][pk]
@@ -755,6 +905,31 @@ def report(res: dict) -> str:
             ("L7 errors (socket / non-2xx)", f"{l['l7']['socket_errors']} / {l['l7']['non2xx']}",
              f"{h['l7']['socket_errors']} / {h['l7']['non2xx']}", "", ""),
         ]
+    if "l7log" in h and "l7log" in l:
+        hl, ll = h["l7log"], l["l7log"]
+        files = res.get("l7log_files") or {}
+        rows += [
+            ("L7 requests/s, access log on to a file (halb [access_log] file:, HAProxy "
+             "option httplog, log stdout > file)", f"{ll['rps']:.0f}", f"{hl['rps']:.0f}",
+             ratio(ll["rps"], hl["rps"]), ">= 0.9x"),
+            ("L7 with access log: p99 latency ms", f"{ll['p99_ms']:.2f}", f"{hl['p99_ms']:.2f}",
+             ratio(ll["p99_ms"], hl["p99_ms"]), ""),
+            ("L7 with access log: CPU us/request (user / kernel)",
+             f"{ll['cpu_us_per_req']:.1f} ({ll['user_us_per_req']:.1f} / "
+             f"{ll['sys_us_per_req']:.1f})",
+             f"{hl['cpu_us_per_req']:.1f} ({hl['user_us_per_req']:.1f} / "
+             f"{hl['sys_us_per_req']:.1f})",
+             ratio(ll["cpu_us_per_req"], hl["cpu_us_per_req"]), ""),
+            ("L7 with access log: lines in the file / requests answered (wrk's count; "
+             "dropped)", f"{files.get('halb', '?')} / {files.get('served', {}).get('halb', '?')}"
+             f" (dropped {files.get('halb_dropped', '?')})",
+             f"{files.get('haproxy', '?')} / {files.get('served', {}).get('haproxy', '?')}",
+             "", ""),
+        ]
+        if "l7" in h and "l7" in l:
+            rows.append(("L7 requests/s with the log / without it (the cost of logging)",
+                         ratio(ll["rps"], l["l7"]["rps"]), ratio(hl["rps"], h["l7"]["rps"]),
+                         "", ""))
     if "l4" in h and "l4" in l:
         rows += [
             ("L4 Gbit/s (iperf3)", f"{l['l4']['gbps']:.2f}", f"{h['l4']['gbps']:.2f}",
@@ -811,7 +986,8 @@ def report(res: dict) -> str:
     out += [f"| {' | '.join(r)} |" for r in rows]
     out += ["", "Every run (median in the table; for L7 latency, the median of the runs' "
             "percentiles):", ""]
-    for key, metric, unit in (("l7", "rps", "req/s"), ("l4", "gbps", "Gbit/s"),
+    for key, metric, unit in (("l7", "rps", "req/s"), ("l7log", "rps", "req/s"),
+                              ("l4", "gbps", "Gbit/s"),
                               ("l4_forced", "gbps", "Gbit/s"), ("l4conn", "rps", "conn/s"),
                               ("udp", "dgrams_per_s", "datagrams/s")):
         for w in ("halb", "haproxy"):
@@ -822,8 +998,9 @@ def report(res: dict) -> str:
                 cpu = ", ".join(f"{x.get('cpu_us_per_req') or x.get('cpu_s_per_gb') or x.get('cpu_us_per_conn') or x.get('cpu_us_per_dgram'):.3g}"
                                 for x in runs)
                 out.append(f"- {key} {w}: {vals} {unit} (CPU per unit: {cpu})")
-                if key == "l7":
-                    out.append(f"- l7 {w} p99 ms: " + ", ".join(f"{x['p99_ms']:.2f}" for x in runs))
+                if key in ("l7", "l7log"):
+                    out.append(f"- {key} {w} p99 ms: "
+                               + ", ".join(f"{x['p99_ms']:.2f}" for x in runs))
     for k in ("profile_l7", "profile_l4", "profile_l4conn"):
         p = l.get(k)
         if p and "self" in p:

@@ -116,6 +116,16 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """``[pools.agent]``: HAProxy's agent-check (halb.agent)."""
+
+    port: int
+    interval: float = 2.0
+    timeout: float = 1.0
+    send: str = ""  # sent after connecting (e.g. "status\n"); "" sends nothing
+
+
+@dataclass(frozen=True)
 class PassiveConfig:
     max_failures: int = 0  # 0: passive checks off
     on_5xx: bool = False
@@ -151,6 +161,7 @@ class PoolConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     passive: PassiveConfig = field(default_factory=PassiveConfig)
     sticky: StickyConfig = field(default_factory=StickyConfig)
+    agent: AgentConfig | None = None  # [pools.agent]
 
 
 @dataclass(frozen=True)
@@ -217,6 +228,7 @@ class ListenerConfig:
     # of the client's address the consistent hash reads
     protocol: str = "tcp"
     hash: str = "client_ip"  # client_ip | client_ip_port
+    access_log: bool = True  # false: this listener writes no access log lines
 
 
 @dataclass(frozen=True)
@@ -313,6 +325,23 @@ class NatConfig:
 
 
 @dataclass(frozen=True)
+class AccessLogConfig:
+    """``[access_log]`` (halb.accesslog, halb.accesslog_writer)."""
+
+    enabled: bool = True
+    destination: str = "stderr"  # as written: stderr | stdout | file:PATH | syslog | syslog:H:P
+    format: str = "text"  # text | json | a template with %{field} names
+    sample: float = 1.0  # fraction of requests and connections logged (counter-based)
+    facility: str = "local0"  # syslog destinations
+    buffer: int = 16_384  # lines waiting for the writer; beyond, lines are dropped (counted)
+    # the destination taken apart: kind "stderr", "stdout", "file" (path), "syslog" (path of
+    # the unix socket) or "syslog-udp" (address)
+    kind: str = "stderr"
+    path: str = ""
+    address: Endpoint | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     pools: tuple[PoolConfig, ...]
@@ -322,6 +351,7 @@ class Config:
     vrrp: tuple[VrrpConfig, ...] = ()
     sync: SyncConfig | None = None
     nat: NatConfig = field(default_factory=NatConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     source: str = ""  # file the config was read from
     # what is valid but likely to hurt (e.g. a split brain with keepalived): halbd --check
     # prints them, halbd logs them at start
@@ -675,6 +705,17 @@ def _pool(r: _Reader) -> PoolConfig:
     passive = _passive(p) if p else PassiveConfig()
     s = r.table("sticky")
     sticky = _sticky(s) if s else StickyConfig()
+    ar = r.table("agent")
+    agent = None
+    if ar:
+        port = ar.int_in("port", 1, 65535, 0, required=True)
+        interval = ar.duration("interval", 2.0, lo=0.05, hi=3600)
+        timeout = ar.duration("timeout", 1.0, lo=0.01, hi=60)
+        send = ar.get("send", str, "")
+        if send and len(send) > 256:
+            ar.error(f"at most 256 characters, got {len(send)}", "send")
+        ar.done()
+        agent = AgentConfig(port=port or 1, interval=interval, timeout=timeout, send=send)
     brs = r.tables("backends")
     if r.has("backends") and isinstance(r.data.get("backends"), list) and not brs:
         r.error("needs at least one backend", "backends")
@@ -698,7 +739,7 @@ def _pool(r: _Reader) -> PoolConfig:
     r.done()
     return PoolConfig(name=name, backends=tuple(backends), algorithm=algo, hash_key=hk,
                       maglev_table_size=size, slow_start=slow, retries=retries, health=health,
-                      passive=passive, sticky=sticky)
+                      passive=passive, sticky=sticky, agent=agent)
 
 
 def _route(r: _Reader) -> RouteConfig:
@@ -780,7 +821,11 @@ def _listener(r: _Reader) -> ListenerConfig:
     limits = _limits(lr) if lr else LimitsConfig()
     protocol = r.choice("protocol", NAT_PROTOCOLS, "tcp")
     nat_hash = r.choice("hash", NAT_HASHES, "client_ip")
+    alog = r.get("access_log", bool, True)
     r.done()
+    if mode == "nat" and "access_log" in r.data:
+        r.error("access_log needs mode = \"tcp\", \"udp\" or \"http\" (a nat listener's "
+                "connections are forwarded by the kernel: halb sees none to log)", "access_log")
     if mode != "nat":
         for k in ("protocol", "hash"):
             if k in r.data:
@@ -808,7 +853,7 @@ def _listener(r: _Reader) -> ListenerConfig:
                           proxy_protocol=pp,
                           relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
-                          protocol=protocol, hash=nat_hash)
+                          protocol=protocol, hash=nat_hash, access_log=bool(alog))
 
 
 def _vip(v: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -1043,6 +1088,68 @@ def _control(r: _Reader) -> ControlConfig:
     return ControlConfig(socket=sock, address=addr, tls=tls)
 
 
+ACCESS_LOG_DEV_LOG = "/dev/log"
+
+
+def _access_log_destination(v: Any) -> tuple[str, str, Endpoint | None]:
+    """``[access_log] destination`` -> (kind, path, address); ValueError naming the problem."""
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {_tname(v)}")
+    if v in ("stderr", "stdout"):
+        return v, "", None
+    if v.startswith("file:"):
+        path = v[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"file: needs an absolute path (\"file:/var/log/halb/access.log\"), "
+                             f"got {path!r}")
+        if path.endswith("/"):
+            raise ValueError(f"file: names a directory ({path!r}), not a file")
+        return "file", path, None
+    if v == "syslog":
+        return "syslog", ACCESS_LOG_DEV_LOG, None
+    if v.startswith("syslog:"):
+        try:
+            ep = parse_endpoint(v[7:])
+        except ValueError as e:
+            raise ValueError(f"syslog:HOST:PORT: {e}") from None
+        return "syslog-udp", "", ep
+    raise ValueError(f"unknown destination {v!r} (expected \"stderr\", \"stdout\", "
+                     f"\"file:/PATH\", \"syslog\" (/dev/log) or \"syslog:HOST:PORT\" (UDP))")
+
+
+def _access_log_format(v: Any) -> str:
+    from .accesslog import check_format
+
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {_tname(v)}")
+    return check_format(v)
+
+
+def _access_log(r: _Reader) -> AccessLogConfig:
+    from .accesslog import FACILITIES
+
+    d = AccessLogConfig()
+    enabled = r.get("enabled", bool, True)
+    kind, path, addr = r.conv("destination", _access_log_destination, ("stderr", "", None))
+    dest = r.data.get("destination") if r.has("destination") else d.destination
+    if not isinstance(dest, str):
+        dest = d.destination
+    fmt = r.conv("format", _access_log_format, d.format)
+    sample = r.get("sample", (int, float), d.sample)
+    if r.has("sample") and sample is not None and not 0 < sample <= 1:
+        r.error(f"{sample} out of range (a fraction: 0 < sample <= 1; 0.01 logs one "
+                f"request in 100)", "sample")
+        sample = d.sample
+    facility = r.choice("facility", tuple(FACILITIES), d.facility)
+    buffer = r.int_in("buffer", 64, 1_000_000, d.buffer)
+    r.done()
+    if r.has("facility") and not kind.startswith("syslog"):
+        r.error(f"facility needs a syslog destination (destination is {dest!r})", "facility")
+    return AccessLogConfig(enabled=bool(enabled), destination=dest or d.destination,
+                           format=fmt or d.format, sample=float(sample), facility=facility,
+                           buffer=buffer, kind=kind, path=path, address=addr)
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -1117,6 +1224,8 @@ def parse(data: dict, source: str = "") -> Config:
     sync = _sync(s) if s else None
     nt = top.table("nat")
     nat = _nat(nt) if nt else NatConfig()
+    alr = top.table("access_log")
+    access_log = _access_log(alr) if alr else AccessLogConfig()
     if sync and node.name and any(p.name == node.name for p in sync.peers):
         problems.append(Problem("sync.peers", f"lists this node ({node.name!r}) as its own peer"))
     top.done()
@@ -1169,7 +1278,8 @@ def parse(data: dict, source: str = "") -> Config:
             "true: tables travel in plaintext and any host that reaches sync.listen can feed "
             "this node's tables (use [sync.tls] outside a lab)")))
     return Config(node=node, pools=tuple(pools), listeners=tuple(listeners), metrics=metrics,
-                  control=control, vrrp=tuple(vrrp), sync=sync, nat=nat, source=source,
+                  control=control, vrrp=tuple(vrrp), sync=sync, nat=nat,
+                  access_log=access_log, source=source,
                   warnings=tuple(warnings))
 
 

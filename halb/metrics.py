@@ -35,6 +35,8 @@ Families (all prefixed ``halb_``)::
     halb_listener_active_connections{listener}            client connections open
     halb_table_entries{table}                             sticky / flow table sizes
     halb_table_capacity{table}                            their bounds
+    halb_access_log_lines_total                           access log lines written
+    halb_access_log_dropped_total                         lost: buffer full or write failed
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import Backend, Pool, PoolView
     from .tables import Tables
 
-STATES = ("up", "down", "drain", "ejected")
+STATES = ("up", "down", "drain", "ejected", "maint")
 RT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
               10.0, 30.0)
 
@@ -169,6 +171,23 @@ class _PoolCollector(Collector):
         yield from (active, up, state, weight, serving, backup)
 
 
+class _AccessLogCollector(Collector):
+    """halb_access_log_lines_total and halb_access_log_dropped_total: plain counts the access
+    logger keeps (halb.accesslog_writer), read at scrape time."""
+
+    def __init__(self, metrics: "Metrics"):
+        self.m = metrics
+
+    def collect(self):
+        alog = self.m._alog
+        yield CounterMetricFamily("halb_access_log_lines", "Access log lines written",
+                                  value=float(alog.written if alog is not None else 0))
+        yield CounterMetricFamily("halb_access_log_dropped",
+                                  "Access log lines lost: the buffer was full (the writer "
+                                  "could not keep up or was stuck) or the write failed",
+                                  value=float(alog.lost if alog is not None else 0))
+
+
 class _TableCollector(Collector):
     def __init__(self, metrics: "Metrics"):
         self.m = metrics
@@ -218,6 +237,8 @@ class Metrics:
                                  ["listener", "protocol"], registry=r)
         self._tunnels = Gauge("halb_http_tunnels_active", "Tunnels (after a 101) open",
                               ["listener"], registry=r)
+        self._alog: Any = None  # the node's AccessLog (halb.accesslog_writer), read at scrape
+        r.register(_AccessLogCollector(self))
         self._server = None
         self._thread = None
 
@@ -314,6 +335,10 @@ class Metrics:
     def tables(self, tables: "Tables") -> None:
         """Remembers the node's tables; their sizes are read at scrape time."""
         self._tables = tables
+
+    def access_log(self, alog: Any) -> None:
+        """Remembers the node's access logger; its line counts are read at scrape time."""
+        self._alog = alog
 
     def splice_gate(self, gate: Any) -> None:
         """Gauges of the node's SpliceGate (halb.splicegate), read at scrape time."""

@@ -6,7 +6,9 @@ cdef class Backend:
     cdef public Py_ssize_t index, port, max_conns
     cdef public Py_ssize_t active, inflight, total, failures, consecutive_failures
     cdef public object cfg_weight, weight
-    cdef public bint backup, healthy, admin_drain
+    cdef public bint backup, healthy, admin_drain, maint, agent_drain, agent_maint, agent_down
+    cdef public Py_ssize_t agent_weight
+    cdef public str agent_said
     cdef public double ejected_until, up_since, ewma_rt
     cpdef bint is_up(self, double now) except -1
     cpdef bint is_full(self) except -1

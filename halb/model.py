@@ -25,7 +25,8 @@ EWMA_ALPHA = 0.3
 class Backend:
     __slots__ = ("pool", "index", "name", "host", "port", "cfg_weight", "weight", "max_conns",
                  "backup", "healthy", "admin_drain", "ejected_until", "up_since", "active",
-                 "inflight", "total", "failures", "consecutive_failures", "ewma_rt")
+                 "inflight", "total", "failures", "consecutive_failures", "ewma_rt", "maint",
+                 "agent_weight", "agent_drain", "agent_maint", "agent_down", "agent_said")
 
     def __init__(self, pool: str, index: int, cfg: BackendConfig, *, healthy: bool = True):
         self.pool = pool
@@ -47,23 +48,34 @@ class Backend:
         self.failures = 0
         self.consecutive_failures = 0
         self.ewma_rt = 0.0  # seconds
+        self.maint = False  # halbctl backend maint: out of service, sticky clients included
+        # the agent-check's own say (halb.agent): -1 none, else the weight it set; its drain,
+        # maintenance and down, which only the agent ends
+        self.agent_weight = -1
+        self.agent_drain = False
+        self.agent_maint = False
+        self.agent_down = False
+        self.agent_said = ""
 
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
     def is_up(self, now: float) -> bool:
-        return self.healthy and now >= self.ejected_until
+        return (self.healthy and not self.maint and not self.agent_down and not self.agent_maint
+                and now >= self.ejected_until)
 
     def is_full(self) -> bool:
         return self.max_conns > 0 and self.active >= self.max_conns
 
     def state(self, now: float) -> str:
-        if not self.healthy:
+        if self.maint or self.agent_maint:
+            return "maint"
+        if not self.healthy or self.agent_down:
             return "down"
         if now < self.ejected_until:
             return "ejected"
-        if self.admin_drain or self.weight == 0:
+        if self.admin_drain or self.agent_drain or self.weight == 0 or self.agent_weight == 0:
             return "drain"
         return "up"
 
@@ -175,6 +187,8 @@ class Pool:
 
     def _effective_weight(self, b: Backend, now: float) -> int:
         w = b.weight
+        if b.agent_weight >= 0 and w > 0:  # the agent's weight, unless an operator drained it
+            w = b.agent_weight
         ss = self.cfg.slow_start
         # a drained (weight 0) backend stays at 0; hashing pools do not ramp (as in HAProxy,
         # where slowstart does not apply to static/hash algorithms): a weight change would
@@ -195,7 +209,7 @@ class Pool:
             backup = bool(pool)
         chosen, weights = [], []
         for b in pool:
-            if b.admin_drain:
+            if b.admin_drain or b.agent_drain:
                 continue
             w = self._effective_weight(b, now)
             if w > 0:
@@ -203,7 +217,8 @@ class Pool:
                 weights.append(w)
         if not chosen and not backup and prim:
             # every primary is drained: backups serve, as HAProxy does when no usable server is left
-            pool = [b for b in self.backends if b.backup and b.is_up(now) and not b.admin_drain and b.weight > 0]
+            pool = [b for b in self.backends if b.backup and b.is_up(now) and not b.admin_drain
+                    and not b.agent_drain and b.weight > 0]
             if pool:
                 chosen, weights, backup = pool, [self._effective_weight(b, now) for b in pool], True
         view = PoolView(tuple(chosen), tuple(weights), backup, self.view.version + 1)

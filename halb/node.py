@@ -15,6 +15,7 @@ metrics registry and the clocks. Each part is an object with ``async start()`` a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 
 from . import log as hlog
 from .clock import Clock, MonotonicClock, WallClock
-from .config import Config
+from .config import BackendConfig, Config
 from .cpu import cpu_quota
 from .model import Pool, PoolView
 from .sdnotify import Notifier
@@ -41,13 +42,22 @@ EXPIRE_BUDGET = 0.001
 
 class Node:
     def __init__(self, cfg: Config, *, clock: Clock | None = None, wall: Clock | None = None):
+        from . import runtime
         from .metrics import Metrics
 
-        self.cfg = cfg
+        self.file_cfg = cfg  # the config file's (a reload replaces it)
         self.name = cfg.node.name
+        self.log = hlog.get_logger("node")
+        # runtime backend changes (halbctl backend ...) kept in state_dir across restarts
+        rpath = runtime.path_for(cfg.node.state_dir, self.name)
+        try:
+            self.runtime = runtime.load(rpath)
+        except (OSError, ValueError) as e:
+            self.log.error("runtime_load_failed", file=str(rpath), error=str(e))
+            self.runtime = {}
+        self.cfg = cfg = runtime.effective(cfg, self.runtime)
         self.clock = clock or MonotonicClock()
         self.wall = wall or WallClock()
-        self.log = hlog.get_logger("node")
         self.metrics = Metrics(self.name)
         self.pools: dict[str, Pool] = {}
         for pc in cfg.pools:
@@ -69,23 +79,34 @@ class Node:
         self.metrics.splice_gate(self.splice_gate)
         self.cpu_quota: float | None = None  # cores (cgroup quota), re-read by the ticker
         self._ticks = 0
-        self.parts: list[Any] = []  # started in order, stopped in reverse
+        from .accesslog_writer import AccessLog
+
+        # the listeners log through it (node.access_log); a part started before them and
+        # stopped after them, so that their last lines are written
+        self.access_log = AccessLog(cfg.access_log, self.metrics)
+        self.parts: list[Any] = [self.access_log]  # started in order, stopped in reverse
         self._build_parts()
+        if self.runtime:
+            self._after_change()  # backends in maintenance stay so
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()  # listeners a reload removed, draining
         self._saving: asyncio.Task | None = None  # a periodic table save under way
         self._started = False  # every part started (only then are the tables worth saving)
+        self._upgrading = False
+        self._defer_control = False  # an upgrade's new process: the control part starts later
+        self._successor = None  # the upgrade socket to the new process, once it took over
+        self._drain = 30.0  # seconds the old process of an upgrade lets its connections finish
+        self._sd = None
 
     # -- wiring -------------------------------------------------------------------------------
 
     def _build_parts(self) -> None:
-        from .health import HealthChecker
         from .proxy import make_listener
 
-        self.health = [HealthChecker(pool, self.clock, self.metrics)
-                       for pool in self.pools.values() if pool.cfg.health.type != "none"]
+        # active health checks and agent checks (halb.health, halb.agent), one per pool each
+        self.health = [c for pool in self.pools.values() for c in self._checkers_for(pool)]
         self.listeners = [make_listener(lc, self) for lc in self.cfg.listeners
                           if lc.mode != "nat"]
         self.parts.extend(self.health)
@@ -112,11 +133,7 @@ class Node:
             self.parts.append(self.election)
         self.sync = None
         if self.cfg.sync:
-            from .sync.service import SyncService
-            self.sync = SyncService(
-                self.cfg.sync, name=self.name, tables=self.tables, wall=self.wall,
-                registry=self.metrics.registry, election=self.election,
-                advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
+            self.sync = self._make_sync()
             self.parts.insert(0, self.sync)
         from .control.api import ControlTargets
         from .control.server import ControlServer
@@ -127,10 +144,19 @@ class Node:
                                    sync=self.sync, nat=self.nat,
                                    reload=self.reload_file
                                    if self.cfg.source and not self.cfg.source.startswith("<")
-                                   else None))
+                                   else None,
+                                   backend_add=self.backend_add, backend_del=self.backend_del,
+                                   backend_maint=self.backend_maint, upgrade=self.upgrade))
         # first: a second halbd started by mistake with the same config fails on the live
         # control socket before its election or listeners touch anything
         self.parts.insert(0, self.control)
+
+    def _make_sync(self):
+        from .sync.service import SyncService
+        return SyncService(
+            self.cfg.sync, name=self.name, tables=self.tables, wall=self.wall,
+            registry=self.metrics.registry, election=self.election,
+            advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
 
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
         m = getattr(self, "metrics", None)
@@ -156,6 +182,8 @@ class Node:
         started: list[Any] = []
         try:
             for part in self.parts:
+                if part is self.control and self._defer_control:
+                    continue  # an upgrade: started once the old process lets go of it
                 await part.start()
                 started.append(part)
         except BaseException as e:
@@ -265,22 +293,34 @@ class Node:
         what may change. The config has been parsed and validated already (``load``: a
         ConfigError changes nothing). Refused changes, or a new listener that cannot bind,
         change nothing either; otherwise pools, backends and listeners change in place and
-        every change is logged. One reload at a time."""
-        from .reload import plan as make_plan
+        every change is logged. Runtime backend changes (halb.runtime) are laid over the new
+        file as over the old one. One reload (or runtime change) at a time."""
+        from . import runtime
 
         async with self._reload_lock:
+            r = await self._apply(runtime.effective(new, self.runtime), "reload")
+            if r.ok:
+                self.file_cfg = new
+                self._after_change()
+            return r
+
+    async def _apply(self, new: Config, what: str) -> "ReloadResult":
+        """Makes the running node match ``new`` (an effective config: the file's with the
+        runtime changes); the caller holds the reload lock."""
+        from .reload import plan as make_plan
+
+        if True:  # (the body predates the lock's move to the callers)
             p = make_plan(self.cfg, new)
             if not p.ok:
                 errors = [f"{k}: {why}" for k, why in p.refused]
-                self.log.error("reload_refused", config=new.source, errors=errors)
+                self.log.error(f"{what}_refused", config=new.source, errors=errors)
                 return ReloadResult(False, [], errors)
             if p.empty:
                 self.cfg = new
                 self.control.targets.config = new
-                self.log.info("reload_done", config=new.source, changes=[])
+                self.log.info(f"{what}_done", config=new.source, changes=[])
                 return ReloadResult(True, [], [])
             now = self.clock.now()
-            from .health import HealthChecker
             from .proxy import make_listener
 
             # 1. what can fail first: new pools (a rollback deletes them), new listeners and
@@ -310,12 +350,11 @@ class Node:
                 for pool in added_pools:
                     del self.pools[pool.name]
                 err = f"listener {lc.name!r} ({lc.mode} on {lc.bind}): {e}"
-                self.log.error("reload_failed", config=new.source, error=err)
+                self.log.error(f"{what}_failed", config=new.source, error=err)
                 return ReloadResult(False, [], [err])
             # 2. pools: changed in place; health checks follow
             for pool in added_pools:
-                if pool.cfg.health.type != "none":
-                    hc = HealthChecker(pool, self.clock, self.metrics)
+                for hc in self._checkers_for(pool):
                     self.health.append(hc)
                     self.parts.append(hc)
                     await hc.start()
@@ -323,7 +362,7 @@ class Node:
                 pool = self.pools[pc.name]
                 old_cfg = pool.cfg
                 pool.reconfigure(pc, now)
-                if old_cfg.health != pc.health or [
+                if old_cfg.health != pc.health or old_cfg.agent != pc.agent or [
                         (b.name, b.address) for b in old_cfg.backends] != [
                         (b.name, b.address) for b in pc.backends]:
                     await self._restart_health(pool)
@@ -355,19 +394,125 @@ class Node:
             self.cfg = new
             self.control.targets.config = new
             for line in p.changes:
-                self.log.info("reload_change", change=line)
-            self.log.info("reload_done", config=new.source, changes=len(p.changes))
+                self.log.info(f"{what}_change", change=line)
+            self.log.info(f"{what}_done", config=new.source, changes=len(p.changes))
             return ReloadResult(True, p.changes, [])
 
-    async def _restart_health(self, pool: Pool) -> None:
-        from .health import HealthChecker
+    # -- runtime backends (halbctl backend ...; halb.runtime) ----------------------------------
 
+    def _after_change(self) -> None:
+        """Maintenance flags onto the backends (new Backend objects included) and the runtime
+        overlay to its file."""
+        from . import runtime
+        now = self.clock.now()
+        for name, o in self.runtime.items():
+            pool = self.pools.get(name)
+            if pool is None:
+                continue
+            changed = False
+            for b in pool.backends:
+                m = b.name in o.maint
+                if b.maint != m:
+                    b.maint = m
+                    changed = True
+            if changed:
+                pool.refresh(now)
+        path = runtime.path_for(self.cfg.node.state_dir, self.name)
+        if not self.runtime and not path.exists():
+            return
+        try:
+            runtime.save(path, self.runtime)
+        except OSError as e:
+            self.log.error("runtime_save_failed", file=str(path), error=str(e))
+
+    async def backend_add(self, pool_name: str, b: "BackendConfig") -> "ReloadResult":
+        from . import runtime
+        async with self._reload_lock:
+            pool = self.pools[pool_name]
+            runtime.add(self.runtime, pool.cfg, b)
+            r = await self._apply(runtime.effective(self.file_cfg, self.runtime), "runtime")
+            if r.ok:
+                self._after_change()
+                hc = next((h for h in self.health if h.pool is pool), None)
+                self.log.info("backend_added", pool=pool_name, backend=b.name,
+                              address=str(b.address), weight=b.weight, backup=b.backup,
+                              checked=hc is not None)
+            return r
+
+    async def backend_del(self, pool_name: str, name: str) -> "ReloadResult":
+        from . import runtime
+        async with self._reload_lock:
+            pool = self.pools[pool_name]
+            b = pool.by_name[name]
+            pool.set_drain(b, True, self.clock.now())  # nothing new from here on
+            file_pool = next((pc for pc in self.file_cfg.pools if pc.name == pool_name), None)
+            runtime.delete(self.runtime, pool.cfg, file_pool, name)
+            r = await self._apply(runtime.effective(self.file_cfg, self.runtime), "runtime")
+            if r.ok:
+                self._after_change()
+                self.log.info("backend_deleted", pool=pool_name, backend=name,
+                              open_connections=b.active)
+            return r
+
+    async def backend_maint(self, pool_name: str, name: str, on: bool) -> None:
+        from . import runtime
+        async with self._reload_lock:
+            runtime.set_maint(self.runtime, pool_name, name, on)
+            self._after_change()
+            self.log.info("backend_maint" if on else "backend_ready", pool=pool_name, backend=name)
+
+    async def _stop_upgraded(self) -> None:
+        """The old process after an upgrade handed over: the election lets go silently, the
+        NAT rules stay (the new process owns them), the listeners stop accepting and their
+        connections finish (up to the drain deadline), then the tables go to the new process
+        once more and the process ends."""
+        from . import tablestore
+        from . import upgrade as up
+
+        if self.election is not None:
+            await _quietly(self.election.release(), self.log)
+        if self.nat is not None:
+            self.nat.release()
+        # the control socket first (the upgrade call has had its answer), so the new process
+        # serves halbctl from now on
+        await _quietly(self.control.stop(), self.log)
+        with contextlib.suppress(Exception):
+            await up.send(self._successor, {"type": "control"})
+        t0 = time.monotonic()
+        await asyncio.gather(*(_quietly(lst.stop(grace=self._drain), self.log)
+                               for lst in self.listeners))
+        self.log.info("upgrade_drained", seconds=round(time.monotonic() - t0, 3))
+        for part in reversed(self.parts):
+            if part in self.listeners or part is self.election or part is self.control:
+                continue
+            await _quietly(part.stop(), self.log)
+        conn, self._successor = self._successor, None
+        try:
+            blob = tablestore.encode(self.name, self.wall.now(), tablestore.snapshot(self.tables))
+            await up.send(conn, {"type": "final"}, (), blob)
+        except Exception as e:  # noqa: BLE001 - the new process may be gone; nothing to save
+            self.log.info("upgrade_final_not_sent", reason=str(e))
+        finally:
+            conn.close()
+        self.metrics.close()
+        self.log.info("node_stopped", upgraded=True)
+
+    def _checkers_for(self, pool: Pool) -> list:
+        from .agent import AgentChecker
+        from .health import HealthChecker
+        out: list = []
+        if pool.cfg.health.type != "none":
+            out.append(HealthChecker(pool, self.clock, self.metrics))
+        if pool.cfg.agent is not None:
+            out.append(AgentChecker(pool, self.clock, self.metrics))
+        return out
+
+    async def _restart_health(self, pool: Pool) -> None:
         for hc in [h for h in self.health if h.pool is pool]:
             await _quietly(hc.stop(), self.log)
             self.health.remove(hc)
             self.parts.remove(hc)
-        if pool.cfg.health.type != "none":
-            hc = HealthChecker(pool, self.clock, self.metrics)
+        for hc in self._checkers_for(pool):
             self.health.append(hc)
             self.parts.append(hc)
             await hc.start()
@@ -384,22 +529,236 @@ class Node:
             return ReloadResult(False, [], errors)
         return await self.reload(new)
 
+    # -- zero-downtime upgrade (halb.upgrade) -------------------------------------------------
+
+    async def upgrade(self, drain: float = 30.0) -> dict:
+        """The old side of ``halbctl upgrade`` / SIGUSR2 (see halb.upgrade for the steps).
+        Returns {"ok", "pid", "error"}; on failure the node carries on as before."""
+        import socket as _socket
+        import sys
+
+        from . import tablestore
+        from . import upgrade as up
+
+        if self._upgrading:
+            return {"ok": False, "pid": 0, "error": "an upgrade is already under way"}
+        src = self.file_cfg.source
+        if not src or src.startswith("<"):
+            return {"ok": False, "pid": 0, "error": "this node has no config file to restart from"}
+        self._upgrading = True
+        loop = asyncio.get_running_loop()
+        path = up.path_for(self.cfg.node.state_dir, self.name)
+        lsock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        proc = None
+        conn = None
+        froze = False
+        dups: list = []
+        try:
+            async with self._reload_lock:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                old = os.umask(0o177)
+                try:
+                    lsock.bind(path)
+                finally:
+                    os.umask(old)
+                lsock.listen(1)
+                lsock.setblocking(False)
+                argv = [sys.executable, "-m", "halb.cli.halbd", src, "--upgrade-from", path]
+                # the new process writes where this one's own lines go (not into the pipe
+                # that carries gRPC's native stderr into this process's log: it ends with us)
+                # (a plain Popen: asyncio's subprocess transport kills its child when the
+                # loop closes, and this child must outlive this process)
+                import subprocess
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                        stdout=_fd_of(sys.stdout, 1),
+                                        stderr=_fd_of(sys.stderr, 2), start_new_session=True)
+                self.log.info("upgrade_started", pid=proc.pid, argv=argv)
+                accept = loop.create_task(loop.sock_accept(lsock))
+
+                async def exited():
+                    while proc.poll() is None:
+                        await asyncio.sleep(0.05)
+                died = loop.create_task(exited())
+                done, _ = await asyncio.wait({accept, died}, timeout=up.TIMEOUT,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if accept not in done:
+                    accept.cancel()
+                    raise up.UpgradeError(
+                        f"the new process exited with {proc.returncode} before it connected"
+                        if died in done else "the new process did not connect")
+                died.cancel()
+                conn, _ = accept.result()
+                conn.setblocking(False)
+                hello, _, _ = await up.recv(conn)
+                if hello.get("type") != "hello":
+                    raise up.UpgradeError(f"unexpected message {hello.get('type')!r}")
+                # from here the new process takes the ports: sync (after a goodbye, so that
+                # no peer takes the VIP), metrics, the listening sockets
+                froze = True
+                if self.sync is not None:
+                    await self.sync.goodbye()
+                    await self.sync.stop()
+                self.metrics.close()
+                names, fds = [], []
+                wanted = set(hello.get("listeners", ()))
+                for lst in self.listeners:
+                    if lst.cfg.name in wanted and hasattr(lst, "take_socket"):
+                        s = lst.take_socket()
+                        dups.append(s)
+                        names.append(lst.cfg.name)
+                        fds.append(s.fileno())
+                masters = self.election.masters() if self.election is not None else []
+                blob = tablestore.encode(self.name, self.wall.now(),
+                                         tablestore.snapshot(self.tables))
+                await up.send(conn, {"type": "handover", "listeners": names,
+                                     "masters": masters}, fds, blob)
+                for s in dups:
+                    s.close()
+                dups = []
+                r, _, _ = await up.recv(conn)
+                if r.get("type") != "ready":
+                    raise up.UpgradeError(r.get("error") or f"unexpected {r.get('type')!r}")
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, carry on alone
+            err = str(e) or type(e).__name__
+            self.log.error("upgrade_failed", error=err)
+            for s in dups:
+                s.close()
+            if conn is not None:
+                conn.close()
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(Exception):
+                    await loop.run_in_executor(None, proc.wait, 5)
+            if froze:
+                await self._resume_after_failed_upgrade()
+            self._upgrading = False
+            return {"ok": False, "pid": 0, "error": err}
+        finally:
+            lsock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.log.info("upgrade_handed_over", pid=proc.pid, listeners=names, masters=masters)
+        if self._sd is not None and self._sd.enabled:
+            self._sd.send(MAINPID=proc.pid)  # systemd follows the new process
+        self._successor = conn
+        self._drain = max(0.0, float(drain))
+        self._graceful = True
+        self._stop.set()
+        return {"ok": True, "pid": proc.pid, "error": ""}
+
+    async def _resume_after_failed_upgrade(self) -> None:
+        """The new process failed after the old one let go of its sync and metrics ports."""
+        if self.cfg.metrics.address:
+            self.metrics.serve(self.cfg.metrics.address)
+        if self.sync is not None:
+            old = self.sync
+            self.sync = self._make_sync()
+            self.parts[self.parts.index(old)] = self.sync
+            self.control.targets.sync = self.sync
+            try:
+                await self.sync.start()
+            except Exception:
+                self.log.exception("sync_restart_failed")
+
+    async def _takeover(self, path: str):
+        """The new side of an upgrade, before start: the handover from the old process."""
+        import socket as _socket
+
+        from . import tablestore
+        from . import upgrade as up
+
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        conn.settimeout(up.TIMEOUT)
+        conn.connect(path)
+        conn.setblocking(False)
+        await up.send(conn, {"type": "hello", "pid": os.getpid(),
+                             "listeners": [lst.cfg.name for lst in self.listeners]})
+        msg, fds, blob = await up.recv(conn, with_fds=True)
+        by_name = {lst.cfg.name: lst for lst in self.listeners}
+        for name, fd in zip(msg.get("listeners", ()), fds):
+            lst = by_name.get(name)
+            s = _socket.socket(fileno=fd)
+            if lst is None:
+                s.close()
+            else:
+                lst.handover = s
+        if blob:
+            took = tablestore.apply(self.tables, tablestore.decode(blob))
+            self.log.info("upgrade_tables", entries=took)
+        if self.election is not None:
+            self.election.adopt = set(msg.get("masters", ()))
+        self._defer_control = True  # the old process still serves it (see _takeover_final)
+        return conn
+
+    async def _takeover_final(self, conn) -> None:
+        """What the old process learnt while it drained, then the end of the handover."""
+        from . import tablestore
+        from . import upgrade as up
+        try:
+            while True:
+                try:
+                    msg, _, blob = await up.recv(conn, timeout=3600.0)
+                except up.UpgradeError:
+                    msg, blob = {"type": "gone"}, b""
+                kind = msg.get("type")
+                if kind == "control" or (kind in ("gone", "final") and self._defer_control):
+                    # the old process let go of the control socket (or is gone): ours now
+                    self._defer_control = False
+                    try:
+                        await self.control.start()
+                    except Exception:
+                        self.log.exception("control_start_failed")
+                if kind == "final" and blob:
+                    took = tablestore.apply(self.tables, tablestore.decode(blob))
+                    self.log.info("upgrade_final_tables", entries=took)
+                if kind in ("final", "gone"):
+                    break
+        except Exception as e:  # noqa: BLE001 - the old process may simply be gone
+            self.log.info("upgrade_final_missing", reason=str(e))
+        finally:
+            conn.close()
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("signal_received", signal=signal.Signals(sig).name)
+        self.request_stop()
+
     def request_stop(self, graceful: bool = True) -> None:
         self._graceful = graceful
         self._stop.set()
 
-    async def run(self) -> None:
-        """Starts the node and runs until SIGTERM or SIGINT; then stops gracefully."""
+    async def run(self, upgrade_from: str = "") -> None:
+        """Starts the node and runs until SIGTERM or SIGINT; then stops gracefully.
+        ``upgrade_from``: the old process's upgrade socket (halbd --upgrade-from)."""
+        from . import upgrade as up
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a stop during start waits
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_file()))
-        await self.start()
+        loop.add_signal_handler(signal.SIGUSR2, lambda: loop.create_task(self.upgrade()))
+        conn = None
+        if upgrade_from:
+            conn = await self._takeover(upgrade_from)
+            try:
+                await self.start()
+            except BaseException as e:
+                with contextlib.suppress(Exception):
+                    await up.send(conn, {"type": "failed", "error": f"{type(e).__name__}: {e}"})
+                conn.close()
+                raise
+            await up.send(conn, {"type": "ready", "pid": os.getpid()})
+            self._tasks.append(loop.create_task(self._takeover_final(conn)))
+            self.log.info("upgrade_took_over", pid=os.getpid())
+        loop.add_signal_handler(signal.SIGUSR1, self.access_log.reopen)  # logrotate
+        if not upgrade_from:
+            await self.start()
         # what start-up built (modules, config, parts) lives as long as the process: keep it
         # out of every later collection so GC pauses scale with traffic state only
         gc.collect()
         gc.freeze()
-        sd = Notifier()  # systemd Type=notify: ready now, watchdog from this loop
+        sd = self._sd = Notifier()  # systemd Type=notify: ready now, watchdog from this loop
         if sd.enabled:
             sd.ready(f"serving {len(self.cfg.listeners)} listeners, "
                      f"{len(self.cfg.vrrp)} vrrp instances")
@@ -423,6 +782,9 @@ class Node:
             t.cancel()
         if self._draining:
             await asyncio.gather(*list(self._draining), return_exceptions=True)
+        if self._successor is not None:
+            await self._stop_upgraded()
+            return
         # the election first: a master sends priority 0 before any other part stops, so the
         # backup's Skew_Time starts at once (Election.stop is idempotent: the loop skips it)
         if self.election is not None:
@@ -464,6 +826,13 @@ class ReloadResult:
 
     def __repr__(self) -> str:
         return f"ReloadResult(ok={self.ok}, changes={self.changes}, errors={self.errors})"
+
+
+def _fd_of(stream, default: int) -> int:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a test's captured stream
+        return default
 
 
 async def _quietly(aw, log) -> None:

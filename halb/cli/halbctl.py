@@ -9,6 +9,10 @@
     weight POOL BACKEND N [--json]           set the admin weight (0..256; 0 drains)
     failover INSTANCE [--json]               hand a master instance over to a backup
     reload [--json]                          read the config file again, apply the changes
+    upgrade [--drain S] [--json]             replace halbd by a new process, nothing dropped
+    backend add POOL NAME ADDRESS [--weight N] [--backup] [--max-conns N] [--json]
+    backend del POOL NAME [--json]           remove: nothing new at once, connections finish
+    backend maint|ready POOL NAME [--json]   maintenance on (no traffic at all) or off
     tables [sticky|flow|nat] [--prefix P] [--limit N] [--json]
     watch [--interval S] [--count N]         status, refreshed live
     pki init --out DIR NODE [NODE...] [--ip NODE=IP ...]   CA and node certificates for a lab
@@ -216,7 +220,7 @@ def backends_table(pools, title: str = "pools"):
     from rich.table import Table
     t = Table(title=title, title_justify="left", expand=False)
     for col in ("pool", "backend", "address", "state", "healthy", "weight", "eff", "active",
-                "total", "failures", "rt ms", "role"):
+                "total", "failures", "rt ms", "role", "agent"):
         t.add_column(col, justify="right" if col in ("weight", "eff", "active", "total",
                                                      "failures", "rt ms") else "left")
     for p in pools:
@@ -224,7 +228,8 @@ def backends_table(pools, title: str = "pools"):
             t.add_row(p.name, b.name, b.address, _styled(b.state), "yes" if b.healthy else "no",
                       str(b.weight), str(b.effective_weight), str(b.active), str(b.total),
                       str(b.failures), f"{b.ewma_rt_seconds * 1000:.1f}",
-                      ("backup" + (" (serving)" if p.backup_active else "")) if b.backup else "primary")
+                      ("backup" + (" (serving)" if p.backup_active else "")) if b.backup else "primary",
+                      b.agent_state or ("-" if not b.agent else "ok"))
     return t
 
 
@@ -334,6 +339,25 @@ def _print_backend(args, b) -> None:
         print(_backend_line(b))
 
 
+def cmd_backend(args, client: Client) -> int:
+    pb = client.pb
+    if args.action == "add":
+        req = pb.AddBackendRequest(pool=args.pool, name=args.name, address=args.backend_address,
+                                   backup=args.backup, max_conns=args.max_conns)
+        if args.weight is not None:
+            if not 0 <= args.weight <= 256:
+                raise Fail(EXIT_USAGE, f"weight {args.weight} out of range (0..256)")
+            req.weight = args.weight
+        r = client.call("AddBackend", req)
+    elif args.action == "del":
+        r = client.call("DeleteBackend", pb.BackendRef(pool=args.pool, backend=args.name))
+    else:
+        r = client.call("SetMaintenance", pb.SetMaintenanceRequest(
+            pool=args.pool, backend=args.name, maint=args.action == "maint"))
+    _print_backend(args, r.backend)
+    return EXIT_OK
+
+
 def cmd_drain(args, client: Client) -> int:
     r = client.call("Drain", client.pb.BackendRef(pool=args.pool, backend=args.backend))
     _print_backend(args, r.backend)
@@ -364,6 +388,22 @@ def cmd_failover(args, client: Client) -> int:
     print(f"instance {i.name}: handover started; now {i.state or 'unknown'} "
           f"(priority {i.priority})")
     return EXIT_OK
+
+
+def cmd_upgrade(args, client: Client) -> int:
+    req = client.pb.UpgradeRequest()
+    if args.drain is not None:
+        req.drain_seconds = args.drain
+    # the new process must start and take over: allow for that unless --timeout says more
+    client.timeout = max(client.timeout, 60.0)
+    r = client.call("Upgrade", req)
+    if args.json:
+        _print_json(to_dict(r))
+    elif r.ok:
+        print(f"upgraded: the new halbd (pid {r.pid}) serves; the old one drains and exits")
+    else:
+        print(f"upgrade failed, the running halbd carries on: {r.error}", file=sys.stderr)
+    return EXIT_OK if r.ok else EXIT_ERROR
 
 
 def cmd_reload(args, client: Client) -> int:
@@ -607,6 +647,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("instance")
     p.add_argument("--json", action="store_true", help="the instance afterwards, as JSON")
     p.set_defaults(fn=cmd_failover)
+
+    p = sub.add_parser("backend", parents=[common],
+                       help="add, delete or put in maintenance a backend at run time")
+    bsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = bsub.add_parser("add", parents=[common], help="add a backend to a pool (kept across "
+                        "reloads and restarts unless the config defines it)")
+    q.add_argument("pool")
+    q.add_argument("name")
+    q.add_argument("backend_address", metavar="ADDRESS", help="host:port")
+    q.add_argument("--weight", type=_int, default=None, help="0..256 (default 1)")
+    q.add_argument("--backup", action="store_true")
+    q.add_argument("--max-conns", type=_count(0, 1_000_000), default=0)
+    for name, hlp in (("del", "remove a backend: nothing new at once, its connections finish"),
+                      ("maint", "maintenance: no traffic at all, sticky clients included"),
+                      ("ready", "end maintenance")):
+        q2 = bsub.add_parser(name, parents=[common], help=hlp)
+        q2.add_argument("pool")
+        q2.add_argument("name")
+    for q3 in bsub.choices.values():
+        q3.add_argument("--json", action="store_true", help="the backend afterwards, as JSON")
+        q3.set_defaults(fn=cmd_backend)
+
+    p = sub.add_parser("upgrade", parents=[common],
+                       help="replace the running halbd by a new process (sockets, VIPs and "
+                            "tables handed over)")
+    p.add_argument("--drain", type=float, default=None,
+                   help="seconds the old process's connections get to finish (default 30)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_upgrade)
 
     p = sub.add_parser("reload", parents=[common],
                        help="read the node's config file again and apply the changes")

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="validate the config and exit")
     ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                     help="override node.log_level")
+    ap.add_argument("--upgrade-from", metavar="SOCKET", default="",
+                    help=argparse.SUPPRESS)  # started by the running halbd (halbctl upgrade)
     ap.add_argument("--version", action=_Version, help="show the version, and whether the L7 hot "
                     "path runs compiled, and exit")
     args = ap.parse_args(argv)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
         pass
     try:
-        asyncio.run(Node(cfg).run())
+        asyncio.run(Node(cfg).run(upgrade_from=args.upgrade_from))
     except KeyboardInterrupt:
         return 0
     except OSError as e:

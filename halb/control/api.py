@@ -121,7 +121,18 @@ def backend_msg(pool: Pool, b: Backend, now: float) -> pb.BackendStatus:
         healthy=b.healthy, drain=b.admin_drain, weight=max(0, b.weight),
         config_weight=max(0, b.cfg_weight), effective_weight=eff, active=max(0, b.active),
         total=max(0, b.total), failures=max(0, b.failures), backup=b.backup,
-        max_conns=max(0, b.max_conns), ewma_rt_seconds=b.ewma_rt)
+        max_conns=max(0, b.max_conns), ewma_rt_seconds=b.ewma_rt, agent=b.agent_said,
+        agent_state=_agent_state(b))
+
+
+def _agent_state(b: Backend) -> str:
+    out = []
+    if b.agent_weight >= 0:
+        out.append(f"weight {b.agent_weight}")
+    for flag, word in ((b.agent_drain, "drain"), (b.agent_maint, "maint"), (b.agent_down, "down")):
+        if flag:
+            out.append(word)
+    return ", ".join(out)
 
 
 def pool_msg(pool: Pool, now: float) -> pb.PoolStatus:
@@ -195,6 +206,11 @@ class ControlTargets:
     nat: NatService | None = None
     # reads the config file again and applies it (Node.reload_file): a ReloadResult
     reload: Callable[[], Awaitable[Any]] | None = None
+    # runtime backends (Node.backend_add, backend_del, backend_maint)
+    backend_add: Callable[..., Awaitable[Any]] | None = None
+    backend_del: Callable[..., Awaitable[Any]] | None = None
+    backend_maint: Callable[..., Awaitable[Any]] | None = None
+    upgrade: Callable[..., Awaitable[dict]] | None = None  # Node.upgrade
 
 
 class ControlAPI:
@@ -303,6 +319,76 @@ class ControlAPI:
         r = await fn()
         return pb.ReloadReply(ok=r.ok, changes=r.changes, errors=r.errors,
                               config=self.targets.config.source)
+
+    async def add_backend(self, req: pb.AddBackendRequest) -> pb.BackendStatus:
+        from ..config import BackendConfig, NAME_RE, parse_endpoint
+        tg = self.targets
+        if tg.backend_add is None:
+            raise _refused("this node cannot change backends at run time")
+        _name(req.pool, "pool")
+        _name(req.name, "backend")
+        pool = tg.pools.get(req.pool)
+        if pool is None:
+            raise _missing(f"no such pool {req.pool!r} (pools: {_names(tg.pools)})")
+        if pool.cfg.name in self._nat_pools():
+            raise _refused(f"pool {req.pool!r} serves a NAT listener: change it in the config "
+                           f"file (its backends are kernel rules)")
+        if not NAME_RE.match(req.name):
+            raise _bad(f"invalid backend name {req.name!r} (letters, digits, '_', '.', '-'; "
+                       f"at most 63)")
+        if req.name in pool.by_name:
+            raise _bad(f"pool {req.pool!r} already has a backend {req.name!r}")
+        try:
+            addr = parse_endpoint(req.address)
+        except ValueError as e:
+            raise _bad(f"address {req.address!r}: {e}") from None
+        weight = req.weight if req.HasField("weight") else 1
+        if not 0 <= weight <= 256:
+            raise _bad(f"weight {weight} out of range (0..256)")
+        if req.max_conns > 1_000_000:
+            raise _bad(f"max_conns {req.max_conns} out of range (0..1000000)")
+        b = BackendConfig(name=req.name, address=addr, weight=weight, backup=req.backup,
+                          max_conns=req.max_conns)
+        r = await tg.backend_add(req.pool, b)
+        if not r.ok:
+            raise _refused("; ".join(r.errors))
+        return backend_msg(pool, pool.by_name[req.name], self._now())
+
+    def _nat_pools(self) -> set[str]:
+        return {lc.pool for lc in self.targets.config.listeners if lc.mode == "nat"}
+
+    async def delete_backend(self, pool_name: str, backend_name: str) -> pb.BackendStatus:
+        tg = self.targets
+        if tg.backend_del is None:
+            raise _refused("this node cannot change backends at run time")
+        pool, b = self._backend(pool_name, backend_name)
+        if pool_name in self._nat_pools():
+            raise _refused(f"pool {pool_name!r} serves a NAT listener: change it in the config file")
+        if len(pool.backends) == 1:
+            raise _refused(f"{backend_name!r} is the last backend of pool {pool_name!r}")
+        r = await tg.backend_del(pool_name, backend_name)
+        if not r.ok:
+            raise _refused("; ".join(r.errors))
+        return backend_msg(pool, b, self._now())
+
+    async def set_maintenance(self, pool_name: str, backend_name: str,
+                              on: bool) -> pb.BackendStatus:
+        tg = self.targets
+        if tg.backend_maint is None:
+            raise _refused("this node cannot change backends at run time")
+        pool, b = self._backend(pool_name, backend_name)
+        await tg.backend_maint(pool_name, backend_name, on)
+        return backend_msg(pool, b, self._now())
+
+    async def upgrade(self, req: pb.UpgradeRequest) -> pb.UpgradeReply:
+        fn = self.targets.upgrade
+        if fn is None:
+            raise _refused("this node cannot upgrade in place")
+        drain = req.drain_seconds if req.HasField("drain_seconds") else 30.0
+        if not 0.0 <= drain <= 3600.0:
+            raise _bad(f"drain {drain} out of range (0..3600 s)")
+        r = await fn(drain)
+        return pb.UpgradeReply(ok=r["ok"], pid=r["pid"], error=r["error"])
 
     async def failover(self, instance: str) -> pb.Instance:
         _name(instance, "instance")

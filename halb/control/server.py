@@ -102,6 +102,25 @@ class _Servicer(pb_grpc.ControlServicer):
         self.log.info("reload_requested", ok=r.ok, changes=len(r.changes), errors=len(r.errors))
         return r
 
+    async def AddBackend(self, request, context):
+        b = await self._call("AddBackend", context, lambda: self.api.add_backend(request))
+        return pb.BackendReply(backend=b)
+
+    async def DeleteBackend(self, request, context):
+        b = await self._call("DeleteBackend", context,
+                             lambda: self.api.delete_backend(request.pool, request.backend))
+        return pb.BackendReply(backend=b)
+
+    async def SetMaintenance(self, request, context):
+        b = await self._call("SetMaintenance", context, lambda: self.api.set_maintenance(
+            request.pool, request.backend, request.maint))
+        return pb.BackendReply(backend=b)
+
+    async def Upgrade(self, request, context):
+        r = await self._call("Upgrade", context, lambda: self.api.upgrade(request))
+        self.log.info("upgrade_requested", ok=r.ok, pid=r.pid, error=r.error)
+        return r
+
     async def DumpTable(self, request, context):
         return await self._call("DumpTable", context, lambda: self.api.dump_table(request))
 
@@ -157,6 +176,7 @@ class ControlServer:
         self.api.refusals = self.refusals
         self._counter = self._make_counter()
         self._collector = None
+        self._ino = 0  # the socket file this server made (stop removes only that one)
 
     def _refused(self, remote: str, reason: str, detail: str) -> None:
         self.refusals.add("in", reason, remote, detail)
@@ -193,6 +213,7 @@ class ControlServer:
         try:
             os.chmod(path, 0o600)
             await server.start()
+            self._ino = os.lstat(path).st_ino
             if self.cfg.address is not None and self.cfg.tls is not None:
                 # TCP with mutual TLS: halb's TLS front (every refused handshake is counted
                 # and logged with the remote address) relays to the unix socket
@@ -255,6 +276,8 @@ class ControlServer:
             await self.health.enter_graceful_shutdown()
         await server.stop(STOP_GRACE)
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+            st = os.lstat(self.socket_path)
+            # not when an upgraded process has put its own socket there since
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._ino:
                 os.unlink(self.socket_path)
         self.log.info("control_stopped")

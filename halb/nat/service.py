@@ -156,6 +156,11 @@ class NatService:
                  listeners=[f"{s.name} {s.proto} {s.vip}:{s.port} -> {s.pool}"
                             for s in self.services])
 
+    def release(self) -> None:
+        """An upgrade: the new process owns the nftables table now; this one's stop leaves
+        it in place."""
+        self._applied = False
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()

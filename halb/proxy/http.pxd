@@ -24,10 +24,12 @@ cdef class _Settings:
     cdef public object metrics
     cdef public dict bk
     cdef public bytes via10, via11
+    cdef public bint alog_on
 
 
 cdef class HttpListener:
     cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper, handover
+    cdef public object alog
     cdef public Router router
     cdef public dict pools
     cdef public set conns
@@ -51,6 +53,7 @@ cdef class _Rx:
     cdef public object body
     cdef public Py_ssize_t buffered, replay_bytes
     cdef public object replay
+    cdef public double t0, th
 
 
 cdef class BackendConn:
@@ -93,6 +96,12 @@ cdef class ClientConn:
     cdef public Py_ssize_t hi_start, hi_end
     cdef public int paused, attempts, status
     cdef public Py_ssize_t raw_head, hbytes
+    cdef public object alog
+    cdef public int cport
+    cdef public double t_begin, t_start, t_resp
+    cdef public Py_ssize_t nb, nup
+    cdef public str why, lterm
+    cdef public _Rx lrx
     cdef public double deadline, t0
     cpdef flush(self)
     cpdef put(self, bytes data)
@@ -120,3 +129,4 @@ cdef class ClientConn:
     cpdef resp_body(self, bytes data)
     cpdef resp_done(self, BackendConn bc, bint reusable)
     cdef _next(self)
+    cdef _alog_x(self, _Rx rx, int status, str term)

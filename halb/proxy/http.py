@@ -41,6 +41,12 @@ was absent or fully buffered (at most ``REPLAY_MAX``). A stale reused keep-alive
 is retried once on a fresh connection to the same backend. Answers when nothing can serve:
 503 (no backend up in the pool), 502 (backend failed or sent garbage), 504 (backend timeout).
 
+Access log (``halb.accesslog``): every exchange that ends (answered, refused, failed, its
+client gone, a tunnel closed) is logged once (``_alog_x``) with the instants read on the way
+(first request byte, head complete, exchange start, request sent, response head) and the bytes
+queued for the client (``nb``). With the log off (``alog`` None) the per-request cost is a few
+``is not None`` checks and an integer add per piece sent.
+
 Strict parsing: what llhttp rejects and what halb checks itself
 ---------------------------------------------------------------
 Measured with httptools 0.9 (llhttp, default strict settings; see tests/unit/test_http_head.py
@@ -86,6 +92,8 @@ try:
 except ImportError:  # pragma: no cover - Cython absent at run time
     from .. import _cyshim as cython
 
+from ..accesslog import cookie_state, http_phase
+from ..accesslog_writer import for_listener
 from ..config import ListenerConfig
 from ..log import get_logger
 from ..metrics import record
@@ -145,7 +153,8 @@ _NO_BODY_METHODS = frozenset((b"GET", b"HEAD"))
 class _Rx:
     """A request whose head has been parsed: its body state while it is received/sent."""
 
-    __slots__ = ("req", "keep_alive", "body", "buffered", "complete", "replay", "replay_bytes")
+    __slots__ = ("req", "keep_alive", "body", "buffered", "complete", "replay", "replay_bytes",
+                 "t0", "th")
 
     def __init__(self, req, keep_alive: bool):
         self.req = req
@@ -156,6 +165,9 @@ class _Rx:
         self.complete = False  # the whole request has been received
         self.replay: list[bytes] | None = [] if body else None  # kept for a retry (small only)
         self.replay_bytes = 0
+        # access log (set only while it is on): first byte of the request, head complete
+        self.t0 = -1.0
+        self.th = -1.0
 
 
 class _Settings:
@@ -163,7 +175,7 @@ class _Settings:
 
     __slots__ = ("max_line", "max_headers", "max_header_bytes", "max_conns", "t_header",
                  "t_body", "t_idle", "t_server", "t_connect", "t_tunnel", "forwarded", "proto",
-                 "name", "metrics", "bk", "via10", "via11")
+                 "name", "metrics", "bk", "via10", "via11", "alog_on")
 
     def __init__(self, cfg: ListenerConfig, proto: str, metrics):
         lim, t = cfg.limits, cfg.timeouts
@@ -187,6 +199,7 @@ class _Settings:
         self.name = cfg.name
         self.metrics = metrics
         self.bk = metrics._bk  # metrics.record's per-backend counters (see _release)
+        self.alog_on = getattr(cfg, "access_log", True)  # (a reload rebuilds these settings)
 
 
 class HttpListener:
@@ -216,6 +229,7 @@ class HttpListener:
         self.ob_b: list[BackendConn] = []
         self.ob_armed = False
         self.handover = None  # a listening socket taken over from the listener this replaces
+        self.alog = for_listener(node, True)  # the node's access log, or None (then: off)
 
     def reconfigure(self, cfg: ListenerConfig) -> None:
         """A reload changed this listener's routes, timeouts, limits, headers or default pool
@@ -269,12 +283,21 @@ class HttpListener:
             except Exception:  # a bug here must not stop the sweeps
                 log.exception("sweep_failed", listener=self.name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stops accepting; ``grace`` > 0 (an upgrade's old process, a listener a reload
+        removed): for up to ``grace`` seconds the connections go on, each answer saying
+        ``Connection: close``, so keep-alive clients move to the new socket's owner between
+        requests rather than meet a close; then idle connections close and busy ones after
+        their answer (2 s more at most)."""
         self.stopping = True
-        if getattr(self, "_sweeper", None) is not None:
-            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
+        if grace > 0 and self.loop is not None:
+            deadline = self.loop.time() + grace
+            while self.conns and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.cancel()
         for c in list(self.conns):
             c.shutdown()
         for lst in list(self.idle.values()):
@@ -285,6 +308,7 @@ class HttpListener:
         while self.conns and self.loop and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for c in list(self.conns):
+            c.why = "K"  # (the access log: killed while open)
             c.abort()
         if self.server is not None:
             try:
@@ -403,7 +427,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
         if cc is not None:
             self.cc = None
             if self.tun:
-                cc.tun_end("backend closed")
+                cc.tun_end("backend closed" if exc is None else "backend reset")
             elif self.close_delimited and not self.doubtful:
                 cc.resp_done(self, False)
             else:
@@ -545,7 +569,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
                  "cookie_val", "hkey", "acquired", "t0", "reused", "stale_retry", "sent_all",
                  "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver", "queued",
-                 "tunnel", "held", "shut", "skip", "synth", "raw_target", "hi_start", "hi_end")
+                 "tunnel", "held", "shut", "skip", "synth", "raw_target", "hi_start", "hi_end",
+                 "alog", "cport", "t_begin", "t_start", "t_resp", "nb", "nup", "why", "lrx",
+                 "lterm")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
@@ -610,6 +636,17 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.raw_target: bytes | None = None
         self.hi_start = 0
         self.hi_end = 0  # > 0: the line at data[hi_start:hi_end] has such bytes
+        # the access log (halb.accesslog): None when off, and then nothing below is read
+        self.alog = lst.alog if self.s.alog_on else None
+        self.cport = 0
+        self.t_begin = -1.0  # first byte of the request being received (when logging)
+        self.t_start = -1.0  # the exchange in flight started (when logging)
+        self.t_resp = -1.0  # its response head came
+        self.nb = 0  # bytes queued for the client by the exchange in flight
+        self.nup = 0  # bytes from the client in a tunnel
+        self.why = ""  # who ended the connection, when halb knows better than "C" (c, K)
+        self.lrx: _Rx | None = None  # the exchange last logged (each is logged once)
+        self.lterm = ""  # the termination state of the last failed attempt
 
     # -- transport events -----------------------------------------------------------------
 
@@ -624,6 +661,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         l.conns.add(self)
         peer = tr.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
+        self.cport = peer[1] if peer else 0
         tr.set_write_buffer_limits(HIGH_WATER)
         self.node.metrics.conn_open(l.name)
         self._arm("head", self.s.t_header)
@@ -633,6 +671,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self._cancel_timers()
         if not self.accepted:
             return
+        if self.alog is not None and self.cur is not None and self.cur is not self.lrx:
+            self._alog_lost(exc)  # the exchange in flight ends with the connection
         self.accepted = False
         self.l.conns.discard(self)
         self.node.metrics.conn_close(self.l.name)
@@ -713,6 +753,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def _send_timeout(self) -> None:
         self.wtimer = None
         log.debug("client_send_timeout", listener=self.l.name, client=self.client_ip)
+        self.why = "c"  # (the access log: the client took nothing in time)
         self.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -917,6 +958,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.hdrs = []
         self.hbytes = 0
         self.raw_head = 0
+        if self.alog is not None:
+            self.t_begin = _clock()
 
     def on_url(self, url: bytes) -> None:
         if self.synth:
@@ -959,6 +1002,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.hdrs = None
         keep = p.should_keep_alive() and b"close" not in req.conn_tokens
         rx = _Rx(req, keep)
+        if self.alog is not None:
+            rx.t0 = self.t_begin
+            rx.th = _clock()
+            self.t_begin = -1.0
         self.hbytes = 0
         self.queue.append(rx)
         if req.has_body:
@@ -1096,11 +1143,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 bc.close()
             self._release(None, False)
             if self.resp_started:
+                if self.alog is not None:
+                    self._alog_x(cur, self.status, ("c" if err.status == 408 else "P") + "D")
                 self.abort()
                 return
             self.cur = None
             self.queue.clear()
-            self._send_error(err)
+            self._send_error(err, cur)
             return
         while self.queue and not self.queue[-1].complete and self.queue[-1] is not cur:
             self.queue.pop()  # the bad request itself, if its head had been parsed
@@ -1112,11 +1161,16 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         self._send_error(err)
 
-    def _send_error(self, err: HttpError) -> None:
+    def _send_error(self, err: HttpError, rx: _Rx | None = None) -> None:
+        """Answers a refused request and closes; ``rx``: the exchange it broke (its body was
+        bad or late), None for a request that never became one."""
         self.paused |= _P_DONE
         self._cancel_timer()
         if self.tr is not None and not self.closed:
-            self.put(error_response(err.status, err.reason))
+            resp = error_response(err.status, err.reason)
+            if self.alog is not None:
+                self._alog_refused(err.status, len(resp), rx)
+            self.put(resp)
             self.close()
 
     def close(self) -> None:
@@ -1165,8 +1219,14 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.cookie_val = ""
         self.hkey = None
         self.stale_retry = False
+        self.t0 = -1.0  # (set when the request goes to a backend)
+        self.nb = 0
+        if self.alog is not None:
+            self.t_start = _clock()
+            self.t_resp = -1.0
+            self.lterm = ""
         if pool is None:  # config validation makes this unreachable; stay safe
-            self._answer_error(HttpError(503, f"no pool {pool_name!r}"))
+            self._answer_error(HttpError(503, f"no pool {pool_name!r}"), "SC")
             return
         mode = pool.sticky_mode
         if mode == "cookie":
@@ -1201,11 +1261,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             b = pool.pick(self.hkey, self.tried)
         if b is None:
             if not self.tried:
-                self._answer_error(HttpError(503, f"no backend available in pool {pool.name}"))
+                self._answer_error(HttpError(503, f"no backend available in pool {pool.name}"),
+                                   "SC")
             elif self.last_err == "timeout":
-                self._answer_error(HttpError(504, "backend timed out"))
+                self._answer_error(HttpError(504, "backend timed out"), self.lterm or "sH")
             else:
-                self._answer_error(HttpError(502, "backend failed"))
+                self._answer_error(HttpError(502, "backend failed"), self.lterm or "SH")
             return
         self.b = b
         self.tried += (b,)
@@ -1238,12 +1299,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         if bc is None:
             self.last_err = err
+            self.lterm = "sC" if err == "timeout" else "SC"
             self._backend_error(b, err)
             if self.attempts <= self.pool.retries:
                 self._attempt()
             else:
                 self._answer_error(HttpError(504, "backend connect timeout") if err == "timeout"
-                                   else HttpError(502, "cannot connect to backend"))
+                                   else HttpError(502, "cannot connect to backend"), self.lterm)
             return
         self._attach(bc, False)
 
@@ -1305,8 +1367,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         """A 1xx other than 101 (100 Continue, 103 Early Hints...): forwarded with its fields
         to an HTTP/1.1 client (an HTTP/1.0 one gets none, RFC 9110 15.2)."""
         if self.cur is not None and self.cur.req.version == "1.1" and not self.closed:
-            self.out.append(rh.build(status, None, False, False, None, False,
-                                     self.s.via11 if minor == 1 else self.s.via10))
+            head = rh.build(status, None, False, False, None, False,
+                            self.s.via11 if minor == 1 else self.s.via10)
+            self.nb += len(head)
+            self.out.append(head)
 
     def resp_head(self, bc: BackendConn, status: int, rh: ResponseHead) -> tuple[bool, bool]:
         """Sends the response head on (its status line as the framer read it); returns
@@ -1343,9 +1407,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
         if not self.closed:
-            self.out.append(rh.build(status, None, chunk, close, set_cookie,
-                                     not close and req.version == "1.0",
-                                     self.s.via11 if bc.fr.minor == 1 else self.s.via10))
+            head = rh.build(status, None, chunk, close, set_cookie,
+                            not close and req.version == "1.0",
+                            self.s.via11 if bc.fr.minor == 1 else self.s.via10)
+            self.nb += len(head)
+            self.out.append(head)
+        self.t_resp = bc.last  # (the time of this read)
         return head_only, close_delim
 
     def _record_sticky(self, mode: str, pool, b) -> None:
@@ -1366,9 +1433,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.closed:
             return
         if self.resp_chunk:
-            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+            size = b"%x\r\n" % len(data)
+            self.out += (size, data, b"\r\n")
+            self.nb += len(size) + len(data) + 2
         else:
             self.out.append(data)
+            self.nb += len(data)
 
     def resp_done(self, bc: BackendConn, reusable: bool) -> None:
         rx = self.cur
@@ -1386,7 +1456,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         if self.resp_chunk:
             tl = bc.fr.trailers
-            self.put(b"0\r\n" + trailer_lines(None, tl) + b"\r\n" if tl else b"0\r\n\r\n")
+            last = b"0\r\n" + trailer_lines(None, tl) + b"\r\n" if tl else b"0\r\n\r\n"
+            self.nb += len(last)
+            self.put(last)
+        if self.alog is not None and rx is not None:
+            self._alog_x(rx, self.status, "--")
         self._next()
 
     def _next(self) -> None:
@@ -1436,6 +1510,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._backend_error(b, kind)
             if self.queued:
                 self.send_now()  # the part that came, then the break
+            if self.alog is not None:
+                self._alog_x(rx, self.status, ("s" if kind == "timeout" else
+                                               "P" if kind == "protocol" else "S") + "D")
             self.abort()  # an answer is half sent: the client must see the break
             return
         replayable = (rx.req.method in IDEMPOTENT and rx.complete
@@ -1449,6 +1526,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.connecting = self.loop.create_task(self._connect(b))
             return
         self.last_err = "timeout" if kind == "timeout" else "failed"
+        # (the access log: the backend timed out, sent garbage, or closed before answering)
+        self.lterm = "sH" if kind == "timeout" else "PH" if kind == "protocol" else "SH"
         self._release(None, True)
         self._backend_error(b, kind)
         if replayable and self.attempts <= self.pool.retries:
@@ -1456,10 +1535,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._attempt()
             return
         self._answer_error(HttpError(504, "backend timed out") if kind == "timeout"
-                           else HttpError(502, f"backend failed ({kind})"))
+                           else HttpError(502, f"backend failed ({kind})"), self.lterm)
 
-    def _answer_error(self, err: HttpError) -> None:
-        """No backend could serve the request in flight: answer it; close if unsure."""
+    def _answer_error(self, err: HttpError, term: str) -> None:
+        """No backend could serve the request in flight: answer it; close if unsure. ``term``:
+        the access log's termination state (halb.accesslog)."""
         log.debug("request_failed", listener=self.l.name, client=self.client_ip,
                   status=err.status, reason=err.reason,
                   pool=self.pool.name if self.pool else "")
@@ -1468,8 +1548,12 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         keep = rx is not None and rx.complete and rx.keep_alive and not self.eof \
             and self.pending_error is None and not self.l.stopping
-        self.put(error_response(err.status, err.reason, close=not keep))
+        resp = error_response(err.status, err.reason, close=not keep)
+        self.nb += len(resp)
+        self.put(resp)
         self.resp_close = not keep
+        if self.alog is not None and rx is not None:
+            self._alog_x(rx, err.status, term)
         self._next()
 
     # -- tunnels (after a 101) ------------------------------------------------------------
@@ -1488,7 +1572,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         rh = bc.rh
         extra = b"Connection: upgrade\r\nUpgrade: " + rh.upgrade + b"\r\n" + (
             self.s.via11 if bc.fr.minor == 1 else self.s.via10)
-        self.out.append(rh.build(101, None, False, False, None, False, extra))
+        head = rh.build(101, None, False, False, None, False, extra)
+        self.out.append(head)
+        self.nb += len(head) + len(rest)
+        self.t_resp = bc.last
+        self.nup = 0
         if rest:
             self.out.append(rest)
         self.flush()
@@ -1508,6 +1596,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if held:
             bc.out.append(held)
             bc.queue()
+            self.nup += len(held)
         if rx is not None and self.queue and self.queue[0] is rx:
             del self.queue[0]
         self._arm("tunnel", self.s.t_tunnel)
@@ -1520,6 +1609,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if bc is None or bc.closed:
             return
         bc.tr.write(data)
+        self.nup += len(data)
         self.deadline = _clock() + self.s.t_tunnel
 
     def tun_down(self, data: bytes) -> None:
@@ -1529,6 +1619,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.queued:
             self.send_now()  # the 101 and what came with it go first
         self.tr.write(data)
+        self.nb += len(data)
         self.deadline = _clock() + self.s.t_tunnel
 
     def tun_eof(self, from_client: bool):
@@ -1560,4 +1651,59 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             bc.cc = None
             bc.close_soft()
         log.debug("tunnel_closed", listener=self.l.name, client=self.client_ip, reason=why)
+        if self.alog is not None and self.cur is not None:
+            self._alog_x(self.cur, 101, "cD" if why == "timeout" else "KD" if why == "stopping"
+                         else "SD" if why == "backend reset" else "--")
         self.close()
+
+    # -- the access log (halb.accesslog; called only while it is on) -----------------------
+
+    def _alog_x(self, rx: _Rx, status: int, term: str) -> None:
+        """The line of exchange ``rx`` (once), ending with ``status`` and ``term``."""
+        if rx is self.lrx:
+            return
+        self.lrx = rx
+        pool = self.pool
+        b = self.b if self.attempts > 0 else None
+        ck = "--"
+        if pool is not None and pool.sticky_mode == "cookie":
+            val = self.cookie_val
+            ck = cookie_state("cookie", val, val in pool.by_name,
+                              b is not None and self.sticky_b is b and self.attempts == 1,
+                              b is not None and self.t_resp >= 0 and status != 101
+                              and val != b.name)  # (as resp_head decides a Set-Cookie)
+        req = rx.req
+        self.alog.http(rx.t0, rx.th, self.t_start if b is not None else -1.0, self.t0,
+                       self.t_resp, _clock(), self.client_ip, self.cport, self.l.name,
+                       pool.name if pool is not None else "-",
+                       b.name if b is not None else "-", status, self.nb,
+                       self.nup if self.tunnel else -1, term, ck, req.method, req.target,
+                       req.version, (self.attempts - 1 if self.attempts > 1 else 0)
+                       + (1 if self.stale_retry else 0), len(self.l.conns),
+                       b.active if b is not None else 0)
+
+    def _alog_refused(self, status: int, nbytes: int, rx: _Rx | None) -> None:
+        """A refused request (400, 408, 413, 414, 431, 501): the exchange it broke, or a
+        ``<BADREQ>`` line for one that never became an exchange."""
+        who = "c" if status == 408 else "P"
+        if rx is not None:
+            self.nb += nbytes
+            self._alog_x(rx, status, who + ("D" if self.t0 >= 0 else "R"))
+            return
+        now = _clock()
+        t = self.t_begin if self.t_begin >= 0 else now
+        self.t_begin = -1.0
+        self.alog.http(t, -1.0, -1.0, -1.0, -1.0, now, self.client_ip, self.cport, self.l.name,
+                       "-", "-", status, nbytes, -1, who + "R", "--", None, None, "", 0,
+                       len(self.l.conns), 0)
+
+    def _alog_lost(self, exc) -> None:
+        """The client connection closed with an exchange in flight."""
+        rx = self.cur
+        if self.tunnel:
+            term = (self.why or "C") + "D" if self.why or exc is not None else "--"
+        else:
+            term = (self.why or "C") + http_phase(
+                True, self.attempts > 0 or self.connecting is not None, self.t0 >= 0,
+                self.resp_started, rx.complete)
+        self._alog_x(rx, self.status if self.resp_started else -1, term)

@@ -44,6 +44,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import log as hlog
+from ..accesslog_writer import for_listener
 from ..balance import hash_key_for
 from ..model import Pool
 from ..tables import flow_key, sticky_key
@@ -203,7 +204,7 @@ class _Dir:
                     conn.lst.splice_failed(e)
                     self._copy(conn)
                     return
-                conn.abort(e)
+                conn.abort(e, self.src)
                 return
             if n == 0:
                 self.eof()
@@ -214,7 +215,7 @@ class _Dir:
             except BlockingIOError:
                 m = 0
             except OSError as e:
-                conn.abort(e)
+                conn.abort(e, self.dst)
                 return
             if m < n:
                 self.pending = n - m
@@ -237,7 +238,7 @@ class _Dir:
             except BlockingIOError:
                 return
             except OSError as e:
-                conn.abort(e)
+                conn.abort(e, self.src)
                 return
             if n == 0:
                 self.eof()
@@ -248,7 +249,7 @@ class _Dir:
             except BlockingIOError:
                 m = 0
             except OSError as e:
-                conn.abort(e)
+                conn.abort(e, self.dst)
                 return
             if m < n:
                 self.left = bytes(mv[m:n])
@@ -280,7 +281,7 @@ class _Dir:
         except BlockingIOError:
             return
         except OSError as e:
-            conn.abort(e)
+            conn.abort(e, self.dst)
             return
         loop = conn.loop
         loop.remove_writer(self.dfd)
@@ -316,9 +317,15 @@ _NONE: frozenset = frozenset()
 
 class _Conn:
     __slots__ = ("lst", "loop", "cs", "caddr", "client", "bs", "backend", "tried", "attempts",
-                 "timer", "t0", "rt", "state", "up", "down", "last", "seen", "key", "preamble")
+                 "timer", "t0", "rt", "state", "up", "down", "last", "seen", "key", "preamble",
+                 "alog", "ta", "tf", "why")
 
     def __init__(self, lst: "TcpListener", cs: socket.socket, caddr: tuple):
+        # the access log (one line at close), if on for the node and this listener
+        self.alog = lst.alog if lst.cfg.access_log else None
+        self.ta = lst.node.clock.now() if self.alog is not None else -1.0  # accepted
+        self.tf = -1.0  # first connect attempt
+        self.why = ""  # termination state when not a normal end (halb.accesslog)
         self.lst = lst
         self.loop = lst.loop
         self.cs = cs
@@ -369,11 +376,14 @@ class _Conn:
                 Pool.release(b)
                 self.backend = None
                 lst.rlog.warning("backend_socket_failed", error=str(e))
+                self.why = "RC"  # out of sockets (the access log's resource state)
                 break
             bs.setblocking(False)
             bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.bs = bs
             self.t0 = lst.node.clock.now()
+            if self.tf < 0:
+                self.tf = self.t0
             err = bs.connect_ex(lst.sockaddr_of(b))
             if err in (0, errno.EINPROGRESS):
                 self.loop.add_writer(bs.fileno(), self.on_connected)
@@ -383,6 +393,8 @@ class _Conn:
         lst.event("no_backend")
         lst.rlog.warning("no_backend", key=lst.name, listener=lst.name, pool=lst.pool.name,
                          client=self.client, tried=[b.name for b in self.tried or ()])
+        if not self.why:  # (a last connect timeout set "sC")
+            self.why = "SC"
         self.close()
 
     def on_connected(self) -> None:
@@ -423,6 +435,7 @@ class _Conn:
         lst.event("connect_failed")
         lst.rlog.warning("backend_connect_failed", key=b.name, listener=lst.name,
                          pool=lst.pool.name, backend=b.name, reason=reason)
+        self.why = "sC" if reason == "connect timeout" else "SC"  # if no other one serves
 
     def _established(self) -> None:
         lst = self.lst
@@ -430,6 +443,7 @@ class _Conn:
         now = lst.node.clock.now()
         self.rt = now - self.t0
         self.last = now
+        self.why = ""  # (an earlier attempt's failure is not how this one ends)
         lst.pool.report_result(b, True, now)
         node = lst.node
         if lst.sticky_src:
@@ -477,14 +491,19 @@ class _Conn:
         if self.up.done and self.down.done:
             self.close()
 
-    def abort(self, exc: BaseException | None = None) -> None:
+    def abort(self, exc: BaseException | None = None, sock: socket.socket | None = None) -> None:
+        """A relay error on ``sock`` (the client's or the backend's socket)."""
         if exc is not None and getattr(exc, "errno", None) not in (errno.ECONNRESET, errno.EPIPE):
             _log.debug("relay_error", listener=self.lst.name, client=self.client, error=str(exc))
+        if not self.why:
+            self.why = "CD" if sock is self.cs else "SD"
         self.close()
 
     def close(self) -> None:
         if self.state == CLOSED:
             return
+        if self.alog is not None:
+            self._alog()
         self.state = CLOSED
         lst = self.lst
         loop = self.loop
@@ -513,6 +532,18 @@ class _Conn:
             lst.nbytes_in += self.up.nbytes  # pushed to the counters once per sweep
             lst.nbytes_out += self.down.nbytes
         lst.closed(self)
+
+    def _alog(self) -> None:
+        """The connection's access log line (halb.accesslog), made as it closes."""
+        lst = self.lst
+        b = self.backend
+        up = self.up
+        self.alog.tcp(self.ta, self.tf, self.t0 + self.rt if self.rt is not None else -1.0,
+                      lst.node.clock.now(), self.client, lst.name, lst.pool.name,
+                      b.name if b is not None else "-", up.nbytes if up is not None else 0,
+                      self.down.nbytes if up is not None else 0, self.why or "--",
+                      self.attempts - 1 if self.attempts > 1 else 0, len(lst.conns),
+                      b.active if b is not None else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,6 +586,7 @@ class TcpListener:
         self.nbytes_in = self.nbytes_out = 0
         self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
         self.handover: socket.socket | None = None  # a listening socket taken over (reload)
+        self.alog = for_listener(node, True)  # the node's access log, or None (off)
 
     def refresh_pool(self) -> None:
         """The pool's config changed (reload): the facts cached from it, again."""
@@ -620,7 +652,9 @@ class TcpListener:
         a = self._addrs.get(b)
         return a[1] if a is not None else (b.host, b.port)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stops accepting; open connections get up to ``grace`` seconds to finish (an
+        upgrade's old process: its drain deadline), then they are closed."""
         loop = self.loop
         if loop is None:
             return
@@ -632,10 +666,11 @@ class TcpListener:
         for h in (self._sweeper, self._resume):
             if h is not None:
                 h.cancel()
-        deadline = time.monotonic() + STOP_GRACE
+        deadline = time.monotonic() + max(grace, STOP_GRACE)
         while self.conns and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for c in list(self.conns):
+            c.why = c.why or "KD"  # (the access log: killed by the stop)
             c.close()
         self._flush_counters()
         self.pipes.close()
@@ -725,6 +760,7 @@ class TcpListener:
             for c in list(self.conns):
                 if c.state != RELAY:
                     if c.state == PREAMBLE and now - c.last >= self.connect_timeout:
+                        c.why = "sC"
                         c.close()  # the backend never took the PROXY header
                     continue
                 n = c.up.nbytes + c.down.nbytes
@@ -737,6 +773,7 @@ class TcpListener:
                 elif now - c.last >= tunnel:
                     self.event("idle_timeout")
                     _log.debug("idle_timeout", listener=self.name, client=c.client)
+                    c.why = "cD"
                     c.close()
         except Exception:  # never let housekeeping die
             _log.exception("sweep_failed", listener=self.name)

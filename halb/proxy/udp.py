@@ -196,6 +196,7 @@ class UdpListener:
         except ValueError:
             self.wildcard = False
         self.family = socket.AF_INET
+        self.handover: socket.socket | None = None  # a socket taken over (upgrade)
 
     def refresh_pool(self) -> None:
         """The pool's config changed (reload): the facts cached from it, again."""
@@ -238,7 +239,8 @@ class UdpListener:
             except (OSError, IndexError) as e:
                 _log.warning("backend_resolve_failed", pool=self.pool.name, backend=b.name,
                              host=b.host, error=str(e))
-        self.sock = bind_udp(self.cfg.bind.host, self.cfg.bind.port)
+        self.sock = self.handover or bind_udp(self.cfg.bind.host, self.cfg.bind.port)
+        self.handover = None
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         except OSError:  # pragma: no cover
@@ -254,7 +256,12 @@ class UdpListener:
         _log.info("listener_started", listener=self.name, bind=str(self.cfg.bind), mode="udp",
                   pool=self.pool.name, flow_timeout=self.timeout, max_flows=self.max_flows)
 
-    async def stop(self) -> None:
+    def take_socket(self) -> socket.socket:
+        """A duplicate of the listening socket, for the process or listener that replaces
+        this one (the flows this one holds end when it stops)."""
+        return self.sock.dup()
+
+    async def stop(self, grace: float = 0.0) -> None:
         if self.loop is None:
             return
         if self._sweeper is not None:

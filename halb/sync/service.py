@@ -163,6 +163,7 @@ class Peer:
         self.learned = False
         self.attempts = 0
         self.connects = 0
+        self.goodbye = False  # its current stream said KIND_GOODBYE: a planned close
         self.disconnects = 0
         self.received_entries = 0
         self.received_bytes = 0
@@ -186,7 +187,7 @@ class Peer:
 
 
 class _Stream:
-    __slots__ = ("batch", "acked", "wake", "closed", "error")
+    __slots__ = ("batch", "acked", "wake", "closed", "error", "goodbye")
 
     def __init__(self):
         self.batch = 0
@@ -194,6 +195,7 @@ class _Stream:
         self.wake = asyncio.Event()
         self.closed = False
         self.error = ""
+        self.goodbye = False  # say KIND_GOODBYE and end (SyncService.goodbye)
 
 
 class _Servicer(pbg.SyncServicer):
@@ -331,6 +333,19 @@ class SyncService:
         self._tasks.append(asyncio.create_task(self._learn(), name="sync-learn"))
         self.log.info("sync_started", listen=addr, port=port, tls=bool(self._tls),
                       peers=[f"{p.name}@{p.address}" for p in self.peers.values()])
+
+    async def goodbye(self, timeout: float = 1.0) -> None:
+        """Tells every follower that this node stops on purpose and a successor takes the
+        port over (``halbctl upgrade``), so none of them arms a fast takeover; returns once
+        the goodbyes are written (bounded by ``timeout``)."""
+        streams = list(self._streams)
+        for st in streams:
+            st.goodbye = True
+            st.wake.set()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(st in self._streams for st in streams) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -605,6 +620,10 @@ class SyncService:
             last_write = 0.0
             while not st.closed:
                 st.wake.clear()
+                if st.goodbye:
+                    await context.write(pb.SyncBatch(kind=Kind.KIND_GOODBYE, node=self.name,
+                                                     sent=self._now()))
+                    break
                 for s in order:
                     while st.batch - st.acked < WINDOW and not st.closed:
                         b = s.next_batch(self._now())
@@ -765,6 +784,10 @@ class SyncService:
                 b = await call.read()
                 if b is aio.EOF:
                     break
+                if b.kind == Kind.KIND_GOODBYE:
+                    p.goodbye = True
+                    why = "the peer hands over to its upgraded process"
+                    break
                 r = rx.get(b.table)
                 if r is None:
                     raise ProtocolError(f"unknown table {b.table!r}")
@@ -797,7 +820,11 @@ class SyncService:
             p.disconnects += 1
             p.connected = False
             p.state = "down"
-            self._peer_event(p, False)
+            if p.goodbye:  # a planned close: no fast takeover (its successor is coming)
+                p.goodbye = False
+                self.log.info("sync_peer_upgrading", peer=p.name)
+            else:
+                self._peer_event(p, False)
             self._progress.set()
         p.last_error = why
         self.log.warning("sync_disconnected", peer=p.name, address=p.address, error=why)

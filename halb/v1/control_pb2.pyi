@@ -132,7 +132,7 @@ class Peer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ..., sent_entries: _Optional[int] = ..., received_entries: _Optional[int] = ..., snapshots_sent: _Optional[int] = ..., resumes: _Optional[int] = ..., refused_in: _Optional[int] = ..., refused_out: _Optional[int] = ..., refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds")
+    __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds", "agent", "agent_state")
     POOL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class BackendStatus(_message.Message):
     BACKUP_FIELD_NUMBER: _ClassVar[int]
     MAX_CONNS_FIELD_NUMBER: _ClassVar[int]
     EWMA_RT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
     pool: str
     name: str
     address: str
@@ -163,7 +165,9 @@ class BackendStatus(_message.Message):
     backup: bool
     max_conns: int
     ewma_rt_seconds: float
-    def __init__(self, pool: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., drain: _Optional[bool] = ..., weight: _Optional[int] = ..., config_weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., active: _Optional[int] = ..., total: _Optional[int] = ..., failures: _Optional[int] = ..., backup: _Optional[bool] = ..., max_conns: _Optional[int] = ..., ewma_rt_seconds: _Optional[float] = ...) -> None: ...
+    agent: str
+    agent_state: str
+    def __init__(self, pool: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., drain: _Optional[bool] = ..., weight: _Optional[int] = ..., config_weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., active: _Optional[int] = ..., total: _Optional[int] = ..., failures: _Optional[int] = ..., backup: _Optional[bool] = ..., max_conns: _Optional[int] = ..., ewma_rt_seconds: _Optional[float] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("name", "algorithm", "up", "backup_active", "backends")
@@ -309,6 +313,48 @@ class FailoverReply(_message.Message):
 class ReloadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AddBackendRequest(_message.Message):
+    __slots__ = ("pool", "name", "address", "weight", "backup", "max_conns")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    name: str
+    address: str
+    weight: int
+    backup: bool
+    max_conns: int
+    def __init__(self, pool: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[int] = ..., backup: _Optional[bool] = ..., max_conns: _Optional[int] = ...) -> None: ...
+
+class UpgradeRequest(_message.Message):
+    __slots__ = ("drain_seconds",)
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    drain_seconds: float
+    def __init__(self, drain_seconds: _Optional[float] = ...) -> None: ...
+
+class UpgradeReply(_message.Message):
+    __slots__ = ("ok", "pid", "error")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    pid: int
+    error: str
+    def __init__(self, ok: _Optional[bool] = ..., pid: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SetMaintenanceRequest(_message.Message):
+    __slots__ = ("pool", "backend", "maint")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MAINT_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    backend: str
+    maint: bool
+    def __init__(self, pool: _Optional[str] = ..., backend: _Optional[str] = ..., maint: _Optional[bool] = ...) -> None: ...
 
 class ReloadReply(_message.Message):
     __slots__ = ("ok", "changes", "errors", "config")

@@ -69,6 +69,26 @@ class ControlStub:
                 request_serializer=halb_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=halb_dot_v1_dot_control__pb2.ReloadReply.FromString,
                 _registered_method=True)
+        self.AddBackend = channel.unary_unary(
+                '/halb.v1.Control/AddBackend',
+                request_serializer=halb_dot_v1_dot_control__pb2.AddBackendRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.BackendReply.FromString,
+                _registered_method=True)
+        self.DeleteBackend = channel.unary_unary(
+                '/halb.v1.Control/DeleteBackend',
+                request_serializer=halb_dot_v1_dot_control__pb2.BackendRef.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.BackendReply.FromString,
+                _registered_method=True)
+        self.SetMaintenance = channel.unary_unary(
+                '/halb.v1.Control/SetMaintenance',
+                request_serializer=halb_dot_v1_dot_control__pb2.SetMaintenanceRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.BackendReply.FromString,
+                _registered_method=True)
+        self.Upgrade = channel.unary_unary(
+                '/halb.v1.Control/Upgrade',
+                request_serializer=halb_dot_v1_dot_control__pb2.UpgradeRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.UpgradeReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -125,6 +145,37 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddBackend(self, request, context):
+        """Adds a backend to a pool at run time; health checks start at once. Kept across reloads
+        and restarts (in state_dir) unless the config file defines that backend itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBackend(self, request, context):
+        """Removes a backend at run time: it gets nothing new at once, its open connections finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMaintenance(self, request, context):
+        """Maintenance on (no traffic at all, sticky clients included) or off ("ready").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upgrade(self, request, context):
+        """Replaces the running halbd by a new process of the program installed now (the same
+        config file): listening sockets, master instances and tables are handed over, no VIP
+        moves; this process then drains and exits. A failure leaves this process serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +213,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=halb_dot_v1_dot_control__pb2.ReloadRequest.FromString,
                     response_serializer=halb_dot_v1_dot_control__pb2.ReloadReply.SerializeToString,
+            ),
+            'AddBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddBackend,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.AddBackendRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.BackendReply.SerializeToString,
+            ),
+            'DeleteBackend': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBackend,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.BackendRef.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.BackendReply.SerializeToString,
+            ),
+            'SetMaintenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMaintenance,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.SetMaintenanceRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.BackendReply.SerializeToString,
+            ),
+            'Upgrade': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upgrade,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.UpgradeRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.UpgradeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +424,114 @@ class Control:
             '/halb.v1.Control/Reload',
             halb_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
             halb_dot_v1_dot_control__pb2.ReloadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/AddBackend',
+            halb_dot_v1_dot_control__pb2.AddBackendRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.BackendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBackend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/DeleteBackend',
+            halb_dot_v1_dot_control__pb2.BackendRef.SerializeToString,
+            halb_dot_v1_dot_control__pb2.BackendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMaintenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/SetMaintenance',
+            halb_dot_v1_dot_control__pb2.SetMaintenanceRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.BackendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upgrade(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/Upgrade',
+            halb_dot_v1_dot_control__pb2.UpgradeRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.UpgradeReply.FromString,
             options,
             channel_credentials,
             insecure,

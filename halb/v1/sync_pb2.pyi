@@ -92,12 +92,14 @@ class SyncBatch(_message.Message):
         KIND_SNAPSHOT: _ClassVar[SyncBatch.Kind]
         KIND_SNAPSHOT_END: _ClassVar[SyncBatch.Kind]
         KIND_CHANGES: _ClassVar[SyncBatch.Kind]
+        KIND_GOODBYE: _ClassVar[SyncBatch.Kind]
     KIND_UNSPECIFIED: SyncBatch.Kind
     KIND_WELCOME: SyncBatch.Kind
     KIND_SNAPSHOT_BEGIN: SyncBatch.Kind
     KIND_SNAPSHOT: SyncBatch.Kind
     KIND_SNAPSHOT_END: SyncBatch.Kind
     KIND_CHANGES: SyncBatch.Kind
+    KIND_GOODBYE: SyncBatch.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -71,6 +71,7 @@ class Election:
         self.vip_hooks: list[Any] = []  # see the module docstring
         self._hold = False
         self._started = False
+        self.adopt: set[str] = set()  # instances to start as master (halbctl upgrade)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,7 +98,7 @@ class Election:
             raise
         self._started = True
         for inst in self.instances.values():
-            inst.start()
+            inst.start(adopt=inst.name in self.adopt)
         log.info("election_started", instances=[
             {"name": i.name, "vrid": i.cfg.vrid, "interface": i.cfg.interface,
              "address": i.address, "priority": i.cfg.priority} for i in self.instances.values()])
@@ -109,6 +110,20 @@ class Election:
             self._started = False
             log.info("election_stopped")
         await self._close()
+
+    async def release(self) -> None:
+        """An upgrade: the new process holds the instances now; let go without a priority-0
+        advert, without removing VIPs and without notify scripts."""
+        if self._started:
+            await asyncio.gather(*(i.release() for i in self.instances.values()),
+                                 return_exceptions=True)
+            self._started = False
+            log.info("election_released", to="the upgraded process")
+        await self._close()
+
+    def masters(self) -> list[str]:
+        return [i.name for i in self.instances.values()
+                if i.fsm is not None and i.fsm.state == MASTER]
 
     async def _close(self) -> None:
         loop = asyncio.get_running_loop()

@@ -60,7 +60,9 @@ class SendAdvert:
 
 @dataclass(frozen=True, slots=True)
 class AddVips:
-    pass
+    # an upgrade's new process adopts a mastership: the VIPs are in place and the sockets on
+    # them are the old process's live connections, not stale ones to destroy
+    adopt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,27 @@ class Fsm:
             acts: list = [RemoveVips()]
             return acts + self._to_master(now, "owner")
         return self._to_backup(now, "start")
+
+    def adopt(self, now: float) -> list:
+        """Startup of a new halbd that takes a master instance over from the old process
+        (``halbctl upgrade``): master at once, the VIPs kept where they are (no removal, no
+        stale-socket sweep), an advert and gratuitous ARPs right away. Tracking that says
+        fault wins, as at any start."""
+        self.stopped = False
+        self.started_at = now
+        self.lower_since = None
+        self.mai = self.p.interval
+        if self.track_fault:
+            return self._to_fault(now, "tracking")
+        acts = self._to_master(now, "upgrade: adopted from the old process")
+        return [AddVips(adopt=True) if isinstance(a, AddVips) else a for a in acts]
+
+    def release(self, now: float) -> list:
+        """The old process of an upgrade lets go without a word: no priority-0 advert, no VIP
+        removal, no state change (the new process holds the instance from now on)."""
+        self.down_at = self.advert_at = self.garp_at = self.fast_at = None
+        self.stopped = True
+        return []
 
     def shutdown(self, now: float) -> list:
         """Shutdown event: a master sends priority 0 and removes its VIPs; back to Initialize."""

@@ -282,7 +282,7 @@ class Instance:
                 log.warning("track_failed", instance=self.name, tracker=t.name,
                             detail=t.verdict.detail, weight=t.weight)
 
-    def start(self) -> None:
+    def start(self, adopt: bool = False) -> None:
         assert self.fsm is not None
         m = self.election.metrics
         for s in STATES:
@@ -294,7 +294,7 @@ class Instance:
         fault, delta = combine((t.weight, t.ok) for t in self.trackers)
         now = self.clock.now()
         self.fsm.set_tracking(now, fault, delta)
-        self._apply(self.fsm.start(now))
+        self._apply(self.fsm.adopt(now) if adopt else self.fsm.start(now))
         for t in self.trackers:
             self._tasks.append(asyncio.create_task(self._track_loop(t),
                                                    name=f"vrrp-track-{self.name}-{t.name}"))
@@ -356,7 +356,7 @@ class Instance:
         if isinstance(a, SendAdvert):
             self.send_advert(a.priority, a.interval)
         elif isinstance(a, AddVips):
-            self._vip_op(add=True)
+            self._vip_op(add=True, adopt=a.adopt)
         elif isinstance(a, RemoveVips):
             self._vip_op(add=False)
         elif isinstance(a, Garp):
@@ -372,7 +372,7 @@ class Instance:
             if self.channel.send(self.signer.payload(priority, interval, dst), self.address, dst):
                 self.election.metrics.sent.labels(self.name).inc()
 
-    def _vip_op(self, add: bool) -> None:
+    def _vip_op(self, add: bool, adopt: bool = False) -> None:
         """Adds or removes the VIPs now (one netlink request each, ~0.1 ms), so the gratuitous
         ARPs that follow announce addresses that are already in place. Stale TCP sockets on
         the VIPs (orphans of an earlier run or an earlier term as master) are destroyed just
@@ -383,7 +383,8 @@ class Instance:
                     h.before_vips_added(self.name, self.all_vip_strs)
                 except Exception:  # noqa: BLE001 - a hook never delays or stops a takeover
                     log.exception("vip_hook_failed", instance=self.name, when="before_add")
-            self._destroy_stale("before_add")
+            if not adopt:
+                self._destroy_stale("before_add")
         groups = [(self.cfg.interface, self.ifindex, self.cfg.vips)]
         groups += [(dev, self.extra_index[dev], vips) for dev, vips in self.extra.items()
                    if dev in self.extra_index]
@@ -490,18 +491,21 @@ class Instance:
 
     # -- stop -----------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def release(self) -> None:
+        """An upgrade's old process lets go silently (see Fsm.release)."""
+        self._cancel_timers()
+        if self.fsm is not None:
+            self._apply(self.fsm.release(self.clock.now()))
+        await self._end_tasks()
+
+    def _cancel_timers(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for h in self._garp_handles:
             h.cancel()
-        if self.fsm is not None and not self.fsm.stopped:
-            self._apply(self.fsm.shutdown(self.clock.now()))
-        if self._notify_q is not None and self.cfg.notify:
-            # let the last notifications (e.g. BACKUP on shutdown) run, bounded
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drain_notify(), timeout=2.0)
+
+    async def _end_tasks(self) -> None:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -511,6 +515,16 @@ class Instance:
         self.garp.close()
         for g, _ in self.extra_garp.values():
             g.close()
+
+    async def stop(self) -> None:
+        self._cancel_timers()
+        if self.fsm is not None and not self.fsm.stopped:
+            self._apply(self.fsm.shutdown(self.clock.now()))
+        if self._notify_q is not None and self.cfg.notify:
+            # let the last notifications (e.g. BACKUP on shutdown) run, bounded
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain_notify(), timeout=2.0)
+        await self._end_tasks()
 
     async def _drain_notify(self) -> None:
         while self._notify_q is not None and not self._notify_q.empty():

@@ -55,6 +55,10 @@ def test_example_config_is_valid_and_complete():
     assert [r.pool for r in www.routes] == ["api", "api", "api"]
     assert www.routes[2].header.name == "x-canary"
     assert cfg.metrics.address == Endpoint("127.0.0.1", 9100)
+    al = cfg.access_log
+    assert (al.enabled, al.kind, al.path, al.format, al.sample, al.buffer) == \
+        (True, "stderr", "", "text", 1.0, 16384)
+    assert [lc.access_log for lc in cfg.listeners] == [True, False]
 
 
 def test_halbd_check_exit_codes(tmp_path):
@@ -212,6 +216,49 @@ BAD = [
       "listeners[1].tls.certificates[0].key: no such file '/nonexistent/w.key'"]),
     ("control-tcp-needs-tls", BASE + '\n[control]\naddress = "127.0.0.1:7001"\n',
      ["control.address: a TCP control address needs [control.tls] (mutual TLS)"]),
+    ("access-log-unknown-destination", BASE + '\n[access_log]\ndestination = "kafka"\n',
+     ["access_log.destination: unknown destination 'kafka' (expected \"stderr\", \"stdout\", "
+      "\"file:/PATH\", \"syslog\" (/dev/log) or \"syslog:HOST:PORT\" (UDP))"]),
+    ("access-log-relative-file", BASE + '\n[access_log]\ndestination = "file:access.log"\n',
+     ["access_log.destination: file: needs an absolute path (\"file:/var/log/halb/access.log\"), "
+      "got 'access.log'"]),
+    ("access-log-syslog-port", BASE + '\n[access_log]\ndestination = "syslog:127.0.0.1:99999"\n',
+     ["access_log.destination: syslog:HOST:PORT: port 99999 out of range"]),
+    ("access-log-syslog-no-port", BASE + '\n[access_log]\ndestination = "syslog:loghost"\n',
+     ["access_log.destination: syslog:HOST:PORT: missing port in 'loghost' (expected "
+      "\"host:port\")"]),
+    ("access-log-template-field",
+     BASE + '\n[access_log]\nformat = "%{client} %{stauts} %{bytes}"\n',
+     ["access_log.format: unknown field 'stauts' in %{stauts} (known: time, client, listener, "
+      "pool, backend, Tq, Tw, Tc, Tr, Ta, Tt, status, bytes, bytes_in, bytes_out, term, tsc, "
+      "method, request, retries, mode, conns, backend_conns)"]),
+    ("access-log-template-unclosed", BASE + '\n[access_log]\nformat = "%{client} %{status"\n',
+     ["access_log.format: unclosed %{ at character 11 of '%{client} %{status'"]),
+    ("access-log-unknown-format", BASE + '\n[access_log]\nformat = "xml"\n',
+     ["access_log.format: unknown format 'xml' (expected \"text\", \"json\" or a template with "
+      "%{field} names such as \"%{client} %{status}\")"]),
+    ("access-log-format-type", BASE + '\n[access_log]\nformat = 3\n',
+     ["access_log.format: expected a string, got integer"]),
+    ("access-log-sample-zero", BASE + '\n[access_log]\nsample = 0\n',
+     ["access_log.sample: 0 out of range (a fraction: 0 < sample <= 1; 0.01 logs one request "
+      "in 100)"]),
+    ("access-log-sample-above-one", BASE + '\n[access_log]\nsample = 1.5\n',
+     ["access_log.sample: 1.5 out of range (a fraction: 0 < sample <= 1; 0.01 logs one "
+      "request in 100)"]),
+    ("access-log-enabled-type", BASE + '\n[access_log]\nenabled = "yes"\n',
+     ["access_log.enabled: expected a boolean, got string"]),
+    ("access-log-unknown-key", BASE + '\n[access_log]\npath = "/var/log/x"\n',
+     ["access_log.path: unknown key"]),
+    ("access-log-facility-needs-syslog", BASE + '\n[access_log]\nfacility = "local3"\n',
+     ["access_log.facility: facility needs a syslog destination (destination is 'stderr')"]),
+    ("access-log-bad-facility",
+     BASE + '\n[access_log]\ndestination = "syslog"\nfacility = "local9"\n',
+     ["access_log.facility: unknown value 'local9' (expected one of: kern, user, daemon, auth, "
+      "syslog, local0, local1, local2, local3, local4, local5, local6, local7)"]),
+    ("access-log-buffer-range", BASE + '\n[access_log]\nbuffer = 10\n',
+     ["access_log.buffer: 10 out of range (64..1000000)"]),
+    ("listener-access-log-type", BASE.replace('mode = "http"', 'mode = "http"\naccess_log = "no"'),
+     ["listeners[0].access_log: expected a boolean, got string"]),
     ("invalid-toml", BASE + "\n[[pools]\n", None),
 ]
 
@@ -223,6 +270,28 @@ def test_bad_config_names_path_and_reason(text, expected):
         assert len(got) == 1 and "invalid TOML" in got[0]
     else:
         assert got == expected
+
+
+def test_access_log_section():
+    d = loads(BASE).access_log
+    assert (d.enabled, d.destination, d.kind, d.format, d.sample, d.buffer) == \
+        (True, "stderr", "stderr", "text", 1.0, 16384)  # on by default, to stderr
+    assert loads(BASE).listeners[0].access_log is True
+    for dest, kind, path, addr in (
+            ("stdout", "stdout", "", None), ("file:/var/log/halb/a.log", "file",
+                                             "/var/log/halb/a.log", None),
+            ("syslog", "syslog", "/dev/log", None),
+            ("syslog:198.18.0.9:514", "syslog-udp", "", Endpoint("198.18.0.9", 514))):
+        c = loads(BASE + f'\n[access_log]\ndestination = "{dest}"\n').access_log
+        assert (c.destination, c.kind, c.path, c.address) == (dest, kind, path, addr)
+    c = loads(BASE.replace('mode = "http"', 'mode = "http"\naccess_log = false')
+              + '\n[access_log]\nenabled = false\nformat = "%{client} %{status}"\nsample = 0.05\n'
+                'destination = "syslog"\nfacility = "local3"\nbuffer = 1000\n')
+    assert c.listeners[0].access_log is False
+    a = c.access_log
+    assert (a.enabled, a.format, a.sample, a.facility, a.buffer) == \
+        (False, "%{client} %{status}", 0.05, "local3", 1000)
+    assert loads(BASE + '\n[access_log]\nformat = "json"\nsample = 1\n').access_log.format == "json"
 
 
 def test_all_problems_reported_at_once():
@@ -327,6 +396,9 @@ def test_nat_listener_and_section():
     (NAT + '[nat]\ntable = "my table"\n', "nat.table: invalid nftables table name 'my table'"),
     (NAT + '[nat]\nentry_ttl = "60s"\n', "nat.entry_ttl: must be at least 4 x reconcile_interval"),
     (NAT + '[nat]\nreplicat = true\n', "nat.replicat: unknown key"),
+    (NAT + 'access_log = false\n',
+     "listeners[0].access_log: access_log needs mode = \"tcp\", \"udp\" or \"http\" (a nat "
+     "listener's connections are forwarded by the kernel: halb sees none to log)"),
 ])
 def test_bad_nat_config_names_the_key(text, expected):
     got = problems(text)

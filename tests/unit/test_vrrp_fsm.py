@@ -519,3 +519,35 @@ def test_refused_sync_port_of_another_peer_or_without_stream_loss_is_ignored(pee
     assert f.sync_peer_dead(T0 + 0.15, PEER_HIGH) == []  # no stream loss reported first
     f.sync_peer_lost(T0 + 0.15, PEER_HIGH)
     assert f.sync_peer_dead(T0 + 0.16, peer) == [] and f.state == BACKUP
+
+
+# -- upgrade: adopt and release (halbctl upgrade) -----------------------------------------------
+
+
+def test_adopt_is_master_at_once_without_removing_or_sweeping_the_vips():
+    f = fsm(priority=150)
+    acts = f.adopt(10.0)
+    assert f.state == MASTER
+    assert not [a for a in acts if isinstance(a, RemoveVips)]
+    adds = [a for a in acts if isinstance(a, AddVips)]
+    assert adds == [AddVips(adopt=True)]  # idempotent add, no stale-socket sweep
+    assert [a for a in acts if isinstance(a, SendAdvert)][0].priority == 150
+    assert any(isinstance(a, Garp) for a in acts)
+    assert f.deadline() == pytest.approx(11.0)  # the next advert one interval on
+
+
+def test_adopt_with_failed_tracking_goes_to_fault():
+    f = fsm()
+    f.set_tracking(0.0, True, 0)
+    f.adopt(1.0)
+    assert f.state == FAULT
+
+
+def test_release_says_nothing_and_keeps_the_vips():
+    f = fsm(priority=150)
+    f.adopt(10.0)
+    assert f.release(11.0) == []  # no priority-0 advert, no VIP removal, no state change
+    assert f.stopped and f.deadline() is None
+    g = fsm(priority=150)
+    g.adopt(10.0)
+    assert any(isinstance(a, RemoveVips) for a in g.shutdown(11.0))  # unlike a shutdown
