@@ -26,7 +26,7 @@ NAT_PROTOCOLS = ("tcp", "udp")
 NAT_HASHES = ("client_ip", "client_ip_port")
 RELAYS = ("auto", "splice", "copy")
 HEALTH_TYPES = ("none", "tcp", "http")
-STICKY_MODES = ("none", "cookie", "source")
+STICKY_MODES = ("none", "cookie", "source", "app_cookie")
 CHECKSUM_MODES = ("rfc9568", "keepalived")
 TRACK_TYPES = ("interface", "pool", "script")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -649,6 +649,9 @@ def _sticky(r: _Reader) -> StickyConfig:
     ttl = r.duration("ttl", d.ttl, lo=1, hi=86400 * 30)
     mx = r.int_in("max_entries", 1, 10_000_000, d.max_entries)
     r.done()
+    if mode == "app_cookie" and not r.has("cookie"):
+        r.error("app_cookie needs the name of the application's session cookie (e.g. "
+                "cookie = \"JSESSIONID\")", "cookie")
     return StickyConfig(mode=mode, cookie=cookie, ttl=ttl, max_entries=mx)
 
 
@@ -1175,6 +1178,11 @@ def parse(data: dict, source: str = "") -> Config:
     for i, (lr, l) in enumerate(zip(lrs, listeners)):
         if l.pool and l.pool not in pool_names:
             lr.error(f"unknown pool {l.pool!r}", "pool")
+        elif l.mode != "http" and any(p.name == l.pool and p.sticky.mode == "app_cookie"
+                                      for p in pools):
+            lr.error(f"pool {l.pool!r} sticks by an application cookie, which a {l.mode} "
+                     f"listener cannot read (use sticky mode \"source\", or mode = \"http\")",
+                     "pool")
         for j, rt in enumerate(l.routes):
             if rt.pool and rt.pool not in pool_names:
                 problems.append(Problem(f"{lr.sub('routes')}[{j}].pool", f"unknown pool {rt.pool!r}"))

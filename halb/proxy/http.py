@@ -99,8 +99,9 @@ from ..log import get_logger
 from ..metrics import record
 from ..model import backend_acquire, backend_release
 from ..tables import sticky_key
-from .http_head import (HttpError, ResponseFramer, ResponseHead, check_request, error_response,
-                        request_head, sticky_cookie, trailer_lines)
+from .http_head import (APP_COOKIE_MAX, HttpError, ResponseFramer, ResponseHead, app_cookie_set,
+                        check_request, error_response, request_head, sticky_cookie,
+                        trailer_lines)
 
 if not cython.compiled:  # compiled, these are C constants cimported from http_head.pxd
     from .http_head import _F_DONE, EV_BODY, EV_DONE, EV_HEAD, EV_INTERIM, EV_NEED, EV_SWITCH
@@ -1244,6 +1245,17 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 b = pool.by_name.get(e.backend)
                 if b is not None and b.is_up(node.clock.now()) and not b.is_full():
                     self.sticky_b = b
+        elif mode == "app_cookie":
+            # the application's own session cookie: its value was recorded (replicated) when
+            # the backend set it
+            val = req.cookies().get(pool.sticky_cookie)
+            self.cookie_val = val or ""
+            if val:
+                e = node.tables.sticky.get(sticky_key("app", pool.name, val[:APP_COOKIE_MAX]))
+                if e is not None and e.pool == pool.name:
+                    b = pool.by_name.get(e.backend)
+                    if b is not None and b.is_up(node.clock.now()) and not b.is_full():
+                        self.sticky_b = b
         if pool._hashing:  # (the algorithm is one of HASH_ALGORITHMS)
             pc = pool.cfg
             from ..balance import hash_key_for
@@ -1403,7 +1415,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         set_cookie = None
         mode = pool.sticky_mode
         if mode != "none":
-            self._record_sticky(mode, pool, b)
+            self._record_sticky(mode, pool, b, rh)
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
         if not self.closed:
@@ -1415,11 +1427,40 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.t_resp = bc.last  # (the time of this read)
         return head_only, close_delim
 
-    def _record_sticky(self, mode: str, pool, b) -> None:
+    def _record_sticky(self, mode: str, pool, b, rh=None) -> None:
         table = self.node.tables.sticky
         ttl = pool.cfg.sticky.ttl
+        if mode == "app_cookie":
+            self._record_app_cookie(table, ttl, pool, b, rh)
+            return
         key = sticky_key("cookie" if mode == "cookie" else "src", pool.name,
                          b.name if mode == "cookie" else self.client_ip)
+        e = table.get(key)
+        if e is not None and e.backend == b.name and e.pool == pool.name:
+            table.touch(key, ttl)
+            return
+        table.put(key, b.name, ttl, pool=pool.name, client=self.client_ip, listener=self.l.name)
+        if log.enabled():
+            log.debug("sticky_new", listener=self.l.name, key=key, pool=pool.name,
+                      backend=b.name, client=self.client_ip)
+
+    def _record_app_cookie(self, table, ttl: float, pool, b, rh) -> None:
+        """app_cookie stickiness: a response that sets the application cookie records value ->
+        backend (HAProxy's ``stick store-response res.cook(NAME)``); one that deletes it
+        forgets the entry; a request that carried a recorded value keeps it alive."""
+        val = app_cookie_set(rh, pool.sticky_cookie) if rh is not None else None
+        if val is None:
+            if self.cookie_val:
+                key = sticky_key("app", pool.name, self.cookie_val[:APP_COOKIE_MAX])
+                e = table.get(key)
+                if e is not None and e.backend == b.name and e.pool == pool.name:
+                    table.touch(key, ttl)
+            return
+        if val == "":
+            if self.cookie_val:
+                table.delete(sticky_key("app", pool.name, self.cookie_val[:APP_COOKIE_MAX]))
+            return
+        key = sticky_key("app", pool.name, val)
         e = table.get(key)
         if e is not None and e.backend == b.name and e.pool == pool.name:
             table.touch(key, ttl)
@@ -1585,7 +1626,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         # the tunnel ends (_release then)
         record(self.s.bk, self.s.metrics, b, rt, False)
         if self.pool.sticky_mode != "none":
-            self._record_sticky(self.pool.sticky_mode, self.pool, b)
+            self._record_sticky(self.pool.sticky_mode, self.pool, b, bc.rh)
         proto = rh.upgrade.split(b",")[0].strip().lower()
         self.node.metrics.tunnel_open(self.l.name,
                                       "websocket" if proto == b"websocket" else "other")

@@ -1263,6 +1263,29 @@ def trailer_lines(pairs: list[tuple[bytes, bytes]] | None = None,
     return b"".join(out)
 
 
+APP_COOKIE_MAX = 256  # longer application cookie values are keyed by their first 256 bytes
+
+
+def app_cookie_set(rh: "ResponseHead", name: str) -> str | None:
+    """The value a response's ``Set-Cookie`` gives the application cookie ``name`` (the last
+    one wins); "" when it deletes the cookie (``Max-Age=0`` or an empty value); None when the
+    response does not set it. Only the app_cookie stickiness mode calls this."""
+    lname = name.lower().encode("latin-1") + b"="
+    found: str | None = None
+    for run in rh.parts[1:]:
+        for line in run.split(b"\r\n"):
+            n, sep, v = line.partition(b":")
+            if not sep or n.strip().lower() != b"set-cookie":
+                continue
+            v = v.strip()
+            first, _, attrs = v.partition(b";")
+            if first.strip().lower().startswith(lname):
+                val = first.strip()[len(lname):].strip().strip(b'"')
+                gone = not val or b"max-age=0" in attrs.lower().replace(b" ", b"")
+                found = "" if gone else val[:APP_COOKIE_MAX].decode("latin-1")
+    return found
+
+
 def sticky_cookie(name: str, backend: str) -> bytes:
     """HAProxy ``cookie insert`` style: ``NAME=backend; path=/; HttpOnly``."""
     return f"{name}={backend}; path=/; HttpOnly".encode("latin-1")

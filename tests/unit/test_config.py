@@ -167,6 +167,15 @@ BAD = [
      ["listeners[0].routes: routes need mode = \"http\" (mode is 'tcp')"]),
     ("relay-on-http", BASE.replace('mode = "http"', 'mode = "http"\nrelay = "splice"'),
      ["listeners[0].relay: relay needs mode = \"tcp\" (mode is 'http')"]),
+    ("app-cookie-without-name",
+     BASE.replace('[[listeners]]', '[pools.sticky]\nmode = "app_cookie"\n[[listeners]]', 1),
+     ["pools[0].sticky.cookie: app_cookie needs the name of the application's session cookie "
+      "(e.g. cookie = \"JSESSIONID\")"]),
+    ("app-cookie-on-tcp",
+     BASE.replace('[[listeners]]', '[pools.sticky]\nmode = "app_cookie"\ncookie = "SID"\n'
+                  '[[listeners]]', 1).replace('mode = "http"', 'mode = "tcp"'),
+     ["listeners[0].pool: pool 'web' sticks by an application cookie, which a tcp listener "
+      "cannot read (use sticky mode \"source\", or mode = \"http\")"]),
     ("via-on-tcp", BASE.replace('mode = "http"', 'mode = "tcp"\nvia = "edge"'),
      ["listeners[0].via: via needs mode = \"http\" (mode is 'tcp')"]),
     ("bad-via", BASE.replace('mode = "http"', 'mode = "http"\nvia = "two words"'),

@@ -270,3 +270,18 @@ def test_trailer_lines_leave_out_what_must_not_be_a_trailer():
     assert trailer_lines(pairs) == b"X-Sum: 1\r\nServer-Timing: a;dur=1\r\n"
     lines = [b"X-Sum: 1\r\n", b"Connection: close\r\n", b"Set-Cookie: a=b\r\n"]
     assert trailer_lines(None, lines) == b"X-Sum: 1\r\n"
+
+
+@pytest.mark.parametrize("lines,want", [
+    (b"Set-Cookie: JSESSIONID=abc123; Path=/; HttpOnly\r\n", "abc123"),
+    (b"set-cookie: jsessionid=\"q1\"\r\n", "q1"),
+    (b"Set-Cookie: OTHER=1\r\nSet-Cookie: JSESSIONID=x; Max-Age=0\r\n", ""),
+    (b"Set-Cookie: JSESSIONID=\r\n", ""),
+    (b"Set-Cookie: JSESSIONIDX=no\r\nX-JSESSIONID: JSESSIONID=no\r\n", None),
+    (b"Set-Cookie: JSESSIONID=a\r\nSet-Cookie: JSESSIONID=b\r\n", "b"),
+])
+def test_app_cookie_set_reads_the_application_cookie(lines, want):
+    from halb.proxy.http_head import ResponseHead, app_cookie_set
+    rh = ResponseHead()
+    rh.take(lines)
+    assert app_cookie_set(rh, "JSESSIONID") == want
