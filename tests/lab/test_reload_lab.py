@@ -68,6 +68,72 @@ print(json.dumps({"done": ok, "sent": n}), flush=True)
 """
 
 
+class ClientView:
+    """What a client in its own namespace sees of the VIP while something happens to the
+    master: a new connection every 5 ms (``Probe``), one long-lived connection echoing every
+    20 ms, every advert on the LAN timestamped, the VIP's holder sampled every 20 ms.
+    ``summary(t0, t1)`` takes the figures of the window [t0, t1] once ``finish`` ran."""
+
+    def __init__(self, lab, duration: float):
+        self.lab = lab
+        self.sniff = lab.proc([PY, "-c", SNIFF, str(duration + 1), CLIENT], "hvcl", "sniff")
+        self.echo = lab.proc([PY, "-c", ECHO, VIP, str(VIP_PORT), str(duration)], "hvcl", "echo")
+        self.probe = Probe(lab, VIP, duration=duration)
+        self.duration = duration
+        self.holders: list[tuple[float, list[str]]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.holders.append((time.monotonic(), self.lab.holder(VIP)))
+            time.sleep(0.02)
+
+    def finish(self) -> None:
+        """Waits for the echo client's end, then stops the rest."""
+        wait_for(lambda: not self.echo.alive(), self.duration + 10,
+                 what="the echo client finished")
+        self._stop.set()
+        self._t.join(5)
+        self.probe.stop()
+        time.sleep(1.2)
+        self.sniff.close()
+
+    def summary(self, t0: float, t1: float) -> dict:
+        results = [r for r in self.probe.results() if t0 - 0.5 <= r["t"] <= t1 + 0.5]
+        adverts = [json.loads(x)["t"] for x in self.sniff.output().splitlines()
+                   if x.startswith("{") and json.loads(x)["src"] == LB1]
+        window = [x for x in adverts if t0 - 1 <= x <= t1 + 1]
+        return {
+            "results": results,
+            "failed": [r for r in results if r["who"] not in ("be1", "be2")],
+            "echo": [json.loads(x) for x in self.echo.output().splitlines() if x.startswith("{")],
+            "adverts": window,
+            "gaps": [y - x for x, y in zip(window, window[1:])],
+            "moved": [h for _, h in self.holders if h != ["hvlb1"]],
+        }
+
+    @staticmethod
+    def line(v: dict) -> str:
+        echo, gaps = v["echo"], v["gaps"]
+        return (f"{len(v['results'])} new connections through the VIP, {len(v['failed'])} "
+                f"failed; long-lived echo {echo[-1] if echo else None}; VIP not on lb1 alone in "
+                f"{len(v['moved'])} samples; adverts {len(v['adverts'])}, longest gap "
+                f"{max(gaps) * 1000 if gaps else -1:.0f} ms")
+
+    @staticmethod
+    def check(v: dict) -> None:
+        """Every connection answered, the echo unbroken, the VIP never moved, no advert
+        missed (no gap of two intervals)."""
+        assert len(v["results"]) > 100 and v["failed"] == []
+        echo = v["echo"]
+        assert echo and "error" not in echo[0] and echo[-1]["done"] > 100, echo
+        assert v["moved"] == []
+        assert len(v["adverts"]) > 20, "the sniffer saw too few adverts"
+        assert max(v["gaps"]) < 2 * INTERVAL, f"an advert was missed: gap {max(v['gaps']):.3f} s"
+
+
 def lb1_config(step: int) -> str:
     """lb1's config at reload ``step``: be2 comes and goes from the pool, weights change, a
     second listener (VIP:8001) comes and goes."""
@@ -89,19 +155,7 @@ def test_twenty_reloads_of_the_master_move_nothing(lab):
     wait_state(a, "master", timeout=15)
     wait_state(b, "backup", timeout=10)
     lab.wait_holder(VIP + "/24", "hvlb1")
-    duration = RELOADS * 0.4 + 4
-    sniff = lab.proc([PY, "-c", SNIFF, str(duration + 1), CLIENT], "hvcl", "sniff")
-    echo = lab.proc([PY, "-c", ECHO, VIP, str(VIP_PORT), str(duration)], "hvcl", "echo")
-    probe = Probe(lab, VIP, duration=duration)
-    holders: list[tuple[float, list[str]]] = []
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            holders.append((time.monotonic(), lab.holder(VIP)))
-            time.sleep(0.02)
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
+    view = ClientView(lab, RELOADS * 0.4 + 4)
     time.sleep(1.0)
     lb2_states = len(events(b, "vrrp_state"))
     t_first = time.monotonic()
@@ -114,32 +168,11 @@ def test_twenty_reloads_of_the_master_move_nothing(lab):
         time.sleep(0.35)
     t_last = time.monotonic()
     time.sleep(1.0)
-    stop.set()
-    t.join(5)
-    wait_for(lambda: not echo.alive(), duration + 10, what="the echo client finished")
-    probe.stop()
-    time.sleep(1.2)
-    sniff.close()
-
-    results = [r for r in probe.results() if t_first - 0.5 <= r["t"] <= t_last + 0.5]
-    failed = [r for r in results if r["who"] not in ("be1", "be2")]
-    echo_out = [json.loads(x) for x in echo.output().splitlines() if x.startswith("{")]
-    adverts = [json.loads(x)["t"] for x in sniff.output().splitlines()
-               if x.startswith("{") and json.loads(x)["src"] == LB1]
-    window = [x for x in adverts if t_first - 1 <= x <= t_last + 1]
-    gaps = [b2 - b1 for b1, b2 in zip(window, window[1:])]
-    moved = [h for _, h in holders if h != ["hvlb1"]]
+    view.finish()
+    v = view.summary(t_first, t_last)
     print(f"\n{RELOADS} reloads of the master in {t_last - t_first:.1f} s: "
-          f"{len(results)} new connections through the VIP, {len(failed)} failed; long-lived "
-          f"echo {echo_out[-1] if echo_out else None}; VIP holder samples {len(holders)}, "
-          f"not lb1 alone {len(moved)}; adverts {len(window)}, longest gap "
-          f"{max(gaps) * 1000 if gaps else -1:.0f} ms")
-    assert len(results) > 100
-    assert failed == []
-    assert echo_out and "error" not in echo_out[0] and echo_out[-1]["done"] > 100, echo_out
-    assert moved == []
+          + ClientView.line(v))
+    ClientView.check(v)
     assert len(events(b, "vrrp_state")) == lb2_states, "lb2 changed state during the reloads"
-    assert len(window) > 50, "the sniffer saw too few adverts"
-    assert max(gaps) < 2 * INTERVAL, f"an advert was missed: gap {max(gaps):.3f} s"
     assert a.alive() and b.alive()
 
