@@ -654,7 +654,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def connection_made(self, tr) -> None:
         self.tr = tr
         l = self.l
-        if len(l.conns) >= self.s.max_conns or l.stopping:
+        # (a connection the loop accepted just before the listener stopped is served, its
+        # answer saying Connection: close, rather than reset: during an upgrade or a reload
+        # its client would otherwise see the one failure of the handover)
+        if len(l.conns) >= self.s.max_conns:
             self.closed = True
             tr.abort()
             return
