@@ -965,23 +965,38 @@ def _vrrp(r: _Reader) -> VrrpConfig:
             r.problems.append(Problem(f"{r.sub('vips')}[{i}]", str(e)))
     if r.has("vips") and isinstance(vips_raw, list) and not vips_raw:
         r.error("needs at least one address", "vips")
+    fam = vips[0].version if vips else 4
     if len({type(v) for v in vips}) > 1:
         r.error("IPv4 and IPv6 addresses cannot share one instance (use two instances)", "vips")
+    elif fam == 6 and not any(v.ip.is_link_local for v in vips):
+        # RFC 9568 section 5.2.9: an IPv6 advert's first address is the virtual router's
+        # link-local address; every node of the VRID (keepalived too) lists the same one
+        r.error(f"an IPv6 instance needs a virtual link-local address among its vips (RFC 9568: "
+                f"it is the first address of every advert), e.g. \"fe80::{vrid:x}/64\" listed "
+                f"first, the same on every node of vrid {vrid}", "vips")
     adv = r.duration("advert_interval", 1.0, lo=0.01, hi=40.95)
     preempt = r.get("preempt", bool, True)
     pdelay = r.duration("preempt_delay", 0.0, hi=3600)
     peers = r.strings("unicast_peers")
     for i, p in enumerate(peers):
         try:
-            ipaddress.ip_address(p)
+            pv = ipaddress.ip_address(p).version
         except ValueError:
             r.problems.append(Problem(f"{r.sub('unicast_peers')}[{i}]", f"invalid address {p!r}"))
+            continue
+        if vips and pv != fam:
+            r.problems.append(Problem(f"{r.sub('unicast_peers')}[{i}]",
+                                      f"{p} is IPv{pv}, the instance's vips are IPv{fam} (adverts "
+                                      f"travel in the family of the addresses they announce)"))
     src = r.get("source_address", str, "")
     if src:
         try:
-            ipaddress.ip_address(src)
+            sv = ipaddress.ip_address(src).version
         except ValueError:
             r.error(f"invalid address {src!r}", "source_address")
+        else:
+            if vips and sv != fam:
+                r.error(f"{src} is IPv{sv}, the instance's vips are IPv{fam}", "source_address")
     checksum = r.choice("checksum", CHECKSUM_MODES, "rfc9568")
     auth = r.get("auth_key", str, "")
     if r.has("auth_key") and auth is not None and len(auth) < 8:
@@ -1014,10 +1029,6 @@ def _vrrp(r: _Reader) -> VrrpConfig:
             r.problems.append(Problem(f"{r.sub('excluded_vips')}[{i}]", str(e)))
             continue
         dev = m.group(2) or ""
-        if vip.version != 4:
-            r.problems.append(Problem(f"{r.sub('excluded_vips')}[{i}]",
-                                      "IPv6 addresses are not supported here yet"))
-            continue
         excluded.append((vip, dev if dev != iface else ""))
     r.done()
     if prio == 255 and preempt is False:
@@ -1241,7 +1252,8 @@ def parse(data: dict, source: str = "") -> Config:
         raise ConfigError(problems)
     warnings = []
     for vr, v in zip(vrs, vrrp):
-        if not vr.has("checksum"):
+        if not vr.has("checksum") and not (v.vips and v.vips[0].version == 6):
+            # (IPv6 adverts always sum the pseudo-header, as keepalived does)
             warnings.append(Problem(vr.sub("checksum"), (
                 f"not set, so \"rfc9568\" (no pseudo-header); keepalived checksums VRRPv3 "
                 f"with one and drops such adverts (and halb drops its), so a keepalived node in "

@@ -317,11 +317,13 @@ class Lan:
     """
 
     def __init__(self, prefix: str, subnet: str, *, bridge_ns: str | None = "",
-                 bridge: str | None = None):
+                 bridge: str | None = None, subnet6: str | None = None):
         if len(prefix) < 2 or len(prefix) > 8:
             raise ValueError("prefix: 2..8 characters")
         self.prefix = prefix
         self.net = ipaddress.ip_network(subnet)
+        self.net6 = ipaddress.ip_network(subnet6) if subnet6 else None  # dual stack
+        self.hosts6: dict[str, str] = {}  # namespace -> IPv6 address
         self.bridge_ns = f"{prefix}sw" if bridge_ns == "" else bridge_ns
         self.bridge = _check_ifname(bridge or f"{prefix}br0")
         self.hosts: dict[str, str] = {}  # namespace -> address
@@ -332,19 +334,32 @@ class Lan:
             self._namespaces.append(self.bridge_ns)
         add_bridge(self.bridge, self.bridge_ns)
 
-    def add_host(self, name: str, address: str, *, ifname: str = "eth0") -> str:
-        """Namespace ``name`` with ``ifname`` on the bridge, address ``address`` in the subnet."""
+    def add_host(self, name: str, address: str, *, ifname: str = "eth0",
+                 address6: str | None = None) -> str:
+        """Namespace ``name`` with ``ifname`` on the bridge, address ``address`` in the subnet
+        (and ``address6`` in the IPv6 subnet of a dual-stack LAN). IPv6 duplicate address
+        detection is off inside the namespace, so addresses (the link-local one too) are
+        usable at once."""
         ip = ipaddress.ip_address(address)
         if ip not in self.net:
             raise ValueError(f"{address} is not in {self.net}")
+        ip6 = ipaddress.ip_address(address6) if address6 else None
+        if ip6 is not None and (self.net6 is None or ip6 not in self.net6):
+            raise ValueError(f"{address6} is not in {self.net6}")
         create_ns(name)
         self._namespaces.append(name)
+        if self.net6 is not None:
+            for conf in ("all", "default"):
+                sysctl(f"net.ipv6.conf.{conf}.accept_dad", 0, name)
         br_end = _check_ifname(f"{self.prefix}b{len(self._ports) + 1}")
         self._ports[name] = br_end
         add_veth(br_end, ifname, ns=self.bridge_ns, peer_ns=name)
         set_master(br_end, self.bridge, self.bridge_ns)
         add_addr(ifname, f"{ip}/{self.net.prefixlen}", ns=name)
         self.hosts[name] = str(ip)
+        if ip6 is not None and self.net6 is not None:
+            add_addr(ifname, f"{ip6}/{self.net6.prefixlen}", ns=name)
+            self.hosts6[name] = str(ip6)
         return name
 
     def port_of(self, host: str) -> str:

@@ -23,3 +23,10 @@ class ElectionHooks(Protocol):
 
     def sync_peer_seen(self, peer_ip: str) -> None:
         """A sync stream from the peer at ``peer_ip`` is up (again)."""
+
+    def advert_sources(self) -> list[str]:
+        """The source addresses of this node's VRRP adverts (told to the peers at connect)."""
+
+    def sync_peer_sources(self, peer_ip: str, sources: list[str]) -> None:
+        """The peer at ``peer_ip`` sends its VRRP adverts from ``sources`` (e.g. its IPv6
+        link-local address): the ``sync_peer_*`` calls for ``peer_ip`` apply to those too."""

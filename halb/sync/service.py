@@ -69,6 +69,7 @@ MAX_BACKOFF = 2.0  # reconnect backoff cap (seconds, random exponential with jit
 REFUSED_BACKOFF = 0.1
 HARD_HOLD = 60.0  # never hold preemption longer than this, even for a slow snapshot
 KEEPALIVE_MS = 5000  # HTTP/2 pings on idle links; a silent peer is dropped after ~2x this
+MAX_SOURCES = 32  # advert source addresses told per welcome (one per VRRP instance)
 UNKNOWN = "(unknown)"
 PROBE_TIMEOUT = 0.25  # the connect that tells a dead peer process from a live one
 PROBE_RETRIES = (0.0, 0.005, 0.01, 0.02, 0.04)  # waits before each probe connect
@@ -444,6 +445,15 @@ class SyncService:
     def _election(self) -> ElectionHooks | None:
         return None if self._stopping else self.election
 
+    def _advert_sources(self) -> list[str]:
+        el = self._election()
+        if el is None:
+            return []
+        try:
+            return [a for a in el.advert_sources() if a][:MAX_SOURCES]
+        except Exception:  # noqa: BLE001 - e.g. a test's election recorder without it
+            return []
+
     def _hold(self, hold: bool) -> None:
         el = self._election()
         if el is None:
@@ -614,7 +624,8 @@ class SyncService:
         reader = asyncio.create_task(self._read_acks(p, context, senders, st))
         try:
             await context.write(pb.SyncBatch(kind=Kind.KIND_WELCOME, node=self.name,
-                                             sent=self._now()))
+                                             sent=self._now(),
+                                             vrrp_sources=self._advert_sources()))
             order = list(senders.values())
             loop = asyncio.get_running_loop()
             last_write = 0.0
@@ -734,6 +745,12 @@ class SyncService:
                 call.cancel()
                 self._not_connected(p, f"{p.address} answered as node {first.node!r}, "
                                        f"expected {p.name!r}")
+            el = self._election()
+            if el is not None and first.vrrp_sources:
+                try:
+                    el.sync_peer_sources(p.host, list(first.vrrp_sources)[:MAX_SOURCES])
+                except Exception:  # the election must not break sync
+                    self.log.exception("election_notify_failed", peer=p.name, up=True)
             await self._stream_from(p, call)
         finally:
             await ch.close(grace=None)

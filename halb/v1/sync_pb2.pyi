@@ -83,7 +83,7 @@ class SyncEntries(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[SyncOp, str]]] = ..., keys: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ..., pools: _Optional[_Iterable[int]] = ..., created: _Optional[_Iterable[float]] = ..., updated: _Optional[_Iterable[float]] = ..., expires: _Optional[_Iterable[float]] = ..., origins: _Optional[_Iterable[int]] = ..., clients: _Optional[_Iterable[str]] = ..., listeners: _Optional[_Iterable[int]] = ..., protos: _Optional[_Iterable[int]] = ..., strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
-    __slots__ = ("kind", "batch", "table", "epoch", "seq", "entries", "node", "sent")
+    __slots__ = ("kind", "batch", "table", "epoch", "seq", "entries", "node", "sent", "vrrp_sources")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[SyncBatch.Kind]
@@ -108,6 +108,7 @@ class SyncBatch(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SENT_FIELD_NUMBER: _ClassVar[int]
+    VRRP_SOURCES_FIELD_NUMBER: _ClassVar[int]
     kind: SyncBatch.Kind
     batch: int
     table: str
@@ -116,4 +117,5 @@ class SyncBatch(_message.Message):
     entries: SyncEntries
     node: str
     sent: float
-    def __init__(self, kind: _Optional[_Union[SyncBatch.Kind, str]] = ..., batch: _Optional[int] = ..., table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., entries: _Optional[_Union[SyncEntries, _Mapping]] = ..., node: _Optional[str] = ..., sent: _Optional[float] = ...) -> None: ...
+    vrrp_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[SyncBatch.Kind, str]] = ..., batch: _Optional[int] = ..., table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., entries: _Optional[_Union[SyncEntries, _Mapping]] = ..., node: _Optional[str] = ..., sent: _Optional[float] = ..., vrrp_sources: _Optional[_Iterable[str]] = ...) -> None: ...

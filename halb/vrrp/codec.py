@@ -1,6 +1,14 @@
-"""VRRPv3 adverts on the wire (RFC 9568), IPv4, built and parsed with scapy's ``VRRPv3`` layer.
+"""VRRPv3 adverts on the wire (RFC 9568), IPv4 and IPv6, built and parsed with scapy's ``VRRPv3``.
 
-Two checksum settings:
+IPv6 adverts go to ff02::12 from the interface's link-local address with hop limit 255 and
+carry 16-byte addresses; their checksum always includes the IPv6 pseudo-header (RFC 9568
+section 5.2.8, RFC 8200 section 8.1: source, destination, upper-layer length, next header 112),
+which is what keepalived sends too, so the ``checksum`` setting below applies to IPv4 only. A
+raw IPv6 socket delivers the payload alone: the caller rebuilds the fixed 40-byte header from
+the ancillary data (``ipv6_header``) and hands ``Decoder.decode`` the whole packet, so both
+families take one path.
+
+Two checksum settings (IPv4):
 
 - ``rfc9568``: the 16-bit one's complement of the one's complement sum of the VRRP message
   alone (RFC 9568 section 5.2.8; no pseudo-header);
@@ -40,6 +48,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from scapy.layers.inet import IP, checksum
+from scapy.layers.inet6 import IPv6
 from scapy.layers.vrrp import VRRPv3
 
 from .authhmac import TRAILER as HMAC_TRAILER
@@ -47,6 +56,7 @@ from .authhmac import HmacAuth
 
 PROTO = 112
 GROUP = "224.0.0.18"
+GROUP6 = "ff02::12"
 TTL = 255
 VERSION = 3
 TYPE_ADVERT = 1
@@ -93,13 +103,40 @@ def inet_checksum(data: bytes) -> int:
     return checksum(data)
 
 
+def is_v6(addr: str) -> bool:
+    return ":" in addr
+
+
 def pseudo_header(src: str, dst: str, length: int) -> bytes:
+    if is_v6(src):  # RFC 8200 section 8.1
+        return (ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
+                + struct.pack("!I3xB", length, PROTO))
     return (ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
             + struct.pack("!BBH", 0, PROTO, length))
 
 
+def ipv6_header(src: bytes, dst: bytes, hop_limit: int, payload_len: int) -> bytes:
+    """The fixed IPv6 header (packed addresses) of a packet carrying ``payload_len`` bytes of
+    VRRP: what a raw socket's recvmsg leaves out."""
+    return struct.pack("!IHBB", 0x60000000, payload_len, PROTO, hop_limit) + src + dst
+
+
+def source_of(packet: bytes) -> str:
+    """The source address of an IPv4 or IPv6 packet ("" when too short to tell)."""
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return str(ipaddress.IPv6Address(packet[8:24]))
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        return str(ipaddress.IPv4Address(packet[12:16]))
+    return ""
+
+
 def vrrp_checksum(payload: bytes, src: str, dst: str, mode: str) -> int:
-    """The checksum of ``payload`` (checksum field zeroed) in setting ``mode``."""
+    """The checksum of ``payload`` (checksum field zeroed) in setting ``mode`` (IPv6: always
+    with the pseudo-header)."""
+    if is_v6(src):
+        if mode not in CHECKSUM_MODES:
+            raise ValueError(f"unknown checksum mode {mode!r}")
+        return inet_checksum(pseudo_header(src, dst, len(payload)) + payload)
     if mode == "rfc9568":
         return inet_checksum(payload)
     if mode == "keepalived":
@@ -113,7 +150,7 @@ def _with_checksum(payload: bytes, ck: int) -> bytes:
 
 def _mac(key: bytes, src: str, message: bytes, counter: int) -> bytes:
     zeroed = message[:6] + b"\0\0" + message[8:]
-    return hmac.new(key, ipaddress.IPv4Address(src).packed + zeroed + struct.pack("!Q", counter),
+    return hmac.new(key, ipaddress.ip_address(src).packed + zeroed + struct.pack("!Q", counter),
                     hashlib.sha256).digest()
 
 
@@ -125,7 +162,9 @@ def build_payload(*, vrid: int, priority: int, interval: float, addresses: Itera
     With ``key``, the authentication trailer is appended (``counter`` defaults to now in ns).
     """
     addrs = list(addresses)
-    pkt = IP(src=src, dst=dst, ttl=TTL, proto=PROTO) / VRRPv3(
+    under = IPv6(src=src, dst=dst, hlim=TTL, nh=PROTO) if is_v6(src) else \
+        IP(src=src, dst=dst, ttl=TTL, proto=PROTO)
+    pkt = under / VRRPv3(
         version=VERSION, type=TYPE_ADVERT, vrid=vrid, priority=priority,
         adv=to_centis(interval), addrlist=addrs, chksum=0)
     message = bytes(pkt[VRRPv3])
@@ -137,8 +176,11 @@ def build_payload(*, vrid: int, priority: int, interval: float, addresses: Itera
 
 
 def build_packet(*, src: str, dst: str, ttl: int = TTL, **kw) -> bytes:
-    """A whole IPv4 packet (header by scapy) carrying ``build_payload(...)``, for tests/tools."""
+    """A whole IPv4 or IPv6 packet (header by scapy) carrying ``build_payload(...)``, for
+    tests/tools."""
     payload = build_payload(src=src, dst=dst, **kw)
+    if is_v6(src):
+        return bytes(IPv6(src=src, dst=dst, hlim=ttl, nh=PROTO) / payload)
     return bytes(IP(src=src, dst=dst, ttl=ttl, proto=PROTO) / payload)
 
 
@@ -181,7 +223,7 @@ class Signer:
 
 
 class Decoder:
-    """Validates received IPv4 packets for the VRIDs of one interface.
+    """Validates received IPv4 or IPv6 packets for the VRIDs of one interface and family.
 
     ``vrids`` maps VRID -> (expected addresses tuple, checksum mode, key bytes, peers or None,
     keepalived auth_hmac or None).
@@ -222,20 +264,33 @@ class Decoder:
         n = len(packet)
         if n < 20:
             return Invalid("short", f"{n} bytes")
-        vihl = packet[0]
-        if vihl >> 4 != 4:
-            return Invalid("not_ipv4")
-        ihl = (vihl & 0x0F) * 4
-        if ihl < 20 or n < ihl + 8:
-            return Invalid("short", f"{n} bytes, header {ihl}")
-        if packet[9] != PROTO:
-            return Invalid("protocol", str(packet[9]))
-        total = struct.unpack_from("!H", packet, 2)[0]
+        version = packet[0] >> 4
+        if version == 6:
+            # the fixed header only: a raw socket's packet is rebuilt as such (ipv6_header),
+            # and an extension header in a captured one reads as another protocol
+            if n < 48:
+                return Invalid("short", f"{n} bytes")
+            if packet[6] != PROTO:
+                return Invalid("protocol", str(packet[6]))
+            ihl, alen = 40, 16
+            total = 40 + struct.unpack_from("!H", packet, 4)[0]
+            ttl = packet[7]
+            src = str(ipaddress.IPv6Address(packet[8:24]))
+            dst = str(ipaddress.IPv6Address(packet[24:40]))
+        elif version == 4:
+            ihl, alen = (packet[0] & 0x0F) * 4, 4
+            if ihl < 20 or n < ihl + 8:
+                return Invalid("short", f"{n} bytes, header {ihl}")
+            if packet[9] != PROTO:
+                return Invalid("protocol", str(packet[9]))
+            total = struct.unpack_from("!H", packet, 2)[0]
+            ttl = packet[8]
+            src = str(ipaddress.IPv4Address(packet[12:16]))
+            dst = str(ipaddress.IPv4Address(packet[16:20]))
+        else:
+            return Invalid("not_ipv4", f"IP version {version}")
         if total > n or total < ihl + 8:
             return Invalid("length", f"ip total length {total}, got {n}")
-        ttl = packet[8]
-        src = str(ipaddress.IPv4Address(packet[12:16]))
-        dst = str(ipaddress.IPv4Address(packet[16:20]))
         if ttl != TTL:
             return Invalid("ttl", f"{ttl} from {src}")
         payload = packet[ihl:total]
@@ -254,8 +309,9 @@ class Decoder:
             return Invalid("unknown_peer", src)
         count = payload[3]
         if ah is not None:
-            return self._decode_hmac(packet, payload, total, expected, mode, ah, src, dst, ttl)
-        want = 8 + 4 * count + (AUTH_TRAILER if key else 0)
+            return self._decode_hmac(packet, payload, total, expected, mode, ah, src, dst, ttl,
+                                     alen)
+        want = 8 + alen * count + (AUTH_TRAILER if key else 0)
         if len(payload) != want:
             if key and len(payload) == want - AUTH_TRAILER:
                 return Invalid("auth_missing", src)
@@ -268,7 +324,7 @@ class Decoder:
             return Invalid("interval", f"0 from {src}")
         counter = None
         if key:
-            end = 8 + 4 * count
+            end = 8 + alen * count
             message, counter = payload[:end], struct.unpack_from("!Q", payload, end)[0]
             if not hmac.compare_digest(_mac(key, src, message, counter), payload[end + 8:]):
                 return Invalid("auth_mac", src)
@@ -279,7 +335,7 @@ class Decoder:
             if last is None and len(self._last_counter) >= self.MAX_SENDERS:
                 self._last_counter.pop(next(iter(self._last_counter)))
             self._last_counter[k] = counter
-        r = self._cached_parse(packet, total, payload[:8 + 4 * count], expected, src, dst, ttl)
+        r = self._cached_parse(packet, total, payload[:8 + alen * count], expected, src, dst, ttl)
         if counter is not None and isinstance(r, Advert):
             r = dataclasses.replace(r, counter=counter)
         return r
@@ -298,10 +354,11 @@ class Decoder:
         return Invalid("checksum", f"from {src} ({mode})")
 
     def _decode_hmac(self, packet: bytes, payload: bytes, total: int, expected: tuple[str, ...],
-                     mode: str, ah: HmacAuth, src: str, dst: str, ttl: int) -> Advert | Invalid:
+                     mode: str, ah: HmacAuth, src: str, dst: str, ttl: int,
+                     alen: int) -> Advert | Invalid:
         """The rest of the checks for an instance with keepalived's auth_hmac: the trailer is
         optional on the wire (its length tells), the checksum covers the message alone."""
-        end = 8 + 4 * payload[3]
+        end = 8 + alen * payload[3]
         n = len(payload)
         if n not in (end, end + HMAC_TRAILER):
             return Invalid("length", f"{n} bytes for {payload[3]} addresses from {src}")
@@ -343,7 +400,7 @@ class Decoder:
     @staticmethod
     def _parse(packet: bytes, expected: tuple[str, ...], src: str, dst: str,
                ttl: int) -> Advert | Invalid:
-        v = IP(packet)[VRRPv3]
+        v = (IPv6(packet) if packet[0] >> 4 == 6 else IP(packet))[VRRPv3]
         addrs = tuple(v.addrlist)
         prio = v.priority
         if prio != 255 and expected and set(addrs) != set(expected):

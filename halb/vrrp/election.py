@@ -22,7 +22,8 @@ off, the ``sync_peer_*`` calls do nothing). State sync calls the ``sync_peer_*``
 ``status`` and ``handover``.
 
 Each instance (``instance.Instance``) drives its pure FSM (``fsm``); one ``instance.Channel``
-per interface owns the raw socket.
+per interface and address family owns the raw socket (VRIDs of IPv4 and IPv6 are separate
+spaces, RFC 9568).
 
 Graceful handover (``handover(name)``, also what the control API exposes): the master sends
 priority 0 (backups take over after Skew_Time), removes its VIPs and becomes backup with a
@@ -50,6 +51,8 @@ from .metrics import VrrpMetrics
 from .netlink import AddrSocket, LinkError, Netlink
 
 log = hlog.get_logger("vrrp")
+MAX_ALIASED_PEERS = 64
+MAX_ALIASES = 32
 
 
 class Election:
@@ -64,7 +67,7 @@ class Election:
         self.fast_takeover = bool(fast_takeover)
         self.metrics = VrrpMetrics(registry)
         self.instances: dict[str, Instance] = {c.name: Instance(c, self) for c in self.cfgs}
-        self.channels: dict[str, Channel] = {}
+        self.channels: dict[tuple[str, int], Channel] = {}  # (interface, 4 or 6)
         self.netlink: Netlink | None = None
         self.addrs = AddrSocket()
         self.sockdiag_broken = False
@@ -72,6 +75,9 @@ class Election:
         self._hold = False
         self._started = False
         self.adopt: set[str] = set()  # instances to start as master (halbctl upgrade)
+        # sync peer address -> the addresses its adverts come from (its IPv6 link-local
+        # address, say), told by the peer when its sync stream opens
+        self._aliases: dict[str, tuple[str, ...]] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -80,10 +86,11 @@ class Election:
             for inst in self.instances.values():
                 await inst.prepare(self.netlink, self._hold)
             for inst in self.instances.values():
-                ch = self.channels.get(inst.cfg.interface)
+                ck = (inst.cfg.interface, inst.family)
+                ch = self.channels.get(ck)
                 if ch is None:
-                    ch = self.channels[inst.cfg.interface] = Channel(inst.cfg.interface,
-                                                                     inst.ifindex, self)
+                    ch = self.channels[ck] = Channel(inst.cfg.interface, inst.ifindex, self,
+                                                     inst.family)
                 ch.by_vrid[inst.cfg.vrid] = inst
                 ch.own.add(inst.address)
                 key = inst.cfg.auth_key.encode() if inst.cfg.auth_key else b""
@@ -147,12 +154,25 @@ class Election:
         inst.call("handover")
         log.info("handover", instance=name)
 
+    def advert_sources(self) -> list[str]:
+        return sorted({i.address for i in self.instances.values() if i.address})
+
+    def sync_peer_sources(self, peer_ip: str, sources: list[str]) -> None:
+        if peer_ip not in self._aliases and len(self._aliases) >= MAX_ALIASED_PEERS:
+            return
+        self._aliases[peer_ip] = tuple(a for a in sources[:MAX_ALIASES] if a != peer_ip)
+
+    def _names(self, peer_ip: str) -> tuple[str, ...]:
+        """``peer_ip`` and the advert source addresses it told us (see sync_peer_sources)."""
+        return (peer_ip,) + self._aliases.get(peer_ip, ())
+
     def sync_peer_lost(self, peer_ip: str) -> None:
         if not self.fast_takeover:
             return
         for inst in self.instances.values():
             if inst.fsm is not None and not inst.fsm.stopped:
-                inst.call("sync_peer_lost", peer_ip)
+                for name in self._names(peer_ip):
+                    inst.call("sync_peer_lost", name)
                 if inst.fsm.fast_at is not None:
                     log.info("fast_takeover_armed", instance=inst.name, peer=peer_ip,
                              within=inst.fsm.mai)
@@ -164,12 +184,14 @@ class Election:
             return
         for inst in self.instances.values():
             if inst.fsm is not None and not inst.fsm.stopped:
-                inst.call("sync_peer_dead", peer_ip)
+                for name in self._names(peer_ip):
+                    inst.call("sync_peer_dead", name)
 
     def sync_peer_seen(self, peer_ip: str) -> None:
         for inst in self.instances.values():
             if inst.fsm is not None and not inst.fsm.stopped:
-                inst.call("sync_peer_seen", peer_ip)
+                for name in self._names(peer_ip):
+                    inst.call("sync_peer_seen", name)
 
     def set_preempt_hold(self, hold: bool) -> None:
         self._hold = bool(hold)

@@ -43,6 +43,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IP_MULTICAST_ALL = 49  # linux/in.h: 0 = only groups joined on this socket
+IPV6_MULTICAST_ALL = 29  # linux/in6.h
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IPV6_RECVHOPLIMIT = getattr(socket, "IPV6_RECVHOPLIMIT", 51)
+IPV6_HOPLIMIT = getattr(socket, "IPV6_HOPLIMIT", 52)
+ANC_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # in6_pktinfo + hop limit
 RCVBUF = 256 * 1024
 MAX_BATCH = 64  # packets read per wake-up before yielding to the loop
 NOTIFY_TIMEOUT = 10.0
@@ -50,27 +56,38 @@ NOTIFY_QUEUE = 32
 NOTIFY_OUTPUT = 4096
 INVALID_LOG_EVERY = 10.0  # seconds between log lines per (channel, reason)
 MAX_SOURCES = 256  # (source, reason) pairs of refused adverts kept per instance, and log keys
-OWN_IFACE_CHECK = 1.0  # the instance's own interface is always tracked (weight 0)
+OWN_IFACE_CHECK = 1.0
+LINKLOCAL_WAIT = 3.0  # seconds to wait for the interface's link-local address to leave DAD  # the instance's own interface is always tracked (weight 0)
 
 log = hlog.get_logger("vrrp")
 STATES = (INIT, BACKUP, MASTER, FAULT)
 
 
 class Channel:
-    """The raw socket of one interface, shared by the instances on it."""
+    """The raw socket of one interface and address family, shared by the instances on it."""
 
-    def __init__(self, ifname: str, ifindex: int, election: "Election"):
+    def __init__(self, ifname: str, ifindex: int, election: "Election", family: int = 4):
         self.ifname = ifname
         self.ifindex = ifindex
         self.election = election
+        self.family = family
         self.decoder = codec.Decoder()
         self.by_vrid: dict[int, Instance] = {}
         self.own: set[str] = set()
         self.sock: socket.socket | None = None
         self._log_at: dict[str, float] = {}
         self.send_errors = 0
+        self._pktinfo: dict[str, list] = {}  # source -> ancillary data for sendmsg
 
     def open(self, loop: asyncio.AbstractEventLoop, multicast: bool) -> None:
+        if self.family == 6:
+            s = self._open6(multicast)
+        else:
+            s = self._open4(multicast)
+        self.sock = s
+        loop.add_reader(s.fileno(), self._readable6 if self.family == 6 else self._readable)
+
+    def _open4(self, multicast: bool) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, codec.PROTO)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.ifname.encode())
@@ -88,8 +105,31 @@ class Channel:
         except OSError:
             s.close()
             raise
-        self.sock = s
-        loop.add_reader(s.fileno(), self._readable)
+        return s
+
+    def _open6(self, multicast: bool) -> socket.socket:
+        # the checksum is computed and checked here, not by the kernel (no IPV6_CHECKSUM): a
+        # bad one is counted and logged like any refused advert instead of vanishing
+        s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, codec.PROTO)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.ifname.encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, codec.TTL)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, codec.TTL)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, self.ifindex)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+            if multicast:
+                mreq = socket.inet_pton(socket.AF_INET6, codec.GROUP6) + struct.pack("=I", self.ifindex)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            raise
+        return s
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.sock is not None:
@@ -101,9 +141,19 @@ class Channel:
     def send(self, payload: bytes, src: str, dst: str) -> bool:
         if self.sock is None:
             return False
-        pktinfo = struct.pack("=i4s4s", self.ifindex, socket.inet_aton(src), b"\0" * 4)
+        anc = self._pktinfo.get(src)
+        if anc is None:
+            if self.family == 6:
+                info = socket.inet_pton(socket.AF_INET6, src) + struct.pack("=I", self.ifindex)
+                anc = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, info)]
+            else:
+                info = struct.pack("=i4s4s", self.ifindex, socket.inet_aton(src), b"\0" * 4)
+                anc = [(socket.IPPROTO_IP, IP_PKTINFO, info)]
+            if len(self._pktinfo) < 16:
+                self._pktinfo[src] = anc
+        addr = (dst, 0, 0, self.ifindex) if self.family == 6 else (dst, 0)
         try:
-            self.sock.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, (dst, 0))
+            self.sock.sendmsg([payload], anc, 0, addr)
             return True
         except OSError as e:  # e.g. the link is down: counted and logged, never fatal
             self.send_errors += 1
@@ -135,19 +185,47 @@ class Channel:
             except Exception:  # noqa: BLE001 - one packet never takes the election down
                 log.exception("advert_handling_failed", interface=self.ifname)
 
+    def _readable6(self) -> None:
+        """IPv6: the kernel hands over the VRRP message alone; the source comes with the
+        address, the destination and hop limit as ancillary data, and the fixed header is
+        rebuilt from them so the decoder checks both families the same way."""
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(MAX_BATCH):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(65535, ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._rate_log("recv_failed", interface=self.ifname, error=str(e))
+                return
+            hop, dst = -1, b"\0" * 16
+            for level, typ, val in anc:
+                if level == socket.IPPROTO_IPV6 and typ == IPV6_HOPLIMIT and len(val) >= 4:
+                    hop = struct.unpack("=i", val[:4])[0]
+                elif level == socket.IPPROTO_IPV6 and typ == IPV6_PKTINFO and len(val) >= 16:
+                    dst = val[:16]
+            try:
+                src = socket.inet_pton(socket.AF_INET6, addr[0].split("%", 1)[0])
+                if not 0 <= hop <= 255 or len(data) > 65535:
+                    raise ValueError(f"no hop limit ({hop})")
+                self._packet(codec.ipv6_header(src, dst, hop, len(data)) + data)
+            except Exception:  # noqa: BLE001 - one packet never takes the election down
+                log.exception("advert_handling_failed", interface=self.ifname)
+
     def _packet(self, data: bytes) -> None:
-        if len(data) >= 20 and socket.inet_ntoa(data[12:16]) in self.own:
+        src = codec.source_of(data)
+        if src in self.own:
             # our own address as the source: multicast loop is off and nothing should unicast
             # to us, so this is a forgery (or a duplicate address): counted, never used
-            ihl = (data[0] & 0x0F) * 4
-            vrid = data[ihl + 1] if len(data) > ihl + 1 else None
-            self._invalid(vrid, codec.Invalid("own_address", f"from {socket.inet_ntoa(data[12:16])}"),
-                          socket.inet_ntoa(data[12:16]))
+            off = 40 if data[0] >> 4 == 6 else (data[0] & 0x0F) * 4
+            vrid = data[off + 1] if len(data) > off + 1 else None
+            self._invalid(vrid, codec.Invalid("own_address", f"from {src}"), src)
             return
         r = self.decoder.decode(data)
         if isinstance(r, codec.Invalid):
             vrid, _ = self.decoder.last_invalid or (None, r)
-            src = socket.inet_ntoa(data[12:16]) if len(data) >= 20 else ""
             self._invalid(vrid, r, src)
             return
         inst = self.by_vrid.get(r.vrid)
@@ -187,8 +265,13 @@ class Instance:
         self.address = ""
         self.signer: codec.Signer | None = None
         self.hmac_auth: HmacAuth | None = None  # keepalived's auth_hmac, shared with the decoder
-        self.dsts: tuple[str, ...] = tuple(cfg.unicast_peers) or (codec.GROUP,)
-        self.vip_strs = tuple(str(v.ip) for v in cfg.vips)
+        self.family = 6 if cfg.vips and cfg.vips[0].version == 6 else 4
+        self.dsts: tuple[str, ...] = tuple(cfg.unicast_peers) or (
+            codec.GROUP6 if self.family == 6 else codec.GROUP,)
+        # IPv6: the virtual link-local address first (RFC 9568 section 5.2.9), as the config
+        # check guarantees one is there
+        self.vip_strs = tuple(str(v.ip) for v in sorted(
+            cfg.vips, key=lambda v: 0 if v.version == 6 and v.ip.is_link_local else 1))
         self.trackers: list[Tracker] = []
         self.mac = ""
         self.garp = GarpSender(cfg.interface)
@@ -221,20 +304,30 @@ class Instance:
 
     # -- set up ---------------------------------------------------------------------------------
 
+    async def _source(self, netlink: Netlink) -> str:
+        """The address adverts come from: the interface's first IPv4 address, or (IPv6) its
+        link-local address, waited for while duplicate address detection still holds it
+        (a tentative address cannot be a source), at most LINKLOCAL_WAIT seconds."""
+        if self.family == 4:
+            return await netlink.primary_address(self.cfg.interface, self.vip_strs)
+        deadline = time.monotonic() + LINKLOCAL_WAIT
+        while True:
+            addr, tentative = await netlink.link_local(self.cfg.interface, self.all_vip_strs)
+            if addr and not tentative or time.monotonic() >= deadline:
+                return addr
+            await asyncio.sleep(0.1)
+
     async def prepare(self, netlink: Netlink, hold: bool) -> None:
         cfg = self.cfg
-        if any(v.version != 4 for v in cfg.vips):
-            raise OSError(f"vrrp instance {cfg.name!r}: IPv6 VIPs are not supported yet "
-                          "(VRRPv3 over IPv6 is planned; use IPv4 VIPs)")
         st = await netlink.link(cfg.interface)
         if not st["exists"]:
             raise OSError(f"vrrp instance {cfg.name!r}: no interface {cfg.interface!r}")
         self.ifindex = st["index"]
         self.mac = st["mac"]
-        self.address = cfg.source_address or await netlink.primary_address(cfg.interface,
-                                                                           self.vip_strs)
+        self.address = cfg.source_address or await self._source(netlink)
         if not self.address:
-            raise OSError(f"vrrp instance {cfg.name!r}: no IPv4 address on {cfg.interface!r} "
+            kind = "link-local IPv6" if self.family == 6 else "IPv4"
+            raise OSError(f"vrrp instance {cfg.name!r}: no {kind} address on {cfg.interface!r} "
                           "to send adverts from (set source_address)")
         key = cfg.auth_key.encode() if cfg.auth_key else b""
         ah = cfg.auth_hmac
@@ -243,7 +336,8 @@ class Instance:
             time_window=ah.time_window)
         self.signer = codec.Signer(cfg.vrid, self.vip_strs, self.address, cfg.checksum, key,
                                    hmac_auth=self.hmac_auth)
-        self._frames = garp_frames(self.mac, self.vip_strs) if self.mac else []
+        router = self.family == 6 and _forwarding6(cfg.interface)
+        self._frames = garp_frames(self.mac, self.vip_strs, router) if self.mac else []
         for dev, vips in self.extra.items():
             xs = st if dev == cfg.interface else await netlink.link(dev)
             if not xs["exists"]:
@@ -251,10 +345,12 @@ class Instance:
                               f"(excluded_vips)")
             self.extra_index[dev] = xs["index"]
             if dev == cfg.interface:
-                self._frames += garp_frames(self.mac, [str(v.ip) for v in vips]) if self.mac else []
+                self._frames += garp_frames(self.mac, [str(v.ip) for v in vips],
+                                            _forwarding6(dev)) if self.mac else []
             elif xs["mac"]:
                 self.extra_garp[dev] = (GarpSender(dev),
-                                        garp_frames(xs["mac"], [str(v.ip) for v in vips]))
+                                        garp_frames(xs["mac"], [str(v.ip) for v in vips],
+                                                    _forwarding6(dev)))
         for add in (True, False):  # encode the netlink requests now, not during a takeover
             for v in cfg.vips:
                 self.election.addrs.prepare(add, self.ifindex, v)
@@ -555,6 +651,15 @@ class Instance:
             "invalid_sources": [{"source": s, "reason": r, "count": n, "detail": d}
                                 for (s, r), (n, d) in sorted(self.invalid_sources.items())],
         }
+
+
+def _forwarding6(ifname: str) -> bool:
+    """Whether ``ifname`` forwards IPv6 (this network namespace): the NAs' Router flag."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/forwarding") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
 
 
 async def run_notify(command: str, name: str, state: str, priority: int) -> int | None:

@@ -30,6 +30,7 @@ from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 EEXIST, EADDRNOTAVAIL, ENODEV = 17, 99, 19
+IFA_F_NODAD, IFA_F_TENTATIVE = 0x02, 0x40
 IFF_UP, IFF_RUNNING, IFF_LOWER_UP = 0x1, 0x40, 0x10000
 
 Vip = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -70,8 +71,13 @@ class AddrSocket:
             m["prefixlen"] = vip.network.prefixlen
             m["index"] = ifindex
             addr = str(vip.ip)
-            m["attrs"] = [("IFA_LOCAL", addr), ("IFA_ADDRESS", addr)] if vip.version == 4 \
-                else [("IFA_ADDRESS", addr)]
+            if vip.version == 4:
+                m["attrs"] = [("IFA_LOCAL", addr), ("IFA_ADDRESS", addr)]
+            else:
+                # nodad: a VIP moves with its owner; duplicate address detection would keep
+                # it tentative (unusable) for a second or more after every takeover
+                m["flags"] = IFA_F_NODAD if add else 0
+                m["attrs"] = [("IFA_ADDRESS", addr)] + ([("IFA_FLAGS", IFA_F_NODAD)] if add else [])
             m["header"]["type"] = RTM_NEWADDR if add else RTM_DELADDR
             m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
             m["header"]["sequence_number"] = 0
@@ -198,6 +204,19 @@ class Netlink:
                 return a
         return ""
 
+    def _link_local(self, ifname: str, exclude: frozenset[str]) -> tuple[str, bool]:
+        idx = self._index(ifname)
+        found = ("", True)
+        for m in self._ipr().get_addr(index=idx, family=socket.AF_INET6):
+            a = m.get_attr("IFA_ADDRESS")
+            if a in exclude or not ipaddress.IPv6Address(a).is_link_local:
+                continue
+            flags = m.get_attr("IFA_FLAGS") or m["flags"]
+            if not flags & IFA_F_TENTATIVE:
+                return a, False
+            found = found if found[0] else (a, True)
+        return found
+
     # -- awaitables (submitted at call time, run in call order) ----------------------------------
 
     def add_vips(self, ifname: str, vips: Iterable[Vip]) -> "asyncio.Future[list[str]]":
@@ -218,6 +237,11 @@ class Netlink:
     def primary_address(self, ifname: str, exclude: Iterable[str] = ()) -> "asyncio.Future[str]":
         """The first IPv4 address on ``ifname`` that is not in ``exclude`` (the VIPs); "" if none."""
         return self._run(self._primary, ifname, frozenset(exclude))
+
+    def link_local(self, ifname: str, exclude: Iterable[str] = ()) -> "asyncio.Future[tuple[str, bool]]":
+        """(the link-local IPv6 address of ``ifname`` not in ``exclude``, still tentative?);
+        ("", True) if none."""
+        return self._run(self._link_local, ifname, frozenset(exclude))
 
     def close(self) -> None:
         if self._closed:

@@ -1,13 +1,14 @@
 """Lab fixtures for the election tests: a LAN in network namespaces, real halbd processes.
 
-Topology (all names start with ``hv``, all addresses in 198.18.40.0/24):
+Topology (all names start with ``hv``; dual stack, 198.18.40.0/24 and 2001:2:40::/64):
 
     hvsw:  bridge hvbr0
-    hvlb1: eth0 198.18.40.11     halbd (or keepalived)
-    hvlb2: eth0 198.18.40.12     halbd (or keepalived)
-    hvcl:  eth0 198.18.40.2      client, TCP backend on 198.18.40.2:7000 (lab.backend)
+    hvlb1: eth0 198.18.40.11  2001:2:40::11   halbd (or keepalived)
+    hvlb2: eth0 198.18.40.12  2001:2:40::12   halbd (or keepalived)
+    hvcl:  eth0 198.18.40.2   2001:2:40::2    client, TCP backends on 198.18.40.2:7001/7002
+                                              (lab.backend)
 
-VIPs come from 198.18.40.100-199. Each test leaves nothing behind (namespaces, processes),
+VIPs come from 198.18.40.100-199 (IPv6: 2001:2:40::100-199 and the virtual link-local fe80::28). Each test leaves nothing behind (namespaces, processes),
 also when it fails; ``lab.netns.cleanup("hv")`` first removes what an interrupted run left.
 """
 
@@ -33,6 +34,8 @@ from tests.helpers import Halbd, Proc, wait_for
 PREFIX = "hv"
 SUBNET = "198.18.40.0/24"
 LB1, LB2, CLIENT = "198.18.40.11", "198.18.40.12", "198.18.40.2"
+SUBNET6 = "2001:2:40::/64"
+LB1_6, LB2_6, CLIENT6 = "2001:2:40::11", "2001:2:40::12", "2001:2:40::2"
 BACKEND_PORT = 7001  # be1 (lb1's pool); be2 listens on 7002 (lb2's pool)
 VIP_PORT = 8000
 PY = sys.executable
@@ -47,11 +50,14 @@ def config(name: str, *, backend_port: int | None = None, vrid: int = 40, priori
     if listen_vips:
         for i, v in enumerate(vips):
             ip = v.split("/")[0]
+            if ip.startswith("fe80:"):
+                continue  # a virtual link-local address: in adverts, not served
+            bind = f"[{ip}]:{VIP_PORT}" if ":" in ip else f"{ip}:{VIP_PORT}"
             listeners += f"""
 [[listeners]]
 name = "l{i}"
 mode = "tcp"
-bind = "{ip}:{VIP_PORT}"
+bind = "{bind}"
 pool = "p"
 """
     vips_toml = ", ".join(f'"{v}"' for v in vips)
@@ -91,11 +97,11 @@ class Lab:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         nx.cleanup(PREFIX)
-        self.lan = nx.Lan(PREFIX, SUBNET)
+        self.lan = nx.Lan(PREFIX, SUBNET, subnet6=SUBNET6)
         try:
-            self.lan.add_host("hvlb1", LB1)
-            self.lan.add_host("hvlb2", LB2)
-            self.lan.add_host("hvcl", CLIENT)
+            self.lan.add_host("hvlb1", LB1, address6=LB1_6)
+            self.lan.add_host("hvlb2", LB2, address6=LB2_6)
+            self.lan.add_host("hvcl", CLIENT, address6=CLIENT6)
         except Exception:
             self.lan.close()
             raise
@@ -122,7 +128,7 @@ class Lab:
 
     def vips(self, ns: str) -> set[str]:
         try:
-            return set(nx.addresses("eth0", ns=ns)) - {LB1, LB2, CLIENT}
+            return set(nx.addresses("eth0", ns=ns)) - {LB1, LB2, CLIENT, LB1_6, LB2_6, CLIENT6}
         except Exception:  # noqa: BLE001 - the namespace may be going away
             return set()
 

@@ -39,9 +39,10 @@ VIP = "198.18.40.100"
 
 
 def keepalived_conf(name: str, priority: int, interval: float, *, unicast: tuple[str, str] = (),
-                    extra: str = "") -> str:
+                    extra: str = "", vips: tuple[str, ...] = ()) -> str:
     """keepalived's config for the lab's VRID 40 (``unicast``: (own address, peer); ``extra``:
-    lines for the instance, e.g. an ``auth_hmac`` block)."""
+    lines for the instance, e.g. an ``auth_hmac`` block; ``vips``: instead of the lab's VIP)."""
+    vip_lines = "\n        ".join(vips or (f"{VIP}/24",))
     if unicast:
         extra = (f"    unicast_src_ip {unicast[0]}\n    unicast_peer {{\n        {unicast[1]}\n"
                  f"    }}\n") + extra
@@ -59,17 +60,18 @@ vrrp_instance vi {{
     priority {priority}
     advert_int {interval}
 {extra}    virtual_ipaddress {{
-        {VIP}/24
+        {vip_lines}
     }}
 }}
 """
 
 
-def start_keepalived(lab: Lab, ns: str, name: str, priority: int, interval: float) -> Proc:
+def start_keepalived(lab: Lab, ns: str, name: str, priority: int, interval: float,
+                     vips: tuple[str, ...] = ()) -> Proc:
     d = lab.tmp / f"ka-{name}-{len(lab.procs)}"
     d.mkdir()
     conf = d / "keepalived.conf"
-    conf.write_text(keepalived_conf(name, priority, interval))
+    conf.write_text(keepalived_conf(name, priority, interval, vips=vips))
     return lab.proc(["keepalived", "-n", "-l", "-D", "-P", "-f", str(conf),
                      "-p", str(d / "k.pid"), "-r", str(d / "v.pid"), "-c", str(d / "c.pid")],
                     ns, f"keepalived-{name}-{len(lab.procs)}")

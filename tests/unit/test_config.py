@@ -435,3 +435,44 @@ vips = ["198.18.0.100/24"]
     # a nat listener on an address no instance moves: a warning, not an error
     cfg = loads(base.replace('vips = ["198.18.0.100/24"]', 'vips = ["198.18.0.101/24"]'))
     assert [w.path for w in cfg.warnings] == ["listeners[0].bind"]
+
+
+V6 = NAT + """
+[[vrrp]]
+name = "v6"
+interface = "eth0"
+vrid = 7
+priority = 100
+"""
+
+
+def test_ipv6_instance():
+    cfg = loads(V6 + 'vips = ["2001:2::100/64", "fe80::7/64"]\n'
+                'unicast_peers = ["fe80::12"]\nsource_address = "fe80::11"\n'
+                'excluded_vips = ["2001:2:0:1::100/64 dev eth1", "198.18.9.1/24"]\n')
+    v = cfg.vrrp[0]
+    assert [str(a) for a in v.vips] == ["2001:2::100/64", "fe80::7/64"]
+    assert [str(a) for a, _ in v.excluded_vips] == ["2001:2:0:1::100/64", "198.18.9.1/24"]
+    # the IPv4 checksum setting means nothing over IPv6: no warning about it
+    assert not any(w.path.endswith("checksum") for w in cfg.warnings)
+    # the same vrid may serve IPv4 and IPv6 on one interface (separate spaces, RFC 9568)
+    both = loads(V6 + 'vips = ["fe80::7/64"]\n' + V6.split(NAT)[1].replace('"v6"', '"v4"')
+                 + 'vips = ["198.18.0.100/24"]\nchecksum = "rfc9568"\n')
+    assert len(both.vrrp) == 2
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ('vips = ["2001:2::100/64"]\n',
+     'vrrp[0].vips: an IPv6 instance needs a virtual link-local address among its vips'),
+    ('vips = ["fe80::7/64", "198.18.0.100/24"]\n',
+     "vrrp[0].vips: IPv4 and IPv6 addresses cannot share one instance"),
+    ('vips = ["fe80::7/64"]\nunicast_peers = ["198.18.0.12"]\n',
+     "vrrp[0].unicast_peers[0]: 198.18.0.12 is IPv4, the instance's vips are IPv6"),
+    ('vips = ["fe80::7/64"]\nsource_address = "198.18.0.11"\n',
+     "vrrp[0].source_address: 198.18.0.11 is IPv4, the instance's vips are IPv6"),
+    ('vips = ["198.18.0.100/24"]\nunicast_peers = ["2001:2::12"]\n',
+     "vrrp[0].unicast_peers[0]: 2001:2::12 is IPv6, the instance's vips are IPv4"),
+])
+def test_bad_ipv6_instance_names_the_key(extra, expected):
+    got = problems(V6 + extra)
+    assert any(g.startswith(expected) for g in got), got

@@ -123,7 +123,7 @@ def _ip_ttl(ttl: int) -> bytes:
 INVALID = [
     ("short", lambda: pkt()[:18]),
     ("short", lambda: pkt()[:25]),
-    ("not_ipv4", lambda: b"\x60" + pkt()[1:]),
+    ("not_ipv4", lambda: b"\x50" + pkt()[1:]),  # neither IPv4 nor IPv6
     ("protocol", lambda: bytes(IP(src=SRC, dst=DST, ttl=255, proto=17) / pkt()[20:])),
     ("length", lambda: pkt()[:-4]),  # IP total length says more than arrived
     ("ttl", lambda: _ip_ttl(64)),
@@ -268,3 +268,124 @@ def test_repeated_adverts_are_parsed_once_but_always_checked():
     for i in range(Decoder.MAX_PARSED + 10):  # bounded
         d.decode(pkt(priority=1 + i % 254, interval=0.01 * (1 + i // 254)))
     assert len(d._parsed) <= Decoder.MAX_PARSED
+
+
+# -- IPv6 (RFC 9568: ff02::12, hop limit 255, 16-byte addresses, pseudo-header checksum) ---------
+
+SRC6, DST6 = "fe80::a", "ff02::12"
+VIPS6 = ["fe80::1", "2001:2::100"]
+
+
+def pkt6(**kw) -> bytes:
+    args = dict(src=SRC6, dst=DST6, vrid=40, priority=100, interval=1.0, addresses=VIPS6)
+    args.update(kw)
+    return build_packet(**args)
+
+
+def _v6(payload: bytes, src: str = SRC6) -> bytes:
+    from scapy.layers.inet6 import IPv6
+    return bytes(IPv6(src=src, dst=DST6, hlim=255, nh=112) / payload)
+
+
+def dec6(**kw) -> Decoder:
+    return dec(vips=VIPS6, **kw)
+
+
+def with_checksum6(packet: bytes) -> bytes:
+    p = bytearray(packet)
+    p[46:48] = b"\0\0"
+    payload = bytes(p[40:])
+    pseudo = bytes(p[8:40]) + struct.pack("!I", len(payload)) + b"\0\0\0\x70"
+    p[46:48] = struct.pack("!H", ref_sum(pseudo + payload))
+    return bytes(p)
+
+
+def test_ipv6_known_vector():
+    # written out by hand: version 3 type 1, vrid 40, priority 100, 2 addresses, 100 cs,
+    # checksum over the IPv6 pseudo-header (fe80::a, ff02::12, length 40, next header 112)
+    want = bytes.fromhex("31 28 64 02 00 64 4c b4"
+                         "fe80 0000 0000 0000 0000 0000 0000 0001"
+                         "2001 0002 0000 0000 0000 0000 0000 0100")
+    for mode in codec.CHECKSUM_MODES:  # the IPv4 setting does not change IPv6 adverts
+        assert build_payload(vrid=40, priority=100, interval=1.0, addresses=VIPS6, src=SRC6,
+                             dst=DST6, mode=mode) == want
+    pseudo = (bytes.fromhex("fe80" + "0" * 24 + "000a") + bytes.fromhex("ff02" + "0" * 24 + "0012")
+              + struct.pack("!I", len(want)) + b"\0\0\0\x70")
+    assert ref_sum(pseudo + want[:6] + b"\0\0" + want[8:]) == 0x4CB4
+    # and scapy's own IPv6 VRRPv3 build (in6_chksum) agrees
+    from scapy.layers.inet6 import IPv6
+    ref = bytes(IPv6(src=SRC6, dst=DST6, hlim=255) / VRRPv3(vrid=40, priority=100, adv=100,
+                                                             addrlist=VIPS6))
+    assert ref[40:] == want
+
+
+def test_ipv6_packet_shape_and_round_trip():
+    p = pkt6()
+    assert p[0] >> 4 == 6 and p[6] == 112 and p[7] == 255  # next header, hop limit
+    assert struct.unpack_from("!H", p, 4)[0] == 8 + 2 * 16  # payload length
+    r = dec6().decode(p)
+    assert r == Advert(src=SRC6, dst=DST6, vrid=40, priority=100, interval=1.0,
+                       addresses=tuple(VIPS6))
+    assert codec.source_of(p) == SRC6
+
+
+def test_ipv6_rebuilt_header_decodes_like_the_wire():
+    # what the channel does with a raw socket's payload and ancillary data
+    p = pkt6()
+    rebuilt = codec.ipv6_header(p[8:24], p[24:40], p[7], len(p) - 40) + p[40:]
+    assert rebuilt == p
+
+
+INVALID6 = [
+    ("short", lambda: pkt6()[:44]),
+    ("protocol", lambda: _set(pkt6(), 6, b"\x11")),
+    ("length", lambda: pkt6()[:-4]),  # the payload length says more than arrived
+    ("ttl", lambda: _set(pkt6(), 7, b"\xfe")),  # hop limit 254: crossed a router
+    ("ttl", lambda: _set(pkt6(), 7, b"\x40")),
+    ("checksum", lambda: _set(pkt6(), 46, b"\x12\x34")),
+    # the sum without the pseudo-header (an IPv4 habit) is wrong over IPv6
+    ("checksum", lambda: _set(pkt6(), 46, struct.pack(
+        "!H", ref_sum(pkt6()[40:46] + b"\0\0" + pkt6()[48:])))),
+    ("length", lambda: with_checksum6(_set(pkt6(), 43, b"\x03"))),  # count says 3
+    ("length", lambda: with_checksum6(_v6(pkt6()[40:] + b"\0" * 4))),  # 4 bytes too many
+    ("addresses", lambda: pkt6(addresses=["fe80::1", "2001:2::101"])),
+    ("vrid", lambda: pkt6(vrid=41)),
+    ("interval", lambda: with_checksum6(_set(pkt6(), 44, b"\x00\x00"))),
+]
+
+
+@pytest.mark.parametrize("reason,make", INVALID6,
+                         ids=[f"{r}-{i}" for i, (r, _) in enumerate(INVALID6)])
+def test_ipv6_invalid_rejected_and_counted(reason, make):
+    d = dec6()
+    r = d.decode(make())
+    assert isinstance(r, Invalid) and r.reason == reason, r
+    assert d.invalid[reason] == 1 and sum(d.invalid.values()) == 1
+
+
+def test_ipv6_auth_trailer_round_trip_and_tamper():
+    s = Signer(40, VIPS6, SRC6, "rfc9568", KEY)
+    payload = s.payload(100, 1.0, DST6)
+    assert len(payload) == 8 + 32 + codec.AUTH_TRAILER
+    p = _v6(payload)
+    d = dec6(key=KEY)
+    r = d.decode(p)
+    assert isinstance(r, Advert) and r.counter is not None
+    again = d.decode(p)
+    assert isinstance(again, Invalid) and again.reason == "auth_replay"
+    # the MAC covers the 16-byte source: the same message from another address is refused
+    # even with its checksum made right for that source
+    forged = with_checksum6(_v6(payload, src="fe80::b"))
+    assert dec6(key=KEY).decode(forged) == Invalid("auth_mac", "fe80::b")
+
+
+def test_ipv6_fuzz_never_raises():
+    rnd = random.Random(6)
+    base = pkt6()
+    d = dec6()
+    for _ in range(3000):
+        b = bytearray(base)
+        for _ in range(rnd.randint(1, 6)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        r = d.decode(bytes(b[:rnd.randint(0, len(b))]))
+        assert isinstance(r, (Advert, Invalid))

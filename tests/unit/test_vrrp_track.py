@@ -116,13 +116,44 @@ def test_notify_gets_keepalived_arguments(tmp_path):
 
 
 def test_garp_frames():
-    fs = frames("02:00:00:00:00:01", ["198.18.40.100", "198.18.40.101/24", "2001:db8::1"])
-    assert len(fs) == 2  # IPv6 addresses are not announced with ARP
+    fs = frames("02:00:00:00:00:01", ["198.18.40.100", "198.18.40.101/24", "2001:2::1"])
+    assert len(fs) == 3  # the IPv6 address gets an unsolicited NA (below)
     for f, ip in zip(fs, ["198.18.40.100", "198.18.40.101"]):
         e = Ether(f)
         assert e.dst == "ff:ff:ff:ff:ff:ff" and e.src == "02:00:00:00:00:01"
         a = e[ARP]
         assert a.op == 1 and a.psrc == ip and a.pdst == ip and a.hwsrc == "02:00:00:00:00:01"
+
+
+@pytest.mark.parametrize("router", [False, True])
+def test_unsolicited_neighbor_advertisements(router):
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6, in6_chksum
+    mac = "02:00:00:00:00:01"
+    fs = frames(mac, ["2001:2::100/64", "fe80::7"], router)
+    assert len(fs) == 2
+    for f, ip in zip(fs, ["2001:2::100", "fe80::7"]):
+        e = Ether(f)
+        assert e.dst == "33:33:00:00:00:01" and e.src == mac and e.type == 0x86DD
+        i6 = e[IPv6]
+        assert i6.src == ip and i6.dst == "ff02::1" and i6.hlim == 255  # RFC 4861 7.1.2
+        na = e[ICMPv6ND_NA]
+        assert na.type == 136 and na.code == 0 and na.tgt == ip
+        assert (na.R, na.S, na.O) == (int(router), 0, 1)  # override, unsolicited
+        assert e[ICMPv6NDOptDstLLAddr].lladdr == mac
+        raw = bytes(i6.payload)
+        assert in6_chksum(58, i6, raw[:2] + b"\0\0" + raw[4:]) == struct.unpack("!H", raw[2:4])[0]
+
+
+def test_netlink_request_encoding_ipv6_nodad():
+    a = AddrSocket()
+    v = ipaddress.ip_interface("2001:2::100/64")
+    add = a.prepare(True, 7, v)
+    family, prefixlen, flags, _scope, index = struct.unpack_from("=BBBBI", add, 16)
+    assert (family, prefixlen, index) == (10, 64, 7)
+    assert flags & 0x02  # IFA_F_NODAD: no duplicate address detection delay on takeover
+    assert struct.pack("=HHI", 8, 8, 0x02) in add  # IFA_FLAGS attribute, NODAD
+    rm = a.prepare(False, 7, v)
+    assert struct.unpack_from("=BBBBI", rm, 16)[2] == 0
 
 
 def test_netlink_request_encoding():
