@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shlex
 import signal
@@ -306,13 +307,17 @@ class Instance:
 
     async def _source(self, netlink: Netlink) -> str:
         """The address adverts come from: the interface's first IPv4 address, or (IPv6) its
-        link-local address, waited for while duplicate address detection still holds it
-        (a tentative address cannot be a source), at most LINKLOCAL_WAIT seconds."""
+        link-local address (a global one when the unicast peers are global: they check the
+        source against their own peer list), waited for while duplicate address detection
+        still holds it (a tentative address cannot be a source), at most LINKLOCAL_WAIT s."""
         if self.family == 4:
             return await netlink.primary_address(self.cfg.interface, self.vip_strs)
+        link_local = not any(not ipaddress.IPv6Address(p).is_link_local
+                             for p in self.cfg.unicast_peers)
         deadline = time.monotonic() + LINKLOCAL_WAIT
         while True:
-            addr, tentative = await netlink.link_local(self.cfg.interface, self.all_vip_strs)
+            addr, tentative = await netlink.link_local(self.cfg.interface, self.all_vip_strs,
+                                                       link_local)
             if addr and not tentative or time.monotonic() >= deadline:
                 return addr
             await asyncio.sleep(0.1)

@@ -204,12 +204,13 @@ class Netlink:
                 return a
         return ""
 
-    def _link_local(self, ifname: str, exclude: frozenset[str]) -> tuple[str, bool]:
+    def _link_local(self, ifname: str, exclude: frozenset[str],
+                    link_local: bool = True) -> tuple[str, bool]:
         idx = self._index(ifname)
         found = ("", True)
         for m in self._ipr().get_addr(index=idx, family=socket.AF_INET6):
             a = m.get_attr("IFA_ADDRESS")
-            if a in exclude or not ipaddress.IPv6Address(a).is_link_local:
+            if a in exclude or ipaddress.IPv6Address(a).is_link_local != link_local:
                 continue
             flags = m.get_attr("IFA_FLAGS") or m["flags"]
             if not flags & IFA_F_TENTATIVE:
@@ -238,10 +239,11 @@ class Netlink:
         """The first IPv4 address on ``ifname`` that is not in ``exclude`` (the VIPs); "" if none."""
         return self._run(self._primary, ifname, frozenset(exclude))
 
-    def link_local(self, ifname: str, exclude: Iterable[str] = ()) -> "asyncio.Future[tuple[str, bool]]":
+    def link_local(self, ifname: str, exclude: Iterable[str] = (),
+                   link_local: bool = True) -> "asyncio.Future[tuple[str, bool]]":
         """(the link-local IPv6 address of ``ifname`` not in ``exclude``, still tentative?);
-        ("", True) if none."""
-        return self._run(self._link_local, ifname, frozenset(exclude))
+        ("", True) if none. ``link_local=False``: a global one instead."""
+        return self._run(self._link_local, ifname, frozenset(exclude), link_local)
 
     def close(self) -> None:
         if self._closed:

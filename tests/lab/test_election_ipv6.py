@@ -216,3 +216,45 @@ def test_ipv6_mixed_pair_with_keepalived(lab, _keepalived):
     wait_state(h3, "master", timeout=5)
     assert time.monotonic() - t0 <= skew_time(50, ADV) + SLACK + 0.1
     lab.wait_holder(VIP6, "hvlb1")
+
+
+def test_ipv6_unicast_with_auth_hmac_refuses_forgeries(lab):
+    """Unicast between the nodes' global IPv6 addresses (adverts then come from those, so each
+    side's peer check holds), signed with auth_hmac; a forged priority-0 advert from the
+    master's address with a wrong key is refused and nothing moves; kill -9 still fails over."""
+    from tests.lab.conftest import LB1_6, LB2_6
+    auth = '[vrrp.auth_hmac]\nkeys = { "1" = "hex:' + "ab" * 32 + '" }\n'
+    u1 = f'unicast_peers = ["{LB2_6}"]\n{auth}'
+    u2 = f'unicast_peers = ["{LB1_6}"]\n{auth}'
+    a = lab.halbd("hvlb1", config("lb1", priority=200, vips=VIPS6, extra_vrrp=u1), "lb1")
+    b = lab.halbd("hvlb2", config("lb2", priority=100, vips=VIPS6, extra_vrrp=u2), "lb2")
+    wait_state(a, "master", timeout=15)
+    wait_state(b, "backup", timeout=15)
+    lab.wait_holder(VIP6, "hvlb1")
+    started = [e for e in events(a, "election_started")][0]["instances"][0]
+    assert started["address"] == LB1_6  # a global source for global unicast peers
+    forge = (
+        "import socket, sys\n"
+        "from halb.vrrp import codec\n"
+        "from halb.vrrp.authhmac import HmacAuth\n"
+        f"ah = HmacAuth({{1: b'x' * 32}}, 1)\n"
+        f"m = codec.build_payload(vrid=40, priority=0, interval=0.1, addresses=['{LL}', '{VIP6}'],"
+        f" src='{LB1_6}', dst='{LB2_6}')\n"
+        f"p = m + ah.trailer(m, '{LB1_6}', 40)\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
+        "from scapy.layers.inet6 import IPv6\n"
+        f"pkt = bytes(IPv6(src='{LB1_6}', dst='{LB2_6}', hlim=255, nh=112) / p)\n"
+        "for _ in range(30):\n"
+        f"    s.sendto(pkt, ('{LB2_6}', 0))\n"
+    )
+    from tests.helpers import ROOT
+    nx.run_in("hvcl", [PY, "-c", forge], timeout=60, cwd=str(ROOT))
+    time.sleep(master_down_interval(100, ADV) * 2)
+    assert state_of(b) == "backup" and lab.holder(VIP6) == ["hvlb1"]
+    refused = [e for e in events(b, "invalid_advert:auth_mac")]
+    assert refused and refused[0]["reason"] == "auth_mac", events(b, "invalid_advert")
+    t0 = time.monotonic()
+    a.kill()
+    wait_state(b, "master", timeout=5)
+    assert time.monotonic() - t0 <= master_down_interval(100, ADV) + SLACK
+    assert VIP6 in lab.vips("hvlb2")
