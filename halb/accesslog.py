@@ -50,6 +50,11 @@ Fields (times in ms, -1 for a phase never reached, as HAProxy's):
     method, request (``METHOD target HTTP/x.y``, the target cut at 1024 bytes; bytes below 0x20
               or above 0x7e, ``"`` and ``#`` written ``#XX`` as HAProxy does), retries, mode,
     conns     (fc), backend_conns (sc)
+    cache     what the listener's HTTP cache did (``[listeners.cache]``): HIT (answered from it),
+              MISS (went to the backend; stored if storable), STALE (revalidated with the
+              backend, which sent a new response), REVALIDATED (the backend's 304 made the stored
+              one fresh, which was sent), BYPASS (not cacheable: method, body, Range,
+              no-store, ...); ``-`` when no cache looked at it. In JSON lines only when not ``-``
 
 Sampling (``Sampler``) is counter-based and deterministic: with ``sample = p``, exactly
 ``floor(N * p)`` of N exchanges are logged (to the millionth), evenly spread: every 4th for
@@ -64,7 +69,7 @@ import time
 # the field names of templates and JSON lines, in the order of the docstring
 FIELDS = ("time", "client", "listener", "pool", "backend", "Tq", "Tw", "Tc", "Tr", "Ta", "Tt",
           "status", "bytes", "bytes_in", "bytes_out", "term", "tsc", "method", "request",
-          "retries", "mode", "conns", "backend_conns")
+          "retries", "mode", "conns", "backend_conns", "cache")
 FORMATS = ("text", "json")
 TARGET_MAX = 1024  # request target bytes kept in a line (HAProxy's tune.http.logurilen)
 TEMPLATE_MAX = 1024  # characters of a template
@@ -336,7 +341,7 @@ class Formatter:
     # -- text (HAProxy's httplog / tcplog layout) -------------------------------------------
 
     def _http_text(self, wall, client, listener, pool, backend, tq, tw, tc, tr, ta, status,
-                   nbytes, nin, term, ck, method, request, retries, fc, sc) -> str:
+                   nbytes, nin, term, ck, method, request, retries, fc, sc, cache="-") -> str:
         return (f"{client} [{self.face.text_date(wall)}] {listener} {pool}/{backend} "
                 f"{tq}/{tw}/{tc}/{tr}/{ta} {status} {nbytes} - - {term}{ck} "
                 f"-/{fc}/-/{sc}/{retries} 0/0 \"{request}\"")
@@ -349,17 +354,18 @@ class Formatter:
     # -- json ---------------------------------------------------------------------------------
 
     def _http_json(self, wall, client, listener, pool, backend, tq, tw, tc, tr, ta, status,
-                   nbytes, nin, term, ck, method, request, retries, fc, sc) -> str:
+                   nbytes, nin, term, ck, method, request, retries, fc, sc, cache="-") -> str:
         # every string but the request line is a name, an address or a token: nothing to
         # escape (config names match [A-Za-z0-9_.-]); the request line is printable ASCII
         # (escape()) whose backslashes json.dumps doubles
         tail = f',"bytes_in":{nin}' if nin >= 0 else ""
+        ctail = f',"cache":"{cache}"' if cache != "-" else ""
         return (f'{{"time":"{self.face.iso_date(wall)}","mode":"http","client":"{client}",'
                 f'"listener":"{listener}","pool":"{pool}","backend":"{backend}",'
                 f'"Tq":{tq},"Tw":{tw},"Tc":{tc},"Tr":{tr},"Ta":{ta},"status":{status},'
                 f'"bytes":{nbytes}{tail},"term":"{term}","tsc":"{term}{ck}",'
                 f'"method":"{method}","request":{_jstr(request)},"retries":{retries},'
-                f'"conns":{fc},"backend_conns":{sc}}}')
+                f'"conns":{fc},"backend_conns":{sc}{ctail}}}')
 
     def _tcp_json(self, wall, client, listener, pool, backend, tw, tc, tt, nin, nout, term,
                   retries, fc, sc) -> str:
@@ -371,14 +377,14 @@ class Formatter:
     # -- templates ----------------------------------------------------------------------------
 
     def _http_tmpl(self, wall, client, listener, pool, backend, tq, tw, tc, tr, ta, status,
-                   nbytes, nin, term, ck, method, request, retries, fc, sc) -> str:
+                   nbytes, nin, term, ck, method, request, retries, fc, sc, cache="-") -> str:
         return self.tmpl.format_map({
             "time": self.face.iso_date(wall), "client": client, "listener": listener,
             "pool": pool, "backend": backend, "Tq": tq, "Tw": tw, "Tc": tc, "Tr": tr,
             "Ta": ta, "Tt": ta, "status": status, "bytes": nbytes,
             "bytes_in": nin if nin >= 0 else "-", "bytes_out": nbytes, "term": term,
             "tsc": term + ck, "method": method, "request": request, "retries": retries,
-            "mode": "http", "conns": fc, "backend_conns": sc})
+            "mode": "http", "conns": fc, "backend_conns": sc, "cache": cache})
 
     def _tcp_tmpl(self, wall, client, listener, pool, backend, tw, tc, tt, nin, nout, term,
                   retries, fc, sc) -> str:
@@ -387,7 +393,7 @@ class Formatter:
             "pool": pool, "backend": backend, "Tq": "-", "Tw": tw, "Tc": tc, "Tr": "-",
             "Ta": "-", "Tt": tt, "status": "-", "bytes": nout, "bytes_in": nin,
             "bytes_out": nout, "term": term, "tsc": term, "method": "-", "request": "-",
-            "retries": retries, "mode": "tcp", "conns": fc, "backend_conns": sc})
+            "retries": retries, "mode": "tcp", "conns": fc, "backend_conns": sc, "cache": "-"})
 
 
 def _jstr(s: str) -> str:

@@ -271,7 +271,7 @@ class AccessLog:
              t_resp: float, t_end: float, ip: str, port: int, listener: str, pool: str,
              backend: str, status: int, nbytes: int, nin: int, term: str, ck: str,
              method: bytes | None, target: bytes | None, version: str, retries: int,
-             fc: int, sc: int) -> None:
+             fc: int, sc: int, cache: str = "-") -> None:
         """One HTTP exchange (``target`` None: a request never parsed, ``<BADREQ>``)."""
         s = self.sampler
         if not s.all and not s.take():
@@ -289,7 +289,8 @@ class AccessLog:
             self._cport = port
             self._client = client = client_addr(ip, port)
         self.put(self._http(t_begin + self.offset, client, listener, pool, backend, tq, tw, tc,
-                            tr, ta, status, nbytes, nin, term, ck, meth, req, retries, fc, sc))
+                            tr, ta, status, nbytes, nin, term, ck, meth, req, retries, fc, sc,
+                            cache))
 
     def tcp(self, t_accept: float, t_first: float, t_connected: float, t_end: float,
             client: str, listener: str, pool: str, backend: str, nin: int, nout: int,

@@ -210,6 +210,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """``[listeners.cache]``: an HTTP cache in front of the listener's pools (halb.proxy.cache)."""
+    max_size: int = 64 << 20  # bytes of stored responses (bodies and heads) in all
+    max_object: int = 1 << 20  # the largest body stored
+    max_entries: int = 10_000
+    max_age: float = 3600.0  # no response is fresh longer than this
+    default_ttl: float = 0.0  # freshness of a response with none given (0: not stored)
+    store_set_cookie: bool = False
+    pools: tuple[str, ...] = ()  # only requests routed to these pools (empty: every pool)
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     mode: str
@@ -229,6 +241,7 @@ class ListenerConfig:
     protocol: str = "tcp"
     hash: str = "client_ip"  # client_ip | client_ip_port
     access_log: bool = True  # false: this listener writes no access log lines
+    cache: CacheConfig | None = None  # http: [listeners.cache]
 
 
 @dataclass(frozen=True)
@@ -788,6 +801,49 @@ def _limits(r: _Reader) -> LimitsConfig:
     return LimitsConfig(**vals)
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000 ** 2,
+               "mb": 1000 ** 2, "mi": 1 << 20, "mib": 1 << 20, "g": 1000 ** 3, "gb": 1000 ** 3,
+               "gi": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(v: Any) -> int:
+    """Bytes: an integer, or a string such as "64MiB", "512k", "1GB"; ValueError otherwise."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a size such as \"64MiB\", got {_tname(v)}")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"{v} is negative")
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"expected a size such as \"64MiB\", got {_tname(v)}")
+    m = _SIZE_RE.match(v)
+    if not m:
+        raise ValueError(f"invalid size {v!r} (e.g. \"64MiB\", \"512KiB\", \"1000000\")")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+def _cache(r: _Reader) -> CacheConfig:
+    d = CacheConfig()
+    sizes = {}
+    for k, lo, hi in (("max_size", 4096, 64 << 30), ("max_object", 1, 1 << 30)):
+        v = r.conv(k, parse_size, getattr(d, k))
+        if v is not None and not lo <= v <= hi:
+            r.error(f"{v} bytes out of range ({lo}..{hi})", k)
+        sizes[k] = v if v is not None else getattr(d, k)
+    c = CacheConfig(max_size=sizes["max_size"], max_object=sizes["max_object"],
+                    max_entries=r.int_in("max_entries", 1, 10_000_000, d.max_entries),
+                    max_age=r.duration("max_age", d.max_age, lo=1, hi=365 * 86400),
+                    default_ttl=r.duration("default_ttl", d.default_ttl, hi=365 * 86400),
+                    store_set_cookie=bool(r.get("store_set_cookie", bool, False)),
+                    pools=tuple(r.strings("pools")))
+    r.done()
+    if c.max_object > c.max_size:
+        r.error(f"max_object ({c.max_object}) is larger than max_size ({c.max_size})",
+                "max_object")
+    return c
+
+
 def _listener(r: _Reader) -> ListenerConfig:
     name = r.name()
     mode = r.choice("mode", MODES, "tcp", required=True)
@@ -825,7 +881,11 @@ def _listener(r: _Reader) -> ListenerConfig:
     protocol = r.choice("protocol", NAT_PROTOCOLS, "tcp")
     nat_hash = r.choice("hash", NAT_HASHES, "client_ip")
     alog = r.get("access_log", bool, True)
+    cr = r.table("cache")
+    cache = _cache(cr) if cr else None
     r.done()
+    if cache is not None and mode != "http":
+        r.error(f"cache needs mode = \"http\" (mode is {mode!r})", "cache")
     if mode == "nat" and "access_log" in r.data:
         r.error("access_log needs mode = \"tcp\", \"udp\" or \"http\" (a nat listener's "
                 "connections are forwarded by the kernel: halb sees none to log)", "access_log")
@@ -856,7 +916,7 @@ def _listener(r: _Reader) -> ListenerConfig:
                           proxy_protocol=pp,
                           relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
-                          protocol=protocol, hash=nat_hash, access_log=bool(alog))
+                          protocol=protocol, hash=nat_hash, access_log=bool(alog), cache=cache)
 
 
 def _vip(v: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -1197,6 +1257,13 @@ def parse(data: dict, source: str = "") -> Config:
         for j, rt in enumerate(l.routes):
             if rt.pool and rt.pool not in pool_names:
                 problems.append(Problem(f"{lr.sub('routes')}[{j}].pool", f"unknown pool {rt.pool!r}"))
+        if l.cache is not None:
+            served = {l.pool} | {rt.pool for rt in l.routes}
+            for j, cp in enumerate(l.cache.pools):
+                if cp not in served:
+                    problems.append(Problem(f"{lr.sub('cache.pools')}[{j}]",
+                                            f"{cp!r} is not a pool this listener routes to "
+                                            f"({', '.join(sorted(served))})"))
         proto = l.protocol if l.mode == "nat" else ("udp" if l.mode == "udp" else "tcp")
         if l.mode == "nat" and l.pool in pool_names:
             pc = next(p for p in pools if p.name == l.pool)

@@ -146,7 +146,9 @@ class Node:
                                    if self.cfg.source and not self.cfg.source.startswith("<")
                                    else None,
                                    backend_add=self.backend_add, backend_del=self.backend_del,
-                                   backend_maint=self.backend_maint, upgrade=self.upgrade))
+                                   backend_maint=self.backend_maint, upgrade=self.upgrade,
+                                   http_caches=lambda: getattr(self.metrics, "http_caches",
+                                                               None) or {}))
         # first: a second halbd started by mistake with the same config fails on the live
         # control socket before its election or listeners touch anything
         self.parts.insert(0, self.control)

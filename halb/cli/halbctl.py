@@ -406,6 +406,18 @@ def cmd_upgrade(args, client: Client) -> int:
     return EXIT_OK if r.ok else EXIT_ERROR
 
 
+def cmd_cache(args, client: Client) -> int:
+    r = client.call("CachePurge", client.pb.CachePurgeRequest(
+        prefix=args.prefix or "", host=args.host or "", listener=args.listener or ""))
+    if args.json:
+        _print_json(to_dict(r))
+    else:
+        what = f"starting with {args.prefix!r}" if args.prefix else "(all)"
+        print(f"purged {r.purged} entries {what} from the cache of "
+              f"{', '.join(r.listeners)}; {r.entries} entries ({r.bytes} bytes) left")
+    return EXIT_OK
+
+
 def cmd_reload(args, client: Client) -> int:
     r = client.call("Reload", client.pb.ReloadRequest())
     if args.json:
@@ -676,6 +688,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the old process's connections get to finish (default 30)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_upgrade)
+
+    p = sub.add_parser("cache", parents=[common], help="the HTTP caches ([listeners.cache])")
+    csub = p.add_subparsers(dest="cache_cmd", required=True)
+    q = csub.add_parser("purge", parents=[common], help="remove stored responses whose request "
+                        "target starts with PREFIX (all without one)")
+    q.add_argument("prefix", nargs="?", default="", help="e.g. /static/ (default: everything)")
+    q.add_argument("--host", help="only responses for this Host")
+    q.add_argument("--listener", help="only this listener's cache")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_cache)
 
     p = sub.add_parser("reload", parents=[common],
                        help="read the node's config file again and apply the changes")

@@ -211,6 +211,8 @@ class ControlTargets:
     backend_del: Callable[..., Awaitable[Any]] | None = None
     backend_maint: Callable[..., Awaitable[Any]] | None = None
     upgrade: Callable[..., Awaitable[dict]] | None = None  # Node.upgrade
+    # listener name -> HttpCache (halb.proxy.cache) of the listeners that have one
+    http_caches: Callable[[], Mapping[str, Any]] | None = None
 
 
 class ControlAPI:
@@ -311,6 +313,23 @@ class ControlAPI:
         except ValueError as e:
             raise _bad(str(e)) from None
         return backend_msg(pool, b, now)
+
+    def cache_purge(self, prefix: str, host: str, listener: str) -> pb.CachePurgeReply:
+        caches = dict(self.targets.http_caches() if self.targets.http_caches else {})
+        if not caches:
+            raise _refused("no listener of this node has an HTTP cache ([listeners.cache])")
+        if listener:
+            if listener not in caches:
+                raise ControlError(grpc.StatusCode.NOT_FOUND,
+                                   f"listener {listener!r} has no HTTP cache (caches: "
+                                   f"{', '.join(sorted(caches))})")
+            caches = {listener: caches[listener]}
+        if len(prefix) > 8192 or len(host) > 1024:
+            raise _bad("prefix or host too long")
+        n = sum(c.purge(prefix, host) for c in caches.values())
+        return pb.CachePurgeReply(purged=n, listeners=sorted(caches),
+                                  entries=sum(c.entries for c in caches.values()),
+                                  bytes=sum(c.size for c in caches.values()))
 
     async def reload(self) -> pb.ReloadReply:
         fn = self.targets.reload

@@ -102,6 +102,13 @@ class _Servicer(pb_grpc.ControlServicer):
         self.log.info("reload_requested", ok=r.ok, changes=len(r.changes), errors=len(r.errors))
         return r
 
+    async def CachePurge(self, request, context):
+        r = await self._call("CachePurge", context, lambda: self.api.cache_purge(
+            request.prefix, request.host, request.listener))
+        self.log.info("cache_purged", prefix=request.prefix, host=request.host,
+                      listener=request.listener, purged=r.purged)
+        return r
+
     async def AddBackend(self, request, context):
         b = await self._call("AddBackend", context, lambda: self.api.add_backend(request))
         return pb.BackendReply(backend=b)

@@ -29,7 +29,7 @@ cdef class _Settings:
 
 cdef class HttpListener:
     cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper, handover
-    cdef public object alog
+    cdef public object alog, cache, cache_pools
     cdef public Router router
     cdef public dict pools
     cdef public set conns
@@ -103,6 +103,8 @@ cdef class ClientConn:
     cdef public str why, lterm
     cdef public _Rx lrx
     cdef public double deadline, t0
+    cdef public object cst
+    cdef public str lcache
     cpdef flush(self)
     cpdef put(self, bytes data)
     @cython.locals(n=Py_ssize_t)

@@ -83,6 +83,7 @@ import asyncio
 import os
 import re
 from time import monotonic as _monotonic
+from time import time as _wall
 from typing import TYPE_CHECKING
 
 import httptools
@@ -105,6 +106,9 @@ from .http_head import (APP_COOKIE_MAX, HttpError, ResponseFramer, ResponseHead,
 
 if not cython.compiled:  # compiled, these are C constants cimported from http_head.pxd
     from .http_head import _F_DONE, EV_BODY, EV_DONE, EV_HEAD, EV_INTERIM, EV_NEED, EV_SWITCH
+from .cache import Headers as CacheHeaders
+from .cache import caches_of
+from .cache import from_config as cache_from_config
 from .routing import Router
 from .sockets import listen_tcp
 
@@ -171,6 +175,26 @@ class _Rx:
         self.th = -1.0
 
 
+class _CacheX:
+    """The cache's part in one exchange (halb.proxy.cache): its decision, then the response
+    being gathered for storing (``body`` None: not stored)."""
+
+    __slots__ = ("d", "limit", "t_req", "body", "size", "status", "reason", "h", "lifetime",
+                 "fresh304")
+
+    def __init__(self, d, limit: int, t_req: float):
+        self.d = d
+        self.limit = limit
+        self.t_req = t_req
+        self.body: list[bytes] | None = None
+        self.size = 0
+        self.status = 0
+        self.reason = b""
+        self.h = None
+        self.lifetime = 0.0
+        self.fresh304 = False
+
+
 class _Settings:
     """A listener's settings that the per-request path reads, flattened into one object."""
 
@@ -231,12 +255,34 @@ class HttpListener:
         self.ob_armed = False
         self.handover = None  # a listening socket taken over from the listener this replaces
         self.alog = for_listener(node, True)  # the node's access log, or None (then: off)
+        self.cache = None  # [listeners.cache] (halb.proxy.cache), None when off
+        self.cache_pools = None
+        self._set_cache(cfg, None)
+
+    def _set_cache(self, cfg: ListenerConfig, old) -> None:
+        """``old``: the cache config running until now (a reload that changes it starts with
+        an empty cache; one that keeps it keeps the entries)."""
+        cc = getattr(cfg, "cache", None)
+        if cc is None:
+            self.cache = None
+        elif self.cache is None or cc != old:
+            self.cache = cache_from_config(cc)
+        self.cache_pools = frozenset(cc.pools) if cc is not None and cc.pools else None
+        caches = caches_of(self.node.metrics) if cc is not None else \
+            getattr(self.node.metrics, "http_caches", None)
+        if caches is not None:
+            if self.cache is not None:
+                caches[self.name] = self.cache
+            else:
+                caches.pop(self.name, None)
 
     def reconfigure(self, cfg: ListenerConfig) -> None:
         """A reload changed this listener's routes, timeouts, limits, headers or default pool
         (same bind, same TLS): applied in place. The socket and the open connections stay;
         a connection keeps the settings it started with, new ones get the new ones."""
-        self.cfg = cfg
+        old, self.cfg = self.cfg, cfg
+        if getattr(cfg, "cache", None) != getattr(old, "cache", None):
+            self._set_cache(cfg, getattr(old, "cache", None))
         self.router = Router(cfg.routes, cfg.pool)
         self.settings = _Settings(cfg, self.proto, self.node.metrics)
         t = cfg.timeouts
@@ -305,6 +351,9 @@ class HttpListener:
             for bc in list(lst):
                 bc.close()
         self.idle.clear()
+        caches = getattr(self.node.metrics, "http_caches", None)
+        if caches is not None and self.cache is not None and caches.get(self.name) is self.cache:
+            del caches[self.name]  # (a listener with this name that replaces it puts its own)
         deadline = self.loop.time() + 2.0 if self.loop else 0
         while self.conns and self.loop and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -572,7 +621,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                  "resp_started", "resp_chunk", "resp_close", "status", "fwd", "lver", "queued",
                  "tunnel", "held", "shut", "skip", "synth", "raw_target", "hi_start", "hi_end",
                  "alog", "cport", "t_begin", "t_start", "t_resp", "nb", "nup", "why", "lrx",
-                 "lterm")
+                 "lterm", "cst", "lcache")
 
     def __init__(self, lst: HttpListener):
         self.l = lst
@@ -648,6 +697,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.why = ""  # who ended the connection, when halb knows better than "C" (c, K)
         self.lrx: _Rx | None = None  # the exchange last logged (each is logged once)
         self.lterm = ""  # the termination state of the last failed attempt
+        self.cst: _CacheX | None = None  # the cache's part in the exchange in flight
+        self.lcache = "-"  # the access log's cache field of the exchange in flight
 
     # -- transport events -----------------------------------------------------------------
 
@@ -1222,6 +1273,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.sticky_b = None
         self.cookie_val = ""
         self.hkey = None
+        self.cst = None
         self.stale_retry = False
         self.t0 = -1.0  # (set when the request goes to a backend)
         self.nb = 0
@@ -1232,6 +1284,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if pool is None:  # config validation makes this unreachable; stay safe
             self._answer_error(HttpError(503, f"no pool {pool_name!r}"), "SC")
             return
+        cache = self.l.cache
+        if cache is not None and (self.l.cache_pools is None or pool_name in self.l.cache_pools):
+            if self._cache_request(cache, rx):
+                return  # answered from the cache
         mode = pool.sticky_mode
         if mode == "cookie":
             val = req.cookies().get(pool.sticky_cookie)
@@ -1354,10 +1410,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         fwd = self.fwd
         if fwd is None and self.s.forwarded:
             fwd = self.fwd = [None, b""]  # this connection's forwarded headers, by Host
+        lines = self.s.via11 if req.version == "1.1" else self.s.via10
+        if self.cst is not None and self.cst.d.cond:  # revalidating a stored response
+            lines = lines + self.cst.d.cond
+            self.cst.t_req = _wall()
         head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
                             "" if req.host else
-                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd,
-                            self.s.via11 if req.version == "1.1" else self.s.via10)
+                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd, lines)
         bc.out.append(head)
         if rx.body:
             bc.out += rx.body
@@ -1421,6 +1480,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._record_sticky(mode, pool, b, rh)
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
+        if self.l.cache is not None and self._cache_response(status, rh, set_cookie):
+            self.t_resp = bc.last
+            return True, close_delim  # a 304 freshened the stored response, sent at the end
         if not self.closed:
             head = rh.build(status, None, chunk, close, set_cookie,
                             not close and req.version == "1.0",
@@ -1474,6 +1536,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                       backend=b.name, client=self.client_ip)
 
     def resp_body(self, data: bytes) -> None:
+        cst = self.cst
+        if cst is not None and cst.body is not None:
+            cst.size += len(data)
+            if cst.size > cst.limit:
+                cst.body = None  # too large to store: relayed only
+            else:
+                cst.body.append(data)
         if self.closed:
             return
         if self.resp_chunk:
@@ -1498,6 +1567,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self._release(rt, self.status >= 500)
         if self.closed:
             return
+        cst = self.cst
+        if cst is not None and (cst.body is not None or cst.fresh304) and rx is not None:
+            if self._cache_done(rx):
+                return
         if self.resp_chunk:
             tl = bc.fr.trailers
             last = b"0\r\n" + trailer_lines(None, tl) + b"\r\n" if tl else b"0\r\n\r\n"
@@ -1599,6 +1672,99 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.alog is not None and rx is not None:
             self._alog_x(rx, err.status, term)
         self._next()
+
+    # -- the HTTP cache ([listeners.cache], halb.proxy.cache; only while it is on) ----------
+
+    def _cache_request(self, cache, rx: _Rx) -> bool:
+        """Looks the request up; True when the cache answered it (the exchange is over)."""
+        req = rx.req
+        now = _wall()
+        d = cache.request(req.method, req.host, req.target, req.header_map(), req.has_body,
+                          now)
+        if self.alog is not None:
+            self.lcache = d.state
+        if d.action != "hit":
+            if d.action != "bypass":
+                self.cst = _CacheX(d, cache.max_object, now)
+            return False
+        keep = rx.complete and rx.keep_alive and not self.eof and not self.l.stopping \
+            and self.pending_error is None
+        status, data = cache.respond(d, now, req.version, not keep,
+                                     keep and req.version == "1.0",
+                                     self.s.via11 if req.version == "1.1" else self.s.via10)
+        self.status = status
+        self.nb += len(data)
+        self.put(data)
+        self.resp_close = not keep
+        if self.alog is not None:
+            self._alog_x(rx, status, "--")
+        self._next()
+        return True
+
+    def _cache_response(self, status: int, rh, set_cookie) -> bool:
+        """A response head came for a request the cache looked at. Returns True when it is a
+        304 that freshened the stored response (which then goes to the client instead)."""
+        cst = self.cst
+        req = self.cur.req
+        if cst is None:
+            if req.method not in _NO_BODY_METHODS and status < 400:
+                self.l.cache.invalidate(req.host, req.target)  # RFC 9111 4.4
+            return False
+        cache = self.l.cache
+        d = cst.d
+        h = CacheHeaders.parse(b"".join(rh.parts[1:]))
+        now = _wall()
+        if d.action == "revalidate" and status == 304 and d.entry is not None:
+            cache.freshen(d.entry, h, cst.t_req, now)
+            cst.fresh304 = True
+            cst.body = None
+            return True
+        if set_cookie is not None:  # (halb's own sticky cookie is per client)
+            self.cst = None
+            return False
+        lifetime, why = cache.storable(d, status, h, now)
+        if why:
+            if d.action == "revalidate":  # the stored response is out of date, and no
+                cache.invalidate(req.host, req.target)  # longer storable
+            self.cst = None
+            return False
+        cst.status = status
+        cst.reason = rh.sline.split(b" ", 2)[2].rstrip(b"\r\n") if rh.sline.count(b" ") >= 2 \
+            else b"OK"
+        cst.h = h
+        cst.lifetime = lifetime
+        cst.body = []
+        cst.size = 0
+        return False
+
+    def _cache_done(self, rx: _Rx) -> bool:
+        """The response the cache watched is complete: store it, or (after a 304 that
+        freshened the entry) answer from the entry. True when the exchange was answered."""
+        cst = self.cst
+        self.cst = None
+        cache = self.l.cache
+        d = cst.d
+        if cst.fresh304:
+            keep = rx.complete and rx.keep_alive and not self.eof and not self.l.stopping \
+                and not self.resp_close
+            d.action = "hit"
+            d.not_modified = False
+            status, data = cache.respond(d, _wall(), rx.req.version, not keep,
+                                         keep and rx.req.version == "1.0",
+                                         self.s.via11 if rx.req.version == "1.1" else self.s.via10)
+            self.status = status
+            self.nb += len(data)
+            self.put(data)
+            self.resp_close = not keep
+            if self.alog is not None:
+                self.lcache = "REVALIDATED"
+                self._alog_x(rx, status, "--")
+            self._next()
+            return True
+        if cst.h is not None:
+            cache.store(d, cst.status, cst.reason, cst.h, b"".join(cst.body), cst.lifetime,
+                        cst.t_req, _wall())
+        return False
 
     # -- tunnels (after a 101) ------------------------------------------------------------
 
@@ -1724,7 +1890,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                        self.nup if self.tunnel else -1, term, ck, req.method, req.target,
                        req.version, (self.attempts - 1 if self.attempts > 1 else 0)
                        + (1 if self.stale_retry else 0), len(self.l.conns),
-                       b.active if b is not None else 0)
+                       b.active if b is not None else 0, self.lcache)
+        self.lcache = "-"
 
     def _alog_refused(self, status: int, nbytes: int, rx: _Rx | None) -> None:
         """A refused request (400, 408, 413, 414, 431, 501): the exchange it broke, or a

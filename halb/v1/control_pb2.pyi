@@ -314,6 +314,28 @@ class ReloadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CachePurgeRequest(_message.Message):
+    __slots__ = ("prefix", "host", "listener")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    host: str
+    listener: str
+    def __init__(self, prefix: _Optional[str] = ..., host: _Optional[str] = ..., listener: _Optional[str] = ...) -> None: ...
+
+class CachePurgeReply(_message.Message):
+    __slots__ = ("purged", "listeners", "entries", "bytes")
+    PURGED_FIELD_NUMBER: _ClassVar[int]
+    LISTENERS_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    purged: int
+    listeners: _containers.RepeatedScalarFieldContainer[str]
+    entries: int
+    bytes: int
+    def __init__(self, purged: _Optional[int] = ..., listeners: _Optional[_Iterable[str]] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
 class AddBackendRequest(_message.Message):
     __slots__ = ("pool", "name", "address", "weight", "backup", "max_conns")
     POOL_FIELD_NUMBER: _ClassVar[int]

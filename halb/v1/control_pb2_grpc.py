@@ -89,6 +89,11 @@ class ControlStub:
                 request_serializer=halb_dot_v1_dot_control__pb2.UpgradeRequest.SerializeToString,
                 response_deserializer=halb_dot_v1_dot_control__pb2.UpgradeReply.FromString,
                 _registered_method=True)
+        self.CachePurge = channel.unary_unary(
+                '/halb.v1.Control/CachePurge',
+                request_serializer=halb_dot_v1_dot_control__pb2.CachePurgeRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.CachePurgeReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -176,6 +181,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CachePurge(self, request, context):
+        """Removes stored responses from the HTTP caches ([listeners.cache]): those whose request
+        target starts with prefix (every one when it is empty), only of host or listener when
+        given. The reply says how many went and which caches were looked at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +247,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Upgrade,
                     request_deserializer=halb_dot_v1_dot_control__pb2.UpgradeRequest.FromString,
                     response_serializer=halb_dot_v1_dot_control__pb2.UpgradeReply.SerializeToString,
+            ),
+            'CachePurge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CachePurge,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.CachePurgeRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.CachePurgeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +551,33 @@ class Control:
             '/halb.v1.Control/Upgrade',
             halb_dot_v1_dot_control__pb2.UpgradeRequest.SerializeToString,
             halb_dot_v1_dot_control__pb2.UpgradeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CachePurge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/CachePurge',
+            halb_dot_v1_dot_control__pb2.CachePurgeRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.CachePurgeReply.FromString,
             options,
             channel_credentials,
             insecure,

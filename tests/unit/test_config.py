@@ -240,7 +240,7 @@ BAD = [
      BASE + '\n[access_log]\nformat = "%{client} %{stauts} %{bytes}"\n',
      ["access_log.format: unknown field 'stauts' in %{stauts} (known: time, client, listener, "
       "pool, backend, Tq, Tw, Tc, Tr, Ta, Tt, status, bytes, bytes_in, bytes_out, term, tsc, "
-      "method, request, retries, mode, conns, backend_conns)"]),
+      "method, request, retries, mode, conns, backend_conns, cache)"]),
     ("access-log-template-unclosed", BASE + '\n[access_log]\nformat = "%{client} %{status"\n',
      ["access_log.format: unclosed %{ at character 11 of '%{client} %{status'"]),
     ("access-log-unknown-format", BASE + '\n[access_log]\nformat = "xml"\n',
@@ -476,3 +476,35 @@ def test_ipv6_instance():
 def test_bad_ipv6_instance_names_the_key(extra, expected):
     got = problems(V6 + extra)
     assert any(g.startswith(expected) for g in got), got
+
+
+def test_listener_cache():
+    cfg = loads(BASE + '[listeners.cache]\nmax_size = "8MiB"\nmax_object = "512KiB"\n'
+                       'max_age = "10m"\ndefault_ttl = "30s"\npools = ["web"]\n')
+    c = cfg.listeners[0].cache
+    assert (c.max_size, c.max_object, c.max_age, c.default_ttl, c.pools) == (
+        8 << 20, 512 << 10, 600.0, 30.0, ("web",))
+    assert loads(BASE + "[listeners.cache]\n").listeners[0].cache.max_size == 64 << 20
+    assert loads(BASE).listeners[0].cache is None
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ('[listeners.cache]\nmax_size = "lots"\n',
+     "listeners[0].cache.max_size: invalid size 'lots'"),
+    ('[listeners.cache]\nmax_size = "1MiB"\nmax_object = "2MiB"\n',
+     "listeners[0].cache.max_object: max_object (2097152) is larger than max_size (1048576)"),
+    ('[listeners.cache]\nmax_size = 100\n',
+     "listeners[0].cache.max_size: 100 bytes out of range"),
+    ('[listeners.cache]\npools = ["api"]\n',
+     "listeners[0].cache.pools[0]: 'api' is not a pool this listener routes to (web)"),
+    ('[listeners.cache]\nmax_entrys = 5\n', "listeners[0].cache.max_entrys: unknown key"),
+])
+def test_bad_listener_cache_names_the_key(extra, expected):
+    got = problems(BASE + extra)
+    assert any(g.startswith(expected) for g in got), got
+
+
+def test_cache_needs_an_http_listener():
+    text = BASE.replace('mode = "http"', 'mode = "tcp"') + "[listeners.cache]\n"
+    assert any(p.startswith('listeners[0].cache: cache needs mode = "http"')
+               for p in problems(text))
