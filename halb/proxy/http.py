@@ -171,6 +171,13 @@ class _Rx:
         self.th = -1.0
 
 
+def _authority(host: str, port: int) -> str:
+    """The Host a request without one gets towards backend ``host:port`` (an HTTP/1.0
+    request): an IPv6 literal in brackets (RFC 9110 7.2, RFC 3986 3.2.2), no port for 80."""
+    h = f"[{host}]" if ":" in host else host
+    return h if port == 80 else f"{h}:{port}"
+
+
 class _Settings:
     """A listener's settings that the per-request path reads, flattened into one object."""
 
@@ -1355,8 +1362,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if fwd is None and self.s.forwarded:
             fwd = self.fwd = [None, b""]  # this connection's forwarded headers, by Host
         head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
-                            "" if req.host else
-                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd,
+                            "" if req.host else _authority(b.host, b.port), fwd,
                             self.s.via11 if req.version == "1.1" else self.s.via10)
         bc.out.append(head)
         if rx.body:
