@@ -405,10 +405,16 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_endpoint(value: Any, *, allow_port_zero: bool = False) -> Endpoint:
-    """``host:port`` or ``[v6]:port``; raises ValueError naming the problem."""
+    """``host:port`` or ``[v6]:port``; raises ValueError naming the problem.
+
+    An IPv6 address must be in brackets (``[2001:db8::1]:80``: without them the port cannot
+    be told from the address) and is kept in its canonical form (``[2001:DB8:0::1]`` ->
+    ``2001:db8::1``), the form the kernel reports peers in: sticky keys, duplicate binds and
+    sync peers then compare equal however the address was written."""
     if not isinstance(value, str):
         raise ValueError(f"expected \"host:port\", got {type(value).__name__}")
-    if value.startswith("["):
+    bracketed = value.startswith("[")
+    if bracketed:
         host, sep, rest = value[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ValueError(f"expected \"[address]:port\", got {value!r}")
@@ -417,6 +423,9 @@ def parse_endpoint(value: Any, *, allow_port_zero: bool = False) -> Endpoint:
         host, sep, port_s = value.rpartition(":")
         if not sep:
             raise ValueError(f"missing port in {value!r} (expected \"host:port\")")
+        if ":" in host:
+            raise ValueError(f"IPv6 address without brackets in {value!r} (write "
+                             f"\"[ADDRESS]:PORT\", e.g. \"[{host}]:{port_s}\")")
     if not host:
         raise ValueError(f"missing host in {value!r}")
     if not port_s.isdigit():
@@ -426,6 +435,13 @@ def parse_endpoint(value: Any, *, allow_port_zero: bool = False) -> Endpoint:
         raise ValueError(f"port {port} out of range")
     if not re.match(r"^[A-Za-z0-9.:_-]+$", host):
         raise ValueError(f"invalid host {host!r}")
+    if bracketed:
+        try:
+            a = ipaddress.IPv6Address(host)
+            host = f"::ffff:{a.ipv4_mapped}" if a.ipv4_mapped else a.compressed
+        except ValueError:
+            raise ValueError(f"[{host}] in {value!r} is not an IPv6 address (brackets are for "
+                             f"IPv6 addresses only)") from None
     return Endpoint(host, port)
 
 

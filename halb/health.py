@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from . import log as hlog
-from .config import HealthConfig
+from .config import Endpoint, HealthConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clock import Clock
@@ -223,7 +223,8 @@ class HealthChecker:
         changed = self.pool.set_health(b, t.up, now)
         if changed:
             self.log.info("backend_up" if t.up else "backend_down", pool=self.pool.name,
-                          backend=b.name, address=f"{b.host}:{b.port}", reason=t.reason,
+                          backend=b.name, address=str(Endpoint(b.host, b.port)),
+                          reason=t.reason,
                           check=self.cfg.type, consecutive=t.streak)
             if self.metrics is not None:
                 self.metrics.health_change(self.pool.name, b.name, t.up)

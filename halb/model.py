@@ -80,7 +80,8 @@ class Backend:
         return "up"
 
     def __repr__(self) -> str:
-        return f"Backend({self.pool}/{self.name} {self.host}:{self.port})"
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"Backend({self.pool}/{self.name} {h}:{self.port})"
 
 
 def backend_acquire(b: Backend) -> None:

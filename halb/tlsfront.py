@@ -43,6 +43,31 @@ log = hlog.get_logger("tls")
 MAX_REFUSAL_KEYS = 64  # (direction, reason, remote host) pairs kept per log
 
 
+def peer_address(peer: str) -> str:
+    """``ip:port`` or ``[v6]:port`` from a remote as halb or gRPC write it: ``ip:port``,
+    ``[v6]:port``, gRPC's ``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5`` or ``ipv6:%5B::1%5D:5``;
+    anything else (``unix:...``) as it is."""
+    kind, sep, rest = peer.partition(":")
+    if sep and kind in ("ipv4", "ipv6"):
+        peer = rest.replace("%5B", "[").replace("%5D", "]").replace("%25", "%")
+    elif kind in ("unix", "unix-abstract"):
+        return peer
+    if peer.startswith("[") or peer.count(":") <= 1:
+        return peer
+    host, _, port = peer.rpartition(":")  # a bare v6 address and a port
+    return f"[{host}]:{port}"
+
+
+def remote_host(remote: str) -> str:
+    """The host of a remote (any form ``peer_address`` reads), without port or brackets."""
+    a = peer_address(remote)
+    if a.startswith("unix"):
+        return a
+    if a.startswith("["):
+        return a[1:].partition("]")[0]
+    return a.rpartition(":")[0] if a.count(":") == 1 else a
+
+
 class RefusalLog:
     """Refused connections by (direction, reason, remote host): counts, the last detail and
     when; bounded (the oldest key goes first). ``direction``: "in" (to our port) or "out"."""
@@ -61,8 +86,7 @@ class RefusalLog:
             self.refused_in += 1
         else:
             self.refused_out += 1
-        host = remote.rpartition(":")[0] if remote.count(":") == 1 else remote
-        k = (direction, reason, host)
+        k = (direction, reason, remote_host(remote))
         e = self._by.get(k)
         if e is None:
             if len(self._by) >= MAX_REFUSAL_KEYS:
@@ -209,7 +233,7 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.t = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
-        self.remote = f"{peer[0]}:{peer[1]}"
+        self.remote = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         if len(self.front._conns) >= MAX_CONNS:
             self.front.on_refusal(self.remote, "too_many_connections", f"more than {MAX_CONNS} open")
             transport.abort()

@@ -35,14 +35,16 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (TCP and UDP both free when kind is STREAM)."""
+    """A port that was free a moment ago (TCP and UDP both free when kind is STREAM) on
+    ``host`` (an IPv4 or IPv6 address)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
+        with socket.socket(fam, kind) as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
         other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
         try:
-            with socket.socket(socket.AF_INET, other) as s2:
+            with socket.socket(fam, other) as s2:
                 s2.bind((host, port))
         except OSError:
             continue
@@ -153,8 +155,20 @@ class Proc:
         self.close()
 
 
+def hostport(host: str, port: int) -> str:
+    """``host:port``, or ``[v6]:port`` for an IPv6 address (halb's and lab.backend's syntax)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class Backends:
-    """lab.backend processes on loopback, one per name, each on free ports."""
+    """lab.backend processes on loopback, one per name, each on free ports; ``host`` may be
+    an IPv6 address (``"::1"``): the addresses are then ``[::1]:PORT``."""
 
     def __init__(self, names: Iterable[str], *, http: bool = True, tcp: bool = False,
                  udp: bool = False, host: str = "127.0.0.1", logdir: Path | None = None):
@@ -173,20 +187,21 @@ class Backends:
         http, tcp, udp = self.kinds
         argv = [PY, "-m", "lab.backend", "--name", name]
         if http:
-            self.http.setdefault(name, f"{self.host}:{free_port(host=self.host)}")
+            self.http.setdefault(name, hostport(self.host, free_port(host=self.host)))
             argv += ["--http", self.http[name]]
         if tcp:
-            self.tcp.setdefault(name, f"{self.host}:{free_port(host=self.host)}")
+            self.tcp.setdefault(name, hostport(self.host, free_port(host=self.host)))
             argv += ["--tcp", self.tcp[name]]
         if udp:
-            self.udp.setdefault(name, f"{self.host}:{free_port(socket.SOCK_DGRAM, host=self.host)}")
+            self.udp.setdefault(name, hostport(self.host,
+                                               free_port(socket.SOCK_DGRAM, host=self.host)))
             argv += ["--udp", self.udp[name]]
         log = self.logdir / f"backend-{name}.log" if self.logdir else None
         self.procs[name] = Proc(argv, log=log)
         addr = self.http.get(name) or self.tcp.get(name)
         if addr:
-            h, p = addr.rsplit(":", 1)
-            wait_for(lambda: port_open(h, int(p)), 10, what=f"backend {name} on {addr}")
+            h, p = split_hostport(addr)
+            wait_for(lambda: port_open(h, p), 10, what=f"backend {name} on {addr}")
         else:
             time.sleep(0.3)
 

@@ -78,7 +78,11 @@ def resolve_target(args: argparse.Namespace) -> str:
     if args.address:
         if not (args.ca and args.cert and args.key):
             raise Fail(EXIT_USAGE, "--address needs --ca, --cert and --key (mutual TLS)")
-        return args.address
+        from ..config import parse_endpoint
+        try:  # HOST:PORT, IPV4:PORT or [IPV6]:PORT, as in the config (and gRPC's target)
+            return str(parse_endpoint(args.address))
+        except ValueError as e:
+            raise Fail(EXIT_USAGE, f"--address {args.address}: {e}") from None
     if args.socket:
         path = args.socket
     elif args.config:
@@ -606,7 +610,7 @@ def _node_options(ap: argparse.ArgumentParser, suppress: str, *, main: bool) -> 
     g.add_argument("--config", metavar="CONFIG", default=d(None),
                    help="take the control socket from this node config")
     g.add_argument("--address", metavar="HOST:PORT", default=d(None),
-                   help="TCP control address (mutual TLS)")
+                   help="TCP control address (mutual TLS); IPv6: [ADDRESS]:PORT")
     g.add_argument("--ca", metavar="FILE", default=d(None), help="CA certificate (with --address)")
     g.add_argument("--cert", metavar="FILE", default=d(None),
                    help="client certificate (with --address)")

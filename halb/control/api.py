@@ -55,6 +55,10 @@ class ControlError(Exception):
         self.message = message
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _bad(msg: str) -> ControlError:
     return ControlError(grpc.StatusCode.INVALID_ARGUMENT, msg)
 
@@ -117,7 +121,7 @@ def backend_msg(pool: Pool, b: Backend, now: float) -> pb.BackendStatus:
             eff = w
             break
     return pb.BackendStatus(
-        pool=pool.name, name=b.name, address=f"{b.host}:{b.port}", state=b.state(now),
+        pool=pool.name, name=b.name, address=_hostport(b.host, b.port), state=b.state(now),
         healthy=b.healthy, drain=b.admin_drain, weight=max(0, b.weight),
         config_weight=max(0, b.cfg_weight), effective_weight=eff, active=max(0, b.active),
         total=max(0, b.total), failures=max(0, b.failures), backup=b.backup,

@@ -195,6 +195,13 @@ class _CacheX:
         self.fresh304 = False
 
 
+def _authority(host: str, port: int) -> str:
+    """The Host a request without one gets towards backend ``host:port`` (an HTTP/1.0
+    request): an IPv6 literal in brackets (RFC 9110 7.2, RFC 3986 3.2.2), no port for 80."""
+    h = f"[{host}]" if ":" in host else host
+    return h if port == 80 else f"{h}:{port}"
+
+
 class _Settings:
     """A listener's settings that the per-request path reads, flattened into one object."""
 
@@ -1415,8 +1422,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             lines = lines + self.cst.d.cond
             self.cst.t_req = _wall()
         head = request_head(req, self.client_ip, self.s.proto, self.s.forwarded,
-                            "" if req.host else
-                            (b.host if b.port == 80 else f"{b.host}:{b.port}"), fwd, lines)
+                            "" if req.host else _authority(b.host, b.port), fwd, lines)
         bc.out.append(head)
         if rx.body:
             bc.out += rx.body

@@ -43,7 +43,7 @@ from ..tables import Table, Tables
 from ..v1 import sync_pb2 as pb
 from ..v1 import sync_pb2_grpc as pbg
 from . import security
-from ..tlsfront import RefusalLog, TLSFront
+from ..tlsfront import RefusalLog, TLSFront, peer_address, remote_host
 from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
 from .hooks import ElectionHooks
 
@@ -555,14 +555,14 @@ class SyncService:
             ident = self._front.identity(context.peer())
             if ident is not None:
                 return ident[0]
-        return context.peer()
+        return peer_address(context.peer())
 
     def _refused_in(self, remote: str, reason: str, detail: str, name: str | None = None) -> None:
         """A connection to our sync port refused: counted for the configured peer its hello
         names (``name``; "" when the name is not to be trusted), or, for a refused TLS
         handshake (``name`` None: no hello yet), the peer whose address it comes from; else
         for (unknown). Logged in halb's format."""
-        host = remote.rpartition(":")[0].removeprefix("ipv4:").strip("[]")
+        host = remote_host(remote)
         if name is None:
             p = next((x for x in self.peers.values() if x.host == host), self.unknown)
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import socketserver
 import threading
 import time
@@ -32,9 +33,12 @@ class Agent:
             def handle(self):
                 self.request.sendall(agent.words.encode() + b"\n")
 
-        socketserver.TCPServer.allow_reuse_address = True
-        self.srv = socketserver.ThreadingTCPServer((host, port), H)
-        self.srv.daemon_threads = True
+        class S(socketserver.ThreadingTCPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.srv = S((host, port), H)
         self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
         self.t.start()
 

@@ -16,7 +16,7 @@ import pytest
 from halb.config import loads
 from halb.node import Node
 from halb.tables import Entry, Op, flow_key, sticky_key
-from tests.helpers import Backends, free_port
+from tests.helpers import Backends, free_port, split_hostport
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +25,13 @@ NAMES = ["u1", "u2", "u3"]
 
 def udp_ready(addr: str, timeout: float = 15.0) -> None:
     """Waits until the UDP echo backend at ``addr`` answers (a fresh process may be slow)."""
-    host, port = addr.rsplit(":", 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    host, port = split_hostport(addr)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.2)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                s.sendto(b"ping", (host, int(port)))
+                s.sendto(b"ping", (host, port))
                 if s.recvfrom(100)[0].endswith(b"|ping"):
                     return
             except OSError:  # timeout, or refused while it is not bound yet

@@ -237,6 +237,17 @@ def test_hash_same_key_same_backend(algo):
         assert all(p.pick(k) is first for _ in range(3))
 
 
+@pytest.mark.parametrize("algo", ["source", "maglev"])
+def test_hash_ipv6_clients_spread_and_stay(algo):
+    """IPv6 client addresses are keys like any other: spread evenly, each one kept."""
+    p = make_pool((1, 1, 1, 1), algo)
+    cfg = p.cfg
+    v6 = [hash_key_for(cfg, f"2001:2::{i >> 16:x}:{i & 0xffff:x}") for i in range(PICKS)]
+    assert len(set(v6)) == PICKS
+    assert_shares(sequential(p, v6), (1, 1, 1, 1), p)
+    assert all(p.pick(k) is p.pick(k) for k in v6[:200])
+
+
 def test_key_hash_is_stable():
     # fixed values: the hash must not change between processes, hosts or releases
     assert key_hash(b"") == key_hash(b"")

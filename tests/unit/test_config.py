@@ -330,6 +330,81 @@ def test_endpoints():
             parse_endpoint(bad)
 
 
+@pytest.mark.parametrize("text, host", [
+    ("[::1]:80", "::1"),
+    ("[2001:2:0:0::10]:80", "2001:2::10"),  # canonical: compares equal however written
+    ("[2001:DB8::A]:80", "2001:db8::a"),
+    ("[::]:80", "::"),
+    ("[::ffff:198.18.0.1]:80", "::ffff:198.18.0.1"),  # as the kernel writes a mapped address
+])
+def test_endpoint_ipv6(text, host):
+    ep = parse_endpoint(text)
+    assert ep.host == host and ep.port == 80 and str(ep) == f"[{host}]:80"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("::1:80", 'IPv6 address without brackets in \'::1:80\' (write "[ADDRESS]:PORT", e.g. "[::1]:80")'),
+    ("2001:2::10:80", 'e.g. "[2001:2::10]:80"'),
+    ("[198.18.0.1]:80", "is not an IPv6 address (brackets are for IPv6 addresses only)"),
+    ("[lb1]:80", "is not an IPv6 address"),
+    ("[2001:2::g]:80", "is not an IPv6 address"),
+    ("[::1]80", 'expected "[address]:port"'),
+    ("[::1]:", "port '' is not a number"),
+])
+def test_endpoint_ipv6_errors(text, needle):
+    with pytest.raises(ValueError) as ei:
+        parse_endpoint(text)
+    assert needle in str(ei.value)
+
+
+def test_ipv6_binds_and_a_bad_one_named_by_key_path(tmp_path):
+    """Listeners, backends, sync, control and metrics take [v6]:port; two listeners on the
+    same IPv6 address written two ways are one bind; an unbracketed one names its key."""
+    for f in ("ca.pem", "lb1.pem", "lb1.key"):
+        (tmp_path / f).write_text("x")
+    base = f'''
+[node]
+name = "lb1"
+[metrics]
+address = "[::1]:9100"
+[control]
+address = "[2001:2::10]:7000"
+[control.tls]
+ca = "{tmp_path}/ca.pem"
+cert = "{tmp_path}/lb1.pem"
+key = "{tmp_path}/lb1.key"
+[sync]
+listen = "[2001:2::10]:7100"
+insecure = true
+[[sync.peers]]
+name = "lb2"
+address = "[2001:2::11]:7100"
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "w1"
+address = "[2001:2::20]:8080"
+[[listeners]]
+name = "a"
+mode = "http"
+bind = "[2001:2::10]:80"
+pool = "web"
+'''
+    cfg = loads(base)
+    assert str(cfg.listeners[0].bind) == "[2001:2::10]:80"
+    assert cfg.pools[0].backends[0].address == Endpoint("2001:2::20", 8080)
+    assert cfg.sync.peers[0].address.host == "2001:2::11"
+    assert str(cfg.control.address) == "[2001:2::10]:7000"
+    assert str(cfg.metrics.address) == "[::1]:9100"
+    dup = base + '[[listeners]]\nname = "b"\nmode = "http"\nbind = "[2001:2:0::10]:80"\npool = "web"\n'
+    with pytest.raises(ConfigError) as ei:
+        loads(dup)
+    assert "listeners[1].bind: [2001:2::10]:80 is already bound by listeners[0]" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        loads(base.replace('"[2001:2::20]:8080"', '"2001:2::20:8080"'))
+    assert "pools[0].backends[0].address: IPv6 address without brackets" in str(ei.value)
+
+
 VRRP = '\n[[vrrp]]\nname = "vi1"\ninterface = "eth0"\nvrid = 51\npriority = 100\nvips = ["198.18.0.100/32"]\n'
 
 

@@ -74,6 +74,29 @@ def test_tcp_needs_all_tls_files():
     assert ei.value.code == 1
 
 
+@pytest.mark.parametrize("addr, target", [
+    ("[::1]:7000", "[::1]:7000"),
+    ("[2001:2:0::10]:7000", "[2001:2::10]:7000"),  # canonical form
+    ("127.0.0.1:7000", "127.0.0.1:7000"),
+    ("lb1.example:7000", "lb1.example:7000"),
+])
+def test_address_ipv6_in_brackets(addr, target):
+    tls = ("--ca", "c", "--cert", "c", "--key", "k")
+    assert halbctl.resolve_target(parse("--address", addr, *tls, "status")) == target
+
+
+@pytest.mark.parametrize("addr, needle", [
+    ("::1:7000", 'without brackets in \'::1:7000\' (write "[ADDRESS]:PORT", e.g. "[::1]:7000")'),
+    ("[127.0.0.1]:7000", "not an IPv6 address"),
+    ("[::1]", "expected \"[address]:port\""),
+])
+def test_address_bad_says_why(addr, needle):
+    tls = ("--ca", "c", "--cert", "c", "--key", "k")
+    with pytest.raises(halbctl.Fail) as ei:
+        halbctl.resolve_target(parse("--address", addr, *tls, "status"))
+    assert ei.value.code == 1 and needle in ei.value.message and addr in ei.value.message
+
+
 @pytest.mark.parametrize("argv, needle", [
     ((), "required"),
     (("frobnicate",), "invalid choice"),

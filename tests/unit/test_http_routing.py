@@ -18,6 +18,8 @@ ROUTES = (
     RouteConfig(pool="debug", header=HeaderMatch(name="x-debug")),
     RouteConfig(pool="both", host="shop.test", path_prefix="/cart"),
     RouteConfig(pool="port", host="alt.test:8080"),
+    RouteConfig(pool="v6", host="[2001:2::10]"),
+    RouteConfig(pool="v6port", host="[2001:2::11]:8080"),
 )
 
 
@@ -41,6 +43,11 @@ ROUTES = (
     ("alt.test:9090", "/", {}, "default"),
     ("alt.test", "/", {}, "default"),
     ("", "/", {}, "default"),
+    ("[2001:2::10]", "/", {}, "v6"),  # an IPv6 literal Host (RFC 3986 3.2.2), any port
+    ("[2001:2::10]:80", "/", {}, "v6"),
+    ("[2001:2::11]:8080", "/", {}, "v6port"),
+    ("[2001:2::11]:80", "/", {}, "default"),
+    ("[2001:2::1]", "/", {}, "default"),
 ])
 def test_route(host, path, headers, pool):
     assert Router(ROUTES, "default").route(host, path, headers) == pool
