@@ -15,6 +15,12 @@ Everything lives in one table, ``ip halb`` (``NatRuleset.table``), which halbd o
 (The output nat chain serves a client on the LB host itself; its connections get no ct
 events, since a local client does not survive its node's failure anyway.)
 
+IPv6 listeners (an IPv6 VIP, IPv6 backends) live in a second table of the same name, ``ip6
+halb``, with the same chains and objects (``ip6`` payloads, ``ipv6_addr`` maps, ``jhash ip6
+saddr``), built in the same document. Two tables rather than one ``inet`` table: the IPv4
+table's commands stay exactly those of an IPv4-only ruleset (same rules, same cost per
+packet), and each family's packets walk only their own family's rules.
+
 Per listener (service) ``S``:
 
     map slots_S   type mark : ipv4_addr      slot -> backend address

@@ -156,6 +156,8 @@ def test_ipv6_connections_survive_kills_and_a_move_on_the_same_backend(lab6):
         [("2001:2:0:44::100", True)] * 2, st[holder]
     assert not any(x["held"] for x in st[standby]["listeners"]), st[standby]
     assert all(x["backends_in_map"] == 2 for x in st[standby]["listeners"])
+    text = lab.halbctl(holder, "status")
+    assert "[2001:2:0:44::100]:80" in text and "[2001:2:0:44::100]:53" in text, text
     assert int(st[standby]["injected"]) + int(st[standby]["refreshed"]) >= TCP + UDP
     for n in ("lb1", "lb2"):  # no kernel write refused, no event lost, on either node
         m = lab.metrics(n)
