@@ -912,10 +912,11 @@ def _listener(r: _Reader) -> ListenerConfig:
     elif bind is not None:
         try:
             a = ipaddress.ip_address(bind.host)
-            if a.version != 4 or a.is_unspecified:
+            if a.is_unspecified or a.is_multicast:
                 raise ValueError
         except ValueError:
-            r.error(f"a nat listener binds one IPv4 address (its VIP), not {bind.host!r}", "bind")
+            r.error(f"a nat listener binds one IPv4 or IPv6 address (its VIP), not "
+                    f"{bind.host!r}", "bind")
     if mode != "http":
         if routes:
             r.error(f"routes need mode = \"http\" (mode is {mode!r})", "routes")
@@ -933,6 +934,33 @@ def _listener(r: _Reader) -> ListenerConfig:
                           relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
                           protocol=protocol, hash=nat_hash, access_log=bool(alog), cache=cache)
+
+
+def _nat_backend_families(l: ListenerConfig, j: int, pc: PoolConfig, pr: _Reader,
+                          problems: list[Problem]) -> None:
+    """A nat listener's backends: address literals of its VIP's family (the kernel DNATs to
+    them; IPv6 VIP -> IPv4 backend would be NAT64, which nftables' dnat does not do)."""
+    try:
+        vip = ipaddress.ip_address(l.bind.host)
+    except ValueError:
+        return  # reported at the listener's bind
+    for k, b in enumerate(pc.backends):
+        key = pr.sub(f"backends[{k}].address")
+        try:
+            a = ipaddress.ip_address(b.address.host)
+        except ValueError:
+            problems.append(Problem(key, (
+                f"{b.address.host!r} is not an IP address: nat listener {l.name!r} (pool "
+                f"{pc.name!r}) has the kernel translate to its backends, which needs address "
+                f"literals")))
+            continue
+        if a.version != vip.version:
+            problems.append(Problem(key, (
+                f"{b.address.host} is IPv{a.version} but nat listener {l.name!r} binds the "
+                f"IPv{vip.version} VIP {vip}: that would be NAT{vip.version}{a.version} "
+                f"(translating between families), which the kernel NAT mode does not do; "
+                f"give pool {pc.name!r} IPv{vip.version} backends, or bind the listener to an "
+                f"IPv{a.version} VIP")))
 
 
 def _vip(v: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -1293,6 +1321,7 @@ def parse(data: dict, source: str = "") -> Config:
                          f"listener keeps clients by consistent hash and replicated conntrack "
                          f"entries; set sticky.mode = \"none\" or use a tcp/udp listener",
                          "pool")
+            _nat_backend_families(l, pools.index(pc), pc, prs[pools.index(pc)], problems)
         k = (proto, l.bind)
         if l.bind.host != "invalid" and k in binds:
             lr.error(f"{l.bind} is already bound by listeners[{binds[k]}]", "bind")

@@ -21,6 +21,13 @@ known connection (``nf_conntrack_tcp_be_liberal = 1``, what the README asks of N
 node that held a connection before, lost it to its peer and takes it back has an entry whose
 TCP window is out of date.
 
+IPv6 (``NatLab(tmp, family=6)``, tests/lab/test_nat6.py): the same LANs carry 2001:2:0:44::/64
+and 2001:2:0:45::/64 as well (every address ``nodad``); the NAT listeners bind the IPv6 VIP
+2001:2:0:44::100 with IPv6 backends, whose default route is the back gateway 2001:2:0:45::1.
+IPv4 stays for sync, control and metrics. halb's VRRP speaks IPv4 only so far, so the nodes
+run ``lab.nat6node`` (halbd plus a FIFO) and the test moves the IPv6 VIPs itself
+(``take``/``release``), in the order an election's hooks would.
+
     with NatLab(Path("/tmp/x")) as lab:
         lab.start("lb1"); lab.start("lb2"); lab.wait_master("lb1")
         probe = lab.probe(seconds=10)        # lab.natprobe in the client namespace
@@ -52,18 +59,44 @@ LBS = {"lb1": 11, "lb2": 12}
 BES = {"be1": 21, "be2": 22}
 SYNC_PORT = 9400
 METRICS_PORT = 9100
+FRONT6, BACK6 = "2001:2:0:44", "2001:2:0:45"
+VIP6, GW6 = f"{FRONT6}::100", f"{BACK6}::1"
 
 
 def node_config(name: str, *, prefix: str, state_dir: str, priority: int, interval: str,
                 replicate: bool = True, preempt: bool = False, extra: str = "",
-                nat_options: str = "") -> str:
+                nat_options: str = "", family: int = 4) -> str:
     me = LBS[name]
     peer = next(n for n in LBS if n != name)
+    v6 = family == 6
     backends = "".join(f"""
   [[pools.backends]]
   name = "{b}"
-  address = "{BACK}.{h}:{{port}}"
+  address = "{f'[{BACK6}::{h}]' if v6 else f'{BACK}.{h}'}:{{port}}"
 """ for b, h in BES.items())
+    vip = f"[{VIP6}]" if v6 else VIP
+    bulk = "" if v6 else f"""[[pools]]
+name = "bulk"
+algorithm = "maglev"
+{backends.format(port=BULK_PORT)}
+[[listeners]]
+name = "bulk"
+mode = "nat"
+protocol = "tcp"
+bind = "{VIP}:{BULK_PORT}"
+pool = "bulk"
+"""
+    vrrp = "" if v6 else f"""[[vrrp]]
+name = "front"
+interface = "eth0"
+vrid = 44
+priority = {priority}
+vips = ["{VIP}/24"]
+excluded_vips = ["{GW}/24 dev eth1"]
+advert_interval = "{interval}"
+preempt = {"true" if preempt else "false"}
+checksum = "rfc9568"
+"""
     return f"""
 [node]
 name = "{name}"
@@ -96,23 +129,13 @@ algorithm = "maglev"
   rise = 1
   fall = 2
 {backends.format(port=BE_UDP)}
-[[pools]]
-name = "bulk"
-algorithm = "maglev"
-{backends.format(port=BULK_PORT)}
-[[listeners]]
-name = "bulk"
-mode = "nat"
-protocol = "tcp"
-bind = "{VIP}:{BULK_PORT}"
-pool = "bulk"
-
+{bulk}
 {extra}
 [[listeners]]
 name = "www"
 mode = "nat"
 protocol = "tcp"
-bind = "{VIP}:{TCP_PORT}"
+bind = "{vip}:{TCP_PORT}"
 pool = "tcp"
 hash = "client_ip_port"  # one client address, many connections: spread them
 
@@ -120,7 +143,7 @@ hash = "client_ip_port"  # one client address, many connections: spread them
 name = "dns"
 mode = "nat"
 protocol = "udp"
-bind = "{VIP}:{UDP_PORT}"
+bind = "{vip}:{UDP_PORT}"
 pool = "udp"
 
 [nat]
@@ -128,17 +151,7 @@ table = "halb_{prefix}"
 replicate = {"true" if replicate else "false"}
 {nat_options}
 
-[[vrrp]]
-name = "front"
-interface = "eth0"
-vrid = 44
-priority = {priority}
-vips = ["{VIP}/24"]
-excluded_vips = ["{GW}/24 dev eth1"]
-advert_interval = "{interval}"
-preempt = {"true" if preempt else "false"}
-checksum = "rfc9568"
-
+{vrrp}
 [sync]
 listen = "{FRONT}.{me}:{SYNC_PORT}"
 insecure = true
@@ -182,8 +195,11 @@ class Probe:
 
 class NatLab:
     def __init__(self, tmp: Path, *, prefix: str = "hn", interval: str = "50ms",
-                 replicate: bool = True, extra_config: str = "", nat_options: str = ""):
+                 replicate: bool = True, extra_config: str = "", nat_options: str = "",
+                 family: int = 4):
         self.tmp = Path(tmp)
+        self.family = family
+        self.vip = VIP6 if family == 6 else VIP
         self.prefix = prefix
         self.interval = interval
         self.replicate = replicate
@@ -207,12 +223,30 @@ class NatLab:
             for n, h in BES.items():
                 self.back.add_host(self.ns[n], f"{BACK}.{h}")
                 nx.add_route("0.0.0.0/0", GW, ns=self.ns[n])
+            if family == 6:
+                self._ipv6()
+            for n, h in BES.items():
+                a = f"[{BACK6}::{h}]" if family == 6 else f"{BACK}.{h}"
                 self.spawn(self.ns[n], [PY, "-m", "lab.backend", "--name", n,
-                                        "--tcp", f"{BACK}.{h}:{BE_TCP}",
-                                        "--udp", f"{BACK}.{h}:{BE_UDP}"], f"backend-{n}")
+                                        "--tcp", f"{a}:{BE_TCP}",
+                                        "--udp", f"{a}:{BE_UDP}"], f"backend-{n}")
         except Exception:
             self.close()
             raise
+
+    def _ipv6(self) -> None:
+        """The IPv6 half of a dual-stack lab: addresses (nodad: no DAD delay), the backends'
+        default route via the back gateway VIP, forwarding in the LB namespaces only."""
+        def add(ns, dev, addr):
+            nx.run_in(ns, ["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
+        add(self.ns["cl"], "eth0", f"{FRONT6}::2/64")
+        for n, h in LBS.items():
+            add(self.ns[n], "eth0", f"{FRONT6}::{h}/64")
+            add(self.ns[n], "eth1", f"{BACK6}::{h}/64")
+            nx.sysctl("net.ipv6.conf.all.forwarding", 1, ns=self.ns[n])
+        for n, h in BES.items():
+            add(self.ns[n], "eth0", f"{BACK6}::{h}/64")
+            nx.run_in(self.ns[n], ["ip", "-6", "route", "add", "default", "via", GW6])
 
     @staticmethod
     def _conntrack_strict(ns: str) -> None:
@@ -242,9 +276,15 @@ class NatLab:
         cfg.write_text(node_config(name, prefix=self.prefix, state_dir=str(self.tmp),
                                    priority=prio, interval=self.interval,
                                    replicate=self.replicate, extra=self.extra_config,
-                                   nat_options=self.nat_options))
-        p, log = self.spawn(self.ns[name], [PY, "-m", "halb.cli.halbd", str(cfg)],
-                            f"{name}-{self._runs}")
+                                   nat_options=self.nat_options, family=self.family))
+        argv = [PY, "-m", "halb.cli.halbd", str(cfg)]
+        if self.family == 6:
+            fifo = self.tmp / f"{name}.cmd"
+            if not fifo.exists():
+                os.mkfifo(fifo)
+            argv = [PY, "-m", "lab.nat6node", str(cfg), "--fifo", str(fifo),
+                    "--vip", f"{VIP6}/64@eth0", "--vip", f"{GW6}/64@eth1"]
+        p, log = self.spawn(self.ns[name], argv, f"{name}-{self._runs}")
         node = Node(name, self.ns[name], p, log)
         self.nodes[name] = node
         return node
@@ -284,11 +324,19 @@ class NatLab:
             else:
                 nx.run_in(lan.bridge_ns, ["nft", "delete", "table", "bridge", "halb_part"])
 
+    def command(self, name: str, cmd: str) -> None:
+        """IPv6 lab: ``take`` or ``release`` the IPv6 VIPs on node ``name`` (lab.nat6node)."""
+        fd = os.open(self.tmp / f"{name}.cmd", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, (cmd + "\n").encode())
+        finally:
+            os.close(fd)
+
     def holders(self) -> list[str]:
         out = []
         for n in LBS:
             try:
-                if VIP in nx.addresses("eth0", ns=self.ns[n]):
+                if self.vip in nx.addresses("eth0", ns=self.ns[n]):
                     out.append(n)
             except Exception:  # noqa: BLE001 - the namespace may be going away
                 pass
@@ -349,7 +397,9 @@ class NatLab:
         return out
 
     def conntrack(self, name: str) -> str:
-        return nx.run_in(self.ns[name], ["conntrack", "-L", "-d", VIP], check=False).stdout
+        fam = ["-f", "ipv6"] if self.family == 6 else []
+        return nx.run_in(self.ns[name], ["conntrack", "-L", *fam, "-d", self.vip],
+                         check=False).stdout
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -369,9 +419,10 @@ class NatLab:
     def probe(self, *, seconds: float, tcp_conns: int = 50, udp_flows: int = 16,
               interval: float = 0.05) -> Probe:
         out = self.tmp / f"probe-{len(self.procs)}.json"
-        p, _ = self.spawn(self.ns["cl"], [PY, "-m", "lab.natprobe", "--tcp", f"{VIP}:{TCP_PORT}",
+        vip = f"[{VIP6}]" if self.family == 6 else VIP
+        p, _ = self.spawn(self.ns["cl"], [PY, "-m", "lab.natprobe", "--tcp", f"{vip}:{TCP_PORT}",
                                           "--tcp-conns", str(tcp_conns), "--udp",
-                                          f"{VIP}:{UDP_PORT}", "--udp-flows", str(udp_flows),
+                                          f"{vip}:{UDP_PORT}", "--udp-flows", str(udp_flows),
                                           "--interval", str(interval), "--seconds", str(seconds),
                                           "--out", str(out)], f"probe-{len(self.procs)}")
         return Probe(self, out, p)

@@ -98,7 +98,7 @@ async def tcp_conn(c: Conn, host: str, port: int, interval: float, until: float,
 async def udp_flow(c: Conn, host: str, port: int, interval: float, until: float,
                    gap_ms: float) -> None:
     loop = asyncio.get_running_loop()
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     s.setblocking(False)
     s.connect((host, port))
     got: set[int] = set()
@@ -147,6 +147,7 @@ async def main_async(a) -> list[dict]:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     if a.tcp:
         h, p = a.tcp.rsplit(":", 1)
+        h = h.strip("[]")  # an IPv6 literal: [addr]:port
         for i in range(a.tcp_conns):
             c = Conn("tcp", i)
             conns.append(c)
@@ -154,6 +155,7 @@ async def main_async(a) -> list[dict]:
                                                       a.reply_timeout)))
     if a.udp:
         h, p = a.udp.rsplit(":", 1)
+        h = h.strip("[]")
         for i in range(a.udp_flows):
             c = Conn("udp", i)
             conns.append(c)

@@ -292,7 +292,8 @@ def render_status(st) -> Any:
         for col in ("listener", "protocol", "vip", "pool", "held here", "backends in map"):
             t.add_column(col)
         for x in n.listeners:
-            t.add_row(x.name, x.protocol, f"{x.vip}:{x.port}", x.pool,
+            vip = f"[{x.vip}]" if ":" in x.vip else x.vip
+            t.add_row(x.name, x.protocol, f"{vip}:{x.port}", x.pool,
                       "[green]yes[/]" if x.held else "no", str(x.backends_in_map))
         parts.append(t)
     return Group(*parts)

@@ -22,8 +22,11 @@ holds every connection of the master in its own kernel before it takes the VIP o
   unknown twice in a row (an entry in flight from the master is not removed by a race).
 
 A nat entry: key ``listener/proto/client_ip:port/vport`` (``halb.tables.nat_key``), backend =
-the backend's name in the listener's pool, client = ``ip:port``, listener, proto. The backend's
-address comes from the pool config, which every node shares.
+the backend's name in the listener's pool, client = ``ip:port`` (``[ip]:port`` for an IPv6
+client, the usual literal form), listener, proto. The backend's address comes from the pool
+config, which every node shares. IPv6 listeners work alike: the addresses are compared in
+their compressed form (``inet_ntop``'s, which the ctnetlink parser produces), so the
+listener's VIP and backends must be given in that form (``NatService`` normalises them).
 """
 
 from __future__ import annotations
@@ -52,6 +55,23 @@ class Service:
 
     def by_address(self) -> dict[tuple[str, int], str]:
         return {a: n for n, a in self.backends.items()}
+
+
+def client_of(ip: str, port: int) -> str:
+    """A nat entry's client: ``ip:port``, ``[ip]:port`` for IPv6."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def split_client(client: str) -> tuple[str, int]:
+    """``client_of``'s inverse; ValueError on a malformed one."""
+    host, _, port = client.rpartition(":")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"bad client {client!r}")
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"bad client {client!r}")
+    return host, int(port)
 
 
 class Inject(NamedTuple):
@@ -90,7 +110,7 @@ class NatCore:
         return self._by_dst.get((flow.proto, flow.dst, flow.dport))
 
     def key_of(self, s: Service, flow: Flow) -> str:
-        return nat_key(s.name, s.proto, f"{flow.src}:{flow.sport}", flow.dport)
+        return nat_key(s.name, s.proto, client_of(flow.src, flow.sport), flow.dport)
 
     def on_event(self, ev: Event) -> None:
         """One conntrack event from this node's kernel."""
@@ -118,7 +138,7 @@ class NatCore:
         if name is None:
             self.stats["unknown_backend"] += 1
             return False
-        self.table.put(key, name, self.ttl, pool=s.pool, client=f"{f.src}:{f.sport}",
+        self.table.put(key, name, self.ttl, pool=s.pool, client=client_of(f.src, f.sport),
                        listener=s.name, proto=s.proto)
         self.stats["recorded"] += 1
         return True
@@ -137,9 +157,11 @@ class NatCore:
             self.stats["unknown_backend"] += 1
             return None
         try:
-            src, _, sport = e.client.rpartition(":")
+            src, sport = split_client(e.client)
             vport = int(e.key.rsplit("/", 1)[1])
-            return Flow(PROTO_NUM[s.proto], src, int(sport), s.vip, vport, be[0], be[1])
+            if (":" in src) != (":" in s.vip):
+                raise ValueError("client and VIP of different families")
+            return Flow(PROTO_NUM[s.proto], src, sport, s.vip, vport, be[0], be[1])
         except (ValueError, IndexError, KeyError):
             self.stats["unknown_listener"] += 1
             return None
@@ -161,9 +183,10 @@ class NatCore:
         # a removal needs only the original tuple (a deleted entry may name a backend that is
         # gone from this node's config)
         try:
-            src, _, sport = e.client.rpartition(":")
+            src, sport = split_client(e.client)
             vport = int(e.key.rsplit("/", 1)[1])
-            return Flow(PROTO_NUM[s.proto], src, int(sport), s.vip, vport, "0.0.0.0", 0)
+            return Flow(PROTO_NUM[s.proto], src, sport, s.vip, vport,
+                        "::" if ":" in s.vip else "0.0.0.0", 0)
         except (ValueError, IndexError):
             return None
 

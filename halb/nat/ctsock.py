@@ -23,7 +23,7 @@ import time
 from typing import Iterable, NamedTuple
 
 from . import ctnl
-from .ctnl import AF_INET, Event, Flow, Message, NlAck, NlDone, NlError
+from .ctnl import AF_INET, AF_INET6, Event, Flow, Message, NlAck, NlDone, NlError
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -168,19 +168,24 @@ class CtSocket:
 # traffic that is several events per connection to parse and throw away (measured: 67 us of
 # halbd's CPU per forwarded connection that was not halb's). A classic BPF program on the
 # socket drops them in the kernel: it reads the original tuple at the fixed offsets where the
-# kernel writes it for IPv4 (ctnetlink_dump_tuples, the same shape ctnl's fast path checks) and
-# keeps only the listeners' (address, protocol, port); it also drops the events our own
-# requests caused (nlmsg_pid = our injecting socket). A message of any other shape (IPv6, a
-# zone, ICMP, something unforeseen) is kept and left to the parser.
+# kernel writes it (ctnetlink_dump_tuples, the same shapes ctnl's fast path checks; IPv4 and
+# IPv6, whose 16-byte addresses move the protocol and port) and keeps only the listeners'
+# (address, protocol, port); it also drops the events our own requests caused (nlmsg_pid = our
+# injecting socket). A message of any other shape (a zone, ICMP, something unforeseen) is kept
+# and left to the parser.
 
 SO_ATTACH_FILTER = 26
 _OFF_PID, _OFF_FAMILY = 12, 16
 _OFF_T_ORIG, _OFF_T_IP, _OFF_T_DST, _OFF_T_DPORT = 22, 26, 38, 66  # nla_type of each header
 _OFF_DST, _OFF_PROTO, _OFF_DPORT = 40, 52, 68
 _MIN_LEN = 72
+# the same tuple of an IPv6 entry: 16-byte addresses move everything after them
+_OFF6_T_DST, _OFF6_T_DPORT = 50, 90
+_OFF6_DST, _OFF6_PROTO, _OFF6_DPORT = 52, 76, 92
+_MIN_LEN6 = 96
 # BPF opcodes
 _LD_W, _LD_H, _LD_B, _LD_LEN = 0x20, 0x28, 0x30, 0x80
-_JEQ, _JGE, _RET = 0x15, 0x35, 0x06
+_JA, _JEQ, _JGE, _RET = 0x05, 0x15, 0x35, 0x06
 _ACCEPT, _DROP = 0xFFFFFFFF, 0
 
 
@@ -195,15 +200,35 @@ def _swap32(v: int) -> int:
 def filter_program(accept: Iterable[tuple[int, str, int]], drop_portids: Iterable[int] = ()
                    ) -> list[tuple[int, int, int, int]]:
     """The BPF program (code, jt, jf, k) that keeps events of the original tuples to
-    ``accept``'s (protocol, IPv4 address, port) and drops those caused by ``drop_portids``."""
+    ``accept``'s (protocol, address, port), IPv4 or IPv6 addresses, and drops those caused by
+    ``drop_portids``. An entry of a family with no listener is dropped; one of an unknown
+    shape is kept (the parser decides)."""
     import ipaddress
     import sys
     if sys.byteorder != "little":  # nlmsg_pid and nla_type are host order
         raise OSError(errno.ENOTSUP, "the conntrack event filter assumes a little-endian host")
-    prog: list[list] = []  # [code, jt_label, jf_label, k]; labels: "next", "accept", "drop", int
+    v4: list[tuple[int, int, int]] = []
+    v6: list[tuple[int, bytes, int]] = []
+    for proto, addr, port in accept:
+        a = ipaddress.ip_address(addr)
+        if a.version == 4:
+            v4.append((proto, int(a), port))
+        else:
+            v6.append((proto, a.packed, port))
+    # [code, jt, jf, k]; a jump target is "next" or a label name; labels: name -> index
+    prog: list[list] = []
+    labels: dict[str, int] = {}
+    n = [0]
 
     def emit(code, k=0, jt="next", jf="next"):
         prog.append([code, jt, jf, k])
+
+    def label(name):
+        labels[name] = len(prog)
+
+    def fresh():
+        n[0] += 1
+        return f"_l{n[0]}"
 
     emit(_LD_LEN)
     emit(_JGE, _MIN_LEN, jf="accept")
@@ -213,40 +238,117 @@ def filter_program(accept: Iterable[tuple[int, str, int]], drop_portids: Iterabl
         for p in pids:
             emit(_JEQ, _swap32(p), jt="drop")
     emit(_LD_B, _OFF_FAMILY)
-    emit(_JEQ, AF_INET, jf="accept")
+    emit(_JEQ, AF_INET, jt="v4")
+    emit(_JEQ, AF_INET6, jt="v6", jf="accept")  # another family: the parser decides
+    # each family's block: the kernel's shape of the tuple (else the parser decides), then
+    # one test per listener; a long program reaches its far labels through unconditional
+    # jumps (a conditional jump reaches 255 instructions, BPF_JA 2**32)
+    label("v4")
     for off, typ in ((_OFF_T_ORIG, ctnl.CTA_TUPLE_ORIG | ctnl.NLA_F_NESTED),
                      (_OFF_T_IP, ctnl.CTA_TUPLE_IP | ctnl.NLA_F_NESTED),
                      (_OFF_T_DST, ctnl.CTA_IP_V4_DST), (_OFF_T_DPORT, ctnl.CTA_PROTO_DST_PORT)):
         emit(_LD_H, off)
         emit(_JEQ, _swap16(typ), jf="accept")  # not the shape we know: let the parser decide
-    for proto, addr, port in accept:
-        k_addr = int(ipaddress.IPv4Address(addr))
-        start = len(prog)
+    for proto, k_addr, port in v4:
+        skip = fresh()
         emit(_LD_W, _OFF_DST)
-        emit(_JEQ, k_addr, jf=("skip", start + 6))
+        emit(_JEQ, k_addr, jf=skip)
         emit(_LD_B, _OFF_PROTO)
-        emit(_JEQ, proto, jf=("skip", start + 6))
+        emit(_JEQ, proto, jf=skip)
         emit(_LD_H, _OFF_DPORT)
-        emit(_JEQ, port, jt="accept", jf=("skip", start + 6))
+        emit(_JEQ, port, jt="accept", jf=skip)
+        label(skip)
     emit(_RET, _DROP)
-    drop_at = len(prog) - 1
+    label("v6")
+    emit(_LD_LEN)
+    emit(_JGE, _MIN_LEN6, jf="accept")
+    for off, typ in ((_OFF_T_ORIG, ctnl.CTA_TUPLE_ORIG | ctnl.NLA_F_NESTED),
+                     (_OFF_T_IP, ctnl.CTA_TUPLE_IP | ctnl.NLA_F_NESTED),
+                     (_OFF6_T_DST, ctnl.CTA_IP_V6_DST),
+                     (_OFF6_T_DPORT, ctnl.CTA_PROTO_DST_PORT)):
+        emit(_LD_H, off)
+        emit(_JEQ, _swap16(typ), jf="accept")
+    for proto, raw, port in v6:
+        skip = fresh()
+        for i in range(4):
+            emit(_LD_W, _OFF6_DST + 4 * i)
+            emit(_JEQ, int.from_bytes(raw[4 * i:4 * i + 4], "big"), jf=skip)
+        emit(_LD_B, _OFF6_PROTO)
+        emit(_JEQ, proto, jf=skip)
+        emit(_LD_H, _OFF6_DPORT)
+        emit(_JEQ, port, jt="accept", jf=skip)
+        label(skip)
+    emit(_RET, _DROP)
+    label("drop")
+    emit(_RET, _DROP)
+    label("accept")
     emit(_RET, _ACCEPT)
-    accept_at = len(prog) - 1
-    out = []
-    for i, (code, jt, jf, k) in enumerate(prog):
-        def rel(lbl):
-            if lbl == "next":
-                return 0
-            to = {"accept": accept_at, "drop": drop_at}.get(lbl) if isinstance(lbl, str) \
-                else lbl[1]
-            d = to - i - 1
-            if not 0 <= d <= 255:
-                raise ValueError("conntrack event filter too long (too many listeners)")
-            return d
-        is_jump = code in (_JEQ, _JGE)
-        out.append((code, rel(jt) if is_jump else 0, rel(jf) if is_jump else 0, k))
+    # far targets: a conditional jump beyond 255 goes through a BPF_JA placed right after it
+    out = _resolve(prog, labels)
     if len(out) > 4096:  # BPF_MAXINSNS
         raise ValueError("conntrack event filter too long (too many listeners)")
+    return out
+
+
+def _resolve(prog: list[list], labels: dict[str, int]) -> list[tuple[int, int, int, int]]:
+    """Label jumps to offsets. A conditional jump whose target is more than 255 instructions
+    away gets a trampoline: it jumps to a BPF_JA inserted after it (repeated until every
+    jump fits; each insertion moves later labels by one)."""
+    prog = [list(x) for x in prog]
+    labels = dict(labels)
+    while True:
+        fixed = True
+        for i, (code, jt, jf, k) in enumerate(prog):
+            if code not in (_JEQ, _JGE):
+                continue
+            for slot, lbl in ((1, jt), (2, jf)):
+                if lbl == "next" or isinstance(lbl, int):
+                    continue
+                d = labels[lbl] - i - 1
+                if d > 255:
+                    # insert "ja lbl" after i; the jumping side goes to it (offset 0), the
+                    # other side, if "next", must now skip the inserted instruction
+                    other = 2 if slot == 1 else 1
+                    prog.insert(i + 1, [_JA, "next", "next", lbl])
+                    for nm, at in labels.items():
+                        if at > i:
+                            labels[nm] = at + 1
+                    prog[i][slot] = 0
+                    if prog[i][other] == "next":
+                        prog[i][other] = 1
+                    elif isinstance(prog[i][other], int):
+                        prog[i][other] += 1
+                    # fix earlier integer offsets that jumped across the insertion
+                    for j in range(i):
+                        cj = prog[j]
+                        if cj[0] in (_JEQ, _JGE):
+                            for sl in (1, 2):
+                                if isinstance(cj[sl], int) and j + 1 + cj[sl] > i:
+                                    cj[sl] += 1
+                    fixed = False
+                    break
+            if not fixed:
+                break
+        if fixed:
+            break
+    out = []
+    for i, (code, jt, jf, k) in enumerate(prog):
+        if code == _JA:
+            d = labels[k] - i - 1
+            if d < 0:
+                raise ValueError("conntrack event filter: a backward jump")
+            out.append((code, 0, 0, d))
+            continue
+        if code in (_JEQ, _JGE):
+            r = []
+            for lbl in (jt, jf):
+                d = 0 if lbl == "next" else lbl if isinstance(lbl, int) else labels[lbl] - i - 1
+                if not 0 <= d <= 255:
+                    raise ValueError("conntrack event filter: a jump out of reach")
+                r.append(d)
+            out.append((code, r[0], r[1], k))
+        else:
+            out.append((code, 0, 0, k))
     return out
 
 

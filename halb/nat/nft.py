@@ -15,6 +15,12 @@ Everything lives in one table, ``ip halb`` (``NatRuleset.table``), which halbd o
 (The output nat chain serves a client on the LB host itself; its connections get no ct
 events, since a local client does not survive its node's failure anyway.)
 
+IPv6 listeners (an IPv6 VIP, IPv6 backends) live in a second table of the same name, ``ip6
+halb``, with the same chains and objects (``ip6`` payloads, ``ipv6_addr`` maps, ``jhash ip6
+saddr``), built in the same document. Two tables rather than one ``inet`` table: the IPv4
+table's commands stay exactly those of an IPv4-only ruleset (same rules, same cost per
+packet), and each family's packets walk only their own family's rules.
+
 Per listener (service) ``S``:
 
     map slots_S   type mark : ipv4_addr      slot -> backend address
@@ -79,7 +85,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-FAMILY = "ip"
+FAMILY = "ip"  # the IPv4 listeners' table
+FAMILY6 = "ip6"  # the IPv6 listeners' table: same name, same layout
+FAMILIES = (FAMILY, FAMILY6)
 PRIO_RAW = -300
 PRIO_EVENTS = -150  # after conntrack (-200), before DNAT (-100)
 PRIO_DSTNAT = -100
@@ -106,7 +114,7 @@ CHAIN_PREROUTING, CHAIN_OUTPUT, CHAIN_FORWARD = "prerouting", "output", "forward
 @dataclass(frozen=True)
 class NatBackend:
     name: str
-    address: str  # IPv4
+    address: str  # IPv4, or IPv6 for a listener with an IPv6 VIP (same family as the VIP)
     port: int  # 0 = the port the client asked for (no port translation)
 
 
@@ -146,6 +154,11 @@ class NatService:
     @property
     def modulus(self) -> int:
         return len(self.slots)
+
+    @property
+    def family(self) -> str:
+        """The nft family of the listener's table: ``ip`` or ``ip6``, by its VIP."""
+        return FAMILY6 if ":" in self.vip else FAMILY
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,17 @@ def _ipv4(value: str, what: str) -> str:
         raise ValueError(f"{what}: {value!r} is not an IPv4 address") from e
 
 
+def _addr(value: str, family: str, what: str) -> str:
+    if family == FAMILY:
+        return _ipv4(value, what)
+    try:
+        return str(ipaddress.IPv6Address(value))
+    except (ipaddress.AddressValueError, ValueError) as e:
+        raise ValueError(f"{what}: {value!r} is not an IPv6 address (the VIP is IPv6; an "
+                         f"IPv4 backend behind an IPv6 VIP would be NAT64, which this mode "
+                         f"does not do)") from e
+
+
 def _port(value: int, what: str, *, zero: bool = False) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or \
             not ((0 if zero else 1) <= value <= 65535):
@@ -232,7 +256,9 @@ def validate(service: NatService) -> None:
         raise ValueError(f"{w}: bad name")
     if service.proto not in PROTOS:
         raise ValueError(f"{w}: proto must be one of {PROTOS}, not {service.proto!r}")
-    _ipv4(service.vip, f"{w} vip")
+    if not isinstance(service.vip, str):
+        raise ValueError(f"{w} vip: {service.vip!r} is not an address")
+    _addr(service.vip, service.family, f"{w} vip")
     _port(service.port, f"{w} port")
     _port(service.port_end, f"{w} port_end")
     if service.port_end < service.port:
@@ -255,7 +281,7 @@ def validate(service: NatService) -> None:
         if b.name in names:
             raise ValueError(f"{w}: backend {b.name!r} twice")
         names.add(b.name)
-        _ipv4(b.address, f"{w} backend {b.name!r} address")
+        _addr(b.address, service.family, f"{w} backend {b.name!r} address")
         _port(b.port, f"{w} backend {b.name!r} port", zero=True)
     if service.port_end != service.port:
         fixed = [b.name for b in service.backends if b.port]
@@ -321,20 +347,20 @@ def _ports_value(lo: int, hi: int):
 
 
 def _listener_match(s: NatService) -> list[dict]:
-    return [_match(_payload("ip", "daddr"), s.vip),
+    return [_match(_payload(s.family, "daddr"), s.vip),
             _match(_payload(s.proto, "dport"), _ports_value(s.port, s.port_end))]
 
 
 def hash_expr(s: NatService) -> dict:
-    """``jhash ip saddr [. <proto> sport] mod M seed S`` as JSON."""
-    key = _payload("ip", "saddr")
+    """``jhash ip[6] saddr [. <proto> sport] mod M seed S`` as JSON."""
+    key = _payload(s.family, "saddr")
     if s.hash_fields == "src_port":
         key = {"concat": [key, _payload(s.proto, "sport")]}
     return {"jhash": {"mod": len(s.slots), "seed": s.seed, "expr": key}}
 
 
 def dnat_rule_expr(s: NatService) -> list[dict]:
-    nat: dict = {"family": FAMILY,
+    nat: dict = {"family": s.family,
                  "addr": {"map": {"key": _ct("mark"), "data": "@" + slots_map(s)}}}
     if _translated(s):
         nat["port"] = {"map": {"key": _ct("mark"), "data": "@" + ports_map(s)}}
@@ -383,18 +409,18 @@ def _counter_rules(s: NatService) -> list[list[dict]]:
     out = []
     # the ct original matches after the transport match: nft's text parser needs that
     # protocol context for ``ct original proto-dst`` (the listing must load again)
-    orig = [_match(_ct("ip daddr", "original"), s.vip),
+    orig = [_match(_ct(f"{s.family} daddr", "original"), s.vip),
             _match(_ct("proto-dst", "original"), _ports_value(s.port, s.port_end))]
     l4 = _match({"meta": {"key": "l4proto"}}, s.proto)
     for b in s.backends:
         bp = backend_port(s, b)
         pv = _ports_value(s.port, s.port_end) if bp is None else bp
         out.append([l4, _match(_ct("direction"), "original"),
-                    _match(_payload("ip", "daddr"), b.address),
+                    _match(_payload(s.family, "daddr"), b.address),
                     _match(_payload("th", "dport"), pv)] + orig +
                    [{"counter": backend_counter(s, b)}])
         out.append([l4, _match(_ct("direction"), "reply"),
-                    _match(_payload("ip", "saddr"), b.address),
+                    _match(_payload(s.family, "saddr"), b.address),
                     _match(_payload("th", "sport"), pv)] + orig +
                    [{"counter": reply_counter(s, b)}])
     return out
@@ -423,30 +449,35 @@ def slot_values(s: NatService, slots: Sequence[int] | None = None,
 # Documents
 
 
-def _tbl(table: str) -> dict:
-    return {"family": FAMILY, "name": table}
+def _tbl(table: str, family: str = FAMILY) -> dict:
+    return {"family": family, "name": table}
 
 
-def _obj(table: str, name: str, **kw) -> dict:
-    d = {"family": FAMILY, "table": table, "name": name}
+def _obj(table: str, name: str, family: str = FAMILY, **kw) -> dict:
+    d = {"family": family, "table": table, "name": name}
     d.update(kw)
     return d
 
 
-def _rule(table: str, chain: str, expr: list[dict], comment: str | None = None) -> dict:
-    r = {"family": FAMILY, "table": table, "chain": chain, "expr": expr}
+def _rule(table: str, chain: str, expr: list[dict], comment: str | None = None,
+          family: str = FAMILY) -> dict:
+    r = {"family": family, "table": table, "chain": chain, "expr": expr}
     if comment:
         r["comment"] = comment
     return {"add": {"rule": r}}
 
 
-def _chains(rs: NatRuleset) -> dict[str, dict]:
-    """The chains ``rs`` needs: name -> the chain's hook properties."""
+def _services(rs: NatRuleset, family: str) -> list[NatService]:
+    return [s for s in rs.services if s.family == family]
+
+
+def _chains(rs: NatRuleset, family: str = FAMILY) -> dict[str, dict]:
+    """The chains the ``family`` table of ``rs`` needs: name -> the chain's hook properties."""
     ch: dict[str, dict] = {}
     if rs.exempt_tcp_ports:
         ch[CHAIN_RAW] = {"type": "filter", "hook": "prerouting", "prio": PRIO_RAW}
         ch[CHAIN_RAWOUT] = {"type": "filter", "hook": "output", "prio": PRIO_RAW}
-    if rs.services:
+    if _services(rs, family):
         ch[CHAIN_EVENTS] = {"type": "filter", "hook": "prerouting", "prio": PRIO_EVENTS}
         ch[CHAIN_PREROUTING] = {"type": "nat", "hook": "prerouting", "prio": PRIO_DSTNAT}
         ch[CHAIN_OUTPUT] = {"type": "nat", "hook": "output", "prio": PRIO_DSTNAT}
@@ -455,7 +486,7 @@ def _chains(rs: NatRuleset) -> dict[str, dict]:
 
 
 def _maps(s: NatService) -> list[tuple[str, str]]:
-    m = [(slots_map(s), "ipv4_addr")]
+    m = [(slots_map(s), "ipv6_addr" if s.family == FAMILY6 else "ipv4_addr")]
     if _translated(s):
         m.append((ports_map(s), "inet_service"))
     return m
@@ -474,64 +505,84 @@ def build(rs: NatRuleset, *, previous: NatRuleset | None = None, fresh: bool = F
     twice gives the same state; named counters keep their values. ``previous`` (the ruleset
     applied last) lets it delete the chains, maps and counters that are no longer used;
     ``fresh`` deletes and re-creates the whole table in the same transaction instead (exact
-    state whatever was there, counters from 0)."""
+    state whatever was there, counters from 0).
+
+    IPv6 listeners get the same layout in a second table of the same name, ``ip6 <table>``,
+    in the same document (one transaction for both). Without IPv6 listeners the ``ip6``
+    table is removed (when ``fresh``, or when ``previous`` had some), and the ``ip`` table's
+    commands are exactly those of an IPv4-only ruleset."""
     _validate_ruleset(rs)
     t = rs.table
-    cmds: list[dict] = [{"add": {"table": _tbl(t)}}]
+    if previous is not None and not fresh and previous.table != t:
+        raise ValueError("previous ruleset is of another table")
+    cmds = _build_family(rs, FAMILY, previous, fresh)
+    if _services(rs, FAMILY6):
+        cmds += _build_family(rs, FAMILY6, previous, fresh)
+    elif fresh or (previous is not None and _services(previous, FAMILY6)):
+        cmds += [{"add": {"table": _tbl(t, FAMILY6)}}, {"delete": {"table": _tbl(t, FAMILY6)}}]
+    return {"nftables": cmds}
+
+
+def _build_family(rs: NatRuleset, fam: str, previous: NatRuleset | None,
+                  fresh: bool) -> list[dict]:
+    t = rs.table
+    services = _services(rs, fam)
+    cmds: list[dict] = [{"add": {"table": _tbl(t, fam)}}]
     if fresh:
-        cmds += [{"delete": {"table": _tbl(t)}}, {"add": {"table": _tbl(t)}}]
+        cmds += [{"delete": {"table": _tbl(t, fam)}}, {"add": {"table": _tbl(t, fam)}}]
     else:
-        cmds.append({"flush": {"table": _tbl(t)}})
-    chains = _chains(rs)
-    maps = [m for s in rs.services for m in _maps(s)]
-    counters = [c for s in rs.services for c in _counters(s)]
-    if previous is not None and not fresh:
-        if previous.table != t:
-            raise ValueError("previous ruleset is of another table")
+        cmds.append({"flush": {"table": _tbl(t, fam)}})
+    chains = _chains(rs, fam)
+    maps = [m for s in services for m in _maps(s)]
+    counters = [c for s in services for c in _counters(s)]
+    if previous is not None and not fresh and \
+            (fam == FAMILY or _services(previous, FAMILY6)):  # else: a new ip6 table
         have_maps = {nm for nm, _ in maps}
         have_counters = set(counters)
-        for s in previous.services:
+        for s in _services(previous, fam):
             for nm, _ in _maps(s):
                 if nm not in have_maps:
-                    cmds.append({"delete": {"map": _obj(t, nm)}})
+                    cmds.append({"delete": {"map": _obj(t, nm, fam)}})
             for nm in _counters(s):
                 if nm not in have_counters:
-                    cmds.append({"delete": {"counter": _obj(t, nm)}})
-        for nm in _chains(previous):
+                    cmds.append({"delete": {"counter": _obj(t, nm, fam)}})
+        for nm in _chains(previous, fam):
             if nm not in chains:
-                cmds.append({"delete": {"chain": _obj(t, nm)}})
+                cmds.append({"delete": {"chain": _obj(t, nm, fam)}})
     for nm, hook in chains.items():
-        cmds.append({"add": {"chain": _obj(t, nm, policy="accept", **hook)}})
+        cmds.append({"add": {"chain": _obj(t, nm, fam, policy="accept", **hook)}})
     for nm in counters:
-        cmds.append({"add": {"counter": _obj(t, nm)}})
-    for s in rs.services:
+        cmds.append({"add": {"counter": _obj(t, nm, fam)}})
+    for s in services:
         addrs, ports = slot_values(s)
         for (nm, dtype), elems in zip(_maps(s), (addrs, ports)):
-            cmds.append({"add": {"map": _obj(t, nm, type="mark", map=dtype)}})
+            cmds.append({"add": {"map": _obj(t, nm, fam, type="mark", map=dtype)}})
             if not fresh:
-                cmds.append({"flush": {"map": _obj(t, nm)}})
+                cmds.append({"flush": {"map": _obj(t, nm, fam)}})
             if elems:
-                cmds.append({"add": {"element": _obj(t, nm, elem=elems)}})
+                cmds.append({"add": {"element": _obj(t, nm, fam, elem=elems)}})
     for p in rs.exempt_tcp_ports:
         for chain in (CHAIN_RAW, CHAIN_RAWOUT):
             for field in ("dport", "sport"):
                 cmds.append(_rule(t, chain, [_match(_payload("tcp", field), p),
-                                             {"notrack": None}]))
-    for s in rs.services:
-        cmds += [_rule(t, CHAIN_EVENTS, r) for r in events_rules(s)]
+                                             {"notrack": None}], family=fam))
+    for s in services:
+        cmds += [_rule(t, CHAIN_EVENTS, r, family=fam) for r in events_rules(s)]
     for chain in (CHAIN_PREROUTING, CHAIN_OUTPUT):
-        for s in rs.services:
-            cmds.append(_rule(t, chain, dnat_rule_expr(s)))
-            cmds.append(_rule(t, chain, drop_rule_expr(s)))
-    for s in rs.services:
+        for s in services:
+            cmds.append(_rule(t, chain, dnat_rule_expr(s), family=fam))
+            cmds.append(_rule(t, chain, drop_rule_expr(s), family=fam))
+    for s in services:
         for expr in _counter_rules(s):
-            cmds.append(_rule(t, CHAIN_FORWARD, expr))
-    return {"nftables": cmds}
+            cmds.append(_rule(t, CHAIN_FORWARD, expr, family=fam))
+    return cmds
 
 
 def delete(table: str = "halb") -> dict:
-    """Remove the table (at stop). Adding it first makes this succeed when it is absent."""
-    return {"nftables": [{"add": {"table": _tbl(table)}}, {"delete": {"table": _tbl(table)}}]}
+    """Remove the table, both families (at stop). Adding each first makes this succeed when
+    it is absent."""
+    return {"nftables": [c for fam in FAMILIES for c in (
+        {"add": {"table": _tbl(table, fam)}}, {"delete": {"table": _tbl(table, fam)}})]}
 
 
 def slot_update(service: NatService, old_slots: Sequence[int], new_slots: Sequence[int], *,
@@ -587,8 +638,10 @@ def slot_update(service: NatService, old_slots: Sequence[int], new_slots: Sequen
                     dels.setdefault(pm, []).append(k)
                 if np_ is not None:
                     adds.setdefault(pm, []).append([k, np_])
-    cmds = [{"delete": {"element": _obj(table, nm, elem=keys)}} for nm, keys in dels.items()]
-    cmds += [{"add": {"element": _obj(table, nm, elem=el)}} for nm, el in adds.items()]
+    fam = service.family
+    cmds = [{"delete": {"element": _obj(table, nm, fam, elem=keys)}}
+            for nm, keys in dels.items()]
+    cmds += [{"add": {"element": _obj(table, nm, fam, elem=el)}} for nm, el in adds.items()]
     return {"nftables": cmds}
 
 
@@ -641,7 +694,9 @@ def jhash(data: bytes, seed: int) -> int:
 def hash_key(service: NatService, client_ip: str, client_port: int = 0) -> bytes:
     """The bytes the rule's jhash reads: the client address, and with ``src_port`` its
     port in the next 32-bit register (network order, zero-padded)."""
-    key = ipaddress.IPv4Address(client_ip).packed
+    key = ipaddress.ip_address(client_ip).packed
+    if len(key) != (16 if service.family == FAMILY6 else 4):
+        raise ValueError(f"client {client_ip!r} is not of the listener's family")
     if service.hash_fields == "src_port":
         key += client_port.to_bytes(2, "big") + b"\0\0"
     return key

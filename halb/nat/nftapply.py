@@ -156,29 +156,34 @@ class Nft:
         if doc.get("nftables"):
             self.run(doc, dry_run=True)
 
-    def list_table(self, name: str = "halb") -> dict:
-        """The JSON listing of ``table ip <name>`` (raises NftError when there is none)."""
-        out = self.run({"nftables": [{"list": {"table": {"family": "ip", "name": name}}}]})
+    def list_table(self, name: str = "halb", family: str = "ip") -> dict:
+        """The JSON listing of ``table <family> <name>`` (raises NftError when there is
+        none)."""
+        out = self.run({"nftables": [{"list": {"table": {"family": family, "name": name}}}]})
         try:
             return json.loads(out)
         except ValueError as e:
             raise NftError(f"nft listed no JSON: {out[:200]!r}") from e
 
     def counters(self, name: str = "halb") -> dict[str, tuple[int, int]]:
-        """``{counter: (packets, bytes)}`` of the table's named counters; empty when there is
-        no such table. Read with one netlink dump of the table's counter objects: nft's own
-        listing would load every map element first (0.6 s for a 65537-slot table). Falls
-        back to the listing when netlink fails."""
-        try:
-            return netlink_counters(name)
-        except (OSError, ValueError, struct.error):
-            pass
-        try:
-            return counters_of(self.list_table(name))
-        except NftError as e:
-            if "No such file or directory" in str(e):
-                return {}
-            raise
+        """``{counter: (packets, bytes)}`` of the named counters of the tables ``ip <name>``
+        and ``ip6 <name>`` (the IPv6 listeners'; counter names are per listener, so they do
+        not collide); empty when there is no such table. Read with one netlink dump of each
+        table's counter objects: nft's own listing would load every map element first (0.6 s
+        for a 65537-slot table). Falls back to the listing when netlink fails."""
+        out: dict[str, tuple[int, int]] = {}
+        for family, nfproto in (("ip", NFPROTO_IPV4), ("ip6", NFPROTO_IPV6)):
+            try:
+                out.update(netlink_counters(name, family=nfproto))
+                continue
+            except (OSError, ValueError, struct.error):
+                pass
+            try:
+                out.update(counters_of(self.list_table(name, family)))
+            except NftError as e:
+                if "No such file or directory" not in str(e):
+                    raise
+        return out
 
 
 def counters_of(listing: dict) -> dict[str, tuple[int, int]]:
@@ -206,7 +211,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NFPROTO_IPV4 = 2
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFT_OBJECT_COUNTER = 1
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
@@ -229,10 +234,12 @@ def _attrs(buf: bytes, off: int, end: int) -> dict[int, bytes]:
     return out
 
 
-def netlink_counters(table: str = "halb", *, timeout: float = 5.0) -> dict[str, tuple[int, int]]:
-    """``{name: (packets, bytes)}`` of the named counters of ``table ip <table>`` (empty when
-    the table does not exist), from the kernel directly."""
-    body = struct.pack("=BBH", NFPROTO_IPV4, 0, 0) + \
+def netlink_counters(table: str = "halb", *, timeout: float = 5.0,
+                     family: int = NFPROTO_IPV4) -> dict[str, tuple[int, int]]:
+    """``{name: (packets, bytes)}`` of the named counters of ``table ip <table>`` (``family``
+    NFPROTO_IPV6: ``table ip6 <table>``; empty when the table does not exist), from the
+    kernel directly."""
+    body = struct.pack("=BBH", family, 0, 0) + \
         _nla(NFTA_OBJ_TABLE, table.encode() + b"\0") + \
         _nla(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
     seq = 1
@@ -290,8 +297,8 @@ def check(doc: dict) -> None:
     default().check(doc)
 
 
-def list_table(name: str = "halb") -> dict:
-    return default().list_table(name)
+def list_table(name: str = "halb", family: str = "ip") -> dict:
+    return default().list_table(name, family)
 
 
 def counters(name: str = "halb") -> dict[str, tuple[int, int]]:

@@ -7,7 +7,8 @@
     pool.on_change -> nat.pool_changed(pool, view)
     await nat.start() / await nat.stop()
 
-- **Rules**: one nftables table (``[nat] table``, family ip) holds every NAT listener's DNAT,
+- **Rules**: one nftables table (``[nat] table``, family ip; IPv6 listeners in ``ip6`` table
+  of the same name, same layout, same transaction) holds every NAT listener's DNAT,
   chosen by a jhash of the client address (or address and port) with a fixed seed into a map
   filled from the pool's Maglev table, so every node sends a client to the same backend. A
   pool view change (health, drain, weight) rewrites only the map slots that changed, in one
@@ -30,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
+import socket
 import time
 import zlib
 from typing import Any, Iterable
@@ -55,6 +58,7 @@ AFTER_CHANGE = 1.0  # reconcile this long after a takeover or a demotion
 DUMP_TIMEOUT = 10.0
 SEQ_MASK = 0xFFFFFFFF
 FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
+FORWARD6_SYSCTL = "/proc/sys/net/ipv6/conf/all/forwarding"
 ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
 
 
@@ -64,6 +68,15 @@ def _sysctl(path: str) -> str:
             return f.read().strip()
     except OSError:
         return "?"
+
+
+def _norm(addr: str) -> str:
+    """An address in its compressed form (IPv6 as ``inet_ntop`` writes it); anything else
+    (a name) as it is."""
+    try:
+        return str(ipaddress.ip_address(str(addr)))
+    except ValueError:
+        return str(addr)
 
 
 def seed_of(name: str) -> int:
@@ -81,15 +94,17 @@ class NatService:
         self.pools = pools
         self.table = table
         self.sync_ports = tuple(sync_ports)
-        self.elected = frozenset(elected_vips)  # VIPs some [[vrrp]] instance moves
+        self.elected = frozenset(_norm(v) for v in elected_vips)  # VIPs [[vrrp]] moves
         self.held: set[str] = set()  # of those, the ones this node holds now
         self.services = []
         self.sizes: dict[str, int] = {}
         for lc in self.listeners:
             pool = pools[lc.pool]
-            backends = {b.name: (b.address.host, b.address.port) for b in pool.cfg.backends}
-            self.services.append(Service(lc.name, lc.protocol, lc.bind.host, lc.bind.port,
-                                         lc.pool, backends))
+            # addresses in their compressed form: the kernel's events compare equal to them
+            backends = {b.name: (_norm(b.address.host), b.address.port)
+                        for b in pool.cfg.backends}
+            self.services.append(Service(lc.name, lc.protocol, _norm(lc.bind.host),
+                                         lc.bind.port, lc.pool, backends))
             self.sizes[lc.name] = cfg.hash_slots
         self.core = NatCore(self.services, table, self.holds, ttl=cfg.entry_ttl,
                             own_portids=self._own_portids)
@@ -113,6 +128,14 @@ class NatService:
 
     # -- ownership -----------------------------------------------------------------------------
 
+    @property
+    def has_v6(self) -> bool:
+        return any(":" in s.vip for s in self.services)
+
+    @property
+    def has_v4(self) -> bool:
+        return any(":" not in s.vip for s in self.services)
+
     def holds(self, vip: str) -> bool:
         return vip in self.held or vip not in self.elected
 
@@ -124,9 +147,14 @@ class NatService:
     async def start(self) -> None:
         self._reconcile_soon = asyncio.Event()
         fwd = _sysctl(FORWARD_SYSCTL)
-        if fwd != "1":
+        if fwd != "1" and self.has_v4:
             log.error("nat_forwarding_off", sysctl="net.ipv4.ip_forward", value=fwd,
                       hint="NAT listeners forward packets: set net.ipv4.ip_forward = 1")
+        fwd6 = _sysctl(FORWARD6_SYSCTL)
+        if fwd6 != "1" and self.has_v6:
+            log.error("nat_forwarding_off", sysctl="net.ipv6.conf.all.forwarding", value=fwd6,
+                      hint="IPv6 NAT listeners forward packets: set "
+                           "net.ipv6.conf.all.forwarding = 1")
         if self.report_after and _sysctl(ACCT_SYSCTL) != "1":
             log.error("nat_accounting_off", sysctl="net.netfilter.nf_conntrack_acct",
                       value=_sysctl(ACCT_SYSCTL), replicate_after_packets=self.report_after,
@@ -245,7 +273,7 @@ class NatService:
 
     def before_vips_added(self, instance: str, vips: Iterable[str]) -> None:
         """Takeover: every replicated entry is in the kernel before the VIPs are."""
-        mine = [v for v in vips if v in self.elected]
+        mine = [_norm(v) for v in vips if _norm(v) in self.elected]
         if not mine:
             return
         t0 = time.monotonic()
@@ -257,7 +285,7 @@ class NatService:
         self._soon()
 
     def after_vips_removed(self, instance: str, vips: Iterable[str]) -> None:
-        mine = [v for v in vips if v in self.held]
+        mine = [_norm(v) for v in vips if _norm(v) in self.held]
         if mine:
             self.held.difference_update(mine)
             log.info("nat_released", instance=instance, vips=mine)
@@ -414,7 +442,9 @@ class NatService:
                 log.warning("nat_reconcile_failed", error=str(e))
 
     def _dump(self) -> list:
-        return dump(timeout=DUMP_TIMEOUT)
+        # both families only when there are IPv6 listeners (an IPv4-only node dumps as before)
+        fam = socket.AF_UNSPEC if self.has_v6 else socket.AF_INET
+        return dump(family=fam, timeout=DUMP_TIMEOUT)
 
     # -- status ----------------------------------------------------------------------------------
 

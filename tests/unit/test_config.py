@@ -463,6 +463,14 @@ def test_nat_listener_and_section():
     assert loads(NAT).listeners[0].protocol == "tcp" and loads(NAT).nat.hash_slots == 4093
 
 
+def test_nat_listener_over_ipv6():
+    cfg = loads(NAT.replace('bind = "198.18.0.100:80"', 'bind = "[2001:2::100]:80"')
+                .replace('address = "198.18.1.21:8080"', 'address = "[2001:2:1::21]:8080"'))
+    lc = cfg.listeners[0]
+    assert (lc.mode, lc.bind.host, lc.bind.port) == ("nat", "2001:2::100", 80)
+    assert cfg.pools[0].backends[0].address.host == "2001:2:1::21"
+
+
 @pytest.mark.parametrize("text,expected", [
     (NAT.replace('algorithm = "maglev"', 'algorithm = "leastconn"'),
      "listeners[0].pool: pool 'p' has algorithm = 'leastconn': a nat listener balances in the "
@@ -470,9 +478,22 @@ def test_nat_listener_and_section():
     (NAT.replace('algorithm = "maglev"', 'algorithm = "maglev"\n  [pools.sticky]\n  mode = "source"'),
      "listeners[0].pool: pool 'p' has sticky.mode = 'source'"),
     (NAT.replace('bind = "198.18.0.100:80"', 'bind = "0.0.0.0:80"'),
-     "listeners[0].bind: a nat listener binds one IPv4 address (its VIP), not '0.0.0.0'"),
+     "listeners[0].bind: a nat listener binds one IPv4 or IPv6 address (its VIP), not "
+     "'0.0.0.0'"),
+    (NAT.replace('bind = "198.18.0.100:80"', 'bind = "[::]:80"'),
+     "listeners[0].bind: a nat listener binds one IPv4 or IPv6 address (its VIP), not '::'"),
     (NAT.replace('bind = "198.18.0.100:80"', 'bind = "lb.example:80"'),
-     "listeners[0].bind: a nat listener binds one IPv4 address"),
+     "listeners[0].bind: a nat listener binds one IPv4 or IPv6 address"),
+    # NAT64 / NAT46: the VIP's family and the backends' must agree
+    (NAT.replace('bind = "198.18.0.100:80"', 'bind = "[2001:2::100]:80"'),
+     "pools[0].backends[0].address: 198.18.1.21 is IPv4 but nat listener 'n' binds the IPv6 "
+     "VIP 2001:2::100: that would be NAT64 (translating between families), which the kernel "
+     "NAT mode does not do; give pool 'p' IPv6 backends, or bind the listener to an IPv4 VIP"),
+    (NAT.replace('address = "198.18.1.21:8080"', 'address = "[2001:2:1::21]:8080"'),
+     "pools[0].backends[0].address: 2001:2:1::21 is IPv6 but nat listener 'n' binds the IPv4 "
+     "VIP 198.18.0.100: that would be NAT46"),
+    (NAT.replace('address = "198.18.1.21:8080"', 'address = "be1.example:8080"'),
+     "pools[0].backends[0].address: 'be1.example' is not an IP address: nat listener 'n'"),
     (NAT.replace('mode = "nat"', 'mode = "tcp"\nprotocol = "udp"'),
      "listeners[0].protocol: protocol needs mode = \"nat\" (mode is 'tcp')"),
     (NAT + 'protocol = "sctp"\n', "listeners[0].protocol: unknown value 'sctp'"),

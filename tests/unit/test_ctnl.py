@@ -4,6 +4,7 @@ captured from kernel 6.18, round trips, and malformed input that must never rais
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import socket
 import struct
@@ -387,3 +388,84 @@ def test_parse_into_counts_without_a_parser():
 
 def test_flow_family():
     assert F4.family == socket.AF_INET and F6.family == socket.AF_INET6
+
+
+# -- the event socket's BPF filter (ctsock.filter_program), run by a small classic-BPF machine ----
+
+def run_bpf(prog, pkt: bytes) -> int:
+    """Classic BPF as the kernel runs a socket filter: the opcodes filter_program uses."""
+    a, pc, steps = 0, 0, 0
+    while True:
+        steps += 1
+        assert steps < 10000 and 0 <= pc < len(prog)
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code == 0x80:
+            a = len(pkt)
+        elif code in (0x20, 0x28, 0x30):
+            n = {0x20: 4, 0x28: 2, 0x30: 1}[code]
+            if k + n > len(pkt):
+                return 0  # a load past the end: the kernel drops the packet
+            a = int.from_bytes(pkt[k:k + n], "big")
+        elif code == 0x05:
+            pc += k
+        elif code == 0x15:
+            pc += jt if a == k else jf
+        elif code == 0x35:
+            pc += jt if a >= k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"opcode {code:#x}")
+
+
+def test_event_filter_keeps_ipv6_listeners_and_drops_other_ipv6_entries():
+    from halb.nat.ctsock import filter_program
+    vip6, vip4 = "2001:2:0:44::100", "198.18.44.100"
+    prog = filter_program([(6, vip6, 80), (17, vip6, 53), (6, vip4, 80)], drop_portids=[4242])
+    kept = lambda f, **kw: run_bpf(prog, ctnl.encode_event("new", f, **kw)) != 0  # noqa: E731
+    be = "2001:2:0:45::21"
+    assert kept(Flow(6, "2001:2:0:44::2", 40000, vip6, 80, be, 7000))
+    assert kept(Flow(17, "2001:2:0:44::2", 40000, vip6, 53, be, 7053))
+    assert kept(Flow(6, "198.18.44.2", 40000, vip4, 80, "198.18.45.21", 7000))
+    for f in (Flow(6, "2001:2:0:44::2", 40000, vip6, 81, be, 7000),              # port
+              Flow(17, "2001:2:0:44::2", 40000, vip6, 80, be, 7000),             # protocol
+              Flow(6, "2001:2:0:44::2", 40000, "2001:2:0:44::101", 80, be, 7000),  # last word
+              Flow(6, "2001:2:0:44::2", 40000, "2002:2:0:44::100", 80, be, 7000),  # first word
+              Flow(6, "2001:2:0:44::2", 40000, "2001:2:1:44::100", 80, be, 7000),  # 2nd word
+              Flow(6, "198.18.44.2", 40000, vip4, 81, "198.18.45.21", 7000)):
+        assert not kept(f), f
+    # the events our own injecting socket caused, of either family
+    assert not kept(Flow(6, "2001:2:0:44::2", 40000, vip6, 80, be, 7000), portid=4242)
+    # destroy events alike
+    assert run_bpf(prog, ctnl.encode_event("destroy", Flow(6, "2001:2:0:44::2", 1, vip6, 80,
+                                                           be, 7000))) != 0
+    # without IPv6 listeners, IPv6 entries are dropped (nobody would record them)
+    only4 = filter_program([(6, vip4, 80)])
+    assert run_bpf(only4, ctnl.encode_event("new", Flow(6, "2001:2:0:44::2", 1, vip6, 80, be,
+                                                         7000))) == 0
+    # an unexpected shape (a truncated message) goes to the parser
+    assert run_bpf(prog, ctnl.encode_event("new", Flow(6, "2001:2:0:44::2", 1, vip6, 80, be,
+                                                       7000))[:90]) != 0
+
+
+def test_event_filter_of_many_listeners_reaches_its_far_labels():
+    """Far more listeners than a conditional jump (255 instructions) can skip: the program
+    gets BPF_JA trampolines and still decides every entry right."""
+    from halb.nat.ctsock import filter_program
+    v4 = [(6, f"198.18.44.{i}", 80) for i in range(1, 80)]
+    v6 = [(17, f"2001:2:0:44::{i:x}", 53) for i in range(1, 40)]
+    prog = filter_program(v4 + v6, drop_portids=[7, 8])
+    assert len(prog) > 3 * 255 and any(c == 0x05 for c, *_ in prog)
+    for _, vip, port in v4[::7] + [v4[-1]]:
+        f = Flow(6, "198.18.1.1", 1, vip, port, "198.18.45.1", 7000)
+        assert run_bpf(prog, ctnl.encode_event("new", f)) != 0
+        assert run_bpf(prog, ctnl.encode_event("new", f, portid=8)) == 0
+        assert run_bpf(prog, ctnl.encode_event("new", dataclasses.replace(f, dport=81))) == 0
+    for _, vip, port in v6[::5] + [v6[-1]]:
+        f = Flow(17, "2001:2::1", 1, vip, port, "2001:2:0:45::1", 7053)
+        assert run_bpf(prog, ctnl.encode_event("new", f)) != 0
+        assert run_bpf(prog, ctnl.encode_event("new", f, portid=7)) == 0
+        assert run_bpf(prog, ctnl.encode_event("new", dataclasses.replace(f, proto=6))) == 0
+    assert run_bpf(prog, ctnl.encode_event("new", Flow(17, "2001:2::1", 1, "2001:2:0:44::ff",
+                                                       53, "2001:2:0:45::1", 7053))) == 0

@@ -161,3 +161,60 @@ def test_only_qualifying_connections_are_recorded_with_a_packet_threshold():
     w.core.on_event(marked)
     w.core.reconcile([marked._replace(kind="dump", flow=flow(sport=5)), marked])
     assert sorted(e.client for e in w.table.entries()) == ["198.18.0.5:4", "198.18.0.5:5"]
+
+
+# -- IPv6 listeners ---------------------------------------------------------------------------
+
+VIP6 = "2001:2:0:44::100"
+WWW6 = Service("www6", "tcp", VIP6, 80, "web6", {"web1": ("2001:2:0:45::21", 7000),
+                                                "web2": ("2001:2:0:45::22", 7000)})
+
+
+def test_ipv6_connection_recorded_replicated_and_removed_with_a_bracketed_client():
+    clock = FakeClock(1000.0)
+    master = Table("nat", node="lb1", clock=clock)
+    held = {VIP6}
+    core = NatCore([WWW6], master, lambda v: v in held, ttl=3600.0)
+    f = Flow(IPPROTO_TCP, "2001:2:0:44::2", 40000, VIP6, 80, "2001:2:0:45::22", 7000)
+    core.on_event(ev("update", f))
+    key = nat_key("www6", "tcp", "[2001:2:0:44::2]:40000", 80)
+    e = master.get(key)
+    assert e is not None and e.backend == "web2" and e.client == "[2001:2:0:44::2]:40000"
+    # the standby turns the replicated entry back into the same IPv6 flow, and its removal
+    standby = NatCore([WWW6], Table("nat", node="lb2", clock=clock), lambda v: False,
+                      ttl=3600.0)
+    assert standby.on_remote(Op.CREATE, e) == Inject(f)
+    rm = standby.on_remote(Op.DELETE, e)
+    assert isinstance(rm, Remove) and rm.flow == Flow(IPPROTO_TCP, "2001:2:0:44::2", 40000,
+                                                      VIP6, 80, "::", 0)
+    core.on_event(ev("destroy", f))
+    assert master.get(key) is None
+
+
+def test_ipv6_reconcile_on_the_standby_injects_what_its_kernel_lacks():
+    clock = FakeClock(1000.0)
+    t = Table("nat", node="lb2", clock=clock)
+    core = NatCore([WWW6], t, lambda v: False, ttl=3600.0)
+    from halb.tables import Entry
+    e = Entry(nat_key("www6", "tcp", "[2001:2:0:44::2]:40001", 80), "web1", "web6", 1000.0,
+              1000.0, 4600.0, "lb1", "[2001:2:0:44::2]:40001", "www6", "tcp")
+    t.apply(Op.CREATE, e)
+    assert core.reconcile([]) == [Inject(Flow(IPPROTO_TCP, "2001:2:0:44::2", 40001, VIP6, 80,
+                                              "2001:2:0:45::21", 7000))]
+    # a client of the wrong family (a corrupt entry) is counted, not injected
+    bad = Entry(nat_key("www6", "tcp", "198.18.0.5:1", 80), "web1", "web6", 1000.0, 1000.0,
+                4600.0, "lb1", "198.18.0.5:1", "www6", "tcp")
+    assert core.on_remote(Op.CREATE, bad) is None
+    assert core.stats["unknown_listener"] == 1
+
+
+def test_client_strings_round_trip():
+    from halb.nat.core import client_of, split_client
+    assert client_of("198.18.0.5", 1) == "198.18.0.5:1"
+    assert client_of("2001:2::5", 443) == "[2001:2::5]:443"
+    for ip, port in (("198.18.0.5", 1), ("2001:2::5", 443), ("::1", 65535)):
+        assert split_client(client_of(ip, port)) == (ip, port)
+    assert split_client("2001:2::5:443") == ("2001:2::5", 443)  # unbracketed: the last colon
+    for bad in ("[2001:2::5:443", ":80", "x"):
+        with pytest.raises(ValueError):
+            split_client(bad)

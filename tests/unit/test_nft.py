@@ -274,7 +274,9 @@ def test_previous_deletes_what_is_gone():
 
 def test_delete_document():
     t = {"family": "ip", "name": "x"}
-    assert nft.delete("x") == {"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}
+    t6 = {"family": "ip6", "name": "x"}  # the IPv6 listeners' table goes too
+    assert nft.delete("x") == {"nftables": [{"add": {"table": t}}, {"delete": {"table": t}},
+                                            {"add": {"table": t6}}, {"delete": {"table": t6}}]}
 
 
 def test_slot_update_changes_only_what_changed():
@@ -410,3 +412,146 @@ def test_events_rules_report_after_n_packets():
     events = [c["add"]["rule"] for c in doc["nftables"]
               if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "events"]
     assert len(events) == 3
+
+
+# -- IPv6 listeners: a second table, ``ip6 <table>``, of the same layout --------------------------
+
+VIP6 = "2001:2:0:80::100"
+BK6 = (NatBackend("b1", "2001:2:0:81::11", 8080), NatBackend("b2", "2001:2:0:81::12", 8080))
+
+
+def svc6(name="web6", proto="tcp", port=80, hash_fields="src_port", slots=(0, 1, -1, 1, 0),
+         **kw) -> NatService:
+    return NatService(name, proto, VIP6, port, port, hash_fields, 0x1234, tuple(slots), BK6, **kw)
+
+
+def by_family(doc, fam):
+    return {"nftables": [c for c in doc["nftables"]
+                         if next(iter(next(iter(c.values())).values())).get("family") == fam]}
+
+
+def test_ipv6_listeners_get_an_ip6_table_and_leave_the_ip_table_as_it_was():
+    v4 = svc()
+    only4 = nft.build(NatRuleset(services=(v4,), exempt_tcp_ports=(9400,)))
+    both = nft.build(NatRuleset(services=(v4, svc6()), exempt_tcp_ports=(9400,)))
+    # the IPv4 table's commands are exactly those of the IPv4-only ruleset, first
+    assert both["nftables"][:len(only4["nftables"])] == only4["nftables"]
+    assert by_family(both, "ip") == only4
+    six = by_family(both, "ip6")
+    assert len(six["nftables"]) == len(both["nftables"]) - len(only4["nftables"])
+    assert six["nftables"][:2] == [{"add": {"table": {"family": "ip6", "name": "halb"}}},
+                                   {"flush": {"table": {"family": "ip6", "name": "halb"}}}]
+    chains = {c["name"]: (c["type"], c["hook"], c["prio"]) for c in cmds(six, "add", "chain")}
+    assert chains == {"raw": ("filter", "prerouting", -300), "rawout": ("filter", "output", -300),
+                      "events": ("filter", "prerouting", -150),
+                      "prerouting": ("nat", "prerouting", -100),
+                      "output": ("nat", "output", -100), "forward": ("filter", "forward", 0)}
+    # every object of the IPv6 listener lives in the ip6 table, none of the IPv4 one
+    names6 = {o["name"] for kind in ("map", "counter") for o in cmds(six, "add", kind)}
+    assert names6 == {"slots_web6", "ports_web6", "drop_web6", "be_web6_b1", "rbe_web6_b1",
+                      "be_web6_b2", "rbe_web6_b2"}
+    assert json.loads(json.dumps(both)) == both
+
+
+def test_ipv6_dnat_hashes_the_ipv6_source_into_an_ipv6_address_map():
+    doc = nft.build(NatRuleset(services=(svc6(),)))
+    pre = [r["expr"] for r in cmds(doc, "add", "rule")
+           if r["chain"] == "prerouting" and r["family"] == "ip6"]
+    ct_mark = {"ct": {"key": "mark"}}
+    match = [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                        "right": VIP6}},
+             {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                        "right": 80}}]
+    assert pre[0] == match + [
+        {"mangle": {"key": ct_mark, "value": {"jhash": {
+            "mod": 5, "seed": 0x1234, "expr": {"concat": [
+                {"payload": {"protocol": "ip6", "field": "saddr"}},
+                {"payload": {"protocol": "tcp", "field": "sport"}}]}}}}},
+        {"dnat": {"family": "ip6",
+                  "addr": {"map": {"key": ct_mark, "data": "@slots_web6"}},
+                  "port": {"map": {"key": ct_mark, "data": "@ports_web6"}}}}]
+    assert pre[1] == match + [{"counter": "drop_web6"}, {"drop": None}]
+    maps = {m["name"]: (m["family"], m["type"], m["map"]) for m in cmds(doc, "add", "map")}
+    assert maps == {"slots_web6": ("ip6", "mark", "ipv6_addr"),
+                    "ports_web6": ("ip6", "mark", "inet_service")}
+    el = {e["name"]: e["elem"] for e in cmds(doc, "add", "element")}
+    assert el["slots_web6"] == [[0, "2001:2:0:81::11"], [1, "2001:2:0:81::12"],
+                                [3, "2001:2:0:81::12"], [4, "2001:2:0:81::11"]]
+    ev = [r["expr"] for r in cmds(doc, "add", "rule") if r["chain"] == "events"]
+    assert ev == [match + [{"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                                      "right": "new"}},
+                           {"mangle": {"key": {"ct": {"key": "event"}},
+                                       "value": ["assured", "destroy"]}}]]
+
+
+def test_ipv6_counters_match_ip6_addresses_both_ways():
+    doc = nft.build(NatRuleset(services=(svc6(),)))
+    fwd = [r["expr"] for r in cmds(doc, "add", "rule") if r["chain"] == "forward"]
+    assert len(fwd) == 4
+    orig, reply = fwd[0], fwd[1]
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                      "right": "2001:2:0:81::11"}} in orig
+    assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                      "right": "2001:2:0:81::11"}} in reply
+    for r in fwd:
+        assert {"match": {"op": "==", "left": {"ct": {"key": "ip6 daddr", "dir": "original"}},
+                          "right": VIP6}} in r
+    assert not any("ip" == x.get("match", {}).get("left", {}).get("payload", {}).get("protocol")
+                   for r in fwd for x in r)
+
+
+def test_ip6_table_removed_when_the_last_ipv6_listener_goes():
+    v4 = svc()
+    plain = nft.build(NatRuleset(services=(v4,)))
+    assert not by_family(plain, "ip6")["nftables"]  # incremental, no IPv6 before: untouched
+    gone = nft.build(NatRuleset(services=(v4,)), previous=NatRuleset(services=(v4, svc6())))
+    t6 = {"family": "ip6", "name": "halb"}
+    assert by_family(gone, "ip6")["nftables"] == [{"add": {"table": t6}},
+                                                  {"delete": {"table": t6}}]
+    fresh = nft.build(NatRuleset(services=(v4,)), fresh=True)  # whatever an old run left
+    assert by_family(fresh, "ip6")["nftables"] == [{"add": {"table": t6}},
+                                                   {"delete": {"table": t6}}]
+    # a listener that goes from a kept ip6 table: its objects deleted there
+    both = NatRuleset(services=(svc6(), svc6("dns6", "udp", 53, "src")))
+    less = nft.build(NatRuleset(services=(svc6(),)), previous=both)
+    dels = {(o["family"], o["name"]) for kind in ("map", "counter")
+            for o in cmds(less, "delete", kind)}
+    assert ("ip6", "slots_dns6") in dels and ("ip6", "drop_dns6") in dels
+    assert all(f == "ip6" for f, _ in dels)
+    # a new ip6 table next to a previous IPv4-only ruleset: nothing to delete in it
+    new6 = nft.build(NatRuleset(services=(v4, svc6())), previous=NatRuleset(services=(v4,)))
+    assert not cmds(by_family(new6, "ip6"), "delete")
+
+
+def test_ipv6_slot_update_writes_the_ip6_table():
+    s = svc6()
+    doc = nft.slot_update(s, s.slots, (0, 0, -1, 1, 0))
+    assert doc == {"nftables": [
+        {"delete": {"element": {"family": "ip6", "table": "halb", "name": "slots_web6",
+                                "elem": [1]}}},
+        {"add": {"element": {"family": "ip6", "table": "halb", "name": "slots_web6",
+                             "elem": [[1, "2001:2:0:81::11"]]}}}]}
+
+
+@pytest.mark.parametrize("vip,backends,text", [
+    (VIP6, BK, "backend 'b1' address: '198.18.81.11' is not an IPv6 address (the VIP is IPv6; "
+               "an IPv4 backend behind an IPv6 VIP would be NAT64"),
+    (VIP, BK6, "backend 'b1' address: '2001:2:0:81::11' is not an IPv4 address"),
+    ("2001:2::zz", BK6, "vip: '2001:2::zz' is not an IPv6 address"),
+])
+def test_family_mixed_listeners_are_refused(vip, backends, text):
+    s = NatService("m", "tcp", vip, 80, 80, "src", 1, (0, 1), backends)
+    with pytest.raises(ValueError, match=r"nat listener 'm'.*" + text.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        nft.build(NatRuleset(services=(s,)))
+
+
+def test_ipv6_hash_key_is_the_16_byte_address_then_the_padded_port():
+    s = svc6()
+    key = nft.hash_key(s, "2001:2:0:80::2", 41000)
+    assert key == bytes.fromhex("20010002000000800000000000000002") + bytes([0xA0, 0x28, 0, 0])
+    assert nft.hash_key(svc6(hash_fields="src"), "2001:2:0:80::2") == key[:16]
+    with pytest.raises(ValueError):
+        nft.hash_key(s, "198.18.80.2", 1)  # not the listener's family
+    assert nft.slot_of(s, "2001:2:0:80::2", 41000) == \
+        (nft.jhash(key, 0x1234) * 5) >> 32
