@@ -10,7 +10,11 @@ is a list of words separated by spaces, tabs or commas (HAProxy's protocol):
 - ``drain``: no new connections or requests, sticky clients keep going (like halbctl drain);
   ``maint``: no traffic at all; ``ready``: ends the agent's drain and maintenance;
 - ``down``, ``fail``, ``stopped`` (optionally followed by ``#reason``): the backend is down;
-  ``up``: the agent's down ends.
+  ``up``: the agent's down ends;
+- with ``algorithm = "resource"`` (halb.resource), ``METRIC=VALUE`` or ``METRIC:VALUE`` words
+  report load (``cpu_utilization=0.35``), and the percentage is read as HAProxy agents mean it,
+  the idle share: ``70%`` reports a load of 0.30. Load is smoothed into the weight rather than
+  setting it; ``weight:N`` still sets the ceiling.
 
 Words not sent leave their settings as they are; unknown words are ignored. A failed agent
 connection (refused, timeout, garbage) changes nothing: it is not a health failure. The agent's
@@ -26,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import log as hlog
+from .resource import utilization
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clock import Clock
@@ -38,6 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_LINE = 1024
 _SPLIT = re.compile(r"[ \t,]+")
+_METRIC = re.compile(r"((?:cpu|mem|application)_utilization|(?:named_metrics|utilization)\."
+                     r"[A-Za-z0-9_.-]{1,64})[=:]([-+0-9.e]{1,24})")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class AgentReply:
     down: bool | None = None  # True: down/fail/stopped; False: up
     reason: str = ""
     unknown: tuple[str, ...] = ()
+    metrics: tuple[tuple[str, float], ...] = ()  # METRIC=VALUE words (resource balancing)
 
 
 def parse(line: str) -> AgentReply:
@@ -60,6 +68,7 @@ def parse(line: str) -> AgentReply:
     admin = None
     down = None
     unknown = []
+    metrics: list[tuple[str, float]] = []
     for w in _SPLIT.split(text.strip()):
         lw = w.lower()
         if not lw:
@@ -76,6 +85,15 @@ def parse(line: str) -> AgentReply:
         if m:
             maxconn = int(m.group(1))
             continue
+        m = _METRIC.fullmatch(w)
+        if m:
+            try:
+                x = float(m.group(2))
+            except ValueError:
+                x = float("nan")
+            if x == x and x not in (float("inf"), float("-inf")):
+                metrics.append((m.group(1), x))
+                continue
         if lw in ("ready", "drain", "maint"):
             admin = lw
         elif lw in ("down", "fail", "failed", "stopped"):
@@ -84,7 +102,21 @@ def parse(line: str) -> AgentReply:
             down = False
         else:
             unknown.append(w[:40])
-    return AgentReply(pct, absw, maxconn, admin, down, reason.strip()[:200], tuple(unknown))
+    return AgentReply(pct, absw, maxconn, admin, down, reason.strip()[:200], tuple(unknown),
+                      tuple(metrics[:16]))
+
+
+def load_of(r: AgentReply, metrics: tuple[str, ...]) -> float | None:
+    """With ``algorithm = "resource"``: the load an agent reply reports for the configured
+    metrics (the largest, clamped to 0..1), else from its percentage, the idle share
+    (``1 - p/100``); None when it reports neither."""
+    if r.metrics:
+        u = utilization(dict(r.metrics), metrics)
+        if u is not None:
+            return u
+    if r.weight_pct is not None:
+        return max(0.0, 1.0 - min(r.weight_pct, 100) / 100.0)
+    return None
 
 
 def apply(b: "Backend", r: AgentReply) -> list[str]:
@@ -188,6 +220,17 @@ class AgentChecker:
             return None
         r = parse(line)
         b.agent_said = line[:200]
+        pool = self.pool
+        if pool.resource:
+            # the percentage is load here (its idle share), smoothed by the pool, not a weight
+            u = load_of(r, pool.cfg.resource.metrics)
+            if u is not None:
+                pool.report_load(b, u, self.clock.now())
+                pool.load_reports["ok"] += 1
+            elif r.weight_abs is None and r.admin is None and r.down is None and r.maxconn is None:
+                pool.load_reports["no_metric"] += 1
+            if r.weight_pct is not None:
+                r = replace(r, weight_pct=None)
         changed = apply(b, r)
         if changed:
             self.pool.refresh(self.clock.now())

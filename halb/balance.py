@@ -17,6 +17,8 @@ here only skip, at pick time, backends that are full (``max_conns`` reached) or 
                 sample yet is rated like the fastest sampled one, so it gets traffic
     source      hash of the key (client IP) onto the weighted backends, O(log n)
     maglev      Maglev consistent hashing (prime table, weights as repeated turns), O(1)
+    resource    smooth weighted round robin over weights that follow the load the backends
+                report (halb.resource computes them, the pool puts them in the view)
 
 Hashes are stable across processes and hosts (never Python's randomized ``hash()``), so two
 nodes with the same backends map a key to the same backend.
@@ -499,7 +501,7 @@ def make_balancer(pool_cfg: PoolConfig, *, seed: int | None = None) -> Balancer:
     a = pool_cfg.algorithm
     if a == "roundrobin":
         return RoundRobin()
-    if a == "wrr":
+    if a == "wrr" or a == "resource":
         return SmoothWeighted()
     if a == "leastconn":
         return LeastConn()

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-ALGORITHMS = ("roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev")
+ALGORITHMS = ("roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev",
+              "resource")
 HASH_ALGORITHMS = ("source", "maglev")
 MODES = ("tcp", "udp", "http", "nat")
 NAT_PROTOCOLS = ("tcp", "udp")
@@ -126,6 +127,17 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class ResourceConfig:
+    """``[pools.resource]``: how ``algorithm = "resource"`` turns reported load into weights
+    (halb.resource has the formula)."""
+
+    metrics: tuple[str, ...] = ("cpu_utilization",)  # the largest of these is the load
+    smoothing: float = 2.0  # EWMA time constant, seconds (0: none)
+    stale_after: float = 10.0  # older reports no longer count: the configured weight applies
+    floor: float = 0.05  # least share of its weight a saturated backend keeps
+
+
+@dataclass(frozen=True)
 class PassiveConfig:
     max_failures: int = 0  # 0: passive checks off
     on_5xx: bool = False
@@ -162,6 +174,7 @@ class PoolConfig:
     passive: PassiveConfig = field(default_factory=PassiveConfig)
     sticky: StickyConfig = field(default_factory=StickyConfig)
     agent: AgentConfig | None = None  # [pools.agent]
+    resource: ResourceConfig = field(default_factory=ResourceConfig)  # [pools.resource]
 
 
 @dataclass(frozen=True)
@@ -748,6 +761,11 @@ def _pool(r: _Reader) -> PoolConfig:
             ar.error(f"at most 256 characters, got {len(send)}", "send")
         ar.done()
         agent = AgentConfig(port=port or 1, interval=interval, timeout=timeout, send=send)
+    rr = r.table("resource")
+    resource = _resource(rr, agent) if rr else ResourceConfig()
+    if rr and algo != "resource":
+        r.error(f"[pools.resource] needs algorithm = \"resource\" (algorithm is {algo!r})",
+                "resource")
     brs = r.tables("backends")
     if r.has("backends") and isinstance(r.data.get("backends"), list) and not brs:
         r.error("needs at least one backend", "backends")
@@ -771,7 +789,37 @@ def _pool(r: _Reader) -> PoolConfig:
     r.done()
     return PoolConfig(name=name, backends=tuple(backends), algorithm=algo, hash_key=hk,
                       maglev_table_size=size, slow_start=slow, retries=retries, health=health,
-                      passive=passive, sticky=sticky, agent=agent)
+                      passive=passive, sticky=sticky, agent=agent, resource=resource)
+
+
+def _resource_metrics(v: Any) -> tuple[str, ...]:
+    from .resource import valid_metric
+    names = [v] if isinstance(v, str) else v
+    if not isinstance(names, list) or not names or len(names) > 8:
+        raise ValueError(f"expected a metric name or a list of 1 to 8, got {_tname(v)}")
+    for n in names:
+        if not isinstance(n, str) or not valid_metric(n):
+            raise ValueError(f"unknown metric {n!r} (expected cpu_utilization, mem_utilization, "
+                             f"application_utilization, named_metrics.NAME or utilization.NAME)")
+    return tuple(dict.fromkeys(names))
+
+
+def _resource(r: _Reader, agent: AgentConfig | None) -> ResourceConfig:
+    d = ResourceConfig()
+    metrics = r.conv("metric", _resource_metrics, d.metrics)
+    smoothing = r.duration("smoothing", d.smoothing, lo=0.0, hi=600)
+    stale = r.duration("stale_after", d.stale_after, lo=0.1, hi=86400)
+    floor = r.get("floor", (int, float), d.floor)
+    if r.has("floor") and floor is not None and not 0.01 <= floor <= 1:
+        r.error(f"{floor} out of range (0.01..1, a fraction of the backend's weight)", "floor")
+        floor = d.floor
+    r.done()
+    if agent is not None and stale is not None and stale <= agent.interval:
+        r.error(f"stale_after {_fmt_s(stale)} must be longer than the agent interval "
+                f"{_fmt_s(agent.interval)} (every agent report would be stale by the next)",
+                "stale_after")
+    return ResourceConfig(metrics=metrics or d.metrics, smoothing=smoothing, stale_after=stale,
+                          floor=float(floor if floor is not None else d.floor))
 
 
 def _route(r: _Reader) -> RouteConfig:
@@ -1290,6 +1338,9 @@ def parse(data: dict, source: str = "") -> Config:
     _dupes(lrs, [l.name for l in listeners], "listener")
     pool_names = {p.name for p in pools}
     binds: dict[tuple, int] = {}
+    # pools an http listener sends requests to: their responses can carry load reports
+    http_fronted = {n for l in listeners if l.mode == "http"
+                    for n in [l.pool] + [rt.pool for rt in l.routes]}
     for i, (lr, l) in enumerate(zip(lrs, listeners)):
         if l.pool and l.pool not in pool_names:
             lr.error(f"unknown pool {l.pool!r}", "pool")
@@ -1298,6 +1349,12 @@ def parse(data: dict, source: str = "") -> Config:
             lr.error(f"pool {l.pool!r} sticks by an application cookie, which a {l.mode} "
                      f"listener cannot read (use sticky mode \"source\", or mode = \"http\")",
                      "pool")
+        elif l.mode in ("tcp", "udp") and l.pool not in http_fronted and any(
+                p.name == l.pool and p.algorithm == "resource" and p.agent is None for p in pools):
+            lr.error(f"pool {l.pool!r} balances by reported load (algorithm = \"resource\"), "
+                     f"which a {l.mode} listener can only learn from an agent: add "
+                     f"[pools.agent] to the pool, or use mode = \"http\" (the "
+                     f"endpoint-load-metrics response header)", "pool")
         for j, rt in enumerate(l.routes):
             if rt.pool and rt.pool not in pool_names:
                 problems.append(Problem(f"{lr.sub('routes')}[{j}].pool", f"unknown pool {rt.pool!r}"))

@@ -27,7 +27,12 @@ Families (all prefixed ``halb_``)::
     halb_backend_up{pool, backend}                        1 if the backend may serve
     halb_backend_state{pool, backend, state}              1 for the current state
                                                           (up, down, drain, ejected)
-    halb_backend_weight{pool, backend}                    effective weight in the view (0: out)
+    halb_backend_weight{pool, backend}                    effective weight in the view (0: out;
+                                                          algorithm resource: hundredths)
+    halb_backend_load{pool, backend}                      smoothed reported load, 0..1
+                                                          (algorithm resource, fresh reports)
+    halb_load_reports_total{pool, result}                 load reports read: ok, malformed,
+                                                          unsupported, no_metric
     halb_health_transitions_total{pool, backend, to}      active check verdict changes
     halb_pool_backends_serving{pool}                      backends in the pool's view
     halb_pool_backup_active{pool}                         1 while backups serve
@@ -42,6 +47,7 @@ Families (all prefixed ``halb_``)::
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
@@ -154,9 +160,26 @@ class _PoolCollector(Collector):
                                     "Backends in the pool's view", labels=["pool"])
         backup = GaugeMetricFamily("halb_pool_backup_active", "1 while the pool's backups serve",
                                    labels=["pool"])
+        load = GaugeMetricFamily("halb_backend_load",
+                                 "Smoothed load the backend reports (0..1), algorithm resource "
+                                 "(absent without a fresh report)", labels=["pool", "backend"])
+        reports = CounterMetricFamily("halb_load_reports",
+                                      "Load reports read (algorithm resource) by result: ok, "
+                                      "malformed, unsupported (BIN), no_metric (none of the "
+                                      "configured metrics)", labels=["pool", "result"])
         with self.m._lock:
             snaps = list(self.m._pools.values())
+        any_resource = False
         for pool, states, weights, nserving, is_backup in snaps:
+            if getattr(pool, "resource", False):
+                any_resource = True
+                stale = pool.cfg.resource.stale_after
+                now = time.monotonic()
+                for b in pool.backends:
+                    if b.load >= 0 and now - b.load_at <= stale:
+                        load.add_metric([pool.name, b.name], b.load)
+                for res, n in list(pool.load_reports.items()):
+                    reports.add_metric([pool.name, res], n)
             for b in pool.backends:
                 labels = [pool.name, b.name]
                 active.add_metric(labels, max(0, b.active))
@@ -169,6 +192,8 @@ class _PoolCollector(Collector):
             serving.add_metric([pool.name], nserving)
             backup.add_metric([pool.name], 1 if is_backup else 0)
         yield from (active, up, state, weight, serving, backup)
+        if any_resource:  # (only then: scrapes of other nodes stay as they were)
+            yield from (load, reports)
 
 
 class _AccessLogCollector(Collector):

@@ -10,6 +10,7 @@ cdef class Backend:
     cdef public Py_ssize_t agent_weight
     cdef public str agent_said
     cdef public double ejected_until, up_since, ewma_rt
+    cdef public double load, load_raw, load_at
     cpdef bint is_up(self, double now) except -1
     cpdef bint is_full(self) except -1
 
@@ -23,6 +24,7 @@ cdef class Pool:
     cdef public str name, sticky_mode, sticky_cookie
     cdef public list backends
     cdef public dict by_name
-    cdef public bint _hashing, _ramping, on_5xx
+    cdef public bint _hashing, _ramping, on_5xx, resource, _load_dirty
+    cdef public dict load_reports
     cdef public Py_ssize_t retries
     cpdef Backend pick(self, object key=*, object exclude=*)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection
 
 from .config import BackendConfig, PoolConfig
+from .resource import RESULTS, smooth
+from .resource import weight as resource_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from .balance import Balancer
@@ -26,7 +28,8 @@ class Backend:
     __slots__ = ("pool", "index", "name", "host", "port", "cfg_weight", "weight", "max_conns",
                  "backup", "healthy", "admin_drain", "ejected_until", "up_since", "active",
                  "inflight", "total", "failures", "consecutive_failures", "ewma_rt", "maint",
-                 "agent_weight", "agent_drain", "agent_maint", "agent_down", "agent_said")
+                 "agent_weight", "agent_drain", "agent_maint", "agent_down", "agent_said",
+                 "load", "load_raw", "load_at")
 
     def __init__(self, pool: str, index: int, cfg: BackendConfig, *, healthy: bool = True):
         self.pool = pool
@@ -56,6 +59,11 @@ class Backend:
         self.agent_maint = False
         self.agent_down = False
         self.agent_said = ""
+        # algorithm = "resource" (halb.resource): the smoothed reported load (-1: no report
+        # yet), the last report as it came, and when it came (monotonic)
+        self.load = -1.0
+        self.load_raw = -1.0
+        self.load_at = 0.0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -136,6 +144,10 @@ class Pool:
         self.balancer = balancer
         self.on_change = on_change
         self._hashing = cfg.algorithm in ("source", "maglev")
+        # weights follow reported load (halb.resource); the L7 path reads load reports only then
+        self.resource = cfg.algorithm == "resource"
+        self.load_reports = dict.fromkeys(RESULTS, 0)  # report outcomes (metrics)
+        self._load_dirty = False
         # the config facts the L7 path reads per request, flat (compiled: C fields)
         self.sticky_mode = cfg.sticky.mode
         self.sticky_cookie = cfg.sticky.cookie
@@ -173,10 +185,18 @@ class Pool:
                 self.cfg.algorithm, self.cfg.hash_key, self.cfg.maglev_table_size):
             from .balance import make_balancer
             self.balancer = make_balancer(cfg)
+        if (cfg.algorithm == "resource") != self.resource:
+            # an agent's percentage meant a weight before and means load now (or the other way
+            # round): what it set is dropped and the agent says it again within an interval
+            for b in backends:
+                b.agent_weight = -1
+                b.load = b.load_raw = -1.0
         self.cfg = cfg
         self.backends = backends
         self.by_name = {b.name: b for b in backends}
         self._hashing = cfg.algorithm in ("source", "maglev")
+        self.resource = cfg.algorithm == "resource"
+        self._load_dirty = self.resource
         self.sticky_mode = cfg.sticky.mode
         self.sticky_cookie = cfg.sticky.cookie
         self.on_5xx = cfg.passive.on_5xx
@@ -190,6 +210,10 @@ class Pool:
         w = b.weight
         if b.agent_weight >= 0 and w > 0:  # the agent's weight, unless an operator drained it
             w = b.agent_weight
+        if self.resource:  # the weight so far is the ceiling; reported load takes its share
+            rc = self.cfg.resource
+            w = resource_weight(w, b.load if now - b.load_at <= rc.stale_after else -1.0,
+                                rc.floor)
         ss = self.cfg.slow_start
         # a drained (weight 0) backend stays at 0; hashing pools do not ramp (as in HAProxy,
         # where slowstart does not apply to static/hash algorithms): a weight change would
@@ -241,6 +265,33 @@ class Pool:
                         b.up_since = now
         if expired or self._ramping:
             self.refresh(now)
+        elif self.resource and (self._load_dirty or self._loads_may_expire(now)):
+            self._load_dirty = False
+            view = self.view
+            if [self._effective_weight(b, now) for b in view.backends] != list(view.weights):
+                self.refresh(now)
+
+    def _loads_may_expire(self, now: float) -> bool:
+        stale = self.cfg.resource.stale_after
+        for b in self.view.backends:
+            if b.load >= 0.0 and now - b.load_at > stale:
+                b.load = -1.0  # stale: forget it (the next report starts afresh)
+                return True
+        return False
+
+    # -- reported load (algorithm = "resource") ------------------------------------------------
+
+    def report_load(self, b: Backend, u: float, now: float) -> None:
+        """A backend reported utilization ``u`` (0..1): smooths it into ``b.load``; the view's
+        weights follow at the next ``tick`` (a report per response must not rebuild the view
+        per response)."""
+        rc = self.cfg.resource
+        u = 0.0 if u < 0.0 else 1.0 if u > 1.0 else u
+        fresh = b.load >= 0.0 and now - b.load_at <= rc.stale_after
+        b.load = smooth(b.load if fresh else -1.0, u, now - b.load_at, rc.smoothing)
+        b.load_raw = u
+        b.load_at = now
+        self._load_dirty = True
 
     # -- picking ------------------------------------------------------------------------------
 

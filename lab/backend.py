@@ -7,6 +7,8 @@ HTTP (HTTP/1.1, keep-alive, Content-Length and chunked bodies):
   GET  /download?bytes=N    N bytes of a fixed pattern (``pattern(N)``), with Content-Length
   GET  /status/NNN          answers status NNN
   GET  /sleep?ms=N          answers after N milliseconds
+  POST /admin/load?h=VALUE  every answer from now on carries ``endpoint-load-metrics: VALUE``
+                            (an ORCA load report, e.g. ``TEXT cpu_utilization=0.8``); empty: none
   POST|PUT anything         streams the body into SHA-256; answers {"sha256", "bytes"}
   anything else             JSON echo: backend, method, path, headers, client address
 Every answer carries ``X-Backend: NAME``.
@@ -93,6 +95,9 @@ class _Http(asyncio.Protocol):
         elif u.path == "/admin/well":
             srv.sick = False
             self._send(200, b"now well\n", keep=keep)
+        elif u.path == "/admin/load":
+            srv.load = q.get("h", [""])[0]
+            self._send(200, f"load {srv.load}\n".encode(), keep=keep)
         elif u.path == "/download":
             n = min(int(q.get("bytes", ["0"])[0]), 1 << 30)
             self._send(200, pattern(n), keep=keep, ctype="application/octet-stream")
@@ -118,7 +123,9 @@ class _Http(asyncio.Protocol):
             return
         keep = keep and not close
         head = (f"HTTP/1.1 {code} X\r\nContent-Length: {len(body)}\r\nContent-Type: {ctype}\r\n"
-                f"X-Backend: {self.srv.name}\r\n" + ("" if keep else "Connection: close\r\n") + "\r\n")
+                f"X-Backend: {self.srv.name}\r\n"
+                + (f"endpoint-load-metrics: {self.srv.load}\r\n" if self.srv.load else "")
+                + ("" if keep else "Connection: close\r\n") + "\r\n")
         self.tr.write(head.encode() + body)
         if not keep:
             self.tr.close()
@@ -166,6 +173,7 @@ class Backend:
     def __init__(self, name: str):
         self.name = name
         self.sick = False
+        self.load = ""  # endpoint-load-metrics value sent on every answer ("" none)
         self.requests = 0
         self.tcp_conns = 0
         self.servers: list = []
@@ -193,6 +201,7 @@ class Backend:
 
 async def _main(a) -> None:
     b = Backend(a.name)
+    b.load = a.load or ""
     await b.start(a.http, a.tcp, a.udp)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -209,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--http")
     ap.add_argument("--tcp")
     ap.add_argument("--udp")
+    ap.add_argument("--load", help="endpoint-load-metrics value on every HTTP answer")
     a = ap.parse_args(argv)
     if not (a.http or a.tcp or a.udp):
         ap.error("give at least one of --http, --tcp, --udp")

@@ -223,18 +223,42 @@ def _dur(s: float) -> str:
 def backends_table(pools, title: str = "pools"):
     from rich.table import Table
     t = Table(title=title, title_justify="left", expand=False)
-    for col in ("pool", "backend", "address", "state", "healthy", "weight", "eff", "active",
-                "total", "failures", "rt ms", "role", "agent"):
-        t.add_column(col, justify="right" if col in ("weight", "eff", "active", "total",
+    resource = any(p.algorithm == "resource" for p in pools)
+    cols = ["pool", "backend", "address", "state", "healthy", "weight", "eff", "active",
+            "total", "failures", "rt ms", "role", "agent"]
+    if resource:  # algorithm = "resource": the reported load that sets eff
+        cols.insert(7, "load")
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("weight", "eff", "load", "active", "total",
                                                      "failures", "rt ms") else "left")
     for p in pools:
         for b in p.backends:
-            t.add_row(p.name, b.name, b.address, _styled(b.state), "yes" if b.healthy else "no",
-                      str(b.weight), str(b.effective_weight), str(b.active), str(b.total),
-                      str(b.failures), f"{b.ewma_rt_seconds * 1000:.1f}",
-                      ("backup" + (" (serving)" if p.backup_active else "")) if b.backup else "primary",
-                      b.agent_state or ("-" if not b.agent else "ok"))
+            row = [p.name, b.name, b.address, _styled(b.state), "yes" if b.healthy else "no",
+                   str(b.weight), _eff(p, b), str(b.active), str(b.total),
+                   str(b.failures), f"{b.ewma_rt_seconds * 1000:.1f}",
+                   ("backup" + (" (serving)" if p.backup_active else "")) if b.backup else "primary",
+                   b.agent_state or ("-" if not b.agent else "ok")]
+            if resource:
+                row.insert(7, _load(p, b))
+            t.add_row(*row)
     return t
+
+
+def _eff(p, b) -> str:
+    """The effective weight; in a resource pool it is kept in hundredths of the weight."""
+    if p.algorithm == "resource":
+        return f"{b.effective_weight / 100:.2f}"
+    return str(b.effective_weight)
+
+
+def _load(p, b) -> str:
+    """The smoothed load that sets a resource pool's weights (the last report after it)."""
+    if p.algorithm != "resource" or b.load < 0:
+        return "-"
+    out = f"{b.load * 100:.0f}%"
+    if b.load_reported >= 0 and round(b.load_reported * 100) != round(b.load * 100):
+        out += f" (now {b.load_reported * 100:.0f}%)"
+    return out
 
 
 def render_status(st) -> Any:

@@ -126,7 +126,14 @@ def backend_msg(pool: Pool, b: Backend, now: float) -> pb.BackendStatus:
         config_weight=max(0, b.cfg_weight), effective_weight=eff, active=max(0, b.active),
         total=max(0, b.total), failures=max(0, b.failures), backup=b.backup,
         max_conns=max(0, b.max_conns), ewma_rt_seconds=b.ewma_rt, agent=b.agent_said,
-        agent_state=_agent_state(b))
+        agent_state=_agent_state(b), load=_load(pool, b, now),
+        load_reported=b.load_raw if pool.resource and b.load_raw >= 0 else -1.0)
+
+
+def _load(pool: Pool, b: Backend, now: float) -> float:
+    if not pool.resource or b.load < 0 or now - b.load_at > pool.cfg.resource.stale_after:
+        return -1.0
+    return b.load
 
 
 def _agent_state(b: Backend) -> str:

@@ -99,6 +99,7 @@ from ..config import ListenerConfig
 from ..log import get_logger
 from ..metrics import record
 from ..model import backend_acquire, backend_release
+from ..resource import orca_header, parse_orca, utilization
 from ..tables import sticky_key
 from .http_head import (APP_COOKIE_MAX, HttpError, ResponseFramer, ResponseHead, app_cookie_set,
                         check_request, error_response, request_head, sticky_cookie,
@@ -1486,6 +1487,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._record_sticky(mode, pool, b, rh)
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
+        if pool.resource:  # (False for every other algorithm: no header is looked at)
+            self._record_load(pool, b, rh)
         if self.l.cache is not None and self._cache_response(status, rh, set_cookie):
             self.t_resp = bc.last
             return True, close_delim  # a 304 freshened the stored response, sent at the end
@@ -1497,6 +1500,24 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.out.append(head)
         self.t_resp = bc.last  # (the time of this read)
         return head_only, close_delim
+
+    def _record_load(self, pool, b, rh) -> None:
+        """``algorithm = "resource"``: the response's ``endpoint-load-metrics`` header (an ORCA
+        load report) tells ``b``'s load. A malformed one is ignored and counted."""
+        v = orca_header(rh.parts[1:])
+        if v is None:
+            return
+        res, rep = parse_orca(v)
+        if res == "ok":
+            u = utilization(rep, pool.cfg.resource.metrics)
+            if u is None:
+                res = "no_metric"
+            else:
+                pool.report_load(b, u, self.node.clock.now())
+        pool.load_reports[res] += 1
+        if res != "ok" and log.enabled():
+            log.debug("load_report_ignored", pool=pool.name, backend=b.name, result=res,
+                      value=v[:200].decode("latin-1"))
 
     def _record_sticky(self, mode: str, pool, b, rh=None) -> None:
         table = self.node.tables.sticky

@@ -132,7 +132,7 @@ class Peer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., connected: _Optional[bool] = ..., state: _Optional[str] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., acked_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., last_error: _Optional[str] = ..., refused: _Optional[int] = ..., sent_entries: _Optional[int] = ..., received_entries: _Optional[int] = ..., snapshots_sent: _Optional[int] = ..., resumes: _Optional[int] = ..., refused_in: _Optional[int] = ..., refused_out: _Optional[int] = ..., refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
 
 class BackendStatus(_message.Message):
-    __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds", "agent", "agent_state")
+    __slots__ = ("pool", "name", "address", "state", "healthy", "drain", "weight", "config_weight", "effective_weight", "active", "total", "failures", "backup", "max_conns", "ewma_rt_seconds", "agent", "agent_state", "load", "load_reported")
     POOL_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,8 @@ class BackendStatus(_message.Message):
     EWMA_RT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     AGENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    LOAD_REPORTED_FIELD_NUMBER: _ClassVar[int]
     pool: str
     name: str
     address: str
@@ -167,7 +169,9 @@ class BackendStatus(_message.Message):
     ewma_rt_seconds: float
     agent: str
     agent_state: str
-    def __init__(self, pool: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., drain: _Optional[bool] = ..., weight: _Optional[int] = ..., config_weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., active: _Optional[int] = ..., total: _Optional[int] = ..., failures: _Optional[int] = ..., backup: _Optional[bool] = ..., max_conns: _Optional[int] = ..., ewma_rt_seconds: _Optional[float] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ...) -> None: ...
+    load: float
+    load_reported: float
+    def __init__(self, pool: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., drain: _Optional[bool] = ..., weight: _Optional[int] = ..., config_weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., active: _Optional[int] = ..., total: _Optional[int] = ..., failures: _Optional[int] = ..., backup: _Optional[bool] = ..., max_conns: _Optional[int] = ..., ewma_rt_seconds: _Optional[float] = ..., agent: _Optional[str] = ..., agent_state: _Optional[str] = ..., load: _Optional[float] = ..., load_reported: _Optional[float] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("name", "algorithm", "up", "backup_active", "backends")

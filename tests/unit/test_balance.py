@@ -343,7 +343,7 @@ def test_maglev_every_backend_owns_entries_when_weights_exceed_the_table():
 
 # -- skipping full / excluded ---------------------------------------------------------------
 
-ALGOS = ["roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev"]
+ALGOS = ["roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev", "resource"]
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -115,7 +115,7 @@ BAD = [
      ["listeners[1].name: duplicate listener name 'www' (also at index 0)"]),
     ("unknown-algorithm", BASE.replace('name = "web"\n', 'name = "web"\nalgorithm = "fastest"\n', 1),
      ["pools[0].algorithm: unknown value 'fastest' (expected one of: roundrobin, wrr, leastconn, "
-      "p2c, leasttime, source, maglev)"]),
+      "p2c, leasttime, source, maglev, resource)"]),
     ("unknown-pool-ref", BASE.replace('pool = "web"', 'pool = "wbe"'),
      ["listeners[0].pool: unknown pool 'wbe'"]),
     ("weight-range",

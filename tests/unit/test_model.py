@@ -52,7 +52,7 @@ def test_view_swap_is_atomic_and_versioned():
 # -- skipping ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm", ["roundrobin", "wrr", "leastconn", "p2c", "leasttime",
-                                       "source", "maglev"])
+                                       "source", "maglev", "resource"])
 def test_down_and_drained_backends_never_picked(algorithm):
     p = make((1, 1, 1, 1), algorithm=algorithm)
     b0, b1, b2, b3 = p.backends
