@@ -1,10 +1,12 @@
 """python -m lab {up,down,status,demo,chaos,configs}: the network-namespace lab.
 
-    python -m lab up [--mode active-active] [--prefix hl --subnet 198.18.0.0/24]
+    python -m lab up [--mode active-active] [--prefix hl --subnet 198.18.0.0/24] [--family 6]
     python -m lab status [--json]
     python -m lab down                       # also cleans up after a crashed or interrupted run
     python -m lab demo [--out out]           # the failover demo (./dev demo)
+    python -m lab demo --family 6            # ... over IPv6 (2001:2::/64; no NAT part)
     python -m lab chaos [--out out]          # the chaos scenarios, with a report
+    python -m lab chaos --family 6           # ... the ones that run over IPv6
     python -m lab configs                    # regenerate lab/configs/clab (containerlab)
 """
 
@@ -22,7 +24,7 @@ from .topology import DEFAULT, MODES, Topology
 
 def _topology(a) -> Topology:
     return replace(DEFAULT, prefix=a.prefix, subnet=a.subnet, mode=a.mode, lbs=a.lbs,
-                   backends=a.backends, clients=a.clients)
+                   backends=a.backends, clients=a.clients, family=a.family)
 
 
 class Terminated(BaseException):
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--lbs", type=int, default=2)
         p.add_argument("--backends", type=int, default=3)
         p.add_argument("--clients", type=int, default=1)
+        p.add_argument("--family", type=int, choices=(4, 6), default=4,
+                       help="6: IPv6 VIPs, listeners, backends and sync on a dual-stack LAN, "
+                       "addresses from 2001:2::/48 (default 4)")
 
     p = sub.add_parser("up", help="build the lab and start halbd and the backends")
     topo_args(p)
@@ -144,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             if a.json:
                 print(json.dumps(st, indent=1))
             else:
-                print(f"lab {st['prefix']} ({st['mode']}, {st['subnet']}) in {st['dir']}")
+                net = st["subnet"] + (f" and {lab.topo.network6}, IPv6 VIPs"
+                                      if lab.topo.family == 6 else "")
+                print(f"lab {st['prefix']} ({st['mode']}, {net}) in {st['dir']}")
                 for ns, ok in st["namespaces"].items():
                     print(f"  netns {ns:12} {'present' if ok else 'MISSING'}")
                 for n, pr in st["processes"].items():

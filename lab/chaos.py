@@ -1,8 +1,10 @@
 """Chaos scenarios: kill, freeze or cut off the primary under load and count what was lost.
 
     python -m lab chaos [--only kill9 --only sigstop ...] [--out out]
+    python -m lab chaos --family 6     # the scenarios that run over IPv6 (see IPV4_ONLY)
 
-Each scenario builds its own lab (prefix ``hc``, 198.18.70.0/24 by default), runs traffic
+Each scenario builds its own lab (prefix ``hc``, 198.18.70.0/24 by default; with
+``--family 6`` the same lab IPv6 end to end, 2001:2:0:70::/64, VIP 2001:2:0:70::100), runs traffic
 from the client (lab.traffic), injects one failure, measures from the client's events and
 from the VIP's holders (polled every 5 ms), tears the lab down, and returns its figures and
 its checks. The checks' bounds come from the configured timers: a takeover must come within
@@ -21,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +34,7 @@ from .lab import PY, ROOT, Lab, LabError, clean, wait_until
 from .topology import HTTP_PORT, Topology
 
 CHAOS = Topology(prefix="hc", subnet="198.18.70.0/24")
+CHAOS6 = replace(CHAOS, family=6)
 TAKEOVER_SLACK = 0.150  # seconds over Master_Down_Interval a takeover may take
 
 
@@ -127,6 +130,8 @@ class Scenario:
     """Builds the lab, runs traffic and a VIP watch; always tears down."""
 
     def __init__(self, topo: Topology, out: Path, name: str, seconds: float, halbd: bool = True):
+        if topo.family == 6:  # files of its own beside the IPv4 run's
+            name += "-v6"
         self.topo, self.out, self.name, self.halbd = topo, out, name, halbd
         self.lab = Lab(topo)
         self.lab.keep_logs = out / "chaos-logs" / name
@@ -468,7 +473,9 @@ class Prober:
     def __init__(self, lab: Lab, path: Path, seconds: float, *, interval: float = 0.005,
                  keepalive: int = 0):
         self.path = path
-        argv = [PY, "-m", "lab.probe", "--target", f"{lab.topo.vips[0]}:{HTTP_PORT}",
+        vip = lab.topo.vips[0]
+        argv = [PY, "-m", "lab.probe", "--target",
+                f"[{vip}]:{HTTP_PORT}" if ":" in vip else f"{vip}:{HTTP_PORT}",
                 "--seconds", str(seconds), "--interval", str(interval),
                 "--keepalive", str(keepalive), "--out", str(path)]
         self.p = nx.popen_in(lab.topo.client_hosts[0].netns, argv, stdout=subprocess.PIPE,
@@ -519,7 +526,7 @@ def split_brain(topo: Topology, out: Path, reps: int = 10, cut: float = 2.0) -> 
     bound = (topo.advert_interval + 0.050) * 1000
     budget = reps * 2 * (cut + 6.0) + 10
     with Scenario(topo, out, r.name, budget) as sc:
-        pr = Prober(sc.lab, out / f"chaos-{r.name}-probes.jsonl", budget)
+        pr = Prober(sc.lab, out / f"chaos-{sc.name}-probes.jsonl", budget)
         moments: list[tuple[str, int, float]] = []  # (kind, rep, resume/heal time)
         errors = []
         try:
@@ -584,7 +591,7 @@ def preempt_stale(topo: Topology, out: Path, rounds: int = 3) -> Result:
     old, new, vip = _pair(topo)
     budget = rounds * 14.0 + 10
     with Scenario(topo, out, r.name, budget) as sc:
-        pr = Prober(sc.lab, out / f"chaos-{r.name}-probes.jsonl", budget, interval=0,
+        pr = Prober(sc.lab, out / f"chaos-{sc.name}-probes.jsonl", budget, interval=0,
                     keepalive=32)
         preempts, errors = [], []
         try:
@@ -652,8 +659,9 @@ def keepalived_baseline(topo: Topology, out: Path, kills: int = 5) -> Result:
                         "-p", str(lab.dir / f"ka-{node}.pid"), "-r", str(lab.dir / f"ka-{node}-vrrp.pid")])
 
         for h in topo.lb_hosts:  # what answers on the VIP: an HTTP server named after the node
+            any_addr = "[::]" if topo.family == 6 else "0.0.0.0"
             lab._spawn(f"http-{h.name}", h.netns, [sys.executable, "-m", "lab.backend", "--name",
-                                                     h.name, "--http", f"0.0.0.0:{HTTP_PORT}"])
+                                                     h.name, "--http", f"{any_addr}:{HTTP_PORT}"])
             start(h.name)
         wait_until(lambda: sc.watch.first_time(lambda hs: hs == (old,), 0) is not None, 20,
                    f"keepalived on {old} holding the VIP")
@@ -836,13 +844,22 @@ SCENARIOS: dict[str, Callable[[Topology, Path], Result]] = {
 }
 
 
+# Scenarios that do not run over IPv6 (``--family 6``), and why.
+IPV4_ONLY = {name: "the kernel NAT lab (lab.natlab) is IPv4 only"
+             for name in ("nat_kill9", "nat_sigstop", "nat_partition")}
+
+
 def run_one(name: str, topo: Topology, out: Path) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    if topo.family == 6 and name in IPV4_ONLY:
+        return Result(name, f"{name} (IPv6)", error=f"not over IPv6: {IPV4_ONLY[name]}")
     try:
         r = SCENARIOS[name](topo, out)
     except Exception as e:  # noqa: BLE001 - reported as the scenario's error
         r = Result(name, name, error=f"{type(e).__name__}: {e}")
+    if topo.family == 6:
+        r.title += " (IPv6)"
     r.seconds = time.monotonic() - t0
     return r
 
@@ -892,13 +909,15 @@ def write_report(results: list[Result], out: Path, topo: Topology) -> tuple[Path
                "stalled_requests_after_preempt": sum(
                    r.figures.get("stalled_requests") or 0 for r in results)}
     data = {"topology": {"subnet": topo.subnet, "lbs": topo.lbs, "backends": topo.backends,
+                         "family": topo.family,
                          "advert_interval_ms": topo.advert_interval * 1000,
                          "master_down_interval_ms": _mdi(topo, _pair(topo)[1]) * 1000},
             "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "summary": summary, "scenarios": [r.as_dict() for r in results]}
-    jp = out / "chaos-report.json"
+    sfx = "-v6" if topo.family == 6 else ""  # `chaos --family 6` keeps the IPv4 report
+    jp = out / f"chaos-report{sfx}.json"
     jp.write_text(json.dumps(data, indent=1, default=str))
-    lines = ["# halb chaos report", "",
+    lines = ["# halb chaos report" + (" (IPv6)" if topo.family == 6 else ""), "",
              f"Generated {data['generated']}; {topo.lbs} LB nodes, {topo.backends} backends, adverts "
              f"every {topo.advert_interval * 1000:g} ms, Master_Down_Interval "
              f"{data['topology']['master_down_interval_ms']:.0f} ms (backup).", "",
@@ -931,7 +950,7 @@ def write_report(results: list[Result], out: Path, topo: Topology) -> tuple[Path
     for r in results:
         if not r.ok:
             lines += [f"## {r.name}: failed", "", "```", r.failures(), "```", ""]
-    mp = out / "chaos-report.md"
+    mp = out / f"chaos-report{sfx}.md"
     mp.write_text("\n".join(lines))
     return jp, mp
 
@@ -939,11 +958,20 @@ def write_report(results: list[Result], out: Path, topo: Topology) -> tuple[Path
 def run_all(topo: Topology, out_dir: str = "out", only: list[str] | None = None) -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = only or list(SCENARIOS)
+    names = only or [n for n in SCENARIOS if topo.family == 4 or n not in IPV4_ONLY]
     bad = [n for n in names if n not in SCENARIOS]
     if bad:
         print(f"unknown scenario(s) {', '.join(bad)}; known: {', '.join(SCENARIOS)}")
         return 2
+    if topo.family == 6:
+        bad = [n for n in names if n in IPV4_ONLY]
+        if bad:
+            print(f"not over IPv6: {', '.join(f'{n} ({IPV4_ONLY[n]})' for n in bad)}")
+            return 2
+        skipped = [n for n in SCENARIOS if n in IPV4_ONLY and not only]
+        print(f"== over IPv6 ({topo.network6}, VIP {topo.vips[0]})"
+              + (f"; skipped, IPv4 only: {', '.join(skipped)} ({IPV4_ONLY[skipped[0]]})"
+                 if skipped else ""), flush=True)
     results = []
     for n in names:
         print(f"== {n} ...", flush=True)

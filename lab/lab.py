@@ -99,7 +99,7 @@ def http_get(host: str, port: int, path: str = "/", timeout: float = 1.0,
              headers: dict | None = None) -> tuple[int, dict, bytes]:
     """One HTTP/1.1 GET (Connection: close), for probes; (status, headers, body)."""
     import http.client
-    c = http.client.HTTPConnection(host, port, timeout=timeout)
+    c = http.client.HTTPConnection(host, port, timeout=timeout)  # brackets an IPv6 Host itself
     try:
         c.request("GET", path, headers=headers or {})
         r = c.getresponse()
@@ -255,23 +255,32 @@ class Lab:
             self._save("building")
             for d in (self.config_dir, self.log_dir, self.run_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            lan = nx.Lan(t.ns_prefix, str(t.network))
+            v6 = t.family == 6
+            lan = nx.Lan(t.ns_prefix, str(t.network), subnet6=str(t.network6) if v6 else None)
             for h in t.hosts:
-                lan.add_host(h.netns, str(h.address.ip), ifname=t.interface)
+                lan.add_host(h.netns, str(h.address.ip), ifname=t.interface,
+                             address6=str(h.address6.ip) if h.address6 else None)
                 self.ports[h.name] = lan.port_of(h.netns)
             if t.source_addresses():
                 with nx.ipr(t.client_hosts[0].netns) as ip:  # one netlink socket for all
                     idx = ip.link_lookup(ifname=t.interface)[0]
                     for a in t.source_addresses():
                         ip.addr("add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen)
+                if v6:  # the client's own connections from its own address (see _vip_labels)
+                    nx.run_in(t.client_hosts[0].netns, ["ip", "-6", "addrlabel", "add", "prefix",
+                                                        t.source_block(0, t.client_sources),
+                                                        "label", "1000"])
             for h in t.lb_hosts:
                 # listeners use IP_FREEBIND; this covers any socket that does not
                 nx.sysctl("net.ipv4.ip_nonlocal_bind", 1, ns=h.netns)
+                if v6:
+                    nx.sysctl("net.ipv6.ip_nonlocal_bind", 1, ns=h.netns)
+                    self._vip_labels(h.netns)
             pki = None
             if tls:
                 from halb import pki as hpki
                 hpki.generate(self.pki_dir, [h.name for h in t.lb_hosts],
-                              ips={h.name: [str(h.address.ip)] for h in t.lb_hosts})
+                              ips={h.name: sorted({str(h.address.ip), h.ip}) for h in t.lb_hosts})
                 pki = str(self.pki_dir)
             t.write_configs(self.config_dir, state_dir=str(self.run_dir), pki_dir=pki)
             for b in t.backend_hosts:
@@ -284,6 +293,21 @@ class Lab:
         except BaseException:
             self.down()
             raise
+
+    def _vip_labels(self, ns: str) -> None:
+        """Keeps an LB node from choosing an IPv6 VIP as the source of its own connections
+        (to the backends, its health checks, sync). Source address selection (RFC 6724)
+        ranks a VIP and the node's own address in the same /64 equal up to the last rule,
+        and Linux then takes the newest address: the VIP. Connections from the VIP would
+        break the lab's attribution (the backends name the LB node by the source they see)
+        and, after a kill -9 leaves the VIP on the dead node's interface, could get their
+        answers delivered there. A policy label of their own on the VIPs (rule 6, "prefer a
+        matching label") rules them out; IPv4 picks the subnet's primary address anyway.
+        The client's extra source addresses get one too, so that only the source-sticky
+        clients, which bind them, use them."""
+        for i in self.topo.instances:
+            nx.run_in(ns, ["ip", "-6", "addrlabel", "add", "prefix", f"{i.vip.ip}/128",
+                           "label", str(1000 + i.vrid)])
 
     def _spawn(self, name: str, ns: str, argv: list[str]) -> int:
         env = dict(os.environ)
@@ -298,7 +322,7 @@ class Lab:
 
     def start_backend(self, name: str) -> int:
         h = next(b for b in self.topo.backend_hosts if b.name == name)
-        ip = h.address.ip
+        ip = f"[{h.ip}]" if ":" in h.ip else h.ip
         return self._spawn(name, h.netns, [PY, "-m", "lab.backend", "--name", name,
                                            "--http", f"{ip}:{BACKEND_HTTP}",
                                            "--tcp", f"{ip}:{BACKEND_TCP}",
@@ -474,7 +498,7 @@ class Lab:
 
         def backends_up():
             self._check_alive()
-            return all(self.in_client(tcp_ok, str(b.address.ip), BACKEND_HTTP)
+            return all(self.in_client(tcp_ok, b.ip, BACKEND_HTTP)
                        for b in t.backend_hosts)
         wait_until(backends_up, timeout, "the backends")
         if not vips:
@@ -510,7 +534,8 @@ class Lab:
         procs = {name: {"pid": self.pids.get(name), "alive": self.alive(name)}
                  for name in [h.name for h in t.lb_hosts + t.backend_hosts]}
         present = set(nx.list_ns())
-        return {"prefix": t.prefix, "subnet": t.subnet, "mode": t.mode, "dir": str(self.dir),
+        return {"prefix": t.prefix, "subnet": t.subnet, "mode": t.mode, "family": t.family,
+                "dir": str(self.dir),
                 "namespaces": {h.netns: h.netns in present for h in t.hosts},
                 "vips": self.vip_holders() if all(h.netns in present for h in t.lb_hosts) else {},
                 "processes": procs}

@@ -1,6 +1,7 @@
 """A client that probes a VIP the way an impatient user does: what client recovery is measured with.
 
     python -m lab.probe --target 198.18.70.100:80 --seconds 30 --out probes.jsonl
+    python -m lab.probe --target [2001:2:0:70::100]:80 ...     # IPv6
 
 Two kinds of probe run side by side until ``--seconds`` pass or SIGTERM arrives:
   new   every ``--interval`` (default 5 ms) a new TCP connection: one ``GET /`` with
@@ -42,6 +43,8 @@ class Out:
 
 
 async def _exchange(r: asyncio.StreamReader, w: asyncio.StreamWriter, host: str, close: bool) -> None:
+    if ":" in host:  # an IPv6 literal: bracketed in the Host header
+        host = f"[{host}]"
     w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode())
     await w.drain()
     head = await r.readuntil(b"\r\n\r\n")
@@ -79,10 +82,11 @@ async def keeper(out: Out, i: int, host: str, port: int, sport: int, every: floa
         try:
             async with asyncio.timeout(timeout):
                 if w is None:
-                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    v6 = ":" in host
+                    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     s.setblocking(False)
-                    s.bind(("0.0.0.0", sport))
+                    s.bind(("::" if v6 else "0.0.0.0", sport))
                     try:
                         await asyncio.get_running_loop().sock_connect(s, (host, port))
                     except BaseException:
@@ -107,6 +111,7 @@ async def keeper(out: Out, i: int, host: str, port: int, sport: int, every: floa
 
 async def main_async(a) -> None:
     host, _, port_s = a.target.rpartition(":")
+    host = host.strip("[]")  # [v6]:port
     port = int(port_s)
     out = Out(a.out)
     stop = asyncio.Event()
@@ -142,7 +147,7 @@ async def main_async(a) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.probe")
-    ap.add_argument("--target", required=True, help="VIP:PORT of an HTTP listener")
+    ap.add_argument("--target", required=True, help="VIP:PORT ([VIP]:PORT for IPv6) of an HTTP listener")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--interval", type=float, default=0.005, help="new-connection probes (0: none)")
     ap.add_argument("--timeout", type=float, default=0.25, help="per new-connection probe")

@@ -13,6 +13,26 @@ containerlab topology, the demo and the chaos suite all agree on one layout:
     namespaces <prefix>-lb1, <prefix>-web1, <prefix>-c1; the bridge in <prefix>-sw
     VIP :80 http (sticky cookie), :9000 tcp (sticky source), :9001 udp
 
+``family=6`` makes the same layout IPv6 end to end, on a dual-stack LAN (every host keeps its
+IPv4 address as well). The IPv6 addresses come from 2001:2::/48 (RFC 5180, the IPv6
+benchmarking range, as 198.18.0.0/15 is IPv4's), one /64 per IPv4 subnet, written so that an
+IPv4 address can be read off its IPv6 one:
+
+    IPv4 subnet 198.(18+a).b.0/24     ->  2001:2:0:N::/64, N = the decimal digits of 256a + b
+                                          read as hex (198.18.0.0/24 -> 2001:2::/64,
+                                          198.18.70.0/24 -> 2001:2:0:70::/64,
+                                          198.19.1.0/24 -> 2001:2:0:257::/64)
+    host .H (LB, backend, client, VIP) ->  <net6>::H, again decimal digits (.11 -> ::11,
+                                          .100 -> ::100)
+    the first client's extra sources  ->  <net6>::128:0 - ::128:3f (contiguous, so that each
+                                          block of 32 is a CIDR: ``source_block``)
+    VRRP instance with VRID V         ->  also the virtual link-local fe80::<V in hex>/64, first
+                                          in its vips (RFC 9568; halb's config requires one)
+
+In an IPv6 topology the VIPs (/64), the listeners (``[v6]:port``), the backends (they listen
+on their IPv6 address), state sync and metrics are IPv6; VRRP adverts go to ff02::12 from
+each node's link-local address. The IPv4 output (``family=4``, the default) is unchanged.
+
 Pure code: no I/O except ``write_configs``.
 """
 
@@ -27,6 +47,8 @@ MODES = ("active-passive", "active-active")
 HTTP_PORT, TCP_PORT, UDP_PORT = 80, 9000, 9001
 BACKEND_HTTP, BACKEND_TCP, BACKEND_UDP = 8080, 9000, 9001
 SYNC_PORT = 9400
+FAMILIES = (4, 6)
+NET6 = ipaddress.IPv6Network("2001:2::/48")  # RFC 5180: the IPv6 benchmarking range
 METRICS_PORT = 9100
 VRID_BASE = 51
 PRIO_HIGH, PRIO_LOW = 200, 100
@@ -39,15 +61,28 @@ class Host:
     name: str  # lb1, web1, c1
     netns: str  # <prefix>-<name>
     address: ipaddress.IPv4Interface
+    address6: ipaddress.IPv6Interface | None = None  # an IPv6 topology's hosts only
+
+    @property
+    def ip(self) -> str:
+        """The address the lab's traffic, sync and configs use: IPv6 in an IPv6 topology."""
+        return str((self.address6 or self.address).ip)
 
 
 @dataclass(frozen=True)
 class Instance:
-    """One VRRP instance: a VIP and each LB node's priority for it."""
+    """One VRRP instance: a VIP and each LB node's priority for it (IPv6: with the virtual
+    link-local address its adverts list first)."""
     name: str
     vrid: int
-    vip: ipaddress.IPv4Interface
+    vip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
     priorities: dict[str, int]  # lb name -> priority
+    link_local: ipaddress.IPv6Interface | None = None
+
+    @property
+    def vips(self) -> list[str]:
+        """The instance's ``vips`` in the config: the virtual link-local first (IPv6)."""
+        return ([str(self.link_local)] if self.link_local else []) + [str(self.vip)]
 
     def owner(self) -> str:
         """The LB node that should hold the VIP when every node is up."""
@@ -68,6 +103,7 @@ class Topology:
     sticky_ttl: float = 600.0
     interface: str = "eth0"  # the data interface inside each node (containerlab: eth1)
     client_sources: int = 64  # extra addresses on the first client, from .128
+    family: int = 4  # 6: IPv6 VIPs, listeners, backends and sync (dual-stack LAN)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +121,8 @@ class Topology:
             problems.append(f"clients={self.clients}: need 1..9")
         if not (0 <= self.client_sources <= 64):
             problems.append(f"client_sources={self.client_sources}: need 0..64")
+        if self.family not in FAMILIES:
+            problems.append(f"family={self.family!r}: expected 4 or 6")
         if self.mode not in MODES:
             problems.append(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.mode == "active-active" and self.lbs < 2:
@@ -105,8 +143,18 @@ class Topology:
         net = self.network
         return ipaddress.IPv4Interface(f"{net.network_address + host}/{net.prefixlen}")
 
+    @property
+    def network6(self) -> ipaddress.IPv6Network:
+        """The IPv6 /64 of this topology (see the module docstring for the mapping)."""
+        index = (int(self.network.network_address) - int(ipaddress.IPv4Address("198.18.0.0"))) >> 8
+        return ipaddress.IPv6Network((int(NET6.network_address) | (int(str(index), 16) << 64), 64))
+
+    def _addr6(self, host: int) -> ipaddress.IPv6Interface:
+        return ipaddress.IPv6Interface((int(self.network6.network_address) | int(str(host), 16), 64))
+
     def _host(self, role: str, name: str, n: int) -> Host:
-        return Host(role, name, f"{self.ns_prefix}{name}", self._addr(n))
+        return Host(role, name, f"{self.ns_prefix}{name}", self._addr(n),
+                    self._addr6(n) if self.family == 6 else None)
 
     @property
     def lb_hosts(self) -> list[Host]:
@@ -130,14 +178,20 @@ class Topology:
         The dash keeps labs apart: cleaning up ``hl-`` never touches ``hl6-``."""
         return f"{self.prefix}-"
 
-    def source_addresses(self) -> list[ipaddress.IPv4Interface]:
+    def source_addresses(self) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         """The extra addresses of the first client (source-sticky clients)."""
+        if self.family == 6:
+            base = int(self.network6.network_address) + _SOURCES6
+            return [ipaddress.IPv6Interface((base + i, 64)) for i in range(self.client_sources)]
         return [self._addr(128 + i) for i in range(self.client_sources)]
 
     def source_block(self, k: int, size: int = 32) -> str:
         """CIDR of the k-th block of ``size`` client source addresses."""
         if (k + 1) * size > self.client_sources:
             raise ValueError(f"block {k} of {size} needs {(k + 1) * size} client sources")
+        if self.family == 6:
+            return (f"{self.network6.network_address + _SOURCES6 + k * size}"
+                    f"/{128 - (size - 1).bit_length()}")
         return f"{self.network.network_address + 128 + k * size}/{32 - (size - 1).bit_length()}"
 
     @property
@@ -156,8 +210,12 @@ class Topology:
             prios = {}
             for j, n in enumerate(names):
                 prios[n] = PRIO_HIGH if j == k else max(PRIO_LOW - 10 * ((j - k) % len(names) - 1), 1)
-            out.append(Instance(f"vi{k + 1}", VRID_BASE + k, ipaddress.IPv4Interface(
-                f"{self.network.network_address + 100 + k}/32"), prios))
+            if self.family == 6:
+                out.append(Instance(f"vi{k + 1}", VRID_BASE + k, self._addr6(100 + k), prios,
+                                    ipaddress.IPv6Interface(f"fe80::{VRID_BASE + k:x}/64")))
+            else:
+                out.append(Instance(f"vi{k + 1}", VRID_BASE + k, ipaddress.IPv4Interface(
+                    f"{self.network.network_address + 100 + k}/32"), prios))
         return out
 
     @property
@@ -189,20 +247,20 @@ class Topology:
             "# generated by lab.topology; do not edit (python -m lab configs)",
             "[node]", f"name = {q(lb_name)}", f"state_dir = {q(state_dir)}", "",
             "[control]", f"socket = {q(control_socket or f'{state_dir}/{lb_name}.sock')}", "",
-            "[metrics]", f"address = {q(f'{me.address.ip}:{METRICS_PORT}')}", "",
+            "[metrics]", f"address = {q(_ep(me.ip, METRICS_PORT))}", "",
         ]
         for inst in self.instances:
             lines += [
                 "[[vrrp]]", f"name = {q(inst.name)}", f"interface = {q(iface)}",
                 f"vrid = {inst.vrid}", f"priority = {inst.priorities[lb_name]}",
-                f"vips = [{q(str(inst.vip))}]",
+                f"vips = [{', '.join(q(v) for v in inst.vips)}]",
                 f"advert_interval = {q(_ms(self.advert_interval))}",
                 f"preempt = {'true' if self.preempt else 'false'}",
                 "[vrrp.garp]", "count = 3", 'spacing = "10ms"', "",
             ]
         peers = [h for h in self.lb_hosts if h.name != lb_name]
         if peers:
-            lines += ["[sync]", f"listen = {q(f'{me.address.ip}:{SYNC_PORT}')}"]
+            lines += ["[sync]", f"listen = {q(_ep(me.ip, SYNC_PORT))}"]
             if pki_dir is None:
                 lines.append("insecure = true")
             else:
@@ -210,7 +268,7 @@ class Topology:
                           f"key = {q(f'{pki_dir}/{lb_name}.key')}", f"ca = {q(f'{pki_dir}/ca.pem')}"]
             for p in peers:
                 lines += ["[[sync.peers]]", f"name = {q(p.name)}",
-                          f"address = {q(f'{p.address.ip}:{SYNC_PORT}')}"]
+                          f"address = {q(_ep(p.ip, SYNC_PORT))}"]
             lines.append("")
         hi = _ms(self.health_interval)
         for pool, port, health, sticky in (
@@ -228,16 +286,16 @@ class Topology:
                 lines.append(f"cookie = {q(COOKIE)}")
             for b in self.backend_hosts:
                 lines += ["[[pools.backends]]", f"name = {q(b.name)}",
-                          f"address = {q(f'{b.address.ip}:{port}')}"]
+                          f"address = {q(_ep(b.ip, port))}"]
             lines.append("")
         for inst in self.instances:
-            vip = inst.vip.ip
+            vip = str(inst.vip.ip)
             sfx = "" if len(self.instances) == 1 else f"-{inst.name}"
             for lname, mode, port, pool in (("http", "http", HTTP_PORT, "web"),
                                             ("tcp", "tcp", TCP_PORT, "tcp"),
                                             ("udp", "udp", UDP_PORT, "udp")):
                 lines += ["[[listeners]]", f"name = {q(lname + sfx)}", f"mode = {q(mode)}",
-                          f"bind = {q(f'{vip}:{port}')}", f"pool = {q(pool)}"]
+                          f"bind = {q(_ep(vip, port))}", f"pool = {q(pool)}"]
                 if mode == "udp":
                     lines.append('udp_flow_timeout = "30s"')
                 lines += ["[listeners.timeouts]", 'connect = "1s"', ""]
@@ -256,6 +314,14 @@ class Topology:
         return paths
 
 
+_SOURCES6 = 0x128_0000  # <net6>::128:0, the first client's extra IPv6 sources
+
+
+def _ep(host: str, port: int) -> str:
+    """``host:port``, the host bracketed when it is an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -267,3 +333,4 @@ def _ms(seconds: float) -> str:
 
 DEFAULT = Topology()
 ACTIVE_ACTIVE = Topology(mode="active-active")
+DEFAULT6 = Topology(family=6)

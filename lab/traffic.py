@@ -77,6 +77,8 @@ class _Resp:
 
 
 async def _http_request(reader, writer, host: str, cookie: str | None, timeout: float):
+    if ":" in host:  # an IPv6 literal: bracketed in the Host header (RFC 9110 4.2.2)
+        host = f"[{host}]"
     req = (f"GET /demo HTTP/1.1\r\nHost: {host}\r\nUser-Agent: halb-lab-traffic\r\n"
            + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n").encode()
     writer.write(req)

@@ -1,7 +1,8 @@
 """Chaos suite: each scenario of lab.chaos in its own lab (names hc-*, 198.18.70.0/24), bounded
 in time, asserting bounds derived from the configured timers (takeover within
 Master_Down_Interval + 150 ms, one master again within 3 adverts + 500 ms) and zero lost sticky
-sessions. The figures of every scenario that ran go to out/chaos-report.json and .md.
+sessions; kill9 and partition also over IPv6 (chaos.CHAOS6). The figures of every scenario
+that ran go to out/chaos-report.json and .md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,29 @@ def test_scenario(name):
     left = Lab(chaos.CHAOS).leftovers()
     assert not left, f"left behind: {left}"
     assert r.checks and r.ok, f"{r.title}:\n{r.failures()}\nfigures: {r.figures}"
+
+
+# Over IPv6 (lab.chaos.CHAOS6: the same lab, names hc-*, IPv6 end to end in 2001:2:0:70::/64):
+# the scenarios whose takeover path differs by family (a crash: fast takeover from the closed
+# sync stream; a cut: the VRRP timers, both masters, Neighbor Advertisements when healing).
+# `python -m lab chaos --family 6` runs every scenario that runs over IPv6.
+IPV6_SCENARIOS = ["kill9", "partition"]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", IPV6_SCENARIOS)
+def test_scenario_ipv6(name):
+    r = chaos.run_one(name, chaos.CHAOS6, OUT)
+    RESULTS.append(r)
+    left = Lab(chaos.CHAOS6).leftovers()
+    assert not left, f"left behind: {left}"
+    assert r.title.endswith("(IPv6)")
+    assert r.checks and r.ok, f"{r.title}:\n{r.failures()}\nfigures: {r.figures}"
+
+
+def test_ipv4_only_scenarios_are_refused_over_ipv6(tmp_path):
+    r = chaos.run_one("nat_kill9", chaos.CHAOS6, tmp_path)
+    assert not r.ok and "not over IPv6" in r.error and not r.checks
 
 
 def test_report_figures_from_events():

@@ -1,11 +1,13 @@
 """python -m lab: up builds a working lab, refuses a second one, status reports it, down
 removes everything, also after an interrupted run; the active-active topology splits the VIPs.
 
-Names hl6-*, addresses 198.18.60.0/24 (reserved for these tests).
+Names hl6-*, addresses 198.18.60.0/24 (reserved for these tests; 2001:2:0:60::/64 with
+--family 6).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -261,3 +263,49 @@ def test_traffic_generator_records_answers_and_failures(tmp_path):
     counts = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
     assert counts["http"]["ok"] == 0 and counts["http"]["failed"] > 0
     assert counts["tcp"]["ok"] == 0 and counts["tcp"]["failed"] > 0
+
+
+# -- the failover demo, over IPv4 and over IPv6 ---------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("family", [4, 6])
+def test_demo_failover_client_outage_and_sticky_clients(cleanup, family):
+    """`python -m lab demo` (short) on this module's lab, IPv4 and IPv6 (`--family 6`): the VIP
+    answers from the standby within Master_Down_Interval + 150 ms of the kill -9, as the
+    client sees it, no sticky client (cookie or source address) changed backend, and the
+    IPv6 run is IPv6 end to end (VIP, the LB nodes' addresses the backends saw) and skips the
+    kernel NAT part (IPv4 only) with a note."""
+    import shutil
+    import tempfile
+    out = Path(tempfile.mkdtemp(prefix=f"halb-demo-v{family}-"))
+    try:
+        r = lab_cli("demo", *ARGS, "--family", str(family), "--before", "2", "--after", "2",
+                    "--out", str(out), *(["--no-nat"] if family == 4 else []), timeout=200)
+        print(r.stdout[-6000:])
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        doc = json.loads((out / "failover.json").read_text())
+        fo = doc["failover"]
+        topo = replace(TOPO, family=family)
+        assert doc["family"] == family and doc["vip"] == topo.vips[0]
+        assert ipaddress.ip_address(doc["vip"]).version == family
+        bound = (topo.master_down_interval(topo.instances[0].priorities["lb2"]) + 0.150) * 1000
+        assert fo["old"] == "lb1" and fo["new"] == "lb2"
+        assert fo["answered_ms"] is not None and 0 < fo["answered_ms"] <= bound, fo
+        assert fo["vip_moved_ms"] is not None and fo["vip_moved_ms"] <= fo["answered_ms"] + 1, fo
+        assert fo["sticky_checked"] >= 100 and fo["sticky_kept"] == fo["sticky_checked"], fo
+        assert fo["src_checked"] >= 32 and fo["src_kept"] == fo["src_checked"], fo
+        assert fo["tcp_ms"] is not None and fo["udp_ms"] is not None, fo
+        # the backends saw the LB nodes' own addresses of this family (never a VIP)
+        vias = {e.get("via") for e in map(json.loads, (out / "failover-events.jsonl").open())
+                if e["k"] == "http" and e["ok"]}
+        assert vias == {h.ip for h in topo.lb_hosts}, vias
+        assert (out / "failover.png").stat().st_size > 10_000
+        assert "lab torn down" in r.stdout and "nothing left behind" in r.stdout
+        if family == 6:
+            assert "IPv6 end to end" in r.stdout
+            assert "NAT part runs over IPv4 only" in r.stdout and "skipped" in r.stdout
+        with pytest.raises(FileNotFoundError):
+            (out / "failover-nat.png").stat()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
