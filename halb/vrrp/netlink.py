@@ -77,7 +77,17 @@ class AddrSocket:
                 # nodad: a VIP moves with its owner; duplicate address detection would keep
                 # it tentative (unusable) for a second or more after every takeover
                 m["flags"] = IFA_F_NODAD if add else 0
-                m["attrs"] = [("IFA_ADDRESS", addr)] + ([("IFA_FLAGS", IFA_F_NODAD)] if add else [])
+                m["attrs"] = [("IFA_ADDRESS", addr)]
+                if add:
+                    # preferred lifetime 0 (valid forever): the kernel never picks a VIP as
+                    # the source of the node's own connections (RFC 6724 rule 3), as it would
+                    # otherwise (the newest address of a prefix wins): connections to backends
+                    # would leave from the VIP, and their replies follow the VIP to the other
+                    # node after a takeover. Traffic to the VIP is served as before.
+                    m["attrs"] += [("IFA_FLAGS", IFA_F_NODAD),
+                                   ("IFA_CACHEINFO", {"ifa_preferred": 0,
+                                                      "ifa_valid": 0xFFFFFFFF,
+                                                      "cstamp": 0, "tstamp": 0})]
             m["header"]["type"] = RTM_NEWADDR if add else RTM_DELADDR
             m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
             m["header"]["sequence_number"] = 0

@@ -22,8 +22,8 @@ from halb.vrrp import codec
 from halb.vrrp.fsm import master_down_interval, skew_time
 from lab import netns as nx
 from tests.helpers import wait_for
-from tests.lab.conftest import (PY, Probe, VipWatch, config, events, state_of, wait_state,
-                                who_answers)
+from tests.lab.conftest import (CLIENT6, LB1_6, PY, Probe, VipWatch, config, events, state_of,
+                                wait_state, who_answers)
 from tests.lab.measure_takeover import start_keepalived
 from tests.lab.test_election_keepalived import ka_state, wait_ka
 
@@ -93,6 +93,13 @@ def test_ipv6_adverts_on_the_wire(lab):
     # the master holds both addresses, the backup neither
     assert {LL, VIP6} <= lab.vips("hvlb1") and not ({LL, VIP6} & lab.vips("hvlb2"))
     assert who_answers(lab, VIP6) == "be1"
+    # the VIPs are deprecated (preferred lifetime 0): never the source the kernel picks for
+    # the node's own connections, though the VIP shares the node address's /64
+    addrs = json.loads(nx.run_in("hvlb1", ["ip", "-6", "-j", "addr", "show", "dev", "eth0"]).stdout)
+    info = {a["local"]: a for a in addrs[0]["addr_info"]}
+    assert info[VIP6]["preferred_life_time"] == 0 and info[LL]["preferred_life_time"] == 0
+    route = json.loads(nx.run_in("hvlb1", ["ip", "-6", "-j", "route", "get", CLIENT6]).stdout)
+    assert route[0]["prefsrc"] == LB1_6, route
 
 
 def test_ipv6_kill9_takeover_moves_the_clients_neighbor_cache(lab):

@@ -152,6 +152,8 @@ def test_netlink_request_encoding_ipv6_nodad():
     assert (family, prefixlen, index) == (10, 64, 7)
     assert flags & 0x02  # IFA_F_NODAD: no duplicate address detection delay on takeover
     assert struct.pack("=HHI", 8, 8, 0x02) in add  # IFA_FLAGS attribute, NODAD
+    # IFA_CACHEINFO: preferred lifetime 0, valid forever (never chosen as a source)
+    assert struct.pack("=HHIIII", 20, 6, 0, 0xFFFFFFFF, 0, 0) in add
     rm = a.prepare(False, 7, v)
     assert struct.unpack_from("=BBBBI", rm, 16)[2] == 0
 
