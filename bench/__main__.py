@@ -56,6 +56,7 @@ PROXY_CORE, LOAD_CORE = "0", "1"
 # Everything the bench starts runs at a raised priority (root only; --nice 0 turns it off) so
 # that other work on a shared machine disturbs the comparison less. Set in main().
 PRIO: list[str] = []
+HAPROXY = ["haproxy"]  # the HAProxy binary (--haproxy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +192,9 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{ default_type text/plain; return 200 "hello from {name}\\n"; }}
+        # the cache case's object: 4 KiB, fresh for 60 s (nginx adds ETag and Last-Modified)
+        location /cached/ {{ root {dir}/www; default_type text/plain;
+                             add_header Cache-Control "max-age=60"; }}
     }}
 }}
 """
@@ -375,6 +379,75 @@ backend be_web
     server n2 127.0.0.1:{n2}
 """
 
+# The cache case: a third pair whose only frontend answers a 4 KiB object from its cache
+# (the same object, the same max-age on both sides: HAProxy's "cache" section as its users
+# configure it, halb's [listeners.cache]); the uncached path is the l7 case.
+HAPROXY_CACHE_CONF = """
+global
+    nbthread 1
+    maxconn 7000
+    tune.maxaccept 64
+cache objects
+    total-max-size 64
+    max-object-size 1048576
+    max-age 3600
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-request 120s
+    timeout http-keep-alive 120s
+frontend fe_http
+    bind 127.0.0.1:{http}
+    http-request cache-use objects
+    http-response cache-store objects
+    default_backend be_web
+backend be_web
+    balance roundrobin
+    http-reuse always
+    server n1 127.0.0.1:{n1}
+    server n2 127.0.0.1:{n2}
+"""
+
+HALB_CACHE_CONF = """
+[node]
+name = "bench-cache"
+log_level = "warning"
+state_dir = "{dir}/halb-cache-state"
+
+[metrics]
+address = "127.0.0.1:{metrics}"
+
+[access_log]
+enabled = false
+
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "n1"
+address = "127.0.0.1:{n1}"
+[[pools.backends]]
+name = "n2"
+address = "127.0.0.1:{n2}"
+
+[[listeners]]
+name = "http"
+mode = "http"
+bind = "127.0.0.1:{http}"
+pool = "web"
+[listeners.cache]
+max_size = "64MiB"
+max_object = "1MiB"
+max_age = "1h"
+[listeners.timeouts]
+client_idle = "120s"
+header = "120s"
+"""
+
+CACHED_PATH = "/cached/obj"
+CACHED_SIZE = 4096
+
 HALB_LOG_CONF = """
 [node]
 name = "bench-log"
@@ -449,8 +522,8 @@ def parse_wrk(out: str) -> dict:
     return r
 
 
-def l7(pid: int, port: int, duration: int, conns: int) -> dict:
-    url = f"http://127.0.0.1:{port}/"
+def l7(pid: int, port: int, duration: int, conns: int, path: str = "/") -> dict:
+    url = f"http://127.0.0.1:{port}{path}"
     # warm up (backend connections, caches)
     warm = parse_wrk(run(["wrk", "-t1", "-c8", "-d1s", url], 30))
     u0, s0 = cpu_split(pid)
@@ -486,6 +559,20 @@ def _scrape(port: int, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return float("nan")
+
+
+def _check_cached(port: int, who: str) -> None:
+    """The cache case measures hits: the object must come back whole and, the second time,
+    from the cache (HAProxy and halb both send Age then)."""
+    import urllib.request
+    url = f"http://127.0.0.1:{port}{CACHED_PATH}"
+    for i in range(2):
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = r.read()
+            if len(body) != CACHED_SIZE:
+                raise RuntimeError(f"{who}: {len(body)} bytes from {url}")
+            if i == 1 and r.headers.get("Age") is None:
+                raise RuntimeError(f"{who}: the second answer has no Age: not from a cache")
 
 
 def l4conn(pid: int, port: int, duration: int, conns: int) -> dict:
@@ -643,7 +730,7 @@ def machine() -> dict:
                         + subprocess.run(argv, capture_output=True, text=True).stderr).strip()
     return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
             "python": platform.python_version(),
-            "haproxy": ver(["haproxy", "-v"]).splitlines()[0] if shutil.which("haproxy") else "",
+            "haproxy": ver([HAPROXY[0], "-v"]).splitlines()[0] if shutil.which(HAPROXY[0]) else "",
             "nginx": ver(["nginx", "-v"]).strip() if shutil.which("nginx") else "",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -663,21 +750,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l7log,l4,l4conn,udp,mem",
+    ap.add_argument("--only", default="l7,l7log,cache,l4,l4conn,udp,mem",
                     help="comma list of l7, l7log (L7 with access logs to a file on both "
-                    "sides), l4, l4conn, udp, mem")
+                    "sides), cache (a 4 KiB object from each proxy's HTTP cache), l4, l4conn, "
+                    "udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating runs per proxy and measurement; the median is kept (1..7)")
     ap.add_argument("--nice", type=int, default=-10,
                     help="niceness of everything the bench starts (default -10; needs root)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="py-spy profile of halbd during extra L7 and L4 runs (default on)")
+    ap.add_argument("--haproxy", default="haproxy",
+                    help="the HAProxy binary to compare with (default: haproxy on PATH, "
+                    "Debian's 2.6; e.g. ../shared/tools/haproxy-3.5)")
     a = ap.parse_args(argv)
+    HAPROXY[0] = a.haproxy
     a.duration = max(1, min(a.duration, 120))
     a.rounds = max(1, min(a.rounds, 7))
     a.idle = max(100, min(a.idle, 8000))
     only = set(a.only.split(","))
-    for tool in ("haproxy", "nginx", "wrk", "iperf3", "taskset"):
+    for tool in (HAPROXY[0], "nginx", "wrk", "iperf3", "taskset"):
         if not shutil.which(tool):
             log(f"missing {tool} (./dev bench installs it)")
             return 2
@@ -695,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     procs = Procs(tmp)
     P = {k: free_port() for k in BACKEND_PORTS}
     ports = {w: {k: free_port() for k in PROXY_PORTS}
-             for w in ("haproxy", "halb", "haproxy-log", "halb-log")}
+             for w in ("haproxy", "halb", "haproxy-log", "halb-log", "haproxy-cache",
+                       "halb-cache")}
     results: dict = {"machine": machine(), "args": vars(a), "load_before": loadavg(),
                      "haproxy": {}, "halb": {}}
     log(f"machine: {results['machine']['nproc']} x {results['machine']['cpu']}; "
@@ -715,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
                     P[key_of[name]] = free_port()
 
         key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf"}
+        (tmp / "www" / "cached").mkdir(parents=True)
+        (tmp / "www" / "cached" / "obj").write_bytes(b"c" * (CACHED_SIZE - 1) + b"\n")
         for name in ("n1", "n2"):
             conf = tmp / f"nginx-{name}.conf"
 
@@ -735,14 +830,25 @@ def main(argv: list[str] | None = None) -> int:
         llconf = tmp / "halb-log.toml"
         (tmp / "halb-log-state").mkdir()
         llconf.write_text(HALB_LOG_CONF.format(dir=tmp, **P, **ports["halb-log"]))
+        hcconf = tmp / "haproxy-cache.cfg"
+        hcconf.write_text(HAPROXY_CACHE_CONF.format(**P, **ports["haproxy-cache"]))
+        lcconf = tmp / "halb-cache.toml"
+        (tmp / "halb-cache-state").mkdir()
+        lcconf.write_text(HALB_CACHE_CONF.format(dir=tmp, **P, **ports["halb-cache"]))
 
         def start_proxy(which: str) -> subprocess.Popen:
             if which == "haproxy":
-                p = procs.start("haproxy", ["haproxy", "-db", "-f", str(hconf)], PROXY_CORE)
+                p = procs.start("haproxy", [HAPROXY[0], "-db", "-f", str(hconf)], PROXY_CORE)
             elif which == "halb":
                 p = procs.start("halbd", [PY, "-m", "halb.cli.halbd", str(lconf)], PROXY_CORE)
             elif which == "haproxy-log":
-                p = procs.start("haproxy-access", ["haproxy", "-db", "-f", str(hlconf)],
+                p = procs.start("haproxy-access", [HAPROXY[0], "-db", "-f", str(hlconf)],
+                                PROXY_CORE)
+            elif which == "haproxy-cache":
+                p = procs.start("haproxy-cache", [HAPROXY[0], "-db", "-f", str(hcconf)],
+                                PROXY_CORE)
+            elif which == "halb-cache":
+                p = procs.start("halbd-cache", [PY, "-m", "halb.cli.halbd", str(lcconf)],
                                 PROXY_CORE)
             else:
                 p = procs.start("halbd-log", [PY, "-m", "halb.cli.halbd", str(llconf)],
@@ -763,6 +869,10 @@ def main(argv: list[str] | None = None) -> int:
         if "l7log" in only:
             for w in ("haproxy-log", "halb-log"):
                 running[w] = start_proxy(w)
+        if "cache" in only:
+            for w in ("haproxy-cache", "halb-cache"):
+                running[w] = start_proxy(w)
+                _check_cached(ports[w]["http"], w)
         served_log = {"haproxy": 0, "halb": 0}  # requests the l7log proxies answered
         for rnd in range(a.rounds):
             order = ("haproxy", "halb") if rnd % 2 == 0 else ("halb", "haproxy")
@@ -782,6 +892,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
                     f"(errors {x['socket_errors']}, non-2xx {x['non2xx']})")
                 record(w, "l7log", x)
+            for w in order if "cache" in only else ():
+                x = l7(running[w + "-cache"].pid, ports[w + "-cache"]["http"], a.duration,
+                       a.conns, CACHED_PATH)
+                log(f"  {w:7s} L7 cache hits (4 KiB): {x['rps']:.0f} req/s p99 "
+                    f"{x['p99_ms']:.2f} ms {x['cpu_us_per_req']:.1f} us CPU/req "
+                    f"(errors {x['socket_errors']}, non-2xx {x['non2xx']})")
+                record(w, "cache", x)
             for w in order if "l4" in only else ():
                 x = l4(running[w].pid, ports[w]["tcp"], a.duration)
                 log(f"  {w:7s} L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
@@ -856,14 +973,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     for w in ("haproxy", "halb"):
         r = results[w]
-        for key, metric in (("l7", "rps"), ("l7log", "rps"), ("l4", "gbps"),
+        for key, metric in (("l7", "rps"), ("l7log", "rps"), ("cache", "rps"), ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
             runs = r.get(key + "_runs")
             if runs:
                 r[key] = median_run(runs, metric)
                 r[key]["range"] = (min(x[metric] for x in runs), max(x[metric] for x in runs))
-                if key in ("l7", "l7log"):  # each percentile's own median over the runs: on a shared
+                if key in ("l7", "l7log", "cache"):  # each percentile's own median over the runs: on a shared
                     # machine p99 varies far more from run to run than the rate does
                     for pk in ("p50_ms", "p99_ms"):
                         r[key][pk + "_of_median_run"] = r[key][pk]
@@ -930,6 +1047,25 @@ def report(res: dict) -> str:
             rows.append(("L7 requests/s with the log / without it (the cost of logging)",
                          ratio(ll["rps"], l["l7"]["rps"]), ratio(hl["rps"], h["l7"]["rps"]),
                          "", ""))
+    if "cache" in h and "cache" in l:
+        hc, lc = h["cache"], l["cache"]
+        rows += [
+            ("L7 cache hits/s, a 4 KiB object fresh for 60 s (halb [listeners.cache], "
+             "HAProxy cache section)", f"{lc['rps']:.0f}", f"{hc['rps']:.0f}",
+             ratio(lc["rps"], hc["rps"]), ">= 1.0x"),
+            ("L7 cache hits: p99 latency ms", f"{lc['p99_ms']:.2f}", f"{hc['p99_ms']:.2f}",
+             ratio(lc["p99_ms"], hc["p99_ms"]), ""),
+            ("L7 cache hits: CPU us/request", f"{lc['cpu_us_per_req']:.1f}",
+             f"{hc['cpu_us_per_req']:.1f}", ratio(lc["cpu_us_per_req"], hc["cpu_us_per_req"]),
+             ""),
+            ("L7 cache hits: errors (socket / non-2xx)",
+             f"{lc['socket_errors']} / {lc['non2xx']}", f"{hc['socket_errors']} / {hc['non2xx']}",
+             "", ""),
+        ]
+        if "l7" in h and "l7" in l:
+            rows.append(("L7 requests/s from the cache / through to nginx (l7 case)",
+                         ratio(lc["rps"], l["l7"]["rps"]), ratio(hc["rps"], h["l7"]["rps"]),
+                         "", ""))
     if "l4" in h and "l4" in l:
         rows += [
             ("L4 Gbit/s (iperf3)", f"{l['l4']['gbps']:.2f}", f"{h['l4']['gbps']:.2f}",
@@ -986,7 +1122,7 @@ def report(res: dict) -> str:
     out += [f"| {' | '.join(r)} |" for r in rows]
     out += ["", "Every run (median in the table; for L7 latency, the median of the runs' "
             "percentiles):", ""]
-    for key, metric, unit in (("l7", "rps", "req/s"), ("l7log", "rps", "req/s"),
+    for key, metric, unit in (("l7", "rps", "req/s"), ("l7log", "rps", "req/s"), ("cache", "rps", "req/s"),
                               ("l4", "gbps", "Gbit/s"),
                               ("l4_forced", "gbps", "Gbit/s"), ("l4conn", "rps", "conn/s"),
                               ("udp", "dgrams_per_s", "datagrams/s")):

@@ -48,7 +48,7 @@ import calendar
 import collections
 import email.utils
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 HEURISTIC_STATUSES = frozenset((200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501))
@@ -161,7 +161,7 @@ class Headers:
 
 @dataclass(eq=False)
 class Entry:
-    key: tuple[str, str]
+    key: tuple[str, bytes]
     vary: tuple[str, ...]  # lower-case request header names from the response's Vary
     vary_values: tuple[str, ...]  # what the storing request had for them
     status: int
@@ -180,6 +180,13 @@ class Entry:
     must_revalidate: bool  # must-revalidate / proxy-revalidate / s-maxage
     size: int = 0
     hits: int = 0
+    head: bytes = b""  # status line and stored header lines, rendered once (``render``)
+    cl: bytes = b""  # its Content-Length line
+
+    def render(self) -> None:
+        self.head = b"".join([b"HTTP/1.1 %d %s\r\n" % (self.status, self.reason)]
+                             + [b"%s: %s\r\n" % (n, v) for n, v in self.headers])
+        self.cl = b"" if self.status in (204, 304) else b"Content-Length: %d\r\n" % len(self.body)
 
     def current_age(self, now: float) -> float:
         return self.age + max(0.0, now - self.response_time)
@@ -193,18 +200,33 @@ class Entry:
         return age + min_fresh < self.lifetime
 
 
-@dataclass
 class Decision:
-    action: str
-    key: tuple[str, str] = ("", "")
-    entry: Entry | None = None
-    cond: bytes = b""  # header lines for a revalidation
-    head_only: bool = False  # HEAD: no body in the answer
-    no_store: bool = False
-    authorized: bool = False  # the request carried Authorization
-    vary_source: dict = field(default_factory=dict)  # request header map (for Vary)
-    not_modified: bool = False  # "hit": the client's conditional matched (answer 304)
-    state: str = "BYPASS"  # access log word
+    """What the cache decided for one request (see the module docstring)."""
+
+    __slots__ = ("action", "key", "entry", "cond", "head_only", "no_store", "authorized",
+                 "vary_source", "not_modified", "state")
+
+    def __init__(self, action: str, key: tuple = ("", b""), head_only: bool = False,
+                 no_store: bool = False, authorized: bool = False, vary_source=(),
+                 state: str = "BYPASS"):
+        self.action = action
+        self.key = key
+        self.entry: Entry | None = None
+        self.cond = b""  # header lines for a revalidation
+        self.head_only = head_only  # HEAD: no body in the answer
+        self.no_store = no_store
+        self.authorized = authorized  # the request carried Authorization
+        self.vary_source = vary_source  # the request's header lines (for Vary)
+        self.not_modified = False  # "hit": the client's conditional matched (answer 304)
+        self.state = state  # access log word
+
+
+_BYPASS = Decision("bypass")  # (never changed: the proxy keeps no state for a bypass)
+_EMPTY: dict = {}
+# the request headers the rules read, by their lower-case wire name
+_REQ_NAMES = {b"range": "range", b"cache-control": "cache-control", b"pragma": "pragma",
+              b"authorization": "authorization", b"if-none-match": "if-none-match",
+              b"if-modified-since": "if-modified-since"}
 
 
 class HttpCache:
@@ -220,30 +242,48 @@ class HttpCache:
         self.default_ttl = default_ttl
         self.store_set_cookie = store_set_cookie
         # key -> variants (one per Vary value set); the OrderedDict is the LRU order
-        self._lru: collections.OrderedDict[tuple[str, str], list[Entry]] = collections.OrderedDict()
+        self._lru: collections.OrderedDict[tuple[str, bytes], list[Entry]] = collections.OrderedDict()
         self.size = 0
         self.entries = 0
         self.stats = collections.Counter()  # hits, misses, stored, evicted, ...
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def request(self, method: bytes, host: str, target: bytes, headers: dict[str, list[str]],
-                has_body: bool, now: float) -> Decision:
-        """What to do with a request (``headers``: lower-case name -> values)."""
-        if method not in (b"GET", b"HEAD") or has_body or "range" in headers:
+    def request(self, method: bytes, host: str, target: bytes,
+                headers: list[tuple[bytes, bytes]], has_body: bool, now: float) -> Decision:
+        """What to do with a request (``headers``: its header lines as (name, value) bytes;
+        ``host`` lower case, as the proxy has it)."""
+        if (method != b"GET" and method != b"HEAD") or has_body:
             self.stats["bypass"] += 1
-            return Decision("bypass")
-        key = (host.lower(), target.decode("latin-1"))
-        cc = directives(headers.get("cache-control", ()))
-        pragma_nc = "cache-control" not in headers and "no-cache" in directives(
-            headers.get("pragma", ()))
-        d = Decision("miss", key, head_only=method == b"HEAD", no_store="no-store" in cc,
-                     authorized="authorization" in headers, vary_source=headers, state="MISS")
+            return _BYPASS
+        hm = None  # the few headers the rules read (most requests carry none of them)
+        for n, v in headers:
+            name = _REQ_NAMES.get(n.lower())
+            if name is not None:
+                if hm is None:
+                    hm = {}
+                hm.setdefault(name, []).append(v.decode("latin-1"))
+        if hm is None:
+            hm = _EMPTY
+        elif "range" in hm:
+            self.stats["bypass"] += 1
+            return _BYPASS
+        return self._request(method, host, target, headers, hm, now)
+
+    def _request(self, method: bytes, host: str, target: bytes,
+                 raw: list[tuple[bytes, bytes]], headers: dict[str, list[str]],
+                 now: float) -> Decision:
+        key = (host.lower(), target)
+        cc = directives(headers["cache-control"]) if "cache-control" in headers else _EMPTY
+        pragma_nc = "pragma" in headers and "cache-control" not in headers and \
+            "no-cache" in directives(headers["pragma"])
+        d = Decision("miss", key, method == b"HEAD", "no-store" in cc,
+                     "authorization" in headers, raw, "MISS")
         if d.no_store:
             d.action, d.state = "bypass", "BYPASS"
             self.stats["bypass"] += 1
             return d
-        e = self._find(key, headers)
+        e = self._find(key, raw)
         if e is None:
             if "only-if-cached" in cc:
                 d.action, d.state = "hit", "MISS"  # answered 504 by respond()
@@ -255,11 +295,12 @@ class HttpCache:
             return d
         self._lru.move_to_end(key)
         max_age = seconds(cc["max-age"]) if "max-age" in cc else None
-        min_fresh = seconds(cc.get("min-fresh", "")) or 0
+        min_fresh = (seconds(cc["min-fresh"]) or 0) if "min-fresh" in cc else 0
         revalidate = "no-cache" in cc or pragma_nc
         if not revalidate and e.fresh(now, max_age, min_fresh):
             d.action, d.entry, d.state = "hit", e, "HIT"
-            d.not_modified = self._not_modified(e, headers)
+            if "if-none-match" in headers or "if-modified-since" in headers:
+                d.not_modified = self._not_modified(e, headers)
             e.hits += 1
             self.stats["hits"] += 1
             return d
@@ -282,12 +323,15 @@ class HttpCache:
         self.stats["revalidations"] += 1
         return d
 
-    def _find(self, key: tuple[str, str], headers: dict[str, list[str]]) -> Entry | None:
+    def _find(self, key: tuple[str, bytes], raw: list[tuple[bytes, bytes]]) -> Entry | None:
         variants = self._lru.get(key)
         if not variants:
             return None
         for e in variants:
-            if e.vary_values == _vary_values(e.vary, headers):
+            if not e.vary:
+                if not e.vary_values:
+                    return e
+            elif e.vary_values == _vary_values(e.vary, raw):
                 return e
         return None
 
@@ -387,6 +431,7 @@ class HttpCache:
                   always_revalidate="no-cache" in cc,
                   must_revalidate=bool({"must-revalidate", "proxy-revalidate", "s-maxage"} & cc.keys()),
                   size=size)
+        e.render()
         self._insert(e)
         self.stats["stored"] += 1
         return e
@@ -441,6 +486,7 @@ class HttpCache:
         e.age = max(0.0, t_resp - e.date) + (seconds(h.first("age") or "") or 0)
         e.etag = merged.first("etag")
         e.always_revalidate = "no-cache" in cc
+        e.render()
         self.stats["revalidated"] += 1
 
     # -- answers ------------------------------------------------------------------------------
@@ -464,25 +510,18 @@ class HttpCache:
             out.append(via)
             out.append(b"\r\n")
             return 304, b"".join(out)
-        out = [b"HTTP/1.1 %d %s\r\n" % (e.status, e.reason)]
-        out += [b"%s: %s\r\n" % (n, v) for n, v in e.headers]
-        out.append(b"Age: %d\r\n" % age)
-        if e.status not in (204, 304):
-            out.append(b"Content-Length: %d\r\n" % len(e.body))
-        out.append(_conn_lines(close, keep_alive))
-        out.append(via)
-        out.append(b"\r\n")
-        if not d.head_only:
-            out.append(e.body)
-        return e.status, b"".join(out)
+        conn = b"Connection: close\r\n" if close else \
+            b"Connection: keep-alive\r\n" if keep_alive else b""
+        return e.status, b"".join((e.head, b"Age: %d\r\n" % age, e.cl, conn, via, b"\r\n",
+                                   b"" if d.head_only else e.body))
 
     # -- invalidation and purge ---------------------------------------------------------------
 
     def invalidate(self, host: str, target: bytes) -> int:
         """An unsafe request succeeded: every stored representation of its URI goes."""
-        return self._remove((host.lower(), target.decode("latin-1")))
+        return self._remove((host.lower(), target))
 
-    def _remove(self, key: tuple[str, str]) -> int:
+    def _remove(self, key: tuple[str, bytes]) -> int:
         variants = self._lru.pop(key, None)
         if not variants:
             return 0
@@ -495,15 +534,24 @@ class HttpCache:
         """Removes the entries whose target starts with ``prefix`` (and whose host is ``host``,
         when given); returns how many went."""
         host = host.lower()
-        keys = [k for k in self._lru if k[1].startswith(prefix) and (not host or k[0] == host)]
+        pre = prefix.encode("latin-1", "replace")
+        keys = [k for k in self._lru if k[1].startswith(pre) and (not host or k[0] == host)]
         n = sum(self._remove(k) for k in keys)
         self.stats["purged"] += n
         return n
 
 
-def _vary_values(vary: tuple[str, ...], headers: dict[str, list[str]]) -> tuple[str, ...]:
-    # normalised a little (RFC 9111 4.1: whitespace around commas, list order kept)
-    return tuple(",".join(x.strip() for x in ",".join(headers.get(n, ())).split(","))
+def _vary_values(vary: tuple[str, ...], raw: list[tuple[bytes, bytes]]) -> tuple[str, ...]:
+    """The values of the request headers ``vary`` names, from the request's header lines,
+    normalised a little (RFC 9111 4.1: whitespace around commas; list order kept)."""
+    if not vary:
+        return ()
+    want = {n.encode("latin-1"): [] for n in vary}
+    for n, v in raw:
+        got = want.get(n.lower())
+        if got is not None:
+            got.append(v.decode("latin-1"))
+    return tuple(",".join(x.strip() for x in ",".join(want[n.encode("latin-1")]).split(","))
                  for n in vary)
 
 

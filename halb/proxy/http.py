@@ -1706,8 +1706,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         """Looks the request up; True when the cache answered it (the exchange is over)."""
         req = rx.req
         now = _wall()
-        d = cache.request(req.method, req.host, req.target, req.header_map(), req.has_body,
-                          now)
+        d = cache.request(req.method, req.host, req.target, req.headers, req.has_body, now)
         if self.alog is not None:
             self.lcache = d.state
         if d.action != "hit":

@@ -34,7 +34,8 @@ def H(**fields) -> Headers:
 
 def req(c: HttpCache, target=b"/a", method=b"GET", now=T0, body=False, host="Example.com",
         **hdrs):
-    headers = {k.replace("_", "-"): (v if isinstance(v, list) else [v]) for k, v in hdrs.items()}
+    headers = [(k.replace("_", "-").title().encode(), str(one).encode())
+               for k, v in hdrs.items() for one in (v if isinstance(v, list) else [v])]
     return c.request(method, host, target, headers, body, now)
 
 
@@ -218,7 +219,7 @@ def test_bounds_evict_least_recently_used():
     for i in range(40):
         fill(c, target=b"/o%d" % i, body=b"x" * 8000, cache_control="max-age=60")
         assert c.size <= c.max_size
-    assert c.entries == (64 << 10) // c._lru[(("example.com"), "/o39")][0].size
+    assert c.entries == (64 << 10) // c._lru[("example.com", b"/o39")][0].size
     assert c.stats["evicted"] == 40 - c.entries
     assert req(c, target=b"/o0").action == "miss" and req(c, target=b"/o39").action == "hit"
     c2 = cache(max_entries=3)
