@@ -21,7 +21,9 @@ from, and each LB node connects to the backends from its own address.
 ``python -m lab demo --family 6`` runs the proxy part over IPv6 (``Topology.family``: the VIP
 2001:2::100 with the virtual link-local fe80::33, listeners, backends, state sync and the
 client's sources in 2001:2::/64), with the same timeline, figures and picture; the NAT part is
-IPv4 only and is skipped with a note.
+IPv4 only (its timeline reads IPv4 sockets and conntrack entries; lab.natlab itself runs over
+IPv6, see tests/lab/test_nat6.py and ``python -m lab chaos --family 6``) and is skipped with a
+note.
 """
 
 from __future__ import annotations
@@ -393,10 +395,12 @@ def run_demo(topo: Topology, out_dir: str = "out", before: float = 3.0, after: f
     """The whole demo: the proxy listeners on the default lab, then (``nat``) the kernel NAT
     part on its own lab (``run_nat_demo``). 0 if both failovers did what they should.
     An IPv6 topology (``topo.family == 6``) runs the proxy part over IPv6; the NAT part is
-    IPv4 only (its lab, ``lab.natlab``, has no IPv6 yet) and is skipped with a note."""
+    IPv4 only (its timeline is not ported to IPv6, though ``lab.natlab`` runs over IPv6) and is
+    skipped with a note."""
     rc = _run_proxy_demo(topo, out_dir, before, after)
     if nat and topo.family == 6:
-        _say("\n== the kernel NAT part runs over IPv4 only (lab.natlab has no IPv6 yet): "
+        _say("\n== the kernel NAT part runs over IPv4 only (its timeline is not ported to IPv6;"
+             " `python -m lab chaos --family 6 --only nat_kill9` runs the NAT mode over IPv6): "
              "skipped; `./dev demo` without --family 6 runs it")
     elif nat:
         rc = max(rc, _run_nat_part(out_dir))

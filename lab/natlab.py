@@ -24,9 +24,9 @@ TCP window is out of date.
 IPv6 (``NatLab(tmp, family=6)``, tests/lab/test_nat6.py): the same LANs carry 2001:2:0:44::/64
 and 2001:2:0:45::/64 as well (every address ``nodad``); the NAT listeners bind the IPv6 VIP
 2001:2:0:44::100 with IPv6 backends, whose default route is the back gateway 2001:2:0:45::1.
-IPv4 stays for sync, control and metrics. halb's VRRP speaks IPv4 only so far, so the nodes
-run ``lab.nat6node`` (halbd plus a FIFO) and the test moves the IPv6 VIPs itself
-(``take``/``release``), in the order an election's hooks would.
+IPv4 stays for sync, control and metrics. The VRRP instance is then an IPv6 one (VRRPv3 over
+IPv6, vrid 44): the virtual link-local address fe80::2c first, the VIP, and the back gateway
+in ``excluded_vips``, moved together and announced by unsolicited Neighbor Advertisements.
 
     with NatLab(Path("/tmp/x")) as lab:
         lab.start("lb1"); lab.start("lb2"); lab.wait_master("lb1")
@@ -61,6 +61,8 @@ SYNC_PORT = 9400
 METRICS_PORT = 9100
 FRONT6, BACK6 = "2001:2:0:44", "2001:2:0:45"
 VIP6, GW6 = f"{FRONT6}::100", f"{BACK6}::1"
+VRID = 44
+LL6 = f"fe80::{VRID:x}"  # the IPv6 instance's virtual link-local address (RFC 9568)
 
 
 def node_config(name: str, *, prefix: str, state_dir: str, priority: int, interval: str,
@@ -86,13 +88,16 @@ protocol = "tcp"
 bind = "{VIP}:{BULK_PORT}"
 pool = "bulk"
 """
-    vrrp = "" if v6 else f"""[[vrrp]]
-name = "front"
+    # IPv6: an instance of its own (VRRPv3 over IPv6), the virtual link-local address first
+    vips = f'"{LL6}/64", "{VIP6}/64"' if v6 else f'"{VIP}/24"'
+    gw = f"{GW6}/64" if v6 else f"{GW}/24"
+    vrrp = f"""[[vrrp]]
+name = "{'front6' if v6 else 'front'}"
 interface = "eth0"
-vrid = 44
+vrid = {VRID}
 priority = {priority}
-vips = ["{VIP}/24"]
-excluded_vips = ["{GW}/24 dev eth1"]
+vips = [{vips}]
+excluded_vips = ["{gw} dev eth1"]
 advert_interval = "{interval}"
 preempt = {"true" if preempt else "false"}
 checksum = "rfc9568"
@@ -278,12 +283,6 @@ class NatLab:
                                    replicate=self.replicate, extra=self.extra_config,
                                    nat_options=self.nat_options, family=self.family))
         argv = [PY, "-m", "halb.cli.halbd", str(cfg)]
-        if self.family == 6:
-            fifo = self.tmp / f"{name}.cmd"
-            if not fifo.exists():
-                os.mkfifo(fifo)
-            argv = [PY, "-m", "lab.nat6node", str(cfg), "--fifo", str(fifo),
-                    "--vip", f"{VIP6}/64@eth0", "--vip", f"{GW6}/64@eth1"]
         p, log = self.spawn(self.ns[name], argv, f"{name}-{self._runs}")
         node = Node(name, self.ns[name], p, log)
         self.nodes[name] = node
@@ -294,6 +293,16 @@ class NatLab:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(5)
+
+    def stop(self, name: str, *, wait: bool = True, timeout: float = 10.0) -> None:
+        """SIGTERM to the node's halbd (a handover: it gives the VIPs up and tells its peer
+        with a priority 0 advert, then stops its other parts) and (``wait``) wait for it to
+        exit."""
+        p = self.nodes[name].proc
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+            if wait:
+                p.wait(timeout)
 
     def cut(self, name: str) -> None:
         """Both of the node's links down at the bridges: a cable cut (the node lives on)."""
@@ -323,14 +332,6 @@ class NatLab:
                 nx.run_in(lan.bridge_ns, ["nft", "-f", "-"], input=rules)
             else:
                 nx.run_in(lan.bridge_ns, ["nft", "delete", "table", "bridge", "halb_part"])
-
-    def command(self, name: str, cmd: str) -> None:
-        """IPv6 lab: ``take`` or ``release`` the IPv6 VIPs on node ``name`` (lab.nat6node)."""
-        fd = os.open(self.tmp / f"{name}.cmd", os.O_WRONLY | os.O_NONBLOCK)
-        try:
-            os.write(fd, (cmd + "\n").encode())
-        finally:
-            os.close(fd)
 
     def holders(self) -> list[str]:
         out = []
