@@ -182,11 +182,22 @@ class Entry:
     hits: int = 0
     head: bytes = b""  # status line and stored header lines, rendered once (``render``)
     cl: bytes = b""  # its Content-Length line
+    # the decisions of a plain hit (GET, HEAD), made once: a request without directives or
+    # validators gets one of these (they are never changed)
+    hit_get: "Decision | None" = None
+    hit_head: "Decision | None" = None
 
     def render(self) -> None:
         self.head = b"".join([b"HTTP/1.1 %d %s\r\n" % (self.status, self.reason)]
                              + [b"%s: %s\r\n" % (n, v) for n, v in self.headers])
         self.cl = b"" if self.status in (204, 304) else b"Content-Length: %d\r\n" % len(self.body)
+        for head_only in (False, True):
+            d = Decision("hit", self.key, head_only, state="HIT")
+            d.entry = self
+            if head_only:
+                self.hit_head = d
+            else:
+                self.hit_get = d
 
     def current_age(self, now: float) -> float:
         return self.age + max(0.0, now - self.response_time)
@@ -264,6 +275,17 @@ class HttpCache:
                     hm = {}
                 hm.setdefault(name, []).append(v.decode("latin-1"))
         if hm is None:
+            # the common hit: no request directive, one representation, fresh
+            key = (host.lower(), target)
+            variants = self._lru.get(key)
+            if variants is not None and len(variants) == 1:
+                e = variants[0]
+                if not e.vary and not e.always_revalidate and \
+                        e.age + (now - e.response_time) < e.lifetime:
+                    self._lru.move_to_end(key)
+                    e.hits += 1
+                    self.stats["hits"] += 1
+                    return e.hit_head if method == b"HEAD" else e.hit_get
             hm = _EMPTY
         elif "range" in hm:
             self.stats["bypass"] += 1
@@ -458,6 +480,7 @@ class HttpCache:
         variants.remove(e)
         self.size -= e.size
         self.entries -= 1
+        e.hit_get = e.hit_head = None  # (they point back at it: freed now, not by the GC)
 
     def _evict(self) -> None:
         while (self.size > self.max_size or self.entries > self.max_entries) and self._lru:
@@ -528,6 +551,7 @@ class HttpCache:
         for e in variants:
             self.size -= e.size
             self.entries -= 1
+            e.hit_get = e.hit_head = None
         return len(variants)
 
     def purge(self, prefix: str = "", host: str = "") -> int:

@@ -181,4 +181,11 @@ def test_mismatched_checksum_with_keepalived_is_counted_logged_and_warned(lab):
     # what the mismatch does (why it is worth the warning): both think they are master
     assert ka_state(ka) == "master" and state_of(h) == "master"
     assert sorted(lab.holder(VIP)) == ["hvlb1", "hvlb2"]
-    assert len(events(h, "vrrp_checksum_mismatch")) == 1  # once per 10 s per source, no flood
+    # once per 10 s per source, no flood (ten adverts a second arrive): as many lines as 10 s
+    # periods began since the first one (the halbctl calls above can take seconds when the
+    # machine is loaded)
+    import datetime as dt
+    first = dt.datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=dt.timezone.utc).timestamp()
+    lines = len(events(h, "vrrp_checksum_mismatch"))
+    assert 1 <= lines <= 1 + int((time.time() - first) // 10), lines
