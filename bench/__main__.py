@@ -10,6 +10,10 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
                                      always, option forwardfor and the two other forwarding
                                      headers halb adds, so both send the backends the same)
     L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
+    L7 with 1000 connections (l7many) the same with wrk -c1000 (keep-alive)
+    L7 cache hits (cache)            a 4 KiB object fresh for 60 s from each proxy's HTTP
+                                     cache (a third pair: HAProxy's cache section, halb's
+                                     [listeners.cache]); reported beside the uncached l7 rate
     L7 with access logs (l7log)      the same, on a second pair of proxies whose access logs
                                      go to a file: HAProxy option httplog + "log stdout format
                                      raw" with its stdout in a file, halb [access_log] file:
@@ -445,6 +449,7 @@ client_idle = "120s"
 header = "120s"
 """
 
+MANY = 1000  # keep-alive client connections of the l7many case
 CACHED_PATH = "/cached/obj"
 CACHED_SIZE = 4096
 
@@ -750,10 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l7log,cache,l4,l4conn,udp,mem",
-                    help="comma list of l7, l7log (L7 with access logs to a file on both "
-                    "sides), cache (a 4 KiB object from each proxy's HTTP cache), l4, l4conn, "
-                    "udp, mem")
+    ap.add_argument("--only", default="l7,l7many,l7log,cache,l4,l4conn,udp,mem",
+                    help="comma list of l7, l7many (L7 with 1000 keep-alive connections), "
+                    "l7log (L7 with access logs to a file on both sides), cache (a 4 KiB object "
+                    "from each proxy's HTTP cache), l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating runs per proxy and measurement; the median is kept (1..7)")
     ap.add_argument("--nice", type=int, default=-10,
@@ -884,6 +889,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['sys_us_per_req']:.1f} sys (errors {x['socket_errors']}, "
                     f"non-2xx {x['non2xx']})")
                 record(w, "l7", x)
+            for w in order if "l7many" in only else ():
+                x = l7(running[w].pid, ports[w]["http"], a.duration, MANY)
+                log(f"  {w:7s} L7 {MANY} connections: {x['rps']:.0f} req/s p99 "
+                    f"{x['p99_ms']:.2f} ms {x['cpu_us_per_req']:.1f} us CPU/req "
+                    f"(errors {x['socket_errors']}, non-2xx {x['non2xx']})")
+                record(w, "l7many", x)
             for w in order if "l7log" in only else ():
                 x = l7(running[w + "-log"].pid, ports[w + "-log"]["http"], a.duration, a.conns)
                 served_log[w] += x["requests"] + x.get("warmup_requests", 0)
@@ -973,14 +984,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     for w in ("haproxy", "halb"):
         r = results[w]
-        for key, metric in (("l7", "rps"), ("l7log", "rps"), ("cache", "rps"), ("l4", "gbps"),
+        for key, metric in (("l7", "rps"), ("l7many", "rps"), ("l7log", "rps"), ("cache", "rps"),
+                            ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
             runs = r.get(key + "_runs")
             if runs:
                 r[key] = median_run(runs, metric)
                 r[key]["range"] = (min(x[metric] for x in runs), max(x[metric] for x in runs))
-                if key in ("l7", "l7log", "cache"):  # each percentile's own median over the runs: on a shared
+                if key in ("l7", "l7many", "l7log", "cache"):  # each percentile's own median over the runs: on a shared
                     # machine p99 varies far more from run to run than the rate does
                     for pk in ("p50_ms", "p99_ms"):
                         r[key][pk + "_of_median_run"] = r[key][pk]
@@ -1047,6 +1059,20 @@ def report(res: dict) -> str:
             rows.append(("L7 requests/s with the log / without it (the cost of logging)",
                          ratio(ll["rps"], l["l7"]["rps"]), ratio(hl["rps"], h["l7"]["rps"]),
                          "", ""))
+    if "l7many" in h and "l7many" in l:
+        hm, lm = h["l7many"], l["l7many"]
+        rows += [
+            (f"L7 requests/s, {MANY} keep-alive connections", f"{lm['rps']:.0f}",
+             f"{hm['rps']:.0f}", ratio(lm["rps"], hm["rps"]), ">= 1.0x"),
+            (f"L7 {MANY} connections: p99 latency ms", f"{lm['p99_ms']:.2f}",
+             f"{hm['p99_ms']:.2f}", ratio(lm["p99_ms"], hm["p99_ms"]), ""),
+            (f"L7 {MANY} connections: CPU us/request", f"{lm['cpu_us_per_req']:.1f}",
+             f"{hm['cpu_us_per_req']:.1f}", ratio(lm["cpu_us_per_req"], hm["cpu_us_per_req"]),
+             ""),
+            (f"L7 {MANY} connections: errors (socket / non-2xx)",
+             f"{lm['socket_errors']} / {lm['non2xx']}", f"{hm['socket_errors']} / {hm['non2xx']}",
+             "", ""),
+        ]
     if "cache" in h and "cache" in l:
         hc, lc = h["cache"], l["cache"]
         rows += [
@@ -1122,7 +1148,8 @@ def report(res: dict) -> str:
     out += [f"| {' | '.join(r)} |" for r in rows]
     out += ["", "Every run (median in the table; for L7 latency, the median of the runs' "
             "percentiles):", ""]
-    for key, metric, unit in (("l7", "rps", "req/s"), ("l7log", "rps", "req/s"), ("cache", "rps", "req/s"),
+    for key, metric, unit in (("l7", "rps", "req/s"), ("l7many", "rps", "req/s"),
+                              ("l7log", "rps", "req/s"), ("cache", "rps", "req/s"),
                               ("l4", "gbps", "Gbit/s"),
                               ("l4_forced", "gbps", "Gbit/s"), ("l4conn", "rps", "conn/s"),
                               ("udp", "dgrams_per_s", "datagrams/s")):

@@ -1011,6 +1011,15 @@ def _nat_backend_families(l: ListenerConfig, j: int, pc: PoolConfig, pr: _Reader
                 f"IPv{a.version} VIP")))
 
 
+def _canonical_ip(v: str) -> str:
+    """An address as the kernel and ``ipaddress`` print it (an IPv6 zone dropped: adverts are
+    sent and checked on the instance's interface); the text as it was if it is not one."""
+    try:
+        return str(ipaddress.ip_address(v.split("%", 1)[0]))
+    except ValueError:
+        return v
+
+
 def _vip(v: Any) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     if not isinstance(v, str):
         raise ValueError(f"expected an address such as \"198.18.0.100/24\", got {_tname(v)}")
@@ -1129,7 +1138,9 @@ def _vrrp(r: _Reader) -> VrrpConfig:
     adv = r.duration("advert_interval", 1.0, lo=0.01, hi=40.95)
     preempt = r.get("preempt", bool, True)
     pdelay = r.duration("preempt_delay", 0.0, hi=3600)
-    peers = r.strings("unicast_peers")
+    # canonical (lower case, compressed, no zone): the decoder compares them with the
+    # sources of received adverts as text
+    peers = [_canonical_ip(p) for p in r.strings("unicast_peers")]
     for i, p in enumerate(peers):
         try:
             pv = ipaddress.ip_address(p).version
@@ -1140,7 +1151,7 @@ def _vrrp(r: _Reader) -> VrrpConfig:
             r.problems.append(Problem(f"{r.sub('unicast_peers')}[{i}]",
                                       f"{p} is IPv{pv}, the instance's vips are IPv{fam} (adverts "
                                       f"travel in the family of the addresses they announce)"))
-    src = r.get("source_address", str, "")
+    src = _canonical_ip(r.get("source_address", str, "") or "")
     if src:
         try:
             sv = ipaddress.ip_address(src).version

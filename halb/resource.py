@@ -123,7 +123,7 @@ def parse_orca(value: bytes | str) -> tuple[str, dict[str, float]]:
     if fmt == "JSON":
         try:
             d = json.loads(rest)
-        except ValueError:
+        except (ValueError, RecursionError):  # (deep nesting: "[[[[..." raises the latter)
             return MALFORMED, {}
         if not isinstance(d, dict):
             return MALFORMED, {}

@@ -89,7 +89,7 @@ def seconds(arg: str) -> int | None:
     """A delta-seconds argument; None when it is not one (RFC 9111 1.2.2: a huge value is
     2^31)."""
     arg = arg.strip()
-    if not arg.isdigit():
+    if not (arg.isascii() and arg.isdigit()):  # ("²".isdigit() is true)
         return None
     return min(int(arg), 2 ** 31)
 
@@ -134,11 +134,14 @@ class Headers:
         self._map: dict[str, list[str]] | None = None
 
     @classmethod
-    def parse(cls, block: bytes) -> "Headers":
+    def parse(cls, block: bytes, drop: "Iterable[bytes]" = ()) -> "Headers":
+        """The header lines of ``block``, but for those whose (lower-case) name is in
+        ``drop`` (the names a Connection header lists: hop-by-hop, RFC 9111 3.1)."""
+        gone = {n.lower() for n in drop}
         items = []
         for line in block.split(b"\r\n"):
             n, sep, v = line.partition(b":")
-            if sep and n:
+            if sep and n and (not gone or n.strip().lower() not in gone):
                 items.append((n.strip(), v.strip()))
         return cls(items)
 
@@ -162,6 +165,7 @@ class Headers:
 @dataclass(eq=False)
 class Entry:
     key: tuple[str, bytes]
+    pool: str  # the pool the request was routed to (routes may read request headers)
     vary: tuple[str, ...]  # lower-case request header names from the response's Vary
     vary_values: tuple[str, ...]  # what the storing request had for them
     status: int
@@ -192,7 +196,7 @@ class Entry:
                              + [b"%s: %s\r\n" % (n, v) for n, v in self.headers])
         self.cl = b"" if self.status in (204, 304) else b"Content-Length: %d\r\n" % len(self.body)
         for head_only in (False, True):
-            d = Decision("hit", self.key, head_only, state="HIT")
+            d = Decision("hit", self.key, head_only, state="HIT", pool=self.pool)
             d.entry = self
             if head_only:
                 self.hit_head = d
@@ -214,14 +218,15 @@ class Entry:
 class Decision:
     """What the cache decided for one request (see the module docstring)."""
 
-    __slots__ = ("action", "key", "entry", "cond", "head_only", "no_store", "authorized",
-                 "vary_source", "not_modified", "state")
+    __slots__ = ("action", "key", "pool", "entry", "cond", "head_only", "no_store",
+                 "authorized", "vary_source", "not_modified", "state")
 
     def __init__(self, action: str, key: tuple = ("", b""), head_only: bool = False,
                  no_store: bool = False, authorized: bool = False, vary_source=(),
-                 state: str = "BYPASS"):
+                 state: str = "BYPASS", pool: str = ""):
         self.action = action
         self.key = key
+        self.pool = pool
         self.entry: Entry | None = None
         self.cond = b""  # header lines for a revalidation
         self.head_only = head_only  # HEAD: no body in the answer
@@ -261,9 +266,11 @@ class HttpCache:
     # -- lookups ------------------------------------------------------------------------------
 
     def request(self, method: bytes, host: str, target: bytes,
-                headers: list[tuple[bytes, bytes]], has_body: bool, now: float) -> Decision:
+                headers: list[tuple[bytes, bytes]], has_body: bool, now: float,
+                pool: str = "") -> Decision:
         """What to do with a request (``headers``: its header lines as (name, value) bytes;
-        ``host`` lower case, as the proxy has it)."""
+        ``host`` lower case, as the proxy has it; ``pool``: where it was routed, part of what
+        selects a stored response, since routes may read request headers)."""
         if (method != b"GET" and method != b"HEAD") or has_body:
             self.stats["bypass"] += 1
             return _BYPASS
@@ -280,7 +287,7 @@ class HttpCache:
             variants = self._lru.get(key)
             if variants is not None and len(variants) == 1:
                 e = variants[0]
-                if not e.vary and not e.always_revalidate and \
+                if not e.vary and not e.always_revalidate and e.pool == pool and \
                         e.age + (now - e.response_time) < e.lifetime:
                     self._lru.move_to_end(key)
                     e.hits += 1
@@ -290,22 +297,28 @@ class HttpCache:
         elif "range" in hm:
             self.stats["bypass"] += 1
             return _BYPASS
-        return self._request(method, host, target, headers, hm, now)
+        return self._request(method, host, target, headers, hm, now, pool)
 
     def _request(self, method: bytes, host: str, target: bytes,
                  raw: list[tuple[bytes, bytes]], headers: dict[str, list[str]],
-                 now: float) -> Decision:
+                 now: float, pool: str) -> Decision:
         key = (host.lower(), target)
         cc = directives(headers["cache-control"]) if "cache-control" in headers else _EMPTY
         pragma_nc = "pragma" in headers and "cache-control" not in headers and \
             "no-cache" in directives(headers["pragma"])
         d = Decision("miss", key, method == b"HEAD", "no-store" in cc,
-                     "authorization" in headers, raw, "MISS")
+                     "authorization" in headers, raw, "MISS", pool)
         if d.no_store:
             d.action, d.state = "bypass", "BYPASS"
             self.stats["bypass"] += 1
             return d
-        e = self._find(key, raw)
+        e = self._find(key, raw, pool)
+        if e is None and ("if-none-match" in headers or "if-modified-since" in headers):
+            # the client's validators go to the backend, whose answer (a 304 for the client's
+            # own copy, say) is that client's alone: nothing is stored from it
+            d.action, d.state = "bypass", "BYPASS"
+            self.stats["bypass"] += 1
+            return d
         if e is None:
             if "only-if-cached" in cc:
                 d.action, d.state = "hit", "MISS"  # answered 504 by respond()
@@ -345,11 +358,14 @@ class HttpCache:
         self.stats["revalidations"] += 1
         return d
 
-    def _find(self, key: tuple[str, bytes], raw: list[tuple[bytes, bytes]]) -> Entry | None:
+    def _find(self, key: tuple[str, bytes], raw: list[tuple[bytes, bytes]],
+              pool: str) -> Entry | None:
         variants = self._lru.get(key)
         if not variants:
             return None
         for e in variants:
+            if e.pool != pool:
+                continue
             if not e.vary:
                 if not e.vary_values:
                     return e
@@ -384,7 +400,7 @@ class HttpCache:
             return 0.0, "no-store"
         if "private" in cc:
             return 0.0, "private"
-        if status == 206 or status < 200:
+        if status in (206, 304, 412) or status < 200:
             return 0.0, "status"
         vary = ",".join(h.get("vary"))
         if vary.strip() == "*":
@@ -445,7 +461,7 @@ class HttpCache:
         vary = tuple(sorted({v.strip().lower() for v in ",".join(h.get("vary")).split(",")
                              if v.strip()}))
         lm_raw = h.first("last-modified")
-        e = Entry(key=d.key, vary=vary, vary_values=_vary_values(vary, d.vary_source),
+        e = Entry(key=d.key, pool=d.pool, vary=vary, vary_values=_vary_values(vary, d.vary_source),
                   status=status, reason=reason, headers=lines, body=body, request_time=t_req,
                   response_time=t_resp, date=date, age=max(apparent, corrected),
                   lifetime=lifetime, etag=h.first("etag"),
@@ -465,7 +481,7 @@ class HttpCache:
         else:
             self._lru.move_to_end(e.key)
             for old in variants:
-                if old.vary_values == e.vary_values or old.vary != e.vary:
+                if old.pool == e.pool and (old.vary_values == e.vary_values or old.vary != e.vary):
                     # the same representation, or a Vary that changed: the old goes
                     self._drop(variants, old)
                     break
@@ -491,13 +507,16 @@ class HttpCache:
             if not variants:
                 del self._lru[key]
 
-    def freshen(self, e: Entry, h: Headers, t_req: float, t_resp: float) -> None:
+    def freshen(self, e: Entry, h: Headers, t_req: float, t_resp: float) -> bool:
         """A 304 to a revalidation: the entry takes the 304's fields (RFC 9111 4.3.4) and its
-        age and lifetime start again."""
-        new = {n.lower() for n, _ in h.items} - _DROP
+        age and lifetime start again. A Set-Cookie in the 304 is not taken (unless
+        ``store_set_cookie``). Returns False when the merged fields say the response may no
+        longer be stored (private, no-store): the caller answers this request and drops it."""
+        items = [(n, v) for n, v in h.items if n.lower() not in _DROP
+                 and (self.store_set_cookie or n.lower() != b"set-cookie")]
+        new = {n.lower() for n, _ in items}
         if new:
-            e.headers = [(n, v) for n, v in e.headers if n.lower() not in new] + \
-                        [(n, v) for n, v in h.items if n.lower() not in _DROP]
+            e.headers = [(n, v) for n, v in e.headers if n.lower() not in new] + items
         merged = Headers(e.headers)
         cc = directives(merged.get("cache-control"))
         lifetime = self._lifetime(cc, merged, t_resp)
@@ -508,9 +527,16 @@ class HttpCache:
         e.date = http_date(merged.first("date")) or t_resp
         e.age = max(0.0, t_resp - e.date) + (seconds(h.first("age") or "") or 0)
         e.etag = merged.first("etag")
+        e.last_modified_raw = merged.first("last-modified")
+        e.last_modified = http_date(e.last_modified_raw)
         e.always_revalidate = "no-cache" in cc
         e.render()
+        size = len(e.body) + sum(len(n) + len(v) + 4 for n, v in e.headers) + ENTRY_OVERHEAD
+        self.size += size - e.size
+        e.size = size
         self.stats["revalidated"] += 1
+        self._evict()
+        return not ("private" in cc or "no-store" in cc)
 
     # -- answers ------------------------------------------------------------------------------
 

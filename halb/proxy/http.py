@@ -121,7 +121,12 @@ log = get_logger("http")
 
 HIGH_WATER = 256 * 1024  # transport write buffers; pending body bytes before reading pauses
 REPLAY_MAX = 64 * 1024  # request bodies up to this size are kept for a retry
-POOL_MAX_IDLE = 64  # idle keep-alive connections kept per backend
+# idle keep-alive connections kept per backend. As many as a busy listener has requests in
+# flight to it, within reason: with 64, a thousand keep-alive clients meant a thousand backend
+# connections busy at once, all but 64 of them closed after their answer and opened again for
+# the next request (HAProxy's http-reuse keeps every one, pool-max-conn -1). Idle ones close
+# after POOL_IDLE_TIMEOUT.
+POOL_MAX_IDLE = 1024
 POOL_IDLE_TIMEOUT = 30.0  # an idle pooled connection is closed after this
 MAX_PIPELINE = 128  # parsed requests waiting behind the one in flight (one read's worth)
 
@@ -146,6 +151,7 @@ _P_BUF = 2  # body bytes waiting for a backend connection
 _P_BACKEND = 4  # the backend's write buffer is full
 _P_DONE = 8  # an error answer is pending; read no more
 _P_UPG = 16  # an upgrade offer waits for its answer: the bytes after it are held
+_P_WRITE = 32  # (cache listeners) the client is not taking our answers: read no more requests
 
 # request-target bytes >= 0x80 (raw UTF-8, which llhttp refuses) stand in as "x" while llhttp
 # parses the line; the target goes on as it came (ClientConn._mask_target)
@@ -177,15 +183,17 @@ class _Rx:
 
 
 class _CacheX:
-    """The cache's part in one exchange (halb.proxy.cache): its decision, then the response
-    being gathered for storing (``body`` None: not stored)."""
+    """The cache's part in one exchange (halb.proxy.cache): the cache it asked (kept: a reload
+    may replace the listener's meanwhile), its decision, then the response being gathered for
+    storing (``body`` None: not stored)."""
 
-    __slots__ = ("d", "limit", "t_req", "body", "size", "status", "reason", "h", "lifetime",
-                 "fresh304")
+    __slots__ = ("cache", "d", "limit", "t_req", "body", "size", "status", "reason", "h",
+                 "lifetime", "fresh304")
 
-    def __init__(self, d, limit: int, t_req: float):
+    def __init__(self, cache, d, t_req: float):
+        self.cache = cache
         self.d = d
-        self.limit = limit
+        self.limit = cache.max_object
         self.t_req = t_req
         self.body: list[bytes] | None = None
         self.size = 0
@@ -773,6 +781,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         bc = self.conn
         if bc is not None:
             bc.pause_reading()
+        if self.l.cache is not None and not self.tunnel:
+            # answers from the cache need no backend, so pausing one would not stop them: a
+            # client that sends requests and reads nothing is read no further instead (the
+            # pipelined ones already parsed, at most MAX_PIPELINE, are still answered)
+            self.pause(_P_WRITE)
         if self.wtimer is None:
             self.wtimer = self.loop.call_later(self.s.t_tunnel if self.tunnel else self.s.t_idle,
                                                self._send_timeout)
@@ -785,6 +798,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         bc = self.conn
         if bc is not None:
             bc.resume_reading()
+        self.resume(_P_WRITE)
 
     def flush(self) -> None:
         """Queues what ``out`` holds: the listener writes it at the end of this loop turn."""
@@ -1294,7 +1308,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         cache = self.l.cache
         if cache is not None and (self.l.cache_pools is None or pool_name in self.l.cache_pools):
-            if self._cache_request(cache, rx):
+            if self._cache_request(cache, rx, pool_name):
                 return  # answered from the cache
         mode = pool.sticky_mode
         if mode == "cookie":
@@ -1702,22 +1716,35 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
 
     # -- the HTTP cache ([listeners.cache], halb.proxy.cache; only while it is on) ----------
 
-    def _cache_request(self, cache, rx: _Rx) -> bool:
-        """Looks the request up; True when the cache answered it (the exchange is over)."""
+    def _cache_request(self, cache, rx: _Rx, pool: str) -> bool:
+        """Looks the request up; True when the cache answered it (the exchange is over). A
+        failure inside the cache (a bug, odd input) makes the request a plain one: logged,
+        never fatal to the connection."""
         req = rx.req
+        if req.upgrade:  # an upgrade offer is the backend's to answer
+            return False
         now = _wall()
-        d = cache.request(req.method, req.host, req.target, req.headers, req.has_body, now)
+        try:
+            d = cache.request(req.method, req.host, req.target, req.headers, req.has_body,
+                              now, pool)
+        except Exception:  # noqa: BLE001
+            log.exception("cache_failed", listener=self.l.name, when="lookup")
+            return False
         if self.alog is not None:
             self.lcache = d.state
         if d.action != "hit":
             if d.action != "bypass":
-                self.cst = _CacheX(d, cache.max_object, now)
+                self.cst = _CacheX(cache, d, now)
             return False
         keep = rx.complete and rx.keep_alive and not self.eof and not self.l.stopping \
             and self.pending_error is None
-        status, data = cache.respond(d, now, req.version, not keep,
-                                     keep and req.version == "1.0",
-                                     self.s.via11 if req.version == "1.1" else self.s.via10)
+        try:
+            status, data = cache.respond(d, now, req.version, not keep,
+                                         keep and req.version == "1.0",
+                                         self.s.via11 if req.version == "1.1" else self.s.via10)
+        except Exception:  # noqa: BLE001
+            log.exception("cache_failed", listener=self.l.name, when="answer")
+            return False
         self.status = status
         self.nb += len(data)
         self.put(data)
@@ -1736,16 +1763,28 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if req.method not in _NO_BODY_METHODS and status < 400:
                 self.l.cache.invalidate(req.host, req.target)  # RFC 9111 4.4
             return False
-        cache = self.l.cache
+        try:
+            return self._cache_head(cst, req, status, rh, set_cookie)
+        except Exception:  # noqa: BLE001 - the response goes on uncached
+            log.exception("cache_failed", listener=self.l.name, when="response")
+            self.cst = None
+            return False
+
+    def _cache_head(self, cst: _CacheX, req, status: int, rh, set_cookie) -> bool:
+        cache = cst.cache
         d = cst.d
-        h = CacheHeaders.parse(b"".join(rh.parts[1:]))
+        h = CacheHeaders.parse(b"".join(rh.parts[1:]),
+                               rh.conn_tokens if rh.conn_extra else ())
         now = _wall()
         if d.action == "revalidate" and status == 304 and d.entry is not None:
-            cache.freshen(d.entry, h, cst.t_req, now)
-            cst.fresh304 = True
+            if not cache.freshen(d.entry, h, cst.t_req, now):
+                cache.invalidate(req.host, req.target)  # now private or no-store: this
+            cst.fresh304 = True                          # answer is the last from it
             cst.body = None
             return True
-        if set_cookie is not None:  # (halb's own sticky cookie is per client)
+        if set_cookie is not None or not (rh.chunked or rh.content_length is not None):
+            # halb's own sticky cookie is per client; a body that ends with the connection
+            # cannot be told complete from cut short
             self.cst = None
             return False
         lifetime, why = cache.storable(d, status, h, now)
@@ -1768,7 +1807,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         freshened the entry) answer from the entry. True when the exchange was answered."""
         cst = self.cst
         self.cst = None
-        cache = self.l.cache
+        cache = cst.cache
         d = cst.d
         if cst.fresh304:
             keep = rx.complete and rx.keep_alive and not self.eof and not self.l.stopping \
@@ -1788,8 +1827,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._next()
             return True
         if cst.h is not None:
-            cache.store(d, cst.status, cst.reason, cst.h, b"".join(cst.body), cst.lifetime,
-                        cst.t_req, _wall())
+            try:
+                cache.store(d, cst.status, cst.reason, cst.h, b"".join(cst.body),
+                            cst.lifetime, cst.t_req, _wall())
+            except Exception:  # noqa: BLE001 - not stored; the client has its answer
+                log.exception("cache_failed", listener=self.l.name, when="store")
         return False
 
     # -- tunnels (after a 101) ------------------------------------------------------------

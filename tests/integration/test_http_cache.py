@@ -432,3 +432,45 @@ def test_memory_is_bounded(env):
     get(env, "/bound/0?cc=max-age%3D600&size=16384")
     assert (env.origin.hits["/bound/3999"], env.origin.hits["/bound/0"]) == (before[0],
                                                                              before[1] + 1)
+
+
+def test_a_conditional_miss_is_not_stored(env):
+    """The client already holds the object (its ETag): the origin's 304 is for that client
+    alone and is not stored; the next plain GET gets the whole object."""
+    t = path(env, cc="max-age=60", etag="q")
+    s, _, _ = get(env, t, headers={"If-None-Match": '"q-1"'})
+    assert s == 304
+    s, _, b = get(env, t)
+    assert s == 200 and b.startswith(b"/t")
+    get(env, t)
+    assert origin_hits(env, t) == 2  # the 304, then the full answer (stored, then a hit)
+
+
+def test_a_client_that_reads_no_answers_is_read_no_further(env):
+    """Answers from the cache need no backend, so only the client's own pace can stop them:
+    a client sending 2,000 requests for a 256 KiB object (100 at a time) and reading nothing
+    makes halbd stop reading it (the requests of the read under way are answered), instead of
+    queuing 500 MiB of answers."""
+    import socket as _s
+    t = "/bp/obj?cc=max-age%3D600&size=262144"
+    assert get(env, t)[0] == 200 and get(env, t)[0] == 200
+    rss0 = _rss_kib(env.halbd.p.pid)
+    c = _s.create_connection(("127.0.0.1", env.port))
+    c.setsockopt(_s.SOL_SOCKET, _s.SO_RCVBUF, 4096)
+    one = f"GET {t} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    c.settimeout(0.5)
+    sent = 0
+    try:  # in batches of 100 (more than 128 in one read is refused as a pipelining abuse)
+        for _ in range(20):
+            c.sendall(one * 100)
+            sent += 100
+            time.sleep(0.1)
+    except (TimeoutError, _s.timeout):
+        pass
+    time.sleep(1.5)
+    grew = _rss_kib(env.halbd.p.pid) - rss0
+    print(f"\n{sent} requests sent, none read: halbd RSS +{grew} KiB")
+    c.close()
+    assert grew < 80 * 1024, grew
+    # and the listener still serves everyone else
+    assert get(env, t)[0] == 200

@@ -604,3 +604,10 @@ def test_cache_needs_an_http_listener():
     text = BASE.replace('mode = "http"', 'mode = "tcp"') + "[listeners.cache]\n"
     assert any(p.startswith('listeners[0].cache: cache needs mode = "http"')
                for p in problems(text))
+
+
+def test_vrrp_addresses_are_kept_canonical():
+    cfg = loads(V6 + 'vips = ["fe80::7/64"]\nunicast_peers = ["FE80::0012%eth0", "2001:DB8:0::2"]\n'
+                'source_address = "FE80::11"\n')
+    v = cfg.vrrp[0]
+    assert v.unicast_peers == ("fe80::12", "2001:db8::2") and v.source_address == "fe80::11"

@@ -262,3 +262,52 @@ def test_head_answered_from_get():
     st, data = c.respond(d, T0, "1.1", True, False, b"Via: 1.1 halb\r\n")
     assert st == 200 and data.endswith(b"Connection: close\r\nVia: 1.1 halb\r\n\r\n")
     assert b"Content-Length: 5" in data
+
+
+def test_a_conditional_miss_stores_nothing():
+    """A client's If-None-Match on a URL not stored goes to the backend as it is, and the
+    answer (a 304 for that client's copy) is that client's: never stored."""
+    c = cache()
+    d = req(c, if_none_match='"v1"')
+    assert d.action == "bypass"
+    d2 = req(c)
+    assert c.storable(d2, 304, H(cache_control="max-age=60", etag='"v1"'), T0)[1] == "status"
+    assert c.storable(d2, 412, H(cache_control="max-age=60"), T0)[1] == "status"
+
+
+def test_odd_digits_never_raise():
+    assert seconds("\u00b2") is None and seconds("\u0661") is None  # isdigit() but not ASCII
+    c = cache()
+    fill(c, cache_control="max-age=60")
+    d = req(c, cache_control="max-age=\u00b2")
+    assert d.action == "hit"
+    e = fill(c, target=b"/b", cache_control="max-age=60", age="\u00b2")
+    assert e is not None and e.age == 0
+
+
+def test_freshen_keeps_no_set_cookie_and_says_when_no_longer_storable():
+    c = cache()
+    e = fill(c, cache_control="max-age=1", etag='"v1"')
+    assert c.freshen(e, H(cache_control="max-age=60", set_cookie="sid=x"), T0 + 5, T0 + 5)
+    assert b"set-cookie" not in {n.lower() for n, _ in e.headers}
+    assert b"sid=x" not in e.head
+    assert not c.freshen(e, H(cache_control="private, max-age=60"), T0 + 6, T0 + 6)
+    size = e.size
+    c.freshen(e, H(x_long="y" * 1000), T0 + 7, T0 + 7)
+    assert e.size > size + 1000 and c.size == e.size
+
+
+def test_routed_pool_is_part_of_what_selects_a_response():
+    """Routes can read request headers: the same URL routed to two pools is two responses."""
+    c = cache()
+    d = c.request(b"GET", "example.com", b"/a", [], False, T0, "canary")
+    h = H(cache_control="max-age=60")
+    c.store(d, 200, b"OK", h, b"canary", 60, T0, T0)
+    assert c.request(b"GET", "example.com", b"/a", [], False, T0, "stable").action == "miss"
+    hit = c.request(b"GET", "example.com", b"/a", [], False, T0, "canary")
+    assert hit.action == "hit" and hit.entry.body == b"canary"
+
+
+def test_connection_named_headers_are_not_stored():
+    h = Headers.parse(b"Connection: x-hop\r\nX-Hop: 1\r\nX-Keep: 2\r\n", [b"X-Hop"])
+    assert [n for n, _ in h.items] == [b"Connection", b"X-Keep"]

@@ -316,3 +316,8 @@ def test_metrics_show_load_and_report_counts_only_for_resource_pools():
     wp = Pool(PoolConfig(name="w", backends=p.cfg.backends, algorithm="wrr"))
     other.pool_view(wp, wp.view, now)
     assert "halb_backend_load" not in generate_latest(other.registry).decode()
+
+
+def test_deeply_nested_json_report_is_malformed_not_an_exception():
+    assert rs.parse_orca("JSON " + "[" * 3000) == (rs.MALFORMED, {})
+    assert rs.parse_orca("JSON " + '{"a":' * 2000) == (rs.MALFORMED, {})
