@@ -126,7 +126,9 @@ def status(name: str, ns: str) -> dict:
 
 def watch_ends_clean(w: VipWatch) -> None:
     w.stop()
-    assert w.samples >= 20, (w.samples, w.max_gap)
+    # the watcher looked, and often enough for an overlap of a few adverts to show (a count
+    # floor fails a slow run that still looked every 0.1 s: 18 looks in one CI run)
+    assert w.samples >= 5 and w.max_gap <= 0.5, (w.samples, w.max_gap)
     assert not w.both, f"two VIP holders at {w.both} (looks every <= {w.max_gap:.3f} s)"
 
 
