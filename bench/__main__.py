@@ -262,6 +262,17 @@ backend be_nginx_tcp
 BACKEND_PORTS = ("n1", "n2", "iperf")  # the fields of the config templates below
 PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics")
 
+# the nginx pair as a halb pool: the same in every halb config below
+_HALB_WEB_POOL = """[[pools]]
+name = "web"
+[[pools.backends]]
+name = "n1"
+address = "127.0.0.1:{n1}"
+[[pools.backends]]
+name = "n2"
+address = "127.0.0.1:{n2}"
+"""
+
 HALB_CONF = """
 [node]
 name = "bench"
@@ -276,15 +287,7 @@ address = "127.0.0.1:{metrics}"
 [access_log]
 enabled = false
 
-[[pools]]
-name = "web"
-[[pools.backends]]
-name = "n1"
-address = "127.0.0.1:{n1}"
-[[pools.backends]]
-name = "n2"
-address = "127.0.0.1:{n2}"
-
+""" + _HALB_WEB_POOL + """
 [[pools]]
 name = "api"
 [[pools.backends]]
@@ -426,15 +429,7 @@ address = "127.0.0.1:{metrics}"
 [access_log]
 enabled = false
 
-[[pools]]
-name = "web"
-[[pools.backends]]
-name = "n1"
-address = "127.0.0.1:{n1}"
-[[pools.backends]]
-name = "n2"
-address = "127.0.0.1:{n2}"
-
+""" + _HALB_WEB_POOL + """
 [[listeners]]
 name = "http"
 mode = "http"
@@ -466,15 +461,7 @@ address = "127.0.0.1:{metrics}"
 destination = "file:{dir}/halb-access.log"
 format = "text"
 
-[[pools]]
-name = "web"
-[[pools.backends]]
-name = "n1"
-address = "127.0.0.1:{n1}"
-[[pools.backends]]
-name = "n2"
-address = "127.0.0.1:{n2}"
-
+""" + _HALB_WEB_POOL + """
 [[pools]]
 name = "api"
 [[pools.backends]]
