@@ -13,6 +13,13 @@ many backends do not fire together. Every check is bounded by ``timeout`` (conne
 response together) and reads at most ``MAX_RESPONSE`` bytes. Verdict changes go through
 ``pool.set_health`` (one atomic view swap), are logged with pool, backend and reason, and are
 counted with ``metrics.health_change``.
+
+A check that times out while halb's own event loop was stalled (the process stopped by SIGSTOP,
+a paused VM, a loop busy for longer than a quarter of the timeout) says nothing about the
+backend: its timer fired late, so the answer may have been waiting unread. Such a result is
+*inconclusive* (``ok=None``): it neither counts toward ``fall`` nor breaks a streak, and the check
+is repeated at once. ``MAX_INCONCLUSIVE`` of them in a row count as one failure, so a loop that
+stays overloaded cannot keep a dead backend up for ever.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ USER_AGENT = "halb-health"
 # ---------------------------------------------------------------------------------------------
 # Pure core
 
+MAX_INCONCLUSIVE = 3  # inconclusive checks in a row that count as one failure
+
 
 @dataclass(frozen=True, slots=True)
 class Transition:
@@ -50,7 +59,7 @@ class CheckState:
     """Rise/fall state of one backend's active check. ``result`` returns a ``Transition`` when
     the verdict changes, else None."""
 
-    __slots__ = ("rise", "fall", "up", "streak", "checks", "last_ok", "last_reason")
+    __slots__ = ("rise", "fall", "up", "streak", "checks", "last_ok", "last_reason", "inconclusive")
 
     def __init__(self, rise: int, fall: int, up: bool = True):
         if rise < 1 or fall < 1:
@@ -62,8 +71,16 @@ class CheckState:
         self.checks = 0
         self.last_ok: bool | None = None
         self.last_reason = ""
+        self.inconclusive = 0  # inconclusive results in a row (our own loop was late)
 
-    def result(self, ok: bool, reason: str = "") -> Transition | None:
+    def result(self, ok: bool | None, reason: str = "") -> Transition | None:
+        """Applies one check's result; ``ok=None`` is an inconclusive one (see the module)."""
+        if ok is None:
+            self.inconclusive += 1
+            if self.inconclusive < MAX_INCONCLUSIVE:
+                return None
+            ok = False  # a loop late check after check: count it, a dead backend must go down
+        self.inconclusive = 0
         first = self.checks == 0
         self.checks += 1
         self.last_ok = ok
@@ -81,6 +98,12 @@ class CheckState:
         self.up = ok
         self.streak = 0
         return t
+
+
+def stall_allowance(timeout: float) -> float:
+    """How late a check's timeout may fire before the check says nothing about the backend:
+    a quarter of the timeout, at least 20 ms (one busy loop turn is not a stall)."""
+    return max(0.02, timeout / 4)
 
 
 def first_delay(interval: float, rnd: random.Random) -> float:
@@ -197,22 +220,27 @@ class HealthChecker:
         await asyncio.sleep(first_delay(cfg.interval, self.rng))
         while True:
             started = loop.time()
+            ok: bool | None = False
             try:
-                await self.check_once(b)
+                ok, _ = await self.check_once(b)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in one check must not end the backend's checks
                 self.log.exception("health_check_crashed", pool=self.pool.name, backend=b.name)
+            if ok is None:  # inconclusive: look again now rather than an interval later
+                await asyncio.sleep(0)
+                continue
             delay = next_delay(cfg.interval, cfg.jitter, self.rng) - (loop.time() - started)
             await asyncio.sleep(max(0.0, delay))
 
-    async def check_once(self, b: "Backend") -> tuple[bool, str]:
-        """Runs one check of ``b`` and applies the result; returns (ok, reason)."""
+    async def check_once(self, b: "Backend") -> tuple[bool | None, str]:
+        """Runs one check of ``b`` and applies the result; returns (ok, reason), ok None when
+        the check was inconclusive (halb's own loop was late, see the module)."""
         ok, reason = await self.probe(b)
         self.apply(b, ok, reason)
         return ok, reason
 
-    def apply(self, b: "Backend", ok: bool, reason: str) -> Transition | None:
+    def apply(self, b: "Backend", ok: bool | None, reason: str) -> Transition | None:
         st = self.states[b.name]
         t = st.result(ok, reason)
         if self.log.enabled():
@@ -230,15 +258,21 @@ class HealthChecker:
                 self.metrics.health_change(self.pool.name, b.name, t.up)
         return t
 
-    async def probe(self, b: "Backend") -> tuple[bool, str]:
+    async def probe(self, b: "Backend") -> tuple[bool | None, str]:
         cfg = self.cfg
         port = cfg.port or b.port
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.timeout
         try:
-            async with asyncio.timeout(cfg.timeout):
+            async with asyncio.timeout_at(deadline):
                 if cfg.type == "http":
                     return await self._http(b, port)
                 return await self._tcp(b, port)
         except TimeoutError:
+            late = loop.time() - deadline
+            if late > stall_allowance(cfg.timeout):
+                return None, (f"inconclusive: halb's event loop was {late * 1000:.0f} ms late "
+                              f"for the {cfg.timeout:g}s timeout")
             return False, f"timeout after {cfg.timeout:g}s"
         except ConnectionRefusedError:
             return False, "connection refused"

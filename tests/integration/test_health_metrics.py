@@ -125,6 +125,48 @@ def test_probes_against_real_servers():
     assert out["big body"][0] is False and "body lacks 'ok' in the first" in out["big body"][1]
 
 
+def test_check_during_a_stalled_loop_is_inconclusive_not_a_failure():
+    """halb stopped (SIGSTOP, a paused VM) or its loop blocked while a check is in flight: the
+    timeout fires late, and the healthy backend must not be counted as failing (a false
+    backend_down moves sticky clients). A silent backend still fails when the loop is not late."""
+    async def main():
+        port = free_port()
+        lb = LabBackend("web1")
+        await lb.start(http=f"127.0.0.1:{port}")
+        out = {}
+        try:
+            for kind in ("http", "tcp"):
+                chk, _ = _checker(port, replace(HTTP, type=kind, expect_body=""))
+                results = []
+                for _ in range(5):
+                    task = asyncio.ensure_future(chk.probe(chk.pool.backends[0]))
+                    await asyncio.sleep(0)  # the probe starts its connect, then the loop stalls
+                    time.sleep(0.6)  # twice the 0.3 s timeout, in the loop's own thread
+                    results.append(await task)
+                out[kind] = results
+                out[kind + " after"] = await chk.probe(chk.pool.backends[0])
+        finally:
+            lb.close()
+
+        async def silent(r, w):
+            await asyncio.sleep(5)
+            w.close()
+        srv, p = await _raw_server(silent)
+        try:
+            chk, _ = _checker(p, HTTP)
+            out["silent"] = await chk.probe(chk.pool.backends[0])
+        finally:
+            srv.close()
+        return out
+
+    out = asyncio.run(main())
+    for kind in ("http", "tcp"):
+        assert all(ok is not False for ok, _ in out[kind]), out[kind]
+        assert any(ok is None and "inconclusive" in why and "late" in why for ok, why in out[kind]), out[kind]
+        assert out[kind + " after"][0] is True
+    assert out["silent"] == (False, "timeout after 0.3s")
+
+
 def test_checker_task_applies_verdicts_and_stops():
     async def main():
         port = free_port()

@@ -13,8 +13,8 @@ import pytest
 from halb import log as hlog
 from halb.clock import FakeClock
 from halb.config import BackendConfig, Endpoint, HealthConfig, PoolConfig
-from halb.health import (CheckState, HealthChecker, build_request, evaluate_http, first_delay,
-                         next_delay)
+from halb.health import (MAX_INCONCLUSIVE, CheckState, HealthChecker, build_request, evaluate_http,
+                         first_delay, next_delay, stall_allowance)
 from halb.metrics import Metrics
 from halb.model import Pool
 
@@ -27,7 +27,7 @@ def run(st: CheckState, results: str) -> str:
     """Feeds results ('+' good, '-' bad); returns the verdict after each ('U' up, 'D' down)."""
     out = []
     for r in results:
-        st.result(r == "+", "r")
+        st.result(None if r == "?" else r == "+", "r")
         out.append("U" if st.up else "D")
     return "".join(out)
 
@@ -46,6 +46,15 @@ def run(st: CheckState, results: str) -> str:
     (3, 2, False, "++-+++", "DDDDDU"),
     (1, 1, False, "+-+-", "UDUD"),
     (2, 1, True, "+-", "UD"),
+    # inconclusive checks ('?', halb's own loop was late) neither count nor break a streak...
+    (2, 2, True, "+-?-", "UUUD"),
+    (2, 2, True, "+??-", "UUUU"),
+    (2, 2, False, "+?+", "DDU"),
+    (2, 1, True, "+??", "UUU"),
+    # ... but MAX_INCONCLUSIVE (3) in a row count as one failure
+    (2, 1, True, "+???", "UUUD"),
+    (2, 2, True, "+??????", "UUUUUUD"),
+    (2, 2, True, "+??+??-", "UUUUUUU"),
 ])
 def test_rise_fall(rise, fall, up, results, verdicts):
     assert run(CheckState(rise, fall, up=up), results) == verdicts
@@ -60,6 +69,13 @@ def test_transition_carries_reason_and_streak():
     assert st.result(True, "status 200") is None
     t = st.result(True, "status 200")
     assert t.up is True and t.streak == 2
+
+
+def test_stall_allowance():
+    assert MAX_INCONCLUSIVE == 3
+    assert stall_allowance(0.2) == pytest.approx(0.05)
+    assert stall_allowance(2.0) == pytest.approx(0.5)
+    assert stall_allowance(0.04) == pytest.approx(0.02)  # a floor: one busy loop turn is not a stall
 
 
 def test_bad_thresholds_rejected():
