@@ -95,6 +95,23 @@ def sticky_report(events: list[dict], exclude_backends: set[str] = frozenset(),
             "lost_examples": lost[:5]}
 
 
+def health_moves(lab: Lab, since: float = 0.0) -> str:
+    """The backend_down/backend_up records of every load balancer (since ``since``), for the
+    detail of a failed sticky check: a sticky client moves when its node thinks its backend
+    is down, and the record says why."""
+    out = []
+    for i in range(1, lab.topo.lbs + 1):
+        node = f"lb{i}"
+        for ev in ("backend_down", "backend_up"):
+            try:
+                recs = lab.log_events(node, ev)
+            except (OSError, LabError):
+                continue
+            out += [(t, f"{node} {ev} {r.get('pool')}/{r.get('backend')} ({r.get('reason')})")
+                    for t, r in recs if t >= since]
+    return "; ".join(f"{w} at +{t - since:.2f}s" for t, w in sorted(out)[:12]) or "no backend went down"
+
+
 def http_counts(events: list[dict], start: float = 0.0, end: float = float("inf")) -> tuple[int, int]:
     ok = failed = 0
     for e in events:
@@ -143,6 +160,7 @@ class Scenario:
         if self.lab.leftovers():  # an earlier run of this (chaos-only) prefix was interrupted
             clean(self.topo.prefix)
         self.lab.up(halbd=self.halbd)
+        self.t0 = time.monotonic()
         alive = None if self.halbd else (lambda n: self.lab.alive(f"keepalived-{n}"))
         self.watch = VipWatch(self.lab, self.topo.vips[0], max_seconds=self.seconds + 60,
                               alive=alive).start()
@@ -203,7 +221,8 @@ def kill9(topo: Topology, out: Path) -> Result:
         r.check(f"the VIP answered from {new} within Master_Down_Interval + 150 ms ({bound:.0f} ms)",
                 fo.answered_ms is not None and fo.answered_ms <= bound, f"{fo.answered_ms} ms")
         r.check("no sticky session lost", st["lost"] == 0 and st["clients"] >= 100 and st["src_clients"] >= 32,
-                f"{st['lost']} of {st['clients']} lost: {st['lost_examples']}")
+                f"{st['lost']} of {st['clients']} lost: {st['lost_examples']}"
+                + (f"; {health_moves(sc.lab, sc.t0)}" if st["lost"] else ""))
     return r
 
 
@@ -245,7 +264,8 @@ def sigstop(topo: Topology, out: Path, freeze: float = 2.0) -> Result:
                 f"two masters for {dm_after * 1000:.0f} ms after SIGCONT")
         r.check("exactly one master at the end", len(end_holders) == 1, f"holders {end_holders}")
         r.check("no sticky session lost", st["lost"] == 0 and st["clients"] >= 100 and st["src_clients"] >= 32,
-                f"{st['lost']} of {st['clients']}: {st['lost_examples']}")
+                f"{st['lost']} of {st['clients']}: {st['lost_examples']}"
+                + (f"; {health_moves(sc.lab, sc.t0)}" if st["lost"] else ""))
     return r
 
 
@@ -315,7 +335,8 @@ def partition(topo: Topology, out: Path, cut: float = 2.0) -> Result:
         r.check("sticky tables converge after healing", tables is not None and len(tables[0]) >= 32,
                 "tables differ" if tables is None else f"{len(tables[0])} entries on both")
         r.check("no sticky session lost", st["lost"] == 0 and st["clients"] >= 100 and st["src_clients"] >= 32,
-                f"{st['lost']} of {st['clients']}: {st['lost_examples']}")
+                f"{st['lost']} of {st['clients']}: {st['lost_examples']}"
+                + (f"; {health_moves(sc.lab, sc.t0)}" if st["lost"] else ""))
     return r
 
 
@@ -462,7 +483,8 @@ def failover_loop(topo: Topology, out: Path, cycles: int = 10) -> Result:
                 f"VIP max {max(takeovers) if takeovers else None} ms, "
                 f"answered max {max(answered) if answered else None} ms")
         r.check("no sticky session lost", st["lost"] == 0 and st["clients"] >= 100 and st["src_clients"] >= 32,
-                f"{st['lost']} of {st['clients']}: {st['lost_examples']}")
+                f"{st['lost']} of {st['clients']}: {st['lost_examples']}"
+                + (f"; {health_moves(sc.lab, sc.t0)}" if st["lost"] else ""))
     return r
 
 
