@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import asyncio
 import socket
 import subprocess
 import sys
@@ -66,6 +67,20 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float 
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
                        + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition", *,
+                interval: float = 0.02) -> float:
+    """``wait_for`` inside a running event loop (the loop keeps running while it waits):
+    returns ``time.monotonic()`` when ``cond()`` is first true; AssertionError at the
+    deadline, naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

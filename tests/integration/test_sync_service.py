@@ -16,7 +16,7 @@ from halb import pki
 from halb.config import Endpoint, SyncConfig, SyncPeer, TLSFiles
 from halb.sync.standalone import SyncNode
 from halb.tables import sticky_key
-from tests.helpers import free_port, free_ports
+from tests.helpers import free_port, free_ports, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -99,15 +99,6 @@ def cfg(port, peers, tls=None, **kw):
     return SyncConfig(listen=Endpoint("127.0.0.1", port),
                       peers=tuple(SyncPeer(n, Endpoint("127.0.0.1", p)) for n, p in peers),
                       tls=tls, **kw)
-
-
-async def until(cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def view(node, table="sticky"):

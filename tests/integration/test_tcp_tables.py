@@ -15,7 +15,7 @@ import pytest
 from halb.config import loads
 from halb.node import Node
 from halb.tables import Entry, Op, flow_key, sticky_key
-from tests.helpers import Backends, free_port
+from tests.helpers import Backends, free_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -60,14 +60,6 @@ async def who(port: int, src: str = "127.0.0.1"):
     w.write(b"WHO\n")
     name = (await asyncio.wait_for(r.readline(), 5)).decode().strip()
     return name, r, w
-
-
-async def until(cond, timeout: float = 5.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_flow_table_holds_open_connections(backends, state):

@@ -16,7 +16,7 @@ import pytest
 from halb.config import loads
 from halb.node import Node
 from halb.tables import Entry, Op, flow_key, sticky_key
-from tests.helpers import Backends, free_port, split_hostport
+from tests.helpers import Backends, free_port, split_hostport, until
 
 pytestmark = pytest.mark.integration
 
@@ -78,15 +78,6 @@ async def ask(s: socket.socket, port: int, msg: bytes) -> str:
     await loop.sock_sendto(s, msg, ("127.0.0.1", port))
     data = await asyncio.wait_for(loop.sock_recv(s, 70000), 3)
     return data.partition(b"|")[0].decode()
-
-
-async def until(cond, timeout: float = 5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def udp_client() -> socket.socket:

@@ -26,21 +26,13 @@ from halb.clock import MonotonicClock
 from halb.config import load
 from halb.metrics import Metrics
 from halb.vrrp.election import Election
+from tests.helpers import until
 
 cfg = load(sys.argv[2])
 scenario = sys.argv[3]
 peer_pid = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 metrics = Metrics(cfg.node.name)
 out = {}
-
-
-async def until(cond, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return time.monotonic()
-        await asyncio.sleep(0.002)
-    return None
 
 
 def st():
@@ -63,7 +55,7 @@ async def main():
 
 async def run():
     if scenario == "handover":
-        assert await until(lambda: st()["state"] == "master", 10)
+        assert await until(lambda: st()["state"] == "master", 10, interval=0.002)
         out["status"] = st()
         try:
             e.handover("nope")
@@ -78,7 +70,7 @@ async def run():
         except ValueError as x:
             out["not_master"] = str(x)
     elif scenario == "fast":
-        assert await until(lambda: st()["state"] == "backup" and st()["master"], 10)
+        assert await until(lambda: st()["state"] == "backup" and st()["master"], 10, interval=0.002)
         master = st()["master"]
         e.sync_peer_lost(master)  # stream closed, adverts still arriving: nothing happens
         await asyncio.sleep(1.0)
@@ -89,21 +81,21 @@ async def run():
         try:
             t0 = time.monotonic()
             e.sync_peer_lost(master)
-            t = await until(lambda: st()["state"] == "master", 5)
+            t = await until(lambda: st()["state"] == "master", 5, interval=0.002)
             out["fast_takeover"] = t - t0 if t else None
             out["interval"] = st()["advert_interval"]
         finally:
             os.kill(peer_pid, signal.SIGCONT)
         # the old master wakes up with the higher priority: we step down again
-        t = await until(lambda: st()["state"] == "backup", 5)
+        t = await until(lambda: st()["state"] == "backup", 5, interval=0.002)
         out["stepped_down"] = t is not None
     elif scenario == "hold":
-        assert await until(lambda: st()["state"] == "backup" and st()["master"], 10)
+        assert await until(lambda: st()["state"] == "backup" and st()["master"], 10, interval=0.002)
         await asyncio.sleep(1.0)
         out["held_state"] = st()["state"]
         t0 = time.monotonic()
         e.set_preempt_hold(False)
-        t = await until(lambda: st()["state"] == "master", 5)
+        t = await until(lambda: st()["state"] == "master", 5, interval=0.002)
         out["preempted_after"] = t - t0 if t else None
 
 

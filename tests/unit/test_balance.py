@@ -10,7 +10,7 @@ import pytest
 
 from halb.balance import (MaglevHash, SmoothWeighted, hash_key_for, key_hash, make_balancer,
                           maglev_table, swrr_schedule)
-from halb.config import BackendConfig, Endpoint, PoolConfig
+from halb.config import ALGORITHMS, BackendConfig, Endpoint, PoolConfig
 from halb.model import Pool
 
 pytestmark = pytest.mark.unit
@@ -343,7 +343,7 @@ def test_maglev_every_backend_owns_entries_when_weights_exceed_the_table():
 
 # -- skipping full / excluded ---------------------------------------------------------------
 
-ALGOS = ["roundrobin", "wrr", "leastconn", "p2c", "leasttime", "source", "maglev", "resource"]
+ALGOS = list(ALGORITHMS)
 
 
 @pytest.mark.parametrize("algo", ALGOS)
