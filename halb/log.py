@@ -64,6 +64,29 @@ class Logger:
         return self._l.isEnabledFor(level)
 
 
+class RateLimitedLog:  # (node-wide: the TCP and UDP proxies and the NAT mode use it)
+    """Logs an event at most once per ``interval`` per key, counting what it suppressed."""
+
+    def __init__(self, logger: Logger, interval: float = 1.0):
+        self.log = logger
+        self.interval = interval
+        self._last: dict[tuple, tuple[float, int]] = {}
+
+    def warning(self, event: str, key: str = "", **fields) -> None:
+        now = time.monotonic()
+        k = (event, key)
+        last, suppressed = self._last.get(k, (0.0, 0))
+        if now - last < self.interval:
+            self._last[k] = (last, suppressed + 1)
+            return
+        if len(self._last) > 1024:
+            self._last.clear()
+        self._last[k] = (now, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self.log.warning(event, **fields)
+
+
 def get_logger(name: str) -> Logger:
     return Logger(name)
 

@@ -50,6 +50,7 @@ from ..model import Pool
 from ..tables import flow_key, sticky_key
 from . import proxyproto
 from .sockets import format_addr, listen_tcp, raise_nofile
+from ..log import RateLimitedLog
 from .l4stats import l4_counters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,29 +78,6 @@ _NO_SPLICE_ERRNOS = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-class RateLimitedLog:
-    """Logs an event at most once per ``interval`` per key, counting what it suppressed."""
-
-    def __init__(self, logger: hlog.Logger, interval: float = 1.0):
-        self.log = logger
-        self.interval = interval
-        self._last: dict[tuple, tuple[float, int]] = {}
-
-    def warning(self, event: str, key: str = "", **fields) -> None:
-        now = time.monotonic()
-        k = (event, key)
-        last, suppressed = self._last.get(k, (0.0, 0))
-        if now - last < self.interval:
-            self._last[k] = (last, suppressed + 1)
-            return
-        if len(self._last) > 1024:
-            self._last.clear()
-        self._last[k] = (now, 0)
-        if suppressed:
-            fields["suppressed"] = suppressed
-        self.log.warning(event, **fields)
 
 
 class PipePool:

@@ -31,7 +31,7 @@ from ..model import Pool
 from ..tables import flow_key, sticky_key
 from .sockets import bind_udp, format_addr, raise_nofile
 from .l4stats import l4_counters
-from .tcp import RateLimitedLog
+from ..log import RateLimitedLog
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerConfig
