@@ -84,6 +84,9 @@ class Node:
         # the listeners log through it (node.access_log); a part started before them and
         # stopped after them, so that their last lines are written
         self.access_log = AccessLog(cfg.access_log, self.metrics)
+        from .proxy import ListenerEnv
+        self.listener_env = ListenerEnv(self.pools, self.tables, self.clock, self.metrics,
+                                        self.access_log, self.splice_gate)
         self.parts: list[Any] = [self.access_log]  # started in order, stopped in reverse
         self._build_parts()
         if self.runtime:
@@ -107,7 +110,7 @@ class Node:
 
         # active health checks and agent checks (halb.health, halb.agent), one per pool each
         self.health = [c for pool in self.pools.values() for c in self._checkers_for(pool)]
-        self.listeners = [make_listener(lc, self) for lc in self.cfg.listeners
+        self.listeners = [make_listener(lc, self.listener_env) for lc in self.cfg.listeners
                           if lc.mode != "nat"]
         self.parts.extend(self.health)
         self.parts.extend(self.listeners)
@@ -340,7 +343,7 @@ class Node:
             try:
                 for lc in p.listeners_added + [lc for lc, how in p.listeners_changed
                                                if how == "new socket"]:
-                    lst = make_listener(lc, self)
+                    lst = make_listener(lc, self.listener_env)
                     old = replaced.get(lc.name) or by_name.get(p.handover.get(lc.name, ""))
                     if old is not None:
                         lst.handover = old.take_socket()

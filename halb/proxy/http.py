@@ -115,7 +115,7 @@ from .sockets import listen_tcp
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model import Backend, Pool
-    from ..node import Node
+    from . import ListenerEnv
 
 log = get_logger("http")
 
@@ -244,9 +244,9 @@ class _Settings:
 
 
 class HttpListener:
-    def __init__(self, cfg: ListenerConfig, node: "Node"):
+    def __init__(self, cfg: ListenerConfig, env: "ListenerEnv"):
         self.cfg = cfg
-        self.node = node
+        self.node = node = env  # (halb.proxy.ListenerEnv: what a listener uses of its node)
         self.name = cfg.name
         self.router = Router(cfg.routes, cfg.pool)
         self.pools = node.pools  # (the node's dict: pools live as long as the node)

@@ -56,7 +56,7 @@ from .l4stats import l4_counters
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerConfig
     from ..model import Backend
-    from ..node import Node
+    from . import ListenerEnv
 
 _log = hlog.get_logger("tcp")
 
@@ -301,7 +301,7 @@ class _Conn:
     def __init__(self, lst: "TcpListener", cs: socket.socket, caddr: tuple):
         # the access log (one line at close), if on for the node and this listener
         self.alog = lst.alog if lst.cfg.access_log else None
-        self.ta = lst.node.clock.now() if self.alog is not None else -1.0  # accepted
+        self.ta = lst.env.clock.now() if self.alog is not None else -1.0  # accepted
         self.tf = -1.0  # first connect attempt
         self.why = ""  # termination state when not a normal end (halb.accesslog)
         self.lst = lst
@@ -329,10 +329,10 @@ class _Conn:
         lst = self.lst
         pool = lst.pool
         if self.attempts == 0 and lst.sticky_src:
-            e = lst.node.tables.sticky.get(sticky_key("src", pool.name, self.caddr[0]))
+            e = lst.env.tables.sticky.get(sticky_key("src", pool.name, self.caddr[0]))
             if e is not None and e.pool == pool.name:
                 b = pool.by_name.get(e.backend)
-                if b is not None and b.is_up(lst.node.clock.now()) and not b.is_full():
+                if b is not None and b.is_up(lst.env.clock.now()) and not b.is_full():
                     return b
         key = hash_key_for(pool.cfg, self.caddr[0]) if lst.hashing else None
         return pool.pick(key, exclude=self.tried or _NONE)
@@ -359,7 +359,7 @@ class _Conn:
             bs.setblocking(False)
             bs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.bs = bs
-            self.t0 = lst.node.clock.now()
+            self.t0 = lst.env.clock.now()
             if self.tf < 0:
                 self.tf = self.t0
             err = bs.connect_ex(lst.sockaddr_of(b))
@@ -408,8 +408,8 @@ class _Conn:
             self.tried = set()
         self.tried.add(b)
         Pool.release(b)
-        lst.pool.report_result(b, False, lst.node.clock.now())
-        lst.node.metrics.observe(b, None, True)
+        lst.pool.report_result(b, False, lst.env.clock.now())
+        lst.env.metrics.observe(b, None, True)
         lst.event("connect_failed")
         lst.rlog.warning("backend_connect_failed", key=b.name, listener=lst.name,
                          pool=lst.pool.name, backend=b.name, reason=reason)
@@ -418,18 +418,18 @@ class _Conn:
     def _established(self) -> None:
         lst = self.lst
         b = self.backend
-        now = lst.node.clock.now()
+        now = lst.env.clock.now()
         self.rt = now - self.t0
         self.last = now
         self.why = ""  # (an earlier attempt's failure is not how this one ends)
         lst.pool.report_result(b, True, now)
-        node = lst.node
+        env = lst.env
         if lst.sticky_src:
-            node.tables.sticky.put(sticky_key("src", lst.pool.name, self.caddr[0]), b.name,
-                                   lst.pool.cfg.sticky.ttl, pool=lst.pool.name)
+            env.tables.sticky.put(sticky_key("src", lst.pool.name, self.caddr[0]), b.name,
+                                  lst.pool.cfg.sticky.ttl, pool=lst.pool.name)
         self.key = flow_key(lst.name, "tcp", self.client)
-        node.tables.flow.put(self.key, b.name, lst.tunnel, pool=lst.pool.name,
-                             client=self.client, listener=lst.name, proto="tcp")
+        env.tables.flow.put(self.key, b.name, lst.tunnel, pool=lst.pool.name,
+                            client=self.client, listener=lst.name, proto="tcp")
         if lst.cfg.proxy_protocol:
             try:
                 dst = self.cs.getsockname()
@@ -503,9 +503,9 @@ class _Conn:
         b = self.backend
         if b is not None:
             Pool.release(b, self.rt)
-            lst.node.metrics.observe(b, self.rt, False)
+            lst.env.metrics.observe(b, self.rt, False)
         if self.key:
-            lst.node.tables.flow.delete(self.key)
+            lst.env.tables.flow.delete(self.key)
         if self.up is not None:
             lst.nbytes_in += self.up.nbytes  # pushed to the counters once per sweep
             lst.nbytes_out += self.down.nbytes
@@ -517,7 +517,7 @@ class _Conn:
         b = self.backend
         up = self.up
         self.alog.tcp(self.ta, self.tf, self.t0 + self.rt if self.rt is not None else -1.0,
-                      lst.node.clock.now(), self.client, lst.name, lst.pool.name,
+                      lst.env.clock.now(), self.client, lst.name, lst.pool.name,
                       b.name if b is not None else "-", up.nbytes if up is not None else 0,
                       self.down.nbytes if up is not None else 0, self.why or "--",
                       self.attempts - 1 if self.attempts > 1 else 0, len(lst.conns),
@@ -529,11 +529,11 @@ class _Conn:
 
 
 class TcpListener:
-    def __init__(self, cfg: "ListenerConfig", node: "Node"):
+    def __init__(self, cfg: "ListenerConfig", env: "ListenerEnv"):
         self.cfg = cfg
-        self.node = node
+        self.env = env
         self.name = cfg.name
-        self.pool: Pool = node.pools[cfg.pool]
+        self.pool: Pool = env.pools[cfg.pool]
         self.retries = self.pool.cfg.retries
         self.hashing = hash_key_for(self.pool.cfg, "0.0.0.0") is not None
         self.sticky_src = self.pool.cfg.sticky.mode == "source"
@@ -542,7 +542,8 @@ class TcpListener:
         self.max_conns = cfg.limits.max_conns
         self.relay = cfg.relay if HAVE_SPLICE else "copy"
         if self.relay == "auto":
-            self.gate = node.splice_gate  # one per node: it follows the process's CPU
+            # one per node: it follows the process's CPU (none given: copy, as when idle)
+            self.gate = env.splice_gate if env.splice_gate is not None else _Fixed(False)
         else:
             self.gate = _Fixed(self.relay == "splice")
         self.pipes = PipePool()
@@ -556,7 +557,7 @@ class TcpListener:
         self._resume: asyncio.TimerHandle | None = None
         self._addrs: dict = {}
         self.rlog = RateLimitedLog(_log)
-        events, nbytes = l4_counters(node.metrics.registry)
+        events, nbytes = l4_counters(env.metrics.registry)
         self._events = events
         self._ev_children: dict[str, object] = {}
         self.bytes_in = nbytes.labels(self.name, "in")
@@ -564,7 +565,7 @@ class TcpListener:
         self.nbytes_in = self.nbytes_out = 0
         self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
         self.handover: socket.socket | None = None  # a listening socket taken over (reload)
-        self.alog = for_listener(node, True)  # the node's access log, or None (off)
+        self.alog = for_listener(env, True)  # the node's access log, or None (off)
 
     def refresh_pool(self) -> None:
         """The pool's config changed (reload): the facts cached from it, again."""
@@ -578,13 +579,14 @@ class TcpListener:
         """A reload changed this listener's settings (same bind): applied in place; the socket
         and the open connections stay."""
         self.cfg = cfg
-        self.pool = self.node.pools[cfg.pool]
+        self.pool = self.env.pools[cfg.pool]
         self.connect_timeout = cfg.timeouts.connect
         self.tunnel = cfg.timeouts.tunnel
         self.max_conns = cfg.limits.max_conns
         raise_nofile(2 * self.max_conns + 1024)
         self.relay = cfg.relay if HAVE_SPLICE else "copy"
-        self.gate = self.node.splice_gate if self.relay == "auto" else _Fixed(self.relay == "splice")
+        self.gate = self.env.splice_gate if self.relay == "auto" and self.env.splice_gate is not None \
+            else _Fixed(self.relay == "splice")
         self.sweep_interval = min(1.0, max(0.05, self.tunnel / 4))
         self.refresh_pool()
 
@@ -660,7 +662,7 @@ class TcpListener:
         sock = self.sock
         if sock is None:
             return
-        metrics = self.node.metrics
+        metrics = self.env.metrics
         for _ in range(ACCEPT_BURST):
             if len(self.conns) >= self.max_conns:
                 self._pause("max_conns")
@@ -710,7 +712,7 @@ class TcpListener:
 
     def closed(self, conn: _Conn) -> None:
         self.conns.discard(conn)
-        self.node.metrics.conn_close(self.name)
+        self.env.metrics.conn_close(self.name)
         if self.paused and self._resume is None and len(self.conns) < self.max_conns:
             self._unpause()
 
@@ -731,8 +733,8 @@ class TcpListener:
 
     def _sweep(self) -> None:
         """Idle timeout and flow-table touches, once per sweep interval (at most 1 s)."""
-        now = self.node.clock.now()
-        flow = self.node.tables.flow
+        now = self.env.clock.now()
+        flow = self.env.tables.flow
         tunnel = self.tunnel
         try:
             for c in list(self.conns):

@@ -36,7 +36,7 @@ from ..log import RateLimitedLog
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ListenerConfig
     from ..model import Backend
-    from ..node import Node
+    from . import ListenerEnv
 
 _log = hlog.get_logger("udp")
 
@@ -117,7 +117,7 @@ class _Flow:
         if b is not None:
             self.backend = None
             Pool.release(b)
-            self.lst.node.metrics.observe(b, None, error)
+            self.lst.env.metrics.observe(b, None, error)
 
     def on_replies(self) -> None:
         lst = self.lst
@@ -161,17 +161,17 @@ class _Flow:
             return
         self.dead = True
         lst.event("backend_refused")
-        lst.pool.report_result(b, False, lst.node.clock.now())
+        lst.pool.report_result(b, False, lst.env.clock.now())
         lst.rlog.warning("backend_refused", key=b.name, listener=lst.name, pool=lst.pool.name,
                          backend=b.name, client=self.client)
 
 
 class UdpListener:
-    def __init__(self, cfg: "ListenerConfig", node: "Node"):
+    def __init__(self, cfg: "ListenerConfig", env: "ListenerEnv"):
         self.cfg = cfg
-        self.node = node
+        self.env = env
         self.name = cfg.name
-        self.pool: Pool = node.pools[cfg.pool]
+        self.pool: Pool = env.pools[cfg.pool]
         self.hashing = hash_key_for(self.pool.cfg, "0.0.0.0") is not None
         self.sticky_src = self.pool.cfg.sticky.mode == "source"
         self.timeout = cfg.udp_flow_timeout
@@ -186,7 +186,7 @@ class UdpListener:
         self._addrs: dict = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.rlog = RateLimitedLog(_log)
-        self._events, _ = l4_counters(node.metrics.registry)
+        self._events, _ = l4_counters(env.metrics.registry)
         self._ev_children: dict[str, object] = {}
         self.sweep_interval = min(1.0, max(0.02, self.timeout / 4))
         # bound to a wildcard address: learn each datagram's destination (IP_PKTINFO) so the
@@ -209,7 +209,7 @@ class UdpListener:
         """A reload changed this listener's settings (same bind): applied in place; the socket
         and the flows stay."""
         self.cfg = cfg
-        self.pool = self.node.pools[cfg.pool]
+        self.pool = self.env.pools[cfg.pool]
         self.timeout = cfg.udp_flow_timeout
         self.max_flows = cfg.limits.max_flows
         raise_nofile(self.max_flows + 1024)
@@ -289,7 +289,7 @@ class UdpListener:
             return
         buf, mv = self.buf, self.mv
         flows = self.flows
-        now = self.node.clock.now()  # one reading per burst
+        now = self.env.clock.now()  # one reading per burst
         wildcard = self.wildcard
         anc = None
         for _ in range(BURST):
@@ -328,13 +328,13 @@ class UdpListener:
     def _choose(self, caddr: tuple, key: str, now: float, exclude=frozenset()) -> "Backend | None":
         pool = self.pool
         if not exclude:
-            e = self.node.tables.flow.get(key)  # ours from before, or replicated from a peer
+            e = self.env.tables.flow.get(key)  # ours from before, or replicated from a peer
             if e is not None and e.pool == pool.name:
                 b = pool.by_name.get(e.backend)
                 if b is not None and b.is_up(now):
                     return b
             if self.sticky_src:
-                e = self.node.tables.sticky.get(sticky_key("src", pool.name, caddr[0]))
+                e = self.env.tables.sticky.get(sticky_key("src", pool.name, caddr[0]))
                 if e is not None and e.pool == pool.name:
                     b = pool.by_name.get(e.backend)
                     if b is not None and b.is_up(now) and not b.is_full():
@@ -353,7 +353,7 @@ class UdpListener:
             return None
         f.last = now
         self.flows[caddr] = f
-        self.node.metrics.conn_open(self.name)
+        self.env.metrics.conn_open(self.name)
         return f
 
     def _connect(self, f: _Flow, now: float, exclude=frozenset()) -> bool:
@@ -372,7 +372,7 @@ class UdpListener:
         return False
 
     def _record(self, f: _Flow, b: "Backend") -> None:
-        tables = self.node.tables
+        tables = self.env.tables
         tables.flow.put(f.key, b.name, self.timeout, pool=self.pool.name, client=f.client,
                         listener=self.name, proto="udp")
         if self.sticky_src:
@@ -394,17 +394,17 @@ class UdpListener:
     def _end(self, f: _Flow) -> None:
         if self.flows.get(f.caddr) is f:
             del self.flows[f.caddr]
-            self.node.metrics.conn_close(self.name)
+            self.env.metrics.conn_close(self.name)
         f.detach()
         f.rd = None  # break the flow <-> bound method cycle: freed at once, not by the GC
-        self.node.tables.flow.delete(f.key)
+        self.env.tables.flow.delete(f.key)
 
     # -- housekeeping ---------------------------------------------------------------------------
 
     def _sweep(self) -> None:
         """Ends idle flows and touches active flows' table entries (at most once a second)."""
-        now = self.node.clock.now()
-        flow = self.node.tables.flow
+        now = self.env.clock.now()
+        flow = self.env.tables.flow
         timeout = self.timeout
         try:
             for f in list(self.flows.values()):
