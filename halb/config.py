@@ -34,6 +34,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 COOKIE_NAME_RE = HEADER_NAME_RE
+COOKIE_PREFIX_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # a backend name in front of a cookie value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +151,9 @@ class StickyConfig:
     cookie: str = "HALBSRV"
     ttl: float = 1800.0
     max_entries: int = 100_000
+    # app_cookie: HAProxy's ``cookie NAME prefix``: the backend's name goes in front of the
+    # application's cookie value (``web1~abc``) and comes off again on the way in; no table
+    prefix: bool = False
 
 
 @dataclass(frozen=True)
@@ -690,11 +694,14 @@ def _sticky(r: _Reader) -> StickyConfig:
         r.error(f"invalid cookie name {cookie!r}", "cookie")
     ttl = r.duration("ttl", d.ttl, lo=1, hi=86400 * 30)
     mx = r.int_in("max_entries", 1, 10_000_000, d.max_entries)
+    prefix = r.get("prefix", bool, False)
     r.done()
     if mode == "app_cookie" and not r.has("cookie"):
         r.error("app_cookie needs the name of the application's session cookie (e.g. "
                 "cookie = \"JSESSIONID\")", "cookie")
-    return StickyConfig(mode=mode, cookie=cookie, ttl=ttl, max_entries=mx)
+    if prefix and mode != "app_cookie":
+        r.error(f"prefix needs mode = \"app_cookie\" (mode is {mode!r})", "prefix")
+    return StickyConfig(mode=mode, cookie=cookie, ttl=ttl, max_entries=mx, prefix=bool(prefix))
 
 
 def _backend(r: _Reader, idx: int) -> BackendConfig:
@@ -786,6 +793,11 @@ def _pool(r: _Reader) -> PoolConfig:
                 "maglev_table_size")
     if backends and all(b.backup for b in backends):
         r.error("every backend is a backup; at least one must be a primary", "backends")
+    if sticky.prefix:  # the name goes into a cookie value, ahead of a '~'
+        for br, b in zip(brs, backends):
+            if not COOKIE_PREFIX_RE.match(b.name):
+                br.error(f"backend name {b.name!r} cannot prefix a cookie value ([pools.sticky] "
+                         "prefix = true): letters, digits and . _ - : only", "name")
     r.done()
     return PoolConfig(name=name, backends=tuple(backends), algorithm=algo, hash_key=hk,
                       maglev_table_size=size, slow_start=slow, retries=retries, health=health,

@@ -102,6 +102,7 @@ from ..model import backend_acquire, backend_release
 from ..resource import orca_header, parse_orca, utilization
 from ..tables import sticky_key
 from .http_head import (APP_COOKIE_MAX, HttpError, ResponseFramer, ResponseHead, app_cookie_set,
+                        prefix_set_cookie, prefix_set_cookie_pairs, strip_cookie_prefix,
                         check_request, error_response, request_head, sticky_cookie,
                         trailer_lines)
 
@@ -1326,6 +1327,17 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 b = pool.by_name.get(e.backend)
                 if b is not None and b.is_up(node.clock.now()) and not b.is_full():
                     self.sticky_b = b
+        elif mode == "app_cookie" and pool.cfg.sticky.prefix:
+            # prefix mode: the backend is named in the cookie itself (web1~abc), no table; the
+            # application gets its own value back (abc) whatever becomes of the request
+            hs, bname = strip_cookie_prefix(req.headers, pool.sticky_cookie)
+            if hs is not None:
+                req.headers = hs
+                req._map = None
+            self.cookie_val = bname
+            b = pool.by_name.get(bname) if bname else None
+            if b is not None and b.is_up(node.clock.now()) and not b.is_full():
+                self.sticky_b = b
         elif mode == "app_cookie":
             # the application's own session cookie: its value was recorded (replicated) when
             # the backend set it
@@ -1498,7 +1510,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         set_cookie = None
         mode = pool.sticky_mode
         if mode != "none":
-            self._record_sticky(mode, pool, b, rh)
+            self._sticky_response(mode, pool, b, rh)
             if mode == "cookie" and self.cookie_val != b.name:
                 set_cookie = sticky_cookie(pool.sticky_cookie, b.name)
         if pool.resource:  # (False for every other algorithm: no header is looked at)
@@ -1532,6 +1544,19 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if res != "ok" and log.enabled():
             log.debug("load_report_ignored", pool=pool.name, backend=b.name, result=res,
                       value=v[:200].decode("latin-1"))
+
+    def _sticky_response(self, mode: str, pool, b, rh) -> None:
+        """What stickiness does with ``b``'s response head: the table modes record; prefix mode
+        (no table) names ``b`` in the application cookie the response sets, if it sets it."""
+        if mode != "app_cookie" or not pool.cfg.sticky.prefix:
+            self._record_sticky(mode, pool, b, rh)
+            return
+        runs = prefix_set_cookie(rh.parts[1:], pool.sticky_cookie, b.name)
+        if runs is None:
+            return
+        rh.parts = rh.parts[:1] + runs
+        if rh.headers:  # (build lays the head out again from these: Connection named some)
+            rh.headers = prefix_set_cookie_pairs(rh.headers, pool.sticky_cookie, b.name)
 
     def _record_sticky(self, mode: str, pool, b, rh=None) -> None:
         table = self.node.tables.sticky
@@ -1850,6 +1875,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         rh = bc.rh
         extra = b"Connection: upgrade\r\nUpgrade: " + rh.upgrade + b"\r\n" + (
             self.s.via11 if bc.fr.minor == 1 else self.s.via10)
+        if self.pool.sticky_mode != "none":
+            self._sticky_response(self.pool.sticky_mode, self.pool, b, bc.rh)
         head = rh.build(101, None, False, False, None, False, extra)
         self.out.append(head)
         self.nb += len(head) + len(rest)
@@ -1862,8 +1889,6 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         # the exchange counts as a request now; the backend stays in use (leastconn) until
         # the tunnel ends (_release then)
         record(self.s.bk, self.s.metrics, b, rt, False)
-        if self.pool.sticky_mode != "none":
-            self._record_sticky(self.pool.sticky_mode, self.pool, b, bc.rh)
         proto = rh.upgrade.split(b",")[0].strip().lower()
         self.node.metrics.tunnel_open(self.l.name,
                                       "websocket" if proto == b"websocket" else "other")

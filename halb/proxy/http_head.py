@@ -1286,6 +1286,102 @@ def app_cookie_set(rh: "ResponseHead", name: str) -> str | None:
     return found
 
 
+def _cookie_pair_value(piece: bytes) -> tuple[bytes, bytes, bool]:
+    """(name, value without quotes, quoted?) of one ``name=value`` cookie pair."""
+    k, _, val = piece.partition(b"=")
+    val = val.strip()
+    quoted = len(val) >= 2 and val[:1] == b'"' and val[-1:] == b'"'
+    return k.strip(), val[1:-1] if quoted else val, quoted
+
+
+def strip_cookie_prefix(headers: list[tuple[bytes, bytes]],
+                        name: str) -> tuple[list[tuple[bytes, bytes]] | None, str]:
+    """Prefix mode (HAProxy's ``cookie NAME prefix``): the request's headers with the backend's
+    name taken off the application cookie (``NAME=web1~abc`` -> ``NAME=abc``; the cookie name
+    matched exactly, as RFC 6265 compares them), and that backend name. ``(None, "")`` when no
+    ``NAME`` cookie carries a prefix (the headers are then sent on as they are)."""
+    lname = name.encode("latin-1")
+    out = None
+    found = ""
+    for i, (n, v) in enumerate(headers):
+        if len(n) != 6 or n.lower() != b"cookie" or lname not in v:
+            continue
+        pieces = v.split(b";")
+        changed = False
+        for j, piece in enumerate(pieces):
+            if b"=" not in piece:
+                continue
+            k, val, quoted = _cookie_pair_value(piece)
+            if k != lname:
+                continue
+            be, sep, rest = val.partition(b"~")
+            if not sep or not be:
+                continue
+            found = be.decode("latin-1")
+            lead = b" " if j else b""
+            pieces[j] = lead + k + b"=" + (b'"' + rest + b'"' if quoted else rest)
+            changed = True
+        if changed:
+            if out is None:
+                out = list(headers)
+            out[i] = (n, b";".join(pieces))
+    return out, found
+
+
+def _prefixed(value: bytes, lname: bytes, pre: bytes) -> bytes | None:
+    """A ``Set-Cookie`` value with ``pre`` in front of cookie ``lname``'s value; None when it
+    sets another cookie or deletes this one (empty value)."""
+    first, semi, attrs = value.partition(b";")
+    k, val, quoted = _cookie_pair_value(first)
+    if k != lname or not val:
+        return None
+    v = pre + val
+    return k + b"=" + (b'"' + v + b'"' if quoted else v) + semi + attrs
+
+
+def prefix_set_cookie_pairs(headers: list[tuple[bytes, bytes]], name: str,
+                            backend: str) -> list[tuple[bytes, bytes]]:
+    """``prefix_set_cookie`` for a head kept as (name, value) pairs."""
+    lname = name.encode("latin-1")
+    pre = backend.encode("latin-1") + b"~"
+    out = []
+    for n, v in headers:
+        if n.strip().lower() == b"set-cookie":
+            p = _prefixed(v, lname, pre)
+            if p is not None:
+                v = p
+        out.append((n, v))
+    return out
+
+
+def prefix_set_cookie(runs: list[bytes], name: str, backend: str) -> list[bytes] | None:
+    """Prefix mode, the way out: the response head's runs of header lines (``ResponseHead.parts``
+    without its first item) with each ``Set-Cookie`` of ``name`` given the backend's prefix
+    (``NAME=abc; Path=/`` -> ``NAME=web1~abc; Path=/``). A cookie being deleted (empty value)
+    is left as it is. None when the response sets no such cookie."""
+    lname = name.encode("latin-1")
+    pre = backend.encode("latin-1") + b"~"
+    out = None
+    for i, run in enumerate(runs):
+        if lname not in run:
+            continue
+        lines = run.split(b"\r\n")
+        changed = False
+        for j, line in enumerate(lines):
+            hname, sep, value = line.partition(b":")
+            if not sep or hname.strip().lower() != b"set-cookie":
+                continue
+            v = _prefixed(value, lname, pre)
+            if v is not None:
+                lines[j] = hname + b": " + v
+                changed = True
+        if changed:
+            if out is None:
+                out = list(runs)
+            out[i] = b"\r\n".join(lines)
+    return out
+
+
 def sticky_cookie(name: str, backend: str) -> bytes:
     """HAProxy ``cookie insert`` style: ``NAME=backend; path=/; HttpOnly``."""
     return f"{name}={backend}; path=/; HttpOnly".encode("latin-1")

@@ -1,7 +1,9 @@
 """Application-cookie stickiness (issue 18): the backend's own session cookie (JSESSIONID)
 pins a client to the backend that set it. 200 clients keep their backend across 50 requests
 each, through a kill -9 of the node they started on (node b knows the cookies only from the
-replicated sticky table), and move only when their backend goes down."""
+replicated sticky table), and move only when their backend goes down. The same in prefix mode
+(HAProxy's ``cookie JSESSIONID prefix``: the backend's name rides in the cookie, no table, no
+sync between the nodes), where the application must only ever see its own cookie values."""
 
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ PER_NODE = 25  # requests per client through each node: 50 in all
 
 
 class App:
-    """A backend that starts a session (Set-Cookie: JSESSIONID) for a request without one."""
+    """A backend that starts a session (Set-Cookie: JSESSIONID) for a request without one of
+    its own sessions."""
 
     def __init__(self, name: str):
         counter = itertools.count(1)
         app = self
         self.down = False  # True: every request gets its connection closed, no answer
+        self.saw_prefix = 0  # requests whose Cookie still had a prefix (prefix mode)
 
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -42,8 +46,15 @@ class App:
                     self.close_connection = True
                     return
                 body = name.encode()
+                if "~" in (self.headers.get("Cookie") or ""):  # a prefix halb failed to take off
+                    app.saw_prefix += 1
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(200)
-                if "JSESSIONID=" not in (self.headers.get("Cookie") or ""):
+                if f"JSESSIONID={name}." not in (self.headers.get("Cookie") or ""):
+                    # no session, or one this backend does not know (Tomcat starts a new one)
                     self.send_header("Set-Cookie", f"JSESSIONID={name}.{next(counter)}; Path=/; "
                                                    f"HttpOnly")
                 self.send_header("X-Backend", name)
@@ -64,10 +75,12 @@ class App:
         self.srv.server_close()
 
 
-def config(tmp, name, http_port, sync_port, peers, apps) -> str:
+def config(tmp, name, http_port, sync_port, peers, apps, prefix: bool = False) -> str:
+    """A node's config; ``sync_port`` 0: no [sync] section."""
     be = "".join(f'[[pools.backends]]\nname = "{n}"\naddress = "127.0.0.1:{a.port}"\n'
                  for n, a in apps.items())
     ps = "".join(f'[[sync.peers]]\nname = "{n}"\naddress = "127.0.0.1:{p}"\n' for n, p in peers)
+    sync = f'[sync]\nlisten = "127.0.0.1:{sync_port}"\ninsecure = true\n{ps}' if sync_port else ""
     return write_config(tmp, f'''
 [node]
 name = "{name}"
@@ -82,6 +95,7 @@ retries = 3
 mode = "app_cookie"
 cookie = "JSESSIONID"
 ttl = "10m"
+prefix = {"true" if prefix else "false"}
 [pools.passive]
 max_failures = 1
 cooldown = "30s"
@@ -91,10 +105,7 @@ name = "www"
 mode = "http"
 bind = "127.0.0.1:{http_port}"
 pool = "web"
-[sync]
-listen = "127.0.0.1:{sync_port}"
-insecure = true
-{ps}''', name=f"{name}.toml")
+{sync}''', name=f"{name}.toml")
 
 
 CONNS: dict[tuple[int, int], http.client.HTTPConnection] = {}
@@ -160,6 +171,57 @@ def test_clients_keep_the_backend_that_set_their_session_through_a_takeover(tmp_
             print(f"\n{CLIENTS} clients x {2 * PER_NODE} requests: none moved through the kill -9 "
                   f"takeover; after j2 went down {moved} moved, {stayed} stayed")
             assert moved and stayed
+    finally:
+        for c in CONNS.values():
+            c.close()
+        CONNS.clear()
+        for app in apps.values():
+            app.close()
+
+
+def test_prefix_mode_keeps_sessions_through_a_takeover_without_any_table(tmp_path):
+    """Prefix mode: the client's cookie says j1~<session>, the application sees <session>.
+    Two nodes with no sync at all: the second knows nothing, yet sends every client where it
+    went before (the cookie carries the backend); a backend that goes down loses its clients,
+    who get a new session from their new backend, prefixed with its name."""
+    apps = {n: App(n) for n in BACKENDS}
+    ha, hb = free_port(), free_port()
+    try:
+        ca = config(tmp_path, "a", ha, 0, [], apps, prefix=True)
+        cb = config(tmp_path, "b", hb, 0, [], apps, prefix=True)
+        with Halbd(ca) as a, Halbd(cb) as b:
+            a.wait_port(ha)
+            b.wait_port(hb)
+            cookies = [""] * CLIENTS
+            home: list[str] = [""] * CLIENTS
+            for rnd in range(PER_NODE):
+                for i in range(CLIENTS):
+                    be, cookies[i] = ask(ha, cookies[i], i)
+                    if rnd == 0:
+                        home[i] = be
+                        assert cookies[i].startswith(f"{be}~{be}."), cookies[i]
+                    assert be == home[i], f"client {i} moved from {home[i]} to {be} on a"
+            assert set(home) == set(BACKENDS)
+            a.signal(signal.SIGKILL)
+            a.p.wait(5)
+            for rnd in range(PER_NODE):
+                for i in reversed(range(CLIENTS)):  # another order than a's round robin saw
+                    be, cookies[i] = ask(hb, cookies[i], i)
+                    assert be == home[i], f"client {i} moved from {home[i]} to {be} after the takeover"
+            apps["j2"].down = True
+            moved = stayed = 0
+            for i in range(CLIENTS):
+                be, cookies[i] = ask(hb, cookies[i], i)
+                if home[i] == "j2":
+                    assert be != "j2" and cookies[i].startswith(f"{be}~{be}."), (be, cookies[i])
+                    moved += 1
+                else:
+                    assert be == home[i]
+                    stayed += 1
+            assert moved and stayed
+            assert sum(x.saw_prefix for x in apps.values()) == 0
+            print(f"\nprefix mode, {CLIENTS} clients x {2 * PER_NODE} requests, no sync: none moved "
+                  f"through the kill -9; after j2 went down {moved} moved (new session), {stayed} stayed")
     finally:
         for c in CONNS.values():
             c.close()

@@ -176,6 +176,14 @@ BAD = [
                   '[[listeners]]', 1).replace('mode = "http"', 'mode = "tcp"'),
      ["listeners[0].pool: pool 'web' sticks by an application cookie, which a tcp listener "
       "cannot read (use sticky mode \"source\", or mode = \"http\")"]),
+    ("prefix-without-app-cookie",
+     BASE.replace('[[listeners]]', '[pools.sticky]\nmode = "cookie"\nprefix = true\n[[listeners]]', 1),
+     ["pools[0].sticky.prefix: prefix needs mode = \"app_cookie\" (mode is 'cookie')"]),
+    ("prefix-backend-name",
+     BASE.replace('[[listeners]]', '[pools.sticky]\nmode = "app_cookie"\ncookie = "SID"\nprefix = true\n'
+                  '[[listeners]]', 1).replace('address = "127.0.0.1:9002"', 'address = "[2001:2::2]:9002"'),
+     ["pools[0].backends[1].name: backend name '[2001:2::2]:9002' cannot prefix a cookie value "
+      "([pools.sticky] prefix = true): letters, digits and . _ - : only"]),
     ("via-on-tcp", BASE.replace('mode = "http"', 'mode = "tcp"\nvia = "edge"'),
      ["listeners[0].via: via needs mode = \"http\" (mode is 'tcp')"]),
     ("bad-via", BASE.replace('mode = "http"', 'mode = "http"\nvia = "two words"'),

@@ -285,3 +285,50 @@ def test_app_cookie_set_reads_the_application_cookie(lines, want):
     rh = ResponseHead()
     rh.take(lines)
     assert app_cookie_set(rh, "JSESSIONID") == want
+
+
+# -- app_cookie prefix mode (HAProxy's ``cookie NAME prefix``) ------------------------------------
+
+from halb.proxy.http_head import prefix_set_cookie, prefix_set_cookie_pairs, strip_cookie_prefix  # noqa: E402
+
+
+@pytest.mark.parametrize("cookie,sent,backend", [
+    (b"JSESSIONID=web1~abc", b"JSESSIONID=abc", "web1"),
+    (b"a=1; JSESSIONID=web2~x~y; b=2", b"a=1; JSESSIONID=x~y; b=2", "web2"),  # only the first ~
+    (b'JSESSIONID="web1~abc"', b'JSESSIONID="abc"', "web1"),
+    (b"JSESSIONID=abc", None, ""),  # no prefix (a session from before prefix mode): as it is
+    (b"XJSESSIONID=web1~abc", None, ""),  # another cookie that ends the same
+    (b"jsessionid=web1~abc", None, ""),  # cookie names are case-sensitive (RFC 6265)
+    (b"JSESSIONID=~abc", None, ""),  # an empty prefix names no backend
+    (b"other=web1~abc", None, ""),
+])
+def test_strip_cookie_prefix(cookie, sent, backend):
+    headers = [(b"Host", b"a"), (b"Cookie", cookie), (b"Accept", b"*/*")]
+    out, found = strip_cookie_prefix(headers, "JSESSIONID")
+    assert found == backend
+    if sent is None:
+        assert out is None
+    else:
+        assert out == [(b"Host", b"a"), (b"Cookie", sent), (b"Accept", b"*/*")]
+        assert headers[1] == (b"Cookie", cookie)  # the request's own list is not changed
+
+
+def test_strip_cookie_prefix_in_every_cookie_header():
+    headers = [(b"cookie", b"JSESSIONID=web1~a"), (b"COOKIE", b"x=1; JSESSIONID=web1~a")]
+    out, found = strip_cookie_prefix(headers, "JSESSIONID")
+    assert found == "web1" and out == [(b"cookie", b"JSESSIONID=a"), (b"COOKIE", b"x=1; JSESSIONID=a")]
+
+
+def test_prefix_set_cookie():
+    runs = [b"Content-Type: text/plain\r\nSet-Cookie: JSESSIONID=abc; Path=/; HttpOnly\r\n",
+            b"set-cookie: other=1\r\nSET-COOKIE:JSESSIONID=\"q\"\r\n"]
+    out = prefix_set_cookie(runs, "JSESSIONID", "web1")
+    assert out == [b"Content-Type: text/plain\r\nSet-Cookie: JSESSIONID=web1~abc; Path=/; HttpOnly\r\n",
+                   b"set-cookie: other=1\r\nSET-COOKIE: JSESSIONID=\"web1~q\"\r\n"]
+    # a deletion (empty value), another cookie, or none at all: nothing to change
+    assert prefix_set_cookie([b"Set-Cookie: JSESSIONID=; Max-Age=0\r\n"], "JSESSIONID", "w") is None
+    assert prefix_set_cookie([b"Set-Cookie: XJSESSIONID=1\r\n"], "JSESSIONID", "w") is None
+    assert prefix_set_cookie([b"X-JSESSIONID: 1\r\n"], "JSESSIONID", "w") is None
+    assert prefix_set_cookie_pairs([(b"Set-Cookie", b"JSESSIONID=abc; Path=/"), (b"X", b"1")],
+                                   "JSESSIONID", "web2") == [(b"Set-Cookie", b"JSESSIONID=web2~abc; Path=/"),
+                                                             (b"X", b"1")]
