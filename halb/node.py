@@ -85,6 +85,12 @@ class Node:
         # stopped after them, so that their last lines are written
         self.access_log = AccessLog(cfg.access_log, self.metrics)
         self.parts: list[Any] = [self.access_log]  # started in order, stopped in reverse
+        from .tlstickets import TicketKeys
+
+        # TLS session-ticket keys of the HTTPS listeners (halb.tlstickets): the node's, so
+        # that they outlive a reload that rebuilds a listener; rotated by the ticker, shared
+        # with the peers by sync
+        self.tls_tickets = TicketKeys()
         self._build_parts()
         if self.runtime:
             self._after_change()  # backends in maintenance stay so
@@ -157,7 +163,7 @@ class Node:
         from .sync.service import SyncService
         return SyncService(
             self.cfg.sync, name=self.name, tables=self.tables, wall=self.wall,
-            registry=self.metrics.registry, election=self.election,
+            registry=self.metrics.registry, election=self.election, tickets=self.tls_tickets,
             advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
 
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
@@ -227,6 +233,7 @@ class Node:
                                self.cpu_quota):
                     self.log.info("l4_relay_method", method="splice" if gate.splice else "copy",
                                   busy=round(gate.busy, 2), quota=self.cpu_quota)
+                self.tls_tickets.tick(self.wall.now())  # rotation, expiry (halb.tlstickets)
                 now = self.clock.now()
                 for pool in self.pools.values():
                     pool.tick(now)
@@ -397,6 +404,7 @@ class Node:
             self.control.targets.config = new
             for line in p.changes:
                 self.log.info(f"{what}_change", change=line)
+            self.tls_tickets.drop(lc.name for lc in new.listeners if lc.tls is not None)
             self.log.info(f"{what}_done", config=new.source, changes=len(p.changes))
             return ReloadResult(True, p.changes, [])
 
