@@ -91,6 +91,9 @@ class Node:
         # that they outlive a reload that rebuilds a listener; rotated by the ticker, shared
         # with the peers by sync
         self.tls_tickets = TicketKeys()
+        from .proxy.tls import TLSCollector
+
+        self.metrics.registry.register(TLSCollector(self.tls_tickets, self.wall.now))
         self._build_parts()
         if self.runtime:
             self._after_change()  # backends in maintenance stay so

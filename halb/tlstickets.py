@@ -211,6 +211,7 @@ class TicketKeys:
         self.on_change: list[Callable[[], None]] = []
         self.version = 0
         self.stats: dict[str, object] = {}  # listener -> its callback's counters (the edge's)
+        self.contexts: dict[str, object] = {}  # listener -> its current SSL context
         self.unbound: set[str] = set()  # listeners whose OpenSSL context could not take keys
 
     def ring(self, listener: str, rotate: float, kept: int, fixed: list[TicketKey] | None,
@@ -232,6 +233,7 @@ class TicketKeys:
             del self.rings[n]
             self.shared.pop(n, None)
             self.stats.pop(n, None)
+            self.contexts.pop(n, None)
             self._changed()
 
     def tick(self, now: float) -> None:

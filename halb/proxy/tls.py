@@ -66,6 +66,7 @@ def server_context(tls: ListenerTLS, where: str = "tls", *, tickets=None, listen
     stats = tls_openssl.TicketStats()
     if tickets is not None:
         stats = tickets.stats.setdefault(listener, stats)
+        tickets.contexts[listener] = ctx
         if tls.tickets:
             fixed = None
             if tls.ticket_keys:
@@ -109,3 +110,46 @@ def _server_context(tls: ListenerTLS, where: str) -> ssl.SSLContext:
             return None
         default.sni_callback = on_sni
     return default
+
+
+class TLSCollector:
+    """``halb_tls_*`` metrics of the HTTPS listeners, read at scrape time from the node's
+    ``TicketKeys`` (the ticket callback's counters, the key counts) and the listeners' SSL
+    contexts (session cache hits). Never key material."""
+
+    def __init__(self, tickets, now: Callable[[], float]):
+        self.tickets = tickets
+        self.now = now
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        t = CounterMetricFamily("halb_tls_tickets", "TLS session tickets by what the listener "
+                                "did: issued, resumed (the current key), renewed (resumed with "
+                                "an earlier or a peer's key; a new ticket given), unknown "
+                                "(key unknown or expired: a full handshake), error",
+                                labels=["listener", "result"])
+        h = CounterMetricFamily("halb_tls_session_cache_hits", "TLS sessions resumed from the "
+                                "session cache (session IDs)", labels=["listener"])
+        k = GaugeMetricFamily("halb_tls_ticket_keys", "TLS ticket keys held, own (generated or "
+                              "from the key file) and received from peers",
+                              labels=["listener", "source"])
+        tk = self.tickets
+        for name, st in sorted(tk.stats.items()):
+            for r in ("issued", "resumed", "renewed", "unknown", "errors"):
+                t.add_metric([name, "error" if r == "errors" else r], getattr(st, r))
+        for name, ctx in sorted(tk.contexts.items()):
+            try:
+                h.add_metric([name], ctx.session_stats().get("hits", 0))
+            except Exception:  # noqa: BLE001 - a scrape must not fail for this
+                pass
+        now = self.now()
+        for name, ring in sorted(tk.rings.items()):
+            d = ring.describe(now)
+            k.add_metric([name, "own"], d["own_keys"])
+            k.add_metric([name, "peer"], sum(d["peer_keys"].values()))
+        yield t
+        yield h
+        yield k

@@ -64,11 +64,12 @@ def _server_cert(d: Path) -> tuple[Path, Path]:
 
 def node_config(tmp: Path, name: str, port: int, bk: Backends, cert: tuple[Path, Path], *,
                 sync_port: int = 0, peer: tuple[str, int] | None = None, tls: bool = True,
-                extra: str = "") -> Path:
+                extra: str = "", metrics_port: int = 0) -> Path:
     text = f'''
 [node]
 name = "{name}"
 state_dir = "{tmp}"
+{f'[metrics]{chr(10)}address = "127.0.0.1:{metrics_port}"' if metrics_port else ""}
 [[pools]]
 name = "web"
 [[pools.backends]]
@@ -132,13 +133,25 @@ def fetch(port: int, cctx: ssl.SSLContext, session=None):
     return status, reused, sess
 
 
+def metrics(port: int) -> dict[str, float]:
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("halb_tls"):
+            k, _, v = line.rpartition(" ")
+            out[k] = float(v)
+    return out
+
+
 def test_a_session_made_on_a_resumes_on_b_after_a_dies(own_tmp):
     pki.generate(own_tmp / "pki", ["a", "b"])
     cert = _server_cert(own_tmp)
-    ha, hb, hc, sa, sb = free_ports(5)
+    ha, hb, hc, sa, sb, mb = free_ports(6)
     with Backends(["s1"]) as bk:
         ca = node_config(own_tmp, "a", ha, bk, cert, sync_port=sa, peer=("b", sb))
-        cb = node_config(own_tmp, "b", hb, bk, cert, sync_port=sb, peer=("a", sa))
+        cb = node_config(own_tmp, "b", hb, bk, cert, sync_port=sb, peer=("a", sa),
+                         metrics_port=mb)
         cc = node_config(own_tmp, "c", hc, bk, cert)  # standalone: keys of its own
         with Halbd(ca) as a, Halbd(cb) as b, Halbd(cc) as c:
             for n, p in ((a, ha), (b, hb), (c, hc)):
@@ -161,6 +174,12 @@ def test_a_session_made_on_a_resumes_on_b_after_a_dies(own_tmp):
             for v, cctx in clients.items():
                 _, reused, _ = fetch(hb, cctx, sessions[v])
                 assert reused, f"{v.name}: a's session did not resume on b after a died"
+            m = metrics(mb)
+            # b resumed both with a's key (renewed: a new ticket under b's own key)
+            assert m['halb_tls_tickets_total{listener="www",result="renewed"}'] == 2, m
+            assert m['halb_tls_tickets_total{listener="www",result="issued"}'] >= 2, m
+            assert m['halb_tls_ticket_keys{listener="www",source="peer"}'] >= 1, m
+            assert m['halb_tls_ticket_keys{listener="www",source="own"}'] == 1, m
             for n in (b, c):
                 log = n.log.read_text()
                 assert "Traceback" not in log and "tls_ticket_callback_failed" not in log
