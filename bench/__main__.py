@@ -564,13 +564,16 @@ def l7(pid: int, port: int, duration: int, conns: int, path: str = "/", *,
     return r
 
 
-def s_time(pid: int, port: int, duration: int, procs: int, reuse: bool) -> dict:
+def s_time(pid: int, port: int, duration: int, procs: int, reuse: bool,
+           tls12: bool = False) -> dict:
     """``procs`` openssl s_time processes side by side, each one connection at a time (a TLS
     handshake, ``GET /`` in HTTP/1.0, the close): with ``reuse``, every connection after each
     process's first resumes that first session (the ticket or the session ID), else each is a
-    full handshake. Connections/s in all and the proxy's CPU per connection."""
+    full handshake. Connections/s in all and the proxy's CPU per connection. TLS 1.3 (the
+    default) resumes with a new key exchange (psk_dhe_ke: X25519 on both sides, no signature);
+    ``tls12``: TLS 1.2's abbreviated handshake (no key exchange at all)."""
     argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-www", "/", "-time",
-            str(duration), "-reuse" if reuse else "-new"]
+            str(duration), "-reuse" if reuse else "-new"] + (["-tls1_2"] if tls12 else [])
     u0, s0 = cpu_split(pid)
     t0 = time.monotonic()
     ps = [subprocess.Popen(PRIO + ["taskset", "-c", LOAD_CORE] + argv, stdout=subprocess.PIPE,
@@ -842,13 +845,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
     ap.add_argument("--only", default="l7,l7many,l7log,cache,big,close,https,httpsnew,"
-                    "httpsresume,dl,l4,l4conn,udp,mem",
+                    "httpsresume,httpsresume12,dl,l4,l4conn,udp,mem",
                     help="comma list of l7, l7many (L7 with 1000 keep-alive connections), "
                     "l7log (L7 with access logs to a file on both sides), cache (a 4 KiB object "
                     "from each proxy's HTTP cache), big (a 64 KiB body), close (Connection: "
                     "close, 32 connections), https (TLS keep-alive, 64 connections), httpsnew "
                     "(a full TLS handshake per request, wrk -c16 Connection: close), "
-                    "httpsresume (a resumed TLS session per request, 16 openssl s_time -reuse), "
+                    "httpsresume (a resumed TLS 1.3 session per request, 16 openssl s_time "
+                    "-reuse), httpsresume12 (the same in TLS 1.2), "
                     "dl (a 200 MB download: MB/s, peak RSS), l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating runs per proxy and measurement; the median is kept (1..7)")
@@ -1046,6 +1050,12 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {w:7s} HTTPS resumed session per request (s_time -reuse): "
                     f"{x['rps']:.0f} conn/s {x['cpu_us_per_req']:.1f} us CPU/conn")
                 record(w, "httpsresume", x)
+            for w in order if "httpsresume12" in only else ():
+                x = s_time(running[w].pid, ports[w]["https"], a.duration, HANDSHAKE_CONNS, True,
+                           tls12=True)
+                log(f"  {w:7s} HTTPS TLS 1.2 resumed session per request (s_time -reuse "
+                    f"-tls1_2): {x['rps']:.0f} conn/s {x['cpu_us_per_req']:.1f} us CPU/conn")
+                record(w, "httpsresume12", x)
             for w in order if "dl" in only else ():
                 x = download(running[w].pid, ports[w]["http"])
                 log(f"  {w:7s} 200 MB download: {x['mb_per_s']:.0f} MB/s "
@@ -1128,7 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[w]
         for key, metric in (("l7", "rps"), ("l7many", "rps"), ("l7log", "rps"), ("cache", "rps"),
                             ("big", "rps"), ("close", "rps"), ("https", "rps"),
-                            ("httpsnew", "rps"), ("httpsresume", "rps"), ("dl", "mb_per_s"),
+                            ("httpsnew", "rps"), ("httpsresume", "rps"),
+                            ("httpsresume12", "rps"), ("dl", "mb_per_s"),
                             ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
@@ -1243,8 +1254,11 @@ def report(res: dict) -> str:
                        ("https", f"HTTPS keep-alive (wrk -c{HTTPS_CONNS})"),
                        ("httpsnew", f"HTTPS, a full TLS handshake per request (wrk "
                                     f"-c{HANDSHAKE_CONNS}, Connection: close)"),
-                       ("httpsresume", f"HTTPS, a resumed TLS session per connection "
-                                       f"({HANDSHAKE_CONNS} x openssl s_time -reuse)")):
+                       ("httpsresume", f"HTTPS, a resumed TLS 1.3 session per connection "
+                                       f"({HANDSHAKE_CONNS} x openssl s_time -reuse)"),
+                       ("httpsresume12", f"HTTPS, a resumed TLS 1.2 session per connection "
+                                         f"({HANDSHAKE_CONNS} x openssl s_time -reuse "
+                                         f"-tls1_2)")):
         if key in h and key in l:
             hk, lk = h[key], l[key]
             rows += [
@@ -1257,7 +1271,7 @@ def report(res: dict) -> str:
                  f"{hk['sys_us_per_req']:.1f})",
                  ratio(lk["cpu_us_per_req"], hk["cpu_us_per_req"]), ""),
             ]
-            if key != "httpsresume":
+            if key not in ("httpsresume", "httpsresume12"):
                 rows += [(f"{label}: p99 latency ms", f"{lk['p99_ms']:.2f}", f"{hk['p99_ms']:.2f}",
                           ratio(lk["p99_ms"], hk["p99_ms"]), ""),
                          (f"{label}: errors (socket / non-2xx)",
@@ -1335,7 +1349,8 @@ def report(res: dict) -> str:
                               ("l7log", "rps", "req/s"), ("cache", "rps", "req/s"),
                               ("big", "rps", "req/s"), ("close", "rps", "req/s"),
                               ("https", "rps", "req/s"), ("httpsnew", "rps", "req/s"),
-                              ("httpsresume", "rps", "conn/s"), ("dl", "mb_per_s", "MB/s"),
+                              ("httpsresume", "rps", "conn/s"),
+                              ("httpsresume12", "rps", "conn/s"), ("dl", "mb_per_s", "MB/s"),
                               ("l4", "gbps", "Gbit/s"),
                               ("l4_forced", "gbps", "Gbit/s"), ("l4conn", "rps", "conn/s"),
                               ("udp", "dgrams_per_s", "datagrams/s")):

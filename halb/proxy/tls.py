@@ -115,7 +115,7 @@ def _server_context(tls: ListenerTLS, where: str) -> ssl.SSLContext:
 class TLSCollector:
     """``halb_tls_*`` metrics of the HTTPS listeners, read at scrape time from the node's
     ``TicketKeys`` (the ticket callback's counters, the key counts) and the listeners' SSL
-    contexts (session cache hits). Never key material."""
+    contexts (sessions resumed). Never key material."""
 
     def __init__(self, tickets, now: Callable[[], float]):
         self.tickets = tickets
@@ -131,8 +131,9 @@ class TLSCollector:
                                 "an earlier or a peer's key; a new ticket given), unknown "
                                 "(key unknown or expired: a full handshake), error",
                                 labels=["listener", "result"])
-        h = CounterMetricFamily("halb_tls_session_cache_hits", "TLS sessions resumed from the "
-                                "session cache (session IDs)", labels=["listener"])
+        h = CounterMetricFamily("halb_tls_sessions_resumed", "TLS sessions resumed, by ticket "
+                                "or from the session cache (OpenSSL's count of session hits)",
+                                labels=["listener"])
         k = GaugeMetricFamily("halb_tls_ticket_keys", "TLS ticket keys held, own (generated or "
                               "from the key file) and received from peers",
                               labels=["listener", "source"])

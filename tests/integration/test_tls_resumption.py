@@ -180,6 +180,7 @@ def test_a_session_made_on_a_resumes_on_b_after_a_dies(own_tmp):
             assert m['halb_tls_tickets_total{listener="www",result="issued"}'] >= 2, m
             assert m['halb_tls_ticket_keys{listener="www",source="peer"}'] >= 1, m
             assert m['halb_tls_ticket_keys{listener="www",source="own"}'] == 1, m
+            assert m['halb_tls_sessions_resumed_total{listener="www"}'] == 2, m
             for n in (b, c):
                 log = n.log.read_text()
                 assert "Traceback" not in log and "tls_ticket_callback_failed" not in log
