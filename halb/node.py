@@ -314,7 +314,28 @@ class Node:
             if r.ok:
                 self.file_cfg = new
                 self._after_change()
+                self._reread_ticket_key_files()
             return r
+
+    def _reread_ticket_key_files(self) -> None:
+        """``[listeners.tls] ticket_keys`` files are read again on every reload: an operator
+        rotates keys by changing the file's contents, not its name, so the listener (equal
+        config) is kept and its ring takes the new keys. The config load before this already
+        refused an unreadable or malformed file (the reload then changed nothing)."""
+        from .tlstickets import parse_key_file
+        for lc in self.cfg.listeners:
+            t = lc.tls
+            ring = self.tls_tickets.rings.get(lc.name) if t is not None else None
+            if ring is None or not t.tickets or not t.ticket_keys:
+                continue
+            try:
+                with open(t.ticket_keys, encoding="ascii", errors="replace") as f:
+                    keys = parse_key_file(f.read(1 << 16), f"listener {lc.name!r} tls.ticket_keys")
+            except (OSError, ValueError) as e:  # changed again since the load: keep the old
+                self.log.error("tls_ticket_keys_reload_failed", listener=lc.name, error=str(e))
+                continue
+            ring.configure(ring.rotate, ring.kept, keys)
+            self.log.info("tls_ticket_keys_loaded", listener=lc.name, keys=len(keys))
 
     async def _apply(self, new: Config, what: str) -> "ReloadResult":
         """Makes the running node match ``new`` (an effective config: the file's with the

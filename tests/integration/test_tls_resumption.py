@@ -257,3 +257,42 @@ def test_session_cache_off_and_tickets_off_means_no_resumption(own_tmp):
             _, _, sess = fetch(h, cctx)
             _, reused, _ = fetch(h, cctx, sess)
             assert not reused
+
+
+def test_nodes_sharing_a_key_file_resume_and_a_reload_reads_new_keys(own_tmp):
+    """HAProxy's tls-ticket-keys way: the same file on two nodes (no sync at all) lets a
+    session made on one resume on the other; a reload after the file's keys changed (same
+    path, so an equal config) takes the new keys: the old session no longer resumes."""
+    import base64
+    import os
+    cert = _server_cert(own_tmp)
+    keys_a, keys_b = own_tmp / "a.keys", own_tmp / "b.keys"
+    text = "\n".join(base64.b64encode(os.urandom(80)).decode() for _ in range(3)) + "\n"
+    keys_a.write_text(text)
+    keys_b.write_text(text)
+    ha, hb = free_ports(2)
+    with Backends(["s1"]) as bk:
+        ca = node_config(own_tmp, "a", ha, bk, cert, extra=f'ticket_keys = "{keys_a}"')
+        cb = node_config(own_tmp, "b", hb, bk, cert, extra=f'ticket_keys = "{keys_b}"')
+        with Halbd(ca) as a, Halbd(cb) as b:
+            a.wait_port(ha)
+            b.wait_port(hb)
+            sessions = {}
+            for v in (V12, V13):
+                cctx = client_context(v)
+                _, reused, sess = fetch(ha, cctx)
+                assert not reused
+                _, reused, _ = fetch(hb, cctx, sess)
+                assert reused, f"{v.name}: the same key file on b did not resume a's session"
+                sessions[v] = (cctx, sess)
+            keys_b.write_text("\n".join(base64.b64encode(os.urandom(80)).decode()
+                                        for _ in range(2)) + "\n")
+            n = b.log.read_text().count("tls_ticket_keys_loaded")
+            b.signal(signal.SIGHUP)
+            b.wait_log("reload_done")
+            assert b.log.read_text().count("tls_ticket_keys_loaded") == n + 1
+            for v, (cctx, sess) in sessions.items():
+                _, reused, _ = fetch(hb, cctx, sess)
+                assert not reused, f"{v.name}: b still holds the keys it was told to drop"
+                _, reused, _ = fetch(ha, cctx, sess)
+                assert reused  # a was not reloaded
