@@ -164,11 +164,17 @@ class TicketRing:
         return [k for k in self.own if k.expires > now] if self.fixed is None else []
 
     def learn(self, origin: str, keys: Iterable[TicketKey], now: float) -> None:
-        """A peer's keys (its whole current set: replaces what it sent before)."""
-        ks = [k for k in keys if k.expires > now and len(k.name) == NAME_LEN
-              and len(k.aes) in (16, 32) and len(k.hmac) == len(k.aes)][-MAX_PEER_KEYS:]
+        """A peer's current keys, added to those it sent before: each decrypts until its own
+        expiry, so a peer that restarts (new keys) does not take the old ones away from the
+        clients that hold tickets under them. The newest ``MAX_PEER_KEYS`` are kept."""
         if origin not in self.peers and len(self.peers) >= MAX_ORIGINS:
             return
+        by = {k.name: k for k in self.peers.get(origin, ()) if k.expires > now}
+        for k in keys:
+            if k.expires > now and len(k.name) == NAME_LEN and len(k.aes) in (16, 32) \
+                    and len(k.hmac) == len(k.aes):
+                by[k.name] = k
+        ks = sorted(by.values(), key=lambda k: k.created)[-MAX_PEER_KEYS:]
         if ks:
             self.peers[origin] = ks
         else:
@@ -254,8 +260,8 @@ class TicketKeys:
                 for k in r.exportable(now)]
 
     def learn(self, origin: str, keys: Iterable[tuple[str, TicketKey]], now: float) -> int:
-        """A peer's full export; keys of listeners we do not have are ignored. Returns how
-        many keys were taken."""
+        """A peer's export; keys of listeners we do not have (or do not share) are ignored.
+        Returns how many keys of that peer are held now."""
         by: dict[str, list[TicketKey]] = {}
         for listener, k in keys:
             by.setdefault(listener, []).append(k)

@@ -78,9 +78,20 @@ def test_peer_keys_decrypt_until_their_expiry_and_are_renewed():
     assert b.lookup(ka.name, 299.0) is not None
     b.tick(300.0)
     assert b.lookup(ka.name, 300.0) is None and "a" not in b.peers
-    # a new set from a peer replaces its old one
     b.learn("a", [], 300.0)
     assert "a" not in b.peers
+
+
+def test_a_restarted_peer_does_not_revoke_its_earlier_keys():
+    b = TicketRing(100.0, 2, rand=lambda n: b"\xee" * n)
+    b.tick(0.0)
+    old = TicketKey(b"O" * 16, b"a" * 32, b"h" * 32, 0.0, 300.0)
+    new = TicketKey(b"N" * 16, b"a" * 32, b"h" * 32, 50.0, 350.0)
+    b.learn("a", [old], 0.0)
+    b.learn("a", [new], 50.0)  # a restarted: only its new key in its export
+    assert b.lookup(old.name, 60.0) is not None and b.lookup(new.name, 60.0) is not None
+    b.tick(300.0)
+    assert b.lookup(old.name, 300.0) is None and b.lookup(new.name, 300.0) is not None
 
 
 def test_peer_keys_are_bounded_and_checked():
