@@ -82,9 +82,10 @@ def server_context(tls: ListenerTLS, where: str = "tls", *, tickets=None, listen
             ring = tickets.ring(listener, tls.ticket_rotate, tls.ticket_keys_kept, fixed,
                                 tls.share_ticket_keys and fixed is None, now())
 
-    def on_error(e: BaseException) -> None:
-        log.error("tls_ticket_callback_failed", listener=listener,
-                  error=f"{type(e).__name__}: {e}")
+    def on_error(e: BaseException) -> None:  # (counted in stats.errors; logged 1st, 1001st...)
+        if stats.errors % 1000 == 1:
+            log.error("tls_ticket_callback_failed", listener=listener, count=stats.errors,
+                      error=f"{type(e).__name__}: {e}")
     why = tls_openssl.configure(ctx, cache_size=tls.session_cache, lifetime=tls.session_lifetime,
                                 ring=ring, now=now, stats=stats, on_error=on_error)
     if why:
