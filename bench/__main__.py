@@ -199,6 +199,8 @@ http {{
         # the cache case's object: 4 KiB, fresh for 60 s (nginx adds ETag and Last-Modified)
         location /cached/ {{ root {dir}/www; default_type text/plain;
                              add_header Cache-Control "max-age=60"; }}
+        # the big and dl cases: a 64 KiB body, a 200 MB download
+        location /files/ {{ root {dir}/www; default_type application/octet-stream; }}
     }}
 }}
 """
@@ -228,6 +230,14 @@ backend be_web
     http-reuse always
     server n1 127.0.0.1:{n1}
     server n2 127.0.0.1:{n2}
+# the https, httpsnew and httpsresume cases: TLS terminated, the same work as fe_http
+# (HAProxy's defaults: a 20,000-session cache and session tickets on)
+frontend fe_https
+    bind 127.0.0.1:{https} ssl crt {dir}/bench-tls.pem
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header Forwarded 'for=%[src];proto=https;host="%[req.hdr(host)]"'
+    default_backend be_web
 frontend fe_tcp
     mode tcp
     bind 127.0.0.1:{tcp}
@@ -260,7 +270,7 @@ backend be_nginx_tcp
 """
 
 BACKEND_PORTS = ("n1", "n2", "iperf")  # the fields of the config templates below
-PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics")
+PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics", "https")
 
 # the nginx pair as a halb pool: the same in every halb config below
 _HALB_WEB_POOL = """[[pools]]
@@ -325,6 +335,20 @@ pool = "api"
 pool = "api"
 [listeners.routes.header]
 name = "X-Bench-Api"
+[listeners.timeouts]
+client_idle = "120s"
+header = "120s"
+
+[[listeners]]
+name = "https"
+mode = "http"
+bind = "127.0.0.1:{https}"
+pool = "web"
+forwarded_headers = true
+[listeners.tls]
+[[listeners.tls.certificates]]
+cert = "{dir}/bench-tls.crt"
+key = "{dir}/bench-tls.key"
 [listeners.timeouts]
 client_idle = "120s"
 header = "120s"
@@ -445,6 +469,11 @@ header = "120s"
 """
 
 MANY = 1000  # keep-alive client connections of the l7many case
+BIG_PATH, BIG_SIZE = "/files/64k", 64 << 10  # the big case's body
+DL_PATH, DL_SIZE = "/files/200m", 200 * 10**6  # the dl case's download
+CLOSE_CONNS = 32  # the close case: a new client connection per request
+HTTPS_CONNS = 64  # the https case: keep-alive
+HANDSHAKE_CONNS = 16  # the httpsnew (wrk) and httpsresume (openssl s_time) cases
 CACHED_PATH = "/cached/obj"
 CACHED_SIZE = 4096
 
@@ -514,12 +543,15 @@ def parse_wrk(out: str) -> dict:
     return r
 
 
-def l7(pid: int, port: int, duration: int, conns: int, path: str = "/") -> dict:
-    url = f"http://127.0.0.1:{port}{path}"
+def l7(pid: int, port: int, duration: int, conns: int, path: str = "/", *,
+       scheme: str = "http", headers: tuple[str, ...] = ()) -> dict:
+    url = f"{scheme}://127.0.0.1:{port}{path}"
+    hdr = [x for h in headers for x in ("-H", h)]
     # warm up (backend connections, caches)
-    warm = parse_wrk(run(["wrk", "-t1", "-c8", "-d1s", url], 30))
+    warm = parse_wrk(run(["wrk", "-t1", "-c8", "-d1s"] + hdr + [url], 30))
     u0, s0 = cpu_split(pid)
-    out = run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", url], duration + 60)
+    out = run(["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency"] + hdr + [url],
+              duration + 60)
     u1, s1 = cpu_split(pid)
     r = parse_wrk(out)
     r["warmup_requests"] = warm["requests"]
@@ -530,6 +562,76 @@ def l7(pid: int, port: int, duration: int, conns: int, path: str = "/") -> dict:
     r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
     r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
     return r
+
+
+def s_time(pid: int, port: int, duration: int, procs: int, reuse: bool,
+           tls12: bool = False) -> dict:
+    """``procs`` openssl s_time processes side by side, each one connection at a time (a TLS
+    handshake, ``GET /`` in HTTP/1.0, the close): with ``reuse``, every connection after each
+    process's first resumes that first session (the ticket or the session ID), else each is a
+    full handshake. Connections/s in all and the proxy's CPU per connection. TLS 1.3 (the
+    default) resumes with a new key exchange (psk_dhe_ke: X25519 on both sides, no signature);
+    ``tls12``: TLS 1.2's abbreviated handshake (no key exchange at all)."""
+    argv = ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-www", "/", "-time",
+            str(duration), "-reuse" if reuse else "-new"] + (["-tls1_2"] if tls12 else [])
+    u0, s0 = cpu_split(pid)
+    t0 = time.monotonic()
+    ps = [subprocess.Popen(PRIO + ["taskset", "-c", LOAD_CORE] + argv, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for _ in range(procs)]
+    outs = []
+    for p in ps:
+        try:
+            outs.append(p.communicate(timeout=duration + 60)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    u1, s1 = cpu_split(pid)
+    wall = time.monotonic() - t0
+    n = 0
+    for o in outs:
+        # "1234 connections in 1.01s; 1221.78 connections/user sec, bytes read 0" (the time
+        # is s_time's own user CPU time, not the wall clock's); with -reuse, the line after
+        # "Now timing with session id reuse."
+        m = re.findall(r"(\d+) connections in ([0-9.]+)s;", o)
+        if m:
+            n += int(m[-1][0])
+    return {"rps": n / wall if wall else 0.0, "requests": n, "cpu_s": (u1 - u0) + (s1 - s0),
+            "cpu_us_per_req": ((u1 - u0) + (s1 - s0)) * 1e6 / n if n else float("nan"),
+            "user_us_per_req": (u1 - u0) * 1e6 / n if n else float("nan"),
+            "sys_us_per_req": (s1 - s0) * 1e6 / n if n else float("nan"),
+            "p99_ms": float("nan"), "p50_ms": float("nan"), "socket_errors": 0, "non2xx": 0}
+
+
+def _vm_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def download(pid: int, port: int) -> dict:
+    """One 200 MB download through the proxy with curl: MB/s, the proxy's CPU per MB and its
+    peak RSS during the download (VmHWM, reset just before through /proc/PID/clear_refs)."""
+    rss0 = _vm_kib(pid, "VmRSS")
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+    u0, s0 = cpu_split(pid)
+    out = run(["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download} %{time_total}",
+               f"http://127.0.0.1:{port}{DL_PATH}"], 300)
+    u1, s1 = cpu_split(pid)
+    size, secs = out.split()
+    size_b, secs_f = int(size), float(secs)
+    if size_b != DL_SIZE:
+        raise RuntimeError(f"download: {size_b} bytes, expected {DL_SIZE}")
+    peak = _vm_kib(pid, "VmHWM")
+    mb = size_b / 1e6
+    return {"mb_per_s": mb / secs_f if secs_f else 0.0, "seconds": secs_f,
+            "cpu_s": (u1 - u0) + (s1 - s0), "cpu_ms_per_mb": ((u1 - u0) + (s1 - s0)) * 1e3 / mb,
+            "rss_before_kib": rss0, "peak_rss_kib": peak, "peak_growth_kib": peak - rss0}
 
 
 def _count_lines(path: Path, needle: str) -> int:
@@ -742,10 +844,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l7many,l7log,cache,l4,l4conn,udp,mem",
+    ap.add_argument("--only", default="l7,l7many,l7log,cache,big,close,https,httpsnew,"
+                    "httpsresume,httpsresume12,dl,l4,l4conn,udp,mem",
                     help="comma list of l7, l7many (L7 with 1000 keep-alive connections), "
                     "l7log (L7 with access logs to a file on both sides), cache (a 4 KiB object "
-                    "from each proxy's HTTP cache), l4, l4conn, udp, mem")
+                    "from each proxy's HTTP cache), big (a 64 KiB body), close (Connection: "
+                    "close, 32 connections), https (TLS keep-alive, 64 connections), httpsnew "
+                    "(a full TLS handshake per request, wrk -c16 Connection: close), "
+                    "httpsresume (a resumed TLS 1.3 session per request, 16 openssl s_time "
+                    "-reuse), httpsresume12 (the same in TLS 1.2), "
+                    "dl (a 200 MB download: MB/s, peak RSS), l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating runs per proxy and measurement; the median is kept (1..7)")
     ap.add_argument("--nice", type=int, default=-10,
@@ -802,6 +910,18 @@ def main(argv: list[str] | None = None) -> int:
         key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf"}
         (tmp / "www" / "cached").mkdir(parents=True)
         (tmp / "www" / "cached" / "obj").write_bytes(b"c" * (CACHED_SIZE - 1) + b"\n")
+        (tmp / "www" / "files").mkdir()
+        (tmp / "www" / "files" / "64k").write_bytes(os.urandom(BIG_SIZE))
+        with open(tmp / "www" / "files" / "200m", "wb") as f:  # sparse: read from the page
+            f.truncate(DL_SIZE)  # cache as zeros, no disk in the way
+        # the TLS cases' certificate (ECDSA P-256, as most sites now): a .crt and .key for
+        # halb, the two in one .pem for HAProxy
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        "/CN=bench.test", "-keyout", str(tmp / "bench-tls.key"), "-out",
+                        str(tmp / "bench-tls.crt")], check=True, capture_output=True)
+        (tmp / "bench-tls.pem").write_bytes((tmp / "bench-tls.crt").read_bytes()
+                                            + (tmp / "bench-tls.key").read_bytes())
         for name in ("n1", "n2"):
             conf = tmp / f"nginx-{name}.conf"
 
@@ -812,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         start_backend("iperf3-server", lambda port: ["iperf3", "-s", "-p", str(port)])
 
         hconf = tmp / "haproxy.cfg"
-        hconf.write_text(HAPROXY_CONF.format(**P, **ports["haproxy"]))
+        hconf.write_text(HAPROXY_CONF.format(dir=tmp, **P, **ports["haproxy"]))
         lconf = tmp / "halb.toml"
         (tmp / "halb-state").mkdir()
         lconf.write_text(HALB_CONF.format(dir=tmp, **P, **ports["halb"]))
@@ -845,7 +965,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 p = procs.start("halbd-log", [PY, "-m", "halb.cli.halbd", str(llconf)],
                                 PROXY_CORE)
-            for k in ("http", "tcp", "tcpidle") if which in ("haproxy", "halb") else ("http",):
+            for k in ("http", "tcp", "tcpidle", "https") if which in ("haproxy", "halb") \
+                    else ("http",):
                 wait_port(ports[which][k], proc=p)
             time.sleep(0.5)
             return p
@@ -897,6 +1018,50 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['p99_ms']:.2f} ms {x['cpu_us_per_req']:.1f} us CPU/req "
                     f"(errors {x['socket_errors']}, non-2xx {x['non2xx']})")
                 record(w, "cache", x)
+            for w in order if "big" in only else ():
+                x = l7(running[w].pid, ports[w]["http"], a.duration, a.conns, BIG_PATH)
+                log(f"  {w:7s} L7 64 KiB bodies: {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
+                    f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
+                    f"non-2xx {x['non2xx']})")
+                record(w, "big", x)
+            for w in order if "close" in only else ():
+                x = l7(running[w].pid, ports[w]["http"], a.duration, CLOSE_CONNS,
+                       headers=("Connection: close",))
+                log(f"  {w:7s} L7 Connection: close: {x['rps']:.0f} req/s p99 "
+                    f"{x['p99_ms']:.2f} ms {x['cpu_us_per_req']:.1f} us CPU/req (errors "
+                    f"{x['socket_errors']}, non-2xx {x['non2xx']})")
+                record(w, "close", x)
+            for w in order if "https" in only else ():
+                x = l7(running[w].pid, ports[w]["https"], a.duration, HTTPS_CONNS,
+                       scheme="https")
+                log(f"  {w:7s} HTTPS keep-alive: {x['rps']:.0f} req/s p99 {x['p99_ms']:.2f} ms "
+                    f"{x['cpu_us_per_req']:.1f} us CPU/req (errors {x['socket_errors']}, "
+                    f"non-2xx {x['non2xx']})")
+                record(w, "https", x)
+            for w in order if "httpsnew" in only else ():
+                x = l7(running[w].pid, ports[w]["https"], a.duration, HANDSHAKE_CONNS,
+                       scheme="https", headers=("Connection: close",))
+                log(f"  {w:7s} HTTPS full handshake per request: {x['rps']:.0f} req/s p99 "
+                    f"{x['p99_ms']:.2f} ms {x['cpu_us_per_req']:.1f} us CPU/req (errors "
+                    f"{x['socket_errors']}, non-2xx {x['non2xx']})")
+                record(w, "httpsnew", x)
+            for w in order if "httpsresume" in only else ():
+                x = s_time(running[w].pid, ports[w]["https"], a.duration, HANDSHAKE_CONNS, True)
+                log(f"  {w:7s} HTTPS resumed session per request (s_time -reuse): "
+                    f"{x['rps']:.0f} conn/s {x['cpu_us_per_req']:.1f} us CPU/conn")
+                record(w, "httpsresume", x)
+            for w in order if "httpsresume12" in only else ():
+                x = s_time(running[w].pid, ports[w]["https"], a.duration, HANDSHAKE_CONNS, True,
+                           tls12=True)
+                log(f"  {w:7s} HTTPS TLS 1.2 resumed session per request (s_time -reuse "
+                    f"-tls1_2): {x['rps']:.0f} conn/s {x['cpu_us_per_req']:.1f} us CPU/conn")
+                record(w, "httpsresume12", x)
+            for w in order if "dl" in only else ():
+                x = download(running[w].pid, ports[w]["http"])
+                log(f"  {w:7s} 200 MB download: {x['mb_per_s']:.0f} MB/s "
+                    f"{x['cpu_ms_per_mb']:.2f} ms CPU/MB, peak RSS {x['peak_rss_kib'] / 1024:.1f} "
+                    f"MiB (+{x['peak_growth_kib'] / 1024:.1f})")
+                record(w, "dl", x)
             for w in order if "l4" in only else ():
                 x = l4(running[w].pid, ports[w]["tcp"], a.duration)
                 log(f"  {w:7s} L4 {x['gbps']:.2f} Gbit/s {x['cpu_s_per_gb']:.3f} CPU s/GB")
@@ -972,6 +1137,9 @@ def main(argv: list[str] | None = None) -> int:
     for w in ("haproxy", "halb"):
         r = results[w]
         for key, metric in (("l7", "rps"), ("l7many", "rps"), ("l7log", "rps"), ("cache", "rps"),
+                            ("big", "rps"), ("close", "rps"), ("https", "rps"),
+                            ("httpsnew", "rps"), ("httpsresume", "rps"),
+                            ("httpsresume12", "rps"), ("dl", "mb_per_s"),
                             ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
@@ -979,7 +1147,8 @@ def main(argv: list[str] | None = None) -> int:
             if runs:
                 r[key] = median_run(runs, metric)
                 r[key]["range"] = (min(x[metric] for x in runs), max(x[metric] for x in runs))
-                if key in ("l7", "l7many", "l7log", "cache"):  # each percentile's own median over the runs: on a shared
+                if key in ("l7", "l7many", "l7log", "cache", "big", "close", "https",
+                           "httpsnew"):  # each percentile's own median over the runs: on a shared
                     # machine p99 varies far more from run to run than the rate does
                     for pk in ("p50_ms", "p99_ms"):
                         r[key][pk + "_of_median_run"] = r[key][pk]
@@ -1079,6 +1248,47 @@ def report(res: dict) -> str:
             rows.append(("L7 requests/s from the cache / through to nginx (l7 case)",
                          ratio(lc["rps"], l["l7"]["rps"]), ratio(hc["rps"], h["l7"]["rps"]),
                          "", ""))
+    for key, label in (("big", "L7 64 KiB bodies (wrk -c%d)" % res["args"]["conns"]),
+                       ("close", f"L7 Connection: close, a new connection per request "
+                                 f"(wrk -c{CLOSE_CONNS})"),
+                       ("https", f"HTTPS keep-alive (wrk -c{HTTPS_CONNS})"),
+                       ("httpsnew", f"HTTPS, a full TLS handshake per request (wrk "
+                                    f"-c{HANDSHAKE_CONNS}, Connection: close)"),
+                       ("httpsresume", f"HTTPS, a resumed TLS 1.3 session per connection "
+                                       f"({HANDSHAKE_CONNS} x openssl s_time -reuse)"),
+                       ("httpsresume12", f"HTTPS, a resumed TLS 1.2 session per connection "
+                                         f"({HANDSHAKE_CONNS} x openssl s_time -reuse "
+                                         f"-tls1_2)")):
+        if key in h and key in l:
+            hk, lk = h[key], l[key]
+            rows += [
+                (f"{label}: requests/s", f"{lk['rps']:.0f}", f"{hk['rps']:.0f}",
+                 ratio(lk["rps"], hk["rps"]), ">= 1.0x"),
+                (f"{label}: CPU us/request (user / kernel)",
+                 f"{lk['cpu_us_per_req']:.1f} ({lk['user_us_per_req']:.1f} / "
+                 f"{lk['sys_us_per_req']:.1f})",
+                 f"{hk['cpu_us_per_req']:.1f} ({hk['user_us_per_req']:.1f} / "
+                 f"{hk['sys_us_per_req']:.1f})",
+                 ratio(lk["cpu_us_per_req"], hk["cpu_us_per_req"]), ""),
+            ]
+            if key not in ("httpsresume", "httpsresume12"):
+                rows += [(f"{label}: p99 latency ms", f"{lk['p99_ms']:.2f}", f"{hk['p99_ms']:.2f}",
+                          ratio(lk["p99_ms"], hk["p99_ms"]), ""),
+                         (f"{label}: errors (socket / non-2xx)",
+                          f"{lk['socket_errors']} / {lk['non2xx']}",
+                          f"{hk['socket_errors']} / {hk['non2xx']}", "", "")]
+    if "dl" in h and "dl" in l:
+        hd, ld = h["dl"], l["dl"]
+        rows += [
+            ("200 MB download (curl, one connection): MB/s", f"{ld['mb_per_s']:.0f}",
+             f"{hd['mb_per_s']:.0f}", ratio(ld["mb_per_s"], hd["mb_per_s"]), ">= 1.0x"),
+            ("200 MB download: CPU ms per MB", f"{ld['cpu_ms_per_mb']:.2f}",
+             f"{hd['cpu_ms_per_mb']:.2f}", ratio(ld["cpu_ms_per_mb"], hd["cpu_ms_per_mb"]), ""),
+            ("200 MB download: peak RSS MiB (growth during it)",
+             f"{ld['peak_rss_kib'] / 1024:.1f} (+{ld['peak_growth_kib'] / 1024:.1f})",
+             f"{hd['peak_rss_kib'] / 1024:.1f} (+{hd['peak_growth_kib'] / 1024:.1f})",
+             ratio(ld["peak_rss_kib"], hd["peak_rss_kib"]), "<= 2.0x"),
+        ]
     if "l4" in h and "l4" in l:
         rows += [
             ("L4 Gbit/s (iperf3)", f"{l['l4']['gbps']:.2f}", f"{h['l4']['gbps']:.2f}",
@@ -1137,6 +1347,10 @@ def report(res: dict) -> str:
             "percentiles):", ""]
     for key, metric, unit in (("l7", "rps", "req/s"), ("l7many", "rps", "req/s"),
                               ("l7log", "rps", "req/s"), ("cache", "rps", "req/s"),
+                              ("big", "rps", "req/s"), ("close", "rps", "req/s"),
+                              ("https", "rps", "req/s"), ("httpsnew", "rps", "req/s"),
+                              ("httpsresume", "rps", "conn/s"),
+                              ("httpsresume12", "rps", "conn/s"), ("dl", "mb_per_s", "MB/s"),
                               ("l4", "gbps", "Gbit/s"),
                               ("l4_forced", "gbps", "Gbit/s"), ("l4conn", "rps", "conn/s"),
                               ("udp", "dgrams_per_s", "datagrams/s")):
@@ -1145,7 +1359,7 @@ def report(res: dict) -> str:
             if runs:
                 vals = ", ".join(f"{x[metric]:.2f}" if metric == "gbps" else f"{x[metric]:.0f}"
                                  for x in runs)
-                cpu = ", ".join(f"{x.get('cpu_us_per_req') or x.get('cpu_s_per_gb') or x.get('cpu_us_per_conn') or x.get('cpu_us_per_dgram'):.3g}"
+                cpu = ", ".join(f"{x.get('cpu_us_per_req') or x.get('cpu_s_per_gb') or x.get('cpu_us_per_conn') or x.get('cpu_us_per_dgram') or x.get('cpu_ms_per_mb'):.3g}"
                                 for x in runs)
                 out.append(f"- {key} {w}: {vals} {unit} (CPU per unit: {cpu})")
                 if key in ("l7", "l7log"):

@@ -205,6 +205,14 @@ class TLSCertificate:
 @dataclass(frozen=True)
 class ListenerTLS:
     certificates: tuple[TLSCertificate, ...]
+    # session resumption (halb.tlstickets, halb.proxy.tls_openssl)
+    session_cache: int = 20_000  # sessions kept for session-ID resumption (0: off)
+    session_lifetime: float = 300.0  # a session (ticket or cache entry) resumes this long
+    tickets: bool = True  # stateless session tickets (TLS 1.2 and 1.3)
+    ticket_rotate: float = 3600.0  # a new ticket key this often
+    ticket_keys_kept: int = 2  # earlier keys that still decrypt
+    ticket_keys: str = ""  # HAProxy tls-ticket-keys file (then no rotation, no sharing)
+    share_ticket_keys: bool = True  # keys go to the peers over an authenticated [sync]
 
 
 @dataclass(frozen=True)
@@ -940,8 +948,33 @@ def _listener(r: _Reader) -> ListenerConfig:
             certs.append(TLSCertificate(cert=cert, key=key, server_names=names))
         if not certs:
             tr.error("needs at least one [[certificates]] entry", "certificates")
+        d = ListenerTLS(certificates=())
+        cache = tr.int_in("session_cache", 0, 10_000_000, d.session_cache)
+        life = tr.duration("session_lifetime", d.session_lifetime, lo=1, hi=7 * 86400)
+        tickets = bool(tr.get("tickets", bool, d.tickets))
+        rot = tr.duration("ticket_rotate", d.ticket_rotate, lo=10, hi=7 * 86400)
+        kept = tr.int_in("ticket_keys_kept", 1, 16, d.ticket_keys_kept)
+        tkf = tr.get("ticket_keys", str, "")
+        share = bool(tr.get("share_ticket_keys", bool, d.share_ticket_keys))
         tr.done()
-        tls = ListenerTLS(certificates=tuple(certs))
+        if tkf:
+            _file_problem(tr, "ticket_keys", tkf)
+            try:
+                from .tlstickets import parse_key_file
+                with open(tkf, encoding="ascii", errors="replace") as f:
+                    parse_key_file(f.read(1 << 16), "")
+            except OSError:
+                pass  # _file_problem said it
+            except ValueError as e:
+                tr.error(str(e).lstrip(": "), "ticket_keys")
+        elif tickets and rot is not None and kept is not None and life is not None \
+                and life > rot * kept:
+            tr.error(f"{_fmt_s(life)} is longer than ticket_rotate x ticket_keys_kept "
+                     f"({_fmt_s(rot * kept)}): a ticket would outlive its key",
+                     "session_lifetime")
+        tls = ListenerTLS(certificates=tuple(certs), session_cache=cache, session_lifetime=life,
+                          tickets=tickets, ticket_rotate=rot, ticket_keys_kept=kept,
+                          ticket_keys=tkf, share_ticket_keys=share)
     fwd = r.get("forwarded_headers", bool, True)
     via = r.get("via", str, "halb")
     if via and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}", via):

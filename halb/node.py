@@ -88,6 +88,15 @@ class Node:
         self.listener_env = ListenerEnv(self.pools, self.tables, self.clock, self.metrics,
                                         self.access_log, self.splice_gate)
         self.parts: list[Any] = [self.access_log]  # started in order, stopped in reverse
+        from .tlstickets import TicketKeys
+
+        # TLS session-ticket keys of the HTTPS listeners (halb.tlstickets): the node's, so
+        # that they outlive a reload that rebuilds a listener; rotated by the ticker, shared
+        # with the peers by sync
+        self.tls_tickets = TicketKeys()
+        from .proxy.tls import TLSCollector
+
+        self.metrics.registry.register(TLSCollector(self.tls_tickets, self.wall.now))
         self._build_parts()
         if self.runtime:
             self._after_change()  # backends in maintenance stay so
@@ -160,7 +169,7 @@ class Node:
         from .sync.service import SyncService
         return SyncService(
             self.cfg.sync, name=self.name, tables=self.tables, wall=self.wall,
-            registry=self.metrics.registry, election=self.election,
+            registry=self.metrics.registry, election=self.election, tickets=self.tls_tickets,
             advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
 
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
@@ -230,6 +239,7 @@ class Node:
                                self.cpu_quota):
                     self.log.info("l4_relay_method", method="splice" if gate.splice else "copy",
                                   busy=round(gate.busy, 2), quota=self.cpu_quota)
+                self.tls_tickets.tick(self.wall.now())  # rotation, expiry (halb.tlstickets)
                 now = self.clock.now()
                 for pool in self.pools.values():
                     pool.tick(now)
@@ -307,7 +317,28 @@ class Node:
             if r.ok:
                 self.file_cfg = new
                 self._after_change()
+                self._reread_ticket_key_files()
             return r
+
+    def _reread_ticket_key_files(self) -> None:
+        """``[listeners.tls] ticket_keys`` files are read again on every reload: an operator
+        rotates keys by changing the file's contents, not its name, so the listener (equal
+        config) is kept and its ring takes the new keys. The config load before this already
+        refused an unreadable or malformed file (the reload then changed nothing)."""
+        from .tlstickets import parse_key_file
+        for lc in self.cfg.listeners:
+            t = lc.tls
+            ring = self.tls_tickets.rings.get(lc.name) if t is not None else None
+            if ring is None or not t.tickets or not t.ticket_keys:
+                continue
+            try:
+                with open(t.ticket_keys, encoding="ascii", errors="replace") as f:
+                    keys = parse_key_file(f.read(1 << 16), f"listener {lc.name!r} tls.ticket_keys")
+            except (OSError, ValueError) as e:  # changed again since the load: keep the old
+                self.log.error("tls_ticket_keys_reload_failed", listener=lc.name, error=str(e))
+                continue
+            ring.configure(ring.rotate, ring.kept, keys)
+            self.log.info("tls_ticket_keys_loaded", listener=lc.name, keys=len(keys))
 
     async def _apply(self, new: Config, what: str) -> "ReloadResult":
         """Makes the running node match ``new`` (an effective config: the file's with the
@@ -400,6 +431,7 @@ class Node:
             self.control.targets.config = new
             for line in p.changes:
                 self.log.info(f"{what}_change", change=line)
+            self.tls_tickets.drop(lc.name for lc in new.listeners if lc.tls is not None)
             self.log.info(f"{what}_done", config=new.source, changes=len(p.changes))
             return ReloadResult(True, p.changes, [])
 

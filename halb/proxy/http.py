@@ -254,7 +254,9 @@ class HttpListener:
         self.ssl = None
         if cfg.tls:
             from .tls import server_context
-            self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls")
+            self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls", listener=cfg.name,
+                                      tickets=getattr(node, "tls_tickets", None),
+                                      now=node.wall.now if hasattr(node, "wall") else _wall)
         self.proto = "https" if cfg.tls else "http"
         self.settings = _Settings(cfg, self.proto, node.metrics)
         self.conns: set[ClientConn] = set()

@@ -46,6 +46,9 @@ from . import security
 from ..tlsfront import RefusalLog, TLSFront, peer_address, remote_host
 from .core import MAX_MESSAGE_BYTES, Kind, OutState, ProtocolError, TableReceiver, TableSender
 from .hooks import ElectionHooks
+from ..tlstickets import TicketKey, TicketKeys
+
+MAX_TICKET_KEYS = 256  # keys taken from one KIND_TLS_TICKET_KEYS batch
 
 WINDOW = 8  # unacknowledged batches in flight per follower stream
 HELLO_TIMEOUT = 5.0  # a follower must say hello within this
@@ -188,7 +191,7 @@ class Peer:
 
 
 class _Stream:
-    __slots__ = ("batch", "acked", "wake", "closed", "error", "goodbye")
+    __slots__ = ("batch", "acked", "wake", "closed", "error", "goodbye", "keys", "keys_sent")
 
     def __init__(self):
         self.batch = 0
@@ -197,6 +200,8 @@ class _Stream:
         self.closed = False
         self.error = ""
         self.goodbye = False  # say KIND_GOODBYE and end (SyncService.goodbye)
+        self.keys = False  # the follower gets our TLS ticket keys (hello asked, link is mTLS)
+        self.keys_sent = -1  # TicketKeys.version last sent
 
 
 class _Servicer(pbg.SyncServicer):
@@ -265,8 +270,11 @@ class _Collector:
 class SyncService:
     def __init__(self, cfg: SyncConfig, *, name: str, tables: list[Table] | Tables, wall: Clock,
                  registry: CollectorRegistry | None, election: ElectionHooks | None,
-                 advert_interval: float):
+                 advert_interval: float, tickets: TicketKeys | None = None):
         self.cfg = cfg
+        # the HTTPS listeners' TLS ticket keys (halb.tlstickets): ours go to the followers
+        # and theirs come in, over mutual TLS only (keys are secrets)
+        self.tickets = tickets
         self.name = name
         self.tables: list[Table] = list(tables)
         self.wall = wall
@@ -302,6 +310,13 @@ class SyncService:
                              "and table contents travel in plaintext")
         for t in self.tables:
             t.listeners.append(self._on_change)
+        if self.tickets is not None:
+            if self._tls is not None:
+                self.tickets.on_change.append(self._wake_streams)
+            elif self.tickets.rings:
+                self.log.warning("tls_ticket_keys_not_shared", reason="[sync] has no [sync.tls]: "
+                                 "TLS ticket keys travel only over mutual TLS; sessions resume "
+                                 "only on the node that made their ticket")
         server = aio.server(options=_server_options(),
                             maximum_concurrent_rpcs=4 * len(self.peers) + 4)
         pbg.add_SyncServicer_to_server(_Servicer(self), server)
@@ -360,6 +375,8 @@ class SyncService:
         for t in self.tables:
             if self._on_change in t.listeners:
                 t.listeners.remove(self._on_change)
+        if self.tickets is not None and self._wake_streams in self.tickets.on_change:
+            self.tickets.on_change.remove(self._wake_streams)
         for st in list(self._streams):
             st.closed = True
             st.wake.set()
@@ -618,6 +635,9 @@ class SyncService:
             senders[t.name] = s
         p.resumes += sum(1 for v in how.values() if v == "resume")
         st = _Stream()
+        # keys only to a follower that asked, over our TLS front (mutually authenticated)
+        st.keys = bool(hello.tls_ticket_keys) and self._front is not None \
+            and self.tickets is not None
         self._streams.add(st)
         p.streams += 1
         self.log.info("sync_follower", peer=p.name, remote=self._remote(context), tables=how)
@@ -635,6 +655,9 @@ class SyncService:
                     await context.write(pb.SyncBatch(kind=Kind.KIND_GOODBYE, node=self.name,
                                                      sent=self._now()))
                     break
+                if st.keys and st.keys_sent != self.tickets.version:
+                    st.keys_sent = self.tickets.version
+                    await context.write(self._keys_batch())
                 for s in order:
                     while st.batch - st.acked < WINDOW and not st.closed:
                         b = s.next_batch(self._now())
@@ -660,6 +683,24 @@ class SyncService:
             self._streams.discard(st)
             p.streams -= 1
             self.log.info("sync_follower_gone", peer=p.name, error=st.error, batches=st.batch)
+
+    def _keys_batch(self) -> pb.SyncBatch:
+        assert self.tickets is not None
+        keys = [pb.TLSTicketKey(listener=n, name=k.name, aes=k.aes, hmac=k.hmac,
+                                created=k.created, expires=k.expires)
+                for n, k in self.tickets.export(self._now())[:MAX_TICKET_KEYS]]
+        return pb.SyncBatch(kind=Kind.KIND_TLS_TICKET_KEYS, node=self.name, sent=self._now(),
+                            ticket_keys=keys)
+
+    def _learn_keys(self, p: Peer, b: pb.SyncBatch) -> None:
+        if self.tickets is None or self._tls is None:
+            return  # never asked for (a plaintext link): ignored
+        now = self._now()
+        keys = [(k.listener, TicketKey(bytes(k.name), bytes(k.aes), bytes(k.hmac),
+                                       float(k.created), float(k.expires)))
+                for k in list(b.ticket_keys)[:MAX_TICKET_KEYS]]
+        n = self.tickets.learn(p.name, keys, now)
+        self.log.info("tls_ticket_keys_received", peer=p.name, sent=len(b.ticket_keys), kept=n)
 
     async def _read_acks(self, p: Peer, context, senders: dict[str, TableSender],
                          st: _Stream) -> None:
@@ -723,7 +764,9 @@ class SyncService:
             call = pbg.SyncStub(ch).Follow(wait_for_ready=False)
             for r in p.rx.values():
                 r.reset_stream()
-            hello = pb.SyncHello(node=self.name, cursors=[r.cursor() for r in p.rx.values()])
+            hello = pb.SyncHello(node=self.name, cursors=[r.cursor() for r in p.rx.values()],
+                                 tls_ticket_keys=self._tls is not None
+                                 and self.tickets is not None)
             try:
                 await call.write(pb.FollowRequest(hello=hello))
                 first = await asyncio.wait_for(call.read(), CONNECT_TIMEOUT)
@@ -805,6 +848,9 @@ class SyncService:
                     p.goodbye = True
                     why = "the peer hands over to its upgraded process"
                     break
+                if b.kind == Kind.KIND_TLS_TICKET_KEYS:
+                    self._learn_keys(p, b)
+                    continue
                 r = rx.get(b.table)
                 if r is None:
                     raise ProtocolError(f"unknown table {b.table!r}")

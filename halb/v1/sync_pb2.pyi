@@ -31,12 +31,30 @@ class SyncCursor(_message.Message):
     def __init__(self, table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class SyncHello(_message.Message):
-    __slots__ = ("node", "cursors")
+    __slots__ = ("node", "cursors", "tls_ticket_keys")
     NODE_FIELD_NUMBER: _ClassVar[int]
     CURSORS_FIELD_NUMBER: _ClassVar[int]
+    TLS_TICKET_KEYS_FIELD_NUMBER: _ClassVar[int]
     node: str
     cursors: _containers.RepeatedCompositeFieldContainer[SyncCursor]
-    def __init__(self, node: _Optional[str] = ..., cursors: _Optional[_Iterable[_Union[SyncCursor, _Mapping]]] = ...) -> None: ...
+    tls_ticket_keys: bool
+    def __init__(self, node: _Optional[str] = ..., cursors: _Optional[_Iterable[_Union[SyncCursor, _Mapping]]] = ..., tls_ticket_keys: _Optional[bool] = ...) -> None: ...
+
+class TLSTicketKey(_message.Message):
+    __slots__ = ("listener", "name", "aes", "hmac", "created", "expires")
+    LISTENER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AES_FIELD_NUMBER: _ClassVar[int]
+    HMAC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    listener: str
+    name: bytes
+    aes: bytes
+    hmac: bytes
+    created: float
+    expires: float
+    def __init__(self, listener: _Optional[str] = ..., name: _Optional[bytes] = ..., aes: _Optional[bytes] = ..., hmac: _Optional[bytes] = ..., created: _Optional[float] = ..., expires: _Optional[float] = ...) -> None: ...
 
 class SyncAck(_message.Message):
     __slots__ = ("batch", "cursors")
@@ -83,7 +101,7 @@ class SyncEntries(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[SyncOp, str]]] = ..., keys: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ..., pools: _Optional[_Iterable[int]] = ..., created: _Optional[_Iterable[float]] = ..., updated: _Optional[_Iterable[float]] = ..., expires: _Optional[_Iterable[float]] = ..., origins: _Optional[_Iterable[int]] = ..., clients: _Optional[_Iterable[str]] = ..., listeners: _Optional[_Iterable[int]] = ..., protos: _Optional[_Iterable[int]] = ..., strings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncBatch(_message.Message):
-    __slots__ = ("kind", "batch", "table", "epoch", "seq", "entries", "node", "sent", "vrrp_sources")
+    __slots__ = ("kind", "batch", "table", "epoch", "seq", "entries", "node", "sent", "vrrp_sources", "ticket_keys")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[SyncBatch.Kind]
@@ -93,6 +111,7 @@ class SyncBatch(_message.Message):
         KIND_SNAPSHOT_END: _ClassVar[SyncBatch.Kind]
         KIND_CHANGES: _ClassVar[SyncBatch.Kind]
         KIND_GOODBYE: _ClassVar[SyncBatch.Kind]
+        KIND_TLS_TICKET_KEYS: _ClassVar[SyncBatch.Kind]
     KIND_UNSPECIFIED: SyncBatch.Kind
     KIND_WELCOME: SyncBatch.Kind
     KIND_SNAPSHOT_BEGIN: SyncBatch.Kind
@@ -100,6 +119,7 @@ class SyncBatch(_message.Message):
     KIND_SNAPSHOT_END: SyncBatch.Kind
     KIND_CHANGES: SyncBatch.Kind
     KIND_GOODBYE: SyncBatch.Kind
+    KIND_TLS_TICKET_KEYS: SyncBatch.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +129,7 @@ class SyncBatch(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     SENT_FIELD_NUMBER: _ClassVar[int]
     VRRP_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    TICKET_KEYS_FIELD_NUMBER: _ClassVar[int]
     kind: SyncBatch.Kind
     batch: int
     table: str
@@ -118,4 +139,5 @@ class SyncBatch(_message.Message):
     node: str
     sent: float
     vrrp_sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[_Union[SyncBatch.Kind, str]] = ..., batch: _Optional[int] = ..., table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., entries: _Optional[_Union[SyncEntries, _Mapping]] = ..., node: _Optional[str] = ..., sent: _Optional[float] = ..., vrrp_sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    ticket_keys: _containers.RepeatedCompositeFieldContainer[TLSTicketKey]
+    def __init__(self, kind: _Optional[_Union[SyncBatch.Kind, str]] = ..., batch: _Optional[int] = ..., table: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., entries: _Optional[_Union[SyncEntries, _Mapping]] = ..., node: _Optional[str] = ..., sent: _Optional[float] = ..., vrrp_sources: _Optional[_Iterable[str]] = ..., ticket_keys: _Optional[_Iterable[_Union[TLSTicketKey, _Mapping]]] = ...) -> None: ...

@@ -18,15 +18,26 @@ def fields(template: str) -> set[str]:
 
 def test_templates_use_only_the_ports_the_bench_fills():
     assert fields(HALB_CONF) <= {"dir", *BACKEND_PORTS, *PROXY_PORTS}
-    assert fields(HAPROXY_CONF) <= {*BACKEND_PORTS, *PROXY_PORTS}
+    assert fields(HAPROXY_CONF) <= {"dir", *BACKEND_PORTS, *PROXY_PORTS}
     assert fields(HALB_LOG_CONF) <= {"dir", *BACKEND_PORTS, *PROXY_PORTS}
     assert fields(HAPROXY_LOG_CONF) <= {*BACKEND_PORTS, *PROXY_PORTS}
     assert fields(NGINX_CONF) <= {"dir", "name", "port"}
 
 
+@pytest.fixture(autouse=True)
+def tls_files(tmp_path):
+    """The files the https listener names (the bench makes them with openssl)."""
+    for n in ("bench-tls.crt", "bench-tls.key"):
+        (tmp_path / n).write_text("-----BEGIN X-----\n")
+
+
 def test_halb_bench_config_is_valid_and_relays_as_reported(tmp_path):
     ports = {k: 20000 + i for i, k in enumerate((*BACKEND_PORTS, *PROXY_PORTS))}
     cfg = loads(HALB_CONF.format(dir=tmp_path, **ports))
+    https = {lc.name: lc for lc in cfg.listeners}["https"]
+    assert https.tls is not None and https.bind.port == ports["https"]
+    assert https.tls.tickets and https.tls.session_cache > 0  # resumption on, as HAProxy's
+    assert f"bind 127.0.0.1:{{https}} ssl crt {{dir}}/bench-tls.pem" in HAPROXY_CONF
     by_name = {lc.name: lc for lc in cfg.listeners}
     assert by_name["tcp"].relay == "auto" and by_name["tcp"].bind.port == ports["tcp"]
     assert by_name["tcpsplice"].relay == "splice"
