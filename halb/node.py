@@ -84,9 +84,6 @@ class Node:
         # the listeners log through it (node.access_log); a part started before them and
         # stopped after them, so that their last lines are written
         self.access_log = AccessLog(cfg.access_log, self.metrics)
-        from .proxy import ListenerEnv
-        self.listener_env = ListenerEnv(self.pools, self.tables, self.clock, self.metrics,
-                                        self.access_log, self.splice_gate)
         self.parts: list[Any] = [self.access_log]  # started in order, stopped in reverse
         from .tlstickets import TicketKeys
 
@@ -97,6 +94,9 @@ class Node:
         from .proxy.tls import TLSCollector
 
         self.metrics.registry.register(TLSCollector(self.tls_tickets, self.wall.now))
+        from .proxy import ListenerEnv
+        self.listener_env = ListenerEnv(self.pools, self.tables, self.clock, self.metrics,
+                                        self.access_log, self.splice_gate, self.tls_tickets)
         self._build_parts()
         if self.runtime:
             self._after_change()  # backends in maintenance stay so

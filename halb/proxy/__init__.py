@@ -2,7 +2,8 @@
 
 Each listener is an object with ``async start()`` and ``async stop()``, built from its
 ``ListenerConfig`` and a ``ListenerEnv``: the few things of its node a listener uses (the
-pools, the replicated tables, the clock, the metrics, the access log and the splice gate),
+pools, the replicated tables, the clock, the metrics, the access log, the splice gate and the
+TLS ticket keys),
 never the node itself (DESIGN.md: a part gets what it needs), so a test builds a listener
 alone.
 """
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import Pool
     from ..splicegate import SpliceGate
     from ..tables import Tables
+    from ..tlstickets import TicketKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class ListenerEnv:
     metrics: "Metrics"
     access_log: "AccessLog | None" = None
     splice_gate: "SpliceGate | None" = None  # relay = "auto" TCP listeners follow it (None: copy)
+    tls_tickets: "TicketKeys | None" = None  # HTTPS listeners' ticket keys (None: OpenSSL's own)
 
 
 def make_listener(cfg: "ListenerConfig", env: ListenerEnv) -> Any:

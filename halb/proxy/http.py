@@ -255,7 +255,7 @@ class HttpListener:
         if cfg.tls:
             from .tls import server_context
             self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls", listener=cfg.name,
-                                      tickets=getattr(node, "tls_tickets", None),
+                                      tickets=node.tls_tickets,
                                       now=node.wall.now if hasattr(node, "wall") else _wall)
         self.proto = "https" if cfg.tls else "http"
         self.settings = _Settings(cfg, self.proto, node.metrics)
