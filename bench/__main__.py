@@ -77,6 +77,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_tls_cert(tmp: Path) -> None:
+    """The TLS cases' certificate (ECDSA P-256, as most sites now) in ``tmp``: bench-tls.crt and
+    .key for halb, the two in one bench-tls.pem for HAProxy."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=bench.test", "-keyout", str(tmp / "bench-tls.key"), "-out",
+                    str(tmp / "bench-tls.crt")], check=True, capture_output=True)
+    (tmp / "bench-tls.pem").write_bytes((tmp / "bench-tls.crt").read_bytes()
+                                        + (tmp / "bench-tls.key").read_bytes())
+
+
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -914,14 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "www" / "files" / "64k").write_bytes(os.urandom(BIG_SIZE))
         with open(tmp / "www" / "files" / "200m", "wb") as f:  # sparse: read from the page
             f.truncate(DL_SIZE)  # cache as zeros, no disk in the way
-        # the TLS cases' certificate (ECDSA P-256, as most sites now): a .crt and .key for
-        # halb, the two in one .pem for HAProxy
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                        "/CN=bench.test", "-keyout", str(tmp / "bench-tls.key"), "-out",
-                        str(tmp / "bench-tls.crt")], check=True, capture_output=True)
-        (tmp / "bench-tls.pem").write_bytes((tmp / "bench-tls.crt").read_bytes()
-                                            + (tmp / "bench-tls.key").read_bytes())
+        make_tls_cert(tmp)
         for name in ("n1", "n2"):
             conf = tmp / f"nginx-{name}.conf"
 

@@ -2,7 +2,7 @@
 move with the machine's load (the wall-clock bench does), for comparing two builds of the L7
 path on this machine or any other.
 
-    python bench/l7_instructions.py [--requests 3000] [--no-extensions] [--keep DIR]
+    python bench/l7_instructions.py [--requests 3000] [--no-extensions] [--close] [--keep DIR]
 
 It starts two nginx backends and halbd (the bench's HTTP listener config: three routes,
 forwarded headers on, metrics on) with halbd under ``valgrind --tool=callgrind`` and
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.__main__ import (HALB_CONF, NGINX_CONF, PROXY_PORTS, PY, ROOT, free_port,  # noqa: E402
-                            wait_port)
+                            make_tls_cert, wait_port)
 
 
 def load(port: int, n: int, conns: int = 8) -> None:
@@ -59,10 +59,36 @@ def load(port: int, n: int, conns: int = 8) -> None:
         s.close()
 
 
+def load_close(port: int, n: int, conns: int = 8) -> None:
+    """``n`` GETs, each on a connection of its own (``Connection: close``), ``conns`` at a time:
+    what wrk -H 'Connection: close' does, the bench's ``close`` case."""
+    req = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUser-Agent: l7i\r\nAccept: */*\r\n"
+           b"Connection: close\r\n\r\n" % port)
+    done = 0
+    while done < n:
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=60)
+                 for _ in range(min(conns, n - done))]
+        for s in socks:
+            s.sendall(req)
+        for s in socks:
+            buf = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            s.close()
+            if not buf.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer: {buf[:80]!r}")
+            done += 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/l7_instructions.py")
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--no-extensions", action="store_true")
+    ap.add_argument("--close", action="store_true",
+                    help="a connection per request (Connection: close), as the bench's close case")
     ap.add_argument("--keep", metavar="DIR", help="copy callgrind's output files into DIR "
                     "(for callgrind_annotate)")
     a = ap.parse_args(argv)
@@ -84,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_port(port, proc=procs[-1])
         ports = {k: free_port() for k in PROXY_PORTS + ("iperf",)}
         (tmp / "halb-state").mkdir()
+        make_tls_cert(tmp)  # (the config's HTTPS listener needs one)
         conf = HALB_CONF.format(dir=tmp, **backends, **ports)
         (tmp / "halb.toml").write_text(conf)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -100,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError:
             print((tmp / "halbd.log").read_text(errors="replace")[-2000:], file=sys.stderr)
             raise
-        load(ports["http"], 200)
+        run = load_close if a.close else load
+        run(ports["http"], 200)
         subprocess.run(["callgrind_control", "-i", "on", str(vg.pid)], check=True,
                        capture_output=True, timeout=60)
         t0 = time.monotonic()
-        load(ports["http"], a.requests)
+        run(ports["http"], a.requests)
         took = time.monotonic() - t0
         subprocess.run(["callgrind_control", "-i", "off", str(vg.pid)], check=True,
                        capture_output=True, timeout=60)
@@ -123,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.keep).mkdir(parents=True, exist_ok=True)
             for f in tmp.glob("callgrind.out*"):
                 shutil.copy(f, Path(a.keep) / f.name)
-        mode = "HALB_NO_EXTENSIONS=1" if a.no_extensions else "as installed"
+        mode = ("HALB_NO_EXTENSIONS=1" if a.no_extensions else "as installed") + \
+            (", a connection per request" if a.close else "")
         print(f"halbd ({mode}): {total / a.requests:,.0f} user-space instructions per request "
               f"({a.requests} requests, {took:.1f} s under callgrind)")
         return 0
