@@ -47,6 +47,9 @@ class BgpCore:
     vips: Mapping[str, Iterable[str]]
     announce_delay: float = 0.0
     announced: set[str] = field(default_factory=set)  # prefixes the speaker holds (we believe)
+    # prefixes whose state in the speaker is unknown (at start: a halbd killed with -9 may
+    # have left them; after forget): told again, announce or withdraw, on the next step
+    unknown: set[str] = field(default_factory=set)
     leaving: bool = False
     reasons: dict[str, str] = field(default_factory=dict)  # vip -> why not announced ("" = is)
     _since: dict[str, float] = field(default_factory=dict)  # vip -> announceable since
@@ -87,11 +90,11 @@ class BgpCore:
         first. A command stays in flight until ``done``."""
         want = self.wanted(now, ready=ready, healthy=healthy)
         cmds: list[Announce | Withdraw] = []
-        for p in sorted(self.announced - want):
+        for p in sorted((self.announced | self.unknown) - want):
             if ("w", p) not in self._in_flight:
                 cmds.append(Withdraw(p))
                 self._in_flight.add(("w", p))
-        for p in sorted(want - self.announced):
+        for p in sorted((want - self.announced) | (want & self.unknown)):
             if ("a", p) not in self._in_flight:
                 cmds.append(Announce(p))
                 self._in_flight.add(("a", p))
@@ -104,6 +107,7 @@ class BgpCore:
         if not ok:
             self.counts["failures"] += 1
             return
+        self.unknown.discard(cmd.prefix)
         if kind == "a":
             self.announced.add(cmd.prefix)
             self.counts["announcements"] += 1
@@ -119,6 +123,6 @@ class BgpCore:
         self.leaving = False
 
     def forget(self) -> None:
-        """The speaker lost what it held (it restarted): everything is announced anew."""
-        self.announced.clear()
-        self._in_flight.clear()
+        """The speaker's state is unknown (at start; it may have restarted): every VIP is
+        told again on the next step, announced or withdrawn."""
+        self.unknown = {prefix_of(v) for v in self.vips}

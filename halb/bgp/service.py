@@ -61,7 +61,7 @@ class BgpService:
         self._poke = asyncio.Event()
         # whatever a killed halbd left in the speaker goes first (withdrawing what is not
         # there is a no-op)
-        self.core.announced.update(prefix_of(v) for v in self.core.vips)
+        self.core.forget()
         self._last_resync = self.clock.now()
         self._task = asyncio.create_task(self._run(), name="bgp")
         log.info("bgp_started", speaker=self.cfg.speaker, asn=self.cfg.asn,
@@ -98,7 +98,7 @@ class BgpService:
     async def step(self) -> None:
         async with self._lock:
             now = self.clock.now()
-            if self.core.announced and now - self._last_resync >= self.cfg.resync_interval:
+            if now - self._last_resync >= self.cfg.resync_interval:
                 self._last_resync = now
                 self.core.forget()  # the speaker may have restarted: tell it again
             cmds = self.core.step(now, ready=bool(self.ready()), healthy=self.healthy())

@@ -81,13 +81,20 @@ def test_failed_command_is_retried_and_not_duplicated_in_flight():
     assert c.announced == {"198.51.100.1/32"}
 
 
-def test_stale_announcements_withdrawn_at_start_and_forget_resends():
-    c = BgpCore({"198.51.100.1": ("web",)})
-    c.announced.add("198.51.100.1/32")  # a killed halbd may have left it
-    assert run(c, 0.0, ready=False) == [Withdraw("198.51.100.1/32")]
-    run(c, 1.0)
+def test_unknown_state_at_start_is_told_either_way_and_forget_resends():
+    c = BgpCore({"198.51.100.1": ("web",), "198.51.100.2": ("tcp",)})
+    c.forget()  # start: a killed halbd may have left announcements in the speaker
+    assert run(c, 0.0, ready=False) == [Withdraw("198.51.100.1/32"), Withdraw("198.51.100.2/32")]
+    assert run(c, 0.5, ready=False) == []  # known now
     c.forget()
-    assert run(c, 2.0) == [Announce("198.51.100.1/32")]
+    # ready at once: announced (the speaker may or may not have had them)
+    assert run(c, 1.0, healthy={"web": True, "tcp": False}) == [
+        Withdraw("198.51.100.2/32"), Announce("198.51.100.1/32")]
+    assert run(c, 2.0, healthy={"web": True, "tcp": False}) == []
+    c.forget()  # the resync: told again, nothing else changes
+    assert run(c, 3.0, healthy={"web": True, "tcp": False}) == [
+        Withdraw("198.51.100.2/32"), Announce("198.51.100.1/32")]
+    assert c.announced == {"198.51.100.1/32"}
 
 
 BASE = """
