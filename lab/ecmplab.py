@@ -214,12 +214,12 @@ class EcmpLab:
         cfg = run / "frr.conf"  # readable by the daemons (they drop to user frr)
         cfg.write_text(conf)
         shutil.chown(cfg, "frr", "frr")
-        for d in ("zebra", "bfdd", "bgpd"):
+        for d in ("zebra", "bfdd", "bgpd"):  # in order, each up before the next (watchfrr's)
             # not daemonized: each stays this lab's child (killed by close), logging to a file
             self.spawn(ns, [str(FRR / d), "-N", ns, "-f", str(cfg), "-i", str(run / f"{d}.pid"),
                             "--log", "stdout"], f"frr-{who}-{d}")
-        self.wait(lambda: all((run / f"{d}.vty").exists() for d in ("zebra", "bfdd", "bgpd")),
-                  10, f"FRR up in {ns}")
+            self.wait(lambda: (run / f"{d}.vty").exists() and
+                      (d != "zebra" or (run / "zserv.api").exists()), 10, f"FRR {d} up in {ns}")
 
     def start(self, name: str) -> subprocess.Popen:
         """The node's FRR (if not running) and its halbd."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from typing import Any
 
 from ..config import BgpConfig
@@ -61,7 +62,11 @@ def sessions_of(summary: Any, bfd: Any) -> list[dict]:
 class Frr:
     def __init__(self, cfg: BgpConfig):
         self.cfg = cfg
-        self.base = [cfg.vtysh] + (["-N", cfg.pathspace] if cfg.pathspace else [])
+        # an absolute path and close_fds=False let subprocess use posix_spawn: no fork() of
+        # this multi-threaded (gRPC) process, whose fork handlers would log a line per run;
+        # halbd's descriptors are close-on-exec anyway (PEP 446)
+        exe = shutil.which(cfg.vtysh) or cfg.vtysh
+        self.base = [exe] + (["-N", cfg.pathspace] if cfg.pathspace else [])
         self.runs = 0
 
     async def vtysh(self, *commands: str) -> str:
@@ -73,7 +78,7 @@ class Frr:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, close_fds=False)
         except OSError as e:
             raise SpeakerError(f"cannot run {self.cfg.vtysh}: {e.strerror or e}") from None
         try:

@@ -27,6 +27,7 @@ from .core import Announce, BgpCore, prefix_of
 from .frr import Frr, SpeakerError
 
 log = hlog.get_logger("bgp")
+POLL_MIN = 1.0  # the sessions are read at most this often (one vtysh run each)
 
 
 class BgpService:
@@ -137,7 +138,7 @@ class BgpService:
             try:
                 await self.step()
                 now = self.clock.now()
-                if now - polled >= self.cfg.interval:
+                if now - polled >= max(self.cfg.interval, POLL_MIN):
                     polled = now
                     await self._poll()
             except Exception:
