@@ -119,7 +119,8 @@ class Node:
                 nat_listeners, self.pools, self.tables.nat, self.cfg.nat,
                 registry=self.metrics.registry,
                 sync_ports=(self.cfg.sync.listen.port,) if self.cfg.sync else (),
-                elected_vips={str(v.ip) for vc in self.cfg.vrrp for v in vc.vips})
+                elected_vips={str(v.ip) for vc in self.cfg.vrrp for v in vc.vips},
+                shared_vips=bgp_vips(self.cfg) if self.cfg.bgp is not None else ())
             self.parts.append(self.nat)
         self.election = None
         if self.cfg.vrrp:
