@@ -44,6 +44,8 @@ CLIENT, FABRIC = "198.19.80", "198.19.81"
 VIP = "198.19.83.10"
 ROUTER_AS, NODE_AS = 65000, 65001
 HTTP_PORT, BE_HTTP = 80, 8080
+NAT_PORT, BE_TCP = 9000, 7000  # the NAT listener (nat=True): a TCP echo on the backends
+SYNC_PORT = 9400
 BES = {"be1": 21, "be2": 22}
 METRICS_PORT = 9100
 FRR = Path("/usr/lib/frr")
@@ -102,12 +104,49 @@ router bgp {NODE_AS}
 """
 
 
-def node_config(name: str, *, ns: str, state_dir: str, addr: str, withdraw_wait: str) -> str:
-    backends = "".join(f"""
+def node_config(name: str, *, ns: str, state_dir: str, addr: str, withdraw_wait: str,
+                peers: dict[str, str] | None = None, prefix: str = "hg") -> str:
+    def backends(port: int) -> str:
+        return "".join(f"""
   [[pools.backends]]
   name = "{b}"
-  address = "{FABRIC}.{h}:{BE_HTTP}"
+  address = "{FABRIC}.{h}:{port}"
 """ for b, h in BES.items())
+    nat = ""
+    if peers is not None:  # the NAT listener, replicated over a full mesh of sync links
+        mesh = "".join(f"""
+  [[sync.peers]]
+  name = "{p}"
+  address = "{a}:{SYNC_PORT}"
+""" for p, a in peers.items())
+        nat = f"""
+[[pools]]
+name = "echo"
+algorithm = "maglev"
+  [pools.health]
+  type = "tcp"
+  interval = "200ms"
+  timeout = "150ms"
+  rise = 1
+  fall = 2
+{backends(BE_TCP)}
+[[listeners]]
+name = "echo"
+mode = "nat"
+protocol = "tcp"
+bind = "{VIP}:{NAT_PORT}"
+pool = "echo"
+hash = "client_ip_port"
+
+[nat]
+table = "halb_{prefix}"
+reconcile_interval = "5s"
+entry_ttl = "60s"
+
+[sync]
+listen = "{addr}:{SYNC_PORT}"
+insecure = true
+{mesh}"""
     return f"""
 [node]
 name = "{name}"
@@ -133,7 +172,7 @@ algorithm = "maglev"
   timeout = "150ms"
   rise = 1
   fall = 2
-{backends}
+{backends(BE_HTTP)}
 [[listeners]]
 name = "web"
 mode = "http"
@@ -145,17 +184,18 @@ asn = {NODE_AS}
 pathspace = "{ns}"
 interval = "200ms"
 withdraw_wait = "{withdraw_wait}"
-"""
+{nat}"""
 
 
 class EcmpLab:
     def __init__(self, tmp: Path, *, prefix: str = "hg", nodes: int = 4,
-                 withdraw_wait: str = "1s"):
+                 withdraw_wait: str = "1s", nat: bool = False):
         if not (FRR / "bgpd").exists():
             raise RuntimeError("FRR is not installed (apt-get install frr; ./dev test does)")
         self.tmp = Path(tmp)
         self.prefix = prefix
         self.withdraw_wait = withdraw_wait
+        self.nat = nat
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
         self.addr = {n: f"{FABRIC}.{10 + i}" for i, n in enumerate(self.names, 1)}
         self.ns = {n: f"{prefix}{n}" for n in self.names + list(BES) + ["cl", "rt"]}
@@ -163,6 +203,7 @@ class EcmpLab:
         self.halbd: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self._runs = 0
+        self._dead: set[str] = set()
         nx.cleanup(prefix)
         self._frr_dirs: list[Path] = []
         self.clan = nx.Lan(f"{prefix}c", f"{CLIENT}.0/24")
@@ -181,14 +222,50 @@ class EcmpLab:
                 self.flan.add_host(ns, self.addr[n])
                 nx.add_route("0.0.0.0/0", f"{FABRIC}.1", ns=ns)
                 nx.add_addr("lo", f"{VIP}/32", ns=ns)
+                if nat:
+                    nx.sysctl("net.ipv4.ip_forward", 1, ns=ns)
+                    _conntrack_strict(ns)
             for b, h in BES.items():
                 self.flan.add_host(self.ns[b], f"{FABRIC}.{h}")
+                extra = ["--tcp", f"{FABRIC}.{h}:{BE_TCP}"] if nat else []
                 self.spawn(self.ns[b], [PY, "-m", "lab.backend", "--name", b,
-                                        "--http", f"{FABRIC}.{h}:{BE_HTTP}"], f"backend-{b}")
+                                        "--http", f"{FABRIC}.{h}:{BE_HTTP}", *extra],
+                           f"backend-{b}")
+                if nat:
+                    self._return_to_sender(self.ns[b])
             self.start_frr("rt", frr_router_config(rt))
         except Exception:
             self.close()
             raise
+
+    def _return_to_sender(self, ns: str) -> None:
+        """A NAT listener's backend behind ECMP answers through the node that forwarded the
+        connection's last packet (DNAT only: only a node with the connection's conntrack entry
+        can undo it). nftables marks the connection with the forwarding node's MAC address on
+        every packet from the client side, and replies are routed by that mark to that node:
+        when ECMP moves a flow to another node (which has the replicated entry), the replies
+        follow at its first packet."""
+        macs = {}
+        for n in self.names:
+            link = json.loads(nx.run_in(self.ns[n], ["ip", "-j", "link", "show", "eth0"]).stdout)
+            macs[n] = link[0]["address"]
+        elems = ", ".join(f"{macs[n]} : {i}" for i, n in enumerate(self.names, 1))
+        rules = f"""table ip halb_ret {{
+ map node {{ type ether_addr : mark; elements = {{ {elems} }} }}
+ chain pre {{ type filter hook prerouting priority mangle; policy accept;
+  ct direction original ct mark set ether saddr map @node
+ }}
+ chain out {{ type route hook output priority mangle; policy accept;
+  ct direction reply meta mark set ct mark
+ }}
+}}
+"""
+        nx.run_in(ns, ["nft", "-f", "-"], input=rules)
+        for i, n in enumerate(self.names, 1):
+            nx.run_in(ns, ["ip", "rule", "add", "fwmark", str(i), "table", str(100 + i)])
+            nx.run_in(ns, ["ip", "route", "add", "default", "via", self.addr[n],
+                           "table", str(100 + i)])
+        nx.add_route("0.0.0.0/0", self.addr[self.names[0]], ns=ns)
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -222,22 +299,32 @@ class EcmpLab:
                       (d != "zebra" or (run / "zserv.api").exists()), 10, f"FRR {d} up in {ns}")
 
     def start(self, name: str) -> subprocess.Popen:
-        """The node's FRR (if not running) and its halbd."""
+        """The node's FRR (if not running) and its halbd. A node killed before comes back
+        like a rebooted machine: its link up, its conntrack table empty."""
+        if name in self._dead:
+            self._dead.discard(name)
+            nx.run_in(self.ns[name], ["conntrack", "-F"], check=False)
+            nx.link_up(self.flan.port_of(self.ns[name]), ns=self.flan.bridge_ns)
         if not (FRR_RUN / self.ns[name] / "bgpd.vty").exists():
             self.start_frr(name, frr_node_config(self.ns[name], self.addr[name]))
         self._runs += 1
         cfg = self.tmp / f"{name}.toml"
+        peers = {n: a for n, a in self.addr.items() if n != name} if self.nat else None
         cfg.write_text(node_config(name, ns=self.ns[name], state_dir=str(self.tmp),
-                                   addr=self.addr[name], withdraw_wait=self.withdraw_wait))
+                                   addr=self.addr[name], withdraw_wait=self.withdraw_wait,
+                                   peers=peers, prefix=self.prefix))
         p, log = self.spawn(self.ns[name], [PY, "-m", "halb.cli.halbd", str(cfg)],
                             f"{name}-{self._runs}")
         self.halbd[name], self.logs[name] = p, log
         return p
 
     def kill_node(self, name: str) -> None:
-        """The node dies: halbd and its FRR daemons killed with -9 (nothing is withdrawn; the
-        router notices by BFD)."""
+        """The node dies: off the network at once (its port on the fabric bridge down: no FIN,
+        no BGP notification gets out, so the router notices by BFD alone), then halbd and its
+        FRR daemons killed with -9."""
         ns = self.ns[name]
+        nx.link_down(self.flan.port_of(ns), ns=self.flan.bridge_ns)
+        self._dead.add(name)
         for pid in nx.ns_pids(ns):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -351,6 +438,22 @@ class EcmpLab:
             time.sleep(0.05)
         raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
+    def natprobe(self, *, conns: int, seconds: float, interval: float = 0.5):
+        """lab.natprobe: ``conns`` long-lived TCP connections through the NAT listener, each
+        echoing every ``interval``; returns (process, output path)."""
+        out = self.tmp / f"natprobe-{len(self.procs)}.json"
+        p, _ = self.spawn(self.ns["cl"], [PY, "-m", "lab.natprobe", "--tcp", f"{VIP}:{NAT_PORT}",
+                                          "--tcp-conns", str(conns), "--udp", "",
+                                          "--interval", str(interval), "--seconds", str(seconds),
+                                          "--reply-timeout", "5", "--out", str(out)],
+                          f"natprobe-{len(self.procs)}")
+        return p, out
+
+    def nat_origins(self, name: str) -> dict[str, str]:
+        """The node's nat table: client -> the node the connection started on (its origin)."""
+        out = json.loads(self.halbctl(name, "tables", "nat", "--json", "--limit", "1000"))
+        return {e["client"]: e["origin"] for e in out["nat"]["entries"]}
+
     def probe(self, *, seconds: float, interval: float = 0.01, timeout: float = 2.0):
         """lab.probe's new-connection probes (one GET per connection) from the client."""
         out = self.tmp / f"probe-{len(self.procs)}.jsonl"
@@ -384,6 +487,15 @@ class EcmpLab:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _conntrack_strict(ns: str) -> None:
+    """As lab.natlab: strict TCP tracking (a mid-stream packet without an entry is invalid,
+    so a moved flow lives only by its replicated entry), liberal inside a known connection."""
+    nx.run_in(ns, ["nft", "add table ip halb_probe; add chain ip halb_probe c; "
+                          "add rule ip halb_probe c ct state new; delete table ip halb_probe"])
+    nx.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0, ns=ns)
+    nx.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1, ns=ns)
 
 
 def read_probes(path: Path) -> list[dict]:

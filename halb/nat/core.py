@@ -198,8 +198,8 @@ class NatCore:
         if s.vip in self.shared:
             if op == _EXPIRE:
                 return None  # the copy's kernel timeout governs (a moved flow keeps it alive)
-            if e.origin == self.table.node:
-                return None
+            # (an entry of this node's own, from a peer: its earlier run's, learned back after
+            # a restart with an empty kernel; ECMP sends its flows here again: inject it too)
         elif self.holds(s.vip):
             return None  # the kernel is the truth for a VIP this node holds
         f = self.flow_of(e) if op in (_CREATE, _REFRESH) else self._flow_for_removal(s, e)

@@ -237,6 +237,8 @@ def test_shared_vip_records_own_connections_and_injects_every_peers():
     assert w.core.on_remote(Op.CREATE, _entry("lb2")) == Inject(flow())
     assert w.core.on_remote(Op.REFRESH, _entry("lb2")) == Inject(flow())
     assert isinstance(w.core.on_remote(Op.DELETE, _entry("lb2")), Remove)
+    # this node's own entry learned back from a peer (a restart emptied its kernel)
+    assert w.core.on_remote(Op.CREATE, _entry("lb1")) == Inject(flow())
     # a peer's expiry leaves the copy to its kernel timeout (a moved flow keeps it alive)
     assert w.core.on_remote(Op.EXPIRE, _entry("lb2")) is None
     # an elected VIP the node holds is still the kernel's truth
