@@ -454,6 +454,18 @@ class EcmpLab:
         out = json.loads(self.halbctl(name, "tables", "nat", "--json", "--limit", "1000"))
         return {e["client"]: e["origin"] for e in out["nat"]["entries"]}
 
+    def flows_through(self, name: str) -> int:
+        """Connections of the NAT listener that this node's kernel forwarded packets of
+        (conntrack accounting: an injected copy no packet went through counts 0)."""
+        out = nx.run_in(self.ns[name], ["conntrack", "-L", "-p", "tcp", "-d", VIP,
+                                        "--dport", str(NAT_PORT)], check=False).stdout
+        n = 0
+        for line in out.splitlines():
+            pk = line.split("packets=", 1)
+            if len(pk) == 2 and int(pk[1].split()[0]) > 0:
+                n += 1
+        return n
+
     def probe(self, *, seconds: float, interval: float = 0.01, timeout: float = 2.0):
         """lab.probe's new-connection probes (one GET per connection) from the client."""
         out = self.tmp / f"probe-{len(self.procs)}.jsonl"
@@ -496,6 +508,7 @@ def _conntrack_strict(ns: str) -> None:
                           "add rule ip halb_probe c ct state new; delete table ip halb_probe"])
     nx.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0, ns=ns)
     nx.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1, ns=ns)
+    nx.sysctl("net.netfilter.nf_conntrack_acct", 1, ns=ns)  # flows_through() reads counters
 
 
 def read_probes(path: Path) -> list[dict]:
