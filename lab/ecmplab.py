@@ -438,14 +438,16 @@ class EcmpLab:
             time.sleep(0.05)
         raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
-    def natprobe(self, *, conns: int, seconds: float, interval: float = 0.5):
+    def natprobe(self, *, conns: int, seconds: float, interval: float = 0.5,
+                 gap_ms: float = 150.0):
         """lab.natprobe: ``conns`` long-lived TCP connections through the NAT listener, each
         echoing every ``interval``; returns (process, output path)."""
         out = self.tmp / f"natprobe-{len(self.procs)}.json"
         p, _ = self.spawn(self.ns["cl"], [PY, "-m", "lab.natprobe", "--tcp", f"{VIP}:{NAT_PORT}",
                                           "--tcp-conns", str(conns), "--udp", "",
                                           "--interval", str(interval), "--seconds", str(seconds),
-                                          "--reply-timeout", "5", "--out", str(out)],
+                                          "--reply-timeout", "5", "--gap-ms", str(gap_ms),
+                                          "--out", str(out)],
                           f"natprobe-{len(self.procs)}")
         return p, out
 
