@@ -46,6 +46,7 @@ class BgpService:
         self._task: asyncio.Task | None = None
         self._last_resync = 0.0
         self._lock = asyncio.Lock()
+        self._last_failure = ""
         if registry is not None:
             registry.register(_Collector(self))
 
@@ -111,10 +112,12 @@ class BgpService:
                         await self.speaker.withdraw(c.prefix)
                 except SpeakerError as e:
                     self.core.done(c, False)
-                    self.speaker_error = str(e)
-                    log.error("bgp_command_failed", command=type(c).__name__.lower(),
-                              prefix=c.prefix, error=str(e))
+                    if str(e) != self._last_failure:  # retried every interval: logged once
+                        log.error("bgp_command_failed", command=type(c).__name__.lower(),
+                                  prefix=c.prefix, error=str(e), hint="retried every interval")
+                    self._last_failure = self.speaker_error = str(e)
                     continue
+                self._last_failure = ""
                 self.core.done(c, True)
                 if c.prefix in (prefix_of(v) for v in self.core.vips):
                     log.info("bgp_announced" if isinstance(c, Announce) else "bgp_withdrawn",
