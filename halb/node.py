@@ -169,7 +169,10 @@ class Node:
             advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
 
     def _bgp_ready(self) -> bool:
-        """[bgp] announces once every part started and sync learned the peers' tables."""
+        """[bgp] announces once every part started and sync learned the peers' tables (an
+        upgrade's new process got them from the old one, which was serving: no withdrawal)."""
+        if getattr(self, "_upgraded_in", False):
+            return self._started
         return self._started and (self.sync is None or bool(getattr(self.sync, "ready", True)))
 
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
@@ -486,6 +489,8 @@ class Node:
         from . import tablestore
         from . import upgrade as up
 
+        if self.bgp is not None:
+            await self.bgp.release()  # the new process announces now: withdraw nothing
         if self.election is not None:
             await _quietly(self.election.release(), self.log)
         if self.nat is not None:
@@ -681,6 +686,7 @@ class Node:
 
     async def _takeover(self, path: str):
         """The new side of an upgrade, before start: the handover from the old process."""
+        self._upgraded_in = True
         import socket as _socket
 
         from . import tablestore

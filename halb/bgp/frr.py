@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 from typing import Any
 
 from ..config import BgpConfig
@@ -62,9 +63,6 @@ def sessions_of(summary: Any, bfd: Any) -> list[dict]:
 class Frr:
     def __init__(self, cfg: BgpConfig):
         self.cfg = cfg
-        # an absolute path and close_fds=False let subprocess use posix_spawn: no fork() of
-        # this multi-threaded (gRPC) process, whose fork handlers would log a line per run;
-        # halbd's descriptors are close-on-exec anyway (PEP 446)
         exe = shutil.which(cfg.vtysh) or cfg.vtysh
         self.base = [exe] + (["-N", cfg.pathspace] if cfg.pathspace else [])
         self.runs = 0
@@ -75,22 +73,22 @@ class Frr:
         for c in commands:
             args += ["-c", c]
         self.runs += 1
+        # In a worker thread with the standard library's subprocess, not the event loop's:
+        # uvloop spawns with fork(), and a fork of this multi-threaded (gRPC) process now and
+        # then crashed in the child before exec (exit -11); subprocess uses posix_spawn here
+        # (an absolute path, close_fds=False: halbd's descriptors are close-on-exec, PEP 446).
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, close_fds=False)
+            p = await asyncio.to_thread(
+                subprocess.run, args, stdin=subprocess.DEVNULL, capture_output=True,
+                timeout=self.cfg.command_timeout, close_fds=False)
+        except subprocess.TimeoutExpired:
+            raise SpeakerError(f"vtysh timed out after {self.cfg.command_timeout:g} s") from None
         except OSError as e:
             raise SpeakerError(f"cannot run {self.cfg.vtysh}: {e.strerror or e}") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.cfg.command_timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise SpeakerError(f"vtysh timed out after {self.cfg.command_timeout:g} s") from None
-        text = out.decode(errors="replace")
-        if proc.returncode != 0:
-            msg = (err.decode(errors="replace") + text).strip().splitlines()
-            msg = [m for m in msg if "vtysh.conf" not in m] or [f"exit {proc.returncode}"]
+        text = p.stdout.decode(errors="replace")
+        if p.returncode != 0:
+            msg = (p.stderr.decode(errors="replace") + text).strip().splitlines()
+            msg = [m for m in msg if "vtysh.conf" not in m] or [f"exit {p.returncode}"]
             raise SpeakerError(f"vtysh: {' / '.join(msg[-3:])[:300]}")
         return text
 

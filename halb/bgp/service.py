@@ -27,6 +27,7 @@ from .core import Announce, BgpCore, prefix_of
 from .frr import Frr, SpeakerError
 
 log = hlog.get_logger("bgp")
+LEAVE_TRIES = 5  # withdrawal attempts before drain-node replies (each bounded by command_timeout)
 POLL_MIN = 1.0  # the sessions are read at most this often (one vtysh run each)
 
 
@@ -79,15 +80,30 @@ class BgpService:
         self._task = None
         log.info("bgp_stopped", withdrawn=withdrawn)
 
+    async def release(self) -> None:
+        """An upgrade: the new process drives the speaker now; this one stops without
+        withdrawing anything."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        log.info("bgp_released", announced=sorted(self.core.announced))
+
     async def leave(self, wait: float | None = None) -> list[str]:
         """Withdraws every VIP, then waits ``wait`` (default ``withdraw_wait``) for the router
         to move the flows elsewhere. Returns the prefixes withdrawn."""
         was = sorted(self.core.announced)
         self.core.leave()
-        await self.step()
+        for _ in range(LEAVE_TRIES):  # a failed withdrawal (vtysh crashed) is tried again now
+            await self.step()
+            if not self.core.announced and not self.core.unknown:
+                break
+            await asyncio.sleep(0.1)
         left = [p for p in was if p not in self.core.announced]
         log.info("bgp_leaving", withdrawn=left, still=sorted(self.core.announced))
-        await asyncio.sleep(self.cfg.withdraw_wait if wait is None else max(0.0, wait))
+        if left or wait is not None:  # nothing was announced (a stop after drain-node): no wait
+            await asyncio.sleep(self.cfg.withdraw_wait if wait is None else max(0.0, wait))
         return left
 
     async def join(self) -> list[str]:
@@ -126,7 +142,8 @@ class BgpService:
 
     async def _poll(self) -> None:
         try:
-            self.sessions = await self.speaker.sessions()
+            async with self._lock:  # one vtysh at a time (two at once crashed vtysh 8.4 once)
+                self.sessions = await self.speaker.sessions()
             self.speaker_error = ""
         except SpeakerError as e:
             if self.speaker_error != str(e):

@@ -468,6 +468,10 @@ def cmd_drain_node(args, client: Client) -> int:
     else:
         print(f"withdrawn: {', '.join(r.withdrawn) or 'nothing was announced'}; waited "
               f"{r.waited_seconds:.1f} s for the router to move the flows")
+    if r.announced:  # the speaker refused or failed: say so, halbd goes on trying
+        print(f"still announced (the speaker failed; halbd retries every interval): "
+              f"{', '.join(r.announced)}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

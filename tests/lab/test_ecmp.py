@@ -76,6 +76,32 @@ def test_announce_status_metrics_and_withdraw_without_healthy_backend(ecmp):
     lab.wait_paths(NODES, timeout=5)
 
 
+def test_upgrade_keeps_the_node_in_the_fib(ecmp):
+    """halbctl upgrade: the new process announces at once (it got the tables from the old one)
+    and the old one withdraws nothing: the router never loses the node."""
+    import threading
+    lab = ecmp
+    seen: list[list[str]] = []
+    stop = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen.append(lab.nodes_in_fib())
+            time.sleep(0.02)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        out = lab.halbctl("n1", "upgrade", "--drain", "1", "--json")
+        assert '"ok": true' in out, out
+        time.sleep(2.5)  # the old process drains (1 s) and stops: it must not withdraw
+    finally:
+        stop.set()
+        t.join(5)
+    assert len(seen) > 20 and all(s == NODES for s in seen), [s for s in seen if s != NODES][:3]
+    assert lab.status("n1")["bgp"]["vips"][0]["announced"] is True
+
+
 def test_graceful_leave_loses_no_request_and_join(ecmp):
     lab = ecmp
     probe, out = lab.probe(seconds=7, interval=0.01, timeout=2.0)
