@@ -1531,6 +1531,11 @@ def parse(data: dict, source: str = "") -> Config:
             warnings.append(Problem(lr.sub("bind"), (
                 f"{l.bind.host} is not a VIP of any [[vrrp]] instance: its connections are "
                 f"replicated only while this node holds the address some other way")))
+    if bgp is not None and sync is None and any(l.mode == "nat" for l in listeners):
+        warnings.append(Problem("bgp", (
+            "NAT listeners behind ECMP without [sync]: a connection the router moves to "
+            "another node (a node died, left or joined) finds no conntrack entry there and is "
+            "reset; list every other node in [[sync.peers]] (a full mesh)")))
     if sync is not None and sync.insecure:
         warnings.append(Problem("sync.insecure", (
             "true: tables travel in plaintext and any host that reaches sync.listen can feed "

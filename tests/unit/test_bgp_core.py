@@ -149,3 +149,22 @@ def test_frr_output_parsing():
     assert rows == [{"peer": "198.19.88.1", "remote_as": 65000, "state": "Established",
                      "uptime_ms": 8000, "prefixes_sent": 3, "bfd": "up"}]
     assert sessions_of({}, []) == []
+
+
+def test_config_warns_nat_behind_ecmp_without_sync():
+    text = BASE + """
+[[listeners]]
+name = "n"
+mode = "nat"
+bind = "198.51.100.10:81"
+pool = "m"
+[[pools]]
+name = "m"
+algorithm = "maglev"
+backends = [{name = "a", address = "198.51.100.50:81"}]
+[bgp]
+asn = 65001
+"""
+    cfg = loads(text)
+    assert any(w.path == "bgp" and "full mesh" in w.reason for w in cfg.warnings), cfg.warnings
+    assert bgp_vips(cfg) == {"198.51.100.10": ("web", "m")}
