@@ -750,9 +750,9 @@ def _is_prime(n: int) -> bool:
     return True
 
 
-def _pool(r: _Reader) -> PoolConfig:
+def _pool(r: _Reader, default_algorithm: str = "roundrobin") -> PoolConfig:
     name = r.name()
-    algo = r.choice("algorithm", ALGORITHMS, "roundrobin")
+    algo = r.choice("algorithm", ALGORITHMS, default_algorithm)
     hk = r.conv("hash_key", _hash_key, "client_ip")
     size = r.int_in("maglev_table_size", 7, 10_000_019, 65537)
     if r.has("maglev_table_size") and isinstance(size, int) and not _is_prime(size):
@@ -1385,7 +1385,10 @@ def parse(data: dict, source: str = "") -> Config:
     else:
         node = _node(nr)
     prs = top.tables("pools")
-    pools = [_pool(p) for p in prs]
+    # behind ECMP ([bgp]) every node must pick the same backend for the same client: Maglev
+    # is the pools' default there
+    scale_out = isinstance(top.data.get("bgp"), dict)
+    pools = [_pool(p, "maglev" if scale_out else "roundrobin") for p in prs]
     _dupes(prs, [p.name for p in pools], "pool")
     lrs = top.tables("listeners")
     listeners = [_listener(lr) for lr in lrs]

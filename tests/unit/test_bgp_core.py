@@ -116,6 +116,11 @@ def test_config_defaults_and_vips():
     b = cfg.bgp
     assert (b.asn, b.speaker, b.pathspace, b.withdraw_wait, b.interval) == (65001, "frr", "n1", 2.0, 1.0)
     assert bgp_vips(cfg) == {"198.51.100.10": ("web",)}
+    # behind ECMP the pools' default algorithm is Maglev (the same backend on every node)
+    assert cfg.pool("web").algorithm == "maglev"
+    assert loads(BASE).pool("web").algorithm == "roundrobin"
+    assert loads(BASE.replace('name = "web"\nbackends', 'name = "web"\nalgorithm = "leastconn"\nbackends')
+                 + "[bgp]\nasn = 1\n").pool("web").algorithm == "leastconn"
 
 
 @pytest.mark.parametrize("extra, path, words", [
