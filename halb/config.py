@@ -363,6 +363,23 @@ class NatConfig:
 
 
 @dataclass(frozen=True)
+class BgpConfig:
+    """``[bgp]``: scale-out behind ECMP. halbd drives the node's FRR bgpd (through vtysh),
+    announcing each VIP as a host route while the node can serve it (``halb.bgp``)."""
+
+    asn: int  # the local AS of the speaker's `router bgp` block the networks go into
+    speaker: str = "frr"
+    vtysh: str = "vtysh"  # the command
+    pathspace: str = ""  # FRR's -N (one FRR per network namespace); "" = the default
+    vips: tuple[str, ...] = ()  # () = the bind addresses of every listener (not [[vrrp]] VIPs)
+    announce_delay: float = 0.0  # a VIP announceable this long is announced
+    withdraw_wait: float = 3.0  # drain-node / stop: withdraw, wait this long, then stop
+    interval: float = 1.0  # health re-check and speaker poll
+    command_timeout: float = 5.0  # one vtysh run
+    resync_interval: float = 30.0  # every announced VIP told to the speaker again (it restarted)
+
+
+@dataclass(frozen=True)
 class AccessLogConfig:
     """``[access_log]`` (halb.accesslog, halb.accesslog_writer)."""
 
@@ -390,6 +407,7 @@ class Config:
     sync: SyncConfig | None = None
     nat: NatConfig = field(default_factory=NatConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    bgp: BgpConfig | None = None
     source: str = ""  # file the config was read from
     # what is valid but likely to hurt (e.g. a split brain with keepalived): halbd --check
     # prints them, halbd logs them at start
@@ -747,9 +765,9 @@ def _is_prime(n: int) -> bool:
     return True
 
 
-def _pool(r: _Reader) -> PoolConfig:
+def _pool(r: _Reader, default_algorithm: str = "roundrobin") -> PoolConfig:
     name = r.name()
-    algo = r.choice("algorithm", ALGORITHMS, "roundrobin")
+    algo = r.choice("algorithm", ALGORITHMS, default_algorithm)
     hk = r.conv("hash_key", _hash_key, "client_ip")
     size = r.int_in("maglev_table_size", 7, 10_000_019, 65537)
     if r.has("maglev_table_size") and isinstance(size, int) and not _is_prime(size):
@@ -1299,6 +1317,31 @@ def _nat(r: _Reader) -> NatConfig:
     return NatConfig(**vals)
 
 
+def _bgp(r: _Reader) -> BgpConfig:
+    asn = r.int_in("asn", 1, 4294967295, 0, required=True)
+    speaker = r.choice("speaker", ("frr",), "frr")
+    vtysh = r.get("vtysh", str, "vtysh") or "vtysh"
+    pathspace = r.get("pathspace", str, "")
+    if pathspace and not NAME_RE.match(pathspace):
+        r.error(f"invalid pathspace {pathspace!r} (letters, digits, '_', '.', '-')", "pathspace")
+    vips = []
+    for i, v in enumerate(r.strings("vips")):
+        try:
+            vips.append(str(ipaddress.ip_address(v)))
+        except ValueError:
+            r.problems.append(Problem(f"{r.sub('vips')}[{i}]", f"{v!r} is not an IP address"))
+    vals = dict(
+        announce_delay=r.duration("announce_delay", 0.0, hi=3600),
+        withdraw_wait=r.duration("withdraw_wait", 3.0, hi=600),
+        interval=r.duration("interval", 1.0, lo=0.05, hi=60),
+        command_timeout=r.duration("command_timeout", 5.0, lo=0.1, hi=120),
+        resync_interval=r.duration("resync_interval", 30.0, lo=1.0, hi=86400),
+    )
+    r.done()
+    return BgpConfig(asn=asn or 0, speaker=speaker, vtysh=vtysh, pathspace=pathspace or "",
+                     vips=tuple(vips), **vals)
+
+
 def _control(r: _Reader) -> ControlConfig:
     sock = r.get("socket", str, "")
     addr = r.conv("address", parse_endpoint, None)
@@ -1387,7 +1430,10 @@ def parse(data: dict, source: str = "") -> Config:
     else:
         node = _node(nr)
     prs = top.tables("pools")
-    pools = [_pool(p) for p in prs]
+    # behind ECMP ([bgp]) every node must pick the same backend for the same client: Maglev
+    # is the pools' default there
+    scale_out = isinstance(top.data.get("bgp"), dict)
+    pools = [_pool(p, "maglev" if scale_out else "roundrobin") for p in prs]
     _dupes(prs, [p.name for p in pools], "pool")
     lrs = top.tables("listeners")
     listeners = [_listener(lr) for lr in lrs]
@@ -1470,6 +1516,21 @@ def parse(data: dict, source: str = "") -> Config:
     nat = _nat(nt) if nt else NatConfig()
     alr = top.table("access_log")
     access_log = _access_log(alr) if alr else AccessLogConfig()
+    br = top.table("bgp")
+    bgp = _bgp(br) if br else None
+    if bgp is not None and br is not None:
+        elected = {_canonical_ip(str(a.ip)) for vc in vrrp for a in vc.vips}
+        binds = {_canonical_ip(l.bind.host) for l in listeners
+                 if l.bind.host not in ("invalid", "0.0.0.0", "::", "")}
+        for i, v in enumerate(bgp.vips):
+            if v in elected:
+                problems.append(Problem(f"bgp.vips[{i}]", f"{v} is a [[vrrp]] VIP: a VIP is "
+                                        f"either elected (one node) or announced (every node)"))
+            elif v not in binds and not any(l.bind.host in ("0.0.0.0", "::") for l in listeners):
+                problems.append(Problem(f"bgp.vips[{i}]", f"no listener binds {v}"))
+        if not bgp.vips and not binds - elected:
+            br.error("no VIP to announce: no listener binds an address that is not a [[vrrp]] "
+                     "VIP (list them in bgp.vips)")
     if sync and node.name and any(p.name == node.name for p in sync.peers):
         problems.append(Problem("sync.peers", f"lists this node ({node.name!r}) as its own peer"))
     top.done()
@@ -1518,13 +1579,18 @@ def parse(data: dict, source: str = "") -> Config:
             warnings.append(Problem(lr.sub("bind"), (
                 f"{l.bind.host} is not a VIP of any [[vrrp]] instance: its connections are "
                 f"replicated only while this node holds the address some other way")))
+    if bgp is not None and sync is None and any(l.mode == "nat" for l in listeners):
+        warnings.append(Problem("bgp", (
+            "NAT listeners behind ECMP without [sync]: a connection the router moves to "
+            "another node (a node died, left or joined) finds no conntrack entry there and is "
+            "reset; list every other node in [[sync.peers]] (a full mesh)")))
     if sync is not None and sync.insecure:
         warnings.append(Problem("sync.insecure", (
             "true: tables travel in plaintext and any host that reaches sync.listen can feed "
             "this node's tables (use [sync.tls] outside a lab)")))
     return Config(node=node, pools=tuple(pools), listeners=tuple(listeners), metrics=metrics,
                   control=control, vrrp=tuple(vrrp), sync=sync, nat=nat,
-                  access_log=access_log, source=source,
+                  access_log=access_log, bgp=bgp, source=source,
                   warnings=tuple(warnings))
 
 

@@ -131,7 +131,8 @@ class Node:
                 nat_listeners, self.pools, self.tables.nat, self.cfg.nat,
                 registry=self.metrics.registry,
                 sync_ports=(self.cfg.sync.listen.port,) if self.cfg.sync else (),
-                elected_vips={str(v.ip) for vc in self.cfg.vrrp for v in vc.vips})
+                elected_vips={str(v.ip) for vc in self.cfg.vrrp for v in vc.vips},
+                shared_vips=bgp_vips(self.cfg) if self.cfg.bgp is not None else ())
             self.parts.append(self.nat)
         self.election = None
         if self.cfg.vrrp:
@@ -147,13 +148,20 @@ class Node:
         if self.cfg.sync:
             self.sync = self._make_sync()
             self.parts.insert(0, self.sync)
+        self.bgp = None
+        if self.cfg.bgp is not None:  # last: announced once everything else is up
+            from .bgp.service import BgpService
+            self.bgp = BgpService(self.cfg.bgp, vips=bgp_vips(self.cfg), pools=self.pools,
+                                  ready=self._bgp_ready, clock=self.clock,
+                                  registry=self.metrics.registry)
+            self.parts.append(self.bgp)
         from .control.api import ControlTargets
         from .control.server import ControlServer
         self.control = ControlServer(
             self.cfg.control, registry=self.metrics.registry,
             targets=ControlTargets(name=self.name, config=self.cfg, pools=self.pools,
                                    tables=self.tables, clock=self.clock, election=self.election,
-                                   sync=self.sync, nat=self.nat,
+                                   sync=self.sync, nat=self.nat, bgp=self.bgp,
                                    reload=self.reload_file
                                    if self.cfg.source and not self.cfg.source.startswith("<")
                                    else None,
@@ -172,7 +180,17 @@ class Node:
             registry=self.metrics.registry, election=self.election, tickets=self.tls_tickets,
             advert_interval=max((v.advert_interval for v in self.cfg.vrrp), default=1.0))
 
+    def _bgp_ready(self) -> bool:
+        """[bgp] announces once every part started and sync learned the peers' tables (an
+        upgrade's new process got them from the old one, which was serving: no withdrawal)."""
+        if getattr(self, "_upgraded_in", False):
+            return self._started
+        return self._started and (self.sync is None or bool(getattr(self.sync, "ready", True)))
+
     def _pool_changed(self, pool: Pool, view: PoolView) -> None:
+        bgp = getattr(self, "bgp", None)
+        if bgp is not None:
+            bgp.poke()  # a pool's last backend gone: withdraw now, not at the next interval
         m = getattr(self, "metrics", None)
         if m is not None:
             m.pool_view(pool, view, self.clock.now())
@@ -506,6 +524,8 @@ class Node:
         from . import tablestore
         from . import upgrade as up
 
+        if self.bgp is not None:
+            await self.bgp.release()  # the new process announces now: withdraw nothing
         if self.election is not None:
             await _quietly(self.election.release(), self.log)
         if self.nat is not None:
@@ -701,6 +721,7 @@ class Node:
 
     async def _takeover(self, path: str):
         """The new side of an upgrade, before start: the handover from the old process."""
+        self._upgraded_in = True
         import socket as _socket
 
         from . import tablestore
@@ -848,6 +869,33 @@ class Node:
                 self.log.error("tables_save_failed", file=str(path), error=str(e))
         self.metrics.close()
         self.log.info("node_stopped")
+
+
+def bgp_vips(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """[bgp]'s VIPs (bgp.vips, or every listener's bind address that no [[vrrp]] instance
+    moves), each with the pools of the listeners that serve it (any healthy one keeps it
+    announced)."""
+    import ipaddress
+
+    def canon(h: str) -> str:
+        try:
+            return str(ipaddress.ip_address(h))
+        except ValueError:
+            return h
+    elected = {canon(str(a.ip)) for vc in cfg.vrrp for a in vc.vips}
+    wild = ("0.0.0.0", "::")
+    vips = list(cfg.bgp.vips) if cfg.bgp and cfg.bgp.vips else sorted(
+        {canon(l.bind.host) for l in cfg.listeners if l.bind.host not in wild} - elected)
+    out = {}
+    for v in vips:
+        pools: list[str] = []
+        for l in cfg.listeners:
+            if canon(l.bind.host) == v or (l.bind.host in wild and (":" in v) == (l.bind.host == "::")):
+                for p in [l.pool] + [r.pool for r in l.routes]:
+                    if p and p not in pools:
+                        pools.append(p)
+        out[v] = tuple(pools)
+    return out
 
 
 class ReloadResult:

@@ -5,6 +5,7 @@
     python -m lab down                       # also cleans up after a crashed or interrupted run
     python -m lab demo [--out out]           # the failover demo (./dev demo)
     python -m lab demo --family 6            # ... over IPv6 (2001:2::/64; no NAT part)
+    python -m lab demo --mode ecmp           # 4 nodes behind an FRR router (ECMP, BGP, BFD)
     python -m lab chaos [--out out]          # the chaos scenarios, with a report
     python -m lab chaos --family 6           # ... the ones that run over IPv6
     python -m lab configs                    # regenerate lab/configs/clab (containerlab)
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="the failover demo: build, load, kill -9, timeline, PNG, down")
     topo_args(p)
+    for act in p._actions:  # --mode ecmp: scale-out behind ECMP (lab.ecmpdemo)
+        if act.dest == "mode":
+            act.choices = tuple(MODES) + ("ecmp",)
     p.add_argument("--out", default="out", help="directory for failover.png and the timeline")
     p.add_argument("--before", type=float, default=3.0, help="seconds of traffic before the kill")
     p.add_argument("--after", type=float, default=3.0, help="seconds of traffic after the kill")
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                 for n, out in st.get("halbctl", {}).items():
                     print(f"--- halbctl status on {n}\n{out.rstrip()}")
             return 0
+        if a.cmd == "demo" and a.mode == "ecmp":
+            from .ecmpdemo import run_ecmp_demo
+            return run_ecmp_demo(a.out)
         if a.cmd == "demo":
             from .demo import run_demo
             return run_demo(_topology(a), out_dir=a.out, before=a.before, after=a.after,

@@ -10,6 +10,8 @@
     failover INSTANCE [--json]               hand a master instance over to a backup
     reload [--json]                          read the config file again, apply the changes
     upgrade [--drain S] [--json]             replace halbd by a new process, nothing dropped
+    drain-node [--wait S] [--json]           [bgp]: withdraw every VIP, wait, then reply
+    undrain-node [--json]                    [bgp]: announce the VIPs again
     backend add POOL NAME ADDRESS [--weight N] [--backup] [--max-conns N] [--json]
     backend del POOL NAME [--json]           remove: nothing new at once, connections finish
     backend maint|ready POOL NAME [--json]   maintenance on (no traffic at all) or off
@@ -320,6 +322,26 @@ def render_status(st) -> Any:
             t.add_row(x.name, x.protocol, f"{vip}:{x.port}", x.pool,
                       "[green]yes[/]" if x.held else "no", str(x.backends_in_map))
         parts.append(t)
+    if st.HasField("bgp"):
+        b = st.bgp
+        t = Table(title=f"BGP ({b.speaker}, AS {b.asn}{'; [yellow]leaving (drain-node)[/]' if b.leaving else ''}"
+                  f"{'; [red]speaker: ' + b.speaker_error + '[/]' if b.speaker_error else ''}; "
+                  f"announcements {b.announcements}, withdrawals {b.withdrawals})",
+                  title_justify="left")
+        for col in ("vip", "prefix", "announced", "why not", "pools"):
+            t.add_column(col)
+        for v in b.vips:
+            t.add_row(v.vip, v.prefix, "[green]yes[/]" if v.announced else "[yellow]no[/]",
+                      v.reason or "-", ", ".join(v.pools))
+        parts.append(t)
+        t = Table(title="BGP sessions", title_justify="left")
+        for col in ("peer", "remote AS", "state", "up", "prefixes sent", "BFD"):
+            t.add_column(col)
+        for r in b.sessions:
+            t.add_row(r.peer, str(r.remote_as),
+                      f"[green]{r.state}[/]" if r.state == "Established" else f"[red]{r.state}[/]",
+                      f"{r.uptime_seconds:.0f} s", str(r.prefixes_sent), r.bfd or "-")
+        parts.append(t)
     return Group(*parts)
 
 
@@ -433,6 +455,33 @@ def cmd_upgrade(args, client: Client) -> int:
     else:
         print(f"upgrade failed, the running halbd carries on: {r.error}", file=sys.stderr)
     return EXIT_OK if r.ok else EXIT_ERROR
+
+
+def cmd_drain_node(args, client: Client) -> int:
+    req = client.pb.LeaveNodeRequest()
+    if args.wait is not None:
+        req.wait_seconds = args.wait
+    client.timeout = max(client.timeout, (args.wait or 0.0) + 70.0)
+    r = client.call("LeaveNode", req)
+    if args.json:
+        _print_json(to_dict(r))
+    else:
+        print(f"withdrawn: {', '.join(r.withdrawn) or 'nothing was announced'}; waited "
+              f"{r.waited_seconds:.1f} s for the router to move the flows")
+    if r.announced:  # the speaker refused or failed: say so, halbd goes on trying
+        print(f"still announced (the speaker failed; halbd retries every interval): "
+              f"{', '.join(r.announced)}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_undrain_node(args, client: Client) -> int:
+    r = client.call("JoinNode", client.pb.JoinNodeRequest())
+    if args.json:
+        _print_json(to_dict(r))
+    else:
+        print(f"joined: announced now: {', '.join(r.announced) or 'nothing yet (not ready)'}")
+    return EXIT_OK
 
 
 def cmd_cache(args, client: Client) -> int:
@@ -709,6 +758,17 @@ def build_parser() -> argparse.ArgumentParser:
     for q3 in bsub.choices.values():
         q3.add_argument("--json", action="store_true", help="the backend afterwards, as JSON")
         q3.set_defaults(fn=cmd_backend)
+
+    p = sub.add_parser("drain-node", parents=[common],
+                       help="[bgp]: withdraw every VIP, wait for the router to move the flows")
+    p.add_argument("--wait", type=float, default=None,
+                   help="seconds to wait after the withdrawal (default bgp.withdraw_wait)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_drain_node)
+    p = sub.add_parser("undrain-node", parents=[common],
+                       help="[bgp]: end drain-node; VIPs announced again once servable")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_undrain_node)
 
     p = sub.add_parser("upgrade", parents=[common],
                        help="replace the running halbd by a new process (sockets, VIPs and "

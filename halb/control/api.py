@@ -215,6 +215,7 @@ class ControlTargets:
     election: Election | None = None
     sync: SyncService | None = None
     nat: NatService | None = None
+    bgp: Any = None  # halb.bgp.service.BgpService ([bgp]) or None
     # reads the config file again and applies it (Node.reload_file): a ReloadResult
     reload: Callable[[], Awaitable[Any]] | None = None
     # runtime backends (Node.backend_add, backend_del, backend_maint)
@@ -273,7 +274,42 @@ class ControlAPI:
             tables=tables,
             control_refusals=[refusal_msg(x) for x in
                               (self.refusals.as_list() if self.refusals is not None else ())],
-            nat=self.nat_status())
+            nat=self.nat_status(), bgp=self.bgp_status())
+
+    def bgp_status(self) -> pb.BgpStatus | None:
+        bgp = self.targets.bgp
+        if bgp is None:
+            return None
+        d = bgp.status()
+        return pb.BgpStatus(
+            speaker=d["speaker"], asn=d["asn"], leaving=d["leaving"],
+            speaker_error=d["speaker_error"],
+            vips=[pb.BgpVip(vip=v["vip"], prefix=v["prefix"], announced=v["announced"],
+                            reason=v["reason"], pools=v["pools"]) for v in d["vips"]],
+            sessions=[pb.BgpSession(peer=r["peer"], remote_as=r["remote_as"], state=r["state"],
+                                    uptime_seconds=r["uptime_ms"] / 1000.0,
+                                    prefixes_sent=r["prefixes_sent"], bfd=r["bfd"])
+                      for r in d["sessions"]],
+            announcements=_uint(d["counts"]["announcements"]),
+            withdrawals=_uint(d["counts"]["withdrawals"]))
+
+    async def leave_node(self, req: pb.LeaveNodeRequest) -> pb.NodeBgpReply:
+        bgp = self.targets.bgp
+        if bgp is None:
+            raise _refused("this node announces nothing over BGP (no [bgp] in its config)")
+        wait = req.wait_seconds if req.HasField("wait_seconds") else None
+        if wait is not None and not 0.0 <= wait <= 600.0:
+            raise _bad(f"wait {wait} out of range (0..600 s)")
+        t0 = time.monotonic()
+        withdrawn = await bgp.leave(wait)
+        return pb.NodeBgpReply(withdrawn=withdrawn, announced=sorted(bgp.core.announced),
+                               waited_seconds=time.monotonic() - t0)
+
+    async def join_node(self) -> pb.NodeBgpReply:
+        bgp = self.targets.bgp
+        if bgp is None:
+            raise _refused("this node announces nothing over BGP (no [bgp] in its config)")
+        return pb.NodeBgpReply(announced=await bgp.join())
 
     def nat_status(self) -> pb.NatStatus | None:
         nat = self.targets.nat

@@ -128,6 +128,16 @@ class _Servicer(pb_grpc.ControlServicer):
         self.log.info("upgrade_requested", ok=r.ok, pid=r.pid, error=r.error)
         return r
 
+    async def LeaveNode(self, request, context):
+        r = await self._call("LeaveNode", context, lambda: self.api.leave_node(request))
+        self.log.info("node_left", withdrawn=list(r.withdrawn), waited=round(r.waited_seconds, 2))
+        return r
+
+    async def JoinNode(self, request, context):
+        r = await self._call("JoinNode", context, self.api.join_node)
+        self.log.info("node_joined", announced=list(r.announced))
+        return r
+
     async def DumpTable(self, request, context):
         return await self._call("DumpTable", context, lambda: self.api.dump_table(request))
 

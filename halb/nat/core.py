@@ -21,6 +21,21 @@ holds every connection of the master in its own kernel before it takes the VIP o
   of the node's NAT listeners that the table does not know are removed once they were seen
   unknown twice in a row (an entry in flight from the master is not removed by a race).
 
+**Shared VIPs** (``[bgp]``: every node announces the VIP and an ECMP router spreads the flows
+over all of them, so every node holds it at once and each is the truth for the connections
+that started on it): a node records its own kernel's connections (origin = this node) and
+injects every peer's into its kernel, so a flow the router moves to it (a node died, left or
+joined) finds its entry and its backend there. The rules differ from the elected case:
+
+- a kernel ``destroy`` deletes the table entry only when this node wrote it: a copy that
+  times out here says nothing about the connection on its origin;
+- a peer's delete removes the copy here; a peer's expiry does not (the copy's kernel timeout
+  governs: if the flow moved here its traffic keeps it alive);
+- reconcile refreshes only this node's own entries, injects the peers' entries this kernel
+  lacks, deletes only its own entries its kernel no longer has, and adopts (records as its
+  own) a kernel entry the table no longer has: a moved flow whose origin died outlives the
+  origin's table entry.
+
 A nat entry: key ``listener/proto/client_ip:port/vport`` (``halb.tables.nat_key``), backend =
 the backend's name in the listener's pool, client = ``ip:port`` (``[ip]:port`` for an IPv6
 client, the usual literal form), listener, proto. The backend's address comes from the pool
@@ -89,7 +104,7 @@ class NatCore:
 
     def __init__(self, services: Iterable[Service], table: Table, holds: Callable[[str], bool],
                  *, ttl: float, own_portids: Callable[[], Iterable[int]] = tuple,
-                 report_mark: int = 0):
+                 report_mark: int = 0, shared: Iterable[str] = ()):
         self.services = {s.name: s for s in services}
         self._by_dst = {(PROTO_NUM[s.proto], s.vip, s.port): s for s in self.services.values()}
         self._by_addr = {s.name: s.by_address() for s in self.services.values()}
@@ -100,6 +115,7 @@ class NatCore:
         # with [nat] replicate_after_packets the kernel marks a connection with this bit once
         # it qualifies; reconcile adds only such connections (0: every established one)
         self.report_mark = report_mark
+        self.shared = frozenset(shared)  # VIPs every node holds at once (ECMP; [bgp])
         self._unknown_seen: set[tuple] = set()  # standby: kernel tuples unknown last pass
         self.stats = {"events": 0, "ignored": 0, "own_echo": 0, "recorded": 0, "ended": 0,
                       "unknown_backend": 0, "unknown_listener": 0}
@@ -125,6 +141,9 @@ class NatCore:
             return
         key = self.key_of(s, f)
         if ev.kind == "destroy":
+            if s.vip in self.shared and not self._mine(key):
+                self.stats["ignored"] += 1  # a copy of a peer's connection ended here
+                return
             if self.table.delete(key):
                 self.stats["ended"] += 1
             return
@@ -132,6 +151,10 @@ class NatCore:
             self.stats["ignored"] += 1  # a handshake not completed yet: the assured event follows
             return
         self._record(s, f, key)
+
+    def _mine(self, key: str) -> bool:
+        e = self.table.get(key)
+        return e is None or e.origin == self.table.node
 
     def _record(self, s: Service, f: Flow, key: str) -> bool:
         name = self._by_addr[s.name].get((f.nat_dst, f.nat_dport))
@@ -172,7 +195,12 @@ class NatCore:
         if s is None:
             self.stats["unknown_listener"] += 1
             return None
-        if self.holds(s.vip):
+        if s.vip in self.shared:
+            if op == _EXPIRE:
+                return None  # the copy's kernel timeout governs (a moved flow keeps it alive)
+            # (an entry of this node's own, from a peer: its earlier run's, learned back after
+            # a restart with an empty kernel; ECMP sends its flows here again: inject it too)
+        elif self.holds(s.vip):
             return None  # the kernel is the truth for a VIP this node holds
         f = self.flow_of(e) if op in (_CREATE, _REFRESH) else self._flow_for_removal(s, e)
         if f is None:
@@ -217,7 +245,15 @@ class NatCore:
             key = self.key_of(s, f)
             seen.add(key)
             e = self.table.get(key)
-            if self.holds(s.vip):
+            if s.vip in self.shared:
+                if e is None:
+                    if self.qualifies(ev):
+                        self._record(s, f, key)  # a lost event, or adopted: origin gone
+                    else:
+                        seen.discard(key)
+                elif e.origin == self.table.node:
+                    self.table.touch(key, self.ttl)
+            elif self.holds(s.vip):
                 if not self.qualifies(ev):
                     seen.discard(key)
                 elif e is None or self._by_addr[s.name].get((f.nat_dst, f.nat_dport)) != e.backend:
@@ -237,7 +273,11 @@ class NatCore:
             s = self.services.get(e.listener)
             if s is None:
                 continue
-            if self.holds(s.vip):
+            if s.vip in self.shared and e.origin != self.table.node:
+                f = self.flow_of(e)
+                if f is not None:
+                    ops.append(Inject(f))  # a peer's connection this kernel lacks
+            elif self.holds(s.vip):
                 if e.updated >= since:
                     continue  # recorded while the dump ran
                 self.table.delete(e.key)  # the connection is over (its destroy event was lost)

@@ -88,7 +88,7 @@ def seed_of(name: str) -> int:
 class NatService:
     def __init__(self, listeners: Iterable[ListenerConfig], pools: dict[str, Any], table: Table,
                  cfg: NatConfig, *, registry=None, sync_ports: Iterable[int] = (),
-                 elected_vips: Iterable[str] = ()):
+                 elected_vips: Iterable[str] = (), shared_vips: Iterable[str] = ()):
         self.cfg = cfg
         self.listeners = [lc for lc in listeners if lc.mode == "nat"]
         self.pools = pools
@@ -106,8 +106,10 @@ class NatService:
             self.services.append(Service(lc.name, lc.protocol, _norm(lc.bind.host),
                                          lc.bind.port, lc.pool, backends))
             self.sizes[lc.name] = cfg.hash_slots
+        # VIPs every node holds at once ([bgp], ECMP): see halb.nat.core
+        self.shared = frozenset(_norm(v) for v in shared_vips)
         self.core = NatCore(self.services, table, self.holds, ttl=cfg.entry_ttl,
-                            own_portids=self._own_portids)
+                            own_portids=self._own_portids, shared=self.shared)
         self.slots: dict[str, tuple[int, ...]] = {}
         self.events: CtSocket | None = None
         self.inject_sock: CtSocket | None = None

@@ -6,6 +6,76 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LeaveNodeRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+
+class JoinNodeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeBgpReply(_message.Message):
+    __slots__ = ("withdrawn", "announced", "waited_seconds")
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    WAITED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    withdrawn: _containers.RepeatedScalarFieldContainer[str]
+    announced: _containers.RepeatedScalarFieldContainer[str]
+    waited_seconds: float
+    def __init__(self, withdrawn: _Optional[_Iterable[str]] = ..., announced: _Optional[_Iterable[str]] = ..., waited_seconds: _Optional[float] = ...) -> None: ...
+
+class BgpVip(_message.Message):
+    __slots__ = ("vip", "prefix", "announced", "reason", "pools")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    vip: str
+    prefix: str
+    announced: bool
+    reason: str
+    pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vip: _Optional[str] = ..., prefix: _Optional[str] = ..., announced: _Optional[bool] = ..., reason: _Optional[str] = ..., pools: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BgpSession(_message.Message):
+    __slots__ = ("peer", "remote_as", "state", "uptime_seconds", "prefixes_sent", "bfd")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_AS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIXES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BFD_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    remote_as: int
+    state: str
+    uptime_seconds: float
+    prefixes_sent: int
+    bfd: str
+    def __init__(self, peer: _Optional[str] = ..., remote_as: _Optional[int] = ..., state: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., prefixes_sent: _Optional[int] = ..., bfd: _Optional[str] = ...) -> None: ...
+
+class BgpStatus(_message.Message):
+    __slots__ = ("speaker", "asn", "leaving", "speaker_error", "vips", "sessions", "announcements", "withdrawals")
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    ASN_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCEMENTS_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWALS_FIELD_NUMBER: _ClassVar[int]
+    speaker: str
+    asn: int
+    leaving: bool
+    speaker_error: str
+    vips: _containers.RepeatedCompositeFieldContainer[BgpVip]
+    sessions: _containers.RepeatedCompositeFieldContainer[BgpSession]
+    announcements: int
+    withdrawals: int
+    def __init__(self, speaker: _Optional[str] = ..., asn: _Optional[int] = ..., leaving: _Optional[bool] = ..., speaker_error: _Optional[str] = ..., vips: _Optional[_Iterable[_Union[BgpVip, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[BgpSession, _Mapping]]] = ..., announcements: _Optional[int] = ..., withdrawals: _Optional[int] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -202,7 +272,7 @@ class TableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., max_entries: _Optional[int] = ..., seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready", "control_refusals", "nat")
+    __slots__ = ("node", "election_enabled", "instances", "sync_enabled", "peers", "pools", "tables", "sync_ready", "control_refusals", "nat", "bgp")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ELECTION_ENABLED_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +283,7 @@ class StatusReply(_message.Message):
     SYNC_READY_FIELD_NUMBER: _ClassVar[int]
     CONTROL_REFUSALS_FIELD_NUMBER: _ClassVar[int]
     NAT_FIELD_NUMBER: _ClassVar[int]
+    BGP_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     election_enabled: bool
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
@@ -223,7 +294,8 @@ class StatusReply(_message.Message):
     sync_ready: bool
     control_refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
     nat: NatStatus
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ..., control_refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., nat: _Optional[_Union[NatStatus, _Mapping]] = ...) -> None: ...
+    bgp: BgpStatus
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., election_enabled: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., sync_enabled: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., sync_ready: _Optional[bool] = ..., control_refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., nat: _Optional[_Union[NatStatus, _Mapping]] = ..., bgp: _Optional[_Union[BgpStatus, _Mapping]] = ...) -> None: ...
 
 class NatListener(_message.Message):
     __slots__ = ("name", "protocol", "vip", "port", "pool", "held", "backends_in_map")

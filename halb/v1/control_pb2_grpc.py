@@ -94,6 +94,16 @@ class ControlStub:
                 request_serializer=halb_dot_v1_dot_control__pb2.CachePurgeRequest.SerializeToString,
                 response_deserializer=halb_dot_v1_dot_control__pb2.CachePurgeReply.FromString,
                 _registered_method=True)
+        self.LeaveNode = channel.unary_unary(
+                '/halb.v1.Control/LeaveNode',
+                request_serializer=halb_dot_v1_dot_control__pb2.LeaveNodeRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.NodeBgpReply.FromString,
+                _registered_method=True)
+        self.JoinNode = channel.unary_unary(
+                '/halb.v1.Control/JoinNode',
+                request_serializer=halb_dot_v1_dot_control__pb2.JoinNodeRequest.SerializeToString,
+                response_deserializer=halb_dot_v1_dot_control__pb2.NodeBgpReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -190,6 +200,22 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaveNode(self, request, context):
+        """Scale-out behind ECMP ([bgp]): withdraws every VIP from the BGP speaker, waits for the
+        router to move the flows (wait_seconds, or bgp.withdraw_wait when absent), then replies;
+        nothing is announced again until JoinNode. FAILED_PRECONDITION without [bgp].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinNode(self, request, context):
+        """Ends a LeaveNode: the VIPs are announced again as soon as the node can serve them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +278,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.CachePurge,
                     request_deserializer=halb_dot_v1_dot_control__pb2.CachePurgeRequest.FromString,
                     response_serializer=halb_dot_v1_dot_control__pb2.CachePurgeReply.SerializeToString,
+            ),
+            'LeaveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveNode,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.LeaveNodeRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.NodeBgpReply.SerializeToString,
+            ),
+            'JoinNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinNode,
+                    request_deserializer=halb_dot_v1_dot_control__pb2.JoinNodeRequest.FromString,
+                    response_serializer=halb_dot_v1_dot_control__pb2.NodeBgpReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -578,6 +614,60 @@ class Control:
             '/halb.v1.Control/CachePurge',
             halb_dot_v1_dot_control__pb2.CachePurgeRequest.SerializeToString,
             halb_dot_v1_dot_control__pb2.CachePurgeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/LeaveNode',
+            halb_dot_v1_dot_control__pb2.LeaveNodeRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.NodeBgpReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/halb.v1.Control/JoinNode',
+            halb_dot_v1_dot_control__pb2.JoinNodeRequest.SerializeToString,
+            halb_dot_v1_dot_control__pb2.NodeBgpReply.FromString,
             options,
             channel_credentials,
             insecure,

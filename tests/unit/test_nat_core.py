@@ -218,3 +218,58 @@ def test_client_strings_round_trip():
     for bad in ("[2001:2::5:443", ":80", "x"):
         with pytest.raises(ValueError):
             split_client(bad)
+
+
+class Shared(World):
+    """A node behind ECMP ([bgp]): it holds the VIP, and so does every peer."""
+
+    def __init__(self, node="lb1"):
+        super().__init__(holds=True, node=node)
+        self.core = NatCore([WWW, DNS], self.table, lambda v: True, ttl=3600.0,
+                            own_portids=lambda: (777,), shared={VIP})
+
+
+def test_shared_vip_records_own_connections_and_injects_every_peers():
+    w = Shared()
+    w.core.on_event(ev("update", flow(sport=1)))
+    assert w.table.get(nat_key("www", "tcp", "198.18.0.5:1", 80)).origin == "lb1"
+    # a peer's connection: into this kernel (a flow ECMP moves here finds it), though held
+    assert w.core.on_remote(Op.CREATE, _entry("lb2")) == Inject(flow())
+    assert w.core.on_remote(Op.REFRESH, _entry("lb2")) == Inject(flow())
+    assert isinstance(w.core.on_remote(Op.DELETE, _entry("lb2")), Remove)
+    # this node's own entry learned back from a peer (a restart emptied its kernel)
+    assert w.core.on_remote(Op.CREATE, _entry("lb1")) == Inject(flow())
+    # a peer's expiry leaves the copy to its kernel timeout (a moved flow keeps it alive)
+    assert w.core.on_remote(Op.EXPIRE, _entry("lb2")) is None
+    # an elected VIP the node holds is still the kernel's truth
+    assert w.core.on_remote(Op.CREATE, _entry("lb2")._replace(
+        key=nat_key("dns", "udp", "198.18.0.5:7", 53), listener="dns", backend="ns1",
+        client="198.18.0.5:7", proto="udp")) is None
+
+
+def test_shared_vip_destroy_of_a_peers_copy_keeps_the_entry():
+    w = Shared()
+    w.table.apply(Op.CREATE, _entry("lb2"))
+    w.core.on_event(ev("destroy", flow()))  # the injected copy timed out here
+    assert len(w.table) == 1 and w.core.stats["ignored"] == 1
+    w.core.on_event(ev("update", flow(sport=2)))
+    w.core.on_event(ev("destroy", flow(sport=2)))  # our own connection ended
+    assert w.table.get(nat_key("www", "tcp", "198.18.0.5:2", 80)) is None
+
+
+def test_shared_vip_reconcile_refreshes_own_injects_peers_and_adopts_orphans():
+    w = Shared()
+    w.core.on_event(ev("update", flow(sport=1)))  # ours, alive
+    w.core.on_event(ev("update", flow(sport=2)))  # ours, ended (destroy lost)
+    w.table.apply(Op.CREATE, _entry("lb2", sport=3), log=False)  # a peer's, in our kernel
+    w.table.apply(Op.CREATE, _entry("lb2", sport=4), log=False)  # a peer's, missing here
+    w.clock.advance(1000.0)
+    ops = w.core.reconcile([ev("dump", flow(sport=1)), ev("dump", flow(sport=3)),
+                            ev("dump", flow(sport=5))])  # 5: in the kernel, not in the table
+    assert ops == [Inject(flow(sport=4))]
+    keys = {e.key.split("/")[2]: e for e in w.table.entries()}
+    assert sorted(keys) == ["198.18.0.5:1", "198.18.0.5:3", "198.18.0.5:4", "198.18.0.5:5"]
+    assert keys["198.18.0.5:1"].expires == pytest.approx(2000 + 3600)  # refreshed
+    assert keys["198.18.0.5:3"].origin == "lb2"  # a peer's entry is not touched (stolen)
+    assert keys["198.18.0.5:3"].expires == pytest.approx(1000 + 3600)
+    assert keys["198.18.0.5:5"].origin == "lb1"  # adopted: its origin's entry is gone
