@@ -235,6 +235,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class Http2Config:
+    """``[listeners.http2]``: HTTP/2 towards clients (halb.proxy.h2front)."""
+    enabled: bool = True
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # TLS listeners: offered in this order
+    h2c: bool = True  # plain listeners: HTTP/2 with prior knowledge (the connection preface)
+    max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS (HAProxy's default)
+    max_resets_per_s: int = 100  # client RST_STREAMs in one second (rapid reset) -> GOAWAY
+    max_control_frames_per_s: int = 100  # SETTINGS/PING/PRIORITY frames in one second
+    max_frame_size: int = 16384  # SETTINGS_MAX_FRAME_SIZE: larger frames end the connection
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     mode: str
@@ -255,6 +267,7 @@ class ListenerConfig:
     hash: str = "client_ip"  # client_ip | client_ip_port
     access_log: bool = True  # false: this listener writes no access log lines
     cache: CacheConfig | None = None  # http: [listeners.cache]
+    http2: Http2Config = field(default_factory=Http2Config)  # http: [listeners.http2]
 
 
 @dataclass(frozen=True)
@@ -908,6 +921,33 @@ def _cache(r: _Reader) -> CacheConfig:
     return c
 
 
+ALPN_PROTOCOLS = ("h2", "http/1.1")
+
+
+def _http2(r: _Reader) -> Http2Config:
+    d = Http2Config()
+    alpn = tuple(r.strings("alpn")) if r.has("alpn") else d.alpn
+    for i, a in enumerate(alpn):
+        if a not in ALPN_PROTOCOLS:
+            r.problems.append(Problem(f"{r.sub('alpn')}[{i}]", f"unknown ALPN protocol {a!r} "
+                                      f"(known: {', '.join(ALPN_PROTOCOLS)})"))
+    if r.has("alpn") and "http/1.1" not in alpn and "h2" not in alpn:
+        r.error("lists no protocol halb speaks", "alpn")
+    c = Http2Config(
+        enabled=bool(r.get("enabled", bool, d.enabled)),
+        alpn=alpn,
+        h2c=bool(r.get("h2c", bool, d.h2c)),
+        max_concurrent_streams=r.int_in("max_concurrent_streams", 1, 10_000,
+                                        d.max_concurrent_streams),
+        max_resets_per_s=r.int_in("max_resets_per_s", 1, 1_000_000, d.max_resets_per_s),
+        max_control_frames_per_s=r.int_in("max_control_frames_per_s", 1, 1_000_000,
+                                          d.max_control_frames_per_s),
+        max_frame_size=r.int_in("max_frame_size", 16384, 16777215, d.max_frame_size),
+    )
+    r.done()
+    return c
+
+
 def _listener(r: _Reader) -> ListenerConfig:
     name = r.name()
     mode = r.choice("mode", MODES, "tcp", required=True)
@@ -947,7 +987,11 @@ def _listener(r: _Reader) -> ListenerConfig:
     alog = r.get("access_log", bool, True)
     cr = r.table("cache")
     cache = _cache(cr) if cr else None
+    h2r = r.table("http2")
+    http2 = _http2(h2r) if h2r else Http2Config()
     r.done()
+    if h2r and mode != "http":
+        r.error(f"http2 needs mode = \"http\" (mode is {mode!r})", "http2")
     if cache is not None and mode != "http":
         r.error(f"cache needs mode = \"http\" (mode is {mode!r})", "cache")
     if mode == "nat" and "access_log" in r.data:
@@ -981,7 +1025,8 @@ def _listener(r: _Reader) -> ListenerConfig:
                           proxy_protocol=pp,
                           relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
-                          protocol=protocol, hash=nat_hash, access_log=bool(alog), cache=cache)
+                          protocol=protocol, hash=nat_hash, access_log=bool(alog), cache=cache,
+                          http2=http2)
 
 
 def _nat_backend_families(l: ListenerConfig, j: int, pc: PoolConfig, pr: _Reader,

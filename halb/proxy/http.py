@@ -251,9 +251,17 @@ class HttpListener:
         self.router = Router(cfg.routes, cfg.pool)
         self.pools = node.pools  # (the node's dict: pools live as long as the node)
         self.ssl = None
+        # HTTP/2 (halb.proxy.h2front): ALPN h2 on TLS, h2c prior knowledge on plain listeners
+        h2c = getattr(cfg, "http2", None)
+        self.h2 = None
+        if h2c is not None and h2c.enabled and (h2c.h2c if not cfg.tls else "h2" in h2c.alpn):
+            from .h2front import H2Registry
+            self.h2 = H2Registry(cfg)
         if cfg.tls:
             from .tls import server_context
-            self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls")
+            alpn = [a for a in h2c.alpn if a != "h2" or self.h2 is not None] if h2c is not None \
+                else ["http/1.1"]
+            self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls", alpn or ["http/1.1"])
         self.proto = "https" if cfg.tls else "http"
         self.settings = _Settings(cfg, self.proto, node.metrics)
         self.conns: set[ClientConn] = set()
@@ -301,6 +309,8 @@ class HttpListener:
             self._set_cache(cfg, getattr(old, "cache", None))
         self.router = Router(cfg.routes, cfg.pool)
         self.settings = _Settings(cfg, self.proto, self.node.metrics)
+        if self.h2 is not None:
+            self.h2.reconfigure(cfg)
         t = cfg.timeouts
         self.tick = max(0.02, min(0.25, min(t.header, t.client_idle, t.body, t.server) / 5))
 
@@ -361,6 +371,8 @@ class HttpListener:
                 await asyncio.sleep(0.05)
         if getattr(self, "_sweeper", None) is not None:
             self._sweeper.cancel()
+        if self.h2 is not None:
+            self.h2.stop()  # GOAWAY: streams under way finish, no new ones
         for c in list(self.conns):
             c.shutdown()
         for lst in list(self.idle.values()):
@@ -721,6 +733,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def connection_made(self, tr) -> None:
         self.tr = tr
         l = self.l
+        if l.ssl is not None and l.h2 is not None:
+            so = tr.get_extra_info("ssl_object")
+            if so is not None and so.selected_alpn_protocol() == "h2":
+                self._to_h2(b"")
+                return
         # (a connection the loop accepted just before the listener stopped is served, its
         # answer saying Connection: close, rather than reset: during an upgrade or a reload
         # its client would otherwise see the one failure of the handover)
@@ -839,6 +856,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         if self.closed or self.paused & _P_DONE:
             return
+        if self.parser is None and data[:4] == b"PRI " and self.l.h2 is not None \
+                and self.l.ssl is None:
+            self._to_h2(data)  # an HTTP/2 connection preface (h2c with prior knowledge)
+            return
         if self.rx is None and (not self.tkind or self.tkind == "idle"):
             self._arm("head", self.s.t_header)  # a new head starts: it has a deadline
         was_head = self.in_head
@@ -879,6 +900,23 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 return
         if self.cur is None and self.queue:
             self._start(self.queue[0])
+
+    def _to_h2(self, data: bytes) -> None:
+        """The client speaks HTTP/2: the connection goes to an ``h2front.H2Conn``."""
+        from .h2front import H2Conn
+        l = self.l
+        if self.accepted:
+            self.accepted = False
+            l.conns.discard(self)
+            self.node.metrics.conn_close(l.name)
+        self._cancel_timers()
+        self.tkind = ""
+        self.closed = True
+        tr = self.tr
+        self.tr = None
+        h = H2Conn(l, l.h2)
+        tr.set_protocol(h)
+        h.connection_made(tr, data)
 
     def _flush_up(self) -> None:
         up = self.up

@@ -31,11 +31,11 @@ def choose_certificate(certs: Sequence[TLSCertificate], server_name: str | None)
     return 0
 
 
-def _context(cert: TLSCertificate, where: str) -> ssl.SSLContext:
+def _context(cert: TLSCertificate, where: str, alpn: Sequence[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     try:
         ctx.load_cert_chain(cert.cert, cert.key)
     except (OSError, ssl.SSLError) as e:
@@ -45,11 +45,13 @@ def _context(cert: TLSCertificate, where: str) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(tls: ListenerTLS, where: str = "tls") -> ssl.SSLContext:
+def server_context(tls: ListenerTLS, where: str = "tls",
+                   alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
     """The listener's SSL context; its SNI callback swaps in the matching certificate's.
+    ``alpn``: the protocols offered, in order of preference (``h2`` when HTTP/2 is on).
     Raises OSError naming ``where`` and the files when a certificate or key cannot be loaded."""
     certs = tls.certificates
-    contexts = [_context(c, f"{where}.certificates[{i}]") for i, c in enumerate(certs)]
+    contexts = [_context(c, f"{where}.certificates[{i}]", alpn) for i, c in enumerate(certs)]
     default = contexts[0]
     if len(contexts) > 1:
         def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
