@@ -26,7 +26,8 @@ MODES = ("tcp", "udp", "http", "nat")
 NAT_PROTOCOLS = ("tcp", "udp")
 NAT_HASHES = ("client_ip", "client_ip_port")
 RELAYS = ("auto", "splice", "copy")
-HEALTH_TYPES = ("none", "tcp", "http")
+HEALTH_TYPES = ("none", "tcp", "http", "grpc")
+POOL_PROTOS = ("http1", "h2")
 STICKY_MODES = ("none", "cookie", "source", "app_cookie")
 CHECKSUM_MODES = ("rfc9568", "keepalived")
 TRACK_TYPES = ("interface", "pool", "script")
@@ -114,6 +115,7 @@ class HealthConfig:
     expect_status: tuple[int, ...] = tuple(range(200, 400))  # HAProxy's httpchk: 2xx and 3xx
     expect_body: str = ""
     port: int = 0  # 0: the backend's own port
+    service: str = ""  # type = "grpc": the service name asked of grpc.health.v1.Health/Check
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,9 @@ class PoolConfig:
     sticky: StickyConfig = field(default_factory=StickyConfig)
     agent: AgentConfig | None = None  # [pools.agent]
     resource: ResourceConfig = field(default_factory=ResourceConfig)  # [pools.resource]
+    proto: str = "http1"  # L7: "h2" speaks HTTP/2 (h2c) to the backends (halb.proxy.h2back)
+    h2_max_streams: int = 100  # proto = "h2": streams at once on one backend connection
+    h2_max_conns: int = 8  # proto = "h2": connections per backend (streams wait beyond)
 
 
 @dataclass(frozen=True)
@@ -675,7 +680,12 @@ def _health(r: _Reader) -> HealthConfig:
             r.problems.append(Problem(f"{r.sub('expect_status')}[{i}]", f"invalid HTTP status {s!r}"))
     body = r.get("expect_body", str, "")
     port = r.int_in("port", 0, 65535, 0)
+    service = r.get("service", str, "")
+    if service and (len(service) > 200 or any(ord(c) < 33 or ord(c) > 126 for c in service)):
+        r.error(f"invalid gRPC service name {service!r}", "service")
     r.done()
+    if typ != "grpc" and r.has("service"):
+        r.error(f"service needs type = \"grpc\" (type is {typ!r})", "service")
     if typ != "http" and any(r.has(k) for k in ("method", "path", "expect_status", "expect_body", "host")):
         r.error(f"HTTP settings need type = \"http\" (type is {typ!r})")
     if timeout is not None and interval is not None and timeout > interval * 10:
@@ -683,7 +693,7 @@ def _health(r: _Reader) -> HealthConfig:
     return HealthConfig(type=typ, interval=interval, timeout=timeout, rise=rise, fall=fall,
                         jitter=float(jitter), method=method, path=path, host=host,
                         expect_status=tuple(s for s in statuses if isinstance(s, int)),
-                        expect_body=body, port=port)
+                        expect_body=body, port=port, service=service)
 
 
 def _passive(r: _Reader) -> PassiveConfig:
@@ -757,6 +767,13 @@ def _pool(r: _Reader) -> PoolConfig:
         r.error(f"hash_key needs a hashing algorithm (source or maglev), not {algo!r}", "hash_key")
     slow = r.duration("slow_start", 0.0, hi=3600)
     retries = r.int_in("retries", 0, 10, 2)
+    proto = r.choice("proto", POOL_PROTOS, "http1")
+    h2_streams = r.int_in("h2_max_streams", 1, 10_000, 100)
+    h2_conns = r.int_in("h2_max_conns", 1, 1024, 8)
+    if proto != "h2":
+        for k in ("h2_max_streams", "h2_max_conns"):
+            if r.has(k):
+                r.error(f"{k} needs proto = \"h2\" (proto is {proto!r})", k)
     h = r.table("health")
     health = _health(h) if h else HealthConfig()
     p = r.table("passive")
@@ -802,7 +819,8 @@ def _pool(r: _Reader) -> PoolConfig:
     r.done()
     return PoolConfig(name=name, backends=tuple(backends), algorithm=algo, hash_key=hk,
                       maglev_table_size=size, slow_start=slow, retries=retries, health=health,
-                      passive=passive, sticky=sticky, agent=agent, resource=resource)
+                      passive=passive, sticky=sticky, agent=agent, resource=resource,
+                      proto=proto, h2_max_streams=h2_streams, h2_max_conns=h2_conns)
 
 
 def _resource_metrics(v: Any) -> tuple[str, ...]:

@@ -176,7 +176,7 @@ class _Stream:
     __slots__ = ("h", "sid", "cc", "closed", "rpaused", "unacked", "chunked", "grpc", "head",
                  "parser", "status", "rhdrs", "in_trailers", "trailers", "head_sent", "obuf",
                  "obytes", "end", "ended", "cc_paused", "head_only", "err_body", "timer",
-                 "disposed", "req_done")
+                 "disposed", "req_done", "phead")
 
     def __init__(self, h: "H2Conn", sid: int):
         self.h = h
@@ -203,6 +203,7 @@ class _Stream:
         self.timer = None  # the gRPC deadline
         self.disposed = False
         self.req_done = False
+        self.phead: list | None = None  # the answer's head, sent at the end of the write
 
     # -- the ClientConn's answer (HTTP/1.1 bytes) -------------------------------------------
 
@@ -218,6 +219,13 @@ class _Stream:
             log.debug("h2_answer_unparsable", error=str(e))
             self.h.reset(self, h2.errors.ErrorCodes.INTERNAL_ERROR)
             return
+        ph = self.phead
+        if ph is not None:  # (sent once this write is parsed: END_STREAM on it if all came)
+            self.phead = None
+            if self.end and not self.obuf and not self.trailers:
+                self.h.send_head(self, ph, True)
+                return
+            self.h.send_head(self, ph, False)
         if self.obuf or self.end:
             self.h.drain(self)
 
@@ -253,7 +261,10 @@ class _Stream:
         hdrs = [(b":status", str(status).encode())]
         hdrs += self.rhdrs
         self.rhdrs = None
-        h.send_head(self, hdrs, self.head_only)
+        if self.head_only:
+            h.send_head(self, hdrs, True)
+        else:
+            self.phead = hdrs
 
     def on_body(self, data: bytes) -> None:
         if self.status < 200 or self.head_only:

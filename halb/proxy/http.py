@@ -254,6 +254,7 @@ class HttpListener:
         # HTTP/2 (halb.proxy.h2front): ALPN h2 on TLS, h2c prior knowledge on plain listeners
         h2c = getattr(cfg, "http2", None)
         self.h2 = None
+        self.h2b = None  # HTTP/2 backend connections (halb.proxy.h2back), made on first use
         if h2c is not None and h2c.enabled and (h2c.h2c if not cfg.tls else "h2" in h2c.alpn):
             from .h2front import H2Registry
             self.h2 = H2Registry(cfg)
@@ -379,6 +380,8 @@ class HttpListener:
             for bc in list(lst):
                 bc.close()
         self.idle.clear()
+        if self.h2b is not None:
+            self.h2b.close()
         caches = getattr(self.node.metrics, "http_caches", None)
         if caches is not None and self.cache is not None and caches.get(self.name) is self.cache:
             del caches[self.name]  # (a listener with this name that replaces it puts its own)
@@ -1413,9 +1416,17 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         err = ""
         bc = None
         try:
-            _, bc = await asyncio.wait_for(
-                self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
-                self.s.t_connect)
+            pc = self.pool.cfg
+            if getattr(pc, "proto", "http1") == "h2":  # a stream on an HTTP/2 connection
+                mux = l.h2b
+                if mux is None:
+                    from .h2back import Mux
+                    mux = l.h2b = Mux(l)
+                bc = await mux.open_stream(b, pc, self.s.t_connect)
+            else:
+                _, bc = await asyncio.wait_for(
+                    self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
+                    self.s.t_connect)
         except asyncio.CancelledError:
             return
         except asyncio.TimeoutError:
