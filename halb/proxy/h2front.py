@@ -304,6 +304,10 @@ class _Stream:
         if not abort and self.err_body is not None:
             self.on_message_complete()
             return
+        if self.cc is not None and self.cc.why == "c":  # its send timer: a zero-window stall
+            self.h.event("stalled_streams")
+            self.h.reset(self, h2.errors.ErrorCodes.CANCEL)
+            return
         self.h.reset(self, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
 
@@ -342,6 +346,7 @@ class H2Conn:
         self.resets = 0
         self.control = 0
         self.client_ip = ""
+        self.fresh = True  # no frame read yet (the header timeout applies to the preface)
 
     # -- transport ------------------------------------------------------------------------
 
@@ -455,7 +460,7 @@ class H2Conn:
             self.goaway(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, "oversized_frames")
             return
         except h2.exceptions.TooManyStreamsError:
-            self.goaway(h2.errors.ErrorCodes.REFUSED_STREAM, "too_many_streams")
+            self.goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR, "too_many_streams")
             return
         except h2.exceptions.DenialOfServiceError:
             self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "header_list_too_large")
@@ -473,6 +478,10 @@ class H2Conn:
                         if "hpack" in type(e).__module__ else
                         h2.errors.ErrorCodes.PROTOCOL_ERROR, "protocol_errors")
             return
+        if self.fresh:  # the preface came: from now on the idle timeout applies
+            self.fresh = False
+            if not self.streams:
+                self._arm(self.s.t_idle)
         for ev in events:
             t = type(ev)
             if t is h2.events.RequestReceived:
