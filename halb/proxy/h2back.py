@@ -53,14 +53,15 @@ _BAD = (b"\r", b"\n", b"\0")
 class Mux:
     """A listener's HTTP/2 backend connections, by backend."""
 
-    def __init__(self, lst: "HttpListener"):
+    def __init__(self, lst: "HttpListener", backend_conn):
         self.l = lst
+        self.bc_class = backend_conn  # http.BackendConn (given: http imports this module)
         self.conns: dict[object, list[_Conn]] = {}
         self.waiters: dict[object, list[asyncio.Future]] = {}
 
     async def open_stream(self, b, pc, timeout: float):
         """A BackendConn on a new stream to backend ``b`` of pool config ``pc``."""
-        from .http import BackendConn
+        BackendConn = self.bc_class
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:

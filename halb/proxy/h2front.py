@@ -113,8 +113,9 @@ class H2Settings:
 class H2Registry:
     """The HTTP/2 connections of one listener (closed with it) and its settings."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, client_conn) -> None:
         self.s = H2Settings(cfg)
+        self.cc_class = client_conn  # http.ClientConn (given: http imports this module)
         self.conns: set[H2Conn] = set()
 
     def reconfigure(self, cfg) -> None:
@@ -626,8 +627,7 @@ class H2Conn:
             lines.append(b"transfer-encoding: chunked\r\n")
         head = b"%b %b HTTP/1.1\r\nhost: %b\r\n%b\r\n" % (method, path or b"/",
                                                           authority or host, b"".join(lines))
-        from .http import ClientConn
-        cc = ClientConn(self.l)
+        cc = self.reg.cc_class(self.l)
         st.cc = cc
         cc.connection_made(_StreamTr(st))
         if cc.closed:  # the listener's max_conns (streams count as connections)

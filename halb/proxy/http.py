@@ -257,7 +257,7 @@ class HttpListener:
         self.h2b = None  # HTTP/2 backend connections (halb.proxy.h2back), made on first use
         if h2c is not None and h2c.enabled and (h2c.h2c if not cfg.tls else "h2" in h2c.alpn):
             from .h2front import H2Registry
-            self.h2 = H2Registry(cfg)
+            self.h2 = H2Registry(cfg, ClientConn)
         if cfg.tls:
             from .tls import server_context
             alpn = [a for a in h2c.alpn if a != "h2" or self.h2 is not None] if h2c is not None \
@@ -1421,7 +1421,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 mux = l.h2b
                 if mux is None:
                     from .h2back import Mux
-                    mux = l.h2b = Mux(l)
+                    mux = l.h2b = Mux(l, BackendConn)
                 bc = await mux.open_stream(b, pc, self.s.t_connect)
             else:
                 _, bc = await asyncio.wait_for(
