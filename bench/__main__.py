@@ -10,6 +10,11 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
                                      always, option forwardfor and the two other forwarding
                                      headers halb adds, so both send the backends the same)
     L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
+    HTTP/2 (h2)                      h2load -c16 -m4 (64 streams over 16 connections, h2c
+                                     with prior knowledge) against the same L7 frontends:
+                                     HAProxy detects the HTTP/2 preface on its plain HTTP bind,
+                                     halb's listener accepts h2c by default; both send HTTP/1.1
+                                     to the nginx pair. req/s and CPU microseconds per request
     L7 with 1000 connections (l7many) the same with wrk -c1000 (keep-alive)
     L7 cache hits (cache)            a 4 KiB object fresh for 60 s from each proxy's HTTP
                                      cache (a third pair: HAProxy's cache section, halb's
@@ -532,6 +537,43 @@ def l7(pid: int, port: int, duration: int, conns: int, path: str = "/") -> dict:
     return r
 
 
+H2_CONNS, H2_STREAMS = 16, 4  # h2load -c16 -m4: 64 streams in flight over 16 connections
+
+
+def parse_h2load(out: str) -> dict:
+    r: dict = {}
+    m = re.search(r"finished in ([0-9.]+)(us|ms|s|m), ([0-9.]+) req/s", out)
+    r["rps"] = float(m.group(3)) if m else 0.0
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if m:
+        r["requests"] = int(m.group(3))
+        r["succeeded"] = int(m.group(4))
+        r["failed"] = int(m.group(5)) + int(m.group(6)) + int(m.group(7))
+    else:
+        r["requests"] = r["succeeded"] = r["failed"] = 0
+    m = re.search(r"status codes: (\d+) 2xx", out)
+    r["ok_2xx"] = int(m.group(1)) if m else 0
+    return r
+
+
+def h2(pid: int, port: int, duration: int) -> dict:
+    """HTTP/2 requests through the proxy: h2load, 64 streams over 16 connections."""
+    url = f"http://127.0.0.1:{port}/"
+    run(["h2load", "-c4", "-m4", "-n2000", url], 60)  # warm up
+    u0, s0 = cpu_split(pid)
+    out = run(["h2load", "-t1", f"-c{H2_CONNS}", f"-m{H2_STREAMS}", "-D", str(duration),
+               url], duration + 60)
+    u1, s1 = cpu_split(pid)
+    r = parse_h2load(out)
+    n = r["requests"]
+    r["cpu_s"] = (u1 - u0) + (s1 - s0)
+    r["cpu_us_per_req"] = r["cpu_s"] * 1e6 / n if n else float("nan")
+    r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
+    r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
+    return r
+
+
 def _count_lines(path: Path, needle: str) -> int:
     try:
         with open(path, "rb") as f:
@@ -742,8 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l7many,l7log,cache,l4,l4conn,udp,mem",
+    ap.add_argument("--only", default="l7,l7many,l7log,cache,h2,l4,l4conn,udp,mem",
                     help="comma list of l7, l7many (L7 with 1000 keep-alive connections), "
+                    "h2 (HTTP/2: h2load, 64 streams over 16 connections), "
                     "l7log (L7 with access logs to a file on both sides), cache (a 4 KiB object "
                     "from each proxy's HTTP cache), l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
@@ -761,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     a.rounds = max(1, min(a.rounds, 7))
     a.idle = max(100, min(a.idle, 8000))
     only = set(a.only.split(","))
-    for tool in (HAPROXY[0], "nginx", "wrk", "iperf3", "taskset"):
+    for tool in (HAPROXY[0], "nginx", "wrk", "iperf3", "taskset") + (
+            ("h2load",) if "h2" in only else ()):
         if not shutil.which(tool):
             log(f"missing {tool} (./dev bench installs it)")
             return 2
@@ -876,6 +920,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['sys_us_per_req']:.1f} sys (errors {x['socket_errors']}, "
                     f"non-2xx {x['non2xx']})")
                 record(w, "l7", x)
+            for w in order if "h2" in only else ():
+                x = h2(running[w].pid, ports[w]["http"], a.duration)
+                log(f"  {w:7s} HTTP/2 {x['rps']:.0f} req/s {x['cpu_us_per_req']:.1f} us CPU/req "
+                    f"= {x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
+                    f"({x['succeeded']} ok, {x['failed']} failed)")
+                record(w, "h2", x)
             for w in order if "l7many" in only else ():
                 x = l7(running[w].pid, ports[w]["http"], a.duration, MANY)
                 log(f"  {w:7s} L7 {MANY} connections: {x['rps']:.0f} req/s p99 "
@@ -972,6 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in ("haproxy", "halb"):
         r = results[w]
         for key, metric in (("l7", "rps"), ("l7many", "rps"), ("l7log", "rps"), ("cache", "rps"),
+                            ("h2", "rps"),
                             ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
@@ -1020,6 +1071,20 @@ def report(res: dict) -> str:
              ratio(h["l7"]["cpu_us_per_req"], l["l7"]["cpu_us_per_req"]), ""),
             ("L7 errors (socket / non-2xx)", f"{l['l7']['socket_errors']} / {l['l7']['non2xx']}",
              f"{h['l7']['socket_errors']} / {h['l7']['non2xx']}", "", ""),
+        ]
+    if "h2" in h and "h2" in l:
+        hh, lh = h["h2"], l["h2"]
+        rows += [
+            ("HTTP/2 requests/s (h2load -c%d -m%d, h2c to the proxy, HTTP/1.1 behind)"
+             % (H2_CONNS, H2_STREAMS), f"{lh['rps']:.0f}", f"{hh['rps']:.0f}",
+             ratio(lh["rps"], hh["rps"]), ">= 0.8x"),
+            ("HTTP/2 CPU us/request (user / kernel)",
+             f"{lh['cpu_us_per_req']:.1f} ({lh['user_us_per_req']:.1f} / "
+             f"{lh['sys_us_per_req']:.1f})",
+             f"{hh['cpu_us_per_req']:.1f} ({hh['user_us_per_req']:.1f} / "
+             f"{hh['sys_us_per_req']:.1f})",
+             ratio(lh["cpu_us_per_req"], hh["cpu_us_per_req"]), ""),
+            ("HTTP/2 failed requests", str(lh["failed"]), str(hh["failed"]), "", ""),
         ]
     if "l7log" in h and "l7log" in l:
         hl, ll = h["l7log"], l["l7log"]
