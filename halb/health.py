@@ -260,9 +260,7 @@ class HealthChecker:
         """``grpc.health.v1.Health/Check`` over h2c (one connection per check, as HAProxy's
         checks do), the request and the answer (de)serialized by grpcio-health-checking's
         messages, the HTTP/2 framing by the ``h2`` library (sans I/O)."""
-        import h2.config
-        import h2.connection
-        import h2.events
+        from .proxy import h2lib as h2
         from grpc_health.v1 import health_pb2
 
         r, w = await asyncio.open_connection(b.host, port, limit=16384)

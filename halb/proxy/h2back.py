@@ -27,15 +27,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import httptools
 
 from ..log import get_logger
+from . import h2lib as h2
 
 if TYPE_CHECKING:  # pragma: no cover
     from .http import HttpListener
