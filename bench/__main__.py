@@ -10,6 +10,10 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
                                      always, option forwardfor and the two other forwarding
                                      headers halb adds, so both send the backends the same)
     L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
+    gRPC unary calls/s (grpc)        bench/grpc_load.py: 32 threads over one grpcio channel
+                                     to a grpcio server (lab.grpc_backend, HAProxy: proto h2
+                                     on the server line; halb: pool proto = "h2"), calls/s and
+                                     CPU microseconds per call
     HTTP/2 (h2)                      h2load -c16 -m4 (64 streams over 16 connections, h2c
                                      with prior knowledge) against the same L7 frontends:
                                      HAProxy detects the HTTP/2 preface on its plain HTTP bind,
@@ -253,6 +257,11 @@ backend be_iperf_splice
     option splice-request
     option splice-response
     server i1 127.0.0.1:{iperf}
+frontend fe_grpc
+    bind 127.0.0.1:{grpc}
+    default_backend be_grpc
+backend be_grpc
+    server g1 127.0.0.1:{g1} proto h2
 frontend fe_tcp_idle
     mode tcp
     bind 127.0.0.1:{tcpidle}
@@ -264,8 +273,8 @@ backend be_nginx_tcp
     server n2 127.0.0.1:{n2}
 """
 
-BACKEND_PORTS = ("n1", "n2", "iperf")  # the fields of the config templates below
-PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics")
+BACKEND_PORTS = ("n1", "n2", "iperf", "g1")  # the fields of the config templates below
+PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics", "grpc")
 
 # the nginx pair as a halb pool: the same in every halb config below
 _HALB_WEB_POOL = """[[pools]]
@@ -358,6 +367,20 @@ name = "tcpidle"
 mode = "tcp"
 bind = "127.0.0.1:{tcpidle}"
 pool = "nginx-tcp"
+
+# the grpc case: a grpcio server (lab.grpc_backend), HTTP/2 end to end
+[[pools]]
+name = "grpc"
+proto = "h2"
+[[pools.backends]]
+name = "g1"
+address = "127.0.0.1:{g1}"
+
+[[listeners]]
+name = "grpc"
+mode = "http"
+bind = "127.0.0.1:{grpc}"
+pool = "grpc"
 """
 
 # The l7log case: the L7 frontend alone, the same work as above plus one access log line per
@@ -574,6 +597,23 @@ def h2(pid: int, port: int, duration: int) -> dict:
     return r
 
 
+def grpc_calls(pid: int, port: int, duration: int) -> dict:
+    """gRPC unary calls through the proxy (bench/grpc_load.py on the load core)."""
+    load = [PY, str(ROOT / "bench" / "grpc_load.py"), "--target", f"127.0.0.1:{port}",
+            "--threads", "32"]
+    run(load + ["--duration", "1"], 60)  # warm up
+    u0, s0 = cpu_split(pid)
+    r = json.loads(run(load + ["--duration", str(duration)], duration + 60).strip()
+                   .splitlines()[-1])
+    u1, s1 = cpu_split(pid)
+    n = r["calls"]
+    r["rps"] = r["calls_per_s"]
+    r["cpu_us_per_req"] = ((u1 - u0) + (s1 - s0)) * 1e6 / n if n else float("nan")
+    r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
+    r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
+    return r
+
+
 def _count_lines(path: Path, needle: str) -> int:
     try:
         with open(path, "rb") as f:
@@ -784,9 +824,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per run (1..120)")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
-    ap.add_argument("--only", default="l7,l7many,l7log,cache,h2,l4,l4conn,udp,mem",
+    ap.add_argument("--only", default="l7,l7many,l7log,cache,h2,grpc,l4,l4conn,udp,mem",
                     help="comma list of l7, l7many (L7 with 1000 keep-alive connections), "
-                    "h2 (HTTP/2: h2load, 64 streams over 16 connections), "
+                    "h2 (HTTP/2: h2load, 64 streams over 16 connections), grpc (gRPC unary "
+                    "calls), "
                     "l7log (L7 with access logs to a file on both sides), cache (a 4 KiB object "
                     "from each proxy's HTTP cache), l4, l4conn, udp, mem")
     ap.add_argument("--rounds", type=int, default=3,
@@ -843,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise
                     P[key_of[name]] = free_port()
 
-        key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf"}
+        key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf",
+                  "grpc-g1": "g1"}
         (tmp / "www" / "cached").mkdir(parents=True)
         (tmp / "www" / "cached" / "obj").write_bytes(b"c" * (CACHED_SIZE - 1) + b"\n")
         for name in ("n1", "n2"):
@@ -854,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
                 return ["nginx", "-c", str(conf), "-p", str(tmp)]
             start_backend(f"nginx-{name}", nginx_argv)
         start_backend("iperf3-server", lambda port: ["iperf3", "-s", "-p", str(port)])
+        if "grpc" in only:
+            start_backend("grpc-g1", lambda port: [PY, "-m", "lab.grpc_backend", "--name", "g1",
+                                                    "--listen", f"127.0.0.1:{port}"])
 
         hconf = tmp / "haproxy.cfg"
         hconf.write_text(HAPROXY_CONF.format(**P, **ports["haproxy"]))
@@ -926,6 +971,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"= {x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
                     f"({x['succeeded']} ok, {x['failed']} failed)")
                 record(w, "h2", x)
+            for w in order if "grpc" in only else ():
+                x = grpc_calls(running[w].pid, ports[w]["grpc"], a.duration)
+                log(f"  {w:7s} gRPC {x['rps']:.0f} unary calls/s {x['cpu_us_per_req']:.1f} us "
+                    f"CPU/call = {x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
+                    f"({x['errors']} errors)")
+                record(w, "grpc", x)
             for w in order if "l7many" in only else ():
                 x = l7(running[w].pid, ports[w]["http"], a.duration, MANY)
                 log(f"  {w:7s} L7 {MANY} connections: {x['rps']:.0f} req/s p99 "
@@ -1022,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in ("haproxy", "halb"):
         r = results[w]
         for key, metric in (("l7", "rps"), ("l7many", "rps"), ("l7log", "rps"), ("cache", "rps"),
-                            ("h2", "rps"),
+                            ("h2", "rps"), ("grpc", "rps"),
                             ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
@@ -1085,6 +1136,19 @@ def report(res: dict) -> str:
              f"{hh['sys_us_per_req']:.1f})",
              ratio(lh["cpu_us_per_req"], hh["cpu_us_per_req"]), ""),
             ("HTTP/2 failed requests", str(lh["failed"]), str(hh["failed"]), "", ""),
+        ]
+    if "grpc" in h and "grpc" in l:
+        hg, lg = h["grpc"], l["grpc"]
+        rows += [
+            ("gRPC unary calls/s (bench/grpc_load.py, 32 threads, one channel; grpcio server)",
+             f"{lg['rps']:.0f}", f"{hg['rps']:.0f}", ratio(lg["rps"], hg["rps"]), ""),
+            ("gRPC CPU us/call (user / kernel)",
+             f"{lg['cpu_us_per_req']:.1f} ({lg['user_us_per_req']:.1f} / "
+             f"{lg['sys_us_per_req']:.1f})",
+             f"{hg['cpu_us_per_req']:.1f} ({hg['user_us_per_req']:.1f} / "
+             f"{hg['sys_us_per_req']:.1f})",
+             ratio(lg["cpu_us_per_req"], hg["cpu_us_per_req"]), ""),
+            ("gRPC errors", str(lg["errors"]), str(hg["errors"]), "", ""),
         ]
     if "l7log" in h and "l7log" in l:
         hl, ll = h["l7log"], l["l7log"]
