@@ -42,6 +42,7 @@ Families (all prefixed ``halb_``)::
     halb_table_capacity{table}                            their bounds
     halb_access_log_lines_total                           access log lines written
     halb_access_log_dropped_total                         lost: buffer full or write failed
+    halb_http2_events_total{listener, event}              HTTP/2 connections, streams, limits
 """
 
 from __future__ import annotations
@@ -262,12 +263,13 @@ class Metrics:
                                  ["listener", "protocol"], registry=r)
         self._tunnels = Gauge("halb_http_tunnels_active", "Tunnels (after a 101) open",
                               ["listener"], registry=r)
+        self._alog: Any = None  # the node's AccessLog (halb.accesslog_writer), read at scrape
+        r.register(_AccessLogCollector(self))
+        # (registered last: the families above keep the order they always had)
         self._h2 = Counter("halb_http2_events", "HTTP/2 client connections, streams and the "
                            "attack limits they met (halb.proxy.h2front)", ["listener", "event"],
                            registry=r)
         self._h2c: dict[tuple[str, str], Any] = {}
-        self._alog: Any = None  # the node's AccessLog (halb.accesslog_writer), read at scrape
-        r.register(_AccessLogCollector(self))
         self._server = None
         self._thread = None
 
