@@ -6,6 +6,8 @@ Service ``test.Echo`` with raw-bytes messages (no .proto needed):
   Unary(bytes) -> b"NAME:" + bytes; trailing metadata ``x-backend: NAME``. A request
       ``sleep:MS`` answers after MS milliseconds; ``fail:CODE:MSG`` aborts with that status.
   Bidi(stream bytes) -> stream b"NAME:" + each message, as they come.
+  Join(stream bytes) -> b"NAME:" + the messages joined with b"," (client streaming).
+  Count(b"N") -> stream b"NAME:0" .. b"NAME:N-1" (server streaming, N <= 100000).
 and ``grpc.health.v1.Health`` (grpcio-health-checking), ``""`` and ``test.Echo`` SERVING.
 """
 
@@ -37,9 +39,18 @@ def serve(name: str, listen: str, workers: int = 16) -> grpc.Server:
             yield prefix + m
         ctx.set_trailing_metadata((("x-backend", name),))
 
+    def join(it, ctx: grpc.ServicerContext) -> bytes:
+        return prefix + b",".join(it)
+
+    def count(req: bytes, ctx: grpc.ServicerContext):
+        for i in range(min(int(req or b"0"), 100_000)):
+            yield prefix + str(i).encode()
+
     handler = grpc.method_handlers_generic_handler("test.Echo", {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        "Join": grpc.stream_unary_rpc_method_handler(join),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
     })
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     srv.add_generic_rpc_handlers((handler,))

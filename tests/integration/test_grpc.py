@@ -161,6 +161,18 @@ def test_bidi_streaming(env, tls):
         assert out == [who + b":" + m for m in msgs]
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "tls"])
+def test_client_and_server_streaming(env, tls):
+    with _channel(env, tls) as ch:
+        msgs = [b"part%d" % i for i in range(200)]
+        r = ch.stream_unary("/test.Echo/Join")(iter(msgs), timeout=10)
+        who, joined = r.split(b":", 1)
+        assert joined == b",".join(msgs) and who in (b"g1", b"g2")
+        out = list(ch.unary_stream("/test.Echo/Count")(b"5000", timeout=20))
+        who = out[0].split(b":", 1)[0]
+        assert out == [who + b":%d" % i for i in range(5000)]
+
+
 def test_bidi_interleaved(env):
     """Each answer comes back before the next message is sent: a real full-duplex stream."""
     import queue
