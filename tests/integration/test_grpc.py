@@ -292,3 +292,10 @@ def test_killed_backend_marked_down_by_grpc_check(env):
     wait_for(lambda: b'halb_backend_up{backend="g2",pool="grpc"} 1.0' in subprocess.run(
         ["curl", "-s", f"http://127.0.0.1:{env.mport}/metrics"], capture_output=True).stdout,
         10, what="g2 up again")
+
+
+def test_no_exception_logged(env):
+    """Last in this module: nothing above made halbd log a traceback or an asyncio error."""
+    out = env.h.output()
+    for bad in ("Traceback", "Exception in callback", "Fatal error", "exception="):
+        assert bad not in out, out[out.index(bad) - 2000:out.index(bad) + 2000]

@@ -272,3 +272,10 @@ def test_backend_down_answers_503_over_h2(env):
         assert code in (b"502", b"503")
     finally:
         env.bk.start("api1")
+
+
+def test_no_exception_logged(env):
+    """Last in this module: nothing above made halbd log a traceback or an asyncio error."""
+    out = env.h.output()
+    for bad in ("Traceback", "Exception in callback", "Fatal error", "exception="):
+        assert bad not in out, out[out.index(bad) - 2000:out.index(bad) + 2000]

@@ -289,3 +289,10 @@ def test_garbage_after_preface_costs_one_connection(env):
     s.close()
     _good_client_ok(env)
     assert env.h.alive()
+
+
+def test_no_exception_logged(env):
+    """Last in this module: nothing above made halbd log a traceback or an asyncio error."""
+    out = env.h.output()
+    for bad in ("Traceback", "Exception in callback", "Fatal error", "exception="):
+        assert bad not in out, out[out.index(bad) - 2000:out.index(bad) + 2000]
