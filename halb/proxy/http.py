@@ -366,14 +366,16 @@ class HttpListener:
         self.stopping = True
         if self.server is not None:
             self.server.close()
+        if self.h2 is not None:
+            # GOAWAY to the HTTP/2 clients at once (their counterpart of the Connection: close
+            # answers below): the streams under way finish, new ones go to a new connection
+            self.h2.stop()
         if grace > 0 and self.loop is not None:
             deadline = self.loop.time() + grace
             while self.conns and self.loop.time() < deadline:
                 await asyncio.sleep(0.05)
         if getattr(self, "_sweeper", None) is not None:
             self._sweeper.cancel()
-        if self.h2 is not None:
-            self.h2.stop()  # GOAWAY: streams under way finish, no new ones
         for c in list(self.conns):
             c.shutdown()
         for lst in list(self.idle.values()):

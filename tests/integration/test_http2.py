@@ -274,6 +274,70 @@ def test_backend_down_answers_503_over_h2(env):
         env.bk.start("api1")
 
 
+def test_reload_removing_the_listener_sends_goaway(tmp_path):
+    """A reload that removes a listener tells its HTTP/2 clients at once (GOAWAY, NO_ERROR):
+    their counterpart of the Connection: close an HTTP/1.1 client gets during the drain."""
+    import signal
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    with Backends(["r1"], logdir=tmp_path) as bk:
+        p1, p2 = free_ports(2)
+        text = """
+[node]
+name = "lb1"
+state_dir = "{d}"
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "r1"
+address = "{b}"
+[[listeners]]
+name = "keep"
+mode = "http"
+bind = "127.0.0.1:{p2}"
+pool = "web"
+"""
+        gone = """
+[[listeners]]
+name = "gone"
+mode = "http"
+bind = "127.0.0.1:{p1}"
+pool = "web"
+"""
+        cfg = write_config(tmp_path, (text + gone).format(d=tmp_path, b=bk.http["r1"], p1=p1,
+                                                         p2=p2))
+        with Halbd(cfg) as h:
+            h.wait_port(p1)
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                     header_encoding=None))
+            s = socket.create_connection(("127.0.0.1", p1), timeout=5)
+            c.initiate_connection()
+            c.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                               (b":authority", b"x"), (b":path", b"/before")], end_stream=True)
+            s.sendall(c.data_to_send())
+            got = []
+            while not any(isinstance(e, h2.events.StreamEnded) for e in got):
+                got += c.receive_data(s.recv(65536))
+            assert any(isinstance(e, h2.events.ResponseReceived) for e in got)
+            cfg.write_text(text.format(d=tmp_path, b=bk.http["r1"], p1=p1, p2=p2))
+            h.signal(signal.SIGHUP)
+            t0 = time.monotonic()
+            term = None
+            while term is None and time.monotonic() - t0 < 5:
+                data = s.recv(65536)
+                if not data:
+                    break
+                for e in c.receive_data(data):
+                    if isinstance(e, h2.events.ConnectionTerminated):
+                        term = e
+            s.close()
+            assert term is not None and term.error_code == 0 and term.last_stream_id == 1
+            h.wait_log("reload_done", 10)
+
+
 def test_no_exception_logged(env):
     """Last in this module: nothing above made halbd log a traceback or an asyncio error."""
     out = env.h.output()
