@@ -174,7 +174,7 @@ class _Stream:
     __slots__ = ("h", "sid", "cc", "closed", "rpaused", "unacked", "chunked", "grpc", "head",
                  "parser", "status", "rhdrs", "in_trailers", "trailers", "head_sent", "obuf",
                  "obytes", "end", "ended", "cc_paused", "head_only", "err_body", "timer",
-                 "disposed", "req_done", "phead")
+                 "disposed", "req_done", "phead", "stall")
 
     def __init__(self, h: "H2Conn", sid: int):
         self.h = h
@@ -202,6 +202,7 @@ class _Stream:
         self.disposed = False
         self.req_done = False
         self.phead: list | None = None  # the answer's head, sent at the end of the write
+        self.stall = None  # timer: the client's window stays shut with the answer waiting
 
     # -- the ClientConn's answer (HTTP/1.1 bytes) -------------------------------------------
 
@@ -723,11 +724,19 @@ class H2Conn:
         sid = st.sid
         if not self.wpaused:
             ob = st.obuf
+            sent = False
             try:
                 while ob:
                     win = min(h.local_flow_control_window(sid), h.max_outbound_frame_size)
                     if win <= 0:
+                        # a zero-window stall: the stream is reset if the client opens no
+                        # window for timeouts.client_idle (re-armed on every progress)
+                        if sent or st.stall is None:
+                            if st.stall is not None:
+                                st.stall.cancel()
+                            st.stall = self.loop.call_later(self.s.t_idle, self._stalled, st)
                         break
+                    sent = True
                     d = ob[0]
                     if len(d) <= win:
                         del ob[0]
@@ -747,11 +756,22 @@ class H2Conn:
                 self.reset(st, h2.errors.ErrorCodes.INTERNAL_ERROR)
                 return
             self.flush()
+            if not ob and st.stall is not None:
+                st.stall.cancel()
+                st.stall = None
         if st.cc_paused and st.obytes < STREAM_LOW and st.cc is not None:
             st.cc_paused = False
             st.cc.resume_writing()
         if st.ended:
             self.finish(st)
+
+    def _stalled(self, st: _Stream) -> None:
+        st.stall = None
+        if st.disposed or st.ended or self.closed:
+            return
+        log.debug("h2_stream_stalled", listener=self.name, client=self.client_ip, stream=st.sid)
+        self.event("stalled_streams")
+        self.reset(st, h2.errors.ErrorCodes.CANCEL)
 
     def finish(self, st: _Stream) -> None:
         """The answer is all sent: the stream's exchange ends (its ClientConn is disposed of;
@@ -781,6 +801,9 @@ class H2Conn:
         if st.timer is not None:
             st.timer.cancel()
             st.timer = None
+        if st.stall is not None:
+            st.stall.cancel()
+            st.stall = None
         if self.streams.get(st.sid) is st:
             del self.streams[st.sid]
         cc, st.cc = st.cc, None

@@ -262,15 +262,17 @@ def test_zero_window_stall(env):
                         flags=["END_HEADERS", "END_STREAM"]))
     reset = None
     got = 0
+    seen = []
     while time.monotonic() - t0 < 6 and reset is None:
         for f in r.frames(0.3):
+            seen.append((round(time.monotonic() - t0, 2), type(f).__name__, f.stream_id))
             if isinstance(f, RstStreamFrame) and f.stream_id == 1:
                 reset = time.monotonic() - t0
             elif isinstance(f, DataFrame):
                 got += len(f.data)
     r.close()
     assert got == 0  # nothing beyond the (zero) window
-    assert reset is not None and 0.5 < reset < 5, reset
+    assert reset is not None and 0.5 < reset < 5, (reset, seen)
     assert _metric(env, "stalled_streams") == before + 1
     _good_client_ok(env)
 
