@@ -10,6 +10,15 @@ backends, one after the other, and every figure is printed as halb / HAProxy:
                                      always, option forwardfor and the two other forwarding
                                      headers halb adds, so both send the backends the same)
     L7  CPU microseconds per request from the proxy's utime+stime (/proc/PID/stat) deltas
+    gRPC unary calls/s (grpc)        bench/grpc_load.py: 32 threads over one grpcio channel
+                                     to a grpcio server (lab.grpc_backend, HAProxy: proto h2
+                                     on the server line; halb: pool proto = "h2"), calls/s and
+                                     CPU microseconds per call
+    HTTP/2 (h2)                      h2load -c16 -m4 (64 streams over 16 connections, h2c
+                                     with prior knowledge) against the same L7 frontends:
+                                     HAProxy detects the HTTP/2 preface on its plain HTTP bind,
+                                     halb's listener accepts h2c by default; both send HTTP/1.1
+                                     to the nginx pair. req/s and CPU microseconds per request
     L7 with 1000 connections (l7many) the same with wrk -c1000 (keep-alive)
     L7 cache hits (cache)            a 4 KiB object fresh for 60 s from each proxy's HTTP
                                      cache (a third pair: HAProxy's cache section, halb's
@@ -40,7 +49,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -269,6 +277,11 @@ backend be_iperf_splice
     option splice-request
     option splice-response
     server i1 127.0.0.1:{iperf}
+frontend fe_grpc
+    bind 127.0.0.1:{grpc}
+    default_backend be_grpc
+backend be_grpc
+    server g1 127.0.0.1:{g1} proto h2
 frontend fe_tcp_idle
     mode tcp
     bind 127.0.0.1:{tcpidle}
@@ -280,8 +293,8 @@ backend be_nginx_tcp
     server n2 127.0.0.1:{n2}
 """
 
-BACKEND_PORTS = ("n1", "n2", "iperf")  # the fields of the config templates below
-PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics", "https")
+BACKEND_PORTS = ("n1", "n2", "iperf", "g1")  # the fields of the config templates below
+PROXY_PORTS = ("http", "tcp", "tcpidle", "tcpsplice", "metrics", "https", "grpc")
 
 # the nginx pair as a halb pool: the same in every halb config below
 _HALB_WEB_POOL = """[[pools]]
@@ -388,6 +401,20 @@ name = "tcpidle"
 mode = "tcp"
 bind = "127.0.0.1:{tcpidle}"
 pool = "nginx-tcp"
+
+# the grpc case: a grpcio server (lab.grpc_backend), HTTP/2 end to end
+[[pools]]
+name = "grpc"
+proto = "h2"
+[[pools.backends]]
+name = "g1"
+address = "127.0.0.1:{g1}"
+
+[[listeners]]
+name = "grpc"
+mode = "http"
+bind = "127.0.0.1:{grpc}"
+pool = "grpc"
 """
 
 # The l7log case: the L7 frontend alone, the same work as above plus one access log line per
@@ -645,6 +672,60 @@ def download(pid: int, port: int) -> dict:
             "rss_before_kib": rss0, "peak_rss_kib": peak, "peak_growth_kib": peak - rss0}
 
 
+H2_CONNS, H2_STREAMS = 16, 4  # h2load -c16 -m4: 64 streams in flight over 16 connections
+
+
+def parse_h2load(out: str) -> dict:
+    r: dict = {}
+    m = re.search(r"finished in ([0-9.]+)(us|ms|s|m), ([0-9.]+) req/s", out)
+    r["rps"] = float(m.group(3)) if m else 0.0
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if m:
+        r["requests"] = int(m.group(3))
+        r["succeeded"] = int(m.group(4))
+        r["failed"] = int(m.group(5)) + int(m.group(6)) + int(m.group(7))
+    else:
+        r["requests"] = r["succeeded"] = r["failed"] = 0
+    m = re.search(r"status codes: (\d+) 2xx", out)
+    r["ok_2xx"] = int(m.group(1)) if m else 0
+    return r
+
+
+def h2(pid: int, port: int, duration: int) -> dict:
+    """HTTP/2 requests through the proxy: h2load, 64 streams over 16 connections."""
+    url = f"http://127.0.0.1:{port}/"
+    run(["h2load", "-c4", "-m4", "-n2000", url], 60)  # warm up
+    u0, s0 = cpu_split(pid)
+    out = run(["h2load", "-t1", f"-c{H2_CONNS}", f"-m{H2_STREAMS}", "-D", str(duration),
+               url], duration + 60)
+    u1, s1 = cpu_split(pid)
+    r = parse_h2load(out)
+    n = r["requests"]
+    r["cpu_s"] = (u1 - u0) + (s1 - s0)
+    r["cpu_us_per_req"] = r["cpu_s"] * 1e6 / n if n else float("nan")
+    r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
+    r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
+    return r
+
+
+def grpc_calls(pid: int, port: int, duration: int) -> dict:
+    """gRPC unary calls through the proxy (bench/grpc_load.py on the load core)."""
+    load = [PY, str(ROOT / "bench" / "grpc_load.py"), "--target", f"127.0.0.1:{port}",
+            "--threads", "32"]
+    run(load + ["--duration", "1"], 60)  # warm up
+    u0, s0 = cpu_split(pid)
+    r = json.loads(run(load + ["--duration", str(duration)], duration + 60).strip()
+                   .splitlines()[-1])
+    u1, s1 = cpu_split(pid)
+    n = r["calls"]
+    r["rps"] = r["calls_per_s"]
+    r["cpu_us_per_req"] = ((u1 - u0) + (s1 - s0)) * 1e6 / n if n else float("nan")
+    r["user_us_per_req"] = (u1 - u0) * 1e6 / n if n else float("nan")
+    r["sys_us_per_req"] = (s1 - s0) * 1e6 / n if n else float("nan")
+    return r
+
+
 def _count_lines(path: Path, needle: str) -> int:
     try:
         with open(path, "rb") as f:
@@ -856,8 +937,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=64, help="wrk connections")
     ap.add_argument("--idle", type=int, default=5000, help="idle connections held (memory)")
     ap.add_argument("--only", default="l7,l7many,l7log,cache,big,close,https,httpsnew,"
-                    "httpsresume,httpsresume12,dl,l4,l4conn,udp,mem",
+                    "httpsresume,httpsresume12,dl,h2,grpc,l4,l4conn,udp,mem",
                     help="comma list of l7, l7many (L7 with 1000 keep-alive connections), "
+                    "h2 (HTTP/2: h2load, 64 streams over 16 connections), grpc (gRPC unary "
+                    "calls), "
                     "l7log (L7 with access logs to a file on both sides), cache (a 4 KiB object "
                     "from each proxy's HTTP cache), big (a 64 KiB body), close (Connection: "
                     "close, 32 connections), https (TLS keep-alive, 64 connections), httpsnew "
@@ -880,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
     a.rounds = max(1, min(a.rounds, 7))
     a.idle = max(100, min(a.idle, 8000))
     only = set(a.only.split(","))
-    for tool in (HAPROXY[0], "nginx", "wrk", "iperf3", "taskset"):
+    for tool in (HAPROXY[0], "nginx", "wrk", "iperf3", "taskset") + (
+            ("h2load",) if "h2" in only else ()):
         if not shutil.which(tool):
             log(f"missing {tool} (./dev bench installs it)")
             return 2
@@ -918,7 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise
                     P[key_of[name]] = free_port()
 
-        key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf"}
+        key_of = {"nginx-n1": "n1", "nginx-n2": "n2", "iperf3-server": "iperf",
+                  "grpc-g1": "g1"}
         (tmp / "www" / "cached").mkdir(parents=True)
         (tmp / "www" / "cached" / "obj").write_bytes(b"c" * (CACHED_SIZE - 1) + b"\n")
         (tmp / "www" / "files").mkdir()
@@ -934,6 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
                 return ["nginx", "-c", str(conf), "-p", str(tmp)]
             start_backend(f"nginx-{name}", nginx_argv)
         start_backend("iperf3-server", lambda port: ["iperf3", "-s", "-p", str(port)])
+        if "grpc" in only:
+            start_backend("grpc-g1", lambda port: [PY, "-m", "lab.grpc_backend", "--name", "g1",
+                                                    "--listen", f"127.0.0.1:{port}"])
 
         hconf = tmp / "haproxy.cfg"
         hconf.write_text(HAPROXY_CONF.format(dir=tmp, **P, **ports["haproxy"]))
@@ -1001,6 +1089,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['sys_us_per_req']:.1f} sys (errors {x['socket_errors']}, "
                     f"non-2xx {x['non2xx']})")
                 record(w, "l7", x)
+            for w in order if "h2" in only else ():
+                x = h2(running[w].pid, ports[w]["http"], a.duration)
+                log(f"  {w:7s} HTTP/2 {x['rps']:.0f} req/s {x['cpu_us_per_req']:.1f} us CPU/req "
+                    f"= {x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
+                    f"({x['succeeded']} ok, {x['failed']} failed)")
+                record(w, "h2", x)
+            for w in order if "grpc" in only else ():
+                x = grpc_calls(running[w].pid, ports[w]["grpc"], a.duration)
+                log(f"  {w:7s} gRPC {x['rps']:.0f} unary calls/s {x['cpu_us_per_req']:.1f} us "
+                    f"CPU/call = {x['user_us_per_req']:.1f} user + {x['sys_us_per_req']:.1f} sys "
+                    f"({x['errors']} errors)")
+                record(w, "grpc", x)
             for w in order if "l7many" in only else ():
                 x = l7(running[w].pid, ports[w]["http"], a.duration, MANY)
                 log(f"  {w:7s} L7 {MANY} connections: {x['rps']:.0f} req/s p99 "
@@ -1144,6 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("big", "rps"), ("close", "rps"), ("https", "rps"),
                             ("httpsnew", "rps"), ("httpsresume", "rps"),
                             ("httpsresume12", "rps"), ("dl", "mb_per_s"),
+                            ("h2", "rps"), ("grpc", "rps"),
                             ("l4", "gbps"),
                             ("l4_forced", "gbps"), ("l4conn", "rps"), ("udp", "dgrams_per_s"),
                             ("udp_paced", "dgrams_per_s")):
@@ -1193,6 +1294,33 @@ def report(res: dict) -> str:
              ratio(h["l7"]["cpu_us_per_req"], l["l7"]["cpu_us_per_req"]), ""),
             ("L7 errors (socket / non-2xx)", f"{l['l7']['socket_errors']} / {l['l7']['non2xx']}",
              f"{h['l7']['socket_errors']} / {h['l7']['non2xx']}", "", ""),
+        ]
+    if "h2" in h and "h2" in l:
+        hh, lh = h["h2"], l["h2"]
+        rows += [
+            ("HTTP/2 requests/s (h2load -c%d -m%d, h2c to the proxy, HTTP/1.1 behind)"
+             % (H2_CONNS, H2_STREAMS), f"{lh['rps']:.0f}", f"{hh['rps']:.0f}",
+             ratio(lh["rps"], hh["rps"]), ">= 0.8x"),
+            ("HTTP/2 CPU us/request (user / kernel)",
+             f"{lh['cpu_us_per_req']:.1f} ({lh['user_us_per_req']:.1f} / "
+             f"{lh['sys_us_per_req']:.1f})",
+             f"{hh['cpu_us_per_req']:.1f} ({hh['user_us_per_req']:.1f} / "
+             f"{hh['sys_us_per_req']:.1f})",
+             ratio(lh["cpu_us_per_req"], hh["cpu_us_per_req"]), ""),
+            ("HTTP/2 failed requests", str(lh["failed"]), str(hh["failed"]), "", ""),
+        ]
+    if "grpc" in h and "grpc" in l:
+        hg, lg = h["grpc"], l["grpc"]
+        rows += [
+            ("gRPC unary calls/s (bench/grpc_load.py, 32 threads, one channel; grpcio server)",
+             f"{lg['rps']:.0f}", f"{hg['rps']:.0f}", ratio(lg["rps"], hg["rps"]), ""),
+            ("gRPC CPU us/call (user / kernel)",
+             f"{lg['cpu_us_per_req']:.1f} ({lg['user_us_per_req']:.1f} / "
+             f"{lg['sys_us_per_req']:.1f})",
+             f"{hg['cpu_us_per_req']:.1f} ({hg['user_us_per_req']:.1f} / "
+             f"{hg['sys_us_per_req']:.1f})",
+             ratio(lg["cpu_us_per_req"], hg["cpu_us_per_req"]), ""),
+            ("gRPC errors", str(lg["errors"]), str(hg["errors"]), "", ""),
         ]
     if "l7log" in h and "l7log" in l:
         hl, ll = h["l7log"], l["l7log"]

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(port, proc=procs[-1])
-        ports = {k: free_port() for k in PROXY_PORTS + ("iperf",)}
+        ports = {k: free_port() for k in PROXY_PORTS + ("iperf", "g1")}  # (g1: not started)
         (tmp / "halb-state").mkdir()
         make_tls_cert(tmp)  # (the config's HTTPS listener needs one)
         conf = HALB_CONF.format(dir=tmp, **backends, **ports)

@@ -26,7 +26,8 @@ MODES = ("tcp", "udp", "http", "nat")
 NAT_PROTOCOLS = ("tcp", "udp")
 NAT_HASHES = ("client_ip", "client_ip_port")
 RELAYS = ("auto", "splice", "copy")
-HEALTH_TYPES = ("none", "tcp", "http")
+HEALTH_TYPES = ("none", "tcp", "http", "grpc")
+POOL_PROTOS = ("http1", "h2")
 STICKY_MODES = ("none", "cookie", "source", "app_cookie")
 CHECKSUM_MODES = ("rfc9568", "keepalived")
 TRACK_TYPES = ("interface", "pool", "script")
@@ -115,6 +116,7 @@ class HealthConfig:
     expect_status: tuple[int, ...] = tuple(range(200, 400))  # HAProxy's httpchk: 2xx and 3xx
     expect_body: str = ""
     port: int = 0  # 0: the backend's own port
+    service: str = ""  # type = "grpc": the service name asked of grpc.health.v1.Health/Check
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,9 @@ class PoolConfig:
     sticky: StickyConfig = field(default_factory=StickyConfig)
     agent: AgentConfig | None = None  # [pools.agent]
     resource: ResourceConfig = field(default_factory=ResourceConfig)  # [pools.resource]
+    proto: str = "http1"  # L7: "h2" speaks HTTP/2 (h2c) to the backends (halb.proxy.h2back)
+    h2_max_streams: int = 100  # proto = "h2": streams at once on one backend connection
+    h2_max_conns: int = 8  # proto = "h2": connections per backend (streams wait beyond)
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class Http2Config:
+    """``[listeners.http2]``: HTTP/2 towards clients (halb.proxy.h2front)."""
+    enabled: bool = True
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # TLS listeners: offered in this order
+    h2c: bool = True  # plain listeners: HTTP/2 with prior knowledge (the connection preface)
+    max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS (HAProxy's default)
+    max_resets_per_s: int = 100  # client RST_STREAMs in one second (rapid reset) -> GOAWAY
+    max_control_frames_per_s: int = 100  # SETTINGS/PING/PRIORITY frames in one second
+    max_frame_size: int = 16384  # SETTINGS_MAX_FRAME_SIZE: larger frames end the connection
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     mode: str
@@ -267,6 +284,7 @@ class ListenerConfig:
     hash: str = "client_ip"  # client_ip | client_ip_port
     access_log: bool = True  # false: this listener writes no access log lines
     cache: CacheConfig | None = None  # http: [listeners.cache]
+    http2: Http2Config = field(default_factory=Http2Config)  # http: [listeners.http2]
 
 
 @dataclass(frozen=True)
@@ -692,7 +710,12 @@ def _health(r: _Reader) -> HealthConfig:
             r.problems.append(Problem(f"{r.sub('expect_status')}[{i}]", f"invalid HTTP status {s!r}"))
     body = r.get("expect_body", str, "")
     port = r.int_in("port", 0, 65535, 0)
+    service = r.get("service", str, "")
+    if service and (len(service) > 200 or any(ord(c) < 33 or ord(c) > 126 for c in service)):
+        r.error(f"invalid gRPC service name {service!r}", "service")
     r.done()
+    if typ != "grpc" and r.has("service"):
+        r.error(f"service needs type = \"grpc\" (type is {typ!r})", "service")
     if typ != "http" and any(r.has(k) for k in ("method", "path", "expect_status", "expect_body", "host")):
         r.error(f"HTTP settings need type = \"http\" (type is {typ!r})")
     if timeout is not None and interval is not None and timeout > interval * 10:
@@ -700,7 +723,7 @@ def _health(r: _Reader) -> HealthConfig:
     return HealthConfig(type=typ, interval=interval, timeout=timeout, rise=rise, fall=fall,
                         jitter=float(jitter), method=method, path=path, host=host,
                         expect_status=tuple(s for s in statuses if isinstance(s, int)),
-                        expect_body=body, port=port)
+                        expect_body=body, port=port, service=service)
 
 
 def _passive(r: _Reader) -> PassiveConfig:
@@ -777,6 +800,13 @@ def _pool(r: _Reader, default_algorithm: str = "roundrobin") -> PoolConfig:
         r.error(f"hash_key needs a hashing algorithm (source or maglev), not {algo!r}", "hash_key")
     slow = r.duration("slow_start", 0.0, hi=3600)
     retries = r.int_in("retries", 0, 10, 2)
+    proto = r.choice("proto", POOL_PROTOS, "http1")
+    h2_streams = r.int_in("h2_max_streams", 1, 10_000, 100)
+    h2_conns = r.int_in("h2_max_conns", 1, 1024, 8)
+    if proto != "h2":
+        for k in ("h2_max_streams", "h2_max_conns"):
+            if r.has(k):
+                r.error(f"{k} needs proto = \"h2\" (proto is {proto!r})", k)
     h = r.table("health")
     health = _health(h) if h else HealthConfig()
     p = r.table("passive")
@@ -827,7 +857,8 @@ def _pool(r: _Reader, default_algorithm: str = "roundrobin") -> PoolConfig:
     r.done()
     return PoolConfig(name=name, backends=tuple(backends), algorithm=algo, hash_key=hk,
                       maglev_table_size=size, slow_start=slow, retries=retries, health=health,
-                      passive=passive, sticky=sticky, agent=agent, resource=resource)
+                      passive=passive, sticky=sticky, agent=agent, resource=resource,
+                      proto=proto, h2_max_streams=h2_streams, h2_max_conns=h2_conns)
 
 
 def _resource_metrics(v: Any) -> tuple[str, ...]:
@@ -946,6 +977,33 @@ def _cache(r: _Reader) -> CacheConfig:
     return c
 
 
+ALPN_PROTOCOLS = ("h2", "http/1.1")
+
+
+def _http2(r: _Reader) -> Http2Config:
+    d = Http2Config()
+    alpn = tuple(r.strings("alpn")) if r.has("alpn") else d.alpn
+    for i, a in enumerate(alpn):
+        if a not in ALPN_PROTOCOLS:
+            r.problems.append(Problem(f"{r.sub('alpn')}[{i}]", f"unknown ALPN protocol {a!r} "
+                                      f"(known: {', '.join(ALPN_PROTOCOLS)})"))
+    if r.has("alpn") and "http/1.1" not in alpn and "h2" not in alpn:
+        r.error("lists no protocol halb speaks", "alpn")
+    c = Http2Config(
+        enabled=bool(r.get("enabled", bool, d.enabled)),
+        alpn=alpn,
+        h2c=bool(r.get("h2c", bool, d.h2c)),
+        max_concurrent_streams=r.int_in("max_concurrent_streams", 1, 10_000,
+                                        d.max_concurrent_streams),
+        max_resets_per_s=r.int_in("max_resets_per_s", 1, 1_000_000, d.max_resets_per_s),
+        max_control_frames_per_s=r.int_in("max_control_frames_per_s", 1, 1_000_000,
+                                          d.max_control_frames_per_s),
+        max_frame_size=r.int_in("max_frame_size", 16384, 16777215, d.max_frame_size),
+    )
+    r.done()
+    return c
+
+
 def _listener(r: _Reader) -> ListenerConfig:
     name = r.name()
     mode = r.choice("mode", MODES, "tcp", required=True)
@@ -1010,7 +1068,11 @@ def _listener(r: _Reader) -> ListenerConfig:
     alog = r.get("access_log", bool, True)
     cr = r.table("cache")
     cache = _cache(cr) if cr else None
+    h2r = r.table("http2")
+    http2 = _http2(h2r) if h2r else Http2Config()
     r.done()
+    if h2r and mode != "http":
+        r.error(f"http2 needs mode = \"http\" (mode is {mode!r})", "http2")
     if cache is not None and mode != "http":
         r.error(f"cache needs mode = \"http\" (mode is {mode!r})", "cache")
     if mode == "nat" and "access_log" in r.data:
@@ -1044,7 +1106,8 @@ def _listener(r: _Reader) -> ListenerConfig:
                           proxy_protocol=pp,
                           relay=relay,
                           udp_flow_timeout=uft, timeouts=timeouts, limits=limits,
-                          protocol=protocol, hash=nat_hash, access_log=bool(alog), cache=cache)
+                          protocol=protocol, hash=nat_hash, access_log=bool(alog), cache=cache,
+                          http2=http2)
 
 
 def _nat_backend_families(l: ListenerConfig, j: int, pc: PoolConfig, pr: _Reader,

@@ -267,6 +267,8 @@ class HealthChecker:
             async with asyncio.timeout_at(deadline):
                 if cfg.type == "http":
                     return await self._http(b, port)
+                if cfg.type == "grpc":
+                    return await self._grpc(b, port)
                 return await self._tcp(b, port)
         except TimeoutError:
             late = loop.time() - deadline
@@ -287,6 +289,71 @@ class HealthChecker:
         except OSError:
             pass
         return True, "connected"
+
+    async def _grpc(self, b: "Backend", port: int) -> tuple[bool, str]:
+        """``grpc.health.v1.Health/Check`` over h2c (one connection per check, as HAProxy's
+        checks do), the request and the answer (de)serialized by grpcio-health-checking's
+        messages, the HTTP/2 framing by the ``h2`` library (sans I/O)."""
+        from .proxy import h2lib as h2
+        from grpc_health.v1 import health_pb2
+
+        r, w = await asyncio.open_connection(b.host, port, limit=16384)
+        try:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(
+                client_side=True, header_encoding=None))
+            c.initiate_connection()
+            msg = health_pb2.HealthCheckRequest(service=self.cfg.service).SerializeToString()
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                 (b":authority", f"{b.host}:{port}".encode()),
+                                 (b":path", b"/grpc.health.v1.Health/Check"),
+                                 (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                                 (b"user-agent", USER_AGENT.encode())])
+            c.send_data(sid, b"\0" + len(msg).to_bytes(4, "big") + msg, end_stream=True)
+            w.write(c.data_to_send())
+            body = bytearray()
+            fields: dict[bytes, bytes] = {}
+            status = b""
+            total = 0
+            done = False
+            while not done and total < MAX_RESPONSE:
+                data = await r.read(16384)
+                if not data:
+                    return False, "connection closed before the gRPC answer"
+                total += len(data)
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        fields.update(ev.headers)
+                        status = fields.get(b":status", b"")
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        fields.update(ev.headers)
+                    elif isinstance(ev, h2.events.DataReceived):
+                        body += ev.data
+                        c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset,
+                                         h2.events.ConnectionTerminated)):
+                        done = True
+                out = c.data_to_send()
+                if out:
+                    w.write(out)
+            if status != b"200":
+                return False, f"gRPC check answered HTTP {status.decode() or '?'}"
+            gs = fields.get(b"grpc-status", b"")
+            if gs != b"0":
+                return False, (f"grpc-status {gs.decode() or 'missing'}: "
+                               f"{fields.get(b'grpc-message', b'').decode('latin-1')}").strip()
+            if len(body) < 5:
+                return False, "gRPC check answered no message"
+            resp = health_pb2.HealthCheckResponse.FromString(bytes(body[5:5 + int.from_bytes(
+                body[1:5], "big")]))
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING, f"gRPC {name}"
+        except Exception as e:  # h2 protocol errors, a malformed message: the check fails
+            if isinstance(e, OSError):
+                raise
+            return False, f"bad gRPC answer: {e!r}"[:200]
+        finally:
+            w.close()
 
     async def _http(self, b: "Backend", port: int) -> tuple[bool, str]:
         r, w = await asyncio.open_connection(b.host, port, limit=16384)

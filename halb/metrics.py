@@ -42,6 +42,7 @@ Families (all prefixed ``halb_``)::
     halb_table_capacity{table}                            their bounds
     halb_access_log_lines_total                           access log lines written
     halb_access_log_dropped_total                         lost: buffer full or write failed
+    halb_http2_events_total{listener, event}              HTTP/2 connections, streams, limits
 """
 
 from __future__ import annotations
@@ -264,6 +265,11 @@ class Metrics:
                               ["listener"], registry=r)
         self._alog: Any = None  # the node's AccessLog (halb.accesslog_writer), read at scrape
         r.register(_AccessLogCollector(self))
+        # (registered last: the families above keep the order they always had)
+        self._h2 = Counter("halb_http2_events", "HTTP/2 client connections, streams and the "
+                           "attack limits they met (halb.proxy.h2front)", ["listener", "event"],
+                           registry=r)
+        self._h2c: dict[tuple[str, str], Any] = {}
         self._server = None
         self._thread = None
 
@@ -336,6 +342,13 @@ class Metrics:
         """An HTTP connection became a tunnel (``protocol``: websocket or other)."""
         self._upgrades.labels(listener_name, protocol).inc()
         self._tunnels.labels(listener_name).inc()
+
+    def http2_event(self, listener_name: str, event: str) -> None:
+        """One HTTP/2 event: connections, streams, rapid_resets, control_floods, ..."""
+        c = self._h2c.get((listener_name, event))
+        if c is None:
+            c = self._h2c[(listener_name, event)] = self._h2.labels(listener_name, event)
+        c.inc()
 
     def tunnel_close(self, listener_name: str) -> None:
         self._tunnels.labels(listener_name).dec()

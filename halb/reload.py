@@ -142,7 +142,9 @@ def plan(old: Config, new: Config) -> Plan:
             p.listeners_removed.append(name)
             p.listeners_added.append(lc)
             p.changes.append(f"listener {name} replaced ({what})")
-        elif o.tls != lc.tls:
+        elif o.tls != lc.tls or (o.http2.enabled, o.http2.alpn, o.http2.h2c) != \
+                (lc.http2.enabled, lc.http2.alpn, lc.http2.h2c):
+            # (TLS, or whether HTTP/2 is offered and how: a new HttpListener and SSL context)
             p.listeners_changed.append((lc, "new socket"))
             p.changes.append(f"listener {name} changed ({what}; its socket handed over)")
         else:

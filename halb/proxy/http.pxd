@@ -29,7 +29,7 @@ cdef class _Settings:
 
 cdef class HttpListener:
     cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper, handover
-    cdef public object alog, cache, cache_pools
+    cdef public object alog, cache, cache_pools, h2, h2b
     cdef public Router router
     cdef public dict pools
     cdef public set conns

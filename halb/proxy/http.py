@@ -252,11 +252,20 @@ class HttpListener:
         self.router = Router(cfg.routes, cfg.pool)
         self.pools = node.pools  # (the node's dict: pools live as long as the node)
         self.ssl = None
+        # HTTP/2 (halb.proxy.h2front): ALPN h2 on TLS, h2c prior knowledge on plain listeners
+        h2c = getattr(cfg, "http2", None)
+        self.h2 = None
+        self.h2b = None  # HTTP/2 backend connections (halb.proxy.h2back), made on first use
+        if h2c is not None and h2c.enabled and (h2c.h2c if not cfg.tls else "h2" in h2c.alpn):
+            from .h2front import H2Registry
+            self.h2 = H2Registry(cfg, ClientConn)
         if cfg.tls:
             from .tls import server_context
+            alpn = [a for a in h2c.alpn if a != "h2" or self.h2 is not None] if h2c is not None \
+                else ["http/1.1"]
             self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls", listener=cfg.name,
-                                      tickets=node.tls_tickets,
-                                      now=node.wall.now if hasattr(node, "wall") else _wall)
+                                      tickets=node.tls_tickets, now=_wall,
+                                      alpn=alpn or ["http/1.1"])
         self.proto = "https" if cfg.tls else "http"
         self.settings = _Settings(cfg, self.proto, node.metrics)
         self.conns: set[ClientConn] = set()
@@ -304,6 +313,8 @@ class HttpListener:
             self._set_cache(cfg, getattr(old, "cache", None))
         self.router = Router(cfg.routes, cfg.pool)
         self.settings = _Settings(cfg, self.proto, self.node.metrics)
+        if self.h2 is not None:
+            self.h2.reconfigure(cfg)
         t = cfg.timeouts
         self.tick = max(0.02, min(0.25, min(t.header, t.client_idle, t.body, t.server) / 5))
 
@@ -358,6 +369,10 @@ class HttpListener:
         self.stopping = True
         if self.server is not None:
             self.server.close()
+        if self.h2 is not None:
+            # GOAWAY to the HTTP/2 clients at once (their counterpart of the Connection: close
+            # answers below): the streams under way finish, new ones go to a new connection
+            self.h2.stop()
         if grace > 0 and self.loop is not None:
             deadline = self.loop.time() + grace
             while self.conns and self.loop.time() < deadline:
@@ -370,6 +385,8 @@ class HttpListener:
             for bc in list(lst):
                 bc.close()
         self.idle.clear()
+        if self.h2b is not None:
+            self.h2b.close()
         caches = getattr(self.node.metrics, "http_caches", None)
         if caches is not None and self.cache is not None and caches.get(self.name) is self.cache:
             del caches[self.name]  # (a listener with this name that replaces it puts its own)
@@ -724,6 +741,11 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
     def connection_made(self, tr) -> None:
         self.tr = tr
         l = self.l
+        if l.ssl is not None and l.h2 is not None:
+            so = tr.get_extra_info("ssl_object")
+            if so is not None and so.selected_alpn_protocol() == "h2":
+                self._to_h2(b"")
+                return
         # (a connection the loop accepted just before the listener stopped is served, its
         # answer saying Connection: close, rather than reset: during an upgrade or a reload
         # its client would otherwise see the one failure of the handover)
@@ -842,6 +864,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         if self.closed or self.paused & _P_DONE:
             return
+        if self.parser is None and data[:4] == b"PRI " and self.l.h2 is not None \
+                and self.l.ssl is None:
+            self._to_h2(data)  # an HTTP/2 connection preface (h2c with prior knowledge)
+            return
         if self.rx is None and (not self.tkind or self.tkind == "idle"):
             self._arm("head", self.s.t_header)  # a new head starts: it has a deadline
         was_head = self.in_head
@@ -882,6 +908,23 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 return
         if self.cur is None and self.queue:
             self._start(self.queue[0])
+
+    def _to_h2(self, data: bytes) -> None:
+        """The client speaks HTTP/2: the connection goes to an ``h2front.H2Conn``."""
+        from .h2front import H2Conn
+        l = self.l
+        if self.accepted:
+            self.accepted = False
+            l.conns.discard(self)
+            self.node.metrics.conn_close(l.name)
+        self._cancel_timers()
+        self.tkind = ""
+        self.closed = True
+        tr = self.tr
+        self.tr = None
+        h = H2Conn(l, l.h2)
+        tr.set_protocol(h)
+        h.connection_made(tr, data)
 
     def _flush_up(self) -> None:
         up = self.up
@@ -1389,9 +1432,17 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         err = ""
         bc = None
         try:
-            _, bc = await asyncio.wait_for(
-                self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
-                self.s.t_connect)
+            pc = self.pool.cfg
+            if getattr(pc, "proto", "http1") == "h2":  # a stream on an HTTP/2 connection
+                mux = l.h2b
+                if mux is None:
+                    from .h2back import Mux
+                    mux = l.h2b = Mux(l, BackendConn)
+                bc = await mux.open_stream(b, pc, self.s.t_connect)
+            else:
+                _, bc = await asyncio.wait_for(
+                    self.loop.create_connection(lambda: BackendConn(l, b), b.host, b.port),
+                    self.s.t_connect)
         except asyncio.CancelledError:
             return
         except asyncio.TimeoutError:

@@ -35,11 +35,11 @@ def choose_certificate(certs: Sequence[TLSCertificate], server_name: str | None)
     return 0
 
 
-def _context(cert: TLSCertificate, where: str) -> ssl.SSLContext:
+def _context(cert: TLSCertificate, where: str, alpn: Sequence[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     try:
         ctx.load_cert_chain(cert.cert, cert.key)
     except (OSError, ssl.SSLError) as e:
@@ -50,15 +50,17 @@ def _context(cert: TLSCertificate, where: str) -> ssl.SSLContext:
 
 
 def server_context(tls: ListenerTLS, where: str = "tls", *, tickets=None, listener: str = "",
-                   now: Callable[[], float] = time.time) -> ssl.SSLContext:
+                   now: Callable[[], float] = time.time,
+                   alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
     """The listener's SSL context; its SNI callback swaps in the matching certificate's.
+    ``alpn``: the protocols offered, in order of preference (``h2`` when HTTP/2 is on).
     Raises OSError naming ``where`` and the files when a certificate or key cannot be loaded.
 
     Session resumption: the session cache and lifetime of ``tls`` and, with ``tickets`` (the
     node's ``halb.tlstickets.TicketKeys``), ticket keys from the listener's ring (generated and
     rotated, shared with the peers, or read from ``tls.ticket_keys``). Whatever cannot be set
     is logged once (``tls_resumption_limited``) and OpenSSL's defaults stay."""
-    ctx = _server_context(tls, where)
+    ctx = _server_context(tls, where, alpn)
     if not tls.tickets:
         ctx.options |= ssl.OP_NO_TICKET  # TLS 1.2: cache only; TLS 1.3: stateful tickets
     from . import tls_openssl
@@ -99,9 +101,9 @@ def server_context(tls: ListenerTLS, where: str = "tls", *, tickets=None, listen
     return ctx
 
 
-def _server_context(tls: ListenerTLS, where: str) -> ssl.SSLContext:
+def _server_context(tls: ListenerTLS, where: str, alpn: Sequence[str]) -> ssl.SSLContext:
     certs = tls.certificates
-    contexts = [_context(c, f"{where}.certificates[{i}]") for i, c in enumerate(certs)]
+    contexts = [_context(c, f"{where}.certificates[{i}]", alpn) for i, c in enumerate(certs)]
     default = contexts[0]
     if len(contexts) > 1:
         def on_sni(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:

@@ -183,7 +183,7 @@ def test_families_come_out_in_the_usual_order():
                      "halb_backend_weight", "halb_pool_backends_serving", "halb_pool_backup_active",
                      "halb_table_entries", "halb_table_capacity", "halb_http_upgrades_total",
                      "halb_http_tunnels_active", "halb_access_log_lines_total",
-                     "halb_access_log_dropped_total"]
+                     "halb_access_log_dropped_total", "halb_http2_events_total"]
 
 
 class _FakeBackend:
