@@ -317,7 +317,7 @@ class H2Conn:
         self.l = lst
         self.reg = reg
         self.s = reg.s
-        self.m = lst.node.metrics
+        self.m = lst.env.metrics
         self.name = lst.name
         self.loop = lst.loop
         self.tr = None

@@ -28,7 +28,7 @@ cdef class _Settings:
 
 
 cdef class HttpListener:
-    cdef public object cfg, node, name, ssl, proto, server, loop, _sweeper, handover
+    cdef public object cfg, env, name, ssl, proto, server, loop, _sweeper, handover
     cdef public object alog, cache, cache_pools, h2, h2b
     cdef public Router router
     cdef public dict pools
@@ -75,7 +75,7 @@ cdef class BackendConn:
 
 cdef class ClientConn:
     cdef public HttpListener l
-    cdef public object node, loop, tr, parser, pending_error, wtimer, connecting
+    cdef public object env, loop, tr, parser, pending_error, wtimer, connecting
     cdef public Pool pool
     cdef public str client_ip, tkind
     cdef public bytes url

@@ -1,11 +1,11 @@
-"""The L7 HTTP/1.1 proxy: ``HttpListener(cfg, node)`` with ``async start()`` / ``async stop()``.
+"""The L7 HTTP/1.1 proxy: ``HttpListener(cfg, env)`` with ``async start()`` / ``async stop()``.
 
 Shape
 -----
 One ``ClientConn`` (asyncio Protocol) per client connection parses requests with llhttp
 (httptools) and serves them one at a time, in order (pipelined requests wait, with reading
 paused). For each request: ``routing.Router`` picks the pool, stickiness (cookie insert or
-source IP, recorded in ``node.tables.sticky``) or the pool's balancer picks the backend, and
+source IP, recorded in ``env.tables.sticky``) or the pool's balancer picks the backend, and
 an idle keep-alive ``BackendConn`` from the listener's per-backend pool (bounded,
 ``POOL_MAX_IDLE``) or a new connection carries it. Request heads are rebuilt from parsed
 fields, response heads from the backend's header lines once ``http_head.ResponseFramer`` has
@@ -247,10 +247,10 @@ class _Settings:
 class HttpListener:
     def __init__(self, cfg: ListenerConfig, env: "ListenerEnv"):
         self.cfg = cfg
-        self.node = node = env  # (halb.proxy.ListenerEnv: what a listener uses of its node)
+        self.env = env  # (halb.proxy.ListenerEnv: what a listener uses of its node)
         self.name = cfg.name
         self.router = Router(cfg.routes, cfg.pool)
-        self.pools = node.pools  # (the node's dict: pools live as long as the node)
+        self.pools = env.pools  # (the node's dict: pools live as long as the node)
         self.ssl = None
         # HTTP/2 (halb.proxy.h2front): ALPN h2 on TLS, h2c prior knowledge on plain listeners
         h2c = getattr(cfg, "http2", None)
@@ -264,10 +264,10 @@ class HttpListener:
             alpn = [a for a in h2c.alpn if a != "h2" or self.h2 is not None] if h2c is not None \
                 else ["http/1.1"]
             self.ssl = server_context(cfg.tls, f"listener {cfg.name!r} tls", listener=cfg.name,
-                                      tickets=node.tls_tickets, now=_wall,
+                                      tickets=env.tls_tickets, now=_wall,
                                       alpn=alpn or ["http/1.1"])
         self.proto = "https" if cfg.tls else "http"
-        self.settings = _Settings(cfg, self.proto, node.metrics)
+        self.settings = _Settings(cfg, self.proto, env.metrics)
         self.conns: set[ClientConn] = set()
         self.idle: dict[object, list[BackendConn]] = {}
         self.server: asyncio.AbstractServer | None = None
@@ -282,7 +282,7 @@ class HttpListener:
         self.ob_b: list[BackendConn] = []
         self.ob_armed = False
         self.handover = None  # a listening socket taken over from the listener this replaces
-        self.alog = for_listener(node, True)  # the node's access log, or None (then: off)
+        self.alog = for_listener(env, True)  # the node's access log, or None (then: off)
         self.cache = None  # [listeners.cache] (halb.proxy.cache), None when off
         self.cache_pools = None
         self._set_cache(cfg, None)
@@ -296,8 +296,8 @@ class HttpListener:
         elif self.cache is None or cc != old:
             self.cache = cache_from_config(cc)
         self.cache_pools = frozenset(cc.pools) if cc is not None and cc.pools else None
-        caches = caches_of(self.node.metrics) if cc is not None else \
-            getattr(self.node.metrics, "http_caches", None)
+        caches = caches_of(self.env.metrics) if cc is not None else \
+            getattr(self.env.metrics, "http_caches", None)
         if caches is not None:
             if self.cache is not None:
                 caches[self.name] = self.cache
@@ -312,7 +312,7 @@ class HttpListener:
         if getattr(cfg, "cache", None) != getattr(old, "cache", None):
             self._set_cache(cfg, getattr(old, "cache", None))
         self.router = Router(cfg.routes, cfg.pool)
-        self.settings = _Settings(cfg, self.proto, self.node.metrics)
+        self.settings = _Settings(cfg, self.proto, self.env.metrics)
         if self.h2 is not None:
             self.h2.reconfigure(cfg)
         t = cfg.timeouts
@@ -387,7 +387,7 @@ class HttpListener:
         self.idle.clear()
         if self.h2b is not None:
             self.h2b.close()
-        caches = getattr(self.node.metrics, "http_caches", None)
+        caches = getattr(self.env.metrics, "http_caches", None)
         if caches is not None and self.cache is not None and caches.get(self.name) is self.cache:
             del caches[self.name]  # (a listener with this name that replaces it puts its own)
         deadline = self.loop.time() + 2.0 if self.loop else 0
@@ -649,7 +649,7 @@ class BackendConn:  # an asyncio Protocol (duck-typed: it may be compiled, see h
 class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see http.pxd)
     """One client connection: parses its requests and runs one exchange at a time."""
 
-    __slots__ = ("l", "node", "s", "loop", "tr", "parser", "client_ip", "accepted", "closed",
+    __slots__ = ("l", "env", "s", "loop", "tr", "parser", "client_ip", "accepted", "closed",
                  "eof", "paused", "in_head", "raw_head", "url", "hdrs", "hbytes", "rx", "queue",
                  "pending_error", "tkind", "deadline", "wtimer", "out", "wpaused", "up", "cur",
                  "pool", "b", "conn", "connecting", "tried", "attempts", "last_err", "sticky_b",
@@ -661,7 +661,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
 
     def __init__(self, lst: HttpListener):
         self.l = lst
-        self.node = lst.node
+        self.env = lst.env
         self.s = lst.settings
         self.loop = lst.loop
         self.tr: asyncio.Transport | None = None
@@ -759,7 +759,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.client_ip = peer[0] if peer else ""
         self.cport = peer[1] if peer else 0
         tr.set_write_buffer_limits(HIGH_WATER)
-        self.node.metrics.conn_open(l.name)
+        self.env.metrics.conn_open(l.name)
         self._arm("head", self.s.t_header)
 
     def connection_lost(self, exc) -> None:
@@ -771,7 +771,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self._alog_lost(exc)  # the exchange in flight ends with the connection
         self.accepted = False
         self.l.conns.discard(self)
-        self.node.metrics.conn_close(self.l.name)
+        self.env.metrics.conn_close(self.l.name)
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -785,7 +785,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 bc.close()
         if self.tunnel:
             self.tunnel = False
-            self.node.metrics.tunnel_close(self.l.name)
+            self.env.metrics.tunnel_close(self.l.name)
             if self.acquired:  # (counted as a request at the 101: only the backend's use ends)
                 self.acquired = False
                 backend_release(self.b, None)
@@ -916,7 +916,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         if self.accepted:
             self.accepted = False
             l.conns.discard(self)
-            self.node.metrics.conn_close(l.name)
+            self.env.metrics.conn_close(l.name)
         self._cancel_timers()
         self.tkind = ""
         self.closed = True
@@ -1329,7 +1329,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             self.out = []
             self.up = []
         req = rx.req
-        node = self.node
+        env = self.env
         router = self.l.router
         pool_name = router.route(req.host, req.path,
                                  req if router.needs_headers else None)  # Request.get: lazy
@@ -1364,13 +1364,13 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 b = pool.by_name.get(val)
                 # persistence outlives a drain (HAProxy: a draining server keeps its sticky
                 # clients); only a backend that is down, ejected or full loses them
-                if b is not None and b.is_up(node.clock.now()) and not b.is_full():
+                if b is not None and b.is_up(env.clock.now()) and not b.is_full():
                     self.sticky_b = b
         elif mode == "source":
-            e = node.tables.sticky.get(sticky_key("src", pool.name, self.client_ip))
+            e = env.tables.sticky.get(sticky_key("src", pool.name, self.client_ip))
             if e is not None and e.pool == pool.name:
                 b = pool.by_name.get(e.backend)
-                if b is not None and b.is_up(node.clock.now()) and not b.is_full():
+                if b is not None and b.is_up(env.clock.now()) and not b.is_full():
                     self.sticky_b = b
         elif mode == "app_cookie" and pool.cfg.sticky.prefix:
             # prefix mode: the backend is named in the cookie itself (web1~abc), no table; the
@@ -1381,7 +1381,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                 req._map = None
             self.cookie_val = bname
             b = pool.by_name.get(bname) if bname else None
-            if b is not None and b.is_up(node.clock.now()) and not b.is_full():
+            if b is not None and b.is_up(env.clock.now()) and not b.is_full():
                 self.sticky_b = b
         elif mode == "app_cookie":
             # the application's own session cookie: its value was recorded (replicated) when
@@ -1389,10 +1389,10 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             val = req.cookies().get(pool.sticky_cookie)
             self.cookie_val = val or ""
             if val:
-                e = node.tables.sticky.get(sticky_key("app", pool.name, val[:APP_COOKIE_MAX]))
+                e = env.tables.sticky.get(sticky_key("app", pool.name, val[:APP_COOKIE_MAX]))
                 if e is not None and e.pool == pool.name:
                     b = pool.by_name.get(e.backend)
-                    if b is not None and b.is_up(node.clock.now()) and not b.is_full():
+                    if b is not None and b.is_up(env.clock.now()) and not b.is_full():
                         self.sticky_b = b
         if pool._hashing:  # (the algorithm is one of HASH_ALGORITHMS)
             pc = pool.cfg
@@ -1468,7 +1468,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self._attach(bc, False)
 
     def _backend_error(self, b, kind: str) -> None:
-        now = self.node.clock.now()
+        now = self.env.clock.now()
         self.pool.report_result(b, False, now)
         record(self.s.bk, self.s.metrics, b, None, True)
         log.debug("backend_error", listener=self.l.name, pool=self.pool.name, backend=b.name,
@@ -1542,9 +1542,9 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         self.status = status
         self.resp_started = True
         if status >= 500 and pool.on_5xx:
-            pool.report_result(b, False, self.node.clock.now())
+            pool.report_result(b, False, self.env.clock.now())
         elif b.consecutive_failures:
-            pool.report_result(b, True, self.node.clock.now())
+            pool.report_result(b, True, self.env.clock.now())
         head_only = req.method == b"HEAD" or status == 204 or status == 304
         close_delim = False  # the backend's body runs until it closes
         until_close = False  # ours to the client does (an HTTP/1.0 client cannot take chunks)
@@ -1592,7 +1592,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             if u is None:
                 res = "no_metric"
             else:
-                pool.report_load(b, u, self.node.clock.now())
+                pool.report_load(b, u, self.env.clock.now())
         pool.load_reports[res] += 1
         if res != "ok" and log.enabled():
             log.debug("load_report_ignored", pool=pool.name, backend=b.name, result=res,
@@ -1612,7 +1612,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             rh.headers = prefix_set_cookie_pairs(rh.headers, pool.sticky_cookie, b.name)
 
     def _record_sticky(self, mode: str, pool, b, rh=None) -> None:
-        table = self.node.tables.sticky
+        table = self.env.tables.sticky
         ttl = pool.cfg.sticky.ttl
         if mode == "app_cookie":
             self._record_app_cookie(table, ttl, pool, b, rh)
@@ -1943,7 +1943,7 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         # the tunnel ends (_release then)
         record(self.s.bk, self.s.metrics, b, rt, False)
         proto = rh.upgrade.split(b",")[0].strip().lower()
-        self.node.metrics.tunnel_open(self.l.name,
+        self.env.metrics.tunnel_open(self.l.name,
                                       "websocket" if proto == b"websocket" else "other")
         log.debug("tunnel_open", listener=self.l.name, client=self.client_ip,
                   backend=b.name, upgrade=rh.upgrade.decode("latin-1"))
