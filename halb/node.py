@@ -432,7 +432,11 @@ class Node:
             gone = [by_name[n] for n in p.listeners_removed] + list(replaced.values())
             keep = [lst for lst in self.listeners if lst not in gone]
             self.listeners = keep + new_lst
-            self.parts = [x for x in self.parts if x not in gone] + new_lst
+            self.parts = [x for x in self.parts if x not in gone]
+            # new listeners go before [bgp] (started last, stopped first: a stop withdraws the
+            # VIPs before any listener closes, those of a reload included)
+            at = self.parts.index(self.bgp) if self.bgp in self.parts else len(self.parts)
+            self.parts[at:at] = new_lst
             for lst in gone:  # they stop accepting at once and drain in the background
                 t = asyncio.get_running_loop().create_task(_quietly(lst.stop(), self.log))
                 self._draining.add(t)
@@ -447,6 +451,8 @@ class Node:
                 self.metrics.pool_removed(name)
             self.cfg = new
             self.control.targets.config = new
+            if self.bgp is not None and new.bgp is not None:
+                self.bgp.set_vips(bgp_vips(new))  # listeners and their pools may have changed
             for line in p.changes:
                 self.log.info(f"{what}_change", change=line)
             self.tls_tickets.drop(lc.name for lc in new.listeners if lc.tls is not None)

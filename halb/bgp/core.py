@@ -100,20 +100,36 @@ class BgpCore:
                 self._in_flight.add(("a", p))
         return cmds
 
-    def done(self, cmd: Announce | Withdraw, ok: bool) -> None:
-        """The edge carried out ``cmd`` (``ok``) or failed (retried on the next step)."""
+    def done(self, cmd: Announce | Withdraw, ok: bool) -> bool:
+        """The edge carried out ``cmd`` (``ok``) or failed (retried on the next step). True
+        when it changed what is announced: a command that only told the speaker again what
+        it held (after ``forget``: at start, at each resync) is not an announcement or a
+        withdrawal for the counters and the log."""
         kind = "a" if isinstance(cmd, Announce) else "w"
         self._in_flight.discard((kind, cmd.prefix))
         if not ok:
             self.counts["failures"] += 1
-            return
+            return False
         self.unknown.discard(cmd.prefix)
+        changed = (kind == "a") != (cmd.prefix in self.announced)
         if kind == "a":
             self.announced.add(cmd.prefix)
-            self.counts["announcements"] += 1
+            if changed:
+                self.counts["announcements"] += 1
         else:
             self.announced.discard(cmd.prefix)
-            self.counts["withdrawals"] += 1
+            if changed:
+                self.counts["withdrawals"] += 1
+        return changed
+
+    def set_vips(self, vips: Mapping[str, Iterable[str]]) -> None:
+        """New VIPs and pools (a reload). What is announced stays announced until a step
+        decides otherwise: a VIP no longer in ``vips`` is withdrawn then, a new one announced."""
+        old = set(self.vips)
+        self.vips = {v: tuple(p) for v, p in vips.items()}
+        for v in old - set(self.vips):
+            self._since.pop(v, None)
+            self.reasons.pop(v, None)
 
     def leave(self) -> None:
         """Withdraw everything from the next step on, and announce nothing until ``join``."""

@@ -54,6 +54,14 @@ class BgpService:
     def healthy(self) -> dict[str, bool]:
         return {name: len(p.view) > 0 for name, p in self.pools.items()}
 
+    def set_vips(self, vips: Mapping[str, tuple[str, ...]]) -> None:
+        """A reload changed the listeners (their addresses or pools): the VIPs and the pools
+        that keep each one announced, from now on; a VIP no longer served is withdrawn at the
+        next step, a new one announced."""
+        self.core.set_vips(vips)
+        log.info("bgp_vips", vips=sorted(self.core.vips))
+        self.poke()
+
     def poke(self) -> None:
         if self._poke is not None:
             self._poke.set()
@@ -120,7 +128,7 @@ class BgpService:
                 self._last_resync = now
                 self.core.forget()  # the speaker may have restarted: tell it again
             cmds = self.core.step(now, ready=bool(self.ready()), healthy=self.healthy())
-            for c in cmds:
+            for i, c in enumerate(cmds):
                 try:
                     if isinstance(c, Announce):
                         await self.speaker.announce(c.prefix)
@@ -133,9 +141,12 @@ class BgpService:
                                   prefix=c.prefix, error=str(e), hint="retried every interval")
                     self._last_failure = self.speaker_error = str(e)
                     continue
+                except BaseException:  # cancelled (drain-node's caller gone) or a bug: this
+                    for rest in cmds[i:]:  # command and those after it are not in flight any
+                        self.core.done(rest, False)  # more; the next step sends them again
+                    raise
                 self._last_failure = ""
-                self.core.done(c, True)
-                if c.prefix in (prefix_of(v) for v in self.core.vips):
+                if self.core.done(c, True) and c.prefix in (prefix_of(v) for v in self.core.vips):
                     log.info("bgp_announced" if isinstance(c, Announce) else "bgp_withdrawn",
                              prefix=c.prefix,
                              reason=self.core.reasons.get(c.prefix.rsplit("/", 1)[0], ""))

@@ -173,3 +173,85 @@ asn = 65001
     cfg = loads(text)
     assert any(w.path == "bgp" and "full mesh" in w.reason for w in cfg.warnings), cfg.warnings
     assert bgp_vips(cfg) == {"198.51.100.10": ("web", "m")}
+
+
+def test_a_resync_tells_the_speaker_again_without_counting_a_change():
+    c = BgpCore({"198.51.100.1": ("web",), "198.51.100.2": ("tcp",)})
+    run(c, 0.0, healthy={"web": True, "tcp": False})
+    assert c.counts == {"announcements": 1, "withdrawals": 0, "failures": 0}
+    c.forget()  # every resync_interval: the speaker may have restarted
+    cmds = c.step(1.0, ready=True, healthy={"web": True, "tcp": False})
+    assert cmds == [Withdraw("198.51.100.2/32"), Announce("198.51.100.1/32")]
+    assert [c.done(x, True) for x in cmds] == [False, False]  # no change: not logged, not counted
+    assert c.counts == {"announcements": 1, "withdrawals": 0, "failures": 0}
+    assert c.announced == {"198.51.100.1/32"} and not c.unknown
+
+
+def test_a_reload_that_changes_the_vips_or_their_pools():
+    c = BgpCore({"198.51.100.1": ("web",), "198.51.100.2": ("tcp",)})
+    run(c, 0.0, healthy={"web": True, "tcp": True})
+    # the listener on .1 moves to pool web2, .2 is gone, .3 is new
+    c.set_vips({"198.51.100.1": ("web2",), "198.51.100.3": ("tcp",)})
+    cmds = run(c, 1.0, healthy={"web2": True, "tcp": True})
+    assert cmds == [Withdraw("198.51.100.2/32"), Announce("198.51.100.3/32")]
+    assert c.announced == {"198.51.100.1/32", "198.51.100.3/32"}
+    assert "198.51.100.2" not in c.reasons
+
+
+def test_a_command_that_never_reported_back_is_sent_again():
+    """The edge reports a cancelled command as failed (BgpService.step): it is not left in
+    flight, where no later step would send it again."""
+    c = BgpCore({"198.51.100.1": ("web",)})
+    run(c, 0.0)
+    c.leave()
+    cmds = c.step(1.0, ready=True, healthy=UP)
+    assert cmds == [Withdraw("198.51.100.1/32")]
+    assert c.step(1.1, ready=True, healthy=UP) == []  # in flight: not twice at once
+    c.done(cmds[0], False)  # (cancelled)
+    assert c.step(1.2, ready=True, healthy=UP) == [Withdraw("198.51.100.1/32")]
+
+
+def test_a_cancelled_drain_leaves_nothing_in_flight():
+    """drain-node's caller goes away (Ctrl-C, deadline) while vtysh hangs: the withdrawal is
+    cancelled mid-command; the service must send it again on the next step, or a later stop
+    would withdraw nothing and leave the VIP announced."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from halb.bgp.service import BgpService
+    from halb.clock import FakeClock
+    from halb.config import BgpConfig
+
+    class Speaker:
+        def __init__(self):
+            self.calls, self.hang = [], False
+
+        async def announce(self, p):
+            self.calls.append(("a", p))
+
+        async def withdraw(self, p):
+            self.calls.append(("w", p))
+            if self.hang:
+                await asyncio.sleep(3600)
+
+    async def main():
+        sp = Speaker()
+        pools = {"web": SimpleNamespace(view=[1])}
+        svc = BgpService(BgpConfig(asn=65001), vips={"198.51.100.1": ("web",)}, pools=pools,
+                         ready=lambda: True, clock=FakeClock(), speaker=sp)
+        await svc.step()
+        assert svc.core.announced == {"198.51.100.1/32"}
+        sp.hang = True
+        svc.core.leave()
+        t = asyncio.ensure_future(svc.step())
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        sp.hang = False
+        await svc.step()
+        return sp.calls, svc.core.announced
+
+    calls, announced = asyncio.run(main())
+    assert calls == [("a", "198.51.100.1/32"), ("w", "198.51.100.1/32"), ("w", "198.51.100.1/32")]
+    assert announced == set()
