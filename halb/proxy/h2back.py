@@ -522,6 +522,8 @@ class _Conn:
                 else:
                     for s in list(self.streams):
                         self.drain(s)
+            elif t is h2.events.RemoteSettingsChanged:
+                h2.clamp_table(self.h2)  # (a backend offering a huge HPACK table: see h2front)
             elif t is h2.events.ConnectionTerminated:
                 self.going = True
                 self.mux.drop(self)

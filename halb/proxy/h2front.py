@@ -48,6 +48,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
+from hyperframe.frame import GoAwayFrame
 
 from ..log import get_logger
 from . import h2lib as h2
@@ -121,6 +122,11 @@ class H2Registry:
     def stop(self) -> None:
         for c in list(self.conns):
             c.goaway(h2.errors.ErrorCodes.NO_ERROR)
+
+
+# header-name bytes (RFC 9110 5.6.2 tchar; h2 has lower-cased names already) and method bytes
+_NAME_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+_NAME_CHARS_UPPER = _NAME_CHARS + b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class _StreamTr:
@@ -447,6 +453,17 @@ class H2Conn:
             self.event(kind)
             log.info("h2_goaway", listener=self.name, client=self.client_ip, reason=kind)
         self.going = True
+        if code == h2.errors.ErrorCodes.NO_ERROR and self.streams and self.tr is not None:
+            # a graceful GOAWAY (the listener stops: reload, upgrade) with streams under way:
+            # h2's close_connection() would close its state machine at once, failing every
+            # answer still to come and every frame still to read; the frame is written by
+            # hand, the streams finish, then the connection closes (no new ones: ``going``)
+            self._flush()  # (what h2 holds goes first)
+            f = GoAwayFrame(0)
+            f.last_stream_id = self.h2.highest_inbound_stream_id
+            f.error_code = 0
+            self.tr.write(f.serialize())
+            return
         try:
             self.h2.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:  # pragma: no cover - a closed state machine
@@ -491,9 +508,11 @@ class H2Conn:
             self.fresh = False
             if not self.streams:
                 self._arm(self.s.t_idle)
+        prio_of_request = None
         for ev in events:
             t = type(ev)
             if t is h2.events.RequestReceived:
+                prio_of_request = ev.priority_updated
                 self.request(ev)
             elif t is h2.events.DataReceived:
                 st = self.streams.get(ev.stream_id)
@@ -534,8 +553,12 @@ class H2Conn:
                     for st in list(self.streams.values()):
                         if st.obuf or st.end:
                             self.drain(st)
+            elif t is h2.events.PriorityUpdated and ev is prio_of_request:
+                pass  # (the PRIORITY flag of a request's HEADERS, as browsers send: no flood)
             elif t is h2.events.RemoteSettingsChanged or t is h2.events.PingReceived \
                     or t is h2.events.PriorityUpdated:
+                if t is h2.events.RemoteSettingsChanged:
+                    h2.clamp_table(self.h2)
                 if self.count_control():
                     return
             elif t is h2.events.ConnectionTerminated:
@@ -590,7 +613,10 @@ class H2Conn:
         grpc = False
         timeout = None
         for n, v in ev.headers:
-            if b"\r" in v or b"\n" in v or b"\0" in v:  # RFC 9113 8.2.1: malformed
+            if b"\r" in v or b"\n" in v or b"\0" in v or (n[:1] != b":" and (
+                    not n or n.translate(None, _NAME_CHARS))):  # RFC 9113 8.2.1: malformed
+                # (names checked here too: they go into an HTTP/1.1 head, and h2 before 4.3
+                # let CR, LF and ':' through, CVE-2025-57804)
                 self._refuse(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 self.event("malformed_requests")
                 return
@@ -619,6 +645,12 @@ class H2Conn:
             lines.append(b"%b: %b\r\n" % (n, v))
         if method == b"CONNECT":
             self._refuse(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        if method == b"PRI" or not method or method.translate(None, _NAME_CHARS_UPPER):
+            # PRI is the connection preface's, not a request's (and rebuilt as HTTP/1.1 it
+            # would read as a preface); a method is a token
+            self._refuse(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.event("malformed_requests")
             return
         st = _Stream(self, sid)
         st.grpc = grpc

@@ -17,5 +17,16 @@ import h2.settings as settings
 
 NAME = "h2"
 VERSION = h2.__version__
+HPACK_TABLE_MAX = 4096  # the dynamic table we keep for what we send, whatever the peer allows
 __all__ = ["config", "connection", "errors", "events", "exceptions", "settings", "NAME",
-           "VERSION"]
+           "VERSION", "HPACK_TABLE_MAX", "clamp_table"]
+
+
+def clamp_table(conn) -> None:
+    """The peer's SETTINGS_HEADER_TABLE_SIZE is the most our encoder may use, not what it must:
+    hpack searches its table linearly, so a peer offering 4 GiB made every header block slower
+    and the table grow without bound. Kept at 4096 (HAProxy's size; RFC 7541 4.2: the encoder
+    signals the smaller size in its next header block)."""
+    enc = conn.encoder
+    if enc.header_table_size > HPACK_TABLE_MAX:
+        enc.header_table_size = HPACK_TABLE_MAX

@@ -274,6 +274,53 @@ def test_backend_down_answers_503_over_h2(env):
         env.bk.start("api1")
 
 
+def test_a_stream_under_way_finishes_after_the_goaway_of_a_reload(tmp_path):
+    """A reload removes the listener while a request is in flight (nghttp, h2c): the client
+    gets GOAWAY (NO_ERROR, last stream = the request's) at once, and then its answer, whole (h2's own
+    close_connection would have closed the connection's state machine and failed the stream)."""
+    import signal
+    with Backends(["r1"], logdir=tmp_path) as bk:
+        p1, p2 = free_ports(2)
+        text = """
+[node]
+name = "lb1"
+state_dir = "{d}"
+[[pools]]
+name = "web"
+[[pools.backends]]
+name = "r1"
+address = "{b}"
+[[listeners]]
+name = "keep"
+mode = "http"
+bind = "127.0.0.1:{p2}"
+pool = "web"
+"""
+        gone = """
+[[listeners]]
+name = "gone"
+mode = "http"
+bind = "127.0.0.1:{p1}"
+pool = "web"
+"""
+        cfg = write_config(tmp_path, (text + gone).format(d=tmp_path, b=bk.http["r1"], p1=p1, p2=p2))
+        with Halbd(cfg) as h:
+            h.wait_port(p1)
+            p = subprocess.Popen(["nghttp", "-v", f"http://127.0.0.1:{p1}/sleep?ms=1500"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(0.4)  # the request is at the backend
+            cfg.write_text(text.format(d=tmp_path, b=bk.http["r1"], p1=p1, p2=p2))
+            h.signal(signal.SIGHUP)
+            out = p.communicate(timeout=15)[0]
+    goaway = out.find("recv GOAWAY frame")
+    status = out.find(":status: 200")
+    # (nghttp's request is stream 13: it opens priority streams 3-11 first)
+    assert goaway >= 0 and "last_stream_id=13, error_code=NO_ERROR" in out[goaway:goaway + 200], out
+    assert status > goaway, out  # the answer came after the GOAWAY...
+    assert "recv DATA frame" in out[status:] and "END_STREAM" in out[status:], out  # ...whole
+    assert p.returncode == 0, out
+
+
 def test_reload_removing_the_listener_sends_goaway(tmp_path):
     """A reload that removes a listener tells its HTTP/2 clients at once (GOAWAY, NO_ERROR):
     their counterpart of the Connection: close an HTTP/1.1 client gets during the drain."""

@@ -132,6 +132,17 @@ class Raw:
                     return out
         return out
 
+    def until(self, done, timeout: float = 3.0) -> list:
+        """Frames read until ``done(frames)`` holds, a GOAWAY comes or ``timeout`` passes."""
+        out: list = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not done(out):
+            got = self.frames(min(0.05, max(0.0, deadline - time.monotonic())))
+            out += got
+            if any(isinstance(f, GoAwayFrame) for f in got):
+                break
+        return out
+
     def goaway(self, until: float = 3.0) -> GoAwayFrame | None:
         for f in self.frames(until):
             if isinstance(f, GoAwayFrame):
@@ -291,6 +302,83 @@ def test_garbage_after_preface_costs_one_connection(env):
     s.close()
     _good_client_ok(env)
     assert env.h.alive()
+
+
+def test_priority_flag_on_requests_is_not_a_flood(env):
+    """Browsers set the PRIORITY flag on every request's HEADERS: 200 such requests in a burst
+    (the control-frame limit is 50/s here) are served, none counted as a control frame."""
+    before = _metric(env, "control_floods")
+    r = Raw(env.port, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20})
+    served = 0
+    try:
+        for batch in range(10):  # 20 at a time: under max_concurrent_streams
+            for i in range(20):
+                sid = 1 + 2 * (batch * 20 + i)
+                h = HeadersFrame(sid, _headers_block(b"/ok"), flags=["END_HEADERS", "END_STREAM",
+                                                                     "PRIORITY"])
+                h.depends_on, h.stream_weight, h.exclusive = 0, 255, False
+                r.send(h)
+            def ended(fs):
+                return sum(1 for f in fs if isinstance(f, (DataFrame, HeadersFrame))
+                           and "END_STREAM" in f.flags) >= 20
+            fs = r.until(ended, 3.0)
+            assert not any(isinstance(f, GoAwayFrame) for f in fs), fs
+            served += sum(1 for f in fs if isinstance(f, (DataFrame, HeadersFrame))
+                          and "END_STREAM" in f.flags)
+    finally:
+        r.close()
+    assert served == 200
+    assert _metric(env, "control_floods") == before
+
+
+def test_a_huge_hpack_table_offered_is_not_used(env):
+    """A client offering a 4 GiB HPACK table: halb's encoder stays at 4096 bytes (it says so
+    in its first header block: a dynamic table size update of 4096), and answers go on."""
+    r = Raw(env.port, settings={SettingsFrame.HEADER_TABLE_SIZE: 0xFFFFFFFF,
+                                SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20})
+    dec = hpack.Decoder()
+    dec.max_allowed_table_size = 0xFFFFFFFF
+    try:
+        r.send(SettingsFrame(0, flags=["ACK"]))
+        sizes = []
+        for i in range(30):
+            sid = 1 + 2 * i
+            r.send(HeadersFrame(sid, _headers_block(b"/ok?%d" % i), flags=["END_HEADERS",
+                                                                          "END_STREAM"]))
+            for f in r.until(lambda fs, sid=sid: any(isinstance(x, HeadersFrame)
+                                                     and x.stream_id == sid for x in fs), 2.0):
+                if isinstance(f, HeadersFrame) and f.stream_id == sid:
+                    dec.decode(f.data)
+                    sizes.append(dec.header_table.maxsize)
+    finally:
+        r.close()
+    assert len(sizes) == 30 and max(sizes) <= 4096, sizes
+    _good_client_ok(env)
+
+
+@pytest.mark.parametrize("headers", [
+    [(b":method", b"PRI"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"*")],
+    [(b":method", b"GE T"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")],
+])
+def test_malformed_requests_cost_their_stream(env, headers):
+    """A PRI request (rebuilt as HTTP/1.1 it would read as a connection preface) or a method
+    that is not a token: the stream is refused, the connection and the node go on. (A header
+    name that is not a token is refused by h2 itself, >= 4.3, as a connection error.)"""
+    before = _metric(env, "malformed_requests")
+    r = Raw(env.port)
+    try:
+        r.send(HeadersFrame(1, hpack.Encoder().encode(headers), flags=["END_HEADERS", "END_STREAM"]))
+        fs = r.until(lambda fs: any(isinstance(f, RstStreamFrame) for f in fs), 1.0)
+        r.send(HeadersFrame(3, _headers_block(b"/ok"), flags=["END_HEADERS", "END_STREAM"]))
+        fs += r.until(lambda fs: any(isinstance(f, HeadersFrame) and f.stream_id == 3
+                                     for f in fs), 1.0)
+    finally:
+        r.close()
+    assert any(isinstance(f, RstStreamFrame) and f.stream_id == 1 for f in fs), fs
+    assert any(isinstance(f, HeadersFrame) and f.stream_id == 3 for f in fs), fs  # served
+    assert not any(isinstance(f, GoAwayFrame) for f in fs), fs
+    assert _metric(env, "malformed_requests") == before + 1
+    _good_client_ok(env)
 
 
 def test_no_exception_logged(env):
