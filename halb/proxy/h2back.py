@@ -32,6 +32,7 @@ import httptools
 
 from ..log import get_logger
 from . import h2lib as h2
+from .http_head import HttpError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .http import HttpListener
@@ -44,6 +45,11 @@ IDLE_TIMEOUT = 30.0
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                   b"upgrade", b"te", b"host", b"trailer"))
 _BAD = (b"\r", b"\n", b"\0")
+
+
+class PoolFull(HttpError):
+    """No stream came free on a backend's HTTP/2 connections within the connect timeout: the
+    proxy answers 503 (gRPC: UNAVAILABLE) and counts no failure against the backend."""
 
 
 class Mux:
@@ -84,6 +90,9 @@ class Mux:
                     ws.append(fut)
                     try:
                         await asyncio.wait_for(fut, max(0.001, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        raise PoolFull(503, f"every HTTP/2 connection to {b.name} is full "
+                                            f"({pc.h2_max_conns} x {pc.h2_max_streams})") from None
                     finally:
                         if fut in ws:
                             ws.remove(fut)

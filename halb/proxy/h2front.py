@@ -559,6 +559,12 @@ class H2Conn:
                     or t is h2.events.PriorityUpdated:
                 if t is h2.events.RemoteSettingsChanged:
                     h2.clamp_table(self.h2)
+                    if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                        # (a larger initial window opens every stream's window at once, with
+                        # no WINDOW_UPDATE: the streams waiting on the old one go on now)
+                        for st in list(self.streams.values()):
+                            if st.obuf or st.end:
+                                self.drain(st)
                 if self.count_control():
                     return
             elif t is h2.events.ConnectionTerminated:

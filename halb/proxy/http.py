@@ -1415,6 +1415,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
                                    "SC")
             elif self.last_err == "timeout":
                 self._answer_error(HttpError(504, "backend timed out"), self.lterm or "sH")
+            elif self.last_err == "full":
+                self._answer_error(HttpError(503, "every backend connection is full"), "sQ")
             else:
                 self._answer_error(HttpError(502, "backend failed"), self.lterm or "SH")
             return
@@ -1450,6 +1452,8 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
         except OSError as e:
             err = "connect"
             log.debug("backend_connect_failed", backend=b.name, error=str(e))
+        except HttpError:  # an h2 pool whose every stream stayed taken (h2back.PoolFull)
+            err = "full"
         self.connecting = None
         if self.closed or self.cur is None:
             if bc is not None:
@@ -1457,13 +1461,16 @@ class ClientConn:  # an asyncio Protocol (duck-typed: it may be compiled, see ht
             return
         if bc is None:
             self.last_err = err
-            self.lterm = "sC" if err == "timeout" else "SC"
-            self._backend_error(b, err)
+            self.lterm = "sQ" if err == "full" else "sC" if err == "timeout" else "SC"
+            if err != "full":  # (a busy backend is not a failing one: no passive failure)
+                self._backend_error(b, err)
             if self.attempts <= self.pool.retries:
                 self._attempt()
             else:
                 self._answer_error(HttpError(504, "backend connect timeout") if err == "timeout"
-                                   else HttpError(502, "cannot connect to backend"), self.lterm)
+                                   else HttpError(503, "every backend connection is full")
+                                   if err == "full" else
+                                   HttpError(502, "cannot connect to backend"), self.lterm)
             return
         self._attach(bc, False)
 

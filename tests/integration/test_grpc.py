@@ -89,14 +89,29 @@ interval = "200ms"
 timeout = "200ms"
 fall = 1
 
+[[pools]]
+name = "tiny"
+proto = "h2"
+retries = 0
+h2_max_streams = 1
+h2_max_conns = 1
+[[pools.backends]]
+name = "t1"
+address = "127.0.0.1:{e.g1}"
+
 [[listeners]]
 name = "grpc"
 mode = "http"
 bind = "127.0.0.1:{e.port}"
 pool = "grpc"
+[listeners.timeouts]
+connect = "1s"
 [[listeners.routes]]
 pool = "dead"
 path_prefix = "/dead."
+[[listeners.routes]]
+pool = "tiny"
+header = {{ name = "x-pool", value = "tiny" }}
 
 [[listeners]]
 name = "grpcs"
@@ -257,6 +272,33 @@ def test_no_backend_is_unavailable_trailers_only(env):
         with pytest.raises(grpc.RpcError) as ei:
             ch.unary_unary("/dead.Svc/Call")(b"x", timeout=5)
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_full_h2_pool_is_unavailable_not_a_failing_backend(env):
+    """The tiny pool has one connection of one stream: a second call while the first holds it
+    waits timeouts.connect (1 s) for a stream, then gets UNAVAILABLE (HTTP 503 mapped), and the
+    backend is not blamed (no passive failure, still up)."""
+    import threading
+    first = {}
+
+    def hold():
+        first["r"] = _raw_grpc(env.port, UNARY.encode(), b"sleep:2500", [(b"x-pool", b"tiny")])
+    t = threading.Thread(target=hold)
+    t.start()
+    time.sleep(0.3)
+    heads, trailers, took = _raw_grpc(env.port, UNARY.encode(), b"x", [(b"x-pool", b"tiny")])
+    t.join(10)
+    assert heads[b":status"] == b"200"
+    assert heads.get(b"grpc-status", trailers.get(b"grpc-status")) == b"14", (heads, trailers)
+    assert b"full" in heads.get(b"grpc-message", trailers.get(b"grpc-message", b"")), heads
+    assert 0.8 < took < 2.5, took
+    h1, t1, _ = first["r"]
+    assert h1.get(b"grpc-status", t1.get(b"grpc-status")) == b"0", (h1, t1)  # it was served
+    out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{env.mport}/metrics"],
+                         capture_output=True).stdout.decode()
+    assert 'halb_backend_up{backend="t1",pool="tiny"} 1.0' in out
+    assert not [ln for ln in out.splitlines() if ln.startswith("halb_backend_errors_total")
+                and 'pool="tiny"' in ln and not ln.endswith(" 0.0")], out
 
 
 def test_http11_client_to_h2_backend(env):

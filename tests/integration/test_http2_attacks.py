@@ -381,6 +381,26 @@ def test_malformed_requests_cost_their_stream(env, headers):
     _good_client_ok(env)
 
 
+def test_a_larger_initial_window_resumes_waiting_streams(env):
+    """A client that starts with a zero stream window and then raises
+    SETTINGS_INITIAL_WINDOW_SIZE (no WINDOW_UPDATE): the answer waiting on the old window goes
+    out (RFC 9113 6.9.2: the change applies to every open stream)."""
+    r = Raw(env.port, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})
+    try:
+        r.send(SettingsFrame(0, flags=["ACK"]))
+        r.send(HeadersFrame(1, _headers_block(b"/ok"), flags=["END_HEADERS", "END_STREAM"]))
+        fs = r.until(lambda fs: any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in fs), 1.0)
+        fs += r.frames(0.3)
+        assert not any(isinstance(f, DataFrame) and f.stream_id == 1 and f.data for f in fs), fs
+        r.send(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65535}))
+        fs = r.until(lambda fs: any(isinstance(f, DataFrame) and f.stream_id == 1
+                                    and "END_STREAM" in f.flags for f in fs), 0.6)
+    finally:
+        r.close()
+    assert any(isinstance(f, DataFrame) and f.stream_id == 1 and "END_STREAM" in f.flags
+               for f in fs), fs
+
+
 def test_no_exception_logged(env):
     """Last in this module: nothing above made halbd log a traceback or an asyncio error."""
     out = env.h.output()
