@@ -274,14 +274,9 @@ def test_backend_down_answers_503_over_h2(env):
         env.bk.start("api1")
 
 
-def test_a_stream_under_way_finishes_after_the_goaway_of_a_reload(tmp_path):
-    """A reload removes the listener while a request is in flight (nghttp, h2c): the client
-    gets GOAWAY (NO_ERROR, last stream = the request's) at once, and then its answer, whole (h2's own
-    close_connection would have closed the connection's state machine and failed the stream)."""
-    import signal
-    with Backends(["r1"], logdir=tmp_path) as bk:
-        p1, p2 = free_ports(2)
-        text = """
+# a node with two HTTP listeners on pool web: "keep" (port p2) and "gone" (port p1), the one the
+# reload tests below remove
+_KEEP = """
 [node]
 name = "lb1"
 state_dir = "{d}"
@@ -296,13 +291,23 @@ mode = "http"
 bind = "127.0.0.1:{p2}"
 pool = "web"
 """
-        gone = """
+_GONE = """
 [[listeners]]
 name = "gone"
 mode = "http"
 bind = "127.0.0.1:{p1}"
 pool = "web"
 """
+
+
+def test_a_stream_under_way_finishes_after_the_goaway_of_a_reload(tmp_path):
+    """A reload removes the listener while a request is in flight (nghttp, h2c): the client
+    gets GOAWAY (NO_ERROR, last stream = the request's) at once, and then its answer, whole (h2's own
+    close_connection would have closed the connection's state machine and failed the stream)."""
+    import signal
+    with Backends(["r1"], logdir=tmp_path) as bk:
+        p1, p2 = free_ports(2)
+        text, gone = _KEEP, _GONE
         cfg = write_config(tmp_path, (text + gone).format(d=tmp_path, b=bk.http["r1"], p1=p1, p2=p2))
         with Halbd(cfg) as h:
             h.wait_port(p1)
@@ -332,28 +337,7 @@ def test_reload_removing_the_listener_sends_goaway(tmp_path):
     import h2.events
     with Backends(["r1"], logdir=tmp_path) as bk:
         p1, p2 = free_ports(2)
-        text = """
-[node]
-name = "lb1"
-state_dir = "{d}"
-[[pools]]
-name = "web"
-[[pools.backends]]
-name = "r1"
-address = "{b}"
-[[listeners]]
-name = "keep"
-mode = "http"
-bind = "127.0.0.1:{p2}"
-pool = "web"
-"""
-        gone = """
-[[listeners]]
-name = "gone"
-mode = "http"
-bind = "127.0.0.1:{p1}"
-pool = "web"
-"""
+        text, gone = _KEEP, _GONE
         cfg = write_config(tmp_path, (text + gone).format(d=tmp_path, b=bk.http["r1"], p1=p1,
                                                          p2=p2))
         with Halbd(cfg) as h:
